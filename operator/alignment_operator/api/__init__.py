@@ -1,0 +1,19 @@
+"""The AlignmentRun API (alignment.dev/v1alpha1): pure pydantic models, no I/O."""
+
+from .run import (
+    API_VERSION, GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION,
+    AlignmentRun, RunInvalid, parse_run,
+)
+from .spec import (
+    PREFERENCE_METHODS, TRAINING_METHODS, AlignmentRunSpec, DatasetSpec, EvalSpec, LoraSpec,
+    ModelSpec, ResourcesSpec, StageSpec, StorageSpec, TrainerSpec, TrainingSpec,
+)
+from .status import AlignmentRunStatus, Condition, StageStatus
+
+__all__ = [
+    "API_VERSION", "GROUP", "KIND", "PLURAL", "SHORT_NAMES", "SINGULAR", "VERSION",
+    "AlignmentRun", "RunInvalid", "parse_run",
+    "PREFERENCE_METHODS", "TRAINING_METHODS", "AlignmentRunSpec", "DatasetSpec", "EvalSpec",
+    "LoraSpec", "ModelSpec", "ResourcesSpec", "StageSpec", "StorageSpec", "TrainerSpec", "TrainingSpec",
+    "AlignmentRunStatus", "Condition", "StageStatus",
+]

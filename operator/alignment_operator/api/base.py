@@ -1,0 +1,69 @@
+"""Shared pieces of the API models: camelCase, strictness, CRD-only schema hints."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, WithJsonSchema
+from pydantic.alias_generators import to_camel
+
+
+class ApiModel(BaseModel):
+    """Every API object: camelCase on the wire, unknown fields refused."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        alias_generator=to_camel,
+        populate_by_name=True,
+        use_attribute_docstrings=False,
+    )
+
+    def wire(self) -> dict[str, Any]:
+        """The object as Kubernetes stores it: camelCase, unset optionals left out."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def x_validations(*rules: tuple[str, str] | tuple[str, str, str]) -> dict[str, Any]:
+    """`x-kubernetes-validations` CEL rules: (rule, message) or (rule, messageExpression, fieldPath).
+
+    The API server evaluates these at admission; `api.checks` holds the same rules in Python
+    for `alignctl validate`, and tests/manifests/bad/ holds manifests both must refuse.
+    """
+    out = []
+    for r in rules:
+        if len(r) == 2:
+            out.append({"rule": r[0], "message": r[1]})
+        else:
+            item = {"rule": r[0], "messageExpression": r[1]}
+            if r[2]:
+                item["fieldPath"] = r[2]
+            out.append(item)
+    return {"x-kubernetes-validations": out}
+
+
+# A Kubernetes resource quantity ("8", "64Gi", "500m"), as int or string on the wire.
+_QUANTITY = re.compile(r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$")
+
+
+def _check_quantity(v: Any) -> Any:
+    if isinstance(v, bool) or not isinstance(v, (int, str)):
+        raise ValueError(f"expected a Kubernetes quantity like 8, '64Gi' or '500m', got {v!r}")
+    if isinstance(v, str) and not _QUANTITY.match(v):
+        raise ValueError(f"{v!r} is not a Kubernetes quantity (e.g. 8, '64Gi', '500m')")
+    return v
+
+
+Quantity = Annotated[
+    int | str,
+    BeforeValidator(_check_quantity),
+    WithJsonSchema({"x-kubernetes-int-or-string": True, "anyOf": [{"type": "integer"}, {"type": "string"}],
+                    "pattern": _QUANTITY.pattern}),
+]
+
+# Free-form Kubernetes objects we pass through to pods (tolerations, affinity, envFrom ...).
+# The API server validates them where they land (the Job); here they are kept as-is.
+KubeObject = Annotated[
+    dict[str, Any],
+    WithJsonSchema({"type": "object", "x-kubernetes-preserve-unknown-fields": True}),
+]

@@ -1,0 +1,64 @@
+"""Cross-field checks, in Python, for `alignctl validate` and the operator.
+
+The same rules are CEL `x-kubernetes-validations` on the models in spec.py, so the API server
+refuses what these refuse; tests/manifests/bad/ holds manifests both must reject. Field-level
+checks (types, ranges, enums, unknown fields) come from pydantic and the schema.
+"""
+
+from __future__ import annotations
+
+from alignment_trainer.recipe import LOSS_TYPES
+
+from .spec import AlignmentRunSpec, StageSpec
+
+TRAINING = ("sft", "dpo", "ipo", "kto", "orpo", "simpo")
+
+
+def _stage_problems(i: int, stage: StageSpec, earlier: list[str]) -> list[str]:
+    at = f"spec.stages[{i}]"
+    out = []
+    if stage.name in earlier:
+        out.append(f"{at}.name: {stage.name!r} is already the name of stage "
+                   f"{earlier.index(stage.name)}; stage names must be unique")
+    if stage.from_ is not None and stage.from_ not in earlier:
+        accepted = ", ".join(dict.fromkeys(earlier)) or "none (the first stage starts from spec.model)"
+        out.append(f"{at}.from: {stage.from_!r} is not an earlier stage; accepted: {accepted}")
+    if stage.method != "eval" and not stage.datasets:
+        out.append(f"{at}.datasets: method {stage.method!r} needs at least one dataset")
+    if stage.test_datasets and stage.test_split_size is not None:
+        out.append(f"{at}.testSplitSize: give testDatasets or testSplitSize, not both")
+    size = stage.test_split_size
+    if size is not None and size >= 1 and size != int(size):
+        out.append(f"{at}.testSplitSize: {size} must be a fraction below 1 or a whole number of rows")
+    t = stage.training
+    if t.max_prompt_length is not None and t.max_prompt_length >= t.max_length:
+        out.append(f"{at}.training.maxPromptLength: {t.max_prompt_length} must be below "
+                   f"training.maxLength ({t.max_length})")
+    if t.loss_type is not None and t.loss_type not in LOSS_TYPES[stage.method]:
+        accepted = ", ".join(LOSS_TYPES[stage.method]) or "none (leave it unset)"
+        out.append(f"{at}.training.lossType: {t.loss_type!r} is not a {stage.method} loss; accepted: {accepted}")
+    if stage.lora and stage.lora.quantization != "none" and stage.resources.gpus_per_node == 0:
+        out.append(f"{at}.lora.quantization: {stage.lora.quantization!r} needs GPUs "
+                   f"(resources.gpusPerNode > 0); use 'none' on CPU")
+    if stage.eval is not None:
+        if "judge" in stage.eval.metrics and stage.eval.judge is None:
+            out.append(f"{at}.eval.judge: eval.metrics includes judge but no judge is configured")
+        ref = stage.eval.reference
+        if ref is not None and ref not in earlier:
+            out.append(f"{at}.eval.reference: {ref!r} is not an earlier stage; accepted: {', '.join(earlier) or 'none'}")
+    return out
+
+
+def cross_field_problems(spec: AlignmentRunSpec) -> list[str]:
+    problems: list[str] = []
+    earlier: list[str] = []
+    for i, stage in enumerate(spec.stages):
+        problems += _stage_problems(i, stage, earlier)
+        earlier.append(stage.name)
+    if not any(s.method in TRAINING for s in spec.stages):
+        methods = ", ".join(s.method for s in spec.stages)
+        problems.append(f"spec.stages: at least one training stage ({', '.join(TRAINING)}) is required; got {methods}")
+    st = spec.storage
+    if (st.claim_name is None) == (st.volume_claim_template is None):
+        problems.append("spec.storage: set exactly one of claimName or volumeClaimTemplate")
+    return problems

@@ -1,0 +1,83 @@
+"""The AlignmentRun resource and the one entry point that reads it: `parse_run`."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .checks import cross_field_problems
+from .spec import AlignmentRunSpec
+from .status import AlignmentRunStatus
+
+GROUP = "alignment.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "AlignmentRun"
+PLURAL = "alignmentruns"
+SINGULAR = "alignmentrun"
+SHORT_NAMES = ["ar", "arun"]
+
+
+class ObjectMeta(BaseModel):
+    """The few metadata fields we read; the rest passes through untouched."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    namespace: str | None = None
+
+
+class AlignmentRun(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    api_version: Literal["alignment.dev/v1alpha1"] = Field(API_VERSION, alias="apiVersion")
+    kind: Literal["AlignmentRun"] = KIND
+    metadata: ObjectMeta
+    spec: AlignmentRunSpec
+    status: AlignmentRunStatus | None = None
+
+
+class RunInvalid(ValueError):
+    """A run that can never work; `problems` are 'field.path: what is wrong' lines."""
+
+    def __init__(self, problems: list[str], source: str = "") -> None:
+        self.problems = problems
+        head = f"{source}: " if source else ""
+        super().__init__(head + "invalid AlignmentRun:\n  " + "\n  ".join(problems))
+
+
+def _path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("function-after", "function-before", "function-plain") or "[" in str(part):
+            continue  # pydantic's internal validator steps, not fields
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _describe(err: dict[str, Any]) -> str:
+    path = _path(err["loc"])
+    if err["type"] == "extra_forbidden":
+        return f"{path}: unknown field (check the spelling; `kubectl explain alignmentrun.spec` lists the fields)"
+    if err["type"] == "missing":
+        return f"{path}: required field is missing"
+    value = err.get("input")
+    shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
+    return f"{path}: {err['msg']} (got {shown})"
+
+
+def parse_run(data: Any, source: str = "") -> AlignmentRun:
+    """Validate a manifest as the API server and the operator would; RunInvalid names each field."""
+    if not isinstance(data, dict):
+        raise RunInvalid([f"expected a mapping, got {type(data).__name__}"], source)
+    try:
+        run = AlignmentRun.model_validate(data)
+    except ValidationError as e:
+        raise RunInvalid([_describe(err) for err in e.errors()], source) from None
+    problems = cross_field_problems(run.spec)
+    if problems:
+        raise RunInvalid(problems, source)
+    return run

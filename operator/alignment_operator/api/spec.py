@@ -1,0 +1,261 @@
+"""AlignmentRun spec: a base model, datasets and ordered stages.
+
+Every field is documented where it is declared; `alignctl crd` turns these descriptions into
+the CRD, so `kubectl explain alignmentrun.spec.stages` shows them. Defaults follow
+alignment-handbook's recipes where it has one (zephyr-7b-beta), TRL's otherwise. Defaults that
+depend on the method (learning rate, beta, lengths) are left unset here and filled in when the
+stage's recipe is rendered; their descriptions say what they become.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from alignment_trainer.recipe import LOSS_TYPES
+
+from .base import ApiModel, KubeObject, Quantity, x_validations
+
+Method = Literal["sft", "dpo", "ipo", "kto", "orpo", "simpo", "eval"]
+TRAINING_METHODS = ("sft", "dpo", "ipo", "kto", "orpo", "simpo")
+PREFERENCE_METHODS = ("dpo", "ipo", "kto", "orpo", "simpo")
+Strategy = Literal["ddp", "deepspeed-zero2", "deepspeed-zero3", "fsdp"]
+Scheduler = Literal[
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+    "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay",
+]
+ALL_LOSS_TYPES = tuple(sorted({lt for types in LOSS_TYPES.values() for lt in types}))
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+
+class ModelSpec(ApiModel):
+    source: str = Field(min_length=1, max_length=512, description=(
+        "Base model: a Hugging Face Hub id (mistralai/Mistral-7B-v0.1), a local directory, or a "
+        "path on the run's volume."))
+    revision: str = Field("main", max_length=256, description="Hub revision: branch, tag or commit sha.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("bfloat16", description=(
+        "Weights and compute dtype. bfloat16 on Ampere or newer GPUs; float32 for CPU runs; auto "
+        "keeps the checkpoint's own."))
+    attention: Literal["flash_attention_2", "sdpa", "eager"] = Field("sdpa", description=(
+        "Attention kernel. flash_attention_2 needs a GPU and the flash-attn package (in the GPU "
+        "trainer image); sdpa works everywhere."))
+    chat_template: str | None = Field(None, max_length=65536, description=(
+        "Jinja chat template. Default: the tokenizer's own; ChatML when it has none."))
+    trust_remote_code: bool = Field(False, description="Allow modelling code from the model's Hub repository to run.")
+
+
+class DatasetSpec(ApiModel):
+    source: str = Field(min_length=1, max_length=512, description=(
+        "A Hub dataset id, a JSON/JSONL/Parquet/CSV file, or a directory saved by `datasets` "
+        "(local, or on the run's volume)."))
+    config: str | None = Field(None, max_length=256, description="Dataset configuration name, if it has several.")
+    split: str = Field("train", max_length=256, description="Split to read, e.g. train_sft or train_prefs.")
+    columns: list[str] | None = Field(None, max_length=64, description=(
+        "Columns to keep. Default: the ones the method needs (messages; prompt/chosen/rejected; "
+        "prompt/completion/label)."))
+    weight: float = Field(1.0, gt=0, le=1, description=(
+        "Fraction of the split's rows kept, 0 < weight <= 1 (alignment-handbook's dataset_mixer)."))
+
+
+class TrainingSpec(ApiModel):
+    model_config = {**ApiModel.model_config, "json_schema_extra": x_validations(
+        ("!has(self.maxPromptLength) || self.maxPromptLength < self.maxLength",
+         "'maxPromptLength (' + string(self.maxPromptLength) + ') must be below maxLength ('"
+         " + string(self.maxLength) + ')'", ".maxPromptLength"),
+    )}
+
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (num_train_epochs).")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps, overriding epochs.")
+    learning_rate: float | None = Field(None, gt=0, description=(
+        "Peak learning rate. Default per method: sft 2e-5, dpo/ipo/kto 5e-7, orpo 5e-6, simpo 1e-6."))
+    scheduler: Scheduler = Field("cosine", description="Learning-rate schedule (lr_scheduler_type).")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Fraction of steps spent warming up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    per_device_batch_size: int = Field(8, gt=0, description="Sequences per device per micro-step.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-steps per optimizer step.")
+    max_length: int = Field(1024, gt=0, description="Longest tokenized sequence, prompt and completion together.")
+    max_prompt_length: int | None = Field(None, gt=0, description=(
+        "Preference methods: prompts are cut to this many tokens, keeping their end. Default: "
+        "half of maxLength. Must be below maxLength."))
+    beta: float | None = Field(None, gt=0, description=(
+        "Preference strength. DPO/IPO/KTO: the KL penalty (default 0.1; zephyr uses 0.01); "
+        "SimPO: the reward scale (default 2.0); ORPO: the odds-ratio weight lambda (default 0.1)."))
+    loss_type: Literal[ALL_LOSS_TYPES] | None = Field(None, description=(
+        "TRL loss_type. dpo: sigmoid (default), hinge, ipo, robust, exo_pair, nca_pair, bco_pair, "
+        "sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sft, sigmoid_norm; "
+        "kto: kto (default), apo_zero_unpaired; ipo and simpo fix their own."))
+    packing: bool = Field(False, description="SFT: pack several examples into each maxLength sequence.")
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in the backward pass to save memory.")
+    seed: int = Field(42, description="Seed for data order, splits and initialisation.")
+    precompute_ref_log_probs: bool = Field(False, description=(
+        "DPO family: compute the reference model's log-probs once before training, so the "
+        "reference need not stay in memory."))
+    save_steps: int = Field(100, gt=0, description="Write a resumable checkpoint every N optimizer steps.")
+    save_total_limit: int = Field(2, gt=0, description="Checkpoints kept on the volume (oldest deleted first).")
+    logging_steps: int = Field(10, gt=0, description="Log loss and metrics every N steps (metrics.jsonl, status).")
+    eval_steps: int | None = Field(None, gt=0, description="Evaluate on the test split every N steps; default: at the end.")
+    extra_args: KubeObject = Field(default_factory=dict, description=(
+        "Further TRL config fields (SFTConfig, DPOConfig, KTOConfig) by their TRL names; the "
+        "trainer refuses unknown ones."))
+
+
+class LoraSpec(ApiModel):
+    r: int = Field(16, gt=0, description="Adapter rank.")
+    alpha: int = Field(32, gt=0, description="Adapter scaling, lora_alpha.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: list[str] = Field(["all-linear"], min_length=1, max_length=64, description=(
+        "Module names to adapt; all-linear adapts every linear layer but the output head."))
+    quantization: Literal["none", "4bit", "8bit"] = Field("none", description=(
+        "QLoRA: load the base model quantized with bitsandbytes (GPU stages only)."))
+    merge: bool = Field(True, description="Merge the adapter into a standalone model in the stage's final/.")
+
+
+class ResourcesSpec(ApiModel):
+    nodes: int = Field(1, gt=0, description="Machines; more than one runs a PyTorchJob or an indexed Job.")
+    gpus_per_node: int = Field(8, ge=0, description="GPUs per machine, one training process each; 0 runs on CPU.")
+    processes_per_node: int | None = Field(None, gt=0, description=(
+        "Training processes per machine. Default: gpusPerNode, or 1 on CPU."))
+    gpu_resource: str = Field("nvidia.com/gpu", max_length=253, description="Extended resource name of the GPUs.")
+    cpu: Quantity | None = Field(None, description="CPU request and limit per pod, e.g. 32.")
+    memory: Quantity | None = Field(None, description="Memory request and limit per pod, e.g. 512Gi.")
+    shared_memory: Quantity = Field("16Gi", description="Size of /dev/shm (NCCL and data loaders need more than the default 64Mi).")
+
+
+class SecretKeyRef(ApiModel):
+    name: str = Field(min_length=1, max_length=253, description="Secret name, in the run's namespace.")
+    key: str = Field("token", min_length=1, max_length=253, description="Key inside the Secret.")
+
+
+class JudgeSpec(ApiModel):
+    base_url: str = Field(min_length=1, max_length=1024, description="OpenAI-compatible API base URL, e.g. https://api.openai.com/v1.")
+    model: str = Field(min_length=1, max_length=256, description="Judge model name.")
+    api_key_secret_ref: SecretKeyRef = Field(description="Secret holding the judge's API key.")
+    max_prompts: int = Field(50, gt=0, description="Prompts judged, each once per order (position-swapped).")
+
+
+class EvalSpec(ApiModel):
+    metrics: list[Literal["preference", "loss", "generations", "judge"]] = Field(
+        ["preference", "loss", "generations"], max_length=4, description=(
+            "What to measure: held-out preference accuracy and reward margins against the "
+            "reference; held-out loss and perplexity; generations for a prompt set; an LLM-judge "
+            "win rate (needs judge)."))
+    reference: str | None = Field(None, max_length=63, description=(
+        "Stage whose model is the reference. Default: the stage the evaluated stage started from."))
+    prompts: DatasetSpec | None = Field(None, description="Prompts to generate for. Default: prompts of the test split.")
+    max_new_tokens: int = Field(256, gt=0, description="Longest generation.")
+    num_generations: int = Field(16, gt=0, description="Prompts generated for.")
+    judge: JudgeSpec | None = Field(None, description="LLM judge; required when metrics include judge.")
+
+
+class StageSpec(ApiModel):
+    model_config = {**ApiModel.model_config, "json_schema_extra": x_validations(
+        ("self.method == 'eval' || size(self.datasets) > 0",
+         "'stage ' + self.name + ': method ' + self.method + ' needs datasets'", ".datasets"),
+        ("!(has(self.testDatasets) && size(self.testDatasets) > 0 && has(self.testSplitSize))",
+         "'stage ' + self.name + ': give testDatasets or testSplitSize, not both'", ".testSplitSize"),
+        ("!has(self.testSplitSize) || self.testSplitSize < 1.0 || self.testSplitSize == double(int(self.testSplitSize))",
+         "'stage ' + self.name + ': testSplitSize ' + string(self.testSplitSize) + ' must be a fraction below 1 or a whole number of rows'",
+         ".testSplitSize"),
+        ("!has(self.training.lossType) || "
+         + " || ".join(f"(self.method == '{m}' && self.training.lossType in {list(t)})" for m, t in LOSS_TYPES.items() if t),
+         "'stage ' + self.name + ': lossType ' + self.training.lossType + ' is not a ' + self.method + ' loss'",
+         ".training.lossType"),
+        ("!has(self.lora) || self.lora.quantization == 'none' || self.resources.gpusPerNode > 0",
+         "'stage ' + self.name + ': lora.quantization ' + self.lora.quantization + ' needs GPUs (resources.gpusPerNode > 0)'",
+         ".lora.quantization"),
+        ("!has(self.eval) || !('judge' in self.eval.metrics) || has(self.eval.judge)",
+         "'stage ' + self.name + ': eval.metrics includes judge but eval.judge is not set'", ".eval.judge"),
+    )}
+
+    name: str = Field(min_length=1, max_length=40, pattern=DNS_LABEL, description=(
+        "Stage name, a DNS label unique in the run (names the Job: <run>-<name>)."))
+    method: Method = Field(description=(
+        "sft | dpo | ipo | kto | orpo | simpo | eval. Preference methods start from the previous "
+        "stage's model and use it as the reference."))
+    from_: str | None = Field(None, alias="from", max_length=40, description=(
+        "Earlier stage whose final model this stage starts from. Default: the previous stage; the "
+        "first stage starts from spec.model."))
+    datasets: list[DatasetSpec] = Field([], max_length=32, description=(
+        "Training mixture (for eval: the held-out data). Required for training stages."))
+    test_datasets: list[DatasetSpec] = Field([], max_length=32, description="Held-out data, same shape as datasets.")
+    test_split_size: float | None = Field(None, gt=0, description=(
+        "Held-out rows carved from the training mixture: a row count, or a fraction below 1. "
+        "Exclusive with testDatasets."))
+    training: TrainingSpec = Field(default_factory=TrainingSpec, json_schema_extra={"default": {}},
+                                   description="Hyperparameters.")
+    lora: LoraSpec | None = Field(None, description="Train a LoRA adapter instead of all weights.")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, json_schema_extra={"default": {}},
+                                     description="Machines and accelerators.")
+    distributed: Strategy = Field("deepspeed-zero3", description=(
+        "Parallelism: ddp, deepspeed-zero2, deepspeed-zero3 (alignment-handbook's default) or fsdp."))
+    eval: EvalSpec | None = Field(None, description="For method eval: what to measure.")
+    backoff_limit: int = Field(2, ge=0, description=(
+        "Pod retries before the stage fails; a retry resumes from the newest checkpoint."))
+
+
+class VolumeClaimTemplate(ApiModel):
+    storage_class_name: str | None = Field(None, max_length=253, description="StorageClass; default: the cluster's default.")
+    size: Quantity = Field("200Gi", description="Capacity; a 7B run keeps about 15 GiB per checkpoint.")
+    access_modes: list[Literal["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"]] = Field(
+        ["ReadWriteOnce"], min_length=1, max_length=3, description="ReadWriteMany when a stage spans several nodes.")
+
+
+class StorageSpec(ApiModel):
+    model_config = {**ApiModel.model_config, "json_schema_extra": x_validations(
+        ("has(self.claimName) != has(self.volumeClaimTemplate)",
+         "storage: set exactly one of claimName or volumeClaimTemplate"),
+    )}
+
+    claim_name: str | None = Field(None, max_length=253, description="An existing PersistentVolumeClaim.")
+    volume_claim_template: VolumeClaimTemplate | None = Field(None, description=(
+        "A PersistentVolumeClaim the operator creates for the run (kept when the run is deleted)."))
+    mount_path: str = Field("/workspace", max_length=1024, description=(
+        "Where the volume is mounted; stage outputs go to <mountPath>/<namespace>/<run>/<stage>/."))
+
+
+class TrainerSpec(ApiModel):
+    image: str | None = Field(None, max_length=1024, description="Trainer image. Default: the operator's (Helm value trainer.image).")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field("IfNotPresent", description="Image pull policy.")
+    env: list[KubeObject] = Field([], max_length=128, description="Extra environment variables (core/v1 EnvVar).")
+    env_from: list[KubeObject] = Field([], max_length=32, description="Extra environment sources (core/v1 EnvFromSource).")
+    hf_token_secret_ref: SecretKeyRef | None = Field(None, description=(
+        "Secret with a Hugging Face token, exposed as HF_TOKEN through a secretKeyRef; never copied."))
+    service_account_name: str | None = Field(None, max_length=253, description="Service account of the training pods.")
+    node_selector: dict[str, str] = Field({}, description="Node labels the training pods require.")
+    tolerations: list[KubeObject] = Field([], max_length=64, description="Tolerations (core/v1 Toleration), e.g. for GPU taints.")
+    affinity: KubeObject | None = Field(None, description="Pod affinity (core/v1 Affinity).")
+    priority_class_name: str | None = Field(None, max_length=253, description="PriorityClass of the training pods.")
+
+
+class AlignmentRunSpec(ApiModel):
+    model_config = {**ApiModel.model_config, "json_schema_extra": x_validations(
+        ("self.stages.exists(s, s.method != 'eval')",
+         "'stages: at least one training stage (sft, dpo, ipo, kto, orpo, simpo) is required'", ".stages"),
+        ("self.stages.all(s, !has(s.from) || (self.stages.map(t, t.name).indexOf(s.from) >= 0 && "
+         "self.stages.map(t, t.name).indexOf(s.from) < self.stages.map(t, t.name).indexOf(s.name)))",
+         "'stages[].from must name an earlier stage: ' + self.stages.filter(s, has(s.from) && !(self.stages.map(t, t.name).indexOf(s.from) >= 0 && "
+         "self.stages.map(t, t.name).indexOf(s.from) < self.stages.map(t, t.name).indexOf(s.name))).map(s, s.name + ' from ' + s.from).join(', ')",
+         ".stages"),
+        ("self.stages.all(s, !has(s.eval) || !has(s.eval.reference) || (self.stages.map(t, t.name).indexOf(s.eval.reference) >= 0 && "
+         "self.stages.map(t, t.name).indexOf(s.eval.reference) < self.stages.map(t, t.name).indexOf(s.name)))",
+         "'stages[].eval.reference must name an earlier stage'", ".stages"),
+    )}
+
+    model: ModelSpec = Field(description="The base model the first stage starts from.")
+    stages: list[StageSpec] = Field(min_length=1, max_length=16, json_schema_extra={
+        # The API server itself refuses two stages with one name.
+        "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]}, description=(
+        "Ordered stages, run one after the other: e.g. sft, then dpo, then eval."))
+    storage: StorageSpec = Field(
+        default_factory=lambda: StorageSpec(volume_claim_template=VolumeClaimTemplate()),
+        json_schema_extra={"default": {"volumeClaimTemplate": {}}}, description=(
+            "Volume for checkpoints and results, shared by the stages."))
+    trainer: TrainerSpec = Field(default_factory=TrainerSpec, json_schema_extra={"default": {}},
+                                 description="Training pod settings.")
+    queue_name: str | None = Field(None, max_length=253, description=(
+        "Kueue LocalQueue: sets kueue.x-k8s.io/queue-name on the children, which start suspended "
+        "until Kueue admits them."))
+    suspend: bool = Field(False, description="Suspend the running stage's Job (pods stop; resume continues from its checkpoint).")
+    ttl_seconds_after_finished: int | None = Field(None, ge=0, description=(
+        "Delete the run's Jobs this long after it finishes; checkpoints on the volume stay."))

@@ -1,0 +1,52 @@
+"""AlignmentRun status: the operator's memory, and what `kubectl get/describe` shows.
+
+Printer columns read explicit fields here (phase, currentStage, progress, model), never the
+last condition.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from .base import ApiModel, KubeObject
+
+RunPhase = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"]
+StagePhase = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"]
+
+
+class Condition(ApiModel):
+    """metav1.Condition."""
+
+    type: str = Field(max_length=316, description="Condition type: Ready, Progressing, Failed, SpecRejected.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(max_length=1024, description="CamelCase reason for the last transition.")
+    message: str = Field("", max_length=32768, description="Human-readable details.")
+    last_transition_time: str = Field(description="When status last changed (RFC 3339).")
+    observed_generation: int | None = Field(None, ge=0, description="Spec generation the condition was computed from.")
+
+
+class StageStatus(ApiModel):
+    name: str = Field(description="Stage name.")
+    phase: StagePhase = Field("Pending", description="Pending, Running, Succeeded, Failed or Suspended.")
+    job_name: str | None = Field(None, description="The stage's Job or PyTorchJob.")
+    attempts: int = Field(0, ge=0, description="Pods started for the stage (retries resume from the checkpoint).")
+    start_time: str | None = Field(None, description="When the stage's Job was created (RFC 3339).")
+    completion_time: str | None = Field(None, description="When the stage finished (RFC 3339).")
+    checkpoint: str | None = Field(None, description="The stage's final model on the run's volume.")
+    metrics: dict[str, float] = Field({}, description="Final metrics: train_loss, eval_loss, rewards/accuracies, ...")
+    message: str | None = Field(None, description="Why the stage failed or waits.")
+
+
+class AlignmentRunStatus(ApiModel):
+    phase: RunPhase = Field("Pending", description="Pending, Running, Succeeded, Failed or Suspended.")
+    current_stage: str | None = Field(None, description="The stage running now, or the last one.")
+    progress: str | None = Field(None, description="Stages finished out of all, e.g. 1/3.")
+    stages: list[StageStatus] = Field([], description="One entry per stage, in spec order.")
+    model: str | None = Field(None, description="Final model of the last training stage.")
+    evaluation: KubeObject = Field({}, description="Results of the eval stage (preference accuracy, perplexity, win rate).")
+    conditions: list[Condition] = Field([], description="Ready, Progressing, Failed, SpecRejected.")
+    observed_generation: int | None = Field(None, description="Spec generation last acted upon.")
+    start_time: str | None = Field(None, description="When the first stage started (RFC 3339).")
+    completion_time: str | None = Field(None, description="When the run finished (RFC 3339).")

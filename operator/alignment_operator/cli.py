@@ -1,0 +1,97 @@
+"""`alignctl`: the command line for AlignmentRuns.
+
+    alignctl validate FILE...          check manifests as the API server and operator would
+    alignctl crd [-o FILE]             write the CRD generated from the API models
+    alignctl tiny-model DIR            build a tiny random model for CPU runs (needs [trainer])
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from .api import KIND, RunInvalid, parse_run
+
+
+def load_manifests(path: Path) -> list[dict]:
+    """Every YAML document in a file (empty documents skipped); errors name the file."""
+    try:
+        docs = list(yaml.safe_load_all(path.read_text()))
+    except (OSError, yaml.YAMLError) as e:
+        raise RunInvalid([f"cannot read: {e}"], str(path)) from None
+    return [d for d in docs if d is not None]
+
+
+def summarize(run) -> str:
+    stages = " -> ".join(f"{s.name}({s.method})" for s in run.spec.stages)
+    r = run.spec.stages[0].resources
+    return f"{run.metadata.name}: {run.spec.model.source}; {stages}; {r.nodes}x{r.gpus_per_node} GPU"
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    failed = 0
+    for name in args.files:
+        path = Path(name)
+        try:
+            docs = load_manifests(path)
+            runs = [d for d in docs if isinstance(d, dict) and d.get("kind") == KIND]
+            if not runs:
+                raise RunInvalid([f"no {KIND} document found"], str(path))
+            for doc in runs:
+                print(f"ok  {path}: {summarize(parse_run(doc, str(path)))}")
+        except RunInvalid as e:
+            failed += 1
+            print(f"ERR {e}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_crd(args: argparse.Namespace) -> int:
+    from .crd import render_crd_yaml
+
+    text = render_crd_yaml()
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_tiny_model(args: argparse.Namespace) -> int:
+    try:
+        from alignment_trainer.tiny import main as tiny_main
+    except ImportError as e:  # torch and friends live in the [trainer] extra
+        print(f"alignctl tiny-model needs the trainer extra: pip install 'alignment-operator[trainer]' ({e})",
+              file=sys.stderr)
+        return 2
+    return tiny_main([args.directory, *args.corpus])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="alignctl", description="Align language models on Kubernetes.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    v = sub.add_parser("validate", help="validate AlignmentRun manifests")
+    v.add_argument("files", nargs="+")
+    v.set_defaults(func=cmd_validate)
+
+    c = sub.add_parser("crd", help="print the CustomResourceDefinition")
+    c.add_argument("-o", "--output", help="write to this file instead of stdout")
+    c.set_defaults(func=cmd_crd)
+
+    t = sub.add_parser("tiny-model", help="build a tiny random model and tokenizer for CPU runs")
+    t.add_argument("directory")
+    t.add_argument("corpus", nargs="*", help="text/JSONL files to train the tokenizer on (default: examples/data)")
+    t.set_defaults(func=cmd_tiny_model)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
