@@ -3,6 +3,7 @@
     alignctl validate FILE...          check manifests as the API server and operator would
     alignctl crd [-o FILE]             write the CRD generated from the API models
     alignctl tiny-model DIR            build a tiny random model for CPU runs (needs [trainer])
+    alignctl run --local RUN.yaml      run every stage on this machine (needs [trainer])
 """
 
 from __future__ import annotations
@@ -69,6 +70,20 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
     return tiny_main([args.directory, *args.corpus])
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    if not args.local:
+        print("alignctl run: only --local is supported; on a cluster, `kubectl apply -f` the run",
+              file=sys.stderr)
+        return 2
+    try:
+        from alignment_trainer.local import main as local_main
+    except ImportError as e:
+        print(f"alignctl run --local needs the trainer extra: pip install 'alignment-operator[trainer]' ({e})",
+              file=sys.stderr)
+        return 2
+    return local_main([args.file, *(["--workdir", args.workdir] if args.workdir else [])])
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="alignctl", description="Align language models on Kubernetes.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -85,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("directory")
     t.add_argument("corpus", nargs="*", help="text/JSONL files to train the tokenizer on (default: examples/data)")
     t.set_defaults(func=cmd_tiny_model)
+
+    r = sub.add_parser("run", help="run an AlignmentRun's stages on this machine")
+    r.add_argument("--local", action="store_true", help="run here, stage after stage, as child processes")
+    r.add_argument("--workdir", help="where stage outputs go (default: runs/)")
+    r.add_argument("file")
+    r.set_defaults(func=cmd_run)
     return p
 
 

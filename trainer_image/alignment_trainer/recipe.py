@@ -120,6 +120,8 @@ class JudgeArgs(_Strict):
 class EvalArgs(_Strict):
     """What the eval method measures."""
 
+    metrics: list[Literal["preference", "loss", "generations", "judge"]] = Field(
+        default_factory=lambda: ["preference", "loss", "generations"], description="What to measure.")
     reference_model: str | None = Field(None, description="Model to compare against (preference accuracy, judge).")
     prompts: DatasetArgs | None = Field(None, description="Prompts to generate for; default: test-split prompts.")
     max_new_tokens: int = Field(128, gt=0)

@@ -1,0 +1,1 @@
+"""Pure renderers: (run, stage) -> recipe and Kubernetes manifests. No I/O."""

@@ -1,0 +1,146 @@
+"""(run, stage) -> the stage's recipe: the trainer's contract, rendered the same way for a
+cluster (into a ConfigMap) and for `alignctl run --local`.
+
+Pure: no I/O. Where a stage leaves a method-dependent hyperparameter unset, the default is
+filled in here, and the API field's description says so.
+"""
+
+from __future__ import annotations
+
+import posixpath
+
+from alignment_trainer.recipe import (
+    DatasetArgs, EvalArgs, JudgeArgs, LoraArgs, ModelArgs, Recipe, TrainingArgs,
+)
+
+from ..api import AlignmentRun, DatasetSpec, StageSpec
+
+# alignment-handbook's zephyr recipes (sft 2e-5, dpo 5e-7), the ORPO and SimPO papers' settings.
+DEFAULT_LEARNING_RATE = {"sft": 2e-5, "dpo": 5e-7, "ipo": 5e-7, "kto": 5e-7, "orpo": 5e-6, "simpo": 1e-6, "eval": 1e-6}
+DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "kto": 0.1, "orpo": 0.1, "simpo": 2.0}
+JUDGE_API_KEY_ENV = "JUDGE_API_KEY"
+
+
+def stage_dir(root: str, run: AlignmentRun, stage_name: str) -> str:
+    """Where a stage writes checkpoint-N/, final/, result.json: <root>/<namespace>/<run>/<stage>."""
+    return posixpath.join(root, run.metadata.namespace or "default", run.metadata.name, stage_name)
+
+
+def final_dir(root: str, run: AlignmentRun, stage_name: str) -> str:
+    return posixpath.join(stage_dir(root, run, stage_name), "final")
+
+
+def start_stage(run: AlignmentRun, index: int) -> StageSpec | None:
+    """The stage whose final model stage `index` starts from; None means spec.model.
+
+    `from` when given, else the nearest earlier training stage (an eval stage makes no model).
+    """
+    stage = run.spec.stages[index]
+    earlier = run.spec.stages[:index]
+    if stage.from_ is not None:
+        return next(s for s in earlier if s.name == stage.from_)
+    return next((s for s in reversed(earlier) if s.method != "eval"), None)
+
+
+def start_model(run: AlignmentRun, index: int, root: str) -> str:
+    start = start_stage(run, index)
+    return run.spec.model.source if start is None else final_dir(root, run, start.name)
+
+
+def _dataset(d: DatasetSpec) -> DatasetArgs:
+    return DatasetArgs(path=d.source, name=d.config, split=d.split, columns=d.columns, weight=d.weight)
+
+
+def _eval_reference(run: AlignmentRun, index: int, root: str) -> str:
+    """Eval compares against `eval.reference`, else the model the evaluated stage started from."""
+    stage = run.spec.stages[index]
+    if stage.eval is not None and stage.eval.reference is not None:
+        return final_dir(root, run, stage.eval.reference)
+    evaluated = start_stage(run, index)
+    if evaluated is None:
+        return run.spec.model.source
+    return start_model(run, run.spec.stages.index(evaluated), root)
+
+
+def _training(stage: StageSpec) -> TrainingArgs:
+    t = stage.training
+    preference = stage.method in ("dpo", "ipo", "kto", "orpo", "simpo")
+    return TrainingArgs(
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        learning_rate=t.learning_rate or DEFAULT_LEARNING_RATE[stage.method],
+        lr_scheduler_type=t.scheduler,
+        warmup_ratio=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        per_device_train_batch_size=t.per_device_batch_size,
+        per_device_eval_batch_size=t.per_device_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        max_length=t.max_length,
+        max_prompt_length=t.max_prompt_length or (t.max_length // 2 if preference else None),
+        beta=t.beta or DEFAULT_BETA.get(stage.method, 0.1),
+        loss_type=t.loss_type,
+        packing=t.packing,
+        gradient_checkpointing=t.gradient_checkpointing,
+        seed=t.seed,
+        precompute_ref_log_probs=t.precompute_ref_log_probs,
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        logging_steps=t.logging_steps,
+        eval_steps=t.eval_steps,
+        extra_args=dict(t.extra_args),
+    )
+
+
+def build_recipe(run: AlignmentRun, index: int, root: str,
+                 termination_message_path: str | None = None) -> Recipe:
+    """The recipe of stage `index`, with every path under `root` (the volume's mount path)."""
+    stage = run.spec.stages[index]
+    m = run.spec.model
+    start = start_model(run, index, root)
+    first = start == m.source
+    lora = stage.lora
+    return Recipe(
+        method=stage.method,
+        model=ModelArgs(
+            model_name_or_path=start,
+            model_revision=m.revision if first else "main",
+            torch_dtype=m.dtype,
+            attn_implementation=m.attention,
+            trust_remote_code=m.trust_remote_code,
+            chat_template=m.chat_template,
+        ),
+        # Preference methods use the model they start from as the frozen reference.
+        ref_model=start if stage.method in ("dpo", "ipo", "kto") else None,
+        datasets=[_dataset(d) for d in stage.datasets],
+        test_datasets=[_dataset(d) for d in stage.test_datasets],
+        test_split_size=stage.test_split_size,
+        training=_training(stage),
+        lora=None if lora is None else LoraArgs(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+            target_modules="all-linear" if lora.target_modules == ["all-linear"] else lora.target_modules,
+            quantization=lora.quantization, merge=lora.merge,
+        ),
+        eval=None if stage.method != "eval" else _eval_args(run, index, root),
+        output_dir=stage_dir(root, run, stage.name),
+        termination_message_path=termination_message_path,
+        run_name=run.metadata.name,
+        stage_name=stage.name,
+        base_model=m.source,
+    )
+
+
+def _eval_args(run: AlignmentRun, index: int, root: str) -> EvalArgs:
+    e = run.spec.stages[index].eval
+    reference = _eval_reference(run, index, root)
+    if e is None:
+        return EvalArgs(reference_model=reference)
+    return EvalArgs(
+        metrics=list(e.metrics),
+        reference_model=reference,
+        prompts=_dataset(e.prompts) if e.prompts else None,
+        max_new_tokens=e.max_new_tokens,
+        num_generations=e.num_generations,
+        judge=None if e.judge is None else JudgeArgs(
+            base_url=e.judge.base_url, model=e.judge.model, api_key_env=JUDGE_API_KEY_ENV,
+            max_prompts=e.judge.max_prompts),
+    )
