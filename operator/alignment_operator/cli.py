@@ -4,11 +4,14 @@
     alignctl crd [-o FILE]             write the CRD generated from the API models
     alignctl tiny-model DIR            build a tiny random model for CPU runs (needs [trainer])
     alignctl run --local RUN.yaml      run every stage on this machine (needs [trainer])
+    alignctl render RUN.yaml           print every object the operator would create
+    alignctl operator                  run the operator (kopf) against the current kubeconfig
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -84,6 +87,51 @@ def cmd_run(args: argparse.Namespace) -> int:
     return local_main([args.file, *(["--workdir", args.workdir] if args.workdir else [])])
 
 
+def cmd_render(args: argparse.Namespace) -> int:
+    from .render.manifests import RenderContext, build_all
+
+    ctx = RenderContext(pytorchjob_available=args.pytorchjob,
+                        **({"trainer_image": args.trainer_image} if args.trainer_image else {}))
+    try:
+        docs = [d for d in load_manifests(Path(args.file)) if isinstance(d, dict) and d.get("kind") == KIND]
+        runs = [parse_run(d, args.file) for d in docs]
+    except RunInvalid as e:
+        print(f"ERR {e}", file=sys.stderr)
+        return 1
+    out = []
+    for run in runs:
+        if args.namespace:
+            run.metadata.namespace = args.namespace
+        out += build_all(run, ctx)
+    sys.stdout.write(yaml.dump_all(out, Dumper=_BlockDumper, sort_keys=False))
+    return 0
+
+
+class _BlockDumper(yaml.SafeDumper):
+    """Multi-line strings (the recipe in its ConfigMap) as readable `|` blocks."""
+
+
+_BlockDumper.add_representer(str, lambda d, s: d.represent_scalar(
+    "tag:yaml.org,2002:str", s, style="|" if "\n" in s else None))
+
+
+def cmd_operator(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    import kopf
+
+    from . import handlers, kube  # noqa: F401  (registers the handlers)
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    kube.load_config()
+    namespaces = [n for n in (args.namespaces or "").split(",") if n]
+    asyncio.run(kopf.operator(
+        clusterwide=not namespaces, namespaces=namespaces, standalone=not args.peering,
+        peering_name=args.peering or None, liveness_endpoint=args.liveness))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="alignctl", description="Align language models on Kubernetes.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -100,6 +148,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("directory")
     t.add_argument("corpus", nargs="*", help="text/JSONL files to train the tokenizer on (default: examples/data)")
     t.set_defaults(func=cmd_tiny_model)
+
+    rd = sub.add_parser("render", help="print every object the operator would create for a run")
+    rd.add_argument("file")
+    rd.add_argument("-n", "--namespace", help="namespace to render into (default: the manifest's, else default)")
+    rd.add_argument("--trainer-image", help="trainer image when the run names none")
+    rd.add_argument("--pytorchjob", action="store_true", help="render multi-node stages as PyTorchJobs")
+    rd.set_defaults(func=cmd_render)
+
+    op = sub.add_parser("operator", help="run the operator")
+    op.add_argument("--namespaces", default=os.environ.get("ALIGNMENT_NAMESPACES", ""),
+                    help="comma-separated namespaces to watch (default: cluster-wide)")
+    op.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", help="liveness/readiness endpoint")
+    op.add_argument("--peering", default=os.environ.get("ALIGNMENT_PEERING", ""),
+                    help="kopf peering name: replicas sharing one never act together")
+    op.add_argument("--log-level", default=os.environ.get("ALIGNMENT_LOG_LEVEL", "info"))
+    op.set_defaults(func=cmd_operator)
 
     r = sub.add_parser("run", help="run an AlignmentRun's stages on this machine")
     r.add_argument("--local", action="store_true", help="run here, stage after stage, as child processes")

@@ -37,6 +37,7 @@ class StageStatus(ApiModel):
     checkpoint: str | None = Field(None, description="The stage's final model on the run's volume.")
     metrics: dict[str, float] = Field({}, description="Final metrics: train_loss, eval_loss, rewards/accuracies, ...")
     message: str | None = Field(None, description="Why the stage failed or waits.")
+    spec_hash: str | None = Field(None, description="Hash of the stage's spec when it started; edits after that are refused.")
 
 
 class AlignmentRunStatus(ApiModel):

@@ -1,0 +1,135 @@
+"""What the operator creates for a stage: Jobs, indexed Jobs + Service, PyTorchJobs, recipes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from alignment_operator.api import parse_run
+from alignment_operator.cli import main as alignctl
+from alignment_operator.render.manifests import RenderContext, build_all, build_pvc, build_stage, child_name
+from alignment_trainer.recipe import Recipe
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def zephyr(**spec):
+    doc = yaml.safe_load((ROOT / "examples" / "zephyr-run.yaml").read_text())
+    doc["metadata"].update(namespace="ml", uid="uid-7")
+    doc["spec"]["trainer"].update(hfTokenSecretRef={"name": "hf", "key": "token"}, nodeSelector={"pool": "h100"},
+                                  priorityClassName="training")
+    doc["spec"].update(spec)
+    return parse_run(doc)
+
+
+def job_of(objs, kind="Job"):
+    return next(o for o in objs if o["kind"] == kind)
+
+
+def test_single_node_job_is_restricted_gpu_job_with_recipe_and_volume():
+    run = zephyr(queueName="team-a")
+    objs = build_stage(run, 0, RenderContext(trainer_image="trainer:1"), "h1")
+    assert [o["kind"] for o in objs] == ["ConfigMap", "Job"]
+    job = job_of(objs)
+    meta, spec = job["metadata"], job["spec"]
+    assert meta["name"] == "zephyr-7b-beta-sft" and meta["namespace"] == "ml"
+    assert meta["labels"] == {"alignment.dev/run": "zephyr-7b-beta", "alignment.dev/stage": "sft",
+                              "app.kubernetes.io/managed-by": "alignment-operator",
+                              "kueue.x-k8s.io/queue-name": "team-a"}
+    assert meta["ownerReferences"][0]["uid"] == "uid-7" and meta["ownerReferences"][0]["controller"] is True
+    assert spec["backoffLimit"] == 2
+    pod = spec["template"]["spec"]
+    c = pod["containers"][0]
+    assert c["image"] == "trainer:1"
+    assert c["resources"]["limits"] == {"nvidia.com/gpu": 8, "memory": "512Gi"}
+    assert c["command"][:2] == ["accelerate", "launch"]
+    assert "/opt/alignment/accelerate/zero3.yaml" in c["command"] and c["command"][-1] == "/etc/alignment/recipe.yaml"
+    assert c["command"][c["command"].index("--num_processes") + 1] == "8"
+    assert c["terminationMessagePath"] == "/dev/termination-log"
+    assert c["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                                    "runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["restartPolicy"] == "Never"
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "64Gi"}} in pod["volumes"]
+    assert {"name": "workspace", "persistentVolumeClaim": {"claimName": "zephyr-7b-beta-workspace"}} in pod["volumes"]
+    assert pod["nodeSelector"] == {"pool": "h100"} and pod["priorityClassName"] == "training"
+    assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    token = next(e for e in c["env"] if e["name"] == "HF_TOKEN")
+    assert token == {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}
+
+
+def test_recipe_configmap_is_the_trainer_contract_and_chains_stages():
+    run = zephyr()
+    dpo_cm = build_stage(run, 1, RenderContext(), "h")[0]
+    recipe = Recipe.model_validate(yaml.safe_load(dpo_cm["data"]["recipe.yaml"]))
+    assert recipe.method == "dpo"
+    assert recipe.model.model_name_or_path == "/workspace/ml/zephyr-7b-beta/sft/final"
+    assert recipe.ref_model == recipe.model.model_name_or_path
+    assert (recipe.training.beta, recipe.training.learning_rate, recipe.training.max_prompt_length) == (0.01, 5e-7, 512)
+    assert recipe.output_dir == "/workspace/ml/zephyr-7b-beta/dpo"
+    assert recipe.termination_message_path == "/dev/termination-log"
+    assert recipe.datasets[0].path == "HuggingFaceH4/ultrafeedback_binarized"
+    assert recipe.datasets[0].split == "train_prefs"
+    ev = Recipe.model_validate(yaml.safe_load(build_stage(run, 2, RenderContext(), "h")[0]["data"]["recipe.yaml"]))
+    assert ev.model.model_name_or_path.endswith("/dpo/final")
+    assert ev.eval.reference_model.endswith("/sft/final"), "eval compares against what dpo started from"
+
+
+def test_multi_node_without_pytorchjob_is_indexed_job_with_headless_service():
+    run = zephyr()
+    run.spec.stages[0].resources.nodes = 4
+    objs = build_stage(run, 0, RenderContext(pytorchjob_available=False), "h")
+    assert [o["kind"] for o in objs] == ["ConfigMap", "Service", "Job"]
+    svc, job = objs[1], objs[2]
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
+    assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == 4
+    pod = job["spec"]["template"]["spec"]
+    assert pod["subdomain"] == svc["metadata"]["name"]
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert env["MASTER_ADDR"]["value"] == f"zephyr-7b-beta-sft-0.{svc['metadata']['name']}"
+    assert env["NNODES"]["value"] == "4"
+    assert "job-completion-index" in env["NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"]
+    cmd = pod["containers"][0]["command"]
+    assert cmd[cmd.index("--machine_rank") + 1] == "$(NODE_RANK)"
+    assert cmd[cmd.index("--num_processes") + 1] == "32", "accelerate takes the total over all machines"
+
+
+def test_multi_node_with_pytorchjob_crd_renders_master_and_workers():
+    run = zephyr(suspend=True)
+    run.spec.stages[0].resources.nodes = 2
+    pj = job_of(build_stage(run, 0, RenderContext(pytorchjob_available=True), "h", suspend=True), "PyTorchJob")
+    specs = pj["spec"]["pytorchReplicaSpecs"]
+    assert specs["Master"]["replicas"] == 1 and specs["Worker"]["replicas"] == 1
+    assert specs["Master"]["template"]["spec"]["containers"][0]["name"] == "pytorch"
+    assert pj["spec"]["runPolicy"]["suspend"] is True
+    cmd = specs["Worker"]["template"]["spec"]["containers"][0]["command"]
+    assert cmd[cmd.index("--machine_rank") + 1] == "$(RANK)"
+
+
+def test_cpu_stage_has_no_gpu_limit_and_volume_survives_the_run():
+    run = parse_run(yaml.safe_load((ROOT / "examples" / "tiny-run.yaml").read_text()))
+    job = job_of(build_stage(run, 0, RenderContext(), "h"))
+    c = job["spec"]["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in c["resources"]["limits"]
+    assert "--cpu" in c["command"] and {"name": "DS_ACCELERATOR", "value": "cpu"} in c["env"]
+    pvc = build_pvc(run)
+    assert "ownerReferences" not in pvc["metadata"], "checkpoints must outlive the run"
+
+
+def test_names_stay_dns_labels():
+    run = zephyr()
+    run.metadata.name = "a" * 63
+    name = child_name(run, "x" * 40, "-recipe")
+    assert len(name) <= 63 and name != child_name(run, "x" * 39 + "y", "-recipe")
+
+
+def test_alignctl_render_prints_every_object_and_no_secret(tmp_path, capsys):
+    assert alignctl(["render", str(ROOT / "examples" / "zephyr-run.yaml"), "-n", "ml"]) == 0
+    docs = list(yaml.safe_load_all(capsys.readouterr().out))
+    assert [d["kind"] for d in docs] == ["PersistentVolumeClaim"] + ["ConfigMap", "Job"] * 3
+    assert all(d["metadata"]["namespace"] == "ml" for d in docs)
+    objs = build_all(zephyr(), RenderContext())
+    for obj in objs:
+        for env in (obj.get("spec", {}).get("template", {}).get("spec", {}).get("containers", [{}])[0].get("env", [])):
+            if env["name"] in ("HF_TOKEN", "JUDGE_API_KEY"):
+                assert "value" not in env, "secrets only through secretKeyRef"
