@@ -86,7 +86,9 @@ def _ts(s: str) -> datetime:
 
 
 def _metrics(result: dict[str, Any] | None) -> dict[str, float]:
-    raw = (result or {}).get("metrics", {})
+    """The numbers of a trainer's termination message (flat, or under "metrics")."""
+    result = result or {}
+    raw = {**result, **(result.get("metrics") if isinstance(result.get("metrics"), dict) else {})}
     return {k: float(v) for k, v in raw.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 

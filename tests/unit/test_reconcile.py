@@ -14,7 +14,7 @@ from alignment_operator.reconcile import (
 
 ROOT = Path(__file__).resolve().parents[2]
 NOW = "2026-11-21T12:00:00Z"
-SFT_RESULT = {"checkpoint": "/workspace/default/tiny/sft/final", "metrics": {"train_loss": 1.25, "eval_loss": 1.5}}
+SFT_RESULT = {"method": "sft", "checkpoint": "/workspace/default/tiny/sft/final", "train_loss": 1.25, "eval_loss": 1.5}
 
 
 def make_run(status: dict | None = None, **spec_overrides):

@@ -1,0 +1,118 @@
+"""Operator latency and scale against the real control plane (tools/k8s/build.sh builds it).
+
+    .venv/bin/python benchmarks/operator.py [--runs 30] [--burst 100]
+
+Measures, with one operator process watching one namespace:
+  1. apply -> first Job: time from `create AlignmentRun` to its SFT Job existing (median, p95);
+  2. stage done -> next Job: time from the SFT pod's completion to the DPO Job (median, p95);
+  3. a burst of runs applied at once, reconciled to their first Jobs: wall time;
+and the operator's peak RSS over all of it. Targets (issue): both latencies < 1 s median,
+100 runs < 30 s, RSS < 250 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import yaml
+from kubernetes import client, watch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "cluster"))
+
+from controlplane import ControlPlane, binaries_dir  # noqa: E402
+from kubelet import play_kubelet  # noqa: E402
+from operator_process import Operator  # noqa: E402
+
+
+class JobClock:
+    """Watches Jobs in a namespace and records when each name first appears."""
+
+    def __init__(self, api: client.ApiClient, namespace: str):
+        self.seen: dict[str, float] = {}
+        self.cond = threading.Condition()
+        self._thread = threading.Thread(target=self._watch, args=(api, namespace), daemon=True)
+        self._thread.start()
+
+    def _watch(self, api, namespace):
+        for ev in watch.Watch().stream(client.BatchV1Api(api).list_namespaced_job, namespace, timeout_seconds=0):
+            with self.cond:
+                self.seen.setdefault(ev["object"].metadata.name, time.monotonic())
+                self.cond.notify_all()
+
+    def wait(self, names: set[str], timeout: float = 120) -> float:
+        """Monotonic time when the last of `names` appeared."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while not names <= self.seen.keys():
+                if not self.cond.wait(deadline - time.monotonic()):
+                    raise TimeoutError(f"missing Jobs: {sorted(names - self.seen.keys())[:5]}")
+            return max(self.seen[n] for n in names)
+
+
+def run_doc(name: str) -> dict:
+    doc = yaml.safe_load((ROOT / "examples" / "tiny-run.yaml").read_text())
+    doc["metadata"]["name"] = name
+    return doc
+
+
+def p95(xs: list[float]) -> float:
+    return sorted(xs)[max(0, int(round(0.95 * len(xs))) - 1)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=30, help="runs timed one by one for the latencies")
+    ap.add_argument("--burst", type=int, default=100, help="runs applied at once")
+    args = ap.parse_args(argv)
+
+    work = Path(tempfile.mkdtemp(prefix="alignment-bench-"))
+    plane = ControlPlane.start(binaries_dir(), work)
+    op = None
+    try:
+        plane.kubectl("apply", "--server-side", "-f", str(ROOT / "crds" / "alignmentrun.yaml"))
+        plane.kubectl("wait", "--for=condition=Established", "crd/alignmentruns.alignment.dev")
+        ns = "bench"
+        plane.kubectl("create", "namespace", ns)
+        api = plane.api_client()
+        custom = client.CustomObjectsApi(api)
+        op = Operator(plane.kubeconfig, ns, work / "operator.log").start()
+        clock = JobClock(api, ns)
+
+        first, nxt = [], []
+        for i in range(args.runs):
+            name = f"lat-{i}"
+            t0 = time.monotonic()
+            custom.create_namespaced_custom_object("alignment.dev", "v1alpha1", ns, "alignmentruns", run_doc(name))
+            first.append(clock.wait({f"{name}-sft"}) - t0)
+            play_kubelet(api, ns, f"{name}-sft", 0, '{"checkpoint": "/w/sft/final", "train_loss": 1.0}')
+            t1 = time.monotonic()
+            nxt.append(clock.wait({f"{name}-dpo"}) - t1)
+
+        docs = [run_doc(f"burst-{i}") for i in range(args.burst)]
+        t0 = time.monotonic()
+        plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump_all(docs))
+        burst = clock.wait({f"burst-{i}-sft" for i in range(args.burst)}, timeout=600) - t0
+        rss = op.peak_rss_mb
+
+        print(f"apply -> first Job        median {statistics.median(first) * 1000:7.0f} ms   "
+              f"p95 {p95(first) * 1000:7.0f} ms   (n={len(first)}, target < 1000 ms median)")
+        print(f"stage done -> next Job    median {statistics.median(nxt) * 1000:7.0f} ms   "
+              f"p95 {p95(nxt) * 1000:7.0f} ms   (n={len(nxt)}, target < 1000 ms median)")
+        print(f"{args.burst} runs at once -> first Jobs   {burst:6.1f} s   (target < 30 s)")
+        print(f"operator peak RSS         {rss:7.0f} MB   (target < 250 MB)")
+        return 0
+    finally:
+        if op is not None:
+            op.stop()
+        plane.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

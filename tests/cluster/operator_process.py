@@ -1,0 +1,55 @@
+"""`alignctl operator` as a child process, for the cluster tests and benchmarks/operator.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from controlplane import free_port
+
+
+class Operator:
+    """`alignctl operator` as a child process, watching one namespace."""
+
+    def __init__(self, kubeconfig: Path, namespace: str, log: Path, extra_env: dict | None = None):
+        self.kubeconfig, self.namespace, self.log = kubeconfig, namespace, log
+        self.proc: subprocess.Popen | None = None
+        self.extra_env = extra_env or {}
+
+    def start(self) -> "Operator":
+        port = free_port()
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "ALIGNMENT_TRAINER_IMAGE": "trainer:test", **self.extra_env}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "alignment_operator.cli", "operator", "--namespaces", self.namespace,
+             "--liveness", f"http://127.0.0.1:{port}/healthz"],
+            env=env, stdout=self.log.open("a"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1)
+                return self
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"operator did not become live:\n{self.log.read_text()[-3000:]}")
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    @property
+    def peak_rss_mb(self) -> float:
+        """The process's high-water resident set (VmHWM), in MB."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmHWM in /proc status")

@@ -1,0 +1,159 @@
+"""The operator against the real control plane: a run driven through its stages to Succeeded.
+
+There is no kubelet: the test plays it, completing each stage's pod with a termination message
+the way the trainer writes one. Everything else is real: the API server (CRD schema, CEL,
+Pod Security admission), the Job controller, the garbage collector, and the operator process.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from kubernetes import client
+
+from kubelet import play_kubelet, wait_for
+from operator_process import Operator
+
+pytestmark = pytest.mark.cluster
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def restricted(cluster, namespace):
+    """The test namespace, enforcing the restricted Pod Security level."""
+    cluster.kubectl("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted")
+    return namespace
+
+
+@pytest.fixture
+def operator(cluster, crds, restricted, tmp_path):
+    op = Operator(cluster.kubeconfig, restricted, tmp_path / "operator.log").start()
+    yield op
+    op.stop()
+
+
+def get_run(api: client.ApiClient, ns: str, name: str) -> dict:
+    return client.CustomObjectsApi(api).get_namespaced_custom_object("alignment.dev", "v1alpha1", ns, "alignmentruns", name)
+
+
+def result_message(stage: str, **metrics) -> str:
+    return json.dumps({"method": stage, "stage": stage, "checkpoint": f"/workspace/x/tiny/{stage}/final",
+                       "global_step": 42, **metrics})
+
+
+def apply_tiny(cluster, ns: str, **spec) -> dict:
+    doc = yaml.safe_load((ROOT / "examples" / "tiny-run.yaml").read_text())
+    doc["spec"].update(spec)
+    cluster.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(doc))
+    return doc
+
+
+def jobs(api, ns) -> dict[str, str]:
+    return {j.metadata.name: j.metadata.uid for j in client.BatchV1Api(api).list_namespaced_job(ns).items}
+
+
+def test_run_goes_through_every_stage_to_succeeded(cluster, operator, restricted):
+    ns, api = restricted, cluster.api_client()
+    apply_tiny(cluster, ns)
+    wait_for("the sft Job", lambda: "tiny-sft" in jobs(api, ns))
+    run = wait_for("status Running", lambda: (r := get_run(api, ns, "tiny")).get("status", {}).get("phase") == "Running" and r)
+    assert run["status"]["currentStage"] == "sft" and run["status"]["progress"] == "0/3"
+    pvc = client.CoreV1Api(api).read_namespaced_persistent_volume_claim("tiny-workspace", ns)
+    assert not pvc.metadata.owner_references, "the volume outlives the run"
+
+    play_kubelet(api, ns, "tiny-sft", 0, result_message("sft", train_loss=2.5, eval_loss=2.75))
+    wait_for("the dpo Job", lambda: "tiny-dpo" in jobs(api, ns))
+    sft = get_run(api, ns, "tiny")["status"]["stages"][0]
+    assert sft["phase"] == "Succeeded" and sft["metrics"]["train_loss"] == 2.5
+    assert sft["checkpoint"] == "/workspace/x/tiny/sft/final"
+
+    # Restart the operator in the middle: nothing is created twice.
+    before = jobs(api, ns)
+    operator.stop()
+    operator.start()
+    time.sleep(3)
+    assert jobs(api, ns) == before
+
+    play_kubelet(api, ns, "tiny-dpo", 0, result_message("dpo", train_loss=0.4, **{"rewards/accuracies": 0.875}))
+    wait_for("the eval Job", lambda: "tiny-eval" in jobs(api, ns))
+    play_kubelet(api, ns, "tiny-eval", 0, result_message("eval", preference_accuracy=0.9, perplexity=3.5))
+    run = wait_for("Succeeded", lambda: (r := get_run(api, ns, "tiny"))["status"].get("phase") == "Succeeded" and r)
+
+    s = run["status"]
+    assert s["progress"] == "3/3" and s["model"] == "/workspace/x/tiny/dpo/final"
+    assert [st["phase"] for st in s["stages"]] == ["Succeeded"] * 3
+    assert all(st["checkpoint"] and st["metrics"] for st in s["stages"])
+    assert s["evaluation"]["preference_accuracy"] == 0.9
+    assert s["observedGeneration"] == run["metadata"]["generation"]
+    table = cluster.kubectl("get", "alignmentruns", "-n", ns).stdout
+    assert table.split()[:6] == ["NAME", "PHASE", "STAGE", "PROGRESS", "MODEL", "AGE"]
+    assert "Succeeded" in table and "3/3" in table and "/workspace/x/tiny/dpo/final" in table
+    reasons = [e.reason for e in client.CoreV1Api(api).list_namespaced_event(
+        ns, field_selector="involvedObject.kind=AlignmentRun").items]
+    assert reasons.count("StageStarted") == 3 and "RunSucceeded" in reasons
+
+
+def test_failed_stage_fails_the_run_with_the_pods_message(cluster, operator, restricted):
+    ns, api = restricted, cluster.api_client()
+    stages = yaml.safe_load((ROOT / "examples" / "tiny-run.yaml").read_text())["spec"]["stages"]
+    stages[0]["backoffLimit"] = 0
+    apply_tiny(cluster, ns, stages=stages)
+    wait_for("the sft Job", lambda: "tiny-sft" in jobs(api, ns))
+    error = json.dumps({"error": "dataset examples/data/sft.jsonl: line 3: missing column 'messages'"})
+    play_kubelet(api, ns, "tiny-sft", 1, error)
+    run = wait_for("Failed", lambda: (r := get_run(api, ns, "tiny"))["status"].get("phase") == "Failed" and r)
+    msg = run["status"]["stages"][0]["message"]
+    assert "missing column 'messages'" in msg and "sft.jsonl" in msg
+    cond = next(c for c in run["status"]["conditions"] if c["type"] == "Failed")
+    assert cond["status"] == "True" and "missing column 'messages'" in cond["message"]
+    time.sleep(1)
+    assert "tiny-dpo" not in jobs(api, ns), "nothing runs after a failed stage"
+
+
+def test_job_deleted_by_hand_is_recreated_and_deleting_the_run_removes_children(cluster, operator, restricted):
+    ns, api = restricted, cluster.api_client()
+    apply_tiny(cluster, ns)
+    first = wait_for("the sft Job", lambda: jobs(api, ns).get("tiny-sft"))
+    cluster.kubectl("delete", "job", "tiny-sft", "-n", ns, "--cascade=background")
+    second = wait_for("a recreated sft Job", lambda: (uid := jobs(api, ns).get("tiny-sft")) and uid != first and uid)
+    assert second != first
+    cluster.kubectl("delete", "alignmentrun", "tiny", "-n", ns)
+    wait_for("children garbage-collected", lambda: not jobs(api, ns) and not client.CoreV1Api(api).list_namespaced_config_map(
+        ns, label_selector="alignment.dev/run=tiny").items, timeout=60)
+    assert client.CoreV1Api(api).read_namespaced_persistent_volume_claim("tiny-workspace", ns), "checkpoints stay"
+
+
+def test_suspend_suspends_the_job_and_resume_unsuspends_it(cluster, operator, restricted):
+    ns, api = restricted, cluster.api_client()
+    apply_tiny(cluster, ns)
+    wait_for("the sft Job", lambda: "tiny-sft" in jobs(api, ns))
+    cluster.kubectl("patch", "alignmentrun", "tiny", "-n", ns, "--type=merge", "-p", '{"spec":{"suspend":true}}')
+    batch = client.BatchV1Api(api)
+    wait_for("Job suspended", lambda: batch.read_namespaced_job("tiny-sft", ns).spec.suspend)
+    wait_for("run Suspended", lambda: get_run(api, ns, "tiny")["status"]["phase"] == "Suspended")
+    cluster.kubectl("patch", "alignmentrun", "tiny", "-n", ns, "--type=merge", "-p", '{"spec":{"suspend":false}}')
+    wait_for("Job resumed", lambda: not batch.read_namespaced_job("tiny-sft", ns).spec.suspend)
+    wait_for("run Running", lambda: get_run(api, ns, "tiny")["status"]["phase"] == "Running")
+
+
+def test_rendered_objects_pass_server_validation_and_restricted_pod_security(cluster, crds, restricted, tmp_path):
+    """Every example's Jobs, indexed Jobs + Services and PyTorchJobs, dry-run on the server."""
+    for example in sorted((ROOT / "examples").glob("*.yaml")):
+        for pytorchjob in (False, True):
+            doc = yaml.safe_load(example.read_text())
+            doc["spec"]["stages"][0].setdefault("resources", {})["nodes"] = 2  # exercise multi-node too
+            path = tmp_path / example.name
+            path.write_text(yaml.safe_dump(doc))
+            args = [sys.executable, "-m", "alignment_operator.cli", "render", str(path), "-n", restricted]
+            rendered = subprocess.run(args + (["--pytorchjob"] if pytorchjob else []),
+                                      check=True, capture_output=True, text=True).stdout
+            out = cluster.kubectl("apply", "--dry-run=server", "-n", restricted, "-f", "-", input=rendered)
+            assert "would violate PodSecurity" not in out.stderr, out.stderr
+            kinds = {d["kind"] for d in yaml.safe_load_all(rendered)}
+            assert ("PyTorchJob" in kinds) == pytorchjob and ("Service" in kinds) != pytorchjob
