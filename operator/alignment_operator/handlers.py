@@ -13,7 +13,7 @@ from typing import Any
 import kopf
 from kubernetes.client.rest import ApiException
 
-from . import kube
+from . import kube, metrics
 from .api import GROUP, PLURAL, VERSION, AlignmentRunStatus, Condition, RunInvalid, parse_run
 from .reconcile import CreateStage, DeleteChildren, Event, RequeueAfter, SetSuspend, reconcile, stage_hash
 from .render.manifests import LABEL_RUN, RenderContext, build_pvc, build_stage
@@ -38,26 +38,34 @@ def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.server_timeout = 300
     settings.networking.error_backoffs = [1, 2, 5, 10]
     _context = render_context()
+    port = int(os.environ.get("ALIGNMENT_METRICS_PORT", "9090"))
+    if port:
+        metrics.serve(port)
     log.info("trainer image %s; PyTorchJob CRD %s", _context.trainer_image,
              "installed" if _context.pytorchjob_available else "absent")
 
 
 def reconcile_run(namespace: str, name: str) -> None:
     """Bring one run's children and status in line with its spec. Serialised per run."""
-    with _locks[(namespace, name)]:
-        for _ in range(3):  # a 409 on the status write means the run changed: recompute
-            try:
-                _reconcile_once(namespace, name)
-                return
-            except ApiException as e:
-                if e.status != 409:
-                    raise
-        raise kopf.TemporaryError(f"{namespace}/{name}: status kept conflicting", delay=2)
+    with _locks[(namespace, name)], metrics.RECONCILE_SECONDS.time():
+        try:
+            for _ in range(3):  # a 409 on the status write means the run changed: recompute
+                try:
+                    _reconcile_once(namespace, name)
+                    return
+                except ApiException as e:
+                    if e.status != 409:
+                        raise
+            raise kopf.TemporaryError(f"{namespace}/{name}: status kept conflicting", delay=2)
+        except Exception:
+            metrics.RECONCILE_ERRORS.inc()
+            raise
 
 
 def _reconcile_once(namespace: str, name: str) -> None:
     body = kube.get_run(namespace, name)
     if body is None or body["metadata"].get("deletionTimestamp"):
+        metrics.observe_phase(namespace, name, None)
         return  # deleted: ownerReferences let the garbage collector remove the children
     generation = body["metadata"].get("generation")
     old_status = AlignmentRunStatus.model_validate(body.get("status") or {})
@@ -72,6 +80,7 @@ def _reconcile_once(namespace: str, name: str) -> None:
     new = outcome.status.wire()
     if new != old_status.wire():
         kube.replace_status(body, new)
+    metrics.observe_phase(namespace, name, outcome.status.phase)
 
 
 def _apply(action: Any, run: Any, body: dict[str, Any]) -> None:
@@ -88,6 +97,7 @@ def _apply(action: Any, run: Any, body: dict[str, Any]) -> None:
         kube.delete_children(ns, name)
     elif isinstance(action, Event):
         kube.emit_event(body, action.type, action.reason, action.message)
+        metrics.TRANSITIONS.labels(action.reason).inc()
     elif isinstance(action, RequeueAfter):
         timer = threading.Timer(action.seconds, _safe_reconcile, args=(ns, name))
         timer.daemon = True
@@ -114,7 +124,9 @@ def _reject(body: dict[str, Any], old: AlignmentRunStatus, generation: int | Non
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
 def on_run(namespace: str, name: str, type: str, **_: Any) -> None:
-    if type != "DELETED":
+    if type == "DELETED":
+        metrics.observe_phase(namespace, name, None)
+    else:
         reconcile_run(namespace, name)
 
 

@@ -21,8 +21,9 @@ class Operator:
         self.extra_env = extra_env or {}
 
     def start(self) -> "Operator":
-        port = free_port()
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "ALIGNMENT_TRAINER_IMAGE": "trainer:test", **self.extra_env}
+        port, self.metrics_port = free_port(), free_port()
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "ALIGNMENT_TRAINER_IMAGE": "trainer:test",
+               "ALIGNMENT_METRICS_PORT": str(self.metrics_port), **self.extra_env}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "alignment_operator.cli", "operator", "--namespaces", self.namespace,
              "--liveness", f"http://127.0.0.1:{port}/healthz"],
@@ -45,6 +46,10 @@ class Operator:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+    def metrics(self) -> str:
+        """The Prometheus exposition text the operator serves."""
+        return urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
 
     @property
     def peak_rss_mb(self) -> float:

@@ -97,6 +97,10 @@ def test_run_goes_through_every_stage_to_succeeded(cluster, operator, restricted
     reasons = [e.reason for e in client.CoreV1Api(api).list_namespaced_event(
         ns, field_selector="involvedObject.kind=AlignmentRun").items]
     assert reasons.count("StageStarted") == 3 and "RunSucceeded" in reasons
+    scraped = operator.metrics()
+    assert 'alignment_runs{phase="Succeeded"} 1.0' in scraped
+    assert 'alignment_stage_transitions_total{reason="StageSucceeded"}' in scraped
+    assert "alignment_reconcile_duration_seconds_count" in scraped
 
 
 def test_failed_stage_fails_the_run_with_the_pods_message(cluster, operator, restricted):

@@ -98,9 +98,11 @@ def test_wire_round_trip_keeps_camel_case_and_from():
     assert again.spec == run.spec
 
 
-def test_api_and_recipe_modules_import_no_kubernetes_kopf_or_torch():
+def test_pure_layers_import_no_kubernetes_kopf_or_torch():
+    """api/, render/, reconcile.py and the recipe are plain functions over plain data (DESIGN.md)."""
     code = (
         "import sys, alignment_operator.api, alignment_operator.crd, alignment_trainer.recipe\n"
+        "import alignment_operator.render.manifests, alignment_operator.render.recipe, alignment_operator.reconcile\n"
         "bad = [m for m in ('kopf', 'kubernetes', 'torch', 'transformers', 'trl') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
