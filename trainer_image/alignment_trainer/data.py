@@ -171,30 +171,30 @@ def warn_identical(rows: list[dict]) -> None:
 
 # ---------------------------------------------------------------------------- public helpers
 
-def normalise(dataset: Dataset | list[dict], schema: str, name: str = "<dataset>") -> Dataset:
-    """Any recognised layout -> one of SCHEMAS ("preference", "messages", "unpaired", "prompt_completion")."""
-    rows = dataset.to_list() if isinstance(dataset, Dataset) else list(dataset)
-    examples = [dict(ex, _source=name) for ex in parse_rows(rows, name)]
-    return to_schema(examples, schema, schema)
+def normalise(dataset: Dataset | list[dict], method: str, name: str = "<dataset>") -> Dataset:
+    """Rows of any recognised layout, normalised as load_stage_data would for `method`."""
+    examples = _examples(dataset, name)
+    return to_schema(examples, output_schema(method, examples), method)
 
 
 def normalise_preference(dataset: Dataset | list[dict], name: str = "<dataset>") -> Dataset:
-    """prompt/chosen/rejected rows (pairwise layouts only)."""
-    rows = dataset.to_list() if isinstance(dataset, Dataset) else list(dataset)
-    examples = [dict(ex, _source=name) for ex in parse_rows(rows, name)]
-    return to_schema(examples, output_schema("dpo", examples), "dpo")
+    """prompt/chosen/rejected rows; DataError when the layout gives no pairs."""
+    return normalise(dataset, "dpo", name)
 
 
 def normalise_messages(dataset: Dataset | list[dict], name: str = "<dataset>") -> Dataset:
-    """messages rows: chats as they are, pairs as prompt + chosen, desirable completions."""
-    return normalise(dataset, "messages", name)
+    """messages rows: chats as they are, pairs as prompt + chosen, labelled data's desirable replies."""
+    return to_schema(_examples(dataset, name), "messages", "eval")
 
 
 def normalise_unpaired(dataset: Dataset | list[dict], name: str = "<dataset>") -> Dataset:
     """prompt/completion/label rows; pairs give one desirable and one undesirable row."""
+    return normalise(dataset, "kto", name)
+
+
+def _examples(dataset: Dataset | list[dict], name: str) -> list[dict]:
     rows = dataset.to_list() if isinstance(dataset, Dataset) else list(dataset)
-    examples = [dict(ex, _source=name) for ex in parse_rows(rows, name)]
-    return to_schema(examples, output_schema("kto", examples), "kto")
+    return [dict(ex, _source=name) for ex in parse_rows(rows, name)]
 
 
 # ---------------------------------------------------------------------------- reading sources
@@ -215,10 +215,11 @@ def load_examples(args: DatasetArgs) -> list[dict]:
             raise DataError(f"dataset {where}: columns {missing} selected but not found; "
                             f"columns: {sorted(rows[0])}")
         rows = [{c: r.get(c) for c in args.columns} for r in rows]
-    return parse_rows(rows, where, lines)
+    return parse_rows(rows, where, lines, split=args.split)
 
 
-def parse_rows(rows: list[dict], where: str, lines: list[int] | None = None) -> list[dict]:
+def parse_rows(rows: list[dict], where: str, lines: list[int] | None = None, split: str | None = None) -> list[dict]:
+    """Recognise the layout from the first row, then check and normalise every row."""
     if not rows:
         raise DataError(f"dataset {where}: is empty (no rows)")
     at = (lambda i: f"line {lines[i]}") if lines else (lambda i: f"row {i}")  # noqa: E731
@@ -228,6 +229,14 @@ def parse_rows(rows: list[dict], where: str, lines: list[int] | None = None) -> 
         at_row = f"{at(0)}: column {e.column!r}: " if e.column else ""
         raise DataError(f"dataset {where}: {at_row}{e.problem}; accepted layouts: "
                         + "; ".join(formats.LAYOUTS)) from None
+    if layout == "halos" and split is not None:
+        # HALOs files hold every split; a row without `split` belongs to all (as HALOs reads them).
+        keep = [i for i, row in enumerate(rows) if row.get("split", split) == split]
+        if not keep:
+            raise DataError(f"dataset {where}: no row has split {split!r}; splits: "
+                            f"{sorted({str(row.get('split')) for row in rows})}")
+        rows, lines = [rows[i] for i in keep], [lines[i] for i in keep] if lines else None
+        at = (lambda i: f"line {lines[i]}") if lines else (lambda i: f"row {keep[i]}")  # noqa: E731
     if layout == "oasst_tree":
         try:
             pairs = formats.parse_oasst_tree(rows)
@@ -257,8 +266,7 @@ def read_rows(args: DatasetArgs) -> tuple[list[dict], list[int] | None]:
         if path.suffix == ".json":
             return read_json(path, describe(args))
         if path.suffix in (".parquet", ".csv"):
-            builder = path.suffix.lstrip(".")
-            return load_hf(args, lambda: datasets.load_dataset(builder, data_files=str(path), split="train")), None
+            return read_table(path, describe(args)), None
         raise DataError(f"dataset {describe(args)}: unknown file type {path.suffix!r}; "
                         f"accepted: .jsonl, .json, .parquet, .csv")
     if path.is_dir() and any((path / f).is_file() for f in ("dataset_dict.json", "state.json")):
@@ -279,6 +287,18 @@ def load_hf(args: DatasetArgs, load) -> list[dict]:
             raise DataError(f"dataset {describe(args)}: no split {args.split!r}; splits: {sorted(ds)}")
         ds = ds[args.split]
     return ds.to_list()
+
+
+def read_table(path: Path, where: str) -> list[dict]:
+    """Parquet or CSV through pyarrow (types inferred; no `datasets` cache written)."""
+    import pyarrow.csv
+    import pyarrow.parquet
+
+    try:
+        table = pyarrow.parquet.read_table(path) if path.suffix == ".parquet" else pyarrow.csv.read_csv(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow's errors are many; say which file
+        raise DataError(f"dataset {where}: cannot read {path.suffix} file: {type(e).__name__}: {e}") from e
+    return table.to_pylist()
 
 
 def read_jsonl(path: Path, where: str) -> tuple[list[dict], list[int]]:

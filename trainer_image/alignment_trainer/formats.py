@@ -27,7 +27,8 @@ LAYOUTS = (
     "messages/label (a conversation whose last reply is labelled)",
     "Stanford SHP (history, human_ref_A, human_ref_B, labels)",
     "OpenAssistant oasst1 message trees (message_id, parent_id, text, role, rank)",
-    "HALOs feedback JSON (prompt, output, label; or prompt, output_A, output_B, label)",
+    "HALOs feedback JSON (type binary_feedback: prompt, output, label; "
+    "type pairwise_feedback: prompt, output_A, output_B, label)",
 )
 
 ROLES = {"system": "system", "user": "user", "human": "user", "prompter": "user",
@@ -50,8 +51,8 @@ def detect_format(columns: set[str], first: dict[str, Any]) -> str:
         return "oasst_tree"
     if {"history", "human_ref_A", "human_ref_B"} <= columns:
         return "shp"
-    if {"output_A", "output_B"} <= columns:
-        return "halos_pairwise"
+    if first.get("type") in HALOS_TYPES or {"output_A", "output_B"} <= columns:
+        return "halos"
     if "chosen" in columns or "rejected" in columns:
         missing = sorted({"chosen", "rejected"} - columns)
         if missing:
@@ -60,8 +61,8 @@ def detect_format(columns: set[str], first: dict[str, Any]) -> str:
         if "prompt" not in columns and is_hh_transcript(first.get("chosen")):
             return "hh_rlhf"
         return "preference"
-    if {"prompt", "output"} <= columns:
-        return "halos_binary" if "label" in columns else "prompt_output"
+    if {"prompt", "output", "label"} <= columns:
+        return "halos"
     if {"prompt", "completion"} <= columns:
         return "unpaired" if "label" in columns else "prompt_completion"
     if "messages" in columns or "conversations" in columns:
@@ -220,26 +221,32 @@ def parse_shp(row: dict) -> list[dict]:
 
 
 def parse_unpaired(row: dict, completion: str = "completion") -> list[dict]:
+    """prompt/completion/label; `completion` names the reply column (HALOs calls it output)."""
     return [{"prompt": prompt(field(row, "prompt")), "completion": reply(field(row, completion), completion),
              "label": label(field(row, "label"))}]
 
 
-def parse_prompt_completion(row: dict, completion: str = "completion") -> list[dict]:
+def parse_prompt_completion(row: dict) -> list[dict]:
     """prompt/completion without a label: supervised data, every completion desirable."""
-    return [{"prompt": prompt(field(row, "prompt")), "completion": reply(field(row, completion), completion),
+    return [{"prompt": prompt(field(row, "prompt")), "completion": reply(field(row, "completion"), "completion"),
              "label": True}]
 
 
-def parse_halos_binary(row: dict) -> list[dict]:
-    return parse_unpaired(row, completion="output")
+HALOS_TYPES = ("binary_feedback", "pairwise_feedback")
 
 
-def parse_prompt_output(row: dict) -> list[dict]:
-    return parse_prompt_completion(row, completion="output")
+def parse_halos(row: dict) -> list[dict]:
+    """HALOs feedback JSON (what its label.py writes), told apart by `type`.
 
-
-def parse_halos_pairwise(row: dict) -> list[dict]:
-    """HALOs pairwise feedback: label 1 means output_A is preferred."""
+    binary_feedback: prompt, output, label (1 desirable, 0 not); pairwise_feedback: prompt,
+    output_A, output_B, label (1 means output_A is preferred). Outputs are lists of turns;
+    rewards, ids and `split` are extra (data.py keeps the rows of the requested split).
+    """
+    kind = row.get("type") or ("pairwise_feedback" if "output_A" in row else "binary_feedback")
+    if kind == "binary_feedback":
+        return parse_unpaired(row, completion="output")
+    if kind != "pairwise_feedback":
+        raise RowError("type", f"unknown feedback type {kind!r}; accepted: {', '.join(HALOS_TYPES)}")
     a, b = reply(field(row, "output_A"), "output_A"), reply(field(row, "output_B"), "output_B")
     a_wins = label(field(row, "label"))
     return [{"prompt": prompt(field(row, "prompt")), "chosen": a if a_wins else b, "rejected": b if a_wins else a}]
@@ -249,7 +256,7 @@ ROW_PARSERS = {
     "messages": parse_messages, "messages_unpaired": parse_messages_unpaired,
     "preference": parse_preference, "hh_rlhf": parse_hh_rlhf, "shp": parse_shp,
     "unpaired": parse_unpaired, "prompt_completion": parse_prompt_completion,
-    "halos_binary": parse_halos_binary, "halos_pairwise": parse_halos_pairwise, "prompt_output": parse_prompt_output,
+    "halos": parse_halos,
 }
 
 

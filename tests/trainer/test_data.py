@@ -1,0 +1,328 @@
+"""The trainer's data layer: every public layout read from small files, normalised exactly per method;
+mixtures, weights and test splits; and bad data refused with a message that says where and what."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from alignment_trainer.data import DataError, load_stage_data, normalise_messages, normalise_preference
+from alignment_trainer.recipe import Recipe
+
+pytestmark = pytest.mark.trainer
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+def system(text):
+    return {"role": "system", "content": text}
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def recipe(method, *sources, **fields):
+    """A recipe for `method` over `sources` (paths, or dicts of DatasetArgs)."""
+    ds = [s if isinstance(s, dict) else {"path": str(s)} for s in sources]
+    return Recipe(method=method, model={"model_name_or_path": "unused"}, datasets=ds, output_dir="unused", **fields)
+
+
+def rows(method, *sources, split="train", **fields):
+    return load_stage_data(recipe(method, *sources, **fields))[split].to_list()
+
+
+PAIR_ROWS = [
+    {"prompt": "What is 2+2?", "chosen": "4.", "rejected": "5."},
+    {"prompt": [system("Be brief."), user("Capital of France?")], "chosen": [assistant("Paris.")],
+     "rejected": [assistant("I don't know.")]},
+]
+PAIRS = [
+    {"prompt": [user("What is 2+2?")], "chosen": [assistant("4.")], "rejected": [assistant("5.")]},
+    {"prompt": [system("Be brief."), user("Capital of France?")], "chosen": [assistant("Paris.")],
+     "rejected": [assistant("I don't know.")]},
+]
+
+
+@pytest.fixture
+def prefs(tmp_path):
+    return write_jsonl(tmp_path / "prefs.jsonl", PAIR_ROWS)
+
+
+# ---------------------------------------------------------------------------- layouts
+
+def test_chat_messages_and_sharegpt(tmp_path):
+    chat = [system("Be kind."), user("Hi"), assistant("Hello!"), user("Bye"), assistant("Goodbye.")]
+    a = write_jsonl(tmp_path / "chat.jsonl", [{"messages": chat, "id": 7}])
+    b = write_jsonl(tmp_path / "sharegpt.jsonl", [{"conversations": [
+        {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]}])
+    assert rows("sft", a, b) == [{"messages": chat}, {"messages": [user("Hi"), assistant("Hello!")]}]
+
+
+def test_explicit_prompt_preferences(prefs):
+    assert rows("dpo", prefs) == PAIRS
+    assert rows("simpo", prefs) == rows("orpo", prefs) == rows("ipo", prefs) == PAIRS
+
+
+def test_ultrafeedback_binarized_prompt_implicit_in_conversations(tmp_path):
+    conv = lambda reply: [user("Name a colour."), assistant(reply)]  # noqa: E731
+    path = write_jsonl(tmp_path / "uf.jsonl", [{
+        "prompt": "Name a colour.", "prompt_id": "abc", "chosen": conv("Blue."), "rejected": conv("Seven."),
+        "messages": conv("Blue."), "score_chosen": 9.0, "score_rejected": 2.0}])
+    want = {"prompt": [user("Name a colour.")], "chosen": [assistant("Blue.")], "rejected": [assistant("Seven.")]}
+    assert rows("dpo", path) == [want]
+    # SFT on preference data: the chosen reply, prompt masked (prompt-completion).
+    assert rows("sft", path) == [{"prompt": [user("Name a colour.")], "completion": [assistant("Blue.")]}]
+
+
+def test_hh_rlhf_transcripts(tmp_path):
+    shared = "\n\nHuman: Hi there\n\nAssistant: Hello.\n\nHuman: How do I boil an egg?"
+    path = write_jsonl(tmp_path / "hh.jsonl", [{
+        "chosen": shared + "\n\nAssistant: Simmer it for eight minutes.",
+        "rejected": shared + "\n\nAssistant: No idea."}])
+    assert rows("dpo", path) == [{
+        "prompt": [user("Hi there"), assistant("Hello."), user("How do I boil an egg?")],
+        "chosen": [assistant("Simmer it for eight minutes.")], "rejected": [assistant("No idea.")]}]
+
+
+def test_stanford_shp_labels_pick_the_preferred_reference(tmp_path):
+    path = write_jsonl(tmp_path / "shp.jsonl", [
+        {"post_id": "p", "history": "Why is the sky blue?", "human_ref_A": "Rayleigh scattering.",
+         "human_ref_B": "Because.", "labels": 1, "score_A": 10, "score_B": 2},
+        {"post_id": "q", "history": "Best pet?", "human_ref_A": "A rock.", "human_ref_B": "A dog.",
+         "labels": 0, "score_A": 1, "score_B": 8}])
+    assert rows("dpo", path) == [
+        {"prompt": [user("Why is the sky blue?")], "chosen": [assistant("Rayleigh scattering.")],
+         "rejected": [assistant("Because.")]},
+        {"prompt": [user("Best pet?")], "chosen": [assistant("A dog.")], "rejected": [assistant("A rock.")]}]
+
+
+def test_oasst_tree_pairs_siblings_by_rank(tmp_path):
+    def msg(mid, parent, role, text, rank=None, deleted=False):
+        return {"message_id": mid, "parent_id": parent, "text": text, "role": role, "rank": rank,
+                "deleted": deleted, "lang": "en"}
+    path = write_jsonl(tmp_path / "oasst.jsonl", [
+        msg("q", None, "prompter", "Tell me a fruit."),
+        msg("a1", "q", "assistant", "A banana.", rank=1),
+        msg("a0", "q", "assistant", "An apple.", rank=0),
+        msg("a2", "q", "assistant", "A rock.", rank=2),
+        msg("ax", "q", "assistant", "Deleted.", rank=3, deleted=True),
+        msg("q2", "a0", "prompter", "Another?"),
+        msg("b0", "q2", "assistant", "A pear.", rank=0),
+        msg("b1", "q2", "assistant", "No.", rank=1),
+        msg("lonely", "q2", "assistant", "Unranked."),
+    ])
+    first = [user("Tell me a fruit.")]
+    assert rows("dpo", path) == [
+        {"prompt": first, "chosen": [assistant("An apple.")], "rejected": [assistant("A banana.")]},
+        {"prompt": first, "chosen": [assistant("An apple.")], "rejected": [assistant("A rock.")]},
+        {"prompt": first + [assistant("An apple."), user("Another?")], "chosen": [assistant("A pear.")],
+         "rejected": [assistant("No.")]},
+    ]
+
+
+def test_halos_binary_and_pairwise_feedback_json(tmp_path):
+    p = [user("Say hi.")]
+    binary = tmp_path / "binary.json"
+    binary.write_text(json.dumps([
+        {"prompt_id": "x", "prompt": p, "output": [assistant("Hi!")], "label": 1, "reward": 0.9,
+         "type": "binary_feedback", "split": "train"},
+        {"prompt_id": "x", "prompt": p, "output": [assistant("Go away.")], "label": 0, "reward": 0.1,
+         "type": "binary_feedback"},                                   # untagged: in every split, as in HALOs
+        {"prompt_id": "y", "prompt": p, "output": [assistant("Held out.")], "label": 1, "reward": 0.5,
+         "type": "binary_feedback", "split": "test"}]))
+    pairwise = tmp_path / "pairwise.json"
+    pairwise.write_text(json.dumps([
+        {"prompt_id": "x", "prompt": p, "output_A": [assistant("Go away.")], "output_B": [assistant("Hi!")],
+         "label": 0, "reward_A": 0.1, "reward_B": 0.9, "reward_difference": 0.8, "type": "pairwise_feedback"}]))
+    assert rows("kto", binary) == [
+        {"prompt": p, "completion": [assistant("Hi!")], "label": True},
+        {"prompt": p, "completion": [assistant("Go away.")], "label": False}]
+    assert rows("kto", {"path": str(binary), "split": "test"}) == [
+        {"prompt": p, "completion": [assistant("Go away.")], "label": False},
+        {"prompt": p, "completion": [assistant("Held out.")], "label": True}]
+    assert rows("dpo", pairwise) == [{"prompt": p, "chosen": [assistant("Hi!")], "rejected": [assistant("Go away.")]}]
+
+
+def test_kto_labels_and_paired_data_unpaired(tmp_path, prefs):
+    path = write_jsonl(tmp_path / "kto.jsonl", [
+        {"prompt": "Hi", "completion": "Hello!", "label": True},
+        {"prompt": [user("Hi")], "completion": [assistant("Whatever.")], "label": False}])
+    assert rows("kto", path) == [
+        {"prompt": [user("Hi")], "completion": [assistant("Hello!")], "label": True},
+        {"prompt": [user("Hi")], "completion": [assistant("Whatever.")], "label": False}]
+    assert rows("kto", prefs)[:2] == [
+        {"prompt": [user("What is 2+2?")], "completion": [assistant("4.")], "label": True},
+        {"prompt": [user("What is 2+2?")], "completion": [assistant("5.")], "label": False}]
+
+
+def test_save_to_disk_dataset_and_dataset_dict(tmp_path):
+    datasets.Dataset.from_list(PAIR_ROWS[:1]).save_to_disk(str(tmp_path / "one"))
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_list(PAIR_ROWS[:1]),
+        "test": datasets.Dataset.from_list([{"prompt": "Q?", "chosen": "Yes.", "rejected": "No."}]),
+    }).save_to_disk(str(tmp_path / "dict"))
+    assert rows("dpo", tmp_path / "one") == PAIRS[:1]
+    assert rows("dpo", {"path": str(tmp_path / "dict"), "split": "test"}) == [
+        {"prompt": [user("Q?")], "chosen": [assistant("Yes.")], "rejected": [assistant("No.")]}]
+    with pytest.raises(DataError, match=r"no split 'validation'; splits: \['test', 'train'\]"):
+        rows("dpo", {"path": str(tmp_path / "dict"), "split": "validation"})
+
+
+def test_parquet_and_csv(tmp_path):
+    pq.write_table(pa.Table.from_pylist(PAIR_ROWS[1:]), tmp_path / "p.parquet")
+    (tmp_path / "k.csv").write_text('prompt,completion,label\nHi,"Hello, friend.",true\nHi,Bye.,false\n')
+    assert rows("dpo", tmp_path / "p.parquet") == PAIRS[1:]
+    assert [r["label"] for r in rows("kto", tmp_path / "k.csv")] == [True, False]
+    assert rows("kto", tmp_path / "k.csv")[0]["completion"] == [assistant("Hello, friend.")]
+
+
+def test_data_directory_goes_through_load_dataset(tmp_path, monkeypatch):
+    """A path that is no file and no save_to_disk dir is what load_dataset reads (a Hub id or a data dir)."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "repo").mkdir()
+    write_jsonl(tmp_path / "repo" / "train.jsonl", PAIR_ROWS[:1])
+    assert rows("dpo", tmp_path / "repo") == PAIRS[:1]
+
+
+# ---------------------------------------------------------------------------- mixtures and splits
+
+def test_mixture_weights_columns_and_seed(tmp_path, prefs):
+    many = write_jsonl(tmp_path / "many.jsonl", [
+        {"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}", "junk": {"x": i}} for i in range(40)])
+    mix = [{"path": many, "weight": 0.25, "columns": ["prompt", "chosen", "rejected"]}, {"path": prefs}]
+    out = rows("dpo", *mix)
+    assert len(out) == 10 + 2 and out[-2:] == PAIRS
+    assert rows("dpo", *mix) == out                                    # deterministic
+    other = rows("dpo", *mix, training={"seed": 7})
+    assert len(other) == 12 and other != out                           # the seed picks the rows
+    picked = [int(r["prompt"][0]["content"][1:]) for r in out[:10]]
+    assert picked == sorted(picked)                                    # original order kept
+
+
+def test_sft_mixture_of_chats_and_preferences_is_prompt_completion(tmp_path, prefs):
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [user("Hi"), assistant("Hello."), user("Again"),
+                                                               assistant("Hello again.")]}])
+    assert rows("sft", chat, prefs) == [
+        {"prompt": [user("Hi"), assistant("Hello."), user("Again")], "completion": [assistant("Hello again.")]},
+        {"prompt": [user("What is 2+2?")], "completion": [assistant("4.")]},
+        {"prompt": PAIRS[1]["prompt"], "completion": [assistant("Paris.")]}]
+
+
+def test_eval_keeps_pairs_when_every_source_is_pairwise(tmp_path, prefs):
+    assert rows("eval", prefs) == PAIRS
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [user("Hi"), assistant("Hello.")]}])
+    assert rows("eval", chat, prefs) == [
+        {"messages": [user("Hi"), assistant("Hello.")]},
+        {"messages": [user("What is 2+2?"), assistant("4.")]},
+        {"messages": PAIRS[1]["prompt"] + [assistant("Paris.")]}]
+    assert normalise_preference(datasets.Dataset.from_list(PAIR_ROWS[:1])).to_list() == PAIRS[:1]
+    assert normalise_messages(PAIRS[:1]).to_list() == [{"messages": [user("What is 2+2?"), assistant("4.")]}]
+
+
+def test_test_split_from_size_or_test_datasets(tmp_path, prefs):
+    many = write_jsonl(tmp_path / "many.jsonl", [{"prompt": f"q{i}", "chosen": "a", "rejected": "b"}
+                                                 for i in range(20)])
+    data = load_stage_data(recipe("dpo", many, test_split_size=5))
+    assert (len(data["train"]), len(data["test"])) == (15, 5)
+    prompts = lambda ds: {r["prompt"][0]["content"] for r in ds}  # noqa: E731
+    assert not prompts(data["train"]) & prompts(data["test"])
+    assert prompts(load_stage_data(recipe("dpo", many, test_split_size=5))["test"]) == prompts(data["test"])
+    assert len(load_stage_data(recipe("dpo", many, test_split_size=0.1))["test"]) == 2
+    data = load_stage_data(recipe("dpo", many, test_datasets=[{"path": prefs}]))
+    assert len(data["train"]) == 20 and data["test"].to_list() == PAIRS
+    assert list(load_stage_data(recipe("dpo", many))) == ["train"]
+
+
+def test_identical_chosen_and_rejected_is_a_warning(tmp_path, caplog):
+    path = write_jsonl(tmp_path / "same.jsonl", [{"prompt": "Q", "chosen": "A", "rejected": "A"}])
+    with caplog.at_level(logging.WARNING, logger="alignment_trainer"):
+        assert len(rows("dpo", path)) == 1
+    assert "chosen == rejected" in caplog.text
+
+
+# ---------------------------------------------------------------------------- bad data
+
+def test_missing_rejected_column(tmp_path):
+    path = write_jsonl(tmp_path / "norej.jsonl", [{"prompt": "Q", "chosen": "A"}])
+    with pytest.raises(DataError) as e:
+        rows("dpo", path)
+    assert f"dataset {path} split train: line 1: column 'rejected'" in str(e.value)
+    assert "is missing" in str(e.value) and "accepted layouts" in str(e.value)
+    # Missing from one row only: that row's line.
+    path = write_jsonl(tmp_path / "some.jsonl", [{"prompt": "Q", "chosen": "A", "rejected": "B"},
+                                                 {"prompt": "Q", "chosen": "A"}])
+    with pytest.raises(DataError, match=rf"dataset {path} split train: line 2: column 'rejected': "
+                                        r"column 'rejected' is missing"):
+        rows("dpo", path)
+
+
+def test_empty_dataset_and_empty_after_weighting(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(DataError, match=rf"dataset {empty} split train: is empty"):
+        rows("sft", empty)
+    one = write_jsonl(tmp_path / "one.jsonl", [{"messages": [user("Hi"), assistant("Hello.")]}])
+    with pytest.raises(DataError, match=rf"dataset {one} split train: weight 0.1 keeps no example of 1"):
+        rows("sft", {"path": one, "weight": 0.1})
+
+
+def test_malformed_jsonl_line_is_named(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(PAIR_ROWS[0]) + "\n\n" + '{"prompt": "Q", "chosen": "A",\n')
+    with pytest.raises(DataError, match=rf"dataset {path} split train: line 3: malformed JSON"):
+        rows("dpo", path)
+
+
+def test_roles_that_do_not_alternate(tmp_path):
+    path = write_jsonl(tmp_path / "roles.jsonl", [
+        {"messages": [user("Hi"), assistant("Hello.")]},
+        {"messages": [user("Hi"), user("Hello?"), assistant("Yes.")]}])
+    with pytest.raises(DataError) as e:
+        rows("sft", path)
+    msg = str(e.value)
+    assert f"dataset {path} split train: line 2: column 'messages': roles must alternate user/assistant" in msg
+    assert "message 1 is 'user' where 'assistant' was expected" in msg
+    # The same in a save_to_disk dataset: rows are 0-based.
+    datasets.Dataset.from_list([{"prompt": [user("Hi"), system("Late system")], "chosen": "A", "rejected": "B"}]
+                               ).save_to_disk(str(tmp_path / "disk"))
+    with pytest.raises(DataError, match=r"split train: row 0: column 'prompt': roles must alternate"):
+        rows("dpo", tmp_path / "disk")
+
+
+@pytest.mark.parametrize("bad, problem", [
+    ({"prompt": "Q", "chosen": "", "rejected": "B"}, "column 'chosen': content is empty"),
+    ({"prompt": "Q", "chosen": 3, "rejected": "B"}, "column 'chosen': expected text or a list of messages"),
+    ({"prompt": [{"role": "user", "content": None}], "chosen": "A", "rejected": "B"},
+     "column 'prompt': content must be a string"),
+    ({"prompt": [{"role": "robot", "content": "Q"}], "chosen": "A", "rejected": "B"}, "unknown role 'robot'"),
+    ({"prompt": [user("Q"), assistant("A")], "chosen": "A", "rejected": "B"}, "must end with a user turn"),
+    ({"prompt": "Q", "chosen": [assistant("A"), assistant("B")], "rejected": "B"}, "one assistant message"),
+])
+def test_malformed_rows(tmp_path, bad, problem):
+    path = write_jsonl(tmp_path / "bad.jsonl", [bad])
+    with pytest.raises(DataError, match=rf"split train: line 1: .*{problem}"):
+        rows("dpo", path)
+
+
+def test_method_needs_its_kind_of_data(tmp_path, prefs):
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [user("Hi"), assistant("Hello.")]}])
+    with pytest.raises(DataError, match=rf"dataset {chat} split train: method dpo needs pairwise preference data"):
+        rows("dpo", chat, prefs)
+    with pytest.raises(DataError, match="method kto needs labelled completions"):
+        rows("kto", chat)
+    unknown = write_jsonl(tmp_path / "unknown.jsonl", [{"text": "hello"}])
+    with pytest.raises(DataError, match=r"no known layout for columns \['text'\]; accepted layouts: messages"):
+        rows("sft", unknown)
