@@ -1,0 +1,175 @@
+"""Model and tokenizer loading: chat template, end-of-turn token, pad token, LoRA/QLoRA, merge.
+
+The one invariant this module keeps: the token that ends an assistant turn in the chat
+template is the tokenizer's eos_token, the model config's eos_token_id and (first) in
+generation_config.eos_token_id. A model trained on a template whose turns end in <|im_end|>
+but whose generation_config waits for </s> never stops talking.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .recipe import LoraArgs, ModelArgs
+from .tiny import CHATML_TEMPLATE, IM_END, IM_START
+
+log = logging.getLogger(__name__)
+_SENTINEL = "\u2063alignment-trainer-sentinel\u2063"
+
+
+# ---------------------------------------------------------------------------- tokenizer
+
+def load_tokenizer(args: ModelArgs) -> PreTrainedTokenizerBase:
+    """Tokenizer with a chat template, a consistent eos and a pad token distinct from it."""
+    tokenizer = AutoTokenizer.from_pretrained(
+        args.tokenizer_name_or_path or args.model_name_or_path,
+        revision=args.model_revision, trust_remote_code=args.trust_remote_code)
+    original_eos = tokenizer.eos_token
+
+    # Chat template: the recipe's, else the tokenizer's own, else ChatML (adding its tokens).
+    if args.chat_template:
+        tokenizer.chat_template = args.chat_template
+    elif not tokenizer.chat_template:
+        missing = [t for t in (IM_START, IM_END) if t not in tokenizer.get_vocab()]
+        if missing:
+            tokenizer.add_special_tokens({"additional_special_tokens": missing})
+        tokenizer.chat_template = CHATML_TEMPLATE
+
+    # The end-of-turn token becomes the eos: generation stops where training turns ended.
+    tokenizer.eos_token = end_of_turn_token(tokenizer)
+
+    # Pad: never the eos (a collator that masks pad ids would then never train the stop).
+    if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
+        if original_eos and original_eos != tokenizer.eos_token:
+            tokenizer.pad_token = original_eos
+        elif tokenizer.unk_token is not None:
+            tokenizer.pad_token = tokenizer.unk_token
+        else:
+            tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    # Left padding for generation; TRL's collators pad themselves.
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def end_of_turn_token(tokenizer: PreTrainedTokenizerBase) -> str:
+    """The special token the chat template writes right after an assistant message's content."""
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _SENTINEL}]
+    try:
+        text = tokenizer.apply_chat_template(chat, tokenize=False)
+    except Exception as e:  # a template that cannot render a plain user/assistant exchange
+        raise ValueError(f"model.chat_template: cannot render a user/assistant exchange: {e}") from e
+    if _SENTINEL not in text:
+        raise ValueError("model.chat_template: the template does not render the assistant message's content")
+    after = text.split(_SENTINEL, 1)[1]
+    specials = sorted(set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab()), key=len, reverse=True)
+    stripped = after.lstrip(" ")
+    for token in specials:
+        if token and stripped.startswith(token):
+            return token
+    raise ValueError(
+        "model.chat_template: an assistant turn must end with a special end-of-turn token (e.g. <|im_end|>, "
+        f"<|eot_id|>, </s>), otherwise the trained model never stops; the template writes {after[:40]!r} "
+        "after the assistant's message")
+
+
+# ---------------------------------------------------------------------------- model
+
+def resolve_dtype(name: str) -> torch.dtype | str:
+    """`auto` keeps the checkpoint's dtype on GPU and trains in float32 on CPU."""
+    if name == "auto":
+        return "auto" if torch.cuda.is_available() else torch.float32
+    return getattr(torch, name)
+
+
+def load_model(args: ModelArgs, tokenizer: PreTrainedTokenizerBase, path: str | None = None,
+               lora: LoraArgs | None = None) -> PreTrainedModel:
+    """The causal LM at `path` (default: the recipe's model), matched to `tokenizer`."""
+    on_gpu = torch.cuda.is_available()
+    if args.attn_implementation == "flash_attention_2" and not on_gpu:
+        raise ValueError("model.attn_implementation: flash_attention_2 needs a CUDA GPU; use sdpa or eager on CPU")
+    kwargs: dict = dict(revision=args.model_revision, dtype=resolve_dtype(args.torch_dtype),
+                        trust_remote_code=args.trust_remote_code)
+    if args.attn_implementation:
+        kwargs["attn_implementation"] = args.attn_implementation
+    if lora is not None and lora.quantization != "none":
+        kwargs.update(quantization_kwargs(lora.quantization, on_gpu))
+    model = AutoModelForCausalLM.from_pretrained(path or args.model_name_or_path, **kwargs)
+    match_tokenizer(model, tokenizer)
+    return model
+
+
+def quantization_kwargs(quantization: str, on_gpu: bool) -> dict:
+    """QLoRA: the frozen base in 4 or 8 bits (bitsandbytes, CUDA only)."""
+    if not on_gpu:
+        raise ValueError(f"lora.quantization: {quantization} (QLoRA) needs a CUDA GPU (bitsandbytes); "
+                         "use quantization: none on CPU")
+    import os
+
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                    bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    # Each process holds its own quantized copy on its own GPU.
+    return {"quantization_config": config, "device_map": {"": int(os.environ.get("LOCAL_RANK", 0))}}
+
+
+def match_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Grow the embeddings for added tokens; make config and generation_config agree on eos/pad."""
+    # num_embeddings, not weight.shape: under ZeRO-3 the weight is a partitioned, empty placeholder.
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        log.info("resizing token embeddings to %d for added special tokens", len(tokenizer))
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=8)
+    eos = tokenizer.eos_token_id
+    model.config.eos_token_id = eos
+    model.config.pad_token_id = tokenizer.pad_token_id
+    gen = model.generation_config
+    previous = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
+    # The end-of-turn token first; keep the checkpoint's own stop tokens as extra stops.
+    gen.eos_token_id = [eos] + [t for t in previous if t is not None and t != eos]
+    if len(gen.eos_token_id) == 1:
+        gen.eos_token_id = eos
+    gen.pad_token_id = tokenizer.pad_token_id
+
+
+# ---------------------------------------------------------------------------- LoRA
+
+def lora_config(lora: LoraArgs, new_tokens: bool = False):
+    """peft LoraConfig for the trainer; new_tokens: also train the (resized) embeddings."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout, target_modules=lora.target_modules,
+        task_type="CAUSAL_LM", modules_to_save=["embed_tokens", "lm_head"] if new_tokens else None)
+
+
+def added_tokens(model_args: ModelArgs, tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether load_tokenizer added tokens the checkpoint's embeddings do not have."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision,
+                                        trust_remote_code=model_args.trust_remote_code)
+    vocab = getattr(config.get_text_config(), "vocab_size", None)
+    return vocab is not None and len(tokenizer) > vocab
+
+
+def merge_adapter(model_args: ModelArgs, tokenizer: PreTrainedTokenizerBase, adapter_dir: str, out_dir: str) -> None:
+    """Base weights + trained adapter -> a standalone model in out_dir (no peft needed to load it).
+
+    Reloads the base in full precision on CPU instead of merging the training copy: that works
+    the same after ZeRO-3 (sharded) and QLoRA (quantized base) training.
+    """
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(
+        model_args.model_name_or_path, revision=model_args.model_revision, trust_remote_code=model_args.trust_remote_code,
+        dtype=resolve_dtype(model_args.torch_dtype) if model_args.torch_dtype != "auto" else "auto", device_map="cpu")
+    match_tokenizer(base, tokenizer)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    merged.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
