@@ -1,0 +1,229 @@
+"""What a stage leaves in its output directory, and how a rerun finds where it stopped.
+
+    <output_dir>/
+      checkpoint-N/      TRL's; complete once trainer_state.json is in it (written last)
+      final/             model + tokenizer + generation_config + README.md; renamed into place whole
+      metrics.jsonl      one JSON line per logging step (main process only)
+      result.json        losses, reward metrics, runtime, tokens/s, global step, checkpoint path
+
+Progress for people and parent processes: one JSON line per event on stdout, e.g.
+    {"event": "progress", "step": 10, "total": 100, "epoch": 0.4, "loss": 1.93, ...}
+events: start, progress, done, skipped. Everything else goes to stderr (logging).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from .recipe import PREFERENCE_METHODS, Recipe
+
+TERMINATION_MESSAGE_LIMIT = 4096 - 96  # Kubernetes keeps 4 KiB; stay clearly below it
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def emit(event: str, **fields) -> None:
+    """One machine-readable line on stdout (the local runner parses these)."""
+    print(json.dumps({"event": event, **fields}, default=_jsonable), flush=True)
+
+
+def _jsonable(value):
+    return value.item() if hasattr(value, "item") else str(value)
+
+
+# ---------------------------------------------------------------------------- resume
+
+def checkpoints(output_dir: str | Path) -> list[tuple[int, Path, bool]]:
+    """(step, path, complete) for every checkpoint-N/, oldest first."""
+    found = []
+    for path in Path(output_dir).glob("checkpoint-*"):
+        m = _CHECKPOINT.match(path.name)
+        if m and path.is_dir():
+            found.append((int(m.group(1)), path, (path / "trainer_state.json").is_file()))
+    return sorted(found)
+
+
+def newest_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest COMPLETE checkpoint (a killed save leaves no trainer_state.json)."""
+    complete = [path for _, path, ok in checkpoints(output_dir) if ok]
+    return str(complete[-1]) if complete else None
+
+
+def remove_incomplete_checkpoints(output_dir: str | Path) -> list[str]:
+    """Delete half-written checkpoints so checkpoint rotation never counts them (main process)."""
+    removed = []
+    for _, path, ok in checkpoints(output_dir):
+        if not ok:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(str(path))
+    for tmp in Path(output_dir).glob("final.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    return removed
+
+
+def finished_result(output_dir: str | Path) -> dict | None:
+    """result.json of a stage that already completed (final/ present), else None."""
+    result = Path(output_dir) / "result.json"
+    if (Path(output_dir) / "final").is_dir() and result.is_file():
+        return json.loads(result.read_text())
+    return None
+
+
+# ---------------------------------------------------------------------------- metrics
+
+class MetricsCallback(TrainerCallback):
+    """metrics.jsonl + a progress line per logging step, from the main process only."""
+
+    def __init__(self, output_dir: str | Path):
+        self.path = Path(output_dir) / "metrics.jsonl"
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        row = {"step": state.global_step, "total": state.max_steps, "time": round(time.time(), 3),
+               **{k: v for k, v in logs.items() if k != "total_flos"}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row, default=_jsonable) + "\n")
+        emit("progress", **row)
+
+
+# ---------------------------------------------------------------------------- final/
+
+def save_final(trainer, recipe: Recipe, tokenizer, merge=None) -> Path:
+    """Write final/ atomically: into final.tmp-<step>/, then one rename.
+
+    Every process must call this (ZeRO-3 gathers the weights collectively); only the main one
+    writes. merge(adapter_dir, out_dir), for LoRA with lora.merge, turns the saved adapter into a
+    standalone model on the main process.
+    """
+    out = Path(recipe.output_dir)
+    final = out / "final"
+    tmp = out / f"final.tmp-{trainer.state.global_step}"
+    main = trainer.is_world_process_zero()
+    if main and tmp.exists():
+        shutil.rmtree(tmp)
+    trainer.accelerator.wait_for_everyone()
+    if merge is None:
+        trainer.save_model(str(tmp))  # model (gathered 16-bit under ZeRO-3), tokenizer, generation_config
+    else:
+        trainer.save_model(str(tmp / "adapter"))
+        if main:
+            merge(str(tmp / "adapter"), str(tmp))
+            shutil.rmtree(tmp / "adapter")
+    if main:
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "training_args.bin").unlink(missing_ok=True)
+        (tmp / "README.md").write_text(model_card(recipe, trainer))
+        if final.exists():  # a previous final/ (rerun after deleting result.json): replace it whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    trainer.accelerator.wait_for_everyone()
+    return final
+
+
+def model_card(recipe: Recipe, trainer) -> str:
+    datasets = "\n".join(f"- `{d.path}`{f' ({d.name})' if d.name else ''}, split `{d.split}`, weight {d.weight}"
+                         for d in recipe.datasets)
+    t = recipe.training
+    lora = "full fine-tuning"
+    if recipe.lora:
+        lora = f"LoRA r={recipe.lora.r}, alpha={recipe.lora.lora_alpha}{' (merged)' if recipe.lora.merge else ''}"
+    return f"""---
+base_model: {recipe.base_model or recipe.model.model_name_or_path}
+tags: [alignment-operator, trl, {recipe.method}]
+---
+# {recipe.hub_model_id or recipe.run_name or Path(recipe.output_dir).name}
+
+Trained with [alignment-operator](https://github.com/) stage `{recipe.stage_name or recipe.method}`
+(method **{recipe.method}**{f", loss `{recipe.effective_loss_type}`" if recipe.effective_loss_type else ""}, {lora}),
+starting from `{recipe.model.model_name_or_path}` (base model `{recipe.base_model or recipe.model.model_name_or_path}`).
+
+## Data
+{datasets}
+
+## Training
+learning rate {t.learning_rate}, {t.lr_scheduler_type} schedule, {t.num_train_epochs} epochs (max steps {t.max_steps}),
+per-device batch {t.per_device_train_batch_size} x {t.gradient_accumulation_steps} accumulation, max length {t.max_length},
+beta {t.beta}, seed {t.seed}; {trainer.state.global_step} optimizer steps.
+"""
+
+
+# ---------------------------------------------------------------------------- result.json
+
+def build_result(recipe: Recipe, trainer, train_metrics: dict, eval_metrics: dict | None, final: Path) -> dict:
+    """The stage's outcome: what the operator copies into status and the eval stage reads."""
+    history = trainer.state.log_history
+    train_logs = [h for h in history if "loss" in h]
+    last = train_logs[-1] if train_logs else {}
+    runtime = train_metrics.get("train_runtime")
+    tokens_per_s = train_metrics.get("train_tokens_per_second") or next(
+        (h["train_tokens_per_second"] for h in reversed(history) if "train_tokens_per_second" in h), None)
+    result = {
+        "method": recipe.method,
+        "stage": recipe.stage_name,
+        "checkpoint": str(final),
+        "global_step": trainer.state.global_step,
+        "train_loss": train_metrics.get("train_loss", last.get("loss")),
+        "train_loss_last": last.get("loss"),
+        "eval_loss": (eval_metrics or {}).get("eval_loss"),
+        "train_runtime_s": runtime,
+        "train_tokens_per_second": tokens_per_s,
+        "num_input_tokens_seen": trainer.state.num_input_tokens_seen,
+    }
+    if recipe.method in PREFERENCE_METHODS or recipe.method == "kto":
+        for key in ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"):
+            source = eval_metrics if eval_metrics and f"eval_{key}" in eval_metrics else None
+            result[f"eval_{key}" if source else key] = (
+                source[f"eval_{key}"] if source else next((h[key] for h in reversed(train_logs) if key in h), None))
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in result.items()}
+
+
+def write_result(recipe: Recipe, result: dict) -> None:
+    """result.json (atomic) and the compact termination message (main process)."""
+    out = Path(recipe.output_dir)
+    tmp = out / "result.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2, default=_jsonable) + "\n")
+    os.replace(tmp, out / "result.json")
+    if recipe.termination_message_path:
+        Path(recipe.termination_message_path).write_text(termination_message(result))
+
+
+def termination_message(result: dict) -> str:
+    """Compact JSON under TERMINATION_MESSAGE_LIMIT bytes: drop the least important fields first."""
+    keep = {k: v for k, v in result.items() if v is not None}
+    text = json.dumps(keep, separators=(",", ":"), default=_jsonable)
+    for key in [k for k in keep if k not in ("checkpoint", "global_step", "method", "train_loss")]:
+        if len(text.encode()) <= TERMINATION_MESSAGE_LIMIT:
+            break
+        keep.pop(key)
+        text = json.dumps(keep, separators=(",", ":"), default=_jsonable)
+    if len(text.encode()) > TERMINATION_MESSAGE_LIMIT:  # a pathological checkpoint path
+        text = json.dumps({"error": "result too large for a termination message; see result.json"})
+    return text
+
+
+def push_to_hub(recipe: Recipe, final: Path) -> str | None:
+    """Upload final/ when the recipe asks and HF_TOKEN is set; the token is never printed."""
+    token = os.environ.get("HF_TOKEN")
+    if not recipe.push_to_hub:
+        return None
+    if not token:
+        print("push_to_hub: HF_TOKEN is not set; final/ was not pushed", file=sys.stderr)
+        return None
+    if not recipe.hub_model_id:
+        raise ValueError("hub_model_id: required with push_to_hub")
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(recipe.hub_model_id, exist_ok=True, private=True)
+    api.upload_folder(folder_path=str(final), repo_id=recipe.hub_model_id,
+                      commit_message=f"{recipe.method} stage {recipe.stage_name or ''}".strip())
+    return f"https://huggingface.co/{recipe.hub_model_id}"

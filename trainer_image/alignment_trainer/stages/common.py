@@ -1,0 +1,176 @@
+"""The steps every training stage shares, each a plain function the stage calls in order.
+
+setup_stage -> build_config -> (the stage's model, data and trainer) -> train -> finish_stage
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from ..launch import configured_state_args, init_distributed
+from ..model import merge_adapter
+from ..recipe import Recipe, TrainingArgs
+from ..results import (MetricsCallback, build_result, emit, finished_result, newest_checkpoint, push_to_hub,
+                       remove_incomplete_checkpoints, save_final, write_result)
+
+log = logging.getLogger("alignment_trainer")
+
+# Config fields the trainer sets itself: extra_args may not override them.
+OWNED_FIELDS = {"output_dir", "resume_from_checkpoint", "deepspeed", "push_to_hub", "hub_model_id", "hub_token",
+                "overwrite_output_dir", "logging_dir", "accelerator_config"}
+
+
+# ---------------------------------------------------------------------------- setup
+
+def setup_stage(recipe: Recipe) -> dict | None:
+    """Logging, distributed state, output dir; the finished result if the stage already completed."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    done = finished_result(recipe.output_dir)
+    if done is not None:
+        emit("skipped", reason=f"{recipe.output_dir}/final and result.json exist: stage already complete",
+             checkpoint=done.get("checkpoint"))
+        return done
+    init_distributed()
+    if int(os.environ.get("RANK", "0")) == 0:
+        Path(recipe.output_dir).mkdir(parents=True, exist_ok=True)
+        for path in remove_incomplete_checkpoints(recipe.output_dir):
+            log.warning("removed incomplete checkpoint %s (killed while saving)", path)
+    return None
+
+
+def has_test_split(recipe: Recipe) -> bool:
+    return bool(recipe.test_datasets) or recipe.test_split_size is not None
+
+
+# ---------------------------------------------------------------------------- TRL config
+
+def build_config(config_cls, recipe: Recipe, **method_fields):
+    """config_cls (SFTConfig, DPOConfig, ...) from recipe.training, method fields and extra_args.
+
+    Built before the model is loaded: under ZeRO-3 the DeepSpeed config it creates makes
+    from_pretrained partition the weights as they load (zero3_init_flag).
+    """
+    t = recipe.training
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    on_gpu = torch.cuda.is_available()
+    kwargs = dict(
+        output_dir=recipe.output_dir, run_name=recipe.run_name or recipe.stage_name,
+        num_train_epochs=t.num_train_epochs, max_steps=t.max_steps, learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler_type, weight_decay=t.weight_decay,
+        # transformers 5 folded warmup_ratio into warmup_steps: a float below 1 is a ratio.
+        warmup_steps=min(t.warmup_ratio, 0.999),
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        max_length=t.max_length, seed=t.seed,
+        gradient_checkpointing=t.gradient_checkpointing, activation_checkpointing=t.gradient_checkpointing,
+        save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
+        logging_strategy="steps", logging_steps=t.logging_steps, logging_first_step=True,
+        eval_strategy="steps" if (t.eval_steps and has_test_split(recipe)) else "no", eval_steps=t.eval_steps,
+        bf16=on_gpu and torch.cuda.is_bf16_supported(), fp16=False, dataloader_pin_memory=on_gpu,
+        report_to="none", disable_tqdm=True, include_num_input_tokens_seen="non_padding",
+        **configured_state_args(),
+    )
+    kwargs.update(method_fields)
+    typed = set(TrainingArgs.model_fields) - {"extra_args"}
+    for key, value in t.extra_args.items():
+        if key in typed:
+            raise ValueError(f"training.extra_args.{key}: set training.{key} instead")
+        if key in OWNED_FIELDS:
+            raise ValueError(f"training.extra_args.{key}: set by the trainer, not configurable")
+        if key not in fields:
+            import trl
+
+            close = difflib.get_close_matches(key, sorted(fields), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ValueError(f"training.extra_args.{key}: not a {config_cls.__name__} field in TRL {trl.__version__}"
+                             f"{hint}")
+        kwargs[key] = value
+    # Fields some TRL/transformers versions lack (activation_checkpointing) are left out.
+    return config_cls(**{k: v for k, v in kwargs.items() if k in fields})
+
+
+# ---------------------------------------------------------------------------- prompt truncation
+
+def _prompt_length(tokenizer, messages: list[dict]) -> int:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def truncate_prompt(messages: list[dict], tokenizer, max_tokens: int) -> list[dict]:
+    """Keep the END of a conversation prompt within max_tokens (chat template included).
+
+    Drops whole early turns first (keeping a leading system message while it fits and the
+    prompt starting with a user turn), then the system message, then cuts the last user
+    message's text from the left, token by token.
+    """
+    if _prompt_length(tokenizer, messages) <= max_tokens:
+        return messages
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    turns = messages[len(system):]
+    while len(turns) > 1:
+        turns = turns[1:]
+        while len(turns) > 1 and turns[0]["role"] != "user":
+            turns = turns[1:]
+        for candidate in (system + turns, turns):
+            if _prompt_length(tokenizer, candidate) <= max_tokens:
+                return candidate
+    # Only the last user turn is left and it alone is too long: keep its last tokens.
+    last = dict(turns[-1])
+    ids = tokenizer(last["content"], add_special_tokens=False)["input_ids"]
+    overhead = _prompt_length(tokenizer, [{**last, "content": ""}])
+    keep = max(max_tokens - overhead, 0)
+    while keep > 0:
+        last["content"] = tokenizer.decode(ids[-keep:])
+        if _prompt_length(tokenizer, [last]) <= max_tokens:
+            return [last]
+        keep -= 1  # a decode/re-encode round trip may merge differently: shave one more
+    raise ValueError(f"training.max_prompt_length: {max_tokens} tokens cannot hold even the chat template "
+                     f"({overhead} tokens); raise it")
+
+
+def truncate_prompts(dataset, tokenizer, max_tokens: int | None):
+    """Apply truncate_prompt to a dataset's conversational `prompt` column (no-op when unset)."""
+    if max_tokens is None or dataset is None or "prompt" not in dataset.column_names:
+        return dataset
+    return dataset.map(lambda row: {"prompt": truncate_prompt(row["prompt"], tokenizer, max_tokens)},
+                       desc=f"Truncating prompts to {max_tokens} tokens")
+
+
+# ---------------------------------------------------------------------------- train & finish
+
+def train(trainer, recipe: Recipe):
+    """trainer.train(), resuming from the newest complete checkpoint in output_dir."""
+    from transformers import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # MetricsCallback prints JSON progress lines instead
+    trainer.add_callback(MetricsCallback(recipe.output_dir))
+    resume = newest_checkpoint(recipe.output_dir)
+    emit("start", method=recipe.method, stage=recipe.stage_name, resume_from=resume,
+         world_size=trainer.args.world_size, device=str(trainer.args.device))
+    return trainer.train(resume_from_checkpoint=resume)
+
+
+def finish_stage(trainer, recipe: Recipe, tokenizer, train_output) -> dict | None:
+    """Evaluate on the test split, write final/, result.json, the termination message; push."""
+    eval_metrics = trainer.evaluate() if trainer.eval_dataset is not None else None
+    merge = None
+    if recipe.lora and recipe.lora.merge:
+        def merge(adapter_dir, out_dir):
+            merge_adapter(recipe.model, tokenizer, adapter_dir, out_dir)
+    final = save_final(trainer, recipe, tokenizer, merge)
+    if not trainer.is_world_process_zero():
+        return None
+    result = build_result(recipe, trainer, train_output.metrics, eval_metrics, final)
+    url = push_to_hub(recipe, final)
+    if url:
+        result["hub_url"] = url
+    write_result(recipe, result)
+    emit("done", **{k: v for k, v in result.items() if v is not None})
+    return result
