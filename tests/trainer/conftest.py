@@ -1,0 +1,179 @@
+"""Fixtures for the trainer tests: a tiny random chat model and toy datasets, built once per session.
+
+Every dataset is learnable by a ~1M-parameter model in tens of steps:
+- SFT: "Tell me about <subject>." -> one of three fixed answer shapes about that subject.
+- preferences: chosen = a helpful answer about the subject, rejected = a curt refusal; the
+  held-out test split uses subjects never seen in training.
+- KTO: the same answers, unpaired, labelled desirable (helpful) or not (refusal).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+# The trainer extra (torch, TRL) is optional for the rest of the suite.
+collect_ignore_glob = [] if importlib.util.find_spec("trl") else ["test_*.py"]
+
+# Two cores, often shared: one intra-op thread per process is many times faster than two
+# threads spinning against each other (measured: 0.1 s vs 0.4-4 s per tiny-model step).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+REPO = Path(__file__).resolve().parents[2]
+TRAIN_SUBJECTS = ["cats", "dogs", "rivers", "mountains", "bread", "music", "trains", "stars", "apples", "books",
+                  "rain", "gardens", "clocks", "ships", "birds", "lamps"]
+TEST_SUBJECTS = ["coffee", "chess", "snow", "bridges", "kites", "maps"]
+GOOD = ["{s} are wonderful, and I am happy to tell you about {s}.",
+        "Sure! Here is a short note about {s}: they are interesting.",
+        "Great question. {s} have a long and curious history."]
+BAD = ["No.", "I will not answer that.", "Go away.", "Ask someone else."]
+
+
+def _user(text):
+    return [{"role": "user", "content": text}]
+
+
+def _assistant(text):
+    return [{"role": "assistant", "content": text}]
+
+
+def sft_rows(subjects, n, seed):
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        s = rng.choice(subjects)
+        rows.append({"messages": _user(f"Tell me about {s}.") + _assistant(rng.choice(GOOD).format(s=s))})
+    return rows
+
+
+def pref_rows(subjects, n, seed):
+    rng = random.Random(seed)
+    return [{"prompt": _user(f"Tell me about {s}."), "chosen": _assistant(rng.choice(GOOD).format(s=s)),
+             "rejected": _assistant(rng.choice(BAD))} for s in (rng.choice(subjects) for _ in range(n))]
+
+
+def kto_rows(subjects, n, seed):
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        s = rng.choice(subjects)
+        good = i % 2 == 0  # alternate so every batch holds both labels
+        text = rng.choice(GOOD).format(s=s) if good else rng.choice(BAD)
+        rows.append({"prompt": _user(f"Tell me about {s}."), "completion": _assistant(text), "label": good})
+    return rows
+
+
+def write_jsonl(path: Path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("data")
+    write_jsonl(d / "sft.jsonl", sft_rows(TRAIN_SUBJECTS, 256, 0))
+    write_jsonl(d / "sft_test.jsonl", sft_rows(TEST_SUBJECTS, 16, 1))
+    write_jsonl(d / "prefs.jsonl", pref_rows(TRAIN_SUBJECTS, 256, 2))
+    write_jsonl(d / "prefs_test.jsonl", pref_rows(TEST_SUBJECTS, 32, 3))
+    write_jsonl(d / "kto.jsonl", kto_rows(TRAIN_SUBJECTS, 256, 4))
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, data_dir) -> str:
+    """A ~1M-parameter random Llama whose tokenizer was trained on the test data."""
+    from alignment_trainer.tiny import make_tiny_model
+
+    return str(make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", sorted(data_dir.glob("*.jsonl")),
+                               vocab_size=512))
+
+
+def write_recipe(directory: Path, method: str, model: str, datasets: list[str], test: list[str] | None = None,
+                 **sections) -> str:
+    """A recipe YAML in `directory` (output_dir = directory/out); `training` etc. as keyword dicts."""
+    recipe = {"method": method, "model": {"model_name_or_path": model, "torch_dtype": "float32"},
+              "datasets": [{"path": p} for p in datasets], "output_dir": str(directory / "out"),
+              "run_name": "test", "stage_name": method, "base_model": model, **sections}
+    if test:
+        recipe["test_datasets"] = [{"path": p} for p in test]
+    path = directory / "recipe.yaml"
+    directory.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
+def run_in_process(recipe_path: str) -> dict | None:
+    """Run a stage in this process (single-process stages; saves ~10 s of imports per run)."""
+    import torch
+
+    from alignment_trainer.__main__ import run_recipe
+    from alignment_trainer.recipe import load_recipe
+
+    torch.set_num_threads(1)
+    return run_recipe(load_recipe(recipe_path))
+
+
+def trainer_env(extra: dict | None = None) -> dict:
+    """Environment for a trainer subprocess: this interpreter's, the repo importable."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra or {})}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "trainer_image"), env.get("PYTHONPATH")]))
+    bindir = str(Path(sys.executable).parent)  # `accelerate` from the same environment
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def events(stdout: str) -> list[dict]:
+    """The JSON event lines a trainer printed."""
+    out = []
+    for line in stdout.splitlines():
+        if line.startswith('{"event"'):
+            out.append(json.loads(line))
+    return out
+
+
+def metrics(output_dir: str | Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(output_dir: str | Path) -> list[float]:
+    return [m["loss"] for m in metrics(output_dir) if "loss" in m]
+
+
+@pytest.fixture(scope="session")
+def sft_run(tmp_path_factory, tiny_model, data_dir) -> dict:
+    """One SFT stage on the tiny model, shared by the SFT, EOS and DPO tests."""
+    d = tmp_path_factory.mktemp("sft")
+    path = write_recipe(d, "sft", tiny_model, [str(data_dir / "sft.jsonl")], [str(data_dir / "sft_test.jsonl")],
+                        training={"max_steps": 60, "learning_rate": 3e-3, "warmup_ratio": 0.05,
+                                  "per_device_train_batch_size": 16, "max_length": 64, "logging_steps": 5,
+                                  "save_steps": 30})
+    result = run_in_process(path)
+    return {"recipe": path, "output_dir": str(d / "out"), "result": result}
+
+
+def run_subprocess(cmd: list[str], env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, env=trainer_env(env), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def kit():
+    """The helpers above, as a fixture (test modules cannot import this conftest by name safely)."""
+    return SimpleNamespace(write_recipe=write_recipe, run_in_process=run_in_process, trainer_env=trainer_env,
+                           run_subprocess=run_subprocess, events=events, metrics=metrics, losses=losses,
+                           repo=REPO, test_subjects=TEST_SUBJECTS)
