@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import runpy
+from pathlib import Path
 
 import datasets
 import pyarrow as pa
@@ -326,3 +328,30 @@ def test_method_needs_its_kind_of_data(tmp_path, prefs):
     unknown = write_jsonl(tmp_path / "unknown.jsonl", [{"text": "hello"}])
     with pytest.raises(DataError, match=r"no known layout for columns \['text'\]; accepted layouts: messages"):
         rows("sft", unknown)
+
+
+# ---------------------------------------------------------------------------- examples/data
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "data"
+
+
+@pytest.mark.parametrize("method, train, test, n_train, n_test, columns", [
+    ("sft", "sft.jsonl", "sft_test.jsonl", 400, 50, ["messages"]),
+    ("dpo", "prefs.jsonl", "prefs_test.jsonl", 400, 60, ["prompt", "chosen", "rejected"]),
+    ("kto", "kto.jsonl", "kto_test.jsonl", 400, 60, ["prompt", "completion", "label"]),
+    ("sft", "prefs.jsonl", "prefs_test.jsonl", 400, 60, ["prompt", "completion"]),
+])
+def test_example_datasets_load(method, train, test, n_train, n_test, columns):
+    data = load_stage_data(recipe(method, EXAMPLES / train, test_datasets=[{"path": str(EXAMPLES / test)}]))
+    assert (len(data["train"]), len(data["test"])) == (n_train, n_test)
+    assert data["train"].column_names == columns
+    if method == "kto":
+        assert sum(data["train"]["label"]) == n_train // 2
+
+
+def test_example_datasets_match_their_generator(tmp_path):
+    """The committed files are what make_data.py writes (rerun it after editing it)."""
+    runpy.run_path(str(EXAMPLES / "make_data.py"), run_name="make_data")["main"](tmp_path)
+    for path in sorted(tmp_path.glob("*.jsonl")):
+        assert path.read_bytes() == (EXAMPLES / path.name).read_bytes(), f"examples/data/{path.name} drifted"
+    assert len(list(tmp_path.glob("*.jsonl"))) == 7
