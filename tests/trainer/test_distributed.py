@@ -31,10 +31,10 @@ def test_launch_command_multi_node_and_cpu():
     assert cmd[cmd.index("--machine_rank") + 1] == "$(JOB_COMPLETION_INDEX)"
     assert cmd[cmd.index("--main_process_ip") + 1] == "run-sft-0.run-sft"
 
-    cpu = build_launch_command("r.yaml", "ddp", 2, cpu=True)
-    assert cpu[cpu.index("--mixed_precision") + 1] == "no" and "--cpu" in cpu
-    zero3_cpu = build_launch_command("r.yaml", "deepspeed-zero3", 2, cpu=True)
-    assert "--cpu" not in zero3_cpu  # accelerate's cpu flag would switch DeepSpeed off
+    for strategy in ("ddp", "deepspeed-zero3"):
+        cpu = build_launch_command("r.yaml", strategy, 2, cpu=True)
+        assert cpu[cpu.index("--mixed_precision") + 1] == "no"
+        assert "--cpu" not in cpu  # accelerate would run one process, and switch DeepSpeed off
     assert build_launch_command("r.yaml", None, 1) == ["python", "-m", "alignment_trainer", "r.yaml"]
     assert launch_env(cpu=True)["DS_ACCELERATOR"] == "cpu" and "DS_ACCELERATOR" not in launch_env()
 
@@ -58,16 +58,17 @@ def test_accelerate_configs_parse():
                      "zero_stage": 3}
 
 
-def _zero3(tmp_path, kit, method, model, datasets, **training):
+def _two_processes(tmp_path, kit, strategy, method, model, datasets, **training):
+    """Run a stage through build_launch_command on 2 CPU processes; check both were counted."""
     from alignment_trainer.launch import build_launch_command, launch_env
 
     path = kit.write_recipe(tmp_path, method, model, datasets,
                             training={"max_steps": 6, "learning_rate": 1e-3, "per_device_train_batch_size": 4,
                                       "max_length": 64, "logging_steps": 1, "save_steps": 3, **training})
-    proc = kit.run_subprocess(build_launch_command(path, "deepspeed-zero3", 2, cpu=True),
-                              env=launch_env(cpu=True), timeout=420)
-    start = next(e for e in kit.events(proc.stdout) if e["event"] == "start")
-    assert start["world_size"] == 2, start
+    proc = kit.run_subprocess(build_launch_command(path, strategy, 2, cpu=True), env=launch_env(cpu=True),
+                              timeout=420)
+    starts = [e for e in kit.events(proc.stdout) if e["event"] == "start"]
+    assert len(starts) == 1 and starts[0]["world_size"] == 2, starts  # printed by the main process only
     out = tmp_path / "out"
     # 2 processes x 4 rows per step: 6 steps cover 48 rows (accelerate counted both processes).
     assert json.loads((out / "result.json").read_text())["global_step"] == 6
@@ -90,12 +91,19 @@ def _loads_complete(final: Path, reference: str) -> None:
 
 @pytest.mark.slow
 def test_zero3_two_cpu_processes_sft(tmp_path, tiny_model, data_dir, kit):
-    out = _zero3(tmp_path, kit, "sft", tiny_model, [str(data_dir / "sft.jsonl")])
+    out = _two_processes(tmp_path, kit, "deepspeed-zero3", "sft", tiny_model, [str(data_dir / "sft.jsonl")])
     _loads_complete(out / "final", tiny_model)
 
 
 @pytest.mark.slow
 def test_zero3_two_cpu_processes_dpo(tmp_path, tiny_model, data_dir, kit):
-    out = _zero3(tmp_path, kit, "dpo", tiny_model, [str(data_dir / "prefs.jsonl")], beta=0.1)
+    out = _two_processes(tmp_path, kit, "deepspeed-zero3", "dpo", tiny_model, [str(data_dir / "prefs.jsonl")],
+                         beta=0.1)
     _loads_complete(out / "final", tiny_model)
     assert json.loads((out / "result.json").read_text())["rewards/accuracies"] is not None
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_sft(tmp_path, tiny_model, data_dir, kit):
+    out = _two_processes(tmp_path, kit, "ddp", "sft", tiny_model, [str(data_dir / "sft.jsonl")])
+    _loads_complete(out / "final", tiny_model)

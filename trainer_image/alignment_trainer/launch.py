@@ -50,7 +50,7 @@ def build_launch_command(recipe_path: str, strategy: str | None, num_processes: 
     total, num_processes * num_machines. machine_rank may be a string such as
     "$(JOB_COMPLETION_INDEX)", which Kubernetes expands in a container's args. strategy None
     (or "none") with a single process runs plain `python -m alignment_trainer`. cpu: no GPUs
-    (tests, CI, laptops): mixed precision off, and DDP forced onto gloo.
+    (tests, CI, laptops): mixed precision off; the processes talk over gloo (init_distributed).
     """
     total = num_processes * num_machines
     if num_processes < 1 or num_machines < 1:
@@ -72,9 +72,10 @@ def build_launch_command(recipe_path: str, strategy: str | None, num_processes: 
     if main_process_ip:
         cmd += ["--main_process_ip", main_process_ip, "--main_process_port", str(main_process_port or DEFAULT_PORT)]
     if cpu:
-        cmd += ["--mixed_precision", "no"]  # bf16 autocast on CPU is slow and not what the configs mean
-        if strategy == "ddp":
-            cmd += ["--cpu"]  # MULTI_CPU over gloo (never for DeepSpeed: cpu=True turns DeepSpeed off)
+        # bf16 autocast on CPU is slow and not what the configs mean. No `--cpu`: accelerate then runs
+        # ONE process (its multi-CPU path wants mpirun), and for DeepSpeed it would switch DeepSpeed
+        # off; init_distributed puts the torchrun-started processes on gloo instead.
+        cmd += ["--mixed_precision", "no"]
     return cmd + ["-m", "alignment_trainer", str(recipe_path)]
 
 

@@ -31,13 +31,15 @@ OWNED_FIELDS = {"output_dir", "resume_from_checkpoint", "deepspeed", "push_to_hu
 def setup_stage(recipe: Recipe) -> dict | None:
     """Logging, distributed state, output dir; the finished result if the stage already completed."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    main = int(os.environ.get("RANK", "0")) == 0
     done = finished_result(recipe.output_dir)
     if done is not None:
-        emit("skipped", reason=f"{recipe.output_dir}/final and result.json exist: stage already complete",
-             checkpoint=done.get("checkpoint"))
+        if main:
+            emit("skipped", reason=f"{recipe.output_dir}/final and result.json exist: stage already complete",
+                 checkpoint=done.get("checkpoint"))
         return done
     init_distributed()
-    if int(os.environ.get("RANK", "0")) == 0:
+    if main:
         Path(recipe.output_dir).mkdir(parents=True, exist_ok=True)
         for path in remove_incomplete_checkpoints(recipe.output_dir):
             log.warning("removed incomplete checkpoint %s (killed while saving)", path)
@@ -152,8 +154,9 @@ def train(trainer, recipe: Recipe):
     trainer.remove_callback(PrinterCallback)  # MetricsCallback prints JSON progress lines instead
     trainer.add_callback(MetricsCallback(recipe.output_dir))
     resume = newest_checkpoint(recipe.output_dir)
-    emit("start", method=recipe.method, stage=recipe.stage_name, resume_from=resume,
-         world_size=trainer.args.world_size, device=str(trainer.args.device))
+    if trainer.is_world_process_zero():
+        emit("start", method=recipe.method, stage=recipe.stage_name, resume_from=resume,
+             world_size=trainer.args.world_size, device=str(trainer.args.device))
     return trainer.train(resume_from_checkpoint=resume)
 
 
