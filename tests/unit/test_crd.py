@@ -79,7 +79,7 @@ def test_cel_rules_cover_the_cross_field_checks():
     for _, node in walk(schema()):
         rules += [r["rule"] for r in node.get("x-kubernetes-validations", [])]
     text = "\n".join(rules)
-    for needle in ("maxPromptLength < self.maxLength", "indexOf(s.from)", "s.method != 'eval'",
+    for needle in ("maxPromptLength < self.maxLength", "t.name == s.from", "s.method != 'eval'",
                    "size(self.datasets) > 0", "testSplitSize", "lossType", "quantization", "claimName"):
         assert needle in text, needle
 

@@ -111,7 +111,8 @@ def test_cpu_stage_has_no_gpu_limit_and_volume_survives_the_run():
     job = job_of(build_stage(run, 0, RenderContext(), "h"))
     c = job["spec"]["template"]["spec"]["containers"][0]
     assert "nvidia.com/gpu" not in c["resources"]["limits"]
-    assert "--cpu" in c["command"] and {"name": "DS_ACCELERATOR", "value": "cpu"} in c["env"]
+    cmd = c["command"]
+    assert cmd[cmd.index("--mixed_precision") + 1] == "no" and {"name": "DS_ACCELERATOR", "value": "cpu"} in c["env"]
     pvc = build_pvc(run)
     assert "ownerReferences" not in pvc["metadata"], "checkpoints must outlive the run"
 

@@ -25,20 +25,19 @@ class ApiModel(BaseModel):
 
 
 def x_validations(*rules: tuple[str, str] | tuple[str, str, str]) -> dict[str, Any]:
-    """`x-kubernetes-validations` CEL rules: (rule, message) or (rule, messageExpression, fieldPath).
+    """`x-kubernetes-validations` CEL rules: (rule, message[, fieldPath]).
 
     The API server evaluates these at admission; `api.checks` holds the same rules in Python
     for `alignctl validate`, and tests/manifests/bad/ holds manifests both must refuse.
+    Messages are static: a messageExpression's estimated cost (string building) counts
+    against the CRD's CEL budget like a rule's does.
     """
     out = []
-    for r in rules:
-        if len(r) == 2:
-            out.append({"rule": r[0], "message": r[1]})
-        else:
-            item = {"rule": r[0], "messageExpression": r[1]}
-            if r[2]:
-                item["fieldPath"] = r[2]
-            out.append(item)
+    for rule, message, *path in rules:
+        item = {"rule": rule, "message": message}
+        if path:
+            item["fieldPath"] = path[0]
+        out.append(item)
     return {"x-kubernetes-validations": out}
 
 

@@ -61,8 +61,7 @@ class DatasetSpec(ApiModel):
 class TrainingSpec(ApiModel):
     model_config = {**ApiModel.model_config, "json_schema_extra": x_validations(
         ("!has(self.maxPromptLength) || self.maxPromptLength < self.maxLength",
-         "'maxPromptLength (' + string(self.maxPromptLength) + ') must be below maxLength ('"
-         " + string(self.maxLength) + ')'", ".maxPromptLength"),
+         "maxPromptLength must be below maxLength", ".maxPromptLength"),
     )}
 
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (num_train_epochs).")
@@ -151,21 +150,19 @@ class EvalSpec(ApiModel):
 class StageSpec(ApiModel):
     model_config = {**ApiModel.model_config, "json_schema_extra": x_validations(
         ("self.method == 'eval' || size(self.datasets) > 0",
-         "'stage ' + self.name + ': method ' + self.method + ' needs datasets'", ".datasets"),
-        ("!(has(self.testDatasets) && size(self.testDatasets) > 0 && has(self.testSplitSize))",
-         "'stage ' + self.name + ': give testDatasets or testSplitSize, not both'", ".testSplitSize"),
+         "a training stage needs at least one dataset", ".datasets"),
+        ("!(size(self.testDatasets) > 0 && has(self.testSplitSize))",
+         "give testDatasets or testSplitSize, not both", ".testSplitSize"),
         ("!has(self.testSplitSize) || self.testSplitSize < 1.0 || self.testSplitSize == double(int(self.testSplitSize))",
-         "'stage ' + self.name + ': testSplitSize ' + string(self.testSplitSize) + ' must be a fraction below 1 or a whole number of rows'",
-         ".testSplitSize"),
+         "testSplitSize must be a fraction below 1 or a whole number of rows", ".testSplitSize"),
         ("!has(self.training.lossType) || "
          + " || ".join(f"(self.method == '{m}' && self.training.lossType in {list(t)})" for m, t in LOSS_TYPES.items() if t),
-         "'stage ' + self.name + ': lossType ' + self.training.lossType + ' is not a ' + self.method + ' loss'",
-         ".training.lossType"),
+         "lossType is not one of this method's losses: " + "; ".join(
+             f"{m}: {', '.join(t)}" for m, t in LOSS_TYPES.items() if t), ".training.lossType"),
         ("!has(self.lora) || self.lora.quantization == 'none' || self.resources.gpusPerNode > 0",
-         "'stage ' + self.name + ': lora.quantization ' + self.lora.quantization + ' needs GPUs (resources.gpusPerNode > 0)'",
-         ".lora.quantization"),
+         "lora.quantization 4bit/8bit needs GPUs (resources.gpusPerNode > 0)", ".lora.quantization"),
         ("!has(self.eval) || !('judge' in self.eval.metrics) || has(self.eval.judge)",
-         "'stage ' + self.name + ': eval.metrics includes judge but eval.judge is not set'", ".eval.judge"),
+         "eval.metrics includes judge but eval.judge is not set", ".eval.judge"),
     )}
 
     name: str = Field(min_length=1, max_length=40, pattern=DNS_LABEL, description=(
@@ -231,15 +228,13 @@ class TrainerSpec(ApiModel):
 class AlignmentRunSpec(ApiModel):
     model_config = {**ApiModel.model_config, "json_schema_extra": x_validations(
         ("self.stages.exists(s, s.method != 'eval')",
-         "'stages: at least one training stage (sft, dpo, ipo, kto, orpo, simpo) is required'", ".stages"),
-        ("self.stages.all(s, !has(s.from) || (self.stages.map(t, t.name).indexOf(s.from) >= 0 && "
-         "self.stages.map(t, t.name).indexOf(s.from) < self.stages.map(t, t.name).indexOf(s.name)))",
-         "'stages[].from must name an earlier stage: ' + self.stages.filter(s, has(s.from) && !(self.stages.map(t, t.name).indexOf(s.from) >= 0 && "
-         "self.stages.map(t, t.name).indexOf(s.from) < self.stages.map(t, t.name).indexOf(s.name))).map(s, s.name + ' from ' + s.from).join(', ')",
-         ".stages"),
-        ("self.stages.all(s, !has(s.eval) || !has(s.eval.reference) || (self.stages.map(t, t.name).indexOf(s.eval.reference) >= 0 && "
-         "self.stages.map(t, t.name).indexOf(s.eval.reference) < self.stages.map(t, t.name).indexOf(s.name)))",
-         "'stages[].eval.reference must name an earlier stage'", ".stages"),
+         "at least one training stage (sft, dpo, ipo, kto, orpo, simpo) is required", ".stages"),
+        # Two-variable comprehensions (index, value) keep the cost bounded; map() would not.
+        ("self.stages.all(i, s, !has(s.from) || self.stages.exists(j, t, j < i && t.name == s.from))",
+         "stages[].from must name an earlier stage", ".stages"),
+        ("self.stages.all(i, s, !has(s.eval) || !has(s.eval.reference) || "
+         "self.stages.exists(j, t, j < i && t.name == s.eval.reference))",
+         "stages[].eval.reference must name an earlier stage", ".stages"),
     )}
 
     model: ModelSpec = Field(description="The base model the first stage starts from.")
