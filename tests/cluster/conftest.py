@@ -1,0 +1,85 @@
+"""Fixtures for tests that need a real control plane (`@pytest.mark.cluster`).
+
+- `cluster` (session): etcd + kube-apiserver + kube-controller-manager from tools/k8s/build.sh;
+  a ControlPlane with .kubeconfig, .server, .kubectl(), .api_client(), .as_service_account().
+- `crds` (session): the AlignmentRun CRD (crds/alignmentrun.yaml) and Kubeflow's PyTorchJob
+  CRD installed and Established.
+- `namespace` (function): a fresh namespace, deleted after the test.
+
+Missing binaries FAIL the tests with the command to build them; ALIGNMENT_SKIP_CLUSTER=1
+skips them instead (for a machine that cannot build Kubernetes).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+import uuid
+
+import pytest
+
+from controlplane import BUILD_COMMAND, REPO, ControlPlane, StartupError, binaries_dir, missing_binaries, wait_for
+
+CRD_FILES = {
+    "alignmentruns.alignment.dev": REPO / "crds/alignmentrun.yaml",
+    "pytorchjobs.kubeflow.org": REPO / "tests/cluster/thirdparty/kubeflow.org_pytorchjobs.yaml",
+}
+
+
+def pytest_configure(config):
+    # pyproject.toml registers the marker; this keeps --strict-markers happy without it.
+    if not any(line.startswith("cluster:") for line in config.getini("markers")):
+        config.addinivalue_line("markers", "cluster: needs the control plane built by tools/k8s/build.sh")
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    if os.environ.get("ALIGNMENT_SKIP_CLUSTER") == "1":
+        pytest.skip("ALIGNMENT_SKIP_CLUSTER=1")
+    bin_dir = binaries_dir()
+    missing = missing_binaries(bin_dir)
+    if missing:
+        pytest.fail(
+            f"control-plane binaries missing in {bin_dir}: {', '.join(missing)}.\n"
+            f"Build them with `{BUILD_COMMAND}` (or set ALIGNMENT_SKIP_CLUSTER=1 to skip these tests).",
+            pytrace=False,
+        )
+    workdir = tmp_path_factory.mktemp("cluster")  # logs stay here after the session
+    started = time.monotonic()
+    try:
+        plane = ControlPlane.start(bin_dir, workdir)
+    except StartupError as exc:
+        failure = str(exc)  # failed outside the except block: no chained traceback noise
+    else:
+        failure = None
+    if failure:
+        pytest.fail(failure, pytrace=False)
+    print(f"\ncontrol plane ready at {plane.server} in {time.monotonic() - started:.1f}s (logs: {workdir})")
+    yield plane
+    plane.stop()
+
+
+@pytest.fixture(scope="session")
+def crds(cluster):
+    """Installs the CRDs (server-side apply: the PyTorchJob CRD is too big for the
+    last-applied annotation) and waits until the API server serves them."""
+    for name, path in CRD_FILES.items():
+        if not path.exists():
+            pytest.fail(f"{path} is missing (generate it with `alignctl crd > crds/alignmentrun.yaml`)")
+        cluster.kubectl("apply", "--server-side", "-f", str(path))
+    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", *(f"crd/{n}" for n in CRD_FILES))
+    return list(CRD_FILES)
+
+
+@pytest.fixture
+def namespace(cluster, request):
+    """A fresh namespace named after the test, with its default ServiceAccount in place
+    (Pods cannot be created before the controller manager has made it)."""
+    stem = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
+    name = f"{stem}-{uuid.uuid4().hex[:6]}"
+    cluster.kubectl("create", "namespace", name)
+    wait_for(f"the default ServiceAccount in namespace {name}", timeout=30,
+             fn=lambda: cluster.kubectl("get", "serviceaccount", "default", "-n", name, check=False).returncode == 0)
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
