@@ -70,7 +70,9 @@ def test_chat_messages_and_sharegpt(tmp_path):
     a = write_jsonl(tmp_path / "chat.jsonl", [{"messages": chat, "id": 7}])
     b = write_jsonl(tmp_path / "sharegpt.jsonl", [{"conversations": [
         {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]}])
-    assert rows("sft", a, b) == [{"messages": chat}, {"messages": [user("Hi"), assistant("Hello!")]}]
+    c = write_jsonl(tmp_path / "oasst_export.jsonl", [{"messages": [       # OASST-style export
+        {"role": "prompter", "text": "Hi"}, {"role": "assistant", "text": "Hello!"}]}])
+    assert rows("sft", a, b, c) == [{"messages": chat}] + [{"messages": [user("Hi"), assistant("Hello!")]}] * 2
 
 
 def test_explicit_prompt_preferences(prefs):
@@ -165,6 +167,8 @@ def test_kto_labels_and_paired_data_unpaired(tmp_path, prefs):
     assert rows("kto", path) == [
         {"prompt": [user("Hi")], "completion": [assistant("Hello!")], "label": True},
         {"prompt": [user("Hi")], "completion": [assistant("Whatever.")], "label": False}]
+    # SFT on labelled data: the desirable completions, prompt masked.
+    assert rows("sft", path) == [{"prompt": [user("Hi")], "completion": [assistant("Hello!")]}]
     assert rows("kto", prefs)[:2] == [
         {"prompt": [user("What is 2+2?")], "completion": [assistant("4.")], "label": True},
         {"prompt": [user("What is 2+2?")], "completion": [assistant("5.")], "label": False}]

@@ -17,8 +17,12 @@ What the training stages get (conversational: lists of {"role", "content"} messa
 
 Sources (recipe.datasets, a mixture): a local .jsonl/.json/.parquet/.csv file, a directory
 written by `datasets` save_to_disk (a DatasetDict directory gives its `split`), or a Hub id.
-`weight` keeps that fraction of a source's examples (a seeded subsample), `columns` keeps only
-those columns before the layout is recognised. The layouts are in formats.py.
+`weight` keeps that fraction of a source's examples (a seeded subsample, order kept), `columns`
+keeps only those columns before the layout is recognised. The layouts are in formats.py.
+
+The test split is recipe.test_datasets (read like the training mixture) or test_split_size
+examples (a count, or a fraction below 1) held out of the training mixture with the seed. It is
+carved before pairs are unpaired for KTO, so no prompt has one reply in train and one in test.
 
 Bad data fails here, before a model is loaded, with a DataError naming the dataset and split,
 the row (0-based) or JSONL line (1-based), the column and what would be accepted.
@@ -33,7 +37,9 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import pyarrow as pa
 from datasets import Dataset, DatasetDict, Features, List, Value
+from datasets.table import InMemoryTable
 
 from . import formats
 from .formats import RowError
@@ -86,7 +92,7 @@ def load_mixture(sources: list[DatasetArgs], seed: int) -> list[dict]:
 
 def split_off(examples: list[dict], size: float, seed: int) -> tuple[list[dict], list[dict]]:
     """(train, test): `size` rows (>= 1) or that fraction (< 1) held out, chosen with the seed."""
-    n = int(size) if size >= 1 else round(size * len(examples))
+    n = int(size) if size >= 1 else int(size * len(examples) + 0.5)
     if not 1 <= n < len(examples):
         raise DataError(f"test_split_size {size}: holds out {n} of {len(examples)} training examples; "
                         f"it must leave at least one on each side")
@@ -96,10 +102,10 @@ def split_off(examples: list[dict], size: float, seed: int) -> tuple[list[dict],
 
 
 def subsample(examples: list[dict], weight: float, seed: int) -> list[dict]:
-    """round(weight * n) examples, picked with the seed, in their original order."""
+    """weight * n examples (rounded half up), picked with the seed, in their original order."""
     if weight >= 1:
         return examples
-    keep = sorted(random.Random(seed).sample(range(len(examples)), round(weight * len(examples))))
+    keep = sorted(random.Random(seed).sample(range(len(examples)), int(weight * len(examples) + 0.5)))
     return [examples[i] for i in keep]
 
 
@@ -137,7 +143,12 @@ def to_schema(examples: list[dict], schema: str, method: str) -> Dataset:
                         f"(SFT and eval keep only desirable replies of labelled data)")
     if schema == "preference":
         warn_identical(rows)
-    return Dataset.from_list(rows, features=SCHEMAS[schema])
+    if schema == "unpaired" and len({r["label"] for r in rows}) == 1:
+        log.warning("%s: every completion is labelled %s; KTO learns most from both kinds",
+                    method, rows[0]["label"])
+    # Straight to Arrow: from_list's per-value feature encoding is ten times slower.
+    table = pa.Table.from_pylist(rows, schema=SCHEMAS[schema].arrow_schema)
+    return Dataset(InMemoryTable(table), info=datasets.DatasetInfo(features=SCHEMAS[schema]))
 
 
 def convert(ex: dict, schema: str) -> list[dict]:
@@ -165,7 +176,7 @@ def convert(ex: dict, schema: str) -> list[dict]:
 def warn_identical(rows: list[dict]) -> None:
     same = [i for i, r in enumerate(rows) if r["chosen"] == r["rejected"]]
     if same:
-        log.warning("%d preference rows have chosen == rejected (first: row %d); they carry no signal",
+        log.warning("%d preference rows have chosen == rejected (first: normalised row %d); they carry no signal",
                     len(same), same[0])
 
 

@@ -82,17 +82,18 @@ def message(value: Any, column: str, role: str | None = None) -> dict[str, str]:
     if isinstance(value, str) and role is not None:
         raw_role, content = role, value
     elif isinstance(value, dict):
-        raw_role = value.get("role", value.get("from"))
-        content = value.get("content", value.get("value", value.get("text")))
+        raw_role = value["role"] if "role" in value else value.get("from")
+        content = value["content"] if "content" in value else value.get("value", value.get("text"))
     else:
         raise RowError(column, f"expected a message {{'role', 'content'}}, got {type(value).__name__}")
-    if not isinstance(raw_role, str) or raw_role.lower() not in ROLES:
+    canonical = ROLES.get(raw_role) or (ROLES.get(raw_role.lower()) if isinstance(raw_role, str) else None)
+    if canonical is None:
         raise RowError(column, f"unknown role {raw_role!r}; accepted: {', '.join(ROLES)}")
     if not isinstance(content, str):
         raise RowError(column, f"content must be a string, got {type(content).__name__}")
-    if not content.strip():
+    if not content or content.isspace():
         raise RowError(column, "content is empty")
-    return {"role": ROLES[raw_role.lower()], "content": content}
+    return {"role": canonical, "content": content}
 
 
 def messages(value: Any, column: str, role: str) -> list[dict[str, str]]:
