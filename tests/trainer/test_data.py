@@ -99,6 +99,12 @@ def test_hh_rlhf_transcripts(tmp_path):
     assert rows("dpo", path) == [{
         "prompt": [user("Hi there"), assistant("Hello."), user("How do I boil an egg?")],
         "chosen": [assistant("Simmer it for eight minutes.")], "rejected": [assistant("No idea.")]}]
+    # The variant with the transcript as `prompt` (Dahoas/full-hh-rlhf).
+    path = write_jsonl(tmp_path / "hh_prompt.jsonl", [{
+        "prompt": shared + "\n\nAssistant:", "response": " Simmer it.", "chosen": " Simmer it.", "rejected": " No."}])
+    assert rows("dpo", path) == [{
+        "prompt": [user("Hi there"), assistant("Hello."), user("How do I boil an egg?")],
+        "chosen": [assistant(" Simmer it.")], "rejected": [assistant(" No.")]}]
 
 
 def test_stanford_shp_labels_pick_the_preferred_reference(tmp_path):
@@ -187,8 +193,11 @@ def test_save_to_disk_dataset_and_dataset_dict(tmp_path):
         rows("dpo", {"path": str(tmp_path / "dict"), "split": "validation"})
 
 
-def test_parquet_and_csv(tmp_path):
+def test_parquet_csv_and_json(tmp_path):
     pq.write_table(pa.Table.from_pylist(PAIR_ROWS[1:]), tmp_path / "p.parquet")
+    (tmp_path / "array.json").write_text(json.dumps(PAIR_ROWS))
+    datasets.Dataset.from_list(PAIR_ROWS[:1]).to_json(str(tmp_path / "lines.json"))   # JSON Lines
+    assert rows("dpo", tmp_path / "array.json", tmp_path / "lines.json") == PAIRS + PAIRS[:1]
     (tmp_path / "k.csv").write_text('prompt,completion,label\nHi,"Hello, friend.",true\nHi,Bye.,false\n')
     assert rows("dpo", tmp_path / "p.parquet") == PAIRS[1:]
     assert [r["label"] for r in rows("kto", tmp_path / "k.csv")] == [True, False]

@@ -221,7 +221,7 @@ def load_examples(args: DatasetArgs) -> list[dict]:
     if not rows:
         raise DataError(f"dataset {where}: is empty (no rows)")
     if args.columns:
-        missing = [c for c in args.columns if not any(c in r for r in rows[:1])]
+        missing = [c for c in args.columns if c not in rows[0]]
         if missing:
             raise DataError(f"dataset {where}: columns {missing} selected but not found; "
                             f"columns: {sorted(rows[0])}")
@@ -324,15 +324,14 @@ def read_jsonl(path: Path, where: str) -> tuple[list[dict], list[int]]:
 
 
 def read_json(path: Path, where: str) -> tuple[list[dict], list[int] | None]:
-    """A JSON array of objects, an object holding one such array, or JSON Lines named .json."""
+    """A JSON array of objects (one object: one row), or JSON Lines named .json (as to_json writes)."""
     text = path.read_text(encoding="utf-8")
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
         return read_jsonl(path, where)
     if isinstance(data, dict):
-        lists = [v for v in data.values() if isinstance(v, list)]
-        data = lists[0] if len(lists) == 1 else [data]
+        data = [data]
     if not isinstance(data, list):
         raise DataError(f"dataset {where}: expected a JSON array of objects, got {type(data).__name__}")
     for i, row in enumerate(data):

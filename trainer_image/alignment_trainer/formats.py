@@ -177,8 +177,9 @@ def parse_preference(row: dict) -> list[dict]:
     chosen, rejected = field(row, "chosen"), field(row, "rejected")
     if _is_whole_conversation(chosen) or _is_whole_conversation(rejected):
         return [implicit_pair(conversation(chosen, "chosen"), conversation(rejected, "rejected"))]
-    return [{"prompt": prompt(field(row, "prompt")), "chosen": reply(chosen, "chosen"),
-             "rejected": reply(rejected, "rejected")}]
+    p = field(row, "prompt")
+    p = hh_transcript(p, "prompt", last="user") if is_hh_transcript(p) else prompt(p)   # Dahoas/full-hh-rlhf
+    return [{"prompt": p, "chosen": reply(chosen, "chosen"), "rejected": reply(rejected, "rejected")}]
 
 
 def _is_whole_conversation(value: Any) -> bool:
@@ -197,14 +198,20 @@ def implicit_pair(chosen: list[dict], rejected: list[dict]) -> dict:
 HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
 
 
-def hh_transcript(text: Any, column: str) -> list[dict[str, str]]:
-    """'\\n\\nHuman: hi\\n\\nAssistant: hello' -> [user hi, assistant hello]."""
+def hh_transcript(text: Any, column: str, last: str = "assistant") -> list[dict[str, str]]:
+    """'\\n\\nHuman: hi\\n\\nAssistant: hello' -> [user hi, assistant hello].
+
+    last="user": a prompt, whose trailing '\\n\\nAssistant:' (the empty reply to come) is dropped.
+    """
     if not isinstance(text, str) or not is_hh_transcript(text):
         raise RowError(column, "expected an HH-RLHF transcript starting with '\\n\\nHuman: '")
-    parts = HH_TURN.split(text.lstrip(" "))
+    text = text.strip(" ")
+    if last == "user":
+        text = re.sub(r"\n\nAssistant:\s*$", "", text)
+    parts = HH_TURN.split(text)
     msgs = [message(content.strip(), column, "user" if speaker == "Human" else "assistant")
             for speaker, content in zip(parts[1::2], parts[2::2])]
-    check_turns(msgs, column, last="assistant")
+    check_turns(msgs, column, last=last)
     return msgs
 
 
