@@ -41,10 +41,13 @@ class JobClock:
         self._thread.start()
 
     def _watch(self, api, namespace):
-        for ev in watch.Watch().stream(client.BatchV1Api(api).list_namespaced_job, namespace, timeout_seconds=0):
-            with self.cond:
-                self.seen.setdefault(ev["object"].metadata.name, time.monotonic())
-                self.cond.notify_all()
+        try:
+            for ev in watch.Watch().stream(client.BatchV1Api(api).list_namespaced_job, namespace, timeout_seconds=0):
+                with self.cond:
+                    self.seen.setdefault(ev["object"].metadata.name, time.monotonic())
+                    self.cond.notify_all()
+        except Exception:  # noqa: BLE001 - the control plane stopping ends the watch
+            pass
 
     def wait(self, names: set[str], timeout: float = 120) -> float:
         """Monotonic time when the last of `names` appeared."""

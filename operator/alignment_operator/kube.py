@@ -114,6 +114,10 @@ def _observe_job(job: Any) -> ObservedChild:
     elif "Failed" in conds or "FailureTarget" in conds:
         c = conds.get("Failed") or conds["FailureTarget"]
         state, finished = "Failed", _ts(c.last_transition_time)
+    elif (job.spec.completions or 1) == 1 and any(p.status and p.status.phase == "Succeeded" for p in pods):
+        # A one-pod stage is done when its pod is: the Job controller batches pod updates (~1 s)
+        # before it marks the Job Complete, and the next stage need not wait for that.
+        state, finished = "Succeeded", _ts(_terminated(pods)[-1].finished_at) if _terminated(pods) else None
     else:
         state, finished = ("Suspended" if suspended else "Running" if s.active else "Pending"), None
     message = None
