@@ -5,12 +5,16 @@
 
 from __future__ import annotations
 
+import logging
+
 from trl import SFTConfig, SFTTrainer
 
 from ..data import load_stage_data
 from ..model import added_tokens, load_model, load_tokenizer, lora_config
 from ..recipe import Recipe
 from .common import build_config, finish_stage, setup_stage, train, truncate_prompts
+
+log = logging.getLogger("alignment_trainer")
 
 
 def run(recipe: Recipe) -> dict | None:
@@ -19,6 +23,12 @@ def run(recipe: Recipe) -> dict | None:
     if done is not None:
         return done
     t = recipe.training
+    if t.packing and recipe.model.attn_implementation != "flash_attention_2":
+        # TRL packs padding-free: a batch becomes one flattened sequence. Only flash-attention's varlen
+        # kernel keeps attention per packed chat; sdpa/eager pay for a dense mask over the whole batch
+        # (benchmarks/trainer.py: 0.43x the tokens/s of padded batches on CPU).
+        log.warning("training.packing without model.attn_implementation flash_attention_2 is usually slower "
+                    "than padded batches: attention runs over the whole flattened batch")
 
     # Training config first: under ZeRO-3 it makes from_pretrained load the weights sharded.
     args = build_config(
