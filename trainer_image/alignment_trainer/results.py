@@ -166,6 +166,7 @@ def build_result(recipe: Recipe, trainer, train_metrics: dict, eval_metrics: dic
     runtime = train_metrics.get("train_runtime")
     tokens_per_s = train_metrics.get("train_tokens_per_second") or next(
         (h["train_tokens_per_second"] for h in reversed(history) if "train_tokens_per_second" in h), None)
+    tokens_per_s = tokens_per_s or None  # 0: the trainer could not count tokens (SimPO/ORPO batches)
     result = {
         "method": recipe.method,
         "stage": recipe.stage_name,
@@ -176,7 +177,7 @@ def build_result(recipe: Recipe, trainer, train_metrics: dict, eval_metrics: dic
         "eval_loss": (eval_metrics or {}).get("eval_loss"),
         "train_runtime_s": runtime,
         "train_tokens_per_second": tokens_per_s,
-        "num_input_tokens_seen": trainer.state.num_input_tokens_seen,
+        "num_input_tokens_seen": trainer.state.num_input_tokens_seen or None,
     }
     if recipe.method in PREFERENCE_METHODS or recipe.method == "kto":
         for key in ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"):

@@ -18,6 +18,11 @@ from ..recipe import Recipe
 from .common import build_config, finish_stage, setup_stage, train, truncate_prompts
 
 
+# The experimental trainers' batches hold chosen_input_ids/rejected_input_ids (no input_ids to count
+# tokens from) and need their extra columns kept.
+LEGACY_COLLATOR = {"include_num_input_tokens_seen": "no", "remove_unused_columns": False}
+
+
 def trainer_classes(method: str):
     """(ConfigClass, TrainerClass, method fields) for a method, failing clearly when TRL lacks it."""
     if method in ("dpo", "ipo"):
@@ -26,11 +31,11 @@ def trainer_classes(method: str):
         if method == "simpo":
             from trl.experimental.cpo import CPOConfig, CPOTrainer
 
-            return CPOConfig, CPOTrainer, {"loss_type": "simpo", "cpo_alpha": 0.0}
+            return CPOConfig, CPOTrainer, {"loss_type": "simpo", "cpo_alpha": 0.0, **LEGACY_COLLATOR}
         if method == "orpo":
             from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-            return ORPOConfig, ORPOTrainer, {}
+            return ORPOConfig, ORPOTrainer, dict(LEGACY_COLLATOR)
     except ImportError as e:
         raise RuntimeError(f"method {method}: not available in the installed TRL {trl.__version__} ({e}); "
                            "use dpo or ipo, or a trainer image with a TRL that has trl.experimental") from e
