@@ -159,7 +159,8 @@ def sft_run(tmp_path_factory, tiny_model, data_dir) -> dict:
     path = write_recipe(d, "sft", tiny_model, [str(data_dir / "sft.jsonl")], [str(data_dir / "sft_test.jsonl")],
                         training={"max_steps": 60, "learning_rate": 3e-3, "warmup_ratio": 0.05,
                                   "per_device_train_batch_size": 16, "max_length": 64, "logging_steps": 5,
-                                  "save_steps": 30})
+                                  "save_steps": 30},
+                        termination_message_path=str(d / "termination-log"))
     result = run_in_process(path)
     return {"recipe": path, "output_dir": str(d / "out"), "result": result}
 

@@ -53,6 +53,16 @@ def test_reference_free_methods_refuse_reference_options(tmp_path, tiny_model, d
     assert "orpo has no reference model" in capsys.readouterr().err
 
 
+def test_method_missing_from_installed_trl_fails_clearly(monkeypatch):
+    import sys
+
+    from alignment_trainer.stages.dpo import trainer_classes
+
+    monkeypatch.setitem(sys.modules, "trl.experimental.orpo", None)  # as if this TRL had no ORPO
+    with pytest.raises(ValueError, match="method orpo: not available in the installed TRL"):
+        trainer_classes("orpo")
+
+
 def test_kto_trains(tmp_path, tiny_model, data_dir, kit):
     from transformers import AutoModelForCausalLM
 

@@ -39,8 +39,10 @@ def test_sft_output_layout(sft_run, kit):
 def test_termination_message_is_compact(tmp_path, sft_run):
     from alignment_trainer.results import TERMINATION_MESSAGE_LIMIT, termination_message
 
-    message = json.loads(termination_message(sft_run["result"]))
+    written = (Path(sft_run["output_dir"]).parent / "termination-log").read_text()
+    message = json.loads(written)
     assert message["checkpoint"].endswith("final") and message["global_step"] == 60
+    assert message["eval_loss"] == sft_run["result"]["eval_loss"] and len(written) < 4096
     huge = {**sft_run["result"], "notes": "x" * 10_000}
     text = termination_message(huge)
     assert len(text.encode()) <= TERMINATION_MESSAGE_LIMIT and json.loads(text)["checkpoint"]
@@ -104,3 +106,35 @@ def test_known_extra_arg_reaches_the_trl_config(tmp_path, tiny_model, data_dir, 
     assert config.packing_strategy == "wrapped" and config.max_grad_norm == 0.5
     assert config.warmup_steps == 0.25  # transformers 5: a float below 1 is the warmup ratio
     assert config.report_to in ([], "none", ["none"])
+
+
+def test_push_to_hub_needs_a_token_and_never_prints_it(tmp_path, sft_run, monkeypatch, capsys):
+    import huggingface_hub
+
+    from alignment_trainer.recipe import load_recipe
+    from alignment_trainer.results import push_to_hub
+
+    recipe = load_recipe(sft_run["recipe"]).model_copy(update={"push_to_hub": True, "hub_model_id": "org/tiny"})
+    final = Path(sft_run["output_dir"]) / "final"
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    assert push_to_hub(recipe, final) is None
+    assert "HF_TOKEN is not set" in capsys.readouterr().err
+
+    calls = []
+
+    class FakeApi:
+        def __init__(self, token):
+            calls.append(("token", token))
+
+        def create_repo(self, repo_id, **kw):
+            calls.append(("create", repo_id))
+
+        def upload_folder(self, folder_path, repo_id, **kw):
+            calls.append(("upload", folder_path, repo_id))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_do_not_print")
+    assert push_to_hub(recipe, final) == "https://huggingface.co/org/tiny"
+    assert ("upload", str(final), "org/tiny") in calls and ("token", "hf_secret_do_not_print") in calls
+    out = capsys.readouterr()
+    assert "hf_secret_do_not_print" not in out.out + out.err

@@ -36,9 +36,9 @@ def trainer_classes(method: str):
             from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
             return ORPOConfig, ORPOTrainer, dict(LEGACY_COLLATOR)
-    except ImportError as e:
-        raise RuntimeError(f"method {method}: not available in the installed TRL {trl.__version__} ({e}); "
-                           "use dpo or ipo, or a trainer image with a TRL that has trl.experimental") from e
+    except ImportError as e:  # a ValueError: the recipe cannot run on this image, retrying will not help
+        raise ValueError(f"method {method}: not available in the installed TRL {trl.__version__} ({e}); "
+                         "use dpo or ipo, or a trainer image with a TRL that has trl.experimental") from e
     raise ValueError(f"method {method!r} is not a pairwise preference method")
 
 
