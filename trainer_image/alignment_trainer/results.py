@@ -142,7 +142,7 @@ tags: [alignment-operator, trl, {recipe.method}]
 ---
 # {recipe.hub_model_id or recipe.run_name or Path(recipe.output_dir).name}
 
-Trained with [alignment-operator](https://github.com/) stage `{recipe.stage_name or recipe.method}`
+Trained with alignment-operator, stage `{recipe.stage_name or recipe.method}`
 (method **{recipe.method}**{f", loss `{recipe.effective_loss_type}`" if recipe.effective_loss_type else ""}, {lora}),
 starting from `{recipe.model.model_name_or_path}` (base model `{recipe.base_model or recipe.model.model_name_or_path}`).
 

@@ -14,9 +14,8 @@ import json
 import sys
 from pathlib import Path
 
-# ChatML, as Qwen2 ships it (without the default system prompt). `{% generation %}` marks the
-# assistant tokens for TRL's assistant_only_loss; plain Jinja renderers ignore it only if they
-# know the tag, so it is left out here and completion-only loss uses prompt/completion data.
+# ChatML as Qwen2 ships it, without a default system prompt. An assistant turn ends with
+# <|im_end|>, which is therefore the eos the model learns to emit.
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
