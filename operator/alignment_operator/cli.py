@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import sys
 from pathlib import Path
 
@@ -56,9 +57,9 @@ def cmd_crd(args: argparse.Namespace) -> int:
     from .crd import render_crd_yaml
 
     text = render_crd_yaml()
-    if args.output:
-        Path(args.output).write_text(text)
-    else:
+    for output in args.output:
+        Path(output).write_text(text)
+    if not args.output:
         sys.stdout.write(text)
     return 0
 
@@ -123,12 +124,17 @@ def cmd_operator(args: argparse.Namespace) -> int:
 
     from . import handlers, kube  # noqa: F401  (registers the handlers)
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    kopf.configure(log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.FULL)
+    logging.getLogger().setLevel(args.log_level.upper())
     kube.load_config()
     namespaces = [n for n in (args.namespaces or "").split(",") if n]
+    # kopf pauses every peer of the highest priority when several share it, so each replica
+    # draws its own: exactly one acts, and another takes over within seconds if it dies.
+    priority = int(os.environ.get("ALIGNMENT_PEERING_PRIORITY") or random.SystemRandom().randrange(1, 2**31))
     asyncio.run(kopf.operator(
         clusterwide=not namespaces, namespaces=namespaces, standalone=not args.peering,
-        peering_name=args.peering or None, liveness_endpoint=args.liveness))
+        peering_name=args.peering or None, priority=priority if args.peering else None,
+        liveness_endpoint=args.liveness))
     return 0
 
 
@@ -141,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=cmd_validate)
 
     c = sub.add_parser("crd", help="print the CustomResourceDefinition")
-    c.add_argument("-o", "--output", help="write to this file instead of stdout")
+    c.add_argument("-o", "--output", action="append", default=[],
+                   help="write to this file instead of stdout (repeatable: the chart keeps a copy)")
     c.set_defaults(func=cmd_crd)
 
     t = sub.add_parser("tiny-model", help="build a tiny random model and tokenizer for CPU runs")
@@ -163,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--peering", default=os.environ.get("ALIGNMENT_PEERING", ""),
                     help="kopf peering name: replicas sharing one never act together")
     op.add_argument("--log-level", default=os.environ.get("ALIGNMENT_LOG_LEVEL", "info"))
+    op.add_argument("--log-format", choices=("text", "json"), default=os.environ.get("ALIGNMENT_LOG_FORMAT", "text"))
     op.set_defaults(func=cmd_operator)
 
     r = sub.add_parser("run", help="run an AlignmentRun's stages on this machine")

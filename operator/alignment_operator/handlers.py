@@ -37,6 +37,8 @@ def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.WARNING   # we post our own events
     settings.watching.server_timeout = 300
     settings.networking.error_backoffs = [1, 2, 5, 10]
+    # No cluster scans (namespaces, CRDs): least-privilege RBAC refuses them, and we watch fixed resources.
+    settings.scanning.disabled = True
     _context = render_context()
     port = int(os.environ.get("ALIGNMENT_METRICS_PORT", "9090"))
     if port:

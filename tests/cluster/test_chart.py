@@ -327,10 +327,6 @@ def test_the_service_account_reads_no_secret_and_nothing_unlisted(cluster, chart
         delete_cluster_scoped(cluster, docs)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "alignctl operator gives every replica kopf's default peering priority 0; kopf freezes ALL peers "
-    "of equal priority (docs.kopf.dev/en/stable/peering), so two replicas serve nothing. Needs a "
-    "per-replica priority in cli.py; then remove this marker."))
 def test_two_replicas_peer_and_exactly_one_acts(cluster, chart_crds, helm, namespace, tmp_path):
     ns, api = namespace, cluster.api_client()
     docs = render(helm, ns, {"watchNamespaces": [ns], "replicaCount": 2}, tmp_path)

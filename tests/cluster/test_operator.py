@@ -69,8 +69,10 @@ def test_run_goes_through_every_stage_to_succeeded(cluster, operator, restricted
 
     play_kubelet(api, ns, "tiny-sft", 0, result_message("sft", train_loss=2.5, eval_loss=2.75))
     wait_for("the dpo Job", lambda: "tiny-dpo" in jobs(api, ns))
-    sft = get_run(api, ns, "tiny")["status"]["stages"][0]
-    assert sft["phase"] == "Succeeded" and sft["metrics"]["train_loss"] == 2.5
+    # The Job is created first, the status written right after it.
+    sft = wait_for("sft Succeeded in status", lambda: (st := get_run(api, ns, "tiny")["status"]["stages"][0])
+                   ["phase"] == "Succeeded" and st)
+    assert sft["metrics"]["train_loss"] == 2.5
     assert sft["checkpoint"] == "/workspace/x/tiny/sft/final"
 
     # Restart the operator in the middle: nothing is created twice.
@@ -83,7 +85,7 @@ def test_run_goes_through_every_stage_to_succeeded(cluster, operator, restricted
     play_kubelet(api, ns, "tiny-dpo", 0, result_message("dpo", train_loss=0.4, **{"rewards/accuracies": 0.875}))
     wait_for("the eval Job", lambda: "tiny-eval" in jobs(api, ns))
     play_kubelet(api, ns, "tiny-eval", 0, result_message("eval", preference_accuracy=0.9, perplexity=3.5))
-    run = wait_for("Succeeded", lambda: (r := get_run(api, ns, "tiny"))["status"].get("phase") == "Succeeded" and r)
+    run = wait_for("Succeeded", lambda: (r := get_run(api, ns, "tiny")).get("status", {}).get("phase") == "Succeeded" and r)
 
     s = run["status"]
     assert s["progress"] == "3/3" and s["model"] == "/workspace/x/tiny/dpo/final"
@@ -111,7 +113,7 @@ def test_failed_stage_fails_the_run_with_the_pods_message(cluster, operator, res
     wait_for("the sft Job", lambda: "tiny-sft" in jobs(api, ns))
     error = json.dumps({"error": "dataset examples/data/sft.jsonl: line 3: missing column 'messages'"})
     play_kubelet(api, ns, "tiny-sft", 1, error)
-    run = wait_for("Failed", lambda: (r := get_run(api, ns, "tiny"))["status"].get("phase") == "Failed" and r)
+    run = wait_for("Failed", lambda: (r := get_run(api, ns, "tiny")).get("status", {}).get("phase") == "Failed" and r)
     msg = run["status"]["stages"][0]["message"]
     assert "missing column 'messages'" in msg and "sft.jsonl" in msg
     cond = next(c for c in run["status"]["conditions"] if c["type"] == "Failed")
@@ -140,10 +142,10 @@ def test_suspend_suspends_the_job_and_resume_unsuspends_it(cluster, operator, re
     cluster.kubectl("patch", "alignmentrun", "tiny", "-n", ns, "--type=merge", "-p", '{"spec":{"suspend":true}}')
     batch = client.BatchV1Api(api)
     wait_for("Job suspended", lambda: batch.read_namespaced_job("tiny-sft", ns).spec.suspend)
-    wait_for("run Suspended", lambda: get_run(api, ns, "tiny")["status"]["phase"] == "Suspended")
+    wait_for("run Suspended", lambda: get_run(api, ns, "tiny").get("status", {}).get("phase") == "Suspended")
     cluster.kubectl("patch", "alignmentrun", "tiny", "-n", ns, "--type=merge", "-p", '{"spec":{"suspend":false}}')
     wait_for("Job resumed", lambda: not batch.read_namespaced_job("tiny-sft", ns).spec.suspend)
-    wait_for("run Running", lambda: get_run(api, ns, "tiny")["status"]["phase"] == "Running")
+    wait_for("run Running", lambda: get_run(api, ns, "tiny").get("status", {}).get("phase") == "Running")
 
 
 def test_rendered_objects_pass_server_validation_and_restricted_pod_security(cluster, crds, restricted, tmp_path):

@@ -166,6 +166,7 @@ def build_pod_template(run: AlignmentRun, index: int, ctx: RenderContext, comman
         container["envFrom"] = [dict(e) for e in t.env_from]
     pod: dict[str, Any] = {
         "restartPolicy": "Never",
+        "automountServiceAccountToken": False,  # the trainer never talks to the API server
         "securityContext": {"runAsNonRoot": True, "runAsUser": ctx.run_as_user, "runAsGroup": ctx.run_as_user,
                             "fsGroup": ctx.run_as_user, "seccompProfile": {"type": "RuntimeDefault"}},
         "containers": [container],
