@@ -163,3 +163,18 @@ def test_rendered_objects_pass_server_validation_and_restricted_pod_security(clu
             assert "would violate PodSecurity" not in out.stderr, out.stderr
             kinds = {d["kind"] for d in yaml.safe_load_all(rendered)}
             assert ("PyTorchJob" in kinds) == pytorchjob and ("Service" in kinds) != pytorchjob
+
+
+def test_ttl_after_finished_deletes_the_jobs_but_keeps_status_and_volume(cluster, operator, restricted):
+    ns, api = restricted, cluster.api_client()
+    doc = yaml.safe_load((ROOT / "examples" / "tiny-run.yaml").read_text())
+    doc["spec"]["stages"] = doc["spec"]["stages"][:1]  # one stage is enough to finish a run
+    doc["spec"]["ttlSecondsAfterFinished"] = 2
+    cluster.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(doc))
+    wait_for("the sft Job", lambda: "tiny-sft" in jobs(api, ns))
+    play_kubelet(api, ns, "tiny-sft", 0, result_message("sft", train_loss=1.0))
+    wait_for("Succeeded", lambda: get_run(api, ns, "tiny").get("status", {}).get("phase") == "Succeeded")
+    wait_for("Jobs deleted after the ttl", lambda: not jobs(api, ns), timeout=30)
+    run = get_run(api, ns, "tiny")
+    assert run["status"]["stages"][0]["checkpoint"] == "/workspace/x/tiny/sft/final", "status keeps the results"
+    assert client.CoreV1Api(api).read_namespaced_persistent_volume_claim("tiny-workspace", ns)
