@@ -1,0 +1,211 @@
+"""Evaluation: how the trained model compares with its reference on held-out data.
+
+    python -m alignment_trainer recipe.yaml          # recipe.method: eval
+
+recipe.model is the model evaluated (the final/ of the stage the eval stage starts from),
+recipe.eval.reference_model the one it is compared against (by default the model that stage
+started from: the DPO model against its SFT model), recipe.datasets the held-out rows.
+recipe.eval.metrics picks what is measured, all into result.json (flat numbers, which the
+operator copies into status.evaluation):
+
+  preference   prompt/chosen/rejected rows. preference_accuracy: the fraction of pairs whose
+               implicit reward beta*(logp_model - logp_ref) is higher for chosen than for
+               rejected (DPO's rewards/accuracies, held out), reward_margin/chosen/rejected;
+               logp_accuracy and reference_logp_accuracy: each model on its own, how often
+               logp(chosen) > logp(rejected): "the DPO model prefers chosen X, the SFT model Y".
+  loss         eval_loss and perplexity over completion tokens only (assistant turns, the
+               completion, or the chosen response), for the model and the reference.
+  generations  greedy answers (stopping at EOS) to recipe.eval.prompts, else the held-out
+               prompts, by both models -> generations.jsonl; generation_stop_rate.
+  judge        pairwise LLM-judge win rate of the model against the reference (judge.py).
+
+curves.png beside result.json plots the training curves of the run's other stages.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from ..data import load_stage_data
+from ..model import load_model, load_tokenizer
+from ..recipe import Recipe
+from ..results import emit, write_result
+from . import eval_rows as rows_of
+
+log = logging.getLogger("alignment_trainer")
+
+
+def run(recipe: Recipe) -> dict:
+    # Setup
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ev = recipe.eval
+    if ev is None:
+        raise ValueError("eval: the eval method needs an eval section (metrics, reference_model, ...)")
+    if "judge" in ev.metrics and ev.judge is None:
+        raise ValueError("eval.judge: metrics include judge but no judge endpoint is configured")
+    if int(os.environ.get("RANK", "0")) != 0:
+        return {}  # launched on several processes (a GPU node's default): the first one evaluates
+    out = Path(recipe.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    reference_path = ev.reference_model or recipe.model.model_name_or_path
+    emit("start", method="eval", stage=recipe.stage_name, model=recipe.model.model_name_or_path,
+         reference=reference_path)
+
+    # Data: held-out rows, then the prompt set (fails before any model is loaded)
+    t = recipe.training
+    data = load_stage_data(recipe)
+    held_out = data["test"] if "test" in data and len(data["test"]) else data["train"]
+    pairs, texts, prompts = rows_of.split_rows(held_out)
+    if ev.prompts is not None:
+        prompts = rows_of.load_prompts(ev.prompts, t.seed)
+    wanted = max(ev.num_generations, ev.judge.max_prompts if ("judge" in ev.metrics and ev.judge) else 0)
+    prompts = prompts[:wanted]
+    if "preference" in ev.metrics and not pairs:
+        log.warning("eval.metrics preference: skipped, the held-out data (%s) has no prompt/chosen/rejected pairs",
+                    ", ".join(d.path for d in recipe.datasets))
+
+    # Models: the one evaluated and its reference, one tokenizer (the evaluated model's)
+    tokenizer = load_tokenizer(recipe.model)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(recipe.model, tokenizer).to(device).eval()
+    reference = load_model(recipe.model, tokenizer, path=reference_path).to(device).eval()
+    encode = rows_of.Encoder(tokenizer, t.max_length, t.max_prompt_length)
+    batch = t.per_device_eval_batch_size
+    metrics: dict[str, float] = {}
+
+    # Preference accuracy and reward margins on held-out pairs
+    if "preference" in ev.metrics and pairs:
+        seqs = [encode(p["prompt"] + c, len(p["prompt"])) for p in pairs for c in (p["chosen"], p["rejected"])]
+        lp = sequence_logps(model, seqs, batch, tokenizer.pad_token_id, "preference (model)")
+        lp_ref = sequence_logps(reference, seqs, batch, tokenizer.pad_token_id, "preference (reference)")
+        metrics.update(preference_metrics(lp, lp_ref, t.beta))
+
+    # Held-out loss and perplexity, completion tokens only
+    if "loss" in ev.metrics:
+        seqs = [encode(messages, scored_from) for messages, scored_from in texts]
+        for prefix, m, who in (("", model, "model"), ("reference_", reference, "reference")):
+            lp = sequence_logps(m, seqs, batch, tokenizer.pad_token_id, f"loss ({who})")
+            tokens = sum(n for _, n in lp)
+            loss = -sum(s for s, _ in lp) / max(tokens, 1)
+            metrics[f"{prefix}eval_loss"] = loss
+            metrics[f"{prefix}perplexity"] = math.exp(min(loss, 50.0))
+        metrics["eval_tokens"] = tokens
+
+    # Generations for the prompt set, by both models
+    records: list[dict] = []
+    if "generations" in ev.metrics or "judge" in ev.metrics:
+        answers = generate(model, tokenizer, prompts, ev.max_new_tokens, batch, "generations (model)")
+        ref_answers = generate(reference, tokenizer, prompts, ev.max_new_tokens, batch, "generations (reference)")
+        for prompt, a, r in zip(prompts, answers, ref_answers):
+            records.append({"prompt": prompt, "model": a["text"], "reference": r["text"],
+                            "model_tokens": a["tokens"], "model_stopped": a["stopped"],
+                            "reference_tokens": r["tokens"], "reference_stopped": r["stopped"]})
+        n = max(len(records), 1)
+        metrics["generation_stop_rate"] = sum(r["model_stopped"] for r in records) / n
+        metrics["generation_mean_tokens"] = sum(r["model_tokens"] for r in records) / n
+        metrics["reference_generation_stop_rate"] = sum(r["reference_stopped"] for r in records) / n
+
+    # LLM judge: model vs reference, both orders
+    if "judge" in ev.metrics:
+        from ..judge import Judge, win_rate
+
+        items = [{"question": rows_of.question(r["prompt"]), "model": r["model"], "reference": r["reference"]}
+                 for r in records[:ev.judge.max_prompts]]
+        judged, verdicts = win_rate(Judge(ev.judge), items, progress=lambda i, n: emit(
+            "progress", step=i, total=n, task="judge"))
+        metrics.update(judged)
+        for r, v in zip(records, verdicts):
+            r["judge"] = {k: v[k] for k in ("verdict_model_first", "verdict_model_second", "score")}
+    if records:
+        with (out / "generations.jsonl").open("w") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+
+    # Curves of the run's training stages, and the results
+    from ..plots import plot_run_curves
+
+    curves = plot_run_curves(out.parent, out / "curves.png", exclude=[out.name])
+    result = {"method": "eval", "stage": recipe.stage_name, "checkpoint": recipe.model.model_name_or_path,
+              "reference_model": reference_path, "pairs": len(pairs), **metrics,
+              "generations": str(out / "generations.jsonl") if records else None,
+              "curves": str(curves) if curves else None}
+    write_result(recipe, result)
+    emit("done", **{k: v for k, v in result.items() if v is not None})
+    return result
+
+
+# ---------------------------------------------------------------------------- scoring
+
+@torch.no_grad()
+def sequence_logps(model, seqs: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int,
+                   task: str) -> list[tuple[float, int]]:
+    """(sum of log-probs over completion tokens, completion token count) per (ids, mask) sequence."""
+    out: list[tuple[float, int]] = []
+    device = next(model.parameters()).device
+    for start in range(0, len(seqs), batch_size):
+        chunk = seqs[start:start + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        attention = torch.zeros_like(ids)
+        scored = torch.zeros_like(ids, dtype=torch.bool)
+        for row, (seq, mask) in enumerate(chunk):
+            ids[row, :len(seq)] = torch.tensor(seq)
+            attention[row, :len(seq)] = 1
+            scored[row, :len(seq)] = torch.tensor(mask, dtype=torch.bool)
+        ids, attention, scored = ids.to(device), attention.to(device), scored.to(device)
+        logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
+        labels, scored = ids[:, 1:], scored[:, 1:]
+        token_lp = torch.log_softmax(logits, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        sums = (token_lp * scored).sum(-1).tolist()
+        counts = scored.sum(-1).tolist()
+        out += list(zip(sums, counts))
+        emit("progress", step=min(start + batch_size, len(seqs)), total=len(seqs), task=task)
+    return out
+
+
+def preference_metrics(lp: list[tuple[float, int]], lp_ref: list[tuple[float, int]], beta: float) -> dict:
+    """From (chosen, rejected) interleaved log-probs of the model and the reference."""
+    chosen, rejected = [s for s, _ in lp[0::2]], [s for s, _ in lp[1::2]]
+    ref_chosen, ref_rejected = [s for s, _ in lp_ref[0::2]], [s for s, _ in lp_ref[1::2]]
+    r_chosen = [beta * (a - b) for a, b in zip(chosen, ref_chosen)]
+    r_rejected = [beta * (a - b) for a, b in zip(rejected, ref_rejected)]
+    n = max(len(chosen), 1)
+    return {
+        "preference_accuracy": sum(c > r for c, r in zip(r_chosen, r_rejected)) / n,
+        "reward_margin": sum(c - r for c, r in zip(r_chosen, r_rejected)) / n,
+        "reward_chosen": sum(r_chosen) / n,
+        "reward_rejected": sum(r_rejected) / n,
+        "logp_accuracy": sum(c > r for c, r in zip(chosen, rejected)) / n,
+        "reference_logp_accuracy": sum(c > r for c, r in zip(ref_chosen, ref_rejected)) / n,
+        "logp_margin": sum(c - r for c, r in zip(chosen, rejected)) / n,
+        "reference_logp_margin": sum(c - r for c, r in zip(ref_chosen, ref_rejected)) / n,
+    }
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int,
+             task: str) -> list[dict]:
+    """Greedy answers, left-padded batches, stopping at the end-of-turn token (eos)."""
+    eos = model.generation_config.eos_token_id
+    stops = set(eos if isinstance(eos, list) else [eos])
+    device = next(model.parameters()).device
+    tokenizer.padding_side = "left"
+    answers = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in chunk]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=list(stops))
+        for row in out[:, enc["input_ids"].shape[1]:].tolist():
+            end = next((i for i, tok in enumerate(row) if tok in stops), None)
+            kept = row if end is None else row[:end]
+            answers.append({"text": tokenizer.decode(kept, skip_special_tokens=True).strip(),
+                            "tokens": len(kept), "stopped": end is not None})
+        emit("progress", step=min(start + batch_size, len(prompts)), total=len(prompts), task=task)
+    return answers

@@ -1,0 +1,96 @@
+"""The eval stage's rows: held-out data as conversations, tokenized with completion masks.
+
+Held-out rows come normalised by data.py for method eval: preference rows (prompt/chosen/
+rejected as message lists) when every source is pairwise, else chats (`messages`). Each becomes
+  pairs    {prompt, chosen, rejected} for preference accuracy,
+  texts    (messages, first scored index) for the loss: only assistant turns from that index on count,
+  prompts  the conversation up to the answer, for generations and the judge.
+"""
+
+from __future__ import annotations
+
+from .. import data, formats
+from ..recipe import DatasetArgs
+
+
+def _until_last_answer(messages: list[dict]) -> list[dict]:
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
+    return messages[:last]
+
+
+def split_rows(dataset) -> tuple[list[dict], list[tuple[list[dict], int]], list[list[dict]]]:
+    """(pairs, texts, prompts) from the eval stage's normalised held-out split."""
+    pairs, texts, prompts = [], [], []
+    for row in dataset:
+        if "chosen" in row:
+            pairs.append({"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]})
+            texts.append((row["prompt"] + row["chosen"], len(row["prompt"])))
+            prompts.append(row["prompt"])
+        else:
+            texts.append((row["messages"], 0))
+            prompts.append(_until_last_answer(row["messages"]))
+    return pairs, texts, [p for p in prompts if p]
+
+
+def load_prompts(args: DatasetArgs, seed: int) -> list[list[dict]]:
+    """A prompt set: a `prompt` column (text or turns ending with a user turn), or any layout
+    data.py reads (chats are cut before their last reply, pairs give their prompt)."""
+    where = data.describe(args)
+    rows, lines = data.read_rows(args)
+    if not rows:
+        raise data.DataError(f"dataset {where}: is empty (no rows)")
+    if "prompt" in rows[0] and not {"chosen", "completion", "output"} & set(rows[0]):
+        prompts = []
+        for i, row in enumerate(rows):
+            try:
+                prompts.append(formats.prompt(formats.field(row, "prompt")))
+            except formats.RowError as e:
+                at = f"line {lines[i]}" if lines else f"row {i}"
+                raise data.DataError(f"dataset {where}: {at}: column 'prompt': {e.problem}") from None
+    else:
+        examples = data.parse_rows(rows, where, lines, split=args.split)
+        prompts = [_until_last_answer(ex["messages"]) if "messages" in ex else ex["prompt"] for ex in examples]
+    return data.subsample([p for p in prompts if p], args.weight, seed)
+
+
+def question(prompt: list[dict]) -> str:
+    """A prompt as the judge reads it: the user's text, or the conversation so far."""
+    if len(prompt) == 1:
+        return prompt[0]["content"]
+    return "\n\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+
+
+class Encoder:
+    """messages -> (token ids, scored mask): assistant turns from `scored_from` on are scored.
+
+    Tokenizes the chat template's rendering piece by piece (prompt, answer, prompt, answer),
+    as TRL does for prompt/completion, so the boundary between prompt and answer is exact.
+    Too long: the prompt loses tokens at its start (max_prompt_length), then the end is cut.
+    """
+
+    def __init__(self, tokenizer, max_length: int, max_prompt_length: int | None = None):
+        self.tokenizer, self.max_length, self.max_prompt_length = tokenizer, max_length, max_prompt_length
+
+    def _render(self, messages: list[dict], generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+    def __call__(self, messages: list[dict], scored_from: int = 0) -> tuple[list[int], list[int]]:
+        ids: list[int] = []
+        mask: list[int] = []
+        done = ""
+        for k, message in enumerate(messages):
+            if message["role"] != "assistant" or k < scored_from:
+                continue
+            for text, scored in ((self._render(messages[:k], True), 0), (self._render(messages[:k + 1], False), 1)):
+                if not text.startswith(done):
+                    raise ValueError("model.chat_template: rendering a conversation turn by turn changes its "
+                                     "earlier turns, so answers cannot be told from prompts")
+                piece = self.tokenizer(text[len(done):], add_special_tokens=False)["input_ids"]
+                ids += piece
+                mask += [scored] * len(piece)
+                done = text
+        prompt_len = mask.index(1) if 1 in mask else len(mask)
+        if self.max_prompt_length is not None and prompt_len > self.max_prompt_length:
+            cut = prompt_len - self.max_prompt_length
+            ids, mask = ids[cut:], mask[cut:]
+        return ids[:self.max_length], mask[:self.max_length]
