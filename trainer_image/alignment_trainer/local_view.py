@@ -1,0 +1,209 @@
+"""What `alignctl run --local` shows a person: progress bars, failures, the final table.
+
+The trainer prints one JSON line per event on stdout (results.emit); everything here reads
+those and the status, and only prints.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+# Progress-line metrics and their short names, in display order.
+SHOWN = [("loss", "loss"), ("eval_loss", "eval_loss"), ("rewards/accuracies", "acc"),
+         ("rewards/margins", "margin"), ("eval_rewards/accuracies", "eval_acc")]
+# Metrics of the final table per method family.
+KEY_METRICS = {
+    "sft": ["train_loss", "eval_loss"],
+    "pref": ["train_loss", "eval_loss", "eval_rewards/accuracies", "rewards/accuracies",
+             "eval_rewards/margins", "rewards/margins"],
+    "eval": ["preference_accuracy", "reward_margin", "logp_accuracy", "reference_logp_accuracy",
+             "perplexity", "reference_perplexity", "generation_stop_rate", "judge_win_rate"],
+}
+
+
+def parse_event(line: str) -> dict | None:
+    text = line.strip()
+    if not (text.startswith("{") and text.endswith("}")):
+        return None
+    try:
+        event = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return event if isinstance(event, dict) and "event" in event else None
+
+
+def rel(path: str | Path | None) -> str:
+    """A path as short as it can be said from the current directory."""
+    if not path:
+        return ""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def clip(text: str, limit: int = 240) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def duration(seconds: float | None) -> str:
+    """kubectl's AGE style: 45s, 3m12s, 42m, 5h3m, 2d."""
+    if seconds is None:
+        return "?"
+    s = int(max(seconds, 0))
+    if s < 120:
+        return f"{s}s"
+    if s < 600:
+        return f"{s // 60}m{s % 60}s"
+    if s < 3 * 3600:
+        return f"{s // 60}m"
+    if s < 8 * 3600:
+        return f"{s // 3600}h{s % 3600 // 60}m"
+    return f"{s // 3600}h" if s < 48 * 3600 else f"{s // 86400}d"
+
+
+def _since(start: str | None, end: str | None = None) -> float | None:
+    if not start:
+        return None
+    t0 = datetime.fromisoformat(start.replace("Z", "+00:00"))
+    t1 = datetime.fromisoformat(end.replace("Z", "+00:00")) if end else datetime.now(t0.tzinfo)
+    return (t1 - t0).total_seconds()
+
+
+class ProgressBar:
+    """One line per stage (redrawn on a terminal; otherwise printed every ~10% of training and
+    at the end of each evaluation task)."""
+
+    def __init__(self, label: str):
+        self.label, self.tty = label, sys.stdout.isatty()
+        self.last: dict = {}
+        self.task, self.t0, self.s0, self.shown_step, self.shown_at, self.drawn = None, 0.0, 0, -1, 0.0, False
+
+    def event(self, ev: dict | None) -> None:
+        if ev is None:
+            return
+        kind = ev.get("event")
+        if kind == "start" and ev.get("resume_from"):
+            self._print(f"  resuming from {rel(ev['resume_from'])}")
+        elif kind == "skipped":
+            self._print(f"  skipped: {ev.get('reason', '')}")
+        elif kind == "progress" and isinstance(ev.get("step"), int) and ev.get("total"):
+            self._progress(ev)
+
+    def _progress(self, ev: dict) -> None:
+        step, total, task = ev["step"], ev["total"], ev.get("task")
+        if task != self.task or not self.t0:
+            self.close()
+            self.task, self.t0, self.s0, self.shown_step = task, time.time(), step, -1
+            self.shown_at = self.t0 if task else 0.0  # evaluation tasks: one line when done
+        self.last = ev
+        elapsed = time.time() - self.t0
+        rate = (step - self.s0) / elapsed if elapsed > 0 and step > self.s0 else None
+        eta = f"  left {duration((total - step) / rate)}" if rate else ""
+        filled = int(20 * min(step / total, 1))
+        metrics = "  ".join(f"{short} {ev[k]:.4g}" for k, short in SHOWN if isinstance(ev.get(k), (int, float)))
+        label = f"{self.label}{f' {task}' if task else ''}"
+        line = (f"  {label:<12} [{'#' * filled}{'.' * (20 - filled)}] {step}/{total}  {metrics}"
+                f"{f'  {rate:.2f} it/s' if rate else ''}{eta}")
+        if self.tty:
+            width = shutil.get_terminal_size().columns - 1
+            sys.stdout.write("\r" + line[:width].ljust(width))
+            sys.stdout.flush()
+            self.drawn = True
+        elif step == self.shown_step and not metrics:
+            return  # the trainer's end-of-training summary row: nothing new to show
+        elif step == total or (not task and step - self.shown_step >= total / 10) or time.time() - self.shown_at > 30:
+            print(line, flush=True)
+            self.shown_step, self.shown_at = step, time.time()
+
+    def _print(self, text: str) -> None:
+        self.close()
+        print(text, flush=True)
+
+    def close(self) -> None:
+        if self.drawn:
+            sys.stdout.write("\n")
+            self.drawn = False
+
+
+def error_message(lines: list[str]) -> str:
+    """The trainer's `error: ...` line (and what follows), else the last line that is not an event."""
+    plain = [ln.rstrip() for ln in lines if ln.strip() and parse_event(ln) is None and not ln.startswith("=== ")]
+    starts = [i for i, ln in enumerate(plain) if ln.startswith("error: ")]
+    if starts:
+        return " ".join(plain[starts[-1]:])[len("error: "):][:2000]
+    return plain[-1][:2000] if plain else "no output"
+
+
+def show_tail(lines: list[str], path: Path, n: int = 20) -> None:
+    plain = [ln.rstrip() for ln in lines if parse_event(ln) is None]
+    print(f"--- last {min(n, len(plain))} lines of {rel(path)} ---", file=sys.stderr)
+    for ln in plain[-n:]:
+        print(f"  {clip(ln, 400)}", file=sys.stderr)
+
+
+def announce(run, run_dir: Path) -> None:
+    stages = " -> ".join(f"{s.name}({s.method})" for s in run.spec.stages)
+    print(f"run {run.metadata.name}: {stages}; outputs in {rel(run_dir)}/")
+    for st in (run.status.stages if run.status else []):
+        if st.phase == "Succeeded":
+            print(f"- stage {st.name} succeeded earlier ({rel(st.checkpoint)}): skipped")
+
+
+def write_curves(run, run_dir: Path) -> Path | None:
+    from .plots import plot_run_curves
+
+    try:
+        return plot_run_curves(run_dir, run_dir / "curves.png", stages=[s.name for s in run.spec.stages])
+    except ImportError as e:
+        print(f"note: no curves.png ({e})")
+        return None
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("   ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def summary(run, status, run_dir: Path, curves: Path | None) -> None:
+    """`kubectl get alignmentruns`, then each stage's key metrics, then where the files are."""
+    print()
+    print(_table([["NAME", "PHASE", "STAGE", "PROGRESS", "MODEL", "AGE"],
+                  [run.metadata.name, status.phase, status.current_stage or "", status.progress or "",
+                   rel(status.model), duration(_since(status.start_time))]]))
+    print()
+    rows = [["STAGE", "METHOD", "PHASE", "TIME", "METRICS"]]
+    for spec, st in zip(run.spec.stages, status.stages):
+        family = spec.method if spec.method in ("sft", "eval") else "pref"
+        shown = [f"{k}={_fmt(st.metrics[k])}" for k in KEY_METRICS[family] if k in st.metrics]
+        took = duration(_since(st.start_time, st.completion_time)) if st.start_time else ""
+        rows.append([st.name, spec.method, st.phase, took, "  ".join(shown) or (st.message or "")[:100]])
+    print(_table(rows))
+    ev = status.evaluation
+    if "logp_accuracy" in ev and "reference_logp_accuracy" in ev:
+        result = run_dir / str(ev.get("stage", "")) / "result.json"
+        models = json.loads(result.read_text()) if result.is_file() else {}
+        print(f"\nheld-out pairs: {rel(models.get('checkpoint')) or 'the model'} prefers chosen over rejected in "
+              f"{ev['logp_accuracy']:.0%} of them, {rel(models.get('reference_model')) or 'its reference'} in "
+              f"{ev['reference_logp_accuracy']:.0%} (implicit-reward accuracy "
+              f"{ev.get('preference_accuracy', float('nan')):.0%})")
+        if models.get("generations"):
+            print(f"generations: {rel(models['generations'])}")
+    if curves:
+        print(f"curves: {rel(curves)}")
+    print(f"status: {rel(run_dir / 'status.json')}")
+    for c in status.conditions:
+        if c.type == "SpecRejected" and c.status == "True":
+            print(f"\nnote: {c.message}", file=sys.stderr)
+    failed = next((s for s in status.stages if s.phase == "Failed"), None)
+    if failed:
+        print(f"\nstage {failed.name} failed: {failed.message}", file=sys.stderr)
