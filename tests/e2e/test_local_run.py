@@ -19,8 +19,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-pytestmark = [pytest.mark.trainer, pytest.mark.slow]
-
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "examples" / "data"
 ALIGNCTL = str(Path(sys.executable).with_name("alignctl"))
@@ -79,6 +77,8 @@ def events(log: Path) -> list[dict]:
     return [json.loads(line) for line in log.read_text().splitlines() if line.startswith('{"event"')]
 
 
+@pytest.mark.trainer
+@pytest.mark.slow
 def test_pipeline_interrupted_during_dpo_resumes_and_dpo_beats_sft(tmp_path, tiny_model):
     run, workdir = write_run(tmp_path, tiny_model), tmp_path / "runs"
     run_dir = workdir / "default" / "tiny"
@@ -141,6 +141,8 @@ def test_pipeline_interrupted_during_dpo_resumes_and_dpo_beats_sft(tmp_path, tin
     assert "NAME" in out and "PROGRESS" in out and "tiny " in out and "Succeeded" in out
 
 
+@pytest.mark.trainer
+@pytest.mark.slow
 def test_missing_column_fails_the_stage_and_keeps_earlier_checkpoints(tmp_path, tiny_model):
     broken = tmp_path / "prefs-no-rejected.jsonl"
     rows = [json.loads(line) for line in (DATA / "prefs.jsonl").read_text().splitlines() if line.strip()]
@@ -174,10 +176,29 @@ def test_missing_column_fails_the_stage_and_keeps_earlier_checkpoints(tmp_path, 
     assert [s["attempts"] for s in status_of(run_dir)["stages"]] == [1, 2, 0]
 
 
-def test_invalid_run_is_refused_naming_the_field(tmp_path, tiny_model):
-    run = write_run(tmp_path, tiny_model, lambda stages: stages[1].update(trainig={"beta": 0.1}))
+def test_invalid_run_is_refused_naming_the_field(tmp_path):
+    run = write_run(tmp_path, tmp_path / "no-model", lambda stages: stages[1].update(trainig={"beta": 0.1}))
     proc = subprocess.run([ALIGNCTL, "run", "--local", str(run), "--workdir", str(tmp_path / "runs")],
                           capture_output=True, text=True, env=ENV, timeout=120)
     assert proc.returncode == 2
     assert "spec.stages[1].trainig: unknown field" in proc.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_stage_command_one_process_or_accelerate_launch(tmp_path):
+    """One process: python -m alignment_trainer; several: accelerate launch; the run's env is passed on."""
+    from alignment_operator.api import parse_run
+    from alignment_trainer.launch import build_launch_command
+    from alignment_trainer.local import stage_command
+
+    doc = yaml.safe_load((REPO / "examples" / "tiny-run.yaml").read_text())
+    doc["spec"]["stages"][0]["resources"]["processesPerNode"] = 2
+    doc["spec"]["trainer"] = {"env": [{"name": "OMP_NUM_THREADS", "value": "1"}]}
+    run = parse_run(doc)
+    recipe = tmp_path / "recipe.yaml"
+    cmd, env = stage_command(run, 0, recipe)
+    launch = build_launch_command(str(recipe), "ddp", 2, cpu=True)  # no GPU asked for: a CPU launch
+    assert cmd == [str(Path(sys.executable).with_name("accelerate")), *launch[1:]]
+    assert env["OMP_NUM_THREADS"] == "1" and env["PYTHONUNBUFFERED"] == "1"
+    cmd, _ = stage_command(run, 1, recipe)
+    assert cmd == [sys.executable, "-m", "alignment_trainer", str(recipe)]

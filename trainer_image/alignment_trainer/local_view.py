@@ -27,8 +27,11 @@ KEY_METRICS = {
 
 
 def parse_event(line: str) -> dict | None:
-    text = line.strip()
-    if not (text.startswith("{") and text.endswith("}")):
+    """The trainer's JSON event in a line of output, also when another process's progress bar
+    (tqdm writes \r, not \n) got in front of it on the shared pipe."""
+    start = line.find('{"event"')
+    text = line[start:].strip() if start >= 0 else ""
+    if not text.endswith("}"):
         return None
     try:
         event = json.loads(text)
