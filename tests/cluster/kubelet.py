@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from datetime import datetime, timezone
 
 from kubernetes import client
 
+from controlplane import wait_for
 
-def wait_for(what: str, fn, timeout: float = 60, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(interval)
+__all__ = ["play_kubelet", "wait_for"]
 
 
 def play_kubelet(api: client.ApiClient, ns: str, job: str, exit_code: int, message: str) -> None:
