@@ -33,7 +33,8 @@ def load_manifests(path: Path) -> list[dict]:
 def summarize(run) -> str:
     stages = " -> ".join(f"{s.name}({s.method})" for s in run.spec.stages)
     r = run.spec.stages[0].resources
-    return f"{run.metadata.name}: {run.spec.model.source}; {stages}; {r.nodes}x{r.gpus_per_node} GPU"
+    where = f"{r.nodes} node(s) x {r.gpus_per_node} GPU" if r.gpus_per_node else f"{r.nodes} node(s), CPU"
+    return f"{run.metadata.name}: {run.spec.model.source}; {stages}; {where}"
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

@@ -43,7 +43,8 @@ def accelerate_config_dir() -> Path:
 
 def build_launch_command(recipe_path: str, strategy: str | None, num_processes: int, num_machines: int = 1,
                          machine_rank: int | str = 0, main_process_ip: str | None = None,
-                         main_process_port: int | None = None, cpu: bool = False) -> list[str]:
+                         main_process_port: int | None = None, cpu: bool = False,
+                         config_dir: str | Path | None = None) -> list[str]:
     """The argv that runs one stage on one machine.
 
     num_processes: processes on THIS machine (GPUs per node); the command passes accelerate the
@@ -51,6 +52,8 @@ def build_launch_command(recipe_path: str, strategy: str | None, num_processes: 
     "$(JOB_COMPLETION_INDEX)", which Kubernetes expands in a container's args. strategy None
     (or "none") with a single process runs plain `python -m alignment_trainer`. cpu: no GPUs
     (tests, CI, laptops): mixed precision off; the processes talk over gloo (init_distributed).
+    config_dir: where the accelerate configs are on the machine that runs the command (the
+    operator renders for the trainer image's /opt/alignment/accelerate); default: this checkout's.
     """
     total = num_processes * num_machines
     if num_processes < 1 or num_machines < 1:
@@ -66,7 +69,8 @@ def build_launch_command(recipe_path: str, strategy: str | None, num_processes: 
     if num_machines > 1 and not main_process_ip:
         raise ValueError("main_process_ip: required with num_machines > 1 (the rank-0 pod's address)")
 
-    cmd = ["accelerate", "launch", "--config_file", str(accelerate_config_dir() / STRATEGIES[strategy]),
+    configs = Path(config_dir) if config_dir else accelerate_config_dir()
+    cmd = ["accelerate", "launch", "--config_file", str(configs / STRATEGIES[strategy]),
            "--num_machines", str(num_machines), "--machine_rank", str(machine_rank),
            "--num_processes", str(total)]
     if main_process_ip:

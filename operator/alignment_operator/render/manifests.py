@@ -103,13 +103,10 @@ def _processes(stage: StageSpec) -> int:
 
 def _command(stage: StageSpec, ctx: RenderContext, machine_rank: str, master: str | None) -> list[str]:
     r = stage.resources
-    cmd = build_launch_command(f"{RECIPE_DIR}/recipe.yaml", stage.distributed, _processes(stage),
-                               num_machines=r.nodes, machine_rank=machine_rank,
-                               main_process_ip=master, main_process_port=RENDEZVOUS_PORT if master else None,
-                               cpu=r.gpus_per_node == 0)
-    # The operator renders for the trainer image, whose accelerate configs live at ctx's path.
-    return [f"{ctx.accelerate_config_dir}/{c.rsplit('/', 1)[1]}" if c.endswith(".yaml") and "/accelerate/" in c
-            else c for c in cmd]
+    return build_launch_command(f"{RECIPE_DIR}/recipe.yaml", stage.distributed, _processes(stage),
+                                num_machines=r.nodes, machine_rank=machine_rank,
+                                main_process_ip=master, main_process_port=RENDEZVOUS_PORT if master else None,
+                                cpu=r.gpus_per_node == 0, config_dir=ctx.accelerate_config_dir)
 
 
 def _env(run: AlignmentRun, stage: StageSpec) -> list[dict[str, Any]]:

@@ -48,6 +48,9 @@ def run(recipe: Recipe) -> dict | None:
     if done is not None:
         return done
     t = recipe.training
+
+    # Data first: a bad dataset fails in seconds, before a 7B model downloads or loads.
+    data = load_stage_data(recipe)
     config_cls, trainer_cls, fields = trainer_classes(recipe.method)
     uses_reference = recipe.method in ("dpo", "ipo")
     if not uses_reference and (t.precompute_ref_log_probs or recipe.ref_model):
@@ -70,7 +73,6 @@ def run(recipe: Recipe) -> dict | None:
 
     # Data: prompt (messages ending with a user turn), chosen and rejected ([assistant message]).
     # TRL 1.x cannot cut prompts keeping their end; do it here, before it tokenizes.
-    data = load_stage_data(recipe)
     train_set = truncate_prompts(data["train"], tokenizer, t.max_prompt_length)
     test_set = truncate_prompts(data.get("test"), tokenizer, t.max_prompt_length)
 

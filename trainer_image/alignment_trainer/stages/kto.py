@@ -24,6 +24,9 @@ def run(recipe: Recipe) -> dict | None:
         return done
     t = recipe.training
 
+    # Data first: a bad dataset fails in seconds, before a 7B model downloads or loads.
+    data = load_stage_data(recipe)
+
     # Training config first: under ZeRO-3 it makes from_pretrained load the weights sharded.
     args = build_config(KTOConfig, recipe, beta=t.beta, loss_type=recipe.effective_loss_type,
                         precompute_ref_log_probs=t.precompute_ref_log_probs)
@@ -37,7 +40,6 @@ def run(recipe: Recipe) -> dict | None:
         ref_model = load_model(recipe.model, tokenizer, path=recipe.ref_model)
 
     # Data: prompt (messages), completion ([assistant message]), label (bool)
-    data = load_stage_data(recipe)
     train_set = truncate_prompts(data["train"], tokenizer, t.max_prompt_length)
     test_set = truncate_prompts(data.get("test"), tokenizer, t.max_prompt_length)
 

@@ -23,6 +23,9 @@ def run(recipe: Recipe) -> dict | None:
     if done is not None:
         return done
     t = recipe.training
+
+    # Data first: a bad dataset fails in seconds, before a 7B model downloads or loads.
+    data = load_stage_data(recipe)
     if t.packing and recipe.model.attn_implementation != "flash_attention_2":
         # TRL packs padding-free: a batch becomes one flattened sequence. Only flash-attention's varlen
         # kernel keeps attention per packed chat; sdpa/eager pay for a dense mask over the whole batch
@@ -44,7 +47,6 @@ def run(recipe: Recipe) -> dict | None:
     peft_config = lora_config(recipe.lora, added_tokens(recipe.model, tokenizer)) if recipe.lora else None
 
     # Data: `messages`, or `prompt` + `completion` for preference-derived SFT.
-    data = load_stage_data(recipe)
     train_set = truncate_prompts(data["train"], tokenizer, t.max_prompt_length)
     test_set = truncate_prompts(data.get("test"), tokenizer, t.max_prompt_length)
 
