@@ -36,6 +36,7 @@ from alignment_operator.reconcile import CreateStage, Event, ObservedChild, reco
 from alignment_operator.render.recipe import build_recipe, stage_dir
 
 from . import local_view as view
+from .checkpoints import newest_checkpoint
 from .launch import build_launch_command, launch_env
 
 STOP_GRACE_S = 60  # how long a stage may take to stop after SIGINT before it is killed
@@ -100,11 +101,6 @@ def prepare_rerun(run: AlignmentRun, root: str) -> None:
         elif st.phase == "Failed":
             print(f"stage {st.name}: failed before ({view.clip(st.message or '', 160)}); trying again")
             run.status.stages[i] = StageStatus(name=st.name, attempts=st.attempts)
-
-
-def newest_checkpoint(out: Path) -> str | None:
-    done = [p for p in out.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-    return str(max(done, key=lambda p: int(p.name.split("-")[1]))) if done else None
 
 
 def mark_interrupted(status: AlignmentRunStatus, index: int, signame: str, last: dict, out: Path) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import time
@@ -24,10 +23,10 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from .checkpoints import checkpoints, newest_checkpoint  # noqa: F401  (newest_checkpoint: for the stages)
 from .recipe import PREFERENCE_METHODS, Recipe
 
 TERMINATION_MESSAGE_LIMIT = 4096 - 96  # Kubernetes keeps 4 KiB; stay clearly below it
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 def emit(event: str, **fields) -> None:
@@ -40,22 +39,6 @@ def _jsonable(value):
 
 
 # ---------------------------------------------------------------------------- resume
-
-def checkpoints(output_dir: str | Path) -> list[tuple[int, Path, bool]]:
-    """(step, path, complete) for every checkpoint-N/, oldest first."""
-    found = []
-    for path in Path(output_dir).glob("checkpoint-*"):
-        m = _CHECKPOINT.match(path.name)
-        if m and path.is_dir():
-            found.append((int(m.group(1)), path, (path / "trainer_state.json").is_file()))
-    return sorted(found)
-
-
-def newest_checkpoint(output_dir: str | Path) -> str | None:
-    """The newest COMPLETE checkpoint (a killed save leaves no trainer_state.json)."""
-    complete = [path for _, path, ok in checkpoints(output_dir) if ok]
-    return str(complete[-1]) if complete else None
-
 
 def remove_incomplete_checkpoints(output_dir: str | Path) -> list[str]:
     """Delete half-written checkpoints so checkpoint rotation never counts them (main process)."""
