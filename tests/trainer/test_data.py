@@ -317,6 +317,22 @@ def test_roles_that_do_not_alternate(tmp_path):
         rows("dpo", tmp_path / "disk")
 
 
+def test_a_few_malformed_rows_may_be_skipped_when_allowed(tmp_path, caplog):
+    """Scraped Hub sets carry the odd broken row: maxInvalidFraction skips them, counted and logged."""
+    good = [{"prompt": f"Q{i}", "chosen": "A", "rejected": "B"} for i in range(98)]
+    path = write_jsonl(tmp_path / "hh.jsonl", good[:10] + [{"prompt": "Q", "chosen": "", "rejected": "B"}]
+                       + good[10:50] + [{"prompt": "Q", "chosen": "A", "rejected": ""}] + good[50:])
+    with pytest.raises(DataError, match=r"line 11: column 'chosen': content is empty"):
+        rows("dpo", path)  # strict by default: the first bad row stops the stage
+    with caplog.at_level(logging.WARNING, logger="alignment_trainer"):
+        kept = rows("dpo", {"path": path, "max_invalid_fraction": 0.05})
+    assert len(kept) == 98
+    assert "skipped 2 of 100 malformed rows" in caplog.text and "line 11" in caplog.text
+    with pytest.raises(DataError) as e:
+        rows("dpo", {"path": path, "max_invalid_fraction": 0.01})
+    assert "line 11: column 'chosen'" in str(e.value) and "2 invalid rows so far exceed maxInvalidFraction 0.01" in str(e.value)
+
+
 @pytest.mark.parametrize("bad, problem", [
     ({"prompt": "Q", "chosen": "", "rejected": "B"}, "column 'chosen': content is empty"),
     ({"prompt": "Q", "chosen": 3, "rejected": "B"}, "column 'chosen': expected text or a list of messages"),

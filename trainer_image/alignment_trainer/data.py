@@ -226,10 +226,11 @@ def load_examples(args: DatasetArgs) -> list[dict]:
             raise DataError(f"dataset {where}: columns {missing} selected but not found; "
                             f"columns: {sorted(rows[0])}")
         rows = [{c: r.get(c) for c in args.columns} for r in rows]
-    return parse_rows(rows, where, lines, split=args.split)
+    return parse_rows(rows, where, lines, split=args.split, max_invalid_fraction=args.max_invalid_fraction)
 
 
-def parse_rows(rows: list[dict], where: str, lines: list[int] | None = None, split: str | None = None) -> list[dict]:
+def parse_rows(rows: list[dict], where: str, lines: list[int] | None = None, split: str | None = None,
+               max_invalid_fraction: float = 0.0) -> list[dict]:
     """Recognise the layout from the first row, then check and normalise every row."""
     if not rows:
         raise DataError(f"dataset {where}: is empty (no rows)")
@@ -259,12 +260,19 @@ def parse_rows(rows: list[dict], where: str, lines: list[int] | None = None, spl
         return [pair for _, pair in pairs]
     parse = formats.ROW_PARSERS[layout]
     out: list[dict] = []
+    invalid: list[str] = []
     for i, row in enumerate(rows):
         try:
             out += parse(row)
         except RowError as e:
-            raise DataError(f"dataset {where}: {at(i)}: column {e.column!r}: {e.problem} "
-                            f"(read as layout {layout!r})") from None
+            invalid.append(f"{at(i)}: column {e.column!r}: {e.problem}")
+            if len(invalid) > max_invalid_fraction * len(rows):
+                allowed = (f"; {len(invalid)} invalid rows so far exceed maxInvalidFraction "
+                           f"{max_invalid_fraction}" if max_invalid_fraction else "")
+                raise DataError(f"dataset {where}: {invalid[0]} (read as layout {layout!r}){allowed}") from None
+    if invalid:
+        log.warning("dataset %s: skipped %d of %d malformed rows (maxInvalidFraction %s); first: %s",
+                    where, len(invalid), len(rows), max_invalid_fraction, invalid[0])
     return out
 
 

@@ -66,6 +66,8 @@ class DatasetArgs(_Strict):
     split: str = Field("train", description="Split to read.")
     columns: list[str] | None = Field(None, description="Columns to keep; default: all the method needs.")
     weight: float = Field(1.0, gt=0, le=1, description="Fraction of rows kept (0 < w <= 1).")
+    max_invalid_fraction: float = Field(
+        0.0, ge=0, lt=1, description="Malformed rows skipped with a warning up to this fraction; above it, an error.")
 
 
 class LoraArgs(_Strict):

@@ -56,6 +56,10 @@ class DatasetSpec(ApiModel):
         "prompt/completion/label)."))
     weight: float = Field(1.0, gt=0, le=1, description=(
         "Fraction of the split's rows kept, 0 < weight <= 1 (alignment-handbook's dataset_mixer)."))
+    max_invalid_fraction: float = Field(0.0, ge=0, lt=1, description=(
+        "Fraction of rows that may be malformed (missing column, roles out of order, empty "
+        "reply) and are skipped with a warning; above it the stage fails naming the first bad "
+        "row. Default 0: every row must be valid. Scraped Hub sets such as HH-RLHF may need 0.01."))
 
 
 class TrainingSpec(ApiModel):

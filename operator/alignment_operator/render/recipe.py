@@ -13,7 +13,7 @@ from alignment_trainer.recipe import (
     DatasetArgs, EvalArgs, JudgeArgs, LoraArgs, ModelArgs, Recipe, TrainingArgs,
 )
 
-from ..api import AlignmentRun, DatasetSpec, StageSpec
+from ..api import PREFERENCE_METHODS, AlignmentRun, DatasetSpec, StageSpec
 
 # alignment-handbook's zephyr recipes (sft 2e-5, dpo 5e-7), the ORPO and SimPO papers' settings.
 DEFAULT_LEARNING_RATE = {"sft": 2e-5, "dpo": 5e-7, "ipo": 5e-7, "kto": 5e-7, "orpo": 5e-6, "simpo": 1e-6, "eval": 1e-6}
@@ -48,7 +48,8 @@ def start_model(run: AlignmentRun, index: int, root: str) -> str:
 
 
 def _dataset(d: DatasetSpec) -> DatasetArgs:
-    return DatasetArgs(path=d.source, name=d.config, split=d.split, columns=d.columns, weight=d.weight)
+    return DatasetArgs(path=d.source, name=d.config, split=d.split, columns=d.columns, weight=d.weight,
+                       max_invalid_fraction=d.max_invalid_fraction)
 
 
 def _eval_reference(run: AlignmentRun, index: int, root: str) -> str:
@@ -64,7 +65,7 @@ def _eval_reference(run: AlignmentRun, index: int, root: str) -> str:
 
 def _training(stage: StageSpec) -> TrainingArgs:
     t = stage.training
-    preference = stage.method in ("dpo", "ipo", "kto", "orpo", "simpo")
+    preference = stage.method in PREFERENCE_METHODS
     return TrainingArgs(
         num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1,
