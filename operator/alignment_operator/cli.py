@@ -21,13 +21,16 @@ import yaml
 from .api import KIND, RunInvalid, parse_run
 
 
-def load_manifests(path: Path) -> list[dict]:
-    """Every YAML document in a file (empty documents skipped); errors name the file."""
+def run_documents(path: Path) -> list[dict]:
+    """The AlignmentRun documents of a YAML file, unvalidated; none at all is an error naming the file."""
     try:
         docs = list(yaml.safe_load_all(path.read_text()))
     except (OSError, yaml.YAMLError) as e:
         raise RunInvalid([f"cannot read: {e}"], str(path)) from None
-    return [d for d in docs if d is not None]
+    runs = [d for d in docs if isinstance(d, dict) and d.get("kind") == KIND]
+    if not runs:
+        raise RunInvalid([f"no {KIND} document found"], str(path))
+    return runs
 
 
 def summarize(run) -> str:
@@ -42,11 +45,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for name in args.files:
         path = Path(name)
         try:
-            docs = load_manifests(path)
-            runs = [d for d in docs if isinstance(d, dict) and d.get("kind") == KIND]
-            if not runs:
-                raise RunInvalid([f"no {KIND} document found"], str(path))
-            for doc in runs:
+            for doc in run_documents(path):
                 print(f"ok  {path}: {summarize(parse_run(doc, str(path)))}")
         except RunInvalid as e:
             failed += 1
@@ -95,8 +94,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     ctx = RenderContext(pytorchjob_available=args.pytorchjob,
                         **({"trainer_image": args.trainer_image} if args.trainer_image else {}))
     try:
-        docs = [d for d in load_manifests(Path(args.file)) if isinstance(d, dict) and d.get("kind") == KIND]
-        runs = [parse_run(d, args.file) for d in docs]
+        runs = [parse_run(d, args.file) for d in run_documents(Path(args.file))]
     except RunInvalid as e:
         print(f"ERR {e}", file=sys.stderr)
         return 1

@@ -29,9 +29,8 @@ import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
-import yaml
-
 from alignment_operator.api import AlignmentRun, AlignmentRunStatus, Condition, RunInvalid, StageStatus, parse_run
+from alignment_operator.cli import run_documents
 from alignment_operator.reconcile import CreateStage, Event, ObservedChild, reconcile
 from alignment_operator.render.recipe import build_recipe, stage_dir
 
@@ -60,11 +59,7 @@ def now() -> str:
 
 def load_run(path: str) -> AlignmentRun:
     """The one AlignmentRun in a YAML file, validated as the API server would."""
-    try:
-        docs = [d for d in yaml.safe_load_all(Path(path).read_text()) if d is not None]
-    except (OSError, yaml.YAMLError) as e:
-        raise RunInvalid([f"cannot read: {e}"], path) from None
-    runs = [d for d in docs if isinstance(d, dict) and d.get("kind") == "AlignmentRun"]
+    runs = run_documents(Path(path))
     if len(runs) != 1:
         raise RunInvalid([f"expected one AlignmentRun document, found {len(runs)}"], path)
     return parse_run(runs[0], path)
