@@ -117,7 +117,8 @@ def _observe_job(job: Any) -> ObservedChild:
     elif (job.spec.completions or 1) == 1 and any(p.status and p.status.phase == "Succeeded" for p in pods):
         # A one-pod stage is done when its pod is: the Job controller batches pod updates (~1 s)
         # before it marks the Job Complete, and the next stage need not wait for that.
-        state, finished = "Succeeded", _ts(_terminated(pods)[-1].finished_at) if _terminated(pods) else None
+        ended = _terminated(pods)
+        state, finished = "Succeeded", _ts(ended[-1].finished_at) if ended else None
     else:
         state, finished = ("Suspended" if suspended else "Running" if s.active else "Pending"), None
     message = None

@@ -121,17 +121,18 @@ def reconcile(run: AlignmentRun, generation: int | None, children: dict[str, Obs
         if st.spec_hash and st.spec_hash != current_hash and st.phase != "Pending":
             edited.append(spec.name)
 
-        if st.phase in ("Succeeded", "Failed") or failed is not None or blocked:
-            pass  # finished for good, or waiting behind an earlier stage
+        create = CreateStage(i, suspend=run.spec.suspend or bool(run.spec.queue_name))
+        if st.phase in ("Succeeded", "Failed") or blocked:
+            pass  # finished for good, or waiting behind an earlier stage (failed or not done)
         elif child is None and st.phase == "Pending":
-            actions.append(CreateStage(i, suspend=run.spec.suspend or bool(run.spec.queue_name)))
+            actions.append(create)
             st.phase = "Suspended" if run.spec.suspend else "Running"
             st.start_time = now
             st.spec_hash = current_hash
             events.append(Event("Normal", "StageStarted", f"stage {spec.name} ({spec.method}) started"))
         elif child is None:
             # The Job vanished (deleted by hand): recreate it; the trainer resumes from its checkpoint.
-            actions.append(CreateStage(i, suspend=run.spec.suspend or bool(run.spec.queue_name)))
+            actions.append(create)
             events.append(Event("Warning", "JobRecreated",
                                 f"stage {spec.name}: Job {st.job_name} is gone; recreating it"))
         else:
