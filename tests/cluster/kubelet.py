@@ -1,14 +1,42 @@
-"""Playing the kubelet: the control plane has none, so tests finish pods themselves."""
+"""What the cluster tests do in place of a user and a kubelet: apply the tiny run, read it back,
+and finish its pods (the control plane has no kubelet)."""
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
+from pathlib import Path
 
+import yaml
 from kubernetes import client
 
 from controlplane import wait_for
 
-__all__ = ["play_kubelet", "wait_for"]
+__all__ = ["apply_tiny", "get_run", "jobs", "play_kubelet", "result_message", "wait_for"]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def apply_tiny(cluster, ns: str, **spec) -> dict:
+    """examples/tiny-run.yaml, with `spec` fields replaced, applied into `ns`."""
+    doc = yaml.safe_load((ROOT / "examples" / "tiny-run.yaml").read_text())
+    doc["spec"].update(spec)
+    cluster.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(doc))
+    return doc
+
+
+def get_run(api: client.ApiClient, ns: str, name: str) -> dict:
+    return client.CustomObjectsApi(api).get_namespaced_custom_object("alignment.dev", "v1alpha1", ns, "alignmentruns", name)
+
+
+def jobs(api: client.ApiClient, ns: str) -> dict[str, str]:
+    """Job name -> uid (a recreated Job has a new uid)."""
+    return {j.metadata.name: j.metadata.uid for j in client.BatchV1Api(api).list_namespaced_job(ns).items}
+
+
+def result_message(stage: str, **metrics) -> str:
+    """A termination message as the trainer writes one."""
+    return json.dumps({"method": stage, "stage": stage, "checkpoint": f"/workspace/x/tiny/{stage}/final",
+                       "global_step": 42, **metrics})
 
 
 def play_kubelet(api: client.ApiClient, ns: str, job: str, exit_code: int, message: str) -> None:

@@ -9,7 +9,6 @@ with the build command (ALIGNMENT_SKIP_CLUSTER=1 skips them).
 from __future__ import annotations
 
 import copy
-import json
 import os
 import subprocess
 import time
@@ -21,7 +20,7 @@ import yaml
 from kubernetes import client
 
 from controlplane import BUILD_COMMAND, binaries_dir
-from kubelet import play_kubelet, wait_for
+from kubelet import apply_tiny, get_run, jobs, play_kubelet, result_message, wait_for
 from operator_process import Operator
 
 pytestmark = pytest.mark.cluster
@@ -182,19 +181,6 @@ def test_custom_values_render_namespaced_manifests_the_server_accepts(cluster, c
 # ------------------------------------------------------------------------------ RBAC, for real
 
 
-def get_run(api: client.ApiClient, ns: str, name: str) -> dict:
-    return client.CustomObjectsApi(api).get_namespaced_custom_object("alignment.dev", "v1alpha1", ns, "alignmentruns", name)
-
-
-def jobs(api: client.ApiClient, ns: str) -> set[str]:
-    return {j.metadata.name for j in client.BatchV1Api(api).list_namespaced_job(ns).items}
-
-
-def result_message(stage: str) -> str:
-    return json.dumps({"method": stage, "stage": stage, "checkpoint": f"/workspace/x/tiny/{stage}/final",
-                       "global_step": 1, "train_loss": 1.0})
-
-
 def install_rbac(cluster, docs: list[dict]) -> None:
     """What `helm install` would create for the operator's identity: ServiceAccount, roles, bindings, peering."""
     keep = {"ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding", "KopfPeering", "ClusterKopfPeering"}
@@ -229,16 +215,11 @@ def chart_operator(cluster, docs: list[dict], watched: str, log: Path, pod_id: s
     return Operator(kubeconfig, watched, log, extra_env=env)
 
 
-def apply_tiny(cluster, ns: str) -> None:
-    doc = yaml.safe_load((ROOT / "examples" / "tiny-run.yaml").read_text())
-    cluster.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(doc))
-
-
 def drive_to_succeeded(cluster, api, ns: str) -> dict:
     apply_tiny(cluster, ns)
     for stage in ("sft", "dpo", "eval"):
         wait_for(f"the {stage} Job", lambda: f"tiny-{stage}" in jobs(api, ns), timeout=60)
-        play_kubelet(api, ns, f"tiny-{stage}", 0, result_message(stage))
+        play_kubelet(api, ns, f"tiny-{stage}", 0, result_message(stage, train_loss=1.0))
     return wait_for("Succeeded", lambda: (r := get_run(api, ns, "tiny")).get("status", {}).get("phase") == "Succeeded" and r)
 
 

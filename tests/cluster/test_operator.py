@@ -17,7 +17,7 @@ import pytest
 import yaml
 from kubernetes import client
 
-from kubelet import play_kubelet, wait_for
+from kubelet import apply_tiny, get_run, jobs, play_kubelet, result_message, wait_for
 from operator_process import Operator
 
 pytestmark = pytest.mark.cluster
@@ -36,26 +36,6 @@ def operator(cluster, crds, restricted, tmp_path):
     op = Operator(cluster.kubeconfig, restricted, tmp_path / "operator.log").start()
     yield op
     op.stop()
-
-
-def get_run(api: client.ApiClient, ns: str, name: str) -> dict:
-    return client.CustomObjectsApi(api).get_namespaced_custom_object("alignment.dev", "v1alpha1", ns, "alignmentruns", name)
-
-
-def result_message(stage: str, **metrics) -> str:
-    return json.dumps({"method": stage, "stage": stage, "checkpoint": f"/workspace/x/tiny/{stage}/final",
-                       "global_step": 42, **metrics})
-
-
-def apply_tiny(cluster, ns: str, **spec) -> dict:
-    doc = yaml.safe_load((ROOT / "examples" / "tiny-run.yaml").read_text())
-    doc["spec"].update(spec)
-    cluster.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(doc))
-    return doc
-
-
-def jobs(api, ns) -> dict[str, str]:
-    return {j.metadata.name: j.metadata.uid for j in client.BatchV1Api(api).list_namespaced_job(ns).items}
 
 
 def test_run_goes_through_every_stage_to_succeeded(cluster, operator, restricted):
