@@ -23,7 +23,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from .checkpoints import checkpoints, newest_checkpoint  # noqa: F401  (newest_checkpoint: for the stages)
+from .checkpoints import checkpoints
 from .recipe import PREFERENCE_METHODS, Recipe
 
 TERMINATION_MESSAGE_LIMIT = 4096 - 96  # Kubernetes keeps 4 KiB; stay clearly below it

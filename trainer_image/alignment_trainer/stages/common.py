@@ -13,10 +13,11 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoints import newest_checkpoint
 from ..launch import configured_state_args, init_distributed
 from ..model import merge_adapter
 from ..recipe import Recipe, TrainingArgs
-from ..results import (MetricsCallback, build_result, emit, finished_result, newest_checkpoint, push_to_hub,
+from ..results import (MetricsCallback, build_result, emit, finished_result, push_to_hub,
                        remove_incomplete_checkpoints, save_final, write_result)
 
 log = logging.getLogger("alignment_trainer")
