@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
 
 from alignment_operator.api import parse_run
 from alignment_operator.cli import main as alignctl
-from alignment_operator.render.manifests import RenderContext, build_all, build_pvc, build_stage, child_name
+from alignment_operator.render.manifests import (RenderContext, build_all, build_pvc, build_stage, child_name,
+                                                 failure_kind)
 from alignment_trainer.recipe import Recipe
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -134,3 +136,94 @@ def test_alignctl_render_prints_every_object_and_no_secret(tmp_path, capsys):
         for env in (obj.get("spec", {}).get("template", {}).get("spec", {}).get("containers", [{}])[0].get("env", [])):
             if env["name"] in ("HF_TOKEN", "JUDGE_API_KEY"):
                 assert "value" not in env, "secrets only through secretKeyRef"
+
+
+# ---------------------------------------------------------------- failure semantics (issue 13)
+
+# What the Job controller writes on a podFailurePolicy match (kubernetes v1.37
+# pkg/controller/job/pod_failure_policy.go), for the pods these Jobs run.
+EXIT_2 = "Container trainer for pod ml/zephyr-7b-beta-sft-0-abcde failed with exit code 2 matching FailJob rule at index 0"
+EVICTED = "Pod ml/zephyr-7b-beta-sft-0-abcde has condition DisruptionTarget matching FailJob rule at index 1"
+
+
+def multi_node(nodes=2, **ctx):
+    run = zephyr(queueName="team-a")
+    run.spec.stages[0].resources.nodes = nodes
+    run.spec.stages[0].backoff_limit = 3
+    return run, build_stage(run, 0, RenderContext(**ctx), "h")
+
+
+def test_single_node_job_fails_fast_on_exit_2_and_ignores_disruptions():
+    job = job_of(build_stage(zephyr(), 0, RenderContext(), "h"))
+    spec = job["spec"]
+    assert spec["template"]["spec"]["restartPolicy"] == "Never", "podFailurePolicy needs restartPolicy Never"
+    assert spec["podReplacementPolicy"] == "Failed", "a replacement starts only once the old pod is gone"
+    assert spec["backoffLimit"] == 2
+    fail, disruption = spec["podFailurePolicy"]["rules"]
+    assert fail == {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [2]}}
+    assert disruption == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    names = [c["name"] for c in spec["template"]["spec"]["containers"]]
+    assert fail["onExitCodes"]["containerName"] in names, "the API server refuses a containerName not in the pod"
+
+
+def test_indexed_multi_node_job_fails_as_a_group_for_the_operator_to_restart():
+    _, objs = multi_node(4)
+    spec = job_of(objs)["spec"]
+    assert spec["completionMode"] == "Indexed" and spec["backoffLimit"] == 0, "one rank alone never restarts"
+    assert spec["podReplacementPolicy"] == "Failed"
+    assert [r["action"] for r in spec["podFailurePolicy"]["rules"]] == ["FailJob", "FailJob"]
+    assert spec["podFailurePolicy"]["rules"][1]["onPodConditions"][0]["type"] == "DisruptionTarget"
+
+
+def test_failure_kind_reads_the_job_controllers_messages():
+    assert failure_kind("PodFailurePolicy", EXIT_2) == "input"
+    assert failure_kind("PodFailurePolicy", EVICTED) == "disruption"
+    assert failure_kind("BackoffLimitExceeded", "Job has reached the specified backoff limit") == "failure"
+    assert failure_kind("PodFailurePolicy", EXIT_2.replace("exit code 2", "exit code 137")) == "failure"
+    assert failure_kind(None, None) == "failure"
+
+
+def test_multi_node_with_jobset_crd_renders_a_jobset_that_restarts_every_rank():
+    run, objs = multi_node(4, jobset_available=True, pytorchjob_available=True)
+    assert [o["kind"] for o in objs] == ["ConfigMap", "JobSet"], "JobSet first, no Service of our own"
+    js = objs[1]
+    assert js["apiVersion"] == "jobset.x-k8s.io/v1alpha2"
+    name = js["metadata"]["name"]
+    assert name == "zephyr-7b-beta-sft" and js["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    policy = js["spec"]["failurePolicy"]
+    assert policy["maxRestarts"] == 3, "other failures count up to the stage's backoffLimit"
+    actions = [(r["action"], r.get("onJobFailureReasons")) for r in policy["rules"]]
+    assert actions == [("RestartJobSetAndIgnoreMaxRestarts", ["PodFailurePolicy"]),
+                       ("FailJobSet", ["PodFailurePolicy"]), ("RestartJobSet", None)]
+    # The first rule whose reason and message pattern match acts (JobSet's failure_policy.go).
+    def action(message):
+        return next(r["action"] for r in policy["rules"]
+                    if not r.get("onJobFailureMessagePatterns")
+                    or any(re.search(p, message) for p in r["onJobFailureMessagePatterns"]))
+    assert action(EVICTED) == "RestartJobSetAndIgnoreMaxRestarts"
+    assert action(EXIT_2) == "FailJobSet"
+    (rjob,) = js["spec"]["replicatedJobs"]
+    job = rjob["template"]["spec"]
+    assert rjob["replicas"] == 1 and job["completionMode"] == "Indexed" and job["completions"] == 4
+    assert job["backoffLimit"] == 0 and job["podReplacementPolicy"] == "Failed"
+    assert [r["action"] for r in job["podFailurePolicy"]["rules"]] == ["FailJob", "FailJob"]
+    pod = job["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert env["MASTER_ADDR"]["value"] == f"{name}-node-0-0.{name}", "JobSet's pod hostname in its subdomain"
+    assert "job-completion-index" in env["NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"]
+    assert js["spec"]["network"]["enableDNSHostnames"] is True
+
+
+def test_jobset_names_leave_room_for_jobsets_pod_names():
+    run, _ = multi_node(12, jobset_available=True)
+    run.metadata.name = "r" * 63
+    js = job_of(build_stage(run, 0, RenderContext(jobset_available=True), "h"), "JobSet")
+    longest_pod = f"{js['metadata']['name']}-node-0-11-abcde"  # JobSet's own webhook check
+    assert len(longest_pod) <= 63, longest_pod
+    assert js["metadata"]["name"] != child_name(run, "other", limit=63 - 16)
+
+
+def test_pytorchjob_is_used_without_jobset():
+    _, objs = multi_node(2, pytorchjob_available=True)
+    assert [o["kind"] for o in objs] == ["ConfigMap", "PyTorchJob"]

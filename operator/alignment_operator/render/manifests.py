@@ -1,10 +1,24 @@
 """(run, stage) -> the Kubernetes objects that run it. Pure: plain dicts in, plain dicts out.
 
-One node: a batch/v1 Job running `accelerate launch`. Several nodes: a Kubeflow PyTorchJob
-when that CRD is installed, else an Indexed Job plus a headless Service for rendezvous
-(MASTER_ADDR = pod 0, NODE_RANK = the completion index). Every pod meets the restricted Pod
-Security level, mounts the run's volume, the stage's recipe and a memory-backed /dev/shm, and
-gets the HF token only through a secretKeyRef.
+One node: a batch/v1 Job running `accelerate launch`. Several nodes: a JobSet when that CRD is
+installed, else a Kubeflow PyTorchJob when that one is, else an Indexed Job plus a headless
+Service for rendezvous (MASTER_ADDR = pod 0, NODE_RANK = the completion index). Every pod meets
+the restricted Pod Security level, mounts the run's volume, the stage's recipe and a
+memory-backed /dev/shm, and gets the HF token only through a secretKeyRef.
+
+Failure semantics (Kubernetes' "Pod failure policy" and JobSet's failure-policy recipes):
+pods never restart in place (restartPolicy Never) and a replacement starts only once the old
+pod is gone (podReplacementPolicy Failed: two pods never hold one stage's GPUs and checkpoint
+directory). The trainer's exit code 2 (outcome.FIX_INPUT: fix the input, a retry cannot help)
+fails the stage at once. A disruption (the pod's DisruptionTarget condition: preemption,
+Eviction API, node drain, taint eviction) never counts against backoffLimit:
+- one node: the Job ignores it and starts a new pod, which resumes from the newest checkpoint;
+- JobSet: the Job fails at once and the JobSet restarts every rank without counting
+  (RestartJobSetAndIgnoreMaxRestarts); other failures restart every rank, counted up to
+  maxRestarts = backoffLimit;
+- Indexed Job: one rank alone can never rejoin the others' rendezvous, so the Job fails on
+  any rank's failure (backoffLimit 0, disruption included) and the operator restarts the
+  whole group; `failure_kind` tells it from the Job's Failed condition whether to count it.
 """
 
 from __future__ import annotations
@@ -14,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from alignment_trainer.launch import build_launch_command, launch_env
+from alignment_trainer.outcome import FIX_INPUT
 
 from ..api import AlignmentRun, StageSpec
 from .recipe import JUDGE_API_KEY_ENV, build_recipe
@@ -26,6 +41,9 @@ LABEL_RUN = "alignment.dev/run"
 LABEL_STAGE = "alignment.dev/stage"
 ANNOTATION_HASH = "alignment.dev/stage-hash"
 KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+JOBSET_API_VERSION = "jobset.x-k8s.io/v1alpha2"
+JOBSET_REPLICATED_JOB = "node"  # pods are <jobset>-node-0-<rank>, reachable as such in the JobSet's subdomain
+COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
 
 
 @dataclass(frozen=True)
@@ -35,16 +53,17 @@ class RenderContext:
     trainer_image: str = "ghcr.io/alignment-operator/trainer:0.1.0"
     accelerate_config_dir: str = "/opt/alignment/accelerate"  # where the trainer image keeps them
     pytorchjob_available: bool = False
+    jobset_available: bool = False  # jobsets.jobset.x-k8s.io installed: multi-node stages render a JobSet
     run_as_user: int = 1000
 
 
-def child_name(run: AlignmentRun, stage: str, suffix: str = "") -> str:
-    """<run>-<stage>[-suffix], shortened with a hash to stay a 63-character DNS label."""
+def child_name(run: AlignmentRun, stage: str, suffix: str = "", limit: int = 63) -> str:
+    """<run>-<stage>[-suffix], shortened with a hash to stay within `limit` (a DNS label: 63)."""
     name = f"{run.metadata.name}-{stage}{suffix}"
-    if len(name) <= 63:
+    if len(name) <= limit:
         return name
     digest = hashlib.sha256(name.encode()).hexdigest()[:8]
-    return f"{name[:54].rstrip('-')}-{digest}"
+    return f"{name[:limit - 9].rstrip('-')}-{digest}"
 
 
 def workspace_claim(run: AlignmentRun) -> str:
@@ -184,14 +203,98 @@ def build_pod_template(run: AlignmentRun, index: int, ctx: RenderContext, comman
     return {"metadata": {"labels": labels(run, stage.name)}, "spec": pod}
 
 
+# ---------------------------------------------------------------------------- failure policy
+
+def pod_failure_policy(container: str, disruption: str) -> dict[str, Any]:
+    """batch/v1 podFailurePolicy: exit code FIX_INPUT fails the Job at once; a disruption is
+    `disruption` (Ignore: not counted, the pod is replaced; FailJob: the Job fails at once so
+    the whole group restarts). Rule order matters: `failure_kind` reads the rule index."""
+    return {"rules": [
+        {"action": "FailJob", "onExitCodes": {"containerName": container, "operator": "In", "values": [FIX_INPUT]}},
+        {"action": disruption, "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+    ]}
+
+
+def failure_kind(reason: str | None, message: str | None) -> str:
+    """What a stage Job's Failed condition means, by the policy above:
+    'input' (exit code FIX_INPUT: fail the stage, never retry), 'disruption' (restart without
+    counting an attempt) or 'failure' (counts against backoffLimit).
+
+    The Job controller writes reason PodFailurePolicy and a message naming the matched rule,
+    "... matching FailJob rule at index N" (kubernetes pkg/controller/job/pod_failure_policy.go)."""
+    if reason == "PodFailurePolicy" and message:
+        if "has condition DisruptionTarget matching" in message:
+            return "disruption"
+        if f"failed with exit code {FIX_INPUT} matching FailJob rule at index 0" in message:
+            return "input"
+    return "failure"
+
+
+def _job_failure_fields(container: str, backoff_limit: int, disruption: str) -> dict[str, Any]:
+    return {"backoffLimit": backoff_limit, "podReplacementPolicy": "Failed",
+            "podFailurePolicy": pod_failure_policy(container, disruption)}
+
+
+def _jobset_failure_policy(backoff_limit: int) -> dict[str, Any]:
+    """JobSet's failurePolicy over child Jobs that fail at once (backoffLimit 0, the podFailurePolicy
+    above with FailJob on disruption). Rules are tried in order; the first match acts."""
+    return {
+        "maxRestarts": backoff_limit,
+        # Every old pod is gone before the new ranks start: no rank of the previous attempt can
+        # join the new rendezvous or write to the checkpoint directory.
+        "restartStrategy": "BlockingRecreate",
+        "rules": [
+            {"name": "Disruption", "action": "RestartJobSetAndIgnoreMaxRestarts",
+             "onJobFailureReasons": ["PodFailurePolicy"],
+             "onJobFailureMessagePatterns": ["has condition DisruptionTarget matching FailJob rule"]},
+            {"name": "FixInput", "action": "FailJobSet",
+             "onJobFailureReasons": ["PodFailurePolicy"],
+             "onJobFailureMessagePatterns": [f"failed with exit code {FIX_INPUT} matching FailJob rule"]},
+            {"name": "Failure", "action": "RestartJobSet"},  # counted against maxRestarts
+        ],
+    }
+
+
+# ---------------------------------------------------------------------------- stages
+
+def _rendezvous_env(master: str, nodes: int) -> list[dict[str, Any]]:
+    return [{"name": "MASTER_ADDR", "value": master}, {"name": "MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
+            {"name": "NNODES", "value": str(nodes)},
+            {"name": "NODE_RANK", "valueFrom": {"fieldRef": {"fieldPath": COMPLETION_INDEX}}}]
+
+
+def _jobset(run: AlignmentRun, index: int, ctx: RenderContext, meta: dict[str, Any],
+            suspend: bool) -> dict[str, Any]:
+    """A JobSet of one Indexed Job (a pod per node); JobSet's headless Service names the pods."""
+    stage = run.spec.stages[index]
+    nodes = stage.resources.nodes
+    # JobSet refuses names whose pods (<jobset>-node-0-<rank>-xxxxx) would pass 63 characters.
+    meta = {**meta, "name": child_name(run, stage.name, limit=63 - len(f"-{JOBSET_REPLICATED_JOB}-0--xxxxx")
+                                       - len(str(nodes - 1)))}
+    name = meta["name"]
+    master = f"{name}-{JOBSET_REPLICATED_JOB}-0-0.{name}"
+    template = build_pod_template(run, index, ctx, _command(stage, ctx, "$(NODE_RANK)", master),
+                                  _rendezvous_env(master, nodes))
+    job = {"completionMode": "Indexed", "completions": nodes, "parallelism": nodes,
+           **_job_failure_fields("trainer", 0, "FailJob"), "template": template}
+    return {"apiVersion": JOBSET_API_VERSION, "kind": "JobSet", "metadata": meta, "spec": {
+        "suspend": suspend,
+        "network": {"enableDNSHostnames": True, "publishNotReadyAddresses": True},
+        "failurePolicy": _jobset_failure_policy(stage.backoff_limit),
+        "replicatedJobs": [{"name": JOBSET_REPLICATED_JOB, "replicas": 1, "template": {"spec": job}}]}}
+
+
 def build_stage(run: AlignmentRun, index: int, ctx: RenderContext, stage_hash: str,
                 suspend: bool = False) -> list[dict[str, Any]]:
-    """Every object a stage needs, in creation order: ConfigMap, (Service), Job or PyTorchJob."""
+    """Every object a stage needs, in creation order: ConfigMap, (Service), Job, JobSet or PyTorchJob."""
     stage = run.spec.stages[index]
     name = child_name(run, stage.name)
     objects = [build_recipe_configmap(run, index)]
     meta = _meta(run, name, stage.name, **{ANNOTATION_HASH: stage_hash})
     nodes = stage.resources.nodes
+    if nodes > 1 and ctx.jobset_available:
+        objects.append(_jobset(run, index, ctx, meta, suspend))
+        return objects
     if nodes > 1 and ctx.pytorchjob_available:
         # The training operator injects MASTER_ADDR, MASTER_PORT and RANK (the node's rank).
         cmd = _command(stage, ctx, "$(RANK)", "$(MASTER_ADDR)")
@@ -203,23 +306,23 @@ def build_stage(run: AlignmentRun, index: int, ctx: RenderContext, stage_hash: s
             "runPolicy": {"backoffLimit": stage.backoff_limit, "suspend": suspend, "cleanPodPolicy": "None"},
             "pytorchReplicaSpecs": replicas}})
         return objects
-    job_spec: dict[str, Any] = {"backoffLimit": stage.backoff_limit, "suspend": suspend}
     if nodes == 1:
         template = build_pod_template(run, index, ctx, _command(stage, ctx, "0", None))
+        job_spec: dict[str, Any] = _job_failure_fields("trainer", stage.backoff_limit, "Ignore")
     else:
         service = child_name(run, stage.name, "-rdzv")
         master = f"{name}-0.{service}"
-        rendezvous = [{"name": "MASTER_ADDR", "value": master}, {"name": "MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
-                      {"name": "NNODES", "value": str(nodes)},
-                      {"name": "NODE_RANK", "valueFrom": {"fieldRef": {
-                          "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}}]
-        template = build_pod_template(run, index, ctx, _command(stage, ctx, "$(NODE_RANK)", master), rendezvous)
+        template = build_pod_template(run, index, ctx, _command(stage, ctx, "$(NODE_RANK)", master),
+                                      _rendezvous_env(master, nodes))
         template["spec"]["subdomain"] = service
-        job_spec.update(completionMode="Indexed", completions=nodes, parallelism=nodes)
+        # Any rank's failure fails the Job; the operator restarts the group (see the module doc).
+        job_spec = {**_job_failure_fields("trainer", 0, "FailJob"),
+                    "completionMode": "Indexed", "completions": nodes, "parallelism": nodes}
         objects.append({"apiVersion": "v1", "kind": "Service", "metadata": _meta(run, service, stage.name), "spec": {
             "clusterIP": "None", "publishNotReadyAddresses": True,
             "selector": {"batch.kubernetes.io/job-name": name},
             "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT}]}})
+    job_spec["suspend"] = suspend
     job_spec["template"] = template
     objects.append({"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec})
     return objects
