@@ -37,14 +37,14 @@ def test_sft_output_layout(sft_run, kit):
 
 
 def test_termination_message_is_compact(tmp_path, sft_run):
-    from alignment_trainer.results import TERMINATION_MESSAGE_LIMIT, termination_message
+    from alignment_trainer.outcome import TERMINATION_MESSAGE_LIMIT, encode
 
     written = (Path(sft_run["output_dir"]).parent / "termination-log").read_text()
     message = json.loads(written)
     assert message["checkpoint"].endswith("final") and message["global_step"] == 60
     assert message["eval_loss"] == sft_run["result"]["eval_loss"] and len(written) < 4096
     huge = {**sft_run["result"], "notes": "x" * 10_000}
-    text = termination_message(huge)
+    text = encode(huge)
     assert len(text.encode()) <= TERMINATION_MESSAGE_LIMIT and json.loads(text)["checkpoint"]
 
 

@@ -43,7 +43,7 @@ from datasets.table import InMemoryTable
 
 from . import formats
 from .formats import RowError
-from .recipe import PREFERENCE_METHODS, DatasetArgs, Recipe
+from .recipe import METHODS, DatasetArgs, Recipe
 
 log = logging.getLogger("alignment_trainer")
 
@@ -116,22 +116,24 @@ def kind(example: dict) -> str:
 
 
 def output_schema(method: str, examples: list[dict]) -> str:
+    """The normalised layout for the method's data kind (recipe.METHODS)."""
     kinds = {kind(ex) for ex in examples}
     sources = lambda k: sorted({ex["_source"] for ex in examples if kind(ex) == k})  # noqa: E731
-    if method in PREFERENCE_METHODS:
+    info = METHODS[method]
+    if not info.trains:  # eval: held-out pairs, or chats for loss/perplexity
+        return "preference" if kinds == {"preference"} else "messages"
+    if info.data == "pairwise":
         if kinds - {"preference"}:
             bad = sources("messages") or sources("unpaired")
             raise DataError(f"dataset {bad[0]}: method {method} needs pairwise preference data "
                             f"(prompt/chosen/rejected or a layout that gives pairs); it has none")
         return "preference"
-    if method == "kto":
+    if info.data == "unpaired":
         if "messages" in kinds:
-            raise DataError(f"dataset {sources('messages')[0]}: method kto needs labelled completions "
+            raise DataError(f"dataset {sources('messages')[0]}: method {method} needs labelled completions "
                             f"(prompt/completion/label) or pairs (prompt/chosen/rejected); got chats without labels")
         return "unpaired"
-    if method == "sft":
-        return "messages" if kinds == {"messages"} else "prompt_completion"
-    return "preference" if kinds == {"preference"} else "messages"      # eval
+    return "messages" if kinds == {"messages"} else "prompt_completion"     # chat (sft)
 
 
 def to_schema(examples: list[dict], schema: str, method: str) -> Dataset:

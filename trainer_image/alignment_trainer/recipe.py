@@ -14,34 +14,102 @@ build and validate recipes without the training stack installed.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-Method = Literal["sft", "dpo", "ipo", "kto", "orpo", "simpo", "eval"]
-PREFERENCE_METHODS = ("dpo", "ipo", "orpo", "simpo")
-TRAINING_METHODS = ("sft", "kto", *PREFERENCE_METHODS)
+# ---------------------------------------------------------------------------- the method table
 
-# TRL 1.16 loss_type values per trainer (DPOConfig, KTOConfig, experimental CPOConfig for SimPO).
-# Kept here, torch-free, so the operator can refuse an unknown one at admission; the trainer
-# checks them again against the TRL it runs.
-LOSS_TYPES: dict[str, tuple[str, ...]] = {
-    "dpo": ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
-            "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"),
-    "ipo": ("ipo",),
-    "kto": ("kto", "apo_zero_unpaired"),
-    "simpo": ("simpo",),
-    "orpo": (),
-    "sft": (),
-    "eval": (),
+DataKind = Literal["chat", "pairwise", "unpaired", "prompts"]
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """One row of the method table: everything the operator and the trainer need to know about
+    a method. The API's enum and CEL rules, `alignctl validate`, the rendered defaults, data
+    normalisation and the trainer's dispatch all read this table; adding a method is one row
+    here and one stage entry under alignment_trainer/stages/."""
+
+    data: DataKind              # what its datasets hold once normalised (data.normalise)
+    reference: bool             # scores against a frozen reference model (or its precomputed log-probs)
+    loss_types: tuple[str, ...]  # TRL loss_type values it accepts; the first is its default
+    learning_rate: float        # default peak learning rate
+    beta: float | None          # default beta (None: the method has no beta)
+    entry: str                  # module under alignment_trainer.stages with run(recipe) -> result
+    trains: bool = True         # False: it evaluates and writes no model
+
+    @property
+    def default_loss_type(self) -> str | None:
+        return self.loss_types[0] if self.loss_types else None
+
+    @property
+    def preference(self) -> bool:
+        """Trains on preference feedback (pairs or labelled completions)."""
+        return self.trains and self.data in ("pairwise", "unpaired")
+
+
+# TRL 1.16's loss_type values (DPOConfig, KTOConfig, experimental CPOConfig for SimPO); the trainer
+# checks them again against the TRL it runs. Learning rates: alignment-handbook's zephyr recipes
+# (sft 2e-5, dpo 5e-7), the ORPO and SimPO papers' settings.
+_DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
+               "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+METHODS: dict[str, MethodInfo] = {
+    "sft": MethodInfo(data="chat", reference=False, loss_types=(), learning_rate=2e-5, beta=None, entry="sft"),
+    "dpo": MethodInfo(data="pairwise", reference=True, loss_types=_DPO_LOSSES, learning_rate=5e-7, beta=0.1,
+                      entry="dpo"),
+    "ipo": MethodInfo(data="pairwise", reference=True, loss_types=("ipo",), learning_rate=5e-7, beta=0.1,
+                      entry="dpo"),
+    "kto": MethodInfo(data="unpaired", reference=True, loss_types=("kto", "apo_zero_unpaired"),
+                      learning_rate=5e-7, beta=0.1, entry="kto"),
+    "orpo": MethodInfo(data="pairwise", reference=False, loss_types=(), learning_rate=5e-6, beta=0.1,
+                       entry="dpo"),
+    "simpo": MethodInfo(data="pairwise", reference=False, loss_types=("simpo",), learning_rate=1e-6, beta=2.0,
+                        entry="dpo"),
+    "eval": MethodInfo(data="pairwise", reference=True, loss_types=(), learning_rate=1e-6, beta=0.1,
+                       entry="eval", trains=False),
 }
+
+
+def method_names() -> list[str]:
+    return list(METHODS)
+
+
+def training_methods() -> list[str]:
+    return [m for m, info in METHODS.items() if info.trains]
+
+
+def preference_methods() -> list[str]:
+    return [m for m, info in METHODS.items() if info.preference]
+
+
+def check_method(value: str) -> str:
+    """A field validator: the method must be a row of METHODS (read at call time)."""
+    if value not in METHODS:
+        raise ValueError(f"{value!r} is not a method; accepted: {', '.join(METHODS)}")
+    return value
+
+
+def _method_enum(schema: dict) -> None:
+    schema["enum"] = method_names()
+
+
+def loss_type_problem(method: str, loss_type: str | None) -> str | None:
+    """Why `loss_type` cannot train `method`, or None."""
+    known = METHODS[method].loss_types
+    if loss_type is None or loss_type in known:
+        return None
+    return f"{loss_type!r} is not a {method} loss; accepted: {', '.join(known) or 'none (leave it unset)'}"
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+
+# Defaults here equal the AlignmentRun API's (tests/unit/test_recipe_contract.py renders a default
+# stage of every method and compares), so a hand-written recipe trains like the same stage in a run.
 
 class ModelArgs(_Strict):
     """Which model to start from and how to load it (alignment-handbook's ModelArguments)."""
@@ -49,9 +117,9 @@ class ModelArgs(_Strict):
     model_name_or_path: str = Field(description="Hub id, local directory, or path on the run's volume.")
     model_revision: str = Field("main", description="Hub revision (branch, tag or commit).")
     torch_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="Weights dtype; bfloat16 on Ampere+ GPUs, float32 on CPU.")
+        "bfloat16", description="Weights dtype; bfloat16 on Ampere+ GPUs, float32 on CPU; auto keeps the checkpoint's.")
     attn_implementation: Literal["flash_attention_2", "sdpa", "eager"] | None = Field(
-        None, description="Attention kernel; None lets transformers choose (sdpa).")
+        "sdpa", description="Attention kernel; None lets transformers choose.")
     trust_remote_code: bool = Field(False, description="Run modelling code from the Hub repo.")
     chat_template: str | None = Field(
         None, description="Jinja chat template; default: the tokenizer's own, else ChatML.")
@@ -84,27 +152,32 @@ class LoraArgs(_Strict):
 class TrainingArgs(_Strict):
     """Hyperparameters, named as in TRL's SFTConfig / DPOConfig / KTOConfig."""
 
-    num_train_epochs: float = Field(1.0, gt=0)
+    num_train_epochs: float = Field(1.0, gt=0, description="Passes over the training data.")
     max_steps: int = Field(-1, description="Stop after this many optimizer steps; -1: run the epochs.")
-    learning_rate: float = Field(2e-5, gt=0)
-    lr_scheduler_type: str = Field("cosine")
-    warmup_ratio: float = Field(0.1, ge=0, le=1)
-    weight_decay: float = Field(0.0, ge=0)
-    per_device_train_batch_size: int = Field(8, gt=0)
-    per_device_eval_batch_size: int = Field(8, gt=0)
-    gradient_accumulation_steps: int = Field(1, gt=0)
+    learning_rate: float | None = Field(
+        None, gt=0, description="Peak learning rate; default: the method's (METHODS[method].learning_rate).")
+    lr_scheduler_type: str = Field("cosine", description="transformers' scheduler name.")
+    warmup_ratio: float = Field(0.1, ge=0, le=1, description="Fraction of the steps spent warming up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    per_device_train_batch_size: int = Field(8, gt=0, description="Sequences per device per micro-step.")
+    per_device_eval_batch_size: int = Field(8, gt=0, description="Sequences per device per evaluation step.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-steps per optimizer step.")
     max_length: int = Field(1024, gt=0, description="Longest tokenized sequence (prompt + completion).")
-    max_prompt_length: int | None = Field(None, gt=0, description="Prompts are cut to this many tokens, keeping their end.")
-    beta: float = Field(0.1, gt=0, description="Preference methods: KL strength (DPO) or reward scale (SimPO).")
-    loss_type: str | None = Field(None, description="TRL loss_type; default per method.")
+    max_prompt_length: int | None = Field(
+        None, gt=0, description="Prompts are cut to this many tokens, keeping their end; default for "
+                                "preference methods: half of max_length.")
+    beta: float | None = Field(
+        None, gt=0, description="Preference methods: KL strength (DPO) or reward scale (SimPO); default: the "
+                                "method's (METHODS[method].beta).")
+    loss_type: str | None = Field(None, description="TRL loss_type; default: the method's first (METHODS).")
     packing: bool = Field(False, description="SFT: pack sequences into max_length blocks.")
     completion_only_loss: bool | None = Field(None, description="SFT: train on completions only (prompt masked).")
-    gradient_checkpointing: bool = Field(False)
-    seed: int = Field(42)
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in the backward pass to save memory.")
+    seed: int = Field(42, description="Seed for data order, splits and initialisation.")
     precompute_ref_log_probs: bool = Field(False, description="DPO: compute reference log-probs once, before training.")
-    save_steps: int = Field(500, gt=0)
-    save_total_limit: int | None = Field(2)
-    logging_steps: int = Field(10, gt=0)
+    save_steps: int = Field(100, gt=0, description="Write a resumable checkpoint every N optimizer steps.")
+    save_total_limit: int | None = Field(2, description="Checkpoints kept (oldest deleted first); None keeps all.")
+    logging_steps: int = Field(10, gt=0, description="Log loss and metrics every N steps (metrics.jsonl).")
     eval_steps: int | None = Field(None, description="Evaluate every N steps; None: at the end only.")
     extra_args: dict[str, Any] = Field(
         default_factory=dict, description="Passed as-is to the TRL config; unknown keys are an error.")
@@ -116,7 +189,7 @@ class JudgeArgs(_Strict):
     base_url: str = Field(description="e.g. https://api.openai.com/v1")
     model: str = Field(description="Judge model name.")
     api_key_env: str = Field("JUDGE_API_KEY", description="Environment variable holding the API key.")
-    max_prompts: int = Field(50, gt=0)
+    max_prompts: int = Field(50, gt=0, description="Prompts judged, each once per order (position-swapped).")
 
 
 class EvalArgs(_Strict):
@@ -126,46 +199,59 @@ class EvalArgs(_Strict):
         default_factory=lambda: ["preference", "loss", "generations"], description="What to measure.")
     reference_model: str | None = Field(None, description="Model to compare against (preference accuracy, judge).")
     prompts: DatasetArgs | None = Field(None, description="Prompts to generate for; default: test-split prompts.")
-    max_new_tokens: int = Field(128, gt=0)
+    max_new_tokens: int = Field(256, gt=0, description="Longest generation.")
     num_generations: int = Field(16, gt=0, description="How many prompts to generate for.")
-    judge: JudgeArgs | None = None
+    judge: JudgeArgs | None = Field(None, description="LLM judge; required when metrics include judge.")
 
 
 class Recipe(_Strict):
     """One stage, everything the trainer needs and nothing it does not."""
 
-    method: Method
-    model: ModelArgs
-    ref_model: str | None = Field(None, description="Preference methods: reference model; default: the starting model.")
-    datasets: list[DatasetArgs] = Field(default_factory=list)
-    test_datasets: list[DatasetArgs] = Field(default_factory=list)
+    method: str = Field(json_schema_extra=_method_enum, description="A row of METHODS: sft, dpo, ipo, kto, ...")
+    model: ModelArgs = Field(description="The model this stage starts from.")
+    ref_model: str | None = Field(None, description=(
+        "Reference model for methods that have one (METHODS[method].reference), loaded like the policy; "
+        "None: the starting model itself (or, with LoRA, the adapter-disabled base)."))
+    datasets: list[DatasetArgs] = Field(default_factory=list, description="The training mixture.")
+    test_datasets: list[DatasetArgs] = Field(default_factory=list, description="Held-out data, same shape.")
     test_split_size: float | None = Field(
         None, gt=0, description="Held-out rows taken from the training mixture: a count, or a fraction below 1.")
-    training: TrainingArgs = Field(default_factory=TrainingArgs)
-    lora: LoraArgs | None = None
-    eval: EvalArgs | None = None
-    output_dir: str
+    training: TrainingArgs = Field(default_factory=TrainingArgs, description="Hyperparameters.")
+    lora: LoraArgs | None = Field(None, description="Train a LoRA adapter instead of all weights.")
+    eval: EvalArgs | None = Field(None, description="For method eval: what to measure.")
+    output_dir: str = Field(description="Where checkpoint-N/, final/, metrics.jsonl and result.json go.")
     termination_message_path: str | None = Field(
-        None, description="Where to write a compact JSON result (Kubernetes termination message).")
-    push_to_hub: bool = False
-    hub_model_id: str | None = None
+        None, description="Where to write the compact JSON outcome (result or failure; Kubernetes' termination message).")
+    push_to_hub: bool = Field(False, description="Upload final/ to the Hub (needs HF_TOKEN and hub_model_id).")
+    hub_model_id: str | None = Field(None, description="Hub repository for push_to_hub.")
     # Provenance for the model card and result.json.
-    run_name: str | None = None
-    stage_name: str | None = None
-    base_model: str | None = None
+    run_name: str | None = Field(None, description="The AlignmentRun this stage belongs to (model card).")
+    stage_name: str | None = Field(None, description="The stage's name in its run (model card, result.json).")
+    base_model: str | None = Field(None, description="The run's base model (model card).")
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        return check_method(value)
 
     @model_validator(mode="after")
     def _check(self) -> "Recipe":
-        if self.method in TRAINING_METHODS and not self.datasets:
+        info = METHODS[self.method]
+        if info.trains and not self.datasets:
             raise ValueError(f"datasets: method {self.method!r} needs at least one dataset")
         if self.test_datasets and self.test_split_size is not None:
             raise ValueError("test_datasets and test_split_size are exclusive: give one")
         t = self.training
-        known = LOSS_TYPES[self.method]
-        if t.loss_type is not None and t.loss_type not in known:
-            raise ValueError(
-                f"training.loss_type: {t.loss_type!r} is not a {self.method} loss; "
-                f"accepted: {', '.join(known) or 'none (leave it unset)'}")
+        problem = loss_type_problem(self.method, t.loss_type)
+        if problem:
+            raise ValueError(f"training.loss_type: {problem}")
+        # Method-dependent defaults, from the one table.
+        if t.learning_rate is None:
+            t.learning_rate = info.learning_rate
+        if t.beta is None:
+            t.beta = info.beta if info.beta is not None else 0.1
+        if t.max_prompt_length is None and info.data == "pairwise":
+            t.max_prompt_length = t.max_length // 2
         if t.max_prompt_length is not None and t.max_prompt_length >= t.max_length:
             raise ValueError(
                 f"training.max_prompt_length ({t.max_prompt_length}) must be below "
@@ -173,24 +259,31 @@ class Recipe(_Strict):
         return self
 
     @property
+    def info(self) -> MethodInfo:
+        return METHODS[self.method]
+
+    @property
     def effective_loss_type(self) -> str | None:
         """The TRL loss_type this recipe trains with (ipo is DPO with loss_type ipo)."""
-        if self.training.loss_type:
-            return self.training.loss_type
-        return {"dpo": "sigmoid", "ipo": "ipo", "kto": "kto", "simpo": "simpo"}.get(self.method)
+        return self.training.loss_type or self.info.default_loss_type
 
     def dump(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read a recipe from YAML or JSON; errors name the file."""
+def read_recipe_file(path: str | Path) -> dict[str, Any]:
+    """The recipe file's mapping, unvalidated (YAML or JSON); errors name the file."""
     path = Path(path)
     try:
         text = path.read_text()
-    except OSError as e:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as e:
         raise SystemExit(f"recipe {path}: cannot read: {e}") from e
-    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     if not isinstance(data, dict):
         raise SystemExit(f"recipe {path}: expected a mapping, got {type(data).__name__}")
-    return Recipe.model_validate(data)
+    return data
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe; errors name the file."""
+    return Recipe.model_validate(read_recipe_file(path))

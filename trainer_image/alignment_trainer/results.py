@@ -23,11 +23,9 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from . import outcome
 from .checkpoints import checkpoints
-from .recipe import PREFERENCE_METHODS, Recipe
-
-TERMINATION_MESSAGE_LIMIT = 4096 - 96  # Kubernetes keeps 4 KiB; stay clearly below it
-
+from .recipe import Recipe
 
 def emit(event: str, **fields) -> None:
     """One machine-readable line on stdout (the local runner parses these)."""
@@ -162,7 +160,7 @@ def build_result(recipe: Recipe, trainer, train_metrics: dict, eval_metrics: dic
         "train_tokens_per_second": tokens_per_s,
         "num_input_tokens_seen": trainer.state.num_input_tokens_seen or None,
     }
-    if recipe.method in PREFERENCE_METHODS or recipe.method == "kto":
+    if recipe.info.preference:
         for key in ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"):
             source = eval_metrics if eval_metrics and f"eval_{key}" in eval_metrics else None
             result[f"eval_{key}" if source else key] = (
@@ -176,22 +174,7 @@ def write_result(recipe: Recipe, result: dict) -> None:
     tmp = out / "result.json.tmp"
     tmp.write_text(json.dumps(result, indent=2, default=_jsonable) + "\n")
     os.replace(tmp, out / "result.json")
-    if recipe.termination_message_path:
-        Path(recipe.termination_message_path).write_text(termination_message(result))
-
-
-def termination_message(result: dict) -> str:
-    """Compact JSON under TERMINATION_MESSAGE_LIMIT bytes: drop the least important fields first."""
-    keep = {k: v for k, v in result.items() if v is not None}
-    text = json.dumps(keep, separators=(",", ":"), default=_jsonable)
-    for key in [k for k in keep if k not in ("checkpoint", "global_step", "method", "train_loss")]:
-        if len(text.encode()) <= TERMINATION_MESSAGE_LIMIT:
-            break
-        keep.pop(key)
-        text = json.dumps(keep, separators=(",", ":"), default=_jsonable)
-    if len(text.encode()) > TERMINATION_MESSAGE_LIMIT:  # a pathological checkpoint path
-        text = json.dumps({"error": "result too large for a termination message; see result.json"})
-    return text
+    outcome.write(recipe.termination_message_path, result)
 
 
 def push_to_hub(recipe: Recipe, final: Path) -> str | None:

@@ -5,7 +5,7 @@ from .run import (
     AlignmentRun, RunInvalid, parse_run,
 )
 from .spec import (
-    PREFERENCE_METHODS, TRAINING_METHODS, AlignmentRunSpec, DatasetSpec, EvalSpec, LoraSpec,
+    AlignmentRunSpec, DatasetSpec, EvalSpec, LoraSpec,
     ModelSpec, ResourcesSpec, StageSpec, StorageSpec, TrainerSpec, TrainingSpec,
 )
 from .status import AlignmentRunStatus, Condition, StageStatus
@@ -13,7 +13,7 @@ from .status import AlignmentRunStatus, Condition, StageStatus
 __all__ = [
     "API_VERSION", "GROUP", "KIND", "PLURAL", "SHORT_NAMES", "SINGULAR", "VERSION",
     "AlignmentRun", "RunInvalid", "parse_run",
-    "PREFERENCE_METHODS", "TRAINING_METHODS", "AlignmentRunSpec", "DatasetSpec", "EvalSpec",
+    "AlignmentRunSpec", "DatasetSpec", "EvalSpec",
     "LoraSpec", "ModelSpec", "ResourcesSpec", "StageSpec", "StorageSpec", "TrainerSpec", "TrainingSpec",
     "AlignmentRunStatus", "Condition", "StageStatus",
 ]

@@ -7,11 +7,9 @@ checks (types, ranges, enums, unknown fields) come from pydantic and the schema.
 
 from __future__ import annotations
 
-from alignment_trainer.recipe import LOSS_TYPES
+from alignment_trainer.recipe import METHODS, loss_type_problem, training_methods
 
 from .spec import AlignmentRunSpec, StageSpec
-
-TRAINING = ("sft", "dpo", "ipo", "kto", "orpo", "simpo")
 
 
 def _stage_problems(i: int, stage: StageSpec, earlier: list[str]) -> list[str]:
@@ -23,7 +21,7 @@ def _stage_problems(i: int, stage: StageSpec, earlier: list[str]) -> list[str]:
     if stage.from_ is not None and stage.from_ not in earlier:
         accepted = ", ".join(dict.fromkeys(earlier)) or "none (the first stage starts from spec.model)"
         out.append(f"{at}.from: {stage.from_!r} is not an earlier stage; accepted: {accepted}")
-    if stage.method != "eval" and not stage.datasets:
+    if METHODS[stage.method].trains and not stage.datasets:
         out.append(f"{at}.datasets: method {stage.method!r} needs at least one dataset")
     if stage.test_datasets and stage.test_split_size is not None:
         out.append(f"{at}.testSplitSize: give testDatasets or testSplitSize, not both")
@@ -34,9 +32,9 @@ def _stage_problems(i: int, stage: StageSpec, earlier: list[str]) -> list[str]:
     if t.max_prompt_length is not None and t.max_prompt_length >= t.max_length:
         out.append(f"{at}.training.maxPromptLength: {t.max_prompt_length} must be below "
                    f"training.maxLength ({t.max_length})")
-    if t.loss_type is not None and t.loss_type not in LOSS_TYPES[stage.method]:
-        accepted = ", ".join(LOSS_TYPES[stage.method]) or "none (leave it unset)"
-        out.append(f"{at}.training.lossType: {t.loss_type!r} is not a {stage.method} loss; accepted: {accepted}")
+    problem = loss_type_problem(stage.method, t.loss_type)
+    if problem:
+        out.append(f"{at}.training.lossType: {problem}")
     if stage.lora and stage.lora.quantization != "none" and stage.resources.gpus_per_node == 0:
         out.append(f"{at}.lora.quantization: {stage.lora.quantization!r} needs GPUs "
                    f"(resources.gpusPerNode > 0); use 'none' on CPU")
@@ -55,9 +53,10 @@ def cross_field_problems(spec: AlignmentRunSpec) -> list[str]:
     for i, stage in enumerate(spec.stages):
         problems += _stage_problems(i, stage, earlier)
         earlier.append(stage.name)
-    if not any(s.method in TRAINING for s in spec.stages):
+    if not any(METHODS[s.method].trains for s in spec.stages):
         methods = ", ".join(s.method for s in spec.stages)
-        problems.append(f"spec.stages: at least one training stage ({', '.join(TRAINING)}) is required; got {methods}")
+        problems.append(f"spec.stages: at least one training stage ({', '.join(training_methods())}) is required; "
+                        f"got {methods}")
     st = spec.storage
     if (st.claim_name is None) == (st.volume_claim_template is None):
         problems.append("spec.storage: set exactly one of claimName or volumeClaimTemplate")

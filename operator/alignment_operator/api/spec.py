@@ -11,22 +11,23 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from alignment_trainer.recipe import LOSS_TYPES
+from alignment_trainer.recipe import METHODS, check_method, loss_type_problem, method_names
 
 from .base import ApiModel, KubeObject, Quantity, x_validations
 
-Method = Literal["sft", "dpo", "ipo", "kto", "orpo", "simpo", "eval"]
-TRAINING_METHODS = ("sft", "dpo", "ipo", "kto", "orpo", "simpo")
-PREFERENCE_METHODS = ("dpo", "ipo", "kto", "orpo", "simpo")
 Strategy = Literal["ddp", "deepspeed-zero2", "deepspeed-zero3", "fsdp"]
 Scheduler = Literal[
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
     "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay",
 ]
-ALL_LOSS_TYPES = tuple(sorted({lt for types in LOSS_TYPES.values() for lt in types}))
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+
+def all_loss_types() -> list[str]:
+    """Every loss_type of the method table (the schema's enum; which method takes which is a CEL rule)."""
+    return sorted({lt for info in METHODS.values() for lt in info.loss_types})
 
 
 class ModelSpec(ApiModel):
@@ -71,7 +72,8 @@ class TrainingSpec(ApiModel):
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (num_train_epochs).")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps, overriding epochs.")
     learning_rate: float | None = Field(None, gt=0, description=(
-        "Peak learning rate. Default per method: sft 2e-5, dpo/ipo/kto 5e-7, orpo 5e-6, simpo 1e-6."))
+        "Peak learning rate. Default per method: "
+        + ", ".join(f"{m} {info.learning_rate:g}" for m, info in METHODS.items() if info.trains) + "."))
     scheduler: Scheduler = Field("cosine", description="Learning-rate schedule (lr_scheduler_type).")
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Fraction of steps spent warming up.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
@@ -84,7 +86,7 @@ class TrainingSpec(ApiModel):
     beta: float | None = Field(None, gt=0, description=(
         "Preference strength. DPO/IPO/KTO: the KL penalty (default 0.1; zephyr uses 0.01); "
         "SimPO: the reward scale (default 2.0); ORPO: the odds-ratio weight lambda (default 0.1)."))
-    loss_type: Literal[ALL_LOSS_TYPES] | None = Field(None, description=(
+    loss_type: str | None = Field(None, json_schema_extra=lambda schema: schema.update(enum=all_loss_types()), description=(
         "TRL loss_type. dpo: sigmoid (default), hinge, ipo, robust, exo_pair, nca_pair, bco_pair, "
         "sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sft, sigmoid_norm; "
         "kto: kto (default), apo_zero_unpaired; ipo and simpo fix their own."))
@@ -101,6 +103,13 @@ class TrainingSpec(ApiModel):
     extra_args: KubeObject = Field(default_factory=dict, description=(
         "Further TRL config fields (SFTConfig, DPOConfig, KTOConfig) by their TRL names; the "
         "trainer refuses unknown ones."))
+
+    @field_validator("loss_type")
+    @classmethod
+    def _known_loss_type(cls, value: str | None) -> str | None:
+        if value is not None and value not in all_loss_types():
+            raise ValueError(f"{value!r} is not a loss type; accepted: {', '.join(all_loss_types())}")
+        return value
 
 
 class LoraSpec(ApiModel):
@@ -151,8 +160,10 @@ class EvalSpec(ApiModel):
     judge: JudgeSpec | None = Field(None, description="LLM judge; required when metrics include judge.")
 
 
-class StageSpec(ApiModel):
-    model_config = {**ApiModel.model_config, "json_schema_extra": x_validations(
+def _stage_rules(schema: dict, cls: type) -> None:
+    """The stage's CEL rules, built when the schema is (so they follow the method table)."""
+    with_losses = {m: info.loss_types for m, info in METHODS.items() if info.loss_types}
+    schema.update(x_validations(
         ("self.method == 'eval' || size(self.datasets) > 0",
          "a training stage needs at least one dataset", ".datasets"),
         ("!(size(self.testDatasets) > 0 && has(self.testSplitSize))",
@@ -160,18 +171,22 @@ class StageSpec(ApiModel):
         ("!has(self.testSplitSize) || self.testSplitSize < 1.0 || self.testSplitSize == double(int(self.testSplitSize))",
          "testSplitSize must be a fraction below 1 or a whole number of rows", ".testSplitSize"),
         ("!has(self.training.lossType) || "
-         + " || ".join(f"(self.method == '{m}' && self.training.lossType in {list(t)})" for m, t in LOSS_TYPES.items() if t),
+         + " || ".join(f"(self.method == '{m}' && self.training.lossType in {list(t)})" for m, t in with_losses.items()),
          "lossType is not one of this method's losses: " + "; ".join(
-             f"{m}: {', '.join(t)}" for m, t in LOSS_TYPES.items() if t), ".training.lossType"),
+             f"{m}: {', '.join(t)}" for m, t in with_losses.items()), ".training.lossType"),
         ("!has(self.lora) || self.lora.quantization == 'none' || self.resources.gpusPerNode > 0",
          "lora.quantization 4bit/8bit needs GPUs (resources.gpusPerNode > 0)", ".lora.quantization"),
         ("!has(self.eval) || !('judge' in self.eval.metrics) || has(self.eval.judge)",
          "eval.metrics includes judge but eval.judge is not set", ".eval.judge"),
-    )}
+    ))
+
+
+class StageSpec(ApiModel):
+    model_config = {**ApiModel.model_config, "json_schema_extra": _stage_rules}
 
     name: str = Field(min_length=1, max_length=40, pattern=DNS_LABEL, description=(
         "Stage name, a DNS label unique in the run (names the Job: <run>-<name>)."))
-    method: Method = Field(description=(
+    method: str = Field(json_schema_extra=lambda schema: schema.update(enum=method_names()), description=(
         "sft | dpo | ipo | kto | orpo | simpo | eval. Preference methods start from the previous "
         "stage's model and use it as the reference."))
     from_: str | None = Field(None, alias="from", max_length=40, description=(
@@ -193,6 +208,11 @@ class StageSpec(ApiModel):
     eval: EvalSpec | None = Field(None, description="For method eval: what to measure.")
     backoff_limit: int = Field(2, ge=0, description=(
         "Pod retries before the stage fails; a retry resumes from the newest checkpoint."))
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        return check_method(value)
 
 
 class VolumeClaimTemplate(ApiModel):

@@ -1,8 +1,9 @@
 """(run, stage) -> the stage's recipe: the trainer's contract, rendered the same way for a
 cluster (into a ConfigMap) and for `alignctl run --local`.
 
-Pure: no I/O. Where a stage leaves a method-dependent hyperparameter unset, the default is
-filled in here, and the API field's description says so.
+Pure: no I/O. A hyperparameter the stage leaves unset (learning rate, beta, prompt length)
+stays unset here: the recipe fills it from the method table (alignment_trainer.recipe.METHODS),
+so a rendered stage and a hand-written recipe get the same defaults.
 """
 
 from __future__ import annotations
@@ -10,14 +11,11 @@ from __future__ import annotations
 import posixpath
 
 from alignment_trainer.recipe import (
-    DatasetArgs, EvalArgs, JudgeArgs, LoraArgs, ModelArgs, Recipe, TrainingArgs,
+    METHODS, DatasetArgs, EvalArgs, JudgeArgs, LoraArgs, ModelArgs, Recipe, TrainingArgs,
 )
 
-from ..api import PREFERENCE_METHODS, AlignmentRun, DatasetSpec, StageSpec
+from ..api import AlignmentRun, DatasetSpec, StageSpec
 
-# alignment-handbook's zephyr recipes (sft 2e-5, dpo 5e-7), the ORPO and SimPO papers' settings.
-DEFAULT_LEARNING_RATE = {"sft": 2e-5, "dpo": 5e-7, "ipo": 5e-7, "kto": 5e-7, "orpo": 5e-6, "simpo": 1e-6, "eval": 1e-6}
-DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "kto": 0.1, "orpo": 0.1, "simpo": 2.0}
 JUDGE_API_KEY_ENV = "JUDGE_API_KEY"
 
 
@@ -65,11 +63,10 @@ def _eval_reference(run: AlignmentRun, index: int, root: str) -> str:
 
 def _training(stage: StageSpec) -> TrainingArgs:
     t = stage.training
-    preference = stage.method in PREFERENCE_METHODS
     return TrainingArgs(
         num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1,
-        learning_rate=t.learning_rate or DEFAULT_LEARNING_RATE[stage.method],
+        learning_rate=t.learning_rate,
         lr_scheduler_type=t.scheduler,
         warmup_ratio=t.warmup_ratio,
         weight_decay=t.weight_decay,
@@ -77,8 +74,8 @@ def _training(stage: StageSpec) -> TrainingArgs:
         per_device_eval_batch_size=t.per_device_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         max_length=t.max_length,
-        max_prompt_length=t.max_prompt_length or (t.max_length // 2 if preference else None),
-        beta=t.beta or DEFAULT_BETA.get(stage.method, 0.1),
+        max_prompt_length=t.max_prompt_length,
+        beta=t.beta,
         loss_type=t.loss_type,
         packing=t.packing,
         gradient_checkpointing=t.gradient_checkpointing,
@@ -111,7 +108,7 @@ def build_recipe(run: AlignmentRun, index: int, root: str,
             chat_template=m.chat_template,
         ),
         # Preference methods use the model they start from as the frozen reference.
-        ref_model=start if stage.method in ("dpo", "ipo", "kto") else None,
+        ref_model=start if METHODS[stage.method].reference and METHODS[stage.method].trains else None,
         datasets=[_dataset(d) for d in stage.datasets],
         test_datasets=[_dataset(d) for d in stage.test_datasets],
         test_split_size=stage.test_split_size,
