@@ -89,6 +89,24 @@ def _training(stage: StageSpec) -> TrainingArgs:
     )
 
 
+def _eval_training(run: AlignmentRun, index: int) -> TrainingArgs:
+    """An eval stage scores rewards with the evaluated stage's beta (dpo/ipo/kto: the KL strength
+    it trained with) and cuts sequences with its max lengths, unless the eval stage sets its own."""
+    stage = run.spec.stages[index]
+    args = _training(stage)
+    evaluated = start_stage(run, index)
+    if evaluated is None:
+        return args
+    given, trained = stage.training.model_fields_set, evaluated.training
+    update = {}
+    info = METHODS[evaluated.method]
+    if "beta" not in given and info.reference:
+        update["beta"] = trained.beta or info.beta
+    if not {"max_length", "max_prompt_length"} & given:  # the lengths go together
+        update.update(max_length=trained.max_length, max_prompt_length=trained.max_prompt_length)
+    return args.model_copy(update=update)
+
+
 def build_recipe(run: AlignmentRun, index: int, root: str,
                  termination_message_path: str | None = None) -> Recipe:
     """The recipe of stage `index`, with every path under `root` (the volume's mount path)."""
@@ -112,7 +130,7 @@ def build_recipe(run: AlignmentRun, index: int, root: str,
         datasets=[_dataset(d) for d in stage.datasets],
         test_datasets=[_dataset(d) for d in stage.test_datasets],
         test_split_size=stage.test_split_size,
-        training=_training(stage),
+        training=_training(stage) if stage.method != "eval" else _eval_training(run, index),
         lora=None if lora is None else LoraArgs(
             r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
             target_modules="all-linear" if lora.target_modules == ["all-linear"] else lora.target_modules,
