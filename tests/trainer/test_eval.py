@@ -84,11 +84,14 @@ def test_completion_mask_covers_only_the_answer(tiny_model):
     chat = [{"role": "user", "content": "Tell me about snow."}, {"role": "assistant", "content": "Snow is cold."},
             {"role": "user", "content": "And maps?"}, {"role": "assistant", "content": "Maps are flat."}]
     ids, mask = Encoder(tok, 256)(chat, scored_from=3)
-    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "Maps are flat.<|im_end|>\n"
+    # a reply is scored through its end-of-turn token; ChatML's "\n" after it is template glue
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "Maps are flat.<|im_end|>"
     ids, mask = Encoder(tok, 256)(chat, scored_from=0)
-    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "Snow is cold.<|im_end|>\nMaps are flat.<|im_end|>\n"
-    ids, mask = Encoder(tok, 256, max_prompt_length=4)(chat, scored_from=3)
-    assert mask.index(1) == 4 and tok.decode([i for i, m in zip(ids, mask) if m]) == "Maps are flat.<|im_end|>\n"
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "Snow is cold.<|im_end|>Maps are flat.<|im_end|>"
+    # a prompt over max_prompt_length loses whole early turns, as training cuts it (common.truncate_prompt)
+    ids, mask = Encoder(tok, 256, max_prompt_length=16)(chat, scored_from=3)
+    assert tok.decode(ids[:mask.index(1)]) == "<|im_start|>user\nAnd maps?<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "Maps are flat.<|im_end|>"
 
 
 # ---------------------------------------------------------------------------- LLM judge

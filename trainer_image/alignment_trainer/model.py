@@ -84,14 +84,75 @@ def resolve_dtype(name: str) -> torch.dtype | str:
     return getattr(torch, name)
 
 
+# ---------------------------------------------------------------------------- precision
+#
+# What a stage computes in and what it keeps, per model.dtype:
+#   GPU, bfloat16 / float16: trainable weights have an fp32 master copy and the forward/backward
+#     run under bf16 autocast (fp16: autocast with dynamic loss scaling). DeepSpeed ZeRO and FSDP
+#     keep the fp32 copy themselves (the weights load in the requested dtype and they upcast);
+#     everywhere else (one process, ddp) the trainable weights load in float32.
+#   CPU: float32 throughout (no autocast); bfloat16 only decides the dtype final/ is saved in.
+#   Frozen models (the eval stage's, a LoRA base) load in the requested dtype.
+# final/ is written in the requested dtype (float32 for auto on CPU), the same on every path.
+
+def checkpoint_dtype(args: ModelArgs) -> torch.dtype:
+    """The dtype model.dtype asks for, `auto` read from the checkpoint's config (float32 on CPU)."""
+    dtype = resolve_dtype(args.torch_dtype)
+    if dtype != "auto":
+        return dtype
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(args.model_name_or_path, revision=args.model_revision,
+                                        trust_remote_code=args.trust_remote_code)
+    saved = getattr(config.get_text_config(), "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(saved, str):
+        saved = getattr(torch, saved, None)
+    return saved if isinstance(saved, torch.dtype) else torch.float32
+
+
+def mixed_precision(args: ModelArgs) -> str:
+    """accelerate's mixed_precision for a stage: bf16, fp16 (loss-scaled) or no (CPU, float32)."""
+    if not torch.cuda.is_available():
+        return "no"
+    dtype = checkpoint_dtype(args)
+    if dtype == torch.bfloat16:
+        if not torch.cuda.is_bf16_supported():
+            raise ValueError("model.dtype: bfloat16 needs an Ampere or newer GPU; use float16 (loss-scaled) or float32")
+        return "bf16"
+    return "fp16" if dtype == torch.float16 else "no"
+
+
+def engine_keeps_fp32_masters() -> bool:
+    """DeepSpeed ZeRO and FSDP (under mixed precision) hold an fp32 copy of the trainable weights."""
+    import os
+
+    return any(os.environ.get(var, "false").lower() == "true"
+               for var in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"))
+
+
+def trainable_dtype(args: ModelArgs, lora: LoraArgs | None) -> torch.dtype | str:
+    """The dtype full fine-tuning loads its weights in: float32 (the master copy) unless the
+    distributed engine keeps one itself; LoRA's frozen base stays in the requested dtype (peft
+    keeps the adapter weights in float32)."""
+    if lora is not None:
+        return resolve_dtype(args.torch_dtype)
+    if engine_keeps_fp32_masters() and mixed_precision(args) != "no":
+        return resolve_dtype(args.torch_dtype)
+    return torch.float32
+
+
 def load_model(args: ModelArgs, tokenizer: PreTrainedTokenizerBase, path: str | None = None,
-               lora: LoraArgs | None = None) -> PreTrainedModel:
-    """The causal LM at `path` (default: the recipe's model), matched to `tokenizer`."""
+               lora: LoraArgs | None = None, trainable: bool = False) -> PreTrainedModel:
+    """The causal LM at `path` (default: the recipe's model), matched to `tokenizer`.
+
+    trainable: the model the stage trains (and a full-fine-tuning reference, loaded exactly like
+    it): float32 master weights where no engine keeps them (see trainable_dtype).
+    """
     on_gpu = torch.cuda.is_available()
     if args.attn_implementation == "flash_attention_2" and not on_gpu:
         raise ValueError("model.attn_implementation: flash_attention_2 needs a CUDA GPU; use sdpa or eager on CPU")
-    kwargs: dict = dict(revision=args.model_revision, dtype=resolve_dtype(args.torch_dtype),
-                        trust_remote_code=args.trust_remote_code)
+    dtype = trainable_dtype(args, lora) if trainable else resolve_dtype(args.torch_dtype)
+    kwargs: dict = dict(revision=args.model_revision, dtype=dtype, trust_remote_code=args.trust_remote_code)
     if args.attn_implementation:
         kwargs["attn_implementation"] = args.attn_implementation
     if lora is not None and lora.quantization != "none":

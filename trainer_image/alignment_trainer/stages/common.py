@@ -15,7 +15,7 @@ import torch
 
 from ..checkpoints import newest_checkpoint
 from ..launch import configured_state_args, init_distributed
-from ..model import merge_adapter
+from ..model import checkpoint_dtype, engine_keeps_fp32_masters, load_model, merge_adapter, mixed_precision
 from ..recipe import Recipe, TrainingArgs
 from ..results import (MetricsCallback, build_result, emit, finished_result, push_to_hub,
                        remove_incomplete_checkpoints, save_final, write_result)
@@ -62,6 +62,10 @@ def build_config(config_cls, recipe: Recipe, **method_fields):
     t = recipe.training
     fields = {f.name for f in dataclasses.fields(config_cls)}
     on_gpu = torch.cuda.is_available()
+    # Mixed precision follows model.dtype (model.py, "precision"), not the accelerate config file:
+    # transformers reads ACCELERATE_MIXED_PRECISION when bf16 and fp16 are both off.
+    precision = mixed_precision(recipe.model)
+    os.environ["ACCELERATE_MIXED_PRECISION"] = precision
     kwargs = dict(
         output_dir=recipe.output_dir, run_name=recipe.run_name or recipe.stage_name,
         num_train_epochs=t.num_train_epochs, max_steps=t.max_steps, learning_rate=t.learning_rate,
@@ -76,7 +80,7 @@ def build_config(config_cls, recipe: Recipe, **method_fields):
         save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
         logging_strategy="steps", logging_steps=t.logging_steps, logging_first_step=True,
         eval_strategy="steps" if (t.eval_steps and has_test_split(recipe)) else "no", eval_steps=t.eval_steps,
-        bf16=on_gpu and torch.cuda.is_bf16_supported(), fp16=False, dataloader_pin_memory=on_gpu,
+        bf16=precision == "bf16", fp16=precision == "fp16", dataloader_pin_memory=on_gpu,
         report_to="none", disable_tqdm=True, include_num_input_tokens_seen="non_padding",
         **configured_state_args(),
     )
@@ -97,6 +101,85 @@ def build_config(config_cls, recipe: Recipe, **method_fields):
         kwargs[key] = value
     # Fields some TRL/transformers versions lack (activation_checkpointing) are left out.
     return config_cls(**{k: v for k, v in kwargs.items() if k in fields})
+
+
+# ---------------------------------------------------------------------------- the reference
+
+def load_reference(recipe: Recipe, tokenizer):
+    """The frozen reference to hand TRL, or None where none is needed in memory.
+
+    None under LoRA/QLoRA (TRL scores the reference with the adapter disabled: the very base the
+    policy trains on, quantized the same way) and with precomputed reference log-probs (TRL
+    computes them with the policy before its first step, when it still is the reference). A
+    separate copy only for full fine-tuning, loaded exactly like the policy (dtype, quantization),
+    so policy and reference agree at step 0. recipe.ref_model naming another model is loaded the
+    same way.
+    """
+    other = recipe.ref_model not in (None, recipe.model.model_name_or_path)
+    if not other and (recipe.lora is not None or recipe.training.precompute_ref_log_probs):
+        return None
+    return load_model(recipe.model, tokenizer, path=recipe.ref_model if other else None, lora=recipe.lora,
+                      trainable=True)
+
+
+def free_reference(trainer, recipe: Recipe) -> None:
+    """With precomputed log-probs an explicitly loaded reference is not needed after __init__."""
+    if recipe.training.precompute_ref_log_probs and getattr(trainer, "ref_model", None) is not None:
+        trainer.ref_model = None
+        import gc
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def reference_cache(dataset, recipe: Recipe, tokenizer, split: str):
+    """`dataset` as an Arrow file every process of the stage maps the same way (or None).
+
+    TRL caches precomputed reference log-probs in a file beside the dataset's own; an in-memory
+    dataset has none, so each process would pick its own temporary file and all but the first
+    fail to find the one written. The file lives in <output_dir>/cache/, named by a key of all
+    that decides reference log-probs: the rows, the chat template and tokenizer, the lengths,
+    the reference model and the method. TRL then keys its log-probs file by that file's
+    fingerprint and a hash of the reference weights (a rerun of the stage reuses them).
+    """
+    if dataset is None:
+        return None
+    import hashlib
+    import json
+
+    import pyarrow as pa
+    from accelerate import PartialState
+    from datasets import Dataset
+
+    t = recipe.training
+    if dataset._indices is not None:  # a select/shuffle view: write the rows in that order
+        dataset = dataset.flatten_indices(keep_in_memory=True)
+    digest = hashlib.sha256()
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, dataset.data.table.schema) as writer:
+        writer.write_table(dataset.data.table)
+    digest.update(sink.getvalue().to_pybytes())
+    digest.update(json.dumps({
+        "split": split, "method": recipe.method, "loss_type": recipe.effective_loss_type,
+        "reference": recipe.ref_model or recipe.model.model_name_or_path, "revision": recipe.model.model_revision,
+        "dtype": recipe.model.torch_dtype, "lora": recipe.lora.model_dump() if recipe.lora else None,
+        "chat_template": tokenizer.chat_template, "vocab": len(tokenizer), "eos": tokenizer.eos_token,
+        "max_length": t.max_length, "max_prompt_length": t.max_prompt_length,
+        "batch_size": t.per_device_train_batch_size,
+    }, sort_keys=True, default=str).encode())
+    path = Path(recipe.output_dir) / "cache" / f"{split}-{digest.hexdigest()[:32]}.arrow"
+    with PartialState().main_process_first():
+        if not path.is_file():  # the main process writes it; the others find it when they enter
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp-{os.getpid()}")
+            from datasets.arrow_writer import ArrowWriter
+
+            with ArrowWriter(path=str(tmp), features=dataset.features) as writer:
+                writer.write_table(dataset.data.table)
+                writer.finalize()
+            os.replace(tmp, path)
+    return Dataset.from_file(str(path))
 
 
 # ---------------------------------------------------------------------------- prompt truncation
@@ -165,6 +248,8 @@ def finish_stage(trainer, recipe: Recipe, tokenizer, train_output) -> dict | Non
     """Evaluate on the test split, write final/, result.json, the termination message; push."""
     eval_metrics = trainer.evaluate() if trainer.eval_dataset is not None else None
     merge = None
+    if recipe.lora is None:
+        cast_to_saved_dtype(trainer, recipe)
     if recipe.lora and recipe.lora.merge:
         def merge(adapter_dir, out_dir):
             merge_adapter(recipe.model, tokenizer, adapter_dir, out_dir)
@@ -178,3 +263,18 @@ def finish_stage(trainer, recipe: Recipe, tokenizer, train_output) -> dict | Non
     write_result(recipe, result)
     emit("done", **{k: v for k, v in result.items() if v is not None})
     return result
+
+
+def cast_to_saved_dtype(trainer, recipe: Recipe) -> None:
+    """After training: the fp32 master weights become model.dtype, the dtype final/ is saved in.
+
+    Only where this process holds the whole model in float32 (one process, ddp); DeepSpeed
+    gathers 16-bit weights itself and FSDP saves its full state dict.
+    """
+    if engine_keeps_fp32_masters():
+        return
+    dtype = checkpoint_dtype(recipe.model)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if dtype != torch.float32 and next(model.parameters()).dtype == torch.float32:
+        log.info("final/: saving the float32 master weights as %s (model.dtype)", str(dtype).removeprefix("torch."))
+        model.to(dtype)

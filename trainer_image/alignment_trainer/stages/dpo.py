@@ -3,7 +3,8 @@
     python -m alignment_trainer recipe.yaml          # recipe.method: dpo | ipo | simpo | orpo
 
 dpo/ipo: trl.DPOTrainer against a frozen reference (the starting model, recipe.ref_model, or
-the adapter-free base under LoRA), optionally with reference log-probs computed once up front.
+the adapter-disabled base under LoRA), optionally with reference log-probs computed once up front
+(then no reference stays in memory).
 simpo: trl.experimental.cpo's CPOTrainer with loss_type simpo and cpo_alpha 0 (no reference).
 orpo: trl.experimental.orpo's ORPOTrainer (odds-ratio loss on top of SFT; no reference).
 """
@@ -15,7 +16,8 @@ import trl
 from ..data import load_stage_data
 from ..model import added_tokens, load_model, load_tokenizer, lora_config
 from ..recipe import Recipe
-from .common import build_config, finish_stage, setup_stage, train, truncate_prompts
+from .common import (build_config, finish_stage, free_reference, load_reference, reference_cache, setup_stage,
+                     train, truncate_prompts)
 
 
 # The experimental trainers' batches hold chosen_input_ids/rejected_input_ids (no input_ids to count
@@ -42,17 +44,14 @@ def trainer_classes(method: str):
     raise ValueError(f"method {method!r} is not a pairwise preference method")
 
 
-def run(recipe: Recipe) -> dict | None:
-    # Setup: a stage that already finished is not trained again.
-    done = setup_stage(recipe)
-    if done is not None:
-        return done
+def build(recipe: Recipe):
+    """The stage's trainer and tokenizer: data, config, model, reference (run() trains it)."""
     t = recipe.training
 
     # Data first: a bad dataset fails in seconds, before a 7B model downloads or loads.
     data = load_stage_data(recipe)
     config_cls, trainer_cls, fields = trainer_classes(recipe.method)
-    uses_reference = recipe.method in ("dpo", "ipo")
+    uses_reference = recipe.info.reference
     if not uses_reference and (t.precompute_ref_log_probs or recipe.ref_model):
         raise ValueError(f"training.precompute_ref_log_probs / ref_model: {recipe.method} has no reference model")
 
@@ -61,27 +60,86 @@ def run(recipe: Recipe) -> dict | None:
         fields = dict(loss_type=[recipe.effective_loss_type], precompute_ref_log_probs=t.precompute_ref_log_probs)
     args = build_config(config_cls, recipe, beta=t.beta, **fields)
 
-    # Model & tokenizer; the reference is loaded explicitly (so it has the same added tokens) unless
-    # LoRA (the base without the adapter is the reference) or precomputed log-probs make it unneeded.
+    # Model & tokenizer. The reference (common.load_reference): none under LoRA (the adapter-disabled
+    # base) or with precomputed log-probs; for full fine-tuning a copy loaded exactly like the policy.
     tokenizer = load_tokenizer(recipe.model)
-    model = load_model(recipe.model, tokenizer, lora=recipe.lora)
+    model = load_model(recipe.model, tokenizer, lora=recipe.lora, trainable=True)
     peft_config = lora_config(recipe.lora, added_tokens(recipe.model, tokenizer)) if recipe.lora else None
-    ref_model = None
-    if uses_reference and (recipe.ref_model or (not recipe.lora and not t.precompute_ref_log_probs)):
-        ref_model = load_model(recipe.model, tokenizer, path=recipe.ref_model)
-    ref_kwargs = {"ref_model": ref_model} if uses_reference else {}
+    ref_kwargs = {"ref_model": load_reference(recipe, tokenizer)} if uses_reference else {}
 
     # Data: prompt (messages ending with a user turn), chosen and rejected ([assistant message]).
     # TRL 1.x cannot cut prompts keeping their end; do it here, before it tokenizes.
     train_set = truncate_prompts(data["train"], tokenizer, t.max_prompt_length)
     test_set = truncate_prompts(data.get("test"), tokenizer, t.max_prompt_length)
+    if uses_reference and t.precompute_ref_log_probs:  # one log-prob cache all processes share
+        train_set = reference_cache(train_set, recipe, tokenizer, "train")
+        test_set = reference_cache(test_set, recipe, tokenizer, "test")
 
-    # Trainer
+    processing_class = tokenizer
+    if recipe.method in ("simpo", "orpo"):  # TRL's experimental trainers tokenize text their own way
+        train_set, test_set = as_text(train_set, tokenizer), as_text(test_set, tokenizer)
+        processing_class = without_added_bos(tokenizer, train_set[0]["prompt"])
+
+    # Trainer (it precomputes the reference log-probs here, when asked)
     trainer = trainer_cls(model=model, args=args, train_dataset=train_set, eval_dataset=test_set,
-                          processing_class=tokenizer, peft_config=peft_config, **ref_kwargs)
+                          processing_class=processing_class, peft_config=peft_config, **ref_kwargs)
+    free_reference(trainer, recipe)
+    return trainer, tokenizer
+
+
+def run(recipe: Recipe) -> dict | None:
+    # Setup: a stage that already finished is not trained again.
+    done = setup_stage(recipe)
+    if done is not None:
+        return done
+    trainer, tokenizer = build(recipe)
 
     # Train, resuming from the newest complete checkpoint
     train_output = train(trainer, recipe)
 
     # Save final/ (a LoRA adapter merged into a standalone model when lora.merge) and the results
     return finish_stage(trainer, recipe, tokenizer, train_output)
+
+
+# ---------------------------------------------------------------------------- SimPO / ORPO rows
+
+def as_text(dataset, tokenizer):
+    """Conversational pairs as the text the other stages train on, for CPOTrainer/ORPOTrainer.
+
+    Those trainers append an eos to a reply unless its last token is one; given chat turns, the
+    template's reply ends with glue after the end-of-turn token (ChatML: "<|im_end|>\n"), so each
+    reply would end "<|im_end|>\n<|im_end|>". Rendered here, each reply stops at its end-of-turn
+    token (the tokenizer's eos), and they add nothing.
+    """
+    if dataset is None:
+        return None
+    eos = tokenizer.eos_token
+
+    def row(example):
+        prompt = tokenizer.apply_chat_template(example["prompt"], tokenize=False, add_generation_prompt=True)
+        out = {"prompt": prompt}
+        for key in ("chosen", "rejected"):
+            reply = tokenizer.apply_chat_template(example["prompt"] + example[key], tokenize=False)
+            if not reply.startswith(prompt):
+                raise ValueError("model.chat_template: the prompt renders differently before and inside a "
+                                 "conversation, so replies cannot be cut from it")
+            reply = reply[len(prompt):]
+            end = reply.find(eos)
+            out[key] = reply[:end + len(eos)] if end >= 0 else reply
+        return out
+
+    return dataset.map(row, remove_columns=dataset.column_names, desc="Rendering pairs as text")
+
+
+def without_added_bos(tokenizer, prompt_text: str):
+    """The tokenizer for CPOTrainer/ORPOTrainer: they put a bos before every prompt that lacks one,
+    which DPO, KTO and SFT (and inference through the chat template) never see. Where the template
+    writes no bos, a copy without one; else the tokenizer itself."""
+    bos = tokenizer.bos_token
+    if bos is None or prompt_text.startswith(bos):
+        return tokenizer
+    import copy
+
+    plain = copy.deepcopy(tokenizer)
+    plain.bos_token = None
+    return plain

@@ -85,6 +85,10 @@ def run(recipe: Recipe) -> dict:
         lp = sequence_logps(model, seqs, batch, tokenizer.pad_token_id, "preference (model)")
         lp_ref = sequence_logps(reference, seqs, batch, tokenizer.pad_token_id, "preference (reference)")
         metrics.update(preference_metrics(lp, lp_ref, t.beta))
+        if metrics["unscored_pairs"]:
+            log.warning("eval: %d of %d held-out pairs keep no response token within training.max_length %d "
+                        "(their prompt fills it); reported as unscored_pairs, not counted in the accuracy",
+                        metrics["unscored_pairs"], len(pairs), t.max_length)
 
     # Held-out loss and perplexity, completion tokens only
     if "loss" in ev.metrics:
@@ -169,9 +173,14 @@ def sequence_logps(model, seqs: list[tuple[list[int], list[int]]], batch_size: i
 
 
 def preference_metrics(lp: list[tuple[float, int]], lp_ref: list[tuple[float, int]], beta: float) -> dict:
-    """From (chosen, rejected) interleaved log-probs of the model and the reference."""
-    chosen, rejected = [s for s, _ in lp[0::2]], [s for s, _ in lp[1::2]]
-    ref_chosen, ref_rejected = [s for s, _ in lp_ref[0::2]], [s for s, _ in lp_ref[1::2]]
+    """From (chosen, rejected) interleaved log-probs of the model and the reference.
+
+    A pair whose chosen or rejected reply keeps no token after truncation (its prompt fills
+    max_length) has no reward to compare: it is counted in unscored_pairs, not as wrong.
+    """
+    scored = [i for i in range(len(lp) // 2) if lp[2 * i][1] > 0 and lp[2 * i + 1][1] > 0]
+    chosen, rejected = [lp[2 * i][0] for i in scored], [lp[2 * i + 1][0] for i in scored]
+    ref_chosen, ref_rejected = [lp_ref[2 * i][0] for i in scored], [lp_ref[2 * i + 1][0] for i in scored]
     r_chosen = [beta * (a - b) for a, b in zip(chosen, ref_chosen)]
     r_rejected = [beta * (a - b) for a, b in zip(rejected, ref_rejected)]
     n = max(len(chosen), 1)
@@ -180,10 +189,13 @@ def preference_metrics(lp: list[tuple[float, int]], lp_ref: list[tuple[float, in
         "reward_margin": sum(c - r for c, r in zip(r_chosen, r_rejected)) / n,
         "reward_chosen": sum(r_chosen) / n,
         "reward_rejected": sum(r_rejected) / n,
+        "reward_beta": beta,
         "logp_accuracy": sum(c > r for c, r in zip(chosen, rejected)) / n,
         "reference_logp_accuracy": sum(c > r for c, r in zip(ref_chosen, ref_rejected)) / n,
         "logp_margin": sum(c - r for c, r in zip(chosen, rejected)) / n,
         "reference_logp_margin": sum(c - r for c, r in zip(ref_chosen, ref_rejected)) / n,
+        "scored_pairs": len(scored),
+        "unscored_pairs": len(lp) // 2 - len(scored),
     }
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from .. import data, formats
 from ..recipe import DatasetArgs
+from .common import truncate_prompt
+from .tokens import ChatEncoder
 
 
 def _until_last_answer(messages: list[dict]) -> list[dict]:
@@ -61,36 +63,20 @@ def question(prompt: list[dict]) -> str:
 
 
 class Encoder:
-    """messages -> (token ids, scored mask): assistant turns from `scored_from` on are scored.
+    """messages -> (token ids, scored mask), cut the way the training stages cut them.
 
-    Tokenizes the chat template's rendering piece by piece (prompt, answer, prompt, answer),
-    as TRL does for prompt/completion, so the boundary between prompt and answer is exact.
-    Too long: the prompt loses tokens at its start (max_prompt_length), then the end is cut.
+    The prompt (the turns before `scored_from`) is cut to max_prompt_length by
+    common.truncate_prompt, as every training stage does, keeping its end; then the sequence is
+    cut to max_length keeping its start (TRL's keep_start). Scoring is tokens.ChatEncoder's:
+    the assistant replies from `scored_from` on, through their end-of-turn token.
     """
 
     def __init__(self, tokenizer, max_length: int, max_prompt_length: int | None = None):
-        self.tokenizer, self.max_length, self.max_prompt_length = tokenizer, max_length, max_prompt_length
-
-    def _render(self, messages: list[dict], generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        self.tokenizer, self.max_prompt_length = tokenizer, max_prompt_length
+        self.encode = ChatEncoder(tokenizer, max_length)
 
     def __call__(self, messages: list[dict], scored_from: int = 0) -> tuple[list[int], list[int]]:
-        ids: list[int] = []
-        mask: list[int] = []
-        done = ""
-        for k, message in enumerate(messages):
-            if message["role"] != "assistant" or k < scored_from:
-                continue
-            for text, scored in ((self._render(messages[:k], True), 0), (self._render(messages[:k + 1], False), 1)):
-                if not text.startswith(done):
-                    raise ValueError("model.chat_template: rendering a conversation turn by turn changes its "
-                                     "earlier turns, so answers cannot be told from prompts")
-                piece = self.tokenizer(text[len(done):], add_special_tokens=False)["input_ids"]
-                ids += piece
-                mask += [scored] * len(piece)
-                done = text
-        prompt_len = mask.index(1) if 1 in mask else len(mask)
-        if self.max_prompt_length is not None and prompt_len > self.max_prompt_length:
-            cut = prompt_len - self.max_prompt_length
-            ids, mask = ids[cut:], mask[cut:]
-        return ids[:self.max_length], mask[:self.max_length]
+        if self.max_prompt_length is not None and scored_from > 0:
+            prompt = truncate_prompt(messages[:scored_from], self.tokenizer, self.max_prompt_length)
+            messages, scored_from = prompt + messages[scored_from:], len(prompt)
+        return self.encode(messages, scored_from)
