@@ -287,3 +287,14 @@ def test_simpo_orpo_replies_end_with_one_end_of_turn(tmp_path, tiny_model, data_
         # one end of turn, where the chat template puts it (before: "<|im_end|>\n<|im_end|>")
         assert labels[-1] == eos and labels.count(eos) == 1, tokenizer.decode(labels)
         assert row[f"{key}_input_ids"][-1] == eos and row[f"{key}_input_ids"][-2] != eos
+
+
+def test_shp_keeps_pairs_whose_scores_differ_at_least_twofold():
+    from alignment_trainer.data import normalise_preference
+
+    def row(a, b, label=1):
+        return {"post_id": "p", "history": f"Question {a} {b}?", "human_ref_A": "Answer A.", "human_ref_B": "Answer B.",
+                "labels": label, "score_A": a, "score_B": b}
+
+    kept = normalise_preference([row(10, 5), row(10, 6), row(3, 9, 0), row(4, 4)], "shp").to_list()
+    assert [r["prompt"][0]["content"] for r in kept] == ["Question 10 5?", "Question 3 9?"]

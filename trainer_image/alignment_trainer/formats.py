@@ -220,8 +220,21 @@ def parse_hh_rlhf(row: dict) -> list[dict]:
                           hh_transcript(field(row, "rejected"), "rejected"))]
 
 
+SHP_MIN_SCORE_RATIO = 2.0
+
+
 def parse_shp(row: dict) -> list[dict]:
-    """Stanford SHP: labels 1 means human_ref_A is preferred."""
+    """Stanford SHP: labels 1 means human_ref_A is preferred.
+
+    As the DPO paper's code reads SHP, a pair counts only when one reply's score is at least
+    twice the other's (score_A/score_B, when the row has them): closer votes are noise. Such a
+    row gives no pair (it is not malformed).
+    """
+    scores = [row.get("score_A"), row.get("score_B")]
+    if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in scores):
+        low, high = sorted(scores)
+        if not (high > 0 and (low <= 0 or high / low >= SHP_MIN_SCORE_RATIO)):
+            return []
     a, b = reply(field(row, "human_ref_A"), "human_ref_A"), reply(field(row, "human_ref_B"), "human_ref_B")
     a_wins = label(field(row, "labels"), "labels")
     return [{"prompt": prompt(field(row, "history"), "history"),
