@@ -41,15 +41,22 @@ def x_validations(*rules: tuple[str, str] | tuple[str, str, str]) -> dict[str, A
     return {"x-kubernetes-validations": out}
 
 
-# A Kubernetes resource quantity ("8", "64Gi", "500m"), as int or string on the wire.
-_QUANTITY = re.compile(r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$")
+# A Kubernetes resource quantity ("8", "64Gi", "500m"), as int or string on the wire: the grammar
+# of k8s.io/apimachinery/pkg/api/resource (ParseQuantity), and above zero (a zero or negative
+# request, limit or size is refused when the pod or volume is created, or never schedules).
+_QUANTITY = re.compile(r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)(Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]|[eE][+-]?[0-9]+)?$")
+QUANTITY_MESSAGE = "must be a positive Kubernetes quantity like 8, '500m', '64Gi' or '1.5e3'"
 
 
 def _check_quantity(v: Any) -> Any:
     if isinstance(v, bool) or not isinstance(v, (int, str)):
-        raise ValueError(f"expected a Kubernetes quantity like 8, '64Gi' or '500m', got {v!r}")
-    if isinstance(v, str) and not _QUANTITY.match(v):
-        raise ValueError(f"{v!r} is not a Kubernetes quantity (e.g. 8, '64Gi', '500m')")
+        raise ValueError(QUANTITY_MESSAGE)
+    if isinstance(v, str):
+        match = _QUANTITY.match(v)
+        if not match or float(match.group(1)) == 0 or v.startswith("-"):
+            raise ValueError(QUANTITY_MESSAGE)
+    elif v <= 0:
+        raise ValueError(QUANTITY_MESSAGE)
     return v
 
 
@@ -57,7 +64,11 @@ Quantity = Annotated[
     int | str,
     BeforeValidator(_check_quantity),
     WithJsonSchema({"x-kubernetes-int-or-string": True, "anyOf": [{"type": "integer"}, {"type": "string"}],
-                    "pattern": _QUANTITY.pattern}),
+                    "maxLength": 64,  # bounds the rule's estimated cost
+                    **x_validations((
+                        "type(self) == int ? self > 0 : "
+                        "(isQuantity(self) && quantity(self).isGreaterThan(quantity('0')))",
+                        "must be a positive Kubernetes quantity like 8, 500m, 64Gi or 1.5e3"))}),
 ]
 
 # Free-form Kubernetes objects we pass through to pods (tolerations, affinity, envFrom ...).

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from alignment_trainer.recipe import METHODS, loss_type_problem, training_methods
 
+from . import admission
 from .spec import AlignmentRunSpec, StageSpec
 
 
@@ -60,4 +61,4 @@ def cross_field_problems(spec: AlignmentRunSpec) -> list[str]:
     st = spec.storage
     if (st.claim_name is None) == (st.volume_claim_template is None):
         problems.append("spec.storage: set exactly one of claimName or volumeClaimTemplate")
-    return problems
+    return problems + admission.problems(spec)

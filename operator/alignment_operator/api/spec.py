@@ -15,7 +15,9 @@ from pydantic import Field, field_validator
 
 from alignment_trainer.recipe import METHODS, check_method, loss_type_problem, method_names
 
-from .base import ApiModel, KubeObject, Quantity, x_validations
+from . import corev1
+from .admission import ExtraArgs, ImageRef, MountPath, NodeSelector
+from .base import ApiModel, Quantity, x_validations
 
 Strategy = Literal["ddp", "deepspeed-zero2", "deepspeed-zero3", "fsdp"]
 Scheduler = Literal[
@@ -100,9 +102,10 @@ class TrainingSpec(ApiModel):
     save_total_limit: int = Field(2, gt=0, description="Checkpoints kept on the volume (oldest deleted first).")
     logging_steps: int = Field(10, gt=0, description="Log loss and metrics every N steps (metrics.jsonl, status).")
     eval_steps: int | None = Field(None, gt=0, description="Evaluate on the test split every N steps; default: at the end.")
-    extra_args: KubeObject = Field(default_factory=dict, description=(
-        "Further TRL config fields (SFTConfig, DPOConfig, KTOConfig) by their TRL names; the "
-        "trainer refuses unknown ones."))
+    extra_args: ExtraArgs = Field(default_factory=dict, description=(
+        "Further fields of the method's TRL config (SFTConfig, DPOConfig, KTOConfig, CPOConfig for "
+        "simpo, ORPOConfig) by their TRL names. Keys that are no such field, that the trainer sets "
+        "itself (output_dir, deepspeed ...) or that have a typed field here are refused."))
 
     @field_validator("loss_type")
     @classmethod
@@ -231,22 +234,28 @@ class StorageSpec(ApiModel):
     claim_name: str | None = Field(None, max_length=253, description="An existing PersistentVolumeClaim.")
     volume_claim_template: VolumeClaimTemplate | None = Field(None, description=(
         "A PersistentVolumeClaim the operator creates for the run (kept when the run is deleted)."))
-    mount_path: str = Field("/workspace", max_length=1024, description=(
+    mount_path: MountPath = Field("/workspace", description=(
         "Where the volume is mounted; stage outputs go to <mountPath>/<namespace>/<run>/<stage>/."))
 
 
 class TrainerSpec(ApiModel):
-    image: str | None = Field(None, max_length=1024, description="Trainer image. Default: the operator's (Helm value trainer.image).")
+    image: ImageRef | None = Field(None, description="Trainer image. Default: the operator's (Helm value trainer.image).")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field("IfNotPresent", description="Image pull policy.")
-    env: list[KubeObject] = Field([], max_length=128, description="Extra environment variables (core/v1 EnvVar).")
-    env_from: list[KubeObject] = Field([], max_length=32, description="Extra environment sources (core/v1 EnvFromSource).")
+    env: list[corev1.shape("EnvVar", "core/v1 EnvVar.")] = Field([], max_length=128, description=(
+        "Extra environment variables (core/v1 EnvVar). Credentials come from a Secret through "
+        "valueFrom.secretKeyRef; a plain value under a secret-looking name (*_TOKEN, *_API_KEY, "
+        "*_SECRET, *_PASSWORD) is refused."))
+    env_from: list[corev1.shape("EnvFromSource", "core/v1 EnvFromSource.")] = Field(
+        [], max_length=32, description="Extra environment sources (core/v1 EnvFromSource).")
     hf_token_secret_ref: SecretKeyRef | None = Field(None, description=(
         "Secret with a Hugging Face token, exposed as HF_TOKEN through a secretKeyRef; never copied."))
-    service_account_name: str | None = Field(None, max_length=253, description="Service account of the training pods.")
-    node_selector: dict[str, str] = Field({}, description="Node labels the training pods require.")
-    tolerations: list[KubeObject] = Field([], max_length=64, description="Tolerations (core/v1 Toleration), e.g. for GPU taints.")
-    affinity: KubeObject | None = Field(None, description="Pod affinity (core/v1 Affinity).")
-    priority_class_name: str | None = Field(None, max_length=253, description="PriorityClass of the training pods.")
+    service_account_name: str | None = Field(None, max_length=253, pattern=corev1.DNS_SUBDOMAIN, description="Service account of the training pods.")
+    node_selector: NodeSelector = Field({}, description="Node labels the training pods require.")
+    tolerations: list[corev1.shape("Toleration", "core/v1 Toleration.")] = Field(
+        [], max_length=64, description="Tolerations (core/v1 Toleration), e.g. for GPU taints.")
+    affinity: corev1.shape("Affinity", "Pod affinity (core/v1 Affinity).") | None = Field(
+        None, description="Pod affinity (core/v1 Affinity).")
+    priority_class_name: str | None = Field(None, max_length=253, pattern=corev1.DNS_SUBDOMAIN, description="PriorityClass of the training pods.")
 
 
 class AlignmentRunSpec(ApiModel):

@@ -1,0 +1,162 @@
+"""What the API server or the kubelet would refuse only when a stage's pods are created,
+refused at admission instead: each check once as a CEL rule (in the CRD) and once in Python
+(`alignctl validate`, via checks.py), side by side, with the same message.
+
+- storage.mountPath: absolute, clean, not over the recipe mount, /dev/shm or the termination log;
+- trainer.image: a well-formed image reference (distribution/reference's grammar);
+- trainer.nodeSelector: label keys and values;
+- training.extraArgs: TRL config fields of the stage's method (trl_fields.json, generated from the
+  installed TRL by tools/gen_trl_fields.py), not the ones the trainer sets or has typed fields for.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import cache
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import WithJsonSchema
+
+from alignment_trainer.recipe import TrainingArgs
+
+from . import corev1
+
+# The pod's own mounts besides the run's volume (render.manifests mounts exactly these).
+RESERVED_MOUNTS = {"/etc/alignment": "the stage's recipe", "/dev/shm": "shared memory",
+                   "/dev/termination-log": "the trainer's result"}
+MOUNT_PATH = r"^(/[^/]+)+$"
+DOT_SEGMENT = r"(^|/)\.\.?(/|$)"
+
+# distribution/reference's grammar: [domain[:port]/]path[:tag][@digest], path components lowercase.
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*"
+_DOMAIN_PART = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_DOMAIN = rf"(?:{_DOMAIN_PART}(?:\.{_DOMAIN_PART})*|\[[a-fA-F0-9:]+\])(?::[0-9]+)?"
+IMAGE_REF = (rf"^(?:{_DOMAIN}/)?{_COMPONENT}(?:/{_COMPONENT})*(?::[A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}})?"
+             r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?$")
+IMAGE_MESSAGE = ("must be an image reference like registry.example.com/team/trainer:1.2 or "
+                 "trainer@sha256:<hex>: lowercase path, optional :tag and @digest, no spaces")
+
+MOUNT_RULES = [
+    (f"self.matches(r'{MOUNT_PATH}') && !self.matches(r'{DOT_SEGMENT}')",
+     "mountPath must be an absolute path without '.' or '..' segments or a trailing '/', e.g. /workspace"),
+    ("!" + repr(list(RESERVED_MOUNTS)) + ".exists(r, self == r || self.startsWith(r + '/') || r.startsWith(self + '/'))",
+     "mountPath must not be, contain or lie inside " + ", ".join(f"{p} ({why})" for p, why in RESERVED_MOUNTS.items())),
+]
+
+
+def _rules(*rules: tuple[str, str]) -> list[dict[str, str]]:
+    return [{"rule": r, "message": m} for r, m in rules]
+
+
+MountPath = Annotated[str, WithJsonSchema({"type": "string", "maxLength": 1024,
+                                           "x-kubernetes-validations": _rules(*MOUNT_RULES)})]
+ImageRef = Annotated[str, WithJsonSchema({"type": "string", "maxLength": 1024, "x-kubernetes-validations": _rules(
+    (f"self.matches(r'{IMAGE_REF}')", f"image {IMAGE_MESSAGE}"))})]
+NodeSelector = Annotated[dict[str, str], WithJsonSchema({
+    "type": "object", "maxProperties": 64, "additionalProperties": {"type": "string", "maxLength": 63},
+    "x-kubernetes-validations": _rules(
+        (f"self.all(k, k.matches(r'{corev1.LABEL_NAME}') && self[k].matches(r'{corev1.LABEL_VALUE}'))",
+         "nodeSelector keys must be label keys ([prefix/]name) and values label values (at most 63 "
+         "alphanumerics, '-', '_' or '.')"))})]
+# ---------------------------------------------------------------------------- training.extraArgs
+
+@cache
+def trl_fields() -> dict[str, Any]:
+    return json.loads(Path(__file__).with_name("trl_fields.json").read_text())
+
+
+def typed_fields() -> list[str]:
+    """Recipe fields the API sets from its own typed training fields."""
+    return sorted(set(TrainingArgs.model_fields) - {"extra_args"})
+
+
+def config_fields(method: str) -> set[str] | None:
+    """The TRL config fields a method's stage accepts; None for a method without one (eval)."""
+    data = trl_fields()
+    config = data["methods"].get(method)
+    return None if config is None else set(data["common"]) | set(data["configs"][config])
+
+
+def accepted_extra_args() -> list[str]:
+    """Keys training.extraArgs may hold in some stage: every method's TRL config fields but the
+    ones the trainer sets itself or the API has a typed field for."""
+    data = trl_fields()
+    return sorted(set(data["help"]) - set(data["owned"]) - set(typed_fields()))
+
+
+def extra_args_schema() -> dict[str, Any]:
+    """The CRD schema of training.extraArgs: one property per accepted key, its value any JSON
+    (the trainer's TRL checks it). The API server refuses any other key like every unknown field
+    (`kubectl apply` asks for strict field validation); which config each method builds is
+    checked by `alignctl validate` and by the trainer."""
+    help_ = trl_fields()["help"]
+    return {"type": "object", "properties": {
+        key: {"x-kubernetes-preserve-unknown-fields": True, "description": help_[key]} for key in accepted_extra_args()}}
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(p.title() for p in rest)
+
+
+def extra_args_problems(at: str, method: str, extra: dict[str, Any]) -> list[str]:
+    data = trl_fields()
+    accepted = config_fields(method)
+    out = []
+    typed = {"num_train_epochs": "epochs", "lr_scheduler_type": "scheduler",
+             "per_device_train_batch_size": "perDeviceBatchSize", "per_device_eval_batch_size": "perDeviceBatchSize"}
+    for key in extra:
+        path = f"{at}.training.extraArgs.{key}"
+        if key in data["owned"]:
+            out.append(f"{path}: set by the trainer itself, not configurable")
+        elif key in typed_fields():
+            out.append(f"{path}: set training.{typed.get(key, _camel(key))} instead")
+        elif accepted is None:
+            out.append(f"{path}: method {method!r} builds no TRL config; leave training.extraArgs empty")
+        elif key not in accepted:
+            import difflib
+
+            close = difflib.get_close_matches(key, sorted(accepted), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            out.append(f"{path}: not a {data['methods'][method]} field in TRL {data['trl']}{hint}")
+    return out
+
+
+# ---------------------------------------------------------------------------- the spec, in Python
+
+def _mount_problems(path: str) -> list[str]:
+    at = "spec.storage.mountPath"
+    if not re.search(MOUNT_PATH, path) or re.search(DOT_SEGMENT, path):
+        return [f"{at}: {path!r} {MOUNT_RULES[0][1].removeprefix('mountPath ')}"]
+    for reserved, why in RESERVED_MOUNTS.items():
+        if path == reserved or path.startswith(reserved + "/") or reserved.startswith(path + "/"):
+            return [f"{at}: {path!r} collides with {reserved} ({why}); choose another path, e.g. /workspace"]
+    return []
+
+
+def problems(spec: Any) -> list[str]:
+    """Everything above for one AlignmentRunSpec, one 'field.path: what is wrong' line each."""
+    out = _mount_problems(spec.storage.mount_path)
+    t = spec.trainer
+    if t.image is not None and not re.search(IMAGE_REF, t.image):
+        out.append(f"spec.trainer.image: {t.image!r} {IMAGE_MESSAGE}")
+    for key, value in t.node_selector.items():
+        if not corev1._label_name(key):
+            out.append(f"spec.trainer.nodeSelector: key {key!r} is not a label key ([prefix/]name, name of at most 63 "
+                       "alphanumerics, '-', '_' or '.')")
+        elif not re.search(corev1.LABEL_VALUE, value):
+            out.append(f"spec.trainer.nodeSelector[{key!r}]: {value!r} is not a label value (at most 63 "
+                       "alphanumerics, '-', '_' or '.')")
+    for field, name in (("env", "EnvVar"), ("envFrom", "EnvFromSource"), ("tolerations", "Toleration")):
+        for i, item in enumerate(getattr(t, {"envFrom": "env_from"}.get(field, field))):
+            out += corev1.problems(name, item, f"spec.trainer.{field}[{i}]")
+    if t.affinity is not None:
+        out += corev1.problems("Affinity", t.affinity, "spec.trainer.affinity")
+    for i, stage in enumerate(spec.stages):
+        out += extra_args_problems(f"spec.stages[{i}]", stage.method, stage.training.extra_args)
+    return out
+
+
+ExtraArgs = Annotated[dict[str, Any], WithJsonSchema(extra_args_schema())]
