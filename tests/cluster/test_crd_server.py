@@ -4,11 +4,16 @@ explain`, every example accepted, every bad manifest refused with the field name
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from alignment_operator.api import AlignmentRun, parse_run
+from alignment_operator.render.manifests import RenderContext, build_stage
 from controlplane import REPO
 
 pytestmark = pytest.mark.cluster
@@ -24,7 +29,7 @@ def header(path: Path) -> dict[str, str]:
         if not line.startswith("#"):
             break
         key, sep, value = line.lstrip("# ").partition(":")
-        if sep and key.strip() in ("expect", "server-expect", "server"):
+        if sep and key.strip() in ("expect", "server-expect", "server", "child"):
             fields[key.strip()] = value.strip()
     return fields
 
@@ -96,3 +101,101 @@ def test_manifest_marked_server_no_is_indeed_accepted_by_the_server(cluster, crd
     # header so the test above covers it.
     result = cluster.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", str(path), check=False)
     assert result.returncode == 0, f"the server now refuses {path.name}; drop its `# server: no`:\n{result.stderr}"
+
+
+# ---------------------------------------------------------------- refused at admission, not at child creation
+
+CHILD_REFUSED = [p for p in BAD if header(p).get("child", "").startswith("refused")]
+
+
+def render_bypassing_admission(path: Path, namespace: str) -> dict:
+    """The stage Job a bad manifest would become if admission let it through (types only)."""
+    run = AlignmentRun.model_validate(yaml.safe_load(path.read_text()))
+    run.metadata.namespace = namespace
+    return build_stage(run, 0, RenderContext(), "h")[-1]
+
+
+def test_there_are_a_dozen_bad_specs_only_child_creation_refused_before():
+    assert len(CHILD_REFUSED) >= 12, [p.name for p in CHILD_REFUSED]
+
+
+@pytest.mark.parametrize("path", CHILD_REFUSED, ids=lambda p: p.name)
+def test_without_admission_the_api_server_would_refuse_the_stage_job(cluster, namespace, path):
+    # Keeps the `# child: refused` headers honest: each is a spec that, before admission knew the
+    # core/v1 rules, was accepted as a run and then refused when its Job was created.
+    job = render_bypassing_admission(path, namespace)
+    result = cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=json.dumps(job), check=False)
+    assert result.returncode != 0, f"the API server accepts the Job {path.name} renders to: drop `# child: refused`"
+    assert "is invalid" in result.stderr or "strict decoding error" in result.stderr, result.stderr
+
+
+def test_valid_pod_settings_pass_admission_and_their_job_passes_the_api_server(cluster, crds, namespace):
+    """No false refusals: every core/v1 shape, valid, is accepted by the CRD, and the Job it
+    renders to by the API server (tests/unit/test_admission.py: by `alignctl validate`)."""
+    path = REPO / "tests/manifests/good/pod-settings.yaml"
+    result = cluster.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", str(path), check=False)
+    assert result.returncode == 0, result.stderr
+    job = render_bypassing_admission(path, namespace)
+    result = cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=json.dumps(job), check=False)
+    assert result.returncode == 0, result.stderr
+
+
+# ---------------------------------------------------------------- rendered children against the real schemas
+
+JOBSET_VERSION = "v0.12.0"  # the JobSet release the test cluster runs (shared/notes/real-node.md)
+
+
+def jobset_crd() -> Path:
+    """JobSet's CRD from its Go module (sigs.k8s.io/jobset@JOBSET_VERSION, Apache-2.0), fetched
+    through the Go module proxy like the control plane's sources; nothing is copied into the repo."""
+    out = subprocess.run(["go", "mod", "download", "-json", f"sigs.k8s.io/jobset@{JOBSET_VERSION}"],
+                         capture_output=True, text=True, cwd="/", env={**os.environ, "GOFLAGS": "-mod=mod"})
+    if out.returncode != 0:
+        pytest.fail(f"go mod download sigs.k8s.io/jobset@{JOBSET_VERSION} failed:\n{out.stdout}{out.stderr}")
+    return Path(json.loads(out.stdout)["Dir"]) / "config/components/crd/bases/jobset.x-k8s.io_jobsets.yaml"
+
+
+@pytest.fixture(scope="module")
+def jobset(cluster):
+    cluster.kubectl("apply", "--server-side", "-f", str(jobset_crd()))
+    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/jobsets.jobset.x-k8s.io")
+
+
+def zephyr(namespace: str, nodes: int):
+    doc = yaml.safe_load((REPO / "examples/zephyr-run.yaml").read_text())
+    doc["metadata"]["namespace"] = namespace
+    doc["spec"]["queueName"] = "team-a"
+    doc["spec"]["trainer"]["hfTokenSecretRef"] = {"name": "hf", "key": "token"}
+    doc["spec"]["stages"][0]["resources"]["nodes"] = nodes
+    return parse_run(doc)
+
+
+@pytest.mark.parametrize("nodes,ctx,kind", [
+    (1, RenderContext(), "Job"),
+    (3, RenderContext(), "Job"),
+    (2, RenderContext(pytorchjob_available=True), "PyTorchJob"),
+    (4, RenderContext(jobset_available=True, pytorchjob_available=True), "JobSet"),
+], ids=["job", "indexed-job", "pytorchjob", "jobset"])
+def test_rendered_stage_is_accepted_by_the_real_schemas(cluster, crds, jobset, namespace, nodes, ctx, kind):
+    """The failure policies (podFailurePolicy, podReplacementPolicy, JobSet failurePolicy) and
+    everything else a stage renders, server-dry-run against Kubernetes' and JobSet's validation."""
+    objects = build_stage(zephyr(namespace, nodes), 0, ctx, "h", suspend=True)
+    assert objects[-1]["kind"] == kind
+    for obj in objects:
+        result = cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=json.dumps(obj), check=False)
+        assert result.returncode == 0, f"{obj['kind']} {obj['metadata']['name']}:\n{result.stderr}"
+
+
+# ---------------------------------------------------------------- the core/v1 copy is Kubernetes' own
+
+def test_corev1_schemas_match_the_api_servers_openapi(cluster, tmp_path):
+    """api/corev1.json regenerated from this API server's /openapi/v3/api/v1 is the committed file."""
+    doc = json.loads(cluster.kubectl("get", "--raw", "/openapi/v3/api/v1").stdout)
+    source = tmp_path / "api__v1_openapi.json"
+    source.write_text(json.dumps(doc))
+    sys.path.insert(0, str(REPO / "tools"))
+    import gen_corev1_schemas
+
+    committed = (REPO / "operator/alignment_operator/api/corev1.json").read_text()
+    fresh = gen_corev1_schemas.generate(str(source), json.loads(committed)["source"])
+    assert fresh == committed, "api/corev1.json drifted from the API server: run `python tools/gen_corev1_schemas.py`"
