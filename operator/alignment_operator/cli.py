@@ -18,22 +18,11 @@ from pathlib import Path
 
 import yaml
 
-from .api import KIND, RunInvalid, parse_run
+from .api import RunInvalid, parse_run, run_documents
 
 
-def run_documents(path: Path) -> list[dict]:
-    """The AlignmentRun documents of a YAML file, unvalidated; none at all is an error naming the file."""
-    try:
-        docs = list(yaml.safe_load_all(path.read_text()))
-    except (OSError, yaml.YAMLError) as e:
-        raise RunInvalid([f"cannot read: {e}"], str(path)) from None
-    runs = [d for d in docs if isinstance(d, dict) and d.get("kind") == KIND]
-    if not runs:
-        raise RunInvalid([f"no {KIND} document found"], str(path))
-    return runs
-
-
-def summarize(run) -> str:
+def one_line(run) -> str:
+    """A run in one line: model, stages, where it runs."""
     stages = " -> ".join(f"{s.name}({s.method})" for s in run.spec.stages)
     r = run.spec.stages[0].resources
     where = f"{r.nodes} node(s) x {r.gpus_per_node} GPU" if r.gpus_per_node else f"{r.nodes} node(s), CPU"
@@ -46,7 +35,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         path = Path(name)
         try:
             for doc in run_documents(path):
-                print(f"ok  {path}: {summarize(parse_run(doc, str(path)))}")
+                print(f"ok  {path}: {one_line(parse_run(doc, str(path)))}")
         except RunInvalid as e:
             failed += 1
             print(f"ERR {e}", file=sys.stderr)
@@ -64,14 +53,19 @@ def cmd_crd(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_tiny_model(args: argparse.Namespace) -> int:
-    try:
-        from alignment_trainer.tiny import main as tiny_main
-    except ImportError as e:  # torch and friends live in the [trainer] extra
-        print(f"alignctl tiny-model needs the trainer extra: pip install 'alignment-operator[trainer]' ({e})",
-              file=sys.stderr)
+def _trainer_tool(module: str, argv: list[str]) -> int:
+    """Run one of the trainer's own tools as a process (the operator never imports the trainer)."""
+    import importlib.util
+    import subprocess
+
+    if importlib.util.find_spec("alignment_trainer") is None or importlib.util.find_spec("torch") is None:
+        print("alignctl: this needs the trainer extra: pip install 'alignment-operator[trainer]'", file=sys.stderr)
         return 2
-    return tiny_main([args.directory, *args.corpus])
+    return subprocess.call([sys.executable, "-m", module, *argv])
+
+
+def cmd_tiny_model(args: argparse.Namespace) -> int:
+    return _trainer_tool("alignment_trainer.tiny", [args.directory, *args.corpus])
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -79,13 +73,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("alignctl run: only --local is supported; on a cluster, `kubectl apply -f` the run",
               file=sys.stderr)
         return 2
-    try:
-        from alignment_trainer.local import main as local_main
-    except ImportError as e:
-        print(f"alignctl run --local needs the trainer extra: pip install 'alignment-operator[trainer]' ({e})",
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        print("alignctl run --local needs the trainer extra: pip install 'alignment-operator[trainer]'",
               file=sys.stderr)
         return 2
-    return local_main([args.file, *(["--workdir", args.workdir] if args.workdir else [])])
+    from .local import run_local
+
+    return run_local(args.file, args.workdir)
 
 
 def cmd_render(args: argparse.Namespace) -> int:
@@ -94,7 +90,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     ctx = RenderContext(pytorchjob_available=args.pytorchjob,
                         **({"trainer_image": args.trainer_image} if args.trainer_image else {}))
     try:
-        runs = [parse_run(d, args.file) for d in run_documents(Path(args.file))]
+        runs = [parse_run(d, args.file) for d in run_documents(args.file)]
     except RunInvalid as e:
         print(f"ERR {e}", file=sys.stderr)
         return 1
@@ -174,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run an AlignmentRun's stages on this machine")
     r.add_argument("--local", action="store_true", help="run here, stage after stage, as child processes")
-    r.add_argument("--workdir", help="where stage outputs go (default: runs/)")
+    r.add_argument("--workdir", default="runs", help="where stage outputs and status.json go (default: runs/)")
     r.add_argument("file")
     r.set_defaults(func=cmd_run)
     return p

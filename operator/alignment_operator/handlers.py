@@ -1,127 +1,41 @@
-"""kopf registrations: every event on a run, or on one of its Jobs, PyTorchJobs or pods,
-re-reconciles that run. The work is `reconcile_run`: observe, decide (pure), act (idempotent).
-"""
+"""kopf registrations only: every event on a run, or on one of its Jobs, PyTorchJobs or pods,
+re-reconciles that run (controller.reconcile_run: observe, decide, act)."""
 
 from __future__ import annotations
 
 import logging
 import os
-import threading
-from collections import defaultdict
 from typing import Any
 
 import kopf
-from kubernetes.client.rest import ApiException
 
-from . import kube, metrics
-from .api import GROUP, PLURAL, VERSION, AlignmentRunStatus, Condition, RunInvalid, parse_run
-from .reconcile import CreateStage, DeleteChildren, Event, RequeueAfter, SetSuspend, reconcile, stage_hash
-from .render.manifests import LABEL_RUN, RenderContext, build_pvc, build_stage
+from . import controller, metrics
+from .api import GROUP, PLURAL, VERSION
+from .render.manifests import LABEL_RUN
 
 log = logging.getLogger("alignment_operator")
-_locks: dict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
-_context = RenderContext()
-
-
-def render_context() -> RenderContext:
-    return RenderContext(
-        trainer_image=os.environ.get("ALIGNMENT_TRAINER_IMAGE", RenderContext.trainer_image),
-        accelerate_config_dir=os.environ.get("ALIGNMENT_ACCELERATE_CONFIG_DIR", RenderContext.accelerate_config_dir),
-        pytorchjob_available=kube.pytorchjob_available(),
-    )
 
 
 @kopf.on.startup()
 def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
-    global _context
     settings.posting.level = logging.WARNING   # we post our own events
     settings.watching.server_timeout = 300
     settings.networking.error_backoffs = [1, 2, 5, 10]
     # No cluster scans (namespaces, CRDs): least-privilege RBAC refuses them, and we watch fixed resources.
     settings.scanning.disabled = True
-    _context = render_context()
+    context = controller.configure()
     port = int(os.environ.get("ALIGNMENT_METRICS_PORT", "9090"))
     if port:
         metrics.serve(port)
-    log.info("trainer image %s; PyTorchJob CRD %s", _context.trainer_image,
-             "installed" if _context.pytorchjob_available else "absent")
+    log.info("trainer image %s; PyTorchJob CRD %s", context.trainer_image,
+             "installed" if context.pytorchjob_available else "absent")
 
 
-def reconcile_run(namespace: str, name: str) -> None:
-    """Bring one run's children and status in line with its spec. Serialised per run."""
-    with _locks[(namespace, name)], metrics.RECONCILE_SECONDS.time():
-        try:
-            for _ in range(3):  # a 409 on the status write means the run changed: recompute
-                try:
-                    _reconcile_once(namespace, name)
-                    return
-                except ApiException as e:
-                    if e.status != 409:
-                        raise
-            raise kopf.TemporaryError(f"{namespace}/{name}: status kept conflicting", delay=2)
-        except Exception:
-            metrics.RECONCILE_ERRORS.inc()
-            raise
-
-
-def _reconcile_once(namespace: str, name: str) -> None:
-    body = kube.get_run(namespace, name)
-    if body is None or body["metadata"].get("deletionTimestamp"):
-        metrics.observe_phase(namespace, name, None)
-        return  # deleted: ownerReferences let the garbage collector remove the children
-    generation = body["metadata"].get("generation")
-    old_status = AlignmentRunStatus.model_validate(body.get("status") or {})
+def _reconcile(namespace: str, name: str) -> None:
     try:
-        run = parse_run(body, f"{namespace}/{name}")
-    except RunInvalid as e:
-        _reject(body, old_status, generation, str(e))
-        return
-    outcome = reconcile(run, generation, kube.observe_children(namespace, name), kube.now())
-    for action in outcome.actions:
-        _apply(action, run, body)
-    new = outcome.status.wire()
-    if new != old_status.wire():
-        kube.replace_status(body, new)
-    metrics.observe_phase(namespace, name, outcome.status.phase)
-
-
-def _apply(action: Any, run: Any, body: dict[str, Any]) -> None:
-    ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
-    if isinstance(action, CreateStage):
-        pvc = build_pvc(run)
-        objects = ([pvc] if pvc else []) + build_stage(
-            run, action.index, _context, stage_hash(run, action.index), suspend=action.suspend)
-        for obj in objects:
-            kube.ensure_object(obj)
-    elif isinstance(action, SetSuspend):
-        kube.set_suspend(ns, action.name, action.suspend)
-    elif isinstance(action, DeleteChildren):
-        kube.delete_children(ns, name)
-    elif isinstance(action, Event):
-        kube.emit_event(body, action.type, action.reason, action.message)
-        metrics.TRANSITIONS.labels(action.reason).inc()
-    elif isinstance(action, RequeueAfter):
-        timer = threading.Timer(action.seconds, _safe_reconcile, args=(ns, name))
-        timer.daemon = True
-        timer.start()
-
-
-def _safe_reconcile(namespace: str, name: str) -> None:
-    try:
-        reconcile_run(namespace, name)
-    except Exception:  # noqa: BLE001 - a timer thread has nobody to raise to
-        log.exception("requeued reconcile of %s/%s failed", namespace, name)
-
-
-def _reject(body: dict[str, Any], old: AlignmentRunStatus, generation: int | None, message: str) -> None:
-    """A stored run the models refuse (e.g. written under an older CRD): say so, change nothing else."""
-    status = old.model_copy(deep=True)
-    status.conditions = [c for c in status.conditions if c.type != "SpecRejected"] + [Condition(
-        type="SpecRejected", status="True", reason="InvalidSpec", message=message[:4000],
-        last_transition_time=kube.now(), observed_generation=generation)]
-    if status.wire() != old.wire():
-        kube.replace_status(body, status.wire())
-        kube.emit_event(body, "Warning", "InvalidSpec", message)
+        controller.reconcile_run(namespace, name)
+    except controller.StatusKeptConflicting as e:
+        raise kopf.TemporaryError(str(e), delay=2) from None
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
@@ -129,19 +43,19 @@ def on_run(namespace: str, name: str, type: str, **_: Any) -> None:
     if type == "DELETED":
         metrics.observe_phase(namespace, name, None)
     else:
-        reconcile_run(namespace, name)
+        _reconcile(namespace, name)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_RUN: kopf.PRESENT})
 def on_job(namespace: str, labels: dict[str, str], **_: Any) -> None:
-    reconcile_run(namespace, labels[LABEL_RUN])
+    _reconcile(namespace, labels[LABEL_RUN])
 
 
 @kopf.on.event("kubeflow.org", "v1", "pytorchjobs", labels={LABEL_RUN: kopf.PRESENT})
 def on_pytorchjob(namespace: str, labels: dict[str, str], **_: Any) -> None:
-    reconcile_run(namespace, labels[LABEL_RUN])
+    _reconcile(namespace, labels[LABEL_RUN])
 
 
 @kopf.on.event("", "v1", "pods", labels={LABEL_RUN: kopf.PRESENT})
 def on_pod(namespace: str, labels: dict[str, str], **_: Any) -> None:
-    reconcile_run(namespace, labels[LABEL_RUN])
+    _reconcile(namespace, labels[LABEL_RUN])

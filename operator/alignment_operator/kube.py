@@ -16,6 +16,8 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
+from alignment_trainer import outcome
+
 from .api import GROUP, PLURAL, VERSION
 from .reconcile import ObservedChild
 from .render.manifests import ANNOTATION_HASH, LABEL_RUN, LABEL_STAGE
@@ -23,6 +25,10 @@ from .render.manifests import ANNOTATION_HASH, LABEL_RUN, LABEL_STAGE
 log = logging.getLogger(__name__)
 PYTORCHJOB = ("kubeflow.org", "v1", "pytorchjobs")
 MESSAGE_LIMIT = 2000
+
+
+class Conflict(Exception):
+    """The object changed since it was read (HTTP 409 on a write with its resourceVersion)."""
 
 
 def load_config(kubeconfig: str | None = None) -> None:
@@ -79,24 +85,32 @@ def _terminated(pods: list[Any]) -> list[Any]:
 def _result(pods: list[Any]) -> dict[str, Any] | None:
     for t in reversed(_terminated(pods)):
         if t.exit_code == 0 and t.message:
-            try:
-                return json.loads(t.message)
-            except json.JSONDecodeError:
-                log.warning("termination message is not JSON: %.200s", t.message)
+            said = outcome.decode(t.message)
+            if said is not None and "error" not in said:
+                return said
+            log.warning("termination message holds no result: %.200s", t.message)
     return None
 
 
 def _failure(pods: list[Any], fallback: str) -> str:
-    """The failed pod's own words: its trainer's error, else the reason and log tail."""
+    """The failed pod's own words: the trainer's outcome (reason, what to fix, its error line),
+    else the kubelet's reason and the END of the log tail (where the error is)."""
     for t in reversed(_terminated(pods)):
         if t.exit_code != 0:
-            text = (t.message or "").strip()
-            try:
-                text = json.loads(text).get("error", text)
-            except (json.JSONDecodeError, AttributeError):
-                pass
-            return f"{t.reason or 'Error'} (exit code {t.exit_code}): {text}"[:MESSAGE_LIMIT]
+            said = outcome.decode(t.message)
+            if said is not None and "error" in said:
+                return _tail(outcome.describe(said, t.exit_code))
+            text = " ".join((t.message or "").split())
+            return _tail(f"{t.reason or 'Error'} (exit code {t.exit_code}): {text or 'no message'}")
     return fallback
+
+
+def _tail(text: str) -> str:
+    """At most MESSAGE_LIMIT characters, keeping the head (reason, exit code) and the end (the error)."""
+    if len(text) <= MESSAGE_LIMIT:
+        return text
+    head = text[:text.find(": ") + 2] if 0 < text.find(": ") < 200 else ""
+    return head + "…" + text[-(MESSAGE_LIMIT - len(head) - 1):]
 
 
 def _pods(namespace: str, selector: str) -> list[Any]:
@@ -150,7 +164,7 @@ def _observe_pytorchjob(obj: dict[str, Any]) -> ObservedChild:
                    for r in status.get("replicaStatuses", {}).values())
     failed = conds.get("Failed", {})
     return ObservedChild(
-        stage=meta["labels"][LABEL_STAGE], name=meta["name"], state=state, attempts=attempts,
+        stage=meta["labels"][LABEL_STAGE], name=meta["name"], state=state, attempts=attempts, kind="PyTorchJob",
         created=meta.get("creationTimestamp"), finished=finished,
         message=_failure(pods, f"{failed.get('reason')}: {failed.get('message')}") if state == "Failed" else None,
         result=_result(pods) if state == "Succeeded" else None,
@@ -199,16 +213,26 @@ def ensure_object(obj: dict[str, Any]) -> bool:
     return True
 
 
-def set_suspend(namespace: str, name: str, suspend: bool) -> None:
-    if pytorchjob_available():
-        try:
-            client.CustomObjectsApi().patch_namespaced_custom_object(
-                *PYTORCHJOB[:2], namespace, PYTORCHJOB[2], name, {"spec": {"runPolicy": {"suspend": suspend}}})
-            return
-        except ApiException as e:
-            if e.status != 404:
-                raise
-    client.BatchV1Api().patch_namespaced_job(name, namespace, {"spec": {"suspend": suspend}})
+def set_suspend(namespace: str, name: str, kind: str, suspend: bool) -> None:
+    if kind == "PyTorchJob":
+        client.CustomObjectsApi().patch_namespaced_custom_object(
+            *PYTORCHJOB[:2], namespace, PYTORCHJOB[2], name, {"spec": {"runPolicy": {"suspend": suspend}}})
+    elif kind == "Job":
+        client.BatchV1Api().patch_namespaced_job(name, namespace, {"spec": {"suspend": suspend}})
+    else:
+        raise ValueError(f"cannot suspend a {kind}")
+
+
+def delete_child(namespace: str, name: str, kind: str) -> None:
+    """One stage child and its pods (foreground: a new child of the same name waits for them)."""
+    body = client.V1DeleteOptions(propagation_policy="Foreground")
+    if kind == "PyTorchJob":
+        _ignore_404(client.CustomObjectsApi().delete_namespaced_custom_object, *PYTORCHJOB[:2], namespace,
+                    PYTORCHJOB[2], name, body=body)
+    elif kind == "Job":
+        _ignore_404(client.BatchV1Api().delete_namespaced_job, name, namespace, body=body)
+    else:
+        raise ValueError(f"cannot delete a {kind}")
 
 
 def delete_children(namespace: str, run: str) -> None:
@@ -239,14 +263,19 @@ def _ignore_404(fn, *args, **kwargs) -> None:
 
 
 def replace_status(body: dict[str, Any], status: dict[str, Any]) -> None:
-    """Write status computed from `body`; 409 when the run changed meanwhile (the caller retries)."""
+    """Write status computed from `body`; Conflict when the run changed meanwhile (the caller retries)."""
     meta = body["metadata"]
     obj = {"apiVersion": body["apiVersion"], "kind": body["kind"],
            "metadata": {"name": meta["name"], "namespace": meta["namespace"],
                         "resourceVersion": meta["resourceVersion"]},
            "spec": body["spec"], "status": status}
-    client.CustomObjectsApi().replace_namespaced_custom_object_status(
-        GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], obj)
+    try:
+        client.CustomObjectsApi().replace_namespaced_custom_object_status(
+            GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], obj)
+    except ApiException as e:
+        if e.status == 409:
+            raise Conflict(f"{meta['namespace']}/{meta['name']} changed") from None
+        raise
 
 
 def emit_event(body: dict[str, Any], type_: str, reason: str, message: str) -> None:

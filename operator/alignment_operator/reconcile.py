@@ -1,9 +1,16 @@
 """The operator's state machine: (run, observed children, now) -> (new status, actions).
 
-Pure: no I/O, no clock, no Kubernetes client. `handlers.py` gathers what is observed, calls
-`reconcile`, and `kube.py` applies the actions idempotently (create-if-absent, status patched
-only when it changed). Because status is the memory and children have deterministic names, a
-restarted operator recomputes the same answer and creates nothing twice.
+Pure: no I/O, no clock, no Kubernetes client. Every transition lives here (start, finish,
+fail, interrupt, retry, suspend, recreate, ttl), for both shells: the cluster shell
+(`controller.py` observes Jobs through kube.py and applies the actions idempotently) and the
+local shell (`local/`, stages as child processes). Because status is the memory and children
+have deterministic names, a restarted operator recomputes the same answer and creates nothing
+twice.
+
+Retry is one feature for both shells: the run's `alignment.dev/retry` annotation, set to a value
+status.retryRequest has not seen, puts every failed stage back to Pending once (its failed child
+is deleted first; the new one resumes from the newest checkpoint). `alignctl run --local` sets
+a fresh value each time it runs. Succeeded stages are never redone.
 """
 
 from __future__ import annotations
@@ -14,19 +21,22 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from .api import AlignmentRun, AlignmentRunStatus, Condition, StageStatus
+from .api import RETRY_ANNOTATION, AlignmentRun, AlignmentRunStatus, Condition, StageStatus
 
-ChildState = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"]
+# Interrupted: the child was stopped by a signal and is gone (the local shell's Ctrl-C).
+ChildState = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended", "Interrupted"]
+FINISHED = ("Succeeded", "Failed", "Interrupted")
 
 
 @dataclass(frozen=True)
 class ObservedChild:
-    """What the cluster says about one stage's Job or PyTorchJob."""
+    """What a shell says about one stage's child: a Job, JobSet or PyTorchJob, or a local process."""
 
     stage: str
     name: str
     state: ChildState
-    attempts: int = 0
+    attempts: int = 0                   # pods (processes) this child started
+    kind: str = "Job"
     created: str | None = None
     finished: str | None = None
     message: str | None = None          # why it failed: the pod's reason and message
@@ -45,7 +55,17 @@ class CreateStage:
 class SetSuspend:
     stage: str
     name: str
+    kind: str
     suspend: bool
+
+
+@dataclass(frozen=True)
+class DeleteChild:
+    """A failed child of a stage being retried: delete it (with its pods) before a new one starts."""
+
+    stage: str
+    name: str
+    kind: str
 
 
 @dataclass(frozen=True)
@@ -65,7 +85,7 @@ class RequeueAfter:
     seconds: float
 
 
-Action = CreateStage | SetSuspend | DeleteChildren | Event | RequeueAfter
+Action = CreateStage | SetSuspend | DeleteChild | DeleteChildren | Event | RequeueAfter
 
 
 @dataclass
@@ -111,7 +131,10 @@ def reconcile(run: AlignmentRun, generation: int | None, children: dict[str, Obs
     stages: list[StageStatus] = []
     edited: list[str] = []
     failed: StageStatus | None = None
+    interrupted: StageStatus | None = None
     blocked = False  # an earlier stage has not succeeded: later ones wait
+    retry = run.metadata.annotations.get(RETRY_ANNOTATION)
+    retrying = retry is not None and retry != old.retry_request
 
     for i, spec in enumerate(run.spec.stages):
         was = prior.get(spec.name) or StageStatus(name=spec.name)
@@ -120,30 +143,44 @@ def reconcile(run: AlignmentRun, generation: int | None, children: dict[str, Obs
         current_hash = stage_hash(run, i)
         if st.spec_hash and st.spec_hash != current_hash and st.phase != "Pending":
             edited.append(spec.name)
+        if retrying and st.phase == "Failed" and not blocked:
+            events.append(Event("Normal", "StageRetried", f"stage {spec.name}: trying again from its newest "
+                                f"checkpoint (it failed before: {st.message})"))
+            st.phase, st.completion_time, st.message = "Pending", None, None
+            st.previous_attempts = st.attempts
 
         create = CreateStage(i, suspend=run.spec.suspend or bool(run.spec.queue_name))
         if st.phase in ("Succeeded", "Failed") or blocked:
             pass  # finished for good, or waiting behind an earlier stage (failed or not done)
+        elif child is not None and st.phase == "Pending" and child.state in FINISHED:
+            # The finished child of a stage that is to run again (a retry): gone first, then a new one.
+            actions.append(DeleteChild(spec.name, child.name, child.kind))
+            st.message = f"retrying: deleting the {child.state.lower()} {child.kind} {child.name} first"
         elif child is None and st.phase == "Pending":
             actions.append(create)
             st.phase = "Suspended" if run.spec.suspend else "Running"
-            st.start_time = now
+            st.start_time, st.message = now, None
             st.spec_hash = current_hash
             events.append(Event("Normal", "StageStarted", f"stage {spec.name} ({spec.method}) started"))
         elif child is None:
             # The Job vanished (deleted by hand): recreate it; the trainer resumes from its checkpoint.
             actions.append(create)
+            st.previous_attempts = st.attempts
             events.append(Event("Warning", "JobRecreated",
                                 f"stage {spec.name}: Job {st.job_name} is gone; recreating it"))
         else:
-            _observe(st, child, run, now, actions, events)
+            _fold_child(st, child, run, now, actions, events)
         if st.phase == "Failed":
             failed = st
+        if child is not None and child.state == "Interrupted" and st.phase == "Pending":
+            interrupted = st
         if st.phase != "Succeeded":
             blocked = True
         stages.append(st)
 
-    status = _summarize(run, old, stages, failed, edited, generation, now)
+    status = _run_status(run, old, stages, failed, interrupted, edited, generation, now)
+    if retrying:
+        status.retry_request = retry
     if status.phase != old.phase and status.phase in ("Succeeded", "Failed"):
         events.append(Event("Normal" if status.phase == "Succeeded" else "Warning", f"Run{status.phase}",
                             f"run {status.phase.lower()}: {status.progress} stages succeeded"
@@ -155,11 +192,11 @@ def reconcile(run: AlignmentRun, generation: int | None, children: dict[str, Obs
     return Outcome(status=status, actions=actions + events)
 
 
-def _observe(st: StageStatus, child: ObservedChild, run: AlignmentRun, now: str,
-             actions: list[Action], events: list[Action]) -> None:
-    """Fold a running stage's Job into its status."""
+def _fold_child(st: StageStatus, child: ObservedChild, run: AlignmentRun, now: str,
+                actions: list[Action], events: list[Action]) -> None:
+    """Fold what a running stage's child says into the stage's status."""
     st.job_name = child.name
-    st.attempts = max(st.attempts, child.attempts)
+    st.attempts = max(st.attempts, st.previous_attempts + child.attempts)
     st.start_time = st.start_time or child.created or now
     st.spec_hash = st.spec_hash or child.spec_hash
     if child.state == "Succeeded":
@@ -176,10 +213,16 @@ def _observe(st: StageStatus, child: ObservedChild, run: AlignmentRun, now: str,
         st.message = child.message or "the stage's Job failed"
         events.append(Event("Warning", "StageFailed", f"stage {st.name} failed: {st.message}"))
         return
+    if child.state == "Interrupted":
+        st.phase, st.completion_time = "Pending", None
+        st.previous_attempts = st.attempts
+        st.message = f"interrupted ({child.message or 'stopped'})"
+        events.append(Event("Warning", "StageInterrupted", f"stage {st.name} {st.message}"))
+        return
     suspend, queued = run.spec.suspend, bool(run.spec.queue_name)
     # With Kueue the queue unsuspends admitted Jobs; the operator only ever suspends them.
     if suspend != child.suspended and (suspend or not queued):
-        actions.append(SetSuspend(st.name, child.name, suspend))
+        actions.append(SetSuspend(st.name, child.name, child.kind, suspend))
         events.append(Event("Normal", "Suspended" if suspend else "Resumed",
                             f"stage {st.name} {'suspended' if suspend else 'resumed'}"))
     waiting_for_queue = child.suspended and queued and not suspend
@@ -193,9 +236,10 @@ def _brief(metrics: dict[str, float]) -> str:
     return ", ".join(shown) or "no metrics reported"
 
 
-def _summarize(run: AlignmentRun, old: AlignmentRunStatus, stages: list[StageStatus],
-               failed: StageStatus | None, edited: list[str], generation: int | None,
-               now: str) -> AlignmentRunStatus:
+def _run_status(run: AlignmentRun, old: AlignmentRunStatus, stages: list[StageStatus],
+                failed: StageStatus | None, interrupted: StageStatus | None, edited: list[str],
+                generation: int | None, now: str) -> AlignmentRunStatus:
+    """The run's status from its stages' (phase, conditions, model, evaluation)."""
     done = sum(s.phase == "Succeeded" for s in stages)
     current = next((s for s in stages if s.phase != "Succeeded"), stages[-1])
     if failed is not None:
@@ -220,8 +264,9 @@ def _summarize(run: AlignmentRun, old: AlignmentRunStatus, stages: list[StageSta
                    "RunSucceeded" if phase == "Succeeded" else phase, f"{done}/{len(stages)} stages succeeded",
                    now, generation),
         _condition(old.conditions, "Progressing", "True" if phase == "Running" else "False",
-                   f"Stage{current.phase}" if not finished else f"Run{phase}",
-                   f"stage {current.name} is {current.phase.lower()}", now, generation),
+                   f"Run{phase}" if finished else "Interrupted" if interrupted else f"Stage{current.phase}",
+                   f"stage {interrupted.name}: {interrupted.message}" if interrupted
+                   else f"stage {current.name} is {current.phase.lower()}", now, generation),
         _condition(old.conditions, "Failed", "True" if failed else "False",
                    "StageFailed" if failed else "NoFailure",
                    f"stage {failed.name}: {failed.message}" if failed else "", now, generation),
@@ -241,6 +286,7 @@ def _summarize(run: AlignmentRun, old: AlignmentRunStatus, stages: list[StageSta
         evaluation=evaluation,
         conditions=conditions,
         observed_generation=generation,
+        retry_request=old.retry_request,
         start_time=old.start_time or next((s.start_time for s in stages if s.start_time), None),
         completion_time=(old.completion_time or now) if finished else None,
     )

@@ -8,6 +8,7 @@ Pod Security admission), the Job controller, the garbage collector, and the oper
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -85,21 +86,88 @@ def test_run_goes_through_every_stage_to_succeeded(cluster, operator, restricted
     assert "alignment_reconcile_duration_seconds_count" in scraped
 
 
-def test_failed_stage_fails_the_run_with_the_pods_message(cluster, operator, restricted):
+def trainer_failure_message(tmp_path: Path) -> str:
+    """What the trainer itself writes to its termination message path for a dataset whose third
+    row has no `messages` column (data is checked before any model loads, so none is needed)."""
+    rows = [json.loads(line) for line in (ROOT / "examples/data/sft.jsonl").read_text().splitlines()[:5]]
+    rows[2] = {"text": "no messages here"}
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = tmp_path / "recipe.yaml"
+    message = tmp_path / "termination-log"
+    recipe.write_text(yaml.safe_dump({"method": "sft", "model": {"model_name_or_path": str(tmp_path / "no-model")},
+                                      "datasets": [{"path": str(data)}], "output_dir": str(tmp_path / "out"),
+                                      "termination_message_path": str(message)}))
+    proc = subprocess.run([sys.executable, "-m", "alignment_trainer", str(recipe)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    return message.read_text()
+
+
+def wait_phase(api, ns: str, phase: str) -> dict:
+    return wait_for(phase, lambda: (r := get_run(api, ns, "tiny")).get("status", {}).get("phase") == phase and r)
+
+
+def test_failed_stage_fails_the_run_with_the_trainers_own_message(cluster, operator, restricted, tmp_path):
+    ns, api = restricted, cluster.api_client()
+    written = trainer_failure_message(tmp_path)
+    line = json.loads(written)["error"]
+    assert "sft.jsonl" in line and "line 3" in line and "'messages'" in line
+    stages = yaml.safe_load((ROOT / "examples" / "tiny-run.yaml").read_text())["spec"]["stages"]
+    stages[0]["backoffLimit"] = 0
+    apply_tiny(cluster, ns, stages=stages)
+    wait_for("the sft Job", lambda: "tiny-sft" in jobs(api, ns))
+    play_kubelet(api, ns, "tiny-sft", 2, written)
+    run = wait_phase(api, ns, "Failed")
+    msg = run["status"]["stages"][0]["message"]
+    assert msg.startswith("DataError (exit code 2; fix the dataset named here") and msg.endswith(line)
+    cond = next(c for c in run["status"]["conditions"] if c["type"] == "Failed")
+    assert cond["status"] == "True" and cond["message"].endswith(line)
+    time.sleep(1)
+    assert "tiny-dpo" not in jobs(api, ns), "nothing runs after a failed stage"
+
+
+def test_a_log_tail_message_keeps_its_last_line(cluster, operator, restricted):
+    """A pod that died before writing its outcome: the kubelet's log tail (FallbackToLogsOnError)
+    starts with 2 KiB of traceback; the status keeps the end, where the error is."""
     ns, api = restricted, cluster.api_client()
     stages = yaml.safe_load((ROOT / "examples" / "tiny-run.yaml").read_text())["spec"]["stages"]
     stages[0]["backoffLimit"] = 0
     apply_tiny(cluster, ns, stages=stages)
     wait_for("the sft Job", lambda: "tiny-sft" in jobs(api, ns))
-    error = json.dumps({"error": "dataset examples/data/sft.jsonl: line 3: missing column 'messages'"})
-    play_kubelet(api, ns, "tiny-sft", 1, error)
-    run = wait_for("Failed", lambda: (r := get_run(api, ns, "tiny")).get("status", {}).get("phase") == "Failed" and r)
-    msg = run["status"]["stages"][0]["message"]
-    assert "missing column 'messages'" in msg and "sft.jsonl" in msg
-    cond = next(c for c in run["status"]["conditions"] if c["type"] == "Failed")
-    assert cond["status"] == "True" and "missing column 'messages'" in cond["message"]
-    time.sleep(1)
-    assert "tiny-dpo" not in jobs(api, ns), "nothing runs after a failed stage"
+    traceback = "".join(f'  File "/opt/x/frame{i}.py", line {i}, in f{i}\n    call_{i}()\n' for i in range(40))
+    last = "RuntimeError: NCCL communicator was aborted on rank 3"
+    play_kubelet(api, ns, "tiny-sft", 1, f"Traceback (most recent call last):\n{traceback}{last}\n")
+    msg = wait_phase(api, ns, "Failed")["status"]["stages"][0]["message"]
+    assert len(traceback) > 2048 and msg.startswith("Error (exit code 1): ") and msg.endswith(last)
+
+
+def test_the_retry_annotation_reruns_only_the_failed_stage(cluster, operator, restricted, tmp_path):
+    ns, api = restricted, cluster.api_client()
+    stages = yaml.safe_load((ROOT / "examples" / "tiny-run.yaml").read_text())["spec"]["stages"]
+    stages[1]["backoffLimit"] = 0
+    apply_tiny(cluster, ns, stages=stages)
+    sft_uid = wait_for("the sft Job", lambda: jobs(api, ns).get("tiny-sft"))
+    play_kubelet(api, ns, "tiny-sft", 0, result_message("sft", train_loss=2.5))
+    failed_uid = wait_for("the dpo Job", lambda: jobs(api, ns).get("tiny-dpo"))
+    play_kubelet(api, ns, "tiny-dpo", 2, trainer_failure_message(tmp_path))
+    wait_phase(api, ns, "Failed")
+
+    cluster.kubectl("annotate", "alignmentrun", "tiny", "-n", ns, "alignment.dev/retry=first")
+    retried = wait_for("a new dpo Job", lambda: (uid := jobs(api, ns).get("tiny-dpo")) and uid != failed_uid and uid,
+                       timeout=60)
+    run = wait_phase(api, ns, "Running")
+    assert run["status"]["retryRequest"] == "first"
+    assert [s["phase"] for s in run["status"]["stages"]] == ["Succeeded", "Running", "Pending"]
+    assert run["status"]["stages"][1]["attempts"] >= 1 and not run["status"]["stages"][1].get("message")
+    assert jobs(api, ns)["tiny-sft"] == sft_uid, "the succeeded stage is not redone"
+    play_kubelet(api, ns, "tiny-dpo", 0, result_message("dpo", train_loss=0.4))
+    wait_for("the eval Job", lambda: "tiny-eval" in jobs(api, ns))
+    time.sleep(2)  # the same annotation again does nothing more
+    assert jobs(api, ns)["tiny-dpo"] == retried and jobs(api, ns)["tiny-sft"] == sft_uid
+    reasons = [e.reason for e in client.CoreV1Api(api).list_namespaced_event(
+        ns, field_selector="involvedObject.kind=AlignmentRun").items]
+    assert reasons.count("StageRetried") == 1
 
 
 def test_job_deleted_by_hand_is_recreated_and_deleting_the_run_removes_children(cluster, operator, restricted):

@@ -189,7 +189,7 @@ def test_stage_command_one_process_or_accelerate_launch(tmp_path):
     """One process: python -m alignment_trainer; several: accelerate launch; the run's env is passed on."""
     from alignment_operator.api import parse_run
     from alignment_trainer.launch import build_launch_command
-    from alignment_trainer.local import stage_command
+    from alignment_operator.local.runner import stage_command
 
     doc = yaml.safe_load((REPO / "examples" / "tiny-run.yaml").read_text())
     doc["spec"]["stages"][0]["resources"]["processesPerNode"] = 2

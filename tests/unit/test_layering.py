@@ -1,44 +1,79 @@
-"""DESIGN.md's layering, enforced: one module talks to the API server, one registers with kopf."""
+"""DESIGN.md's layering, enforced: two packages, one direction; one module talks to the API
+server, one registers with kopf; the operator never imports torch."""
 
 from __future__ import annotations
 
 import ast
+import shutil
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = [ROOT / "operator" / "alignment_operator", ROOT / "trainer_image" / "alignment_trainer"]
+OPERATOR, TRAINER = "alignment_operator", "alignment_trainer"
+PACKAGES = {OPERATOR: ROOT / "operator" / OPERATOR, TRAINER: ROOT / "trainer_image" / TRAINER}
 
+# The trainer's torch-free contract: the only trainer modules the operator may import.
+CONTRACT = {"alignment_trainer.recipe", "alignment_trainer.launch", "alignment_trainer.checkpoints",
+            "alignment_trainer.outcome"}
 # Who may import what: anything else importing these is a layering bug.
 ALLOWED = {
-    "kubernetes": {"alignment_operator/kube.py", "alignment_operator/handlers.py"},  # handlers: ApiException only
-    "kopf": {"alignment_operator/handlers.py", "alignment_operator/cli.py"},          # cli: kopf.operator()
+    "kubernetes": {"alignment_operator/kube.py"},
+    "kopf": {"alignment_operator/handlers.py", "alignment_operator/cli.py"},  # cli: kopf.operator()
 }
+HEAVY = {"torch", "transformers", "trl", "datasets", "accelerate", "peft", "deepspeed", "matplotlib"}
 
 
-def imported_roots(path: Path) -> set[str]:
-    roots = set()
+def imports(path: Path) -> set[str]:
+    """Absolute module names a file imports (`from x import y` counts x and x.y)."""
+    names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            roots |= {a.name.split(".")[0] for a in node.names}
+            names |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            roots.add(node.module.split(".")[0])
-    return roots
+            names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return names
 
 
-def test_only_kube_and_handlers_touch_the_cluster():
-    offenders = []
-    for package in PACKAGES:
-        for path in package.rglob("*.py"):
-            rel = path.relative_to(package.parent).as_posix()
+def violations(packages: dict[str, Path]) -> list[str]:
+    found = []
+    for package, directory in packages.items():
+        for path in sorted(directory.rglob("*.py")):
+            rel = f"{package}/{path.relative_to(directory).as_posix()}"
+            names = imports(path)
+            roots = {n.split(".")[0] for n in names}
             for module, allowed in ALLOWED.items():
-                if module in imported_roots(path) and rel not in allowed:
-                    offenders.append(f"{rel} imports {module}")
-    assert not offenders, offenders
+                if module in roots and rel not in allowed:
+                    found.append(f"{rel} imports {module}")
+            if package == TRAINER and OPERATOR in roots:
+                found.append(f"{rel} imports {OPERATOR}: the trainer never imports the operator")
+            if package == OPERATOR:
+                trainer = {n for n in names if n.split(".")[0] == TRAINER}
+                outside = {n for n in trainer
+                           if n != TRAINER and not any(n == c or n.startswith(c + ".") for c in CONTRACT)}
+                if outside:
+                    found.append(f"{rel} imports {sorted(outside)}: only the trainer's contract "
+                                 f"({', '.join(sorted(CONTRACT))})")
+                if roots & HEAVY:
+                    found.append(f"{rel} imports {sorted(roots & HEAVY)}: the operator image has no training stack")
+    return found
 
 
-def test_the_operator_package_never_imports_torch():
-    """The operator image has no torch: nothing under alignment_operator may import it, even lazily."""
-    heavy = {"torch", "transformers", "trl", "datasets", "accelerate", "peft", "deepspeed"}
-    offenders = [f"{p.name}: {sorted(imported_roots(p) & heavy)}"
-                 for p in PACKAGES[0].rglob("*.py") if imported_roots(p) & heavy]
-    assert not offenders, offenders
+def test_the_tree_keeps_its_layers():
+    assert violations(PACKAGES) == []
+
+
+def test_the_check_fails_on_a_deliberate_import_in_either_direction(tmp_path):
+    """The same check on a copy of the tree with one bad import added each way."""
+    copies = {name: tmp_path / name for name in PACKAGES}
+    for name, directory in PACKAGES.items():
+        shutil.copytree(directory, copies[name], ignore=shutil.ignore_patterns("__pycache__"))
+    with (copies[TRAINER] / "data.py").open("a") as f:
+        f.write("\nfrom alignment_operator.api import parse_run  # deliberate\n")
+    with (copies[OPERATOR] / "render" / "recipe.py").open("a") as f:
+        f.write("\nfrom alignment_trainer.stages import dpo  # deliberate\n")
+    with (copies[OPERATOR] / "reconcile.py").open("a") as f:
+        f.write("\nimport torch  # deliberate\n")
+    found = violations(copies)
+    assert "alignment_trainer/data.py imports alignment_operator: the trainer never imports the operator" in found
+    assert any(v.startswith("alignment_operator/render/recipe.py imports ['alignment_trainer.stages'") for v in found)
+    assert "alignment_operator/reconcile.py imports ['torch']: the operator image has no training stack" in found
+    assert len(found) == 3, found

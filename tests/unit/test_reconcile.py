@@ -138,12 +138,12 @@ def test_suspend_and_resume_the_running_job():
     run = make_run()
     running = sft_running(run)
     out = reconcile(make_run(status=running, suspend=True), 2, {"sft": child("sft", "Running")}, NOW)
-    assert SetSuspend("sft", "tiny-sft", True) in out.actions
+    assert SetSuspend("sft", "tiny-sft", "Job", True) in out.actions
     assert out.status.phase == "Suspended" and out.status.stages[0].phase == "Suspended"
     # The Job is now suspended; unsuspending the run resumes it.
     out = reconcile(make_run(status=status_after(out), suspend=False), 3,
                     {"sft": child("sft", "Suspended", suspended=True)}, NOW)
-    assert SetSuspend("sft", "tiny-sft", False) in out.actions
+    assert SetSuspend("sft", "tiny-sft", "Job", False) in out.actions
     assert out.status.phase == "Running"
 
 

@@ -83,6 +83,16 @@ def build_launch_command(recipe_path: str, strategy: str | None, num_processes: 
     return cmd + ["-m", "alignment_trainer", str(recipe_path)]
 
 
+def visible_gpus() -> int:
+    """NVIDIA GPUs this process may use, without importing torch: CUDA_VISIBLE_DEVICES when set,
+    else the driver's /proc entries (0 on a machine without the NVIDIA driver)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return len(list(gpus.iterdir())) if gpus.is_dir() else 0
+
+
 def launch_env(cpu: bool = False) -> dict[str, str]:
     """Environment the launched command needs on top of the pod's/process's own."""
     env = {

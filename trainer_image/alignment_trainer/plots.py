@@ -1,6 +1,7 @@
 """Training curves of a whole run as one PNG: loss, reward margins, preference accuracies.
 
     plot_run_curves("runs/default/tiny", "runs/default/tiny/curves.png")
+    python -m alignment_trainer.plots RUN_DIR OUT.png [STAGE ...]     # what `alignctl run --local` runs
 
 Reads each stage's metrics.jsonl (one JSON row per logging step, see results.py) and draws
 the stages one after the other on a shared step axis, a dashed line where a stage starts;
@@ -22,12 +23,24 @@ PANELS = [
 
 
 def read_metrics(path: Path) -> list[dict]:
-    rows = []
+    """The rows of a metrics.jsonl, as the stage's final history: when an attempt resumed from a
+    checkpoint (its steps go back), the rows the stopped attempt logged from that step on are
+    dropped, so the curve shows what the model that was kept went through."""
+    rows: list[dict] = []
+    trained_to = -1  # the last step a training ("loss") row was logged for
     for line in path.read_text().splitlines():
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut by a kill mid-write
+        step = row.get("step")
+        # A training row at or before a step already trained through: a resumed attempt, which
+        # replaces those rows (rows of one step without "loss", such as eval and summaries, stay).
+        if "loss" in row and isinstance(step, int):
+            if step <= trained_to:
+                rows = [r for r in rows if r.get("step", 0) < step]
+            trained_to = step
+        rows.append(row)
     return rows
 
 
@@ -91,3 +104,19 @@ def plot_run_curves(run_dir: str | Path, out: str | Path, stages: list[str] | No
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) < 2:
+        print("usage: python -m alignment_trainer.plots RUN_DIR OUT.png [STAGE ...]", file=sys.stderr)
+        return 2
+    written = plot_run_curves(args[0], args[1], stages=args[2:] or None)
+    print(written or "no stage logged any metrics")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

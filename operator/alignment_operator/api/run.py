@@ -17,6 +17,10 @@ KIND = "AlignmentRun"
 PLURAL = "alignmentruns"
 SINGULAR = "alignmentrun"
 SHORT_NAMES = ["ar", "arun"]
+# Set to any new value to retry the run's failed stages once (each resumes from its newest
+# checkpoint; succeeded stages are never redone). `alignctl run --local` asks the same of the
+# local shell by running again. status.retryRequest records the value acted upon.
+RETRY_ANNOTATION = f"{GROUP}/retry"
 
 
 class ObjectMeta(BaseModel):
@@ -25,6 +29,7 @@ class ObjectMeta(BaseModel):
     model_config = ConfigDict(extra="allow")
     name: str = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
     namespace: str | None = None
+    annotations: dict[str, str] = Field(default_factory=dict)
 
 
 class AlignmentRun(BaseModel):

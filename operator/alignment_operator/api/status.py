@@ -31,7 +31,10 @@ class StageStatus(ApiModel):
     name: str = Field(description="Stage name.")
     phase: StagePhase = Field("Pending", description="Pending, Running, Succeeded, Failed or Suspended.")
     job_name: str | None = Field(None, description="The stage's Job or PyTorchJob.")
-    attempts: int = Field(0, ge=0, description="Pods started for the stage (retries resume from the checkpoint).")
+    attempts: int = Field(0, ge=0, description=(
+        "Pods started for the stage, over every Job it had (retries resume from the checkpoint)."))
+    previous_attempts: int = Field(0, ge=0, description=(
+        "Attempts of the stage's earlier Jobs (deleted for a retry, or recreated); a new Job's count adds to it."))
     start_time: str | None = Field(None, description="When the stage's Job was created (RFC 3339).")
     completion_time: str | None = Field(None, description="When the stage finished (RFC 3339).")
     checkpoint: str | None = Field(None, description="The stage's final model on the run's volume.")
@@ -49,5 +52,7 @@ class AlignmentRunStatus(ApiModel):
     evaluation: KubeObject = Field({}, description="Results of the eval stage (preference accuracy, perplexity, win rate).")
     conditions: list[Condition] = Field([], description="Ready, Progressing, Failed, SpecRejected.")
     observed_generation: int | None = Field(None, description="Spec generation last acted upon.")
+    retry_request: str | None = Field(None, max_length=253, description=(
+        "The alignment.dev/retry annotation value last acted upon (failed stages were retried once for it)."))
     start_time: str | None = Field(None, description="When the first stage started (RFC 3339).")
     completion_time: str | None = Field(None, description="When the run finished (RFC 3339).")

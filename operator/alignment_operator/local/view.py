@@ -1,7 +1,7 @@
 """What `alignctl run --local` shows a person: progress bars, failures, the final table.
 
-The trainer prints one JSON line per event on stdout (results.emit); everything here reads
-those and the status, and only prints.
+The trainer prints one JSON line per event on stdout (alignment_trainer.results.emit);
+everything here reads those and the status, and only prints.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
+
+from alignment_trainer.recipe import METHODS
 
 # Progress-line metrics and their short names, in display order.
 SHOWN = [("loss", "loss"), ("eval_loss", "eval_loss"), ("rewards/accuracies", "acc"),
@@ -134,13 +136,10 @@ class ProgressBar:
             self.drawn = False
 
 
-def error_message(lines: list[str]) -> str:
-    """The trainer's `error: ...` line (and what follows), else the last line that is not an event."""
+def last_words(lines: list[str]) -> str:
+    """When a stage died without writing its outcome (killed, segfault): its last line of output."""
     plain = [ln.rstrip() for ln in lines if ln.strip() and parse_event(ln) is None and not ln.startswith("=== ")]
-    starts = [i for i, ln in enumerate(plain) if ln.startswith("error: ")]
-    if starts:
-        return " ".join(plain[starts[-1]:])[len("error: "):][:2000]
-    return plain[-1][:2000] if plain else "no output"
+    return clip(plain[-1], 2000) if plain else "no output"
 
 
 def show_tail(lines: list[str], path: Path, n: int = 20) -> None:
@@ -156,16 +155,6 @@ def announce(run, run_dir: Path) -> None:
     for st in (run.status.stages if run.status else []):
         if st.phase == "Succeeded":
             print(f"- stage {st.name} succeeded earlier ({rel(st.checkpoint)}): skipped")
-
-
-def write_curves(run, run_dir: Path) -> Path | None:
-    from .plots import plot_run_curves
-
-    try:
-        return plot_run_curves(run_dir, run_dir / "curves.png", stages=[s.name for s in run.spec.stages])
-    except ImportError as e:
-        print(f"note: no curves.png ({e})")
-        return None
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -186,7 +175,8 @@ def summary(run, status, run_dir: Path, curves: Path | None) -> None:
     print()
     rows = [["STAGE", "METHOD", "PHASE", "TIME", "METRICS"]]
     for spec, st in zip(run.spec.stages, status.stages):
-        family = spec.method if spec.method in ("sft", "eval") else "pref"
+        info = METHODS[spec.method]
+        family = "eval" if not info.trains else "pref" if info.preference else "sft"
         shown = [f"{k}={_fmt(st.metrics[k])}" for k in KEY_METRICS[family] if k in st.metrics]
         took = duration(_since(st.start_time, st.completion_time)) if st.start_time else ""
         rows.append([st.name, spec.method, st.phase, took, "  ".join(shown) or (st.message or "")[:100]])

@@ -1,4 +1,4 @@
-"""Run a whole AlignmentRun on this machine, stage after stage, as child processes.
+"""The local shell: a whole AlignmentRun on this machine, stage after stage, as child processes.
 
     alignctl run --local examples/tiny-run.yaml [--workdir runs]
 
@@ -6,18 +6,19 @@ The workdir plays the run's volume: each stage's recipe is rendered exactly as t
 renders it (build_recipe) into <workdir>/<namespace>/<run>/<stage>/recipe.yaml and run as
 `python -m alignment_trainer recipe.yaml` (`accelerate launch` when the stage asks for several
 processes), output in log.txt beside it. This process plays the cluster for the operator's own
-state machine (reconcile): the status it computes is written to <workdir>/<namespace>/<run>/
-status.json after every transition, in the resource's status shape.
+state machine: what a child did goes into `reconcile` as an ObservedChild, exactly as the
+cluster shell reports a Job, and the status it computes is written to
+<workdir>/<namespace>/<run>/status.json after every transition, in the resource's status shape.
 
-Ctrl-C (or SIGTERM) stops the running stage and leaves it Pending, "interrupted"; running the
-same command again skips the stages that succeeded and resumes the interrupted one from its
-newest checkpoint (the trainer does that by itself).
+Running the command again is a retry request (the run's alignment.dev/retry annotation, as on
+a cluster): succeeded stages are skipped, a failed or interrupted stage runs again and resumes
+from its newest checkpoint (the trainer does that by itself). Ctrl-C (or SIGTERM) stops the
+running stage; reconcile records it Pending, "interrupted".
 Exit status: 0 the run succeeded, 1 a stage failed, 2 the run is invalid, 130 interrupted.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import queue
@@ -29,16 +30,17 @@ import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
-from alignment_operator.api import AlignmentRun, AlignmentRunStatus, Condition, RunInvalid, StageStatus, parse_run
-from alignment_operator.cli import run_documents
-from alignment_operator.reconcile import CreateStage, Event, ObservedChild, reconcile
-from alignment_operator.render.recipe import build_recipe, stage_dir
+from alignment_trainer import outcome
+from alignment_trainer.checkpoints import newest_checkpoint
+from alignment_trainer.launch import build_launch_command, launch_env, visible_gpus
 
-from . import local_view as view
-from .checkpoints import newest_checkpoint
-from .launch import build_launch_command, launch_env
+from ..api import RETRY_ANNOTATION, AlignmentRun, AlignmentRunStatus, RunInvalid, load_run
+from ..reconcile import CreateStage, DeleteChild, Event, ObservedChild, reconcile
+from ..render.recipe import build_recipe, stage_dir
+from . import view
 
 STOP_GRACE_S = 60  # how long a stage may take to stop after SIGINT before it is killed
+OUTCOME_FILE = "termination-message.json"  # the stage's termination message path, on the "volume"
 
 
 class Interrupted(Exception):
@@ -55,15 +57,7 @@ def now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-# ---------------------------------------------------------------------------- the run and its status
-
-def load_run(path: str) -> AlignmentRun:
-    """The one AlignmentRun in a YAML file, validated as the API server would."""
-    runs = run_documents(Path(path))
-    if len(runs) != 1:
-        raise RunInvalid([f"expected one AlignmentRun document, found {len(runs)}"], path)
-    return parse_run(runs[0], path)
-
+# ---------------------------------------------------------------------------- status.json
 
 def read_status(run_dir: Path) -> AlignmentRunStatus | None:
     path = run_dir / "status.json"
@@ -77,39 +71,13 @@ def write_status(run_dir: Path, status: AlignmentRunStatus) -> None:
     os.replace(tmp, run_dir / "status.json")
 
 
-def outputs_complete(run: AlignmentRun, index: int, root: str) -> bool:
-    """A training stage left final/ and result.json; an eval stage result.json."""
-    stage = run.spec.stages[index]
-    out = Path(stage_dir(root, run, stage.name))
-    return (out / "result.json").is_file() and (stage.method == "eval" or (out / "final").is_dir())
-
-
-def prepare_rerun(run: AlignmentRun, root: str) -> None:
-    """Running the command again retries a failed stage, and a stage recorded Succeeded whose
-    outputs are gone (deleted by hand); the stages that succeeded stay done."""
-    for i, st in enumerate(run.status.stages if run.status else []):
-        if i >= len(run.spec.stages):
-            break
-        if st.phase == "Succeeded" and not outputs_complete(run, i, root):
-            print(f"stage {st.name}: recorded Succeeded but its outputs are gone; running it again")
-            run.status.stages[i] = StageStatus(name=st.name)
-        elif st.phase == "Failed":
-            print(f"stage {st.name}: failed before ({view.clip(st.message or '', 160)}); trying again")
-            run.status.stages[i] = StageStatus(name=st.name, attempts=st.attempts)
-
-
-def mark_interrupted(status: AlignmentRunStatus, index: int, signame: str, last: dict, out: Path) -> None:
-    """The stopped stage goes back to Pending with a message saying how to go on."""
-    st = status.stages[index]
-    where = f" at step {last['step']}/{last['total']}" if "step" in last and not last.get("task") else ""
-    resume = newest_checkpoint(out)
-    st.phase, st.completion_time, st.attempts = "Pending", None, st.attempts + 1
-    st.message = (f"interrupted ({signame}){where}; run the same command again to resume"
-                  + (f" from {Path(resume).name}" if resume else ""))
-    status.phase = "Pending"
-    stopped = Condition(type="Progressing", status="False", reason="Interrupted",
-                        message=f"stage {st.name}: {st.message}", last_transition_time=now())
-    status.conditions = [stopped if c.type == "Progressing" else c for c in status.conditions]
+def warn_missing_outputs(run: AlignmentRun, root: str) -> None:
+    """A stage recorded Succeeded whose final/ was deleted by hand: its successors would fail."""
+    for spec, st in zip(run.spec.stages, run.status.stages if run.status else []):
+        out = Path(stage_dir(root, run, spec.name))
+        if st.phase == "Succeeded" and spec.method != "eval" and not (out / "final").is_dir():
+            print(f"! stage {spec.name}: recorded Succeeded but {view.rel(out / 'final')} is gone; delete "
+                  f"{view.rel(out.parent / 'status.json')} to run the whole run again", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------- one stage
@@ -117,13 +85,9 @@ def mark_interrupted(status: AlignmentRunStatus, index: int, signame: str, last:
 def stage_command(run: AlignmentRun, index: int, recipe_path: Path) -> tuple[list[str], dict[str, str]]:
     """The child's argv and environment: one process, or accelerate launch for several."""
     r = run.spec.stages[index].resources
-    gpus = 0
-    if r.gpus_per_node:
-        import torch
-
-        gpus = min(r.gpus_per_node, torch.cuda.device_count())
-        if gpus < r.gpus_per_node:
-            print(f"  note: the stage asks for {r.gpus_per_node} GPUs per node, this machine has {gpus}")
+    gpus = min(r.gpus_per_node, visible_gpus()) if r.gpus_per_node else 0
+    if gpus < r.gpus_per_node:
+        print(f"  note: the stage asks for {r.gpus_per_node} GPUs per node, this machine has {gpus}")
     if r.nodes > 1:
         print(f"  note: the stage asks for {r.nodes} nodes; running it on this machine only")
     processes = r.processes_per_node or gpus or 1
@@ -140,22 +104,26 @@ def stage_command(run: AlignmentRun, index: int, recipe_path: Path) -> tuple[lis
     return [str(beside) if beside.exists() else shutil.which("accelerate") or "accelerate", *cmd[1:]], env
 
 
-def run_stage(run: AlignmentRun, index: int, root: str, attempts: int, started: str) -> ObservedChild:
-    """Render the recipe, run the stage to its end, and report it as the cluster would a Job."""
+def run_stage(run: AlignmentRun, index: int, root: str, started: str) -> ObservedChild:
+    """Render the recipe, run the stage to its end, and report it as the cluster shell reports a Job."""
     stage = run.spec.stages[index]
     out = Path(stage_dir(root, run, stage.name))
     out.mkdir(parents=True, exist_ok=True)
     name = f"{run.metadata.name}-{stage.name}"
+    message_path = out / OUTCOME_FILE
+    message_path.unlink(missing_ok=True)  # only this attempt's outcome counts
     recipe_path = out / "recipe.yaml"
-    recipe_path.write_text(build_recipe(run, index, root).dump())
+    recipe_path.write_text(build_recipe(run, index, root, termination_message_path=str(message_path)).dump())
+    child = lambda state, **kw: ObservedChild(stage.name, name, state, 1, kind="process",  # noqa: E731
+                                              created=started, finished=now(), **kw)
     try:
         cmd, env = stage_command(run, index, recipe_path)
     except ValueError as e:
-        return ObservedChild(stage.name, name, "Failed", attempts, started, now(), message=str(e))
+        return child("Failed", message=f"RecipeError: {e}")
 
     bar = view.ProgressBar(stage.name)
     with (out / "log.txt").open("a") as log:
-        log.write(f"=== {now()} attempt {attempts}: {' '.join(cmd)}\n")
+        log.write(f"=== {now()} {' '.join(cmd)}\n")
         log.flush()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                                 env=env, start_new_session=True)  # own process group: we forward signals
@@ -169,18 +137,23 @@ def run_stage(run: AlignmentRun, index: int, root: str, attempts: int, started: 
             print(f"\n{e}: stopping stage {stage.name} (pid {proc.pid}) ...", flush=True)
             _stop(proc, e.signum)
             _drain(lines, log)
-            e.last = bar.last
-            raise
+            last = bar.last
+            where = f" at step {last['step']}/{last['total']}" if "step" in last and not last.get("task") else ""
+            resume = newest_checkpoint(out)
+            return child("Interrupted", message=f"{e}{where}; run the same command again to resume"
+                                                + (f" from {Path(resume).name}" if resume else ""))
         bar.close()
 
-    if code == 0 and (out / "result.json").is_file():
-        result = json.loads((out / "result.json").read_text())
-        return ObservedChild(stage.name, name, "Succeeded", attempts, started, now(), result=result)
-    text = (out / "log.txt").read_text().splitlines()
+    said = outcome.decode(message_path.read_text(errors="replace")) if message_path.is_file() else None
+    if code == 0 and said is not None and "error" not in said:
+        return child("Succeeded", result=said)
+    text = (out / "log.txt").read_text(errors="replace").splitlines()
     text = text[max(i for i, line in enumerate(text) if line.startswith("=== ")):]  # this attempt's
     view.show_tail(text, out / "log.txt")
-    why = view.error_message(text) if code else "exited 0 without writing result.json"
-    return ObservedChild(stage.name, name, "Failed", attempts, started, now(), message=f"exit code {code}: {why}")
+    if said is not None and "error" in said:
+        return child("Failed", message=outcome.describe(said, code))
+    why = "exited 0 without writing its outcome" if code == 0 else view.last_words(text)
+    return child("Failed", message=f"Error (exit code {code}): {why}")
 
 
 def _pump(stream, lines: queue.Queue) -> None:
@@ -228,42 +201,53 @@ def _stop(proc: subprocess.Popen, signum: int) -> None:
             continue
 
 
+def write_curves(run: AlignmentRun, run_dir: Path) -> Path | None:
+    """curves.png of the whole run, drawn by the trainer's plotting tool (matplotlib lives there)."""
+    out = run_dir / "curves.png"
+    proc = subprocess.run([sys.executable, "-m", "alignment_trainer.plots", str(run_dir), str(out),
+                           *(s.name for s in run.spec.stages)], capture_output=True, text=True)
+    if proc.returncode != 0 or not out.is_file():
+        print(f"note: no curves.png ({(proc.stderr.strip().splitlines() or ['no metrics'])[-1]})")
+        return None
+    return out
+
+
 # ---------------------------------------------------------------------------- the run
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="alignctl run --local", description=__doc__.split("\n\n")[0])
-    parser.add_argument("file", help="AlignmentRun manifest")
-    parser.add_argument("--workdir", default="runs", help="where stage outputs and status.json go (default: runs/)")
-    args = parser.parse_args(argv)
+def run_local(file: str, workdir: str = "runs") -> int:
     try:
-        run = load_run(args.file)
+        run = load_run(file)
     except RunInvalid as e:
         print(f"ERR {e}", file=sys.stderr)
         return 2
-    root = os.path.abspath(args.workdir)
+    root = os.path.abspath(workdir)
     run_dir = Path(stage_dir(root, run, "-")).parent
     run.status = read_status(run_dir)
-    prepare_rerun(run, root)
+    run.metadata.annotations[RETRY_ANNOTATION] = f"local-{datetime.now(timezone.utc).isoformat()}"
+    warn_missing_outputs(run, root)
     view.announce(run, run_dir)
 
     previous = {s: signal.signal(s, _raise) for s in (signal.SIGINT, signal.SIGTERM)}
     observed: dict[str, ObservedChild] = {}
     try:
         while True:
-            outcome = reconcile(run, None, observed, now())
-            run.status = outcome.status
+            result = reconcile(run, None, observed, now())
+            run.status = result.status
             write_status(run_dir, run.status)
-            for event in (a for a in outcome.actions if isinstance(a, Event)):
-                print(f"{'!' if event.type == 'Warning' else '-'} {view.clip(event.message)}", flush=True)
-            start = next((a for a in outcome.actions if isinstance(a, CreateStage)), None)
-            if start is None:
+            for action in result.actions:
+                if isinstance(action, Event):
+                    print(f"{'!' if action.type == 'Warning' else '-'} {view.clip(action.message)}", flush=True)
+                elif isinstance(action, DeleteChild):
+                    observed.pop(action.stage, None)
+            if not any(isinstance(a, (DeleteChild, CreateStage)) for a in result.actions):
                 break
+            start = next((a for a in result.actions if isinstance(a, CreateStage)), None)
+            if start is None:
+                continue  # a stale child was dropped: reconcile again
             st = run.status.stages[start.index]
-            try:
-                observed[st.name] = run_stage(run, start.index, root, st.attempts + 1, st.start_time or now())
-            except Interrupted as e:
-                out = Path(stage_dir(root, run, st.name))
-                mark_interrupted(run.status, start.index, str(e), getattr(e, "last", {}), out)
+            observed[st.name] = run_stage(run, start.index, root, st.start_time or now())
+            if observed[st.name].state == "Interrupted":
+                run.status = reconcile(run, None, observed, now()).status
                 write_status(run_dir, run.status)
                 print(f"stage {st.name}: {run.status.stages[start.index].message}")
                 return 130
@@ -273,10 +257,5 @@ def main(argv: list[str] | None = None) -> int:
         for s, handler in previous.items():
             signal.signal(s, handler)
 
-    curves = view.write_curves(run, run_dir)
-    view.summary(run, run.status, run_dir, curves)
+    view.summary(run, run.status, run_dir, write_curves(run, run_dir))
     return 0 if run.status.phase == "Succeeded" else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

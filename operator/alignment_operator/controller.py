@@ -1,0 +1,116 @@
+"""The cluster shell: for one run, observe its children (kube.py), decide (reconcile, pure),
+act (kube.py, idempotent). handlers.py calls `reconcile_run` on every event; kopf stays there.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import defaultdict
+from typing import Any
+
+from . import kube, metrics
+from .api import AlignmentRunStatus, Condition, RunInvalid, parse_run
+from .reconcile import (
+    CreateStage, DeleteChild, DeleteChildren, Event, RequeueAfter, SetSuspend, reconcile, stage_hash,
+)
+from .render.manifests import RenderContext, build_pvc, build_stage
+
+log = logging.getLogger("alignment_operator")
+_locks: dict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
+_context = RenderContext()
+STATUS_TRIES = 3  # a conflicting status write means the run changed: recompute, this many times
+
+
+class StatusKeptConflicting(Exception):
+    """The run changed under every status write; the caller retries later."""
+
+
+def configure(context: RenderContext | None = None) -> RenderContext:
+    """What rendering needs to know about this cluster; read once at start-up."""
+    global _context
+    _context = context or RenderContext(
+        trainer_image=os.environ.get("ALIGNMENT_TRAINER_IMAGE", RenderContext.trainer_image),
+        accelerate_config_dir=os.environ.get("ALIGNMENT_ACCELERATE_CONFIG_DIR", RenderContext.accelerate_config_dir),
+        pytorchjob_available=kube.pytorchjob_available(),
+    )
+    return _context
+
+
+def reconcile_run(namespace: str, name: str) -> None:
+    """Bring one run's children and status in line with its spec. Serialised per run."""
+    with _locks[(namespace, name)], metrics.RECONCILE_SECONDS.time():
+        try:
+            for _ in range(STATUS_TRIES):
+                try:
+                    _reconcile_once(namespace, name)
+                    return
+                except kube.Conflict:
+                    continue
+            raise StatusKeptConflicting(f"{namespace}/{name}: status kept conflicting")
+        except Exception:
+            metrics.RECONCILE_ERRORS.inc()
+            raise
+
+
+def _reconcile_once(namespace: str, name: str) -> None:
+    body = kube.get_run(namespace, name)
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        metrics.observe_phase(namespace, name, None)
+        return  # deleted: ownerReferences let the garbage collector remove the children
+    generation = body["metadata"].get("generation")
+    old_status = AlignmentRunStatus.model_validate(body.get("status") or {})
+    try:
+        run = parse_run(body, f"{namespace}/{name}")
+    except RunInvalid as e:
+        _reject(body, old_status, generation, str(e))
+        return
+    outcome = reconcile(run, generation, kube.observe_children(namespace, name), kube.now())
+    for action in outcome.actions:
+        _apply(action, run, body)
+    new = outcome.status.wire()
+    if new != old_status.wire():
+        kube.replace_status(body, new)
+    metrics.observe_phase(namespace, name, outcome.status.phase)
+
+
+def _apply(action: Any, run: Any, body: dict[str, Any]) -> None:
+    ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    if isinstance(action, CreateStage):
+        pvc = build_pvc(run)
+        objects = ([pvc] if pvc else []) + build_stage(
+            run, action.index, _context, stage_hash(run, action.index), suspend=action.suspend)
+        for obj in objects:
+            kube.ensure_object(obj)
+    elif isinstance(action, SetSuspend):
+        kube.set_suspend(ns, action.name, action.kind, action.suspend)
+    elif isinstance(action, DeleteChild):
+        kube.delete_child(ns, action.name, action.kind)
+    elif isinstance(action, DeleteChildren):
+        kube.delete_children(ns, name)
+    elif isinstance(action, Event):
+        kube.emit_event(body, action.type, action.reason, action.message)
+        metrics.TRANSITIONS.labels(action.reason).inc()
+    elif isinstance(action, RequeueAfter):
+        timer = threading.Timer(action.seconds, _safe_reconcile, args=(ns, name))
+        timer.daemon = True
+        timer.start()
+
+
+def _safe_reconcile(namespace: str, name: str) -> None:
+    try:
+        reconcile_run(namespace, name)
+    except Exception:  # noqa: BLE001 - a timer thread has nobody to raise to
+        log.exception("requeued reconcile of %s/%s failed", namespace, name)
+
+
+def _reject(body: dict[str, Any], old: AlignmentRunStatus, generation: int | None, message: str) -> None:
+    """A stored run the models refuse (e.g. written under an older CRD): say so, change nothing else."""
+    status = old.model_copy(deep=True)
+    status.conditions = [c for c in status.conditions if c.type != "SpecRejected"] + [Condition(
+        type="SpecRejected", status="True", reason="InvalidSpec", message=message[:4000],
+        last_transition_time=kube.now(), observed_generation=generation)]
+    if status.wire() != old.wire():
+        kube.replace_status(body, status.wire())
+        kube.emit_event(body, "Warning", "InvalidSpec", message)
