@@ -1,34 +1,49 @@
 #!/usr/bin/env bash
-# Builds the control plane that tests/cluster runs: kube-apiserver, kube-controller-manager
-# and etcd from the Go modules pinned in tools/k8s/go.mod, plus helm for the chart's tests.
+# Builds what tests/cluster runs: the control plane (kube-apiserver, kube-controller-manager,
+# etcd), the real node's Kubernetes parts (kubelet, kube-scheduler, kube-proxy) from the Go
+# modules pinned in tools/k8s/go.mod, the cluster DNS server (CoreDNS, from its own module in
+# tools/k8s/coredns/) and helm for the chart's tests.
 #
 #   tools/k8s/build.sh                    # CI calls exactly this; safe to rerun
 #   ALIGNMENT_K8S_BIN=/some/dir tools/k8s/build.sh
 #
 # Output: ${ALIGNMENT_K8S_BIN:-~/.cache/alignment-operator/k8s/<k8s-version>}/ (outside the
-# repository; binaries are never committed). A stamp file holding a hash of go.mod, go.sum,
-# this script and the Go version makes a rerun a no-op while nothing changed.
+# repository; binaries are never committed). Each binary has its own stamp (.stamp-<name>: a
+# hash of the module files it is built from and the Go version), so a rerun builds only what is
+# missing or changed, and adding a binary does not rebuild the others. Change RECIPE when you
+# change how binaries are built (flags), to rebuild them all.
 # To move to another Kubernetes release: tools/k8s/gen-gomod.sh vX.Y.Z, then rerun this.
 set -euo pipefail
 export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-mod=readonly
 HELM_VERSION=v4.3.1
+RECIPE=2
 cd "$(dirname "$0")"
 
 k8s_version=$(awk '$1 == "k8s.io/kubernetes" { print $2; exit }' go.mod)
 etcd_version=$(awk '$1 == "go.etcd.io/etcd/server/v3" { print $2; exit }' go.mod)
+coredns_version=$(awk 'NF >= 2 && $(NF-1) == "github.com/coredns/coredns" { print $NF; exit }' coredns/go.mod)
 out=${ALIGNMENT_K8S_BIN:-$HOME/.cache/alignment-operator/k8s/$k8s_version}
-binaries=(kube-apiserver kube-controller-manager etcd helm)
+k8s_binaries=(etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy)
+binaries=("${k8s_binaries[@]}" coredns helm)
 
-stamp=$(cat go.mod go.sum build.sh gen-gomod.sh <(go version) | sha256sum | cut -d' ' -f1)
-all_present() { for b in "${binaries[@]}"; do [[ -x $out/$b ]] || return 1; done; }
-if all_present && [[ "$(cat "$out/.stamp" 2>/dev/null)" == "$stamp" ]]; then
-    echo "control plane $k8s_version up to date in $out"
+common="$(go version) recipe $RECIPE"
+stamp_of() {  # what a binary is built from
+    case $1 in
+        helm) echo "$common $HELM_VERSION" ;;
+        coredns) cat coredns/go.mod coredns/go.sum <(echo "$common") | sha256sum | cut -d' ' -f1 ;;
+        *) cat go.mod go.sum gen-gomod.sh <(echo "$common $1") | sha256sum | cut -d' ' -f1 ;;
+    esac
+}
+current() { [[ -x $out/$1 && "$(cat "$out/.stamp-$1" 2>/dev/null)" == "$(stamp_of "$1")" ]]; }
+todo=()
+for b in "${binaries[@]}"; do current "$b" || todo+=("$b"); done
+if [[ ${#todo[@]} -eq 0 ]]; then
+    echo "Kubernetes $k8s_version binaries up to date in $out"
     exit 0
 fi
+wanted() { [[ " ${todo[*]} " == *" $1 "* ]]; }
 
-./gen-gomod.sh --check   # the replace block must still match the release's own go.mod
 mkdir -p "$out"
-rm -f "$out/.stamp"
 started=$SECONDS
 
 # Runs "$@" and prints how long it took.
@@ -39,40 +54,59 @@ timed() {
     echo "  $name: $((SECONDS - t0))s"
 }
 
-echo "downloading modules ..."
-timed "module download" go mod download
-
-# /version must tell the truth: the same -X flags as Kubernetes' hack/lib/version.sh.
-# buildDate is the release's tag time (from the module proxy), so builds are reproducible.
-minor=${k8s_version#v1.}
-minor=${minor%%.*}
-release_time=$(go list -m -f '{{.Time.UTC.Format "2006-01-02T15:04:05Z"}}' k8s.io/kubernetes)
-v=k8s.io/component-base/version
-k8s_ldflags="-s -w -X $v.gitVersion=$k8s_version -X $v.gitMajor=1 -X $v.gitMinor=$minor"
-k8s_ldflags+=" -X $v.gitTreeState=clean -X $v.buildDate=$release_time"
-
-# Each binary is written under a temporary name and renamed, so an interrupted build never
-# leaves a half-written binary that looks usable.
-build() {  # build NAME PACKAGE LDFLAGS
-    timed "$1" go build -trimpath -ldflags "$3" -o "$out/$1.partial" "$2"
+# Each binary is written under a temporary name and renamed, then stamped, so an interrupted
+# build never leaves a half-written binary that looks usable.
+build() {  # build NAME PACKAGE LDFLAGS [MODULE-DIR]
+    rm -f "$out/.stamp-$1"
+    timed "$1" go -C "${4:-.}" build -trimpath -ldflags "$3" -o "$out/$1.partial" "$2"
     mv "$out/$1.partial" "$out/$1"
+    stamp_of "$1" > "$out/.stamp-$1"
 }
 
-echo "building Kubernetes $k8s_version and etcd $etcd_version into $out (GOMAXPROCS=$(nproc)) ..."
-build etcd go.etcd.io/etcd/server/v3 "-s -w"
-build kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver "$k8s_ldflags"
-build kube-controller-manager k8s.io/kubernetes/cmd/kube-controller-manager "$k8s_ldflags"
+need_k8s=0
+for b in "${k8s_binaries[@]}"; do wanted "$b" && need_k8s=1; done
+if [[ $need_k8s == 1 ]]; then
+    ./gen-gomod.sh --check   # the replace block must still match the release's own go.mod
+    echo "downloading modules ..."
+    timed "module download" go mod download
+
+    # /version must tell the truth: the same -X flags as Kubernetes' hack/lib/version.sh.
+    # buildDate is the release's tag time (from the module proxy), so builds are reproducible.
+    minor=${k8s_version#v1.}
+    minor=${minor%%.*}
+    release_time=$(go list -m -f '{{.Time.UTC.Format "2006-01-02T15:04:05Z"}}' k8s.io/kubernetes)
+    v=k8s.io/component-base/version
+    k8s_ldflags="-s -w -X $v.gitVersion=$k8s_version -X $v.gitMajor=1 -X $v.gitMinor=$minor"
+    k8s_ldflags+=" -X $v.gitTreeState=clean -X $v.buildDate=$release_time"
+
+    echo "building Kubernetes $k8s_version and etcd $etcd_version into $out (GOMAXPROCS=$(nproc)): ${todo[*]} ..."
+    if wanted etcd; then build etcd go.etcd.io/etcd/server/v3 "-s -w"; fi
+    # The kubelet and kube-proxy share most packages with the control plane: minutes after it.
+    for b in kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy; do
+        if wanted "$b"; then build "$b" "k8s.io/kubernetes/cmd/$b" "$k8s_ldflags"; fi
+    done
+fi
+
+# CoreDNS from its own module (its k8s.io/* client versions differ from the control plane's).
+if wanted coredns; then
+    echo "building CoreDNS $coredns_version ..."
+    timed "module download" go -C coredns mod download
+    build coredns github.com/coredns/coredns "-s -w -X github.com/coredns/coredns/coremain.GitCommit=$coredns_version" coredns
+fi
 
 # helm is built from its own go.mod (go install pkg@version), not from ours: its
 # dependency graph (a different k8s.io/client-go) must not move the control plane's.
-echo "building helm $HELM_VERSION ..."
-helm_ldflags="-s -w -X helm.sh/helm/v4/internal/version.version=$HELM_VERSION"
-helm_ldflags+=" -X helm.sh/helm/v4/internal/version.metadata= -X helm.sh/helm/v4/internal/version.gitTreeState=clean"
-GOBIN=$out/.helm-partial timed helm go install -trimpath -ldflags "$helm_ldflags" \
-    "helm.sh/helm/v4/cmd/helm@$HELM_VERSION"
-mv "$out/.helm-partial/helm" "$out/helm"
-rmdir "$out/.helm-partial"
+if wanted helm; then
+    echo "building helm $HELM_VERSION ..."
+    rm -f "$out/.stamp-helm"
+    helm_ldflags="-s -w -X helm.sh/helm/v4/internal/version.version=$HELM_VERSION"
+    helm_ldflags+=" -X helm.sh/helm/v4/internal/version.metadata= -X helm.sh/helm/v4/internal/version.gitTreeState=clean"
+    GOBIN=$out/.helm-partial timed helm go install -trimpath -ldflags "$helm_ldflags" \
+        "helm.sh/helm/v4/cmd/helm@$HELM_VERSION"
+    mv "$out/.helm-partial/helm" "$out/helm"
+    rmdir "$out/.helm-partial"
+    stamp_of helm > "$out/.stamp-helm"
+fi
 
-for b in "${binaries[@]}"; do [[ -x $out/$b ]]; done
-echo "$stamp" > "$out/.stamp"
-echo "control plane $k8s_version built in $out in $((SECONDS - started))s"
+for b in "${binaries[@]}"; do current "$b"; done
+echo "built ${todo[*]} in $out in $((SECONDS - started))s"
