@@ -171,7 +171,9 @@ class TrainingArgs(_Strict):
                                 "method's (METHODS[method].beta).")
     loss_type: str | None = Field(None, description="TRL loss_type; default: the method's first (METHODS).")
     packing: bool = Field(False, description="SFT: pack sequences into max_length blocks.")
-    completion_only_loss: bool | None = Field(None, description="SFT: train on completions only (prompt masked).")
+    completion_only_loss: bool = Field(True, description=(
+        "SFT: loss on what the model answers only: a chat's assistant replies (through their end-of-turn "
+        "token), a prompt/completion row's completion; false: the whole sequence (alignment-handbook)."))
     gradient_checkpointing: bool = Field(True, description="Recompute activations in the backward pass to save memory.")
     seed: int = Field(42, description="Seed for data order, splits and initialisation.")
     precompute_ref_log_probs: bool = Field(False, description="DPO: compute reference log-probs once, before training.")

@@ -38,8 +38,13 @@ class ModelSpec(ApiModel):
         "path on the run's volume."))
     revision: str = Field("main", max_length=256, description="Hub revision: branch, tag or commit sha.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("bfloat16", description=(
-        "Weights and compute dtype. bfloat16 on Ampere or newer GPUs; float32 for CPU runs; auto "
-        "keeps the checkpoint's own."))
+        "Compute dtype and the dtype final/ is saved in. bfloat16 on Ampere or newer GPUs; float16 "
+        "trains with dynamic loss scaling; auto keeps the checkpoint's own. Trainable weights always "
+        "keep a float32 master copy: DeepSpeed ZeRO and FSDP hold it (sharded), under ddp or one "
+        "process the model loads in float32 and runs under autocast, about 16 bytes per trained "
+        "parameter with AdamW (weights, gradients, two moments) plus a float32 reference for "
+        "full-fine-tuning DPO/KTO; use ZeRO, LoRA or precomputeRefLogProbs for large models. Frozen "
+        "models (a LoRA base, the eval stage's) load in this dtype. CPU stages compute in float32."))
     attention: Literal["flash_attention_2", "sdpa", "eager"] = Field("sdpa", description=(
         "Attention kernel. flash_attention_2 needs a GPU and the flash-attn package (in the GPU "
         "trainer image); sdpa works everywhere."))
@@ -93,11 +98,16 @@ class TrainingSpec(ApiModel):
         "sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sft, sigmoid_norm; "
         "kto: kto (default), apo_zero_unpaired; ipo and simpo fix their own."))
     packing: bool = Field(False, description="SFT: pack several examples into each maxLength sequence.")
+    completion_only_loss: bool = Field(True, description=(
+        "SFT: the loss covers only what the model answers: every assistant reply of a chat "
+        "(through its end-of-turn token, any chat template) or the completion of prompt/completion "
+        "data. false trains on the whole sequence, prompts included, as alignment-handbook's SFT "
+        "recipes do."))
     gradient_checkpointing: bool = Field(True, description="Recompute activations in the backward pass to save memory.")
     seed: int = Field(42, description="Seed for data order, splits and initialisation.")
     precompute_ref_log_probs: bool = Field(False, description=(
-        "DPO family: compute the reference model's log-probs once before training, so the "
-        "reference need not stay in memory."))
+        "DPO/IPO/KTO: compute the reference model's log-probs once before training, so no "
+        "reference stays in memory (they are cached in the stage's directory on the volume)."))
     save_steps: int = Field(100, gt=0, description="Write a resumable checkpoint every N optimizer steps.")
     save_total_limit: int = Field(2, gt=0, description="Checkpoints kept on the volume (oldest deleted first).")
     logging_steps: int = Field(10, gt=0, description="Log loss and metrics every N steps (metrics.jsonl, status).")

@@ -78,6 +78,7 @@ def _training(stage: StageSpec) -> TrainingArgs:
         beta=t.beta,
         loss_type=t.loss_type,
         packing=t.packing,
+        completion_only_loss=t.completion_only_loss,
         gradient_checkpointing=t.gradient_checkpointing,
         seed=t.seed,
         precompute_ref_log_probs=t.precompute_ref_log_probs,
