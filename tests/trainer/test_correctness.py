@@ -298,3 +298,37 @@ def test_shp_keeps_pairs_whose_scores_differ_at_least_twofold():
 
     kept = normalise_preference([row(10, 5), row(10, 6), row(3, 9, 0), row(4, 4)], "shp").to_list()
     assert [r["prompt"][0]["content"] for r in kept] == ["Question 10 5?", "Question 3 9?"]
+
+
+# ---------------------------------------------------------------------------- LoRA merge: false, then more
+
+def test_a_stage_starts_from_an_unmerged_lora_adapter(tmp_path, tiny_model, data_dir):
+    """sft (LoRA, merge false: final/ is an adapter) -> dpo (LoRA, merge false) -> a model loaded
+    from dpo's final/ carries both adapters (was: `Unrecognized model` in the dpo stage)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from alignment_trainer.model import load_model, load_tokenizer
+    from alignment_trainer.recipe import ModelArgs
+
+    lora = {"r": 4, "lora_alpha": 8, "merge": False}
+    sft = _recipe("sft", tiny_model, [str(data_dir / "sft.jsonl")], tmp_path / "sft", max_steps=2,
+                  learning_rate=1e-2).model_copy(update={"lora": lora})
+    from alignment_trainer.__main__ import run_recipe
+
+    run_recipe(type(sft).model_validate(sft.model_dump()))
+    sft_final = tmp_path / "sft" / "final"
+    assert (sft_final / "adapter_config.json").is_file()
+    dpo = _recipe("dpo", str(sft_final), [str(data_dir / "prefs.jsonl")], tmp_path / "dpo", max_steps=2,
+                  learning_rate=1e-2).model_copy(update={"lora": lora, "ref_model": str(sft_final)})
+    result = run_recipe(type(dpo).model_validate(dpo.model_dump()))
+    assert result["global_step"] == 2
+
+    args = ModelArgs(model_name_or_path=str(tmp_path / "dpo" / "final"), torch_dtype="float32")
+    tokenizer = load_tokenizer(args)
+    both = load_model(args, tokenizer)
+    after_sft = load_model(ModelArgs(model_name_or_path=str(sft_final), torch_dtype="float32"), tokenizer)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    weights = [dict(m.named_parameters())[name] for m in (base, after_sft, both)]
+    assert not torch.equal(weights[0], weights[1]) and not torch.equal(weights[1], weights[2])

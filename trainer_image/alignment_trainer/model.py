@@ -9,6 +9,7 @@ but whose generation_config waits for </s> never stops talking.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -20,10 +21,83 @@ log = logging.getLogger(__name__)
 _SENTINEL = "\u2063alignment-trainer-sentinel\u2063"
 
 
+# ---------------------------------------------------------------------------- source
+
+class ModelSourceError(ValueError):
+    """The model source is neither a local directory nor a Hub repository we can read (fix the recipe)."""
+
+
+class HubUnreachable(ConnectionError):
+    """The source reads as a Hub id but the Hub cannot be reached (retryable)."""
+
+
+HUB_CHECK_TIMEOUT_S = 10.0
+
+
+def check_source(source: str, revision: str = "main", field: str = "model.model_name_or_path") -> None:
+    """Fail in seconds when `source` is neither a local model directory nor a readable Hub repo.
+
+    transformers reads a string as a local path when such a directory exists and as a Hub id
+    otherwise; a typo'd path then becomes a Hub download that retries for over a minute and ends
+    in an error about internet connections. This check says which reading failed and why.
+    """
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.utils import validate_repo_id
+
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return
+    named = f"{field}: {source!r}"
+    if path.exists():
+        raise ModelSourceError(f"{named} is a file; a model source is a directory holding config.json "
+                               "and the weights, or a Hugging Face Hub id (org/name)")
+    as_path = f"as a local path: no such directory ({path.absolute()})"
+    try:
+        validate_repo_id(source)
+        hub_id = not source.startswith(("/", "./", "../", "~"))
+    except HFValidationError:
+        hub_id = False
+    if not hub_id:
+        raise ModelSourceError(
+            f"{named} is not a model: {as_path}; as a Hugging Face Hub id: not one (an id is 'name' or "
+            "'org/name'). Fix the path (on a cluster: a path on the run's volume, under its mountPath) "
+            "or give a Hub id")
+    if isinstance(try_to_load_from_cache(source, "config.json", revision=revision), str):
+        return  # in the local Hub cache: loads offline too
+    if constants.HF_HUB_OFFLINE:
+        raise ModelSourceError(
+            f"{named} is not a model here: {as_path}; as a Hub id (revision {revision!r}): not in the local "
+            f"Hub cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE=1 forbids downloading it. Fix the "
+            "path, download the model into the cache first, or unset HF_HUB_OFFLINE")
+    try:
+        HfApi().model_info(source, revision=revision, timeout=HUB_CHECK_TIMEOUT_S)
+    except RevisionNotFoundError as e:
+        raise ModelSourceError(f"{named}: the Hub repository has no revision {revision!r} "
+                               "(model.model_revision; spec.model.revision in a run)") from e
+    except RepositoryNotFoundError as e:
+        raise ModelSourceError(
+            f"{named} is not a model: {as_path}; as a Hub id: no such repository on {constants.ENDPOINT}, "
+            "or it is private or gated and no token with access was given (HF_TOKEN; "
+            "spec.trainer.hfTokenSecretRef in a run). Fix the path or the id, or give a token") from e
+    except Exception as e:  # noqa: BLE001 - connection refused, DNS, timeouts, proxies: one message
+        if type(e).__name__ in ("GatedRepoError", "HfHubHTTPError") and getattr(e, "response", None) is not None \
+                and getattr(e.response, "status_code", 0) in (401, 403):
+            raise ModelSourceError(f"{named}: the Hub refuses access ({e.response.status_code}); give a token "
+                                   "with access (HF_TOKEN; spec.trainer.hfTokenSecretRef in a run)") from e
+        raise HubUnreachable(
+            f"{named} is not a model here: {as_path}; as a Hub id: cannot reach {constants.ENDPOINT} "
+            f"({type(e).__name__}: {e}). Fix the path, make the Hub reachable (HF_ENDPOINT for a mirror), "
+            "or put the model on the run's volume and give its path") from e
+
+
 # ---------------------------------------------------------------------------- tokenizer
 
 def load_tokenizer(args: ModelArgs) -> PreTrainedTokenizerBase:
     """Tokenizer with a chat template, a consistent eos and a pad token distinct from it."""
+    check_source(args.model_name_or_path, args.model_revision)
+    if args.tokenizer_name_or_path:
+        check_source(args.tokenizer_name_or_path, args.model_revision, field="model.tokenizer_name_or_path")
     tokenizer = AutoTokenizer.from_pretrained(
         args.tokenizer_name_or_path or args.model_name_or_path,
         revision=args.model_revision, trust_remote_code=args.trust_remote_code)
@@ -102,7 +176,7 @@ def checkpoint_dtype(args: ModelArgs) -> torch.dtype:
         return dtype
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(args.model_name_or_path, revision=args.model_revision,
+    config = AutoConfig.from_pretrained(full_model_source(args.model_name_or_path), revision=args.model_revision,
                                         trust_remote_code=args.trust_remote_code)
     saved = getattr(config.get_text_config(), "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(saved, str):
@@ -149,6 +223,8 @@ def load_model(args: ModelArgs, tokenizer: PreTrainedTokenizerBase, path: str | 
     it): float32 master weights where no engine keeps them (see trainable_dtype).
     """
     on_gpu = torch.cuda.is_available()
+    if path and path != args.model_name_or_path:
+        check_source(path, "main", field="ref_model")
     if args.attn_implementation == "flash_attention_2" and not on_gpu:
         raise ValueError("model.attn_implementation: flash_attention_2 needs a CUDA GPU; use sdpa or eager on CPU")
     dtype = trainable_dtype(args, lora) if trainable else resolve_dtype(args.torch_dtype)
@@ -157,9 +233,46 @@ def load_model(args: ModelArgs, tokenizer: PreTrainedTokenizerBase, path: str | 
         kwargs["attn_implementation"] = args.attn_implementation
     if lora is not None and lora.quantization != "none":
         kwargs.update(quantization_kwargs(lora.quantization, on_gpu))
-    model = AutoModelForCausalLM.from_pretrained(path or args.model_name_or_path, **kwargs)
-    match_tokenizer(model, tokenizer)
-    return model
+    return _from_pretrained(path or args.model_name_or_path, kwargs, tokenizer)
+
+
+def adapter_base(source: str) -> str | None:
+    """The base model of a LoRA adapter directory (the final/ of a stage with lora.merge false)."""
+    import json
+    from pathlib import Path
+
+    config = Path(source) / "adapter_config.json"
+    if not config.is_file():
+        return None
+    return json.loads(config.read_text()).get("base_model_name_or_path")
+
+
+def full_model_source(source: str) -> str:
+    """`source`, or for an adapter directory the full model under it (adapters may stack)."""
+    seen = [source]
+    while (base := adapter_base(seen[-1])) is not None and len(seen) < 16:
+        seen.append(base)
+    return seen[-1]
+
+
+def _from_pretrained(source: str, kwargs: dict, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """A full model from `source`; an adapter directory is loaded onto its base and merged, so a
+    stage can start from (or evaluate) an earlier stage that kept its adapter unmerged."""
+    base = adapter_base(source)
+    if base is None:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        match_tokenizer(model, tokenizer)
+        return model
+    if "quantization_config" in kwargs or engine_keeps_fp32_masters():
+        raise ValueError(f"model: {source} is a LoRA adapter (an earlier stage with lora.merge false); merging it "
+                         "into a quantized or DeepSpeed/FSDP-sharded base is not supported: set lora.merge true on "
+                         "that stage")
+    from peft import PeftModel
+
+    log.info("%s is a LoRA adapter: loading it onto its base %s and merging", source, base)
+    merged = PeftModel.from_pretrained(_from_pretrained(base, kwargs, tokenizer), source).merge_and_unload()
+    merged.config._name_or_path = source  # an adapter trained on it names this, not the bare base, as its base
+    return merged
 
 
 def quantization_kwargs(quantization: str, on_gpu: bool) -> dict:
@@ -213,7 +326,7 @@ def added_tokens(model_args: ModelArgs, tokenizer: PreTrainedTokenizerBase) -> b
     """Whether load_tokenizer added tokens the checkpoint's embeddings do not have."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision,
+    config = AutoConfig.from_pretrained(full_model_source(model_args.model_name_or_path), revision=model_args.model_revision,
                                         trust_remote_code=model_args.trust_remote_code)
     vocab = getattr(config.get_text_config(), "vocab_size", None)
     return vocab is not None and len(tokenizer) > vocab
@@ -227,10 +340,10 @@ def merge_adapter(model_args: ModelArgs, tokenizer: PreTrainedTokenizerBase, ada
     """
     from peft import PeftModel
 
-    base = AutoModelForCausalLM.from_pretrained(
-        model_args.model_name_or_path, revision=model_args.model_revision, trust_remote_code=model_args.trust_remote_code,
-        dtype=resolve_dtype(model_args.torch_dtype) if model_args.torch_dtype != "auto" else "auto", device_map="cpu")
-    match_tokenizer(base, tokenizer)
+    dtype = resolve_dtype(model_args.torch_dtype) if model_args.torch_dtype != "auto" else "auto"
+    base = _from_pretrained(model_args.model_name_or_path, dict(
+        revision=model_args.model_revision, trust_remote_code=model_args.trust_remote_code, dtype=dtype,
+        device_map="cpu"), tokenizer)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     merged.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
