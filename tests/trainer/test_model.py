@@ -147,3 +147,79 @@ def test_lora_on_a_base_model_without_chat_tokens(tmp_path, data_dir, kit):
     assert len(trained_tokenizer) == len(tokenizer) + 2  # <|im_start|>, <|im_end|>
     assert merged.get_input_embeddings().weight.shape[0] >= len(trained_tokenizer)
     assert merged.generation_config.eos_token_id[0] == trained_tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+
+# ---------------------------------------------------------------------------- model sources
+
+def _source_error(source, monkeypatch, offline: bool, endpoint: str | None = None):
+    """check_source's error for `source`, timed: it must come in seconds, not after minutes of retries."""
+    import time
+
+    from huggingface_hub import constants
+
+    from alignment_trainer.model import check_source
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+    if endpoint:
+        monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    start = time.monotonic()
+    with pytest.raises((ValueError, ConnectionError)) as info:
+        check_source(source)
+    return str(info.value), time.monotonic() - start
+
+
+def test_a_missing_absolute_path_says_it_is_neither_a_directory_nor_a_hub_id(tmp_path, monkeypatch):
+    missing = str(tmp_path / "models" / "llama")
+    message, took = _source_error(missing, monkeypatch, offline=False)
+    assert took < 2
+    assert message.startswith(f"model.model_name_or_path: {missing!r} is not a model")
+    assert f"as a local path: no such directory ({missing})" in message
+    assert "as a Hugging Face Hub id: not one" in message and "Fix the path" in message
+
+
+def test_a_hub_id_offline_and_not_cached_fails_at_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    message, took = _source_error("someorg/some-model", monkeypatch, offline=True)
+    assert took < 2
+    assert "as a local path: no such directory" in message
+    assert "as a Hub id (revision 'main'): not in the local Hub cache" in message
+    assert "HF_HUB_OFFLINE=1 forbids downloading it" in message and "unset HF_HUB_OFFLINE" in message
+
+
+def test_a_hub_id_with_the_hub_unreachable_fails_in_seconds(monkeypatch):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on: connection refused, as behind a firewall
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    message, took = _source_error("someorg/some-model", monkeypatch, offline=False, endpoint=endpoint)
+    assert took < 5  # transformers' own path: 64 s of retries here, then "couldn't connect"
+    assert f"as a Hub id: cannot reach {endpoint}" in message
+    assert "as a local path: no such directory" in message and "put the model on the run's volume" in message
+
+
+def test_a_file_is_not_a_model_directory(tmp_path, monkeypatch):
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"")
+    message, _ = _source_error(str(f), monkeypatch, offline=True)
+    assert message == (f"model.model_name_or_path: {str(f)!r} is a file; a model source is a directory holding "
+                       "config.json and the weights, or a Hugging Face Hub id (org/name)")
+
+
+def test_a_bad_model_source_is_a_recipe_error_in_the_termination_message(tmp_path, data_dir, kit):
+    import subprocess
+    import sys
+    import time
+
+    missing = str(tmp_path / "no-such-model")
+    recipe = kit.write_recipe(tmp_path, "sft", missing, [str(data_dir / "sft.jsonl")], training={"max_steps": 1},
+                              termination_message_path=str(tmp_path / "termination-log"))
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "alignment_trainer", recipe], capture_output=True, text=True,
+                          env=kit.trainer_env({"HF_HUB_OFFLINE": "1"}), timeout=120, cwd=kit.repo)
+    took = time.monotonic() - start
+    message = json.loads((tmp_path / "termination-log").read_text())
+    assert proc.returncode == 2 and message["reason"] == "RecipeError", proc.stderr[-2000:]
+    assert f"{missing!r} is not a model: as a local path: no such directory" in message["error"]
+    assert took < 60, took  # imports and the data check; no download attempts
