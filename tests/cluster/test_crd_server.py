@@ -14,7 +14,7 @@ import yaml
 
 from alignment_operator.api import AlignmentRun, parse_run
 from alignment_operator.render.manifests import RenderContext, build_stage
-from controlplane import REPO
+from controlplane import REPO, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -29,7 +29,7 @@ def header(path: Path) -> dict[str, str]:
         if not line.startswith("#"):
             break
         key, sep, value = line.lstrip("# ").partition(":")
-        if sep and key.strip() in ("expect", "server-expect", "server", "child"):
+        if sep and key.strip() in ("expect", "server-expect", "server", "child", "child-swap"):
             fields[key.strip()] = value.strip()
     return fields
 
@@ -109,10 +109,19 @@ CHILD_REFUSED = [p for p in BAD if header(p).get("child", "").startswith("refuse
 
 
 def render_bypassing_admission(path: Path, namespace: str) -> dict:
-    """The stage Job a bad manifest would become if admission let it through (types only)."""
-    run = AlignmentRun.model_validate(yaml.safe_load(path.read_text()))
+    """The stage Job a bad manifest would become if admission let it through (types only).
+
+    `# child-swap: BAD -> STAND-IN`: a value even the types refuse is rendered as the stand-in,
+    then put back into the Job."""
+    text = path.read_text()
+    bad, _, stand_in = header(path).get("child-swap", "").partition(" -> ")
+    run = AlignmentRun.model_validate(yaml.safe_load(text.replace(bad, stand_in) if bad else text))
     run.metadata.namespace = namespace
-    return build_stage(run, 0, RenderContext(), "h")[-1]
+    job = json.dumps(build_stage(run, 0, RenderContext(), "h")[-1])
+    if bad:
+        assert stand_in in job, f"{path.name}: the stand-in {stand_in!r} is not in the rendered Job"
+        job = job.replace(stand_in, bad)
+    return json.loads(job)
 
 
 def test_there_are_a_dozen_bad_specs_only_child_creation_refused_before():
@@ -158,7 +167,14 @@ def jobset_crd() -> Path:
 @pytest.fixture(scope="module")
 def jobset(cluster):
     cluster.kubectl("apply", "--server-side", "-f", str(jobset_crd()))
-    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/jobsets.jobset.x-k8s.io")
+    established(cluster, "jobsets.jobset.x-k8s.io")
+
+
+def established(cluster, crd: str) -> None:
+    # `kubectl wait` right after the apply can meet a CRD without conditions yet, and fails.
+    wait_for(f"CRD {crd} Established", timeout=60, fn=lambda: "True" == cluster.kubectl(
+        "get", "crd", crd, "-o", "jsonpath={.status.conditions[?(@.type=='Established')].status}",
+        check=False).stdout.strip())
 
 
 def zephyr(namespace: str, nodes: int):

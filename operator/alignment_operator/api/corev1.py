@@ -28,8 +28,17 @@ LABEL_NAME = (r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)
               r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")   # a qualified name: [prefix/]name
 LABEL_VALUE = r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$"
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+EXTENDED_RESOURCE = (r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/"
+                     r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")  # domain/name, like nvidia.com/gpu
+# What each format accepts, in words, for refusals (`run._describe` uses it for pattern errors).
+FORMATS = {
+    LABEL_VALUE: "a label value: at most 63 alphanumerics, '-', '_' or '.', starting and ending alphanumeric",
+    DNS_SUBDOMAIN: "an object name: lowercase alphanumerics, '-' or '.', starting and ending alphanumeric",
+    EXTENDED_RESOURCE: "an extended resource name: domain/name, like nvidia.com/gpu",
+}
 ENV_NAME = r"^[ -<>-~]+$"          # RelaxedEnvironmentVariableValidation (GA): printable ASCII but '='
 CONFIG_KEY = r"^[-._a-zA-Z0-9]+$"
+FORMATS[CONFIG_KEY] = "a key: alphanumerics, '-', '_' or '.'"
 FIELD_PATHS = ["metadata.name", "metadata.namespace", "metadata.uid", "spec.nodeName", "spec.serviceAccountName",
                "status.hostIP", "status.hostIPs", "status.podIP", "status.podIPs"]
 FIELD_PATH_SUBSCRIPT = r"^metadata\.(labels|annotations)\['[^']+'\]$"

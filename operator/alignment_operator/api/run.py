@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .checks import cross_field_problems
+from .corev1 import FORMATS
 from .spec import AlignmentRunSpec
 from .status import AlignmentRunStatus
 
@@ -71,6 +72,8 @@ def _describe(err: dict[str, Any]) -> str:
         return f"{path}: required field is missing"
     value = err.get("input")
     shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
+    if err["type"] == "string_pattern_mismatch" and err.get("ctx", {}).get("pattern") in FORMATS:
+        return f"{path}: {shown} is not {FORMATS[err['ctx']['pattern']]}"
     return f"{path}: {err['msg']} (got {shown})"
 
 

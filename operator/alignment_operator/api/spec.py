@@ -141,15 +141,17 @@ class ResourcesSpec(ApiModel):
     gpus_per_node: int = Field(8, ge=0, description="GPUs per machine, one training process each; 0 runs on CPU.")
     processes_per_node: int | None = Field(None, gt=0, description=(
         "Training processes per machine. Default: gpusPerNode, or 1 on CPU."))
-    gpu_resource: str = Field("nvidia.com/gpu", max_length=253, description="Extended resource name of the GPUs.")
+    gpu_resource: str = Field("nvidia.com/gpu", max_length=317, pattern=corev1.EXTENDED_RESOURCE, description=(
+        "Extended resource name of the GPUs (domain/name, e.g. nvidia.com/gpu, amd.com/gpu)."))
     cpu: Quantity | None = Field(None, description="CPU request and limit per pod, e.g. 32.")
     memory: Quantity | None = Field(None, description="Memory request and limit per pod, e.g. 512Gi.")
     shared_memory: Quantity = Field("16Gi", description="Size of /dev/shm (NCCL and data loaders need more than the default 64Mi).")
 
 
 class SecretKeyRef(ApiModel):
-    name: str = Field(min_length=1, max_length=253, description="Secret name, in the run's namespace.")
-    key: str = Field("token", min_length=1, max_length=253, description="Key inside the Secret.")
+    name: str = Field(min_length=1, max_length=253, pattern=corev1.DNS_SUBDOMAIN,
+                      description="Secret name, in the run's namespace.")
+    key: str = Field("token", min_length=1, max_length=253, pattern=corev1.CONFIG_KEY, description="Key inside the Secret.")
 
 
 class JudgeSpec(ApiModel):
@@ -229,7 +231,7 @@ class StageSpec(ApiModel):
 
 
 class VolumeClaimTemplate(ApiModel):
-    storage_class_name: str | None = Field(None, max_length=253, description="StorageClass; default: the cluster's default.")
+    storage_class_name: str | None = Field(None, max_length=253, pattern=corev1.DNS_SUBDOMAIN, description="StorageClass; default: the cluster's default.")
     size: Quantity = Field("200Gi", description="Capacity; a 7B run keeps about 15 GiB per checkpoint.")
     access_modes: list[Literal["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"]] = Field(
         ["ReadWriteOnce"], min_length=1, max_length=3, description="ReadWriteMany when a stage spans several nodes.")
@@ -291,7 +293,7 @@ class AlignmentRunSpec(ApiModel):
             "Volume for checkpoints and results, shared by the stages."))
     trainer: TrainerSpec = Field(default_factory=TrainerSpec, json_schema_extra={"default": {}},
                                  description="Training pod settings.")
-    queue_name: str | None = Field(None, max_length=253, description=(
+    queue_name: str | None = Field(None, max_length=63, pattern=corev1.LABEL_VALUE, description=(
         "Kueue LocalQueue: sets kueue.x-k8s.io/queue-name on the children, which start suspended "
         "until Kueue admits them."))
     suspend: bool = Field(False, description="Suspend the running stage's Job (pods stop; resume continues from its checkpoint).")
