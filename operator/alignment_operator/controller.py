@@ -108,9 +108,10 @@ def _safe_reconcile(namespace: str, name: str) -> None:
 def _reject(body: dict[str, Any], old: AlignmentRunStatus, generation: int | None, message: str) -> None:
     """A stored run the models refuse (e.g. written under an older CRD): say so, change nothing else."""
     status = old.model_copy(deep=True)
-    status.conditions = [c for c in status.conditions if c.type != "SpecRejected"] + [Condition(
-        type="SpecRejected", status="True", reason="InvalidSpec", message=message[:4000],
-        last_transition_time=kube.now(), observed_generation=generation)]
+    status.conditions = [c for c in status.conditions if c.type not in ("SpecRejected", "Stalled", "Reconciling")] + [
+        Condition(type=kind, status=value, reason="InvalidSpec", message=message[:4000] if value == "True" else "",
+                  last_transition_time=kube.now(), observed_generation=generation)
+        for kind, value in (("SpecRejected", "True"), ("Stalled", "True"), ("Reconciling", "False"))]
     if status.wire() != old.wire():
         kube.replace_status(body, status.wire())
         kube.emit_event(body, "Warning", "InvalidSpec", message)

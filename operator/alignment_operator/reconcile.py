@@ -25,7 +25,7 @@ from .api import RETRY_ANNOTATION, AlignmentRun, AlignmentRunStatus, Condition, 
 
 # Interrupted: the child was stopped by a signal and is gone (the local shell's Ctrl-C).
 ChildState = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended", "Interrupted"]
-FINISHED = ("Succeeded", "Failed", "Interrupted")
+STOPPED = ("Failed", "Interrupted")  # a Pending stage with such a child is to run again (a retry)
 
 
 @dataclass(frozen=True)
@@ -152,8 +152,9 @@ def reconcile(run: AlignmentRun, generation: int | None, children: dict[str, Obs
         create = CreateStage(i, suspend=run.spec.suspend or bool(run.spec.queue_name))
         if st.phase in ("Succeeded", "Failed") or blocked:
             pass  # finished for good, or waiting behind an earlier stage (failed or not done)
-        elif child is not None and st.phase == "Pending" and child.state in FINISHED:
-            # The finished child of a stage that is to run again (a retry): gone first, then a new one.
+        elif child is not None and st.phase == "Pending" and child.state in STOPPED:
+            # The stopped child of a stage that is to run again (a retry): gone first, then a new one.
+            # (A succeeded child is never deleted: it folds in below, whatever status says.)
             actions.append(DeleteChild(spec.name, child.name, child.kind))
             st.message = f"retrying: deleting the {child.state.lower()} {child.kind} {child.name} first"
         elif child is None and st.phase == "Pending":
@@ -259,14 +260,22 @@ def _run_status(run: AlignmentRun, old: AlignmentRunStatus, stages: list[StageSt
         if spec.method == "eval" and s.phase == "Succeeded":
             evaluation = {"stage": s.name, **s.metrics}
     finished = phase in ("Succeeded", "Failed")
+    # Waiting for Kueue counts as work left; a suspension the user asked for does not.
+    reconciling = phase in ("Pending", "Running") and not interrupted or (phase == "Suspended" and not run.spec.suspend)
     conditions = [
         _condition(old.conditions, "Ready", "True" if phase == "Succeeded" else "False",
                    "RunSucceeded" if phase == "Succeeded" else phase, f"{done}/{len(stages)} stages succeeded",
                    now, generation),
-        _condition(old.conditions, "Progressing", "True" if phase == "Running" else "False",
+        # kstatus (Flux, kpt, Config Sync): Reconciling=True while the operator has work left,
+        # Stalled=True when the run cannot go on; a suspended run is neither (it waits for its user).
+        _condition(old.conditions, "Reconciling", "True" if reconciling else "False",
                    f"Run{phase}" if finished else "Interrupted" if interrupted else f"Stage{current.phase}",
                    f"stage {interrupted.name}: {interrupted.message}" if interrupted
                    else f"stage {current.name} is {current.phase.lower()}", now, generation),
+        _condition(old.conditions, "Stalled", "True" if failed else "False",
+                   "StageFailed" if failed else "NotStalled",
+                   f"stage {failed.name} failed; fix it and retry (alignment.dev/retry)" if failed else "",
+                   now, generation),
         _condition(old.conditions, "Failed", "True" if failed else "False",
                    "StageFailed" if failed else "NoFailure",
                    f"stage {failed.name}: {failed.message}" if failed else "", now, generation),

@@ -57,7 +57,7 @@ def test_new_run_creates_the_first_stage_only():
     assert (s.phase, s.current_stage, s.progress) == ("Running", "sft", "0/3")
     assert [x.phase for x in s.stages] == ["Running", "Pending", "Pending"]
     assert s.observed_generation == 1
-    assert {c.type: c.status for c in s.conditions} == {"Ready": "False", "Progressing": "True", "Failed": "False"}
+    assert {c.type: c.status for c in s.conditions} == {"Ready": "False", "Reconciling": "True", "Stalled": "False", "Failed": "False"}
 
 
 @pytest.mark.parametrize("observed, phase, actions, evts", [
@@ -188,5 +188,5 @@ def test_ttl_deletes_children_after_the_run_finished():
 def test_condition_transition_time_moves_only_on_flips():
     first = reconcile(make_run(), 1, {}, "2026-11-21T10:00:00Z")
     later = reconcile(make_run(status=status_after(first)), 1, {"sft": child("sft", "Running")}, "2026-11-21T11:00:00Z")
-    prog = next(c for c in later.status.conditions if c.type == "Progressing")
+    prog = next(c for c in later.status.conditions if c.type == "Reconciling")
     assert prog.last_transition_time == "2026-11-21T10:00:00Z"

@@ -95,7 +95,7 @@ def test_an_interrupted_stage_waits_pending_and_the_next_run_resumes_it():
     dpo = out.status.stages[1]
     assert (out.status.phase, dpo.phase, dpo.attempts) == ("Pending", "Pending", 1)
     assert dpo.message.startswith("interrupted (SIGINT at step 12/40") and "StageInterrupted" in reasons(out)
-    progressing = next(c for c in out.status.conditions if c.type == "Progressing")
+    progressing = next(c for c in out.status.conditions if c.type == "Reconciling")
     assert progressing.reason == "Interrupted" and "checkpoint-10" in progressing.message
     assert creates(out) == []
 

@@ -19,7 +19,7 @@ StagePhase = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"]
 class Condition(ApiModel):
     """metav1.Condition."""
 
-    type: str = Field(max_length=316, description="Condition type: Ready, Progressing, Failed, SpecRejected.")
+    type: str = Field(max_length=316, description="Condition type: Ready, Reconciling, Stalled, Failed, SpecRejected.")
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str = Field(max_length=1024, description="CamelCase reason for the last transition.")
     message: str = Field("", max_length=32768, description="Human-readable details.")
@@ -50,7 +50,9 @@ class AlignmentRunStatus(ApiModel):
     stages: list[StageStatus] = Field([], description="One entry per stage, in spec order.")
     model: str | None = Field(None, description="Final model of the last training stage.")
     evaluation: KubeObject = Field({}, description="Results of the eval stage (preference accuracy, perplexity, win rate).")
-    conditions: list[Condition] = Field([], description="Ready, Progressing, Failed, SpecRejected.")
+    conditions: list[Condition] = Field([], description=(
+        "Ready (the run succeeded), Reconciling (work left: kstatus InProgress), Stalled (a stage failed: "
+        "kstatus Failed), Failed (with the stage's message), SpecRejected."))
     observed_generation: int | None = Field(None, description="Spec generation last acted upon.")
     retry_request: str | None = Field(None, max_length=253, description=(
         "The alignment.dev/retry annotation value last acted upon (failed stages were retried once for it)."))

@@ -1,0 +1,369 @@
+"""Runs on a real node: the operator's pods run the trainer image as containers (nothing played).
+
+Each test asserts something only a real container produces: the trainer's own lines in
+`kubectl logs`, files the pod wrote on the run's volume (owned by the pod's uid), what
+`kubectl exec` sees inside the pod. The node (tests/cluster/node.py) needs root, the Debian
+packages of scripts/node-packages, tools/k8s/build.sh's binaries and scripts/build-images'
+images; ALIGNMENT_SKIP_NODE=1 skips these tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from controlplane import REPO, ControlPlane, StartupError, binaries_dir, missing_binaries, wait_for
+from kubelet import apply_tiny, get_run, jobs
+from node import Node, host_ip, image_ref, missing_requirements
+from operator_process import Operator
+
+pytestmark = [pytest.mark.cluster, pytest.mark.node, pytest.mark.timeout(1800)]
+CRDS = [REPO / "crds/alignmentrun.yaml"]
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    """A control plane with a real node; stopped, and the host cleaned, after the module."""
+    if os.environ.get("ALIGNMENT_SKIP_NODE") == "1":
+        pytest.skip("ALIGNMENT_SKIP_NODE=1")
+    bin_dir = binaries_dir()
+    missing = missing_binaries(bin_dir) + missing_requirements(bin_dir)
+    if missing:
+        pytest.fail("the real node cannot start; missing: " + "; ".join(missing)
+                    + " (or set ALIGNMENT_SKIP_NODE=1 to skip these tests)", pytrace=False)
+    workdir = tmp_path_factory.mktemp("real-node")
+    started = time.monotonic()
+    plane = node = None
+    failure = None
+    try:
+        plane = ControlPlane.start(bin_dir, workdir / "plane", node_ip=host_ip())
+        for crd in CRDS:
+            plane.kubectl("apply", "--server-side", "-f", str(crd))
+        plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/alignmentruns.alignment.dev")
+        node = Node.start(plane, workdir / "node")
+    except StartupError as exc:
+        failure = str(exc)
+    if failure:
+        if plane:
+            plane.stop()
+        pytest.fail(failure, pytrace=False)
+    print(f"\nreal node ready in {time.monotonic() - started:.1f}s (logs: {workdir})")
+    yield SimpleNamespace(plane=plane, node=node, workdir=workdir)
+    node.stop()
+    plane.stop()
+
+
+@pytest.fixture
+def restricted_ns(real, request):
+    """A namespace that enforces the `restricted` Pod Security level, as production ones do."""
+    name = f"rn-{request.node.name[5:25].replace('_', '-').strip('-')}-{uuid.uuid4().hex[:5]}".lower()
+    real.plane.kubectl("create", "namespace", name)
+    real.plane.kubectl("label", "namespace", name, "pod-security.kubernetes.io/enforce=restricted",
+                       "pod-security.kubernetes.io/enforce-version=latest")
+    wait_for(f"the default ServiceAccount in {name}", timeout=30,
+             fn=lambda: real.plane.kubectl("get", "serviceaccount", "default", "-n", name, check=False).returncode == 0)
+    yield name
+    real.plane.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+def prepare_volume(real, ns: str, run: str) -> Path:
+    """The run's volume with the tiny model and examples/data at the paths tiny-run.yaml names
+    (relative to the trainer's working directory, /workspace)."""
+    volume = real.node.workspace(ns, run)
+    subprocess.run([sys.executable, "-m", "alignment_operator.cli", "tiny-model", str(volume / "runs/tiny-model")],
+                   check=True, capture_output=True)
+    shutil.copytree(REPO / "examples/data", volume / "examples/data")
+    for path in [volume, *volume.rglob("*")]:
+        os.chown(path, 1000, 1000)
+    return volume
+
+
+def start_operator(real, ns: str, tmp_path: Path) -> Operator:
+    return Operator(real.plane.kubeconfig, ns, tmp_path / "operator.log",
+                    extra_env={"ALIGNMENT_TRAINER_IMAGE": image_ref("trainer")}).start()
+
+
+def wait_phase(real, ns: str, run: str, phases: set[str], timeout: float) -> dict:
+    api = real.plane.api_client()
+    try:
+        return wait_for(f"run {run} to reach {phases}", timeout=timeout, interval=2, fn=lambda: (
+            lambda r: r if r.get("status", {}).get("phase") in phases else None)(get_run(api, ns, run)))
+    except AssertionError:
+        status = get_run(api, ns, run).get("status")
+        pods = real.plane.kubectl("get", "pods", "-n", ns, "-o", "wide", check=False).stdout
+        raise AssertionError(f"run {run} did not reach {phases} in {timeout:.0f}s; status: "
+                             f"{json.dumps(status, indent=1)}\npods:\n{pods}") from None
+
+
+def running_pod(real, ns: str, job: str, timeout: float = 300) -> str:
+    """The name of job's pod once its trainer container runs."""
+    def find():
+        out = real.plane.kubectl("get", "pods", "-n", ns, "-l", f"batch.kubernetes.io/job-name={job}", "-o", "json").stdout
+        for pod in json.loads(out)["items"]:
+            if pod["status"].get("phase") == "Running" and not pod["metadata"].get("deletionTimestamp"):
+                return pod["metadata"]["name"]
+        return None
+    return wait_for(f"a running pod of {job}", fn=find, timeout=timeout, interval=0.5)
+
+
+def events(text: str) -> list[dict]:
+    """The trainer's JSON event lines in a log."""
+    out = []
+    for line in text.splitlines():
+        start = line.find('{"event"')
+        if start >= 0:
+            try:
+                out.append(json.loads(line[start:]))
+            except json.JSONDecodeError:
+                pass
+    return out
+
+
+def test_node_runs_pods_that_resolve_each_other_and_the_api_server(real, restricted_ns):
+    """The node itself: a pod of the trainer image runs as uid 1000 in a `restricted` namespace,
+    finds a headless Service's pod by its DNS name (CoreDNS), and reaches the API server at
+    kubernetes.default (kube-proxy)."""
+    ns, plane, image = restricted_ns, real.plane, image_ref("trainer")
+    security = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                "runAsNonRoot": True, "runAsUser": 1000, "seccompProfile": {"type": "RuntimeDefault"}}
+    server = ("import http.server, socketserver; socketserver.TCPServer(('', 8000), "
+              "http.server.SimpleHTTPRequestHandler).serve_forever()")
+    client = ("import os, socket, ssl, urllib.request; "
+              "print('uid', os.getuid()); "
+              f"print('peer', socket.gethostbyname('peer-0.peers.{ns}.svc.cluster.local')); "
+              f"print('http', urllib.request.urlopen('http://peer-0.peers.{ns}.svc:8000/', timeout=10).status); "
+              "ctx = ssl.create_default_context(cafile='/var/run/secrets/kubernetes.io/serviceaccount/ca.crt'); "
+              "print('api', urllib.request.urlopen('https://kubernetes.default.svc/livez', context=ctx, timeout=10).read().decode())")
+    pod = lambda name, args, **extra: {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": {"app": name}},
+                                       "spec": {"restartPolicy": "Never", **extra, "containers": [{
+                                           "name": "c", "image": image, "command": ["python", "-c", args],
+                                           "securityContext": security}]}}
+    docs = [{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "peers"},
+             "spec": {"clusterIP": "None", "selector": {"app": "peer"}, "publishNotReadyAddresses": True,
+                      "ports": [{"port": 8000}]}},
+            pod("peer", server, hostname="peer-0", subdomain="peers"),
+            pod("client", client)]
+    plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump_all(docs))
+    wait_for("the client pod to finish", timeout=180, interval=1, fn=lambda: plane.kubectl(
+        "get", "pod", "client", "-n", ns, "-o", "jsonpath={.status.phase}").stdout in ("Succeeded", "Failed"))
+    out = plane.kubectl("logs", "-n", ns, "client").stdout
+    peer_ip = plane.kubectl("get", "pod", "peer", "-n", ns, "-o", "jsonpath={.status.podIP}").stdout
+    assert out.splitlines() == ["uid 1000", f"peer {peer_ip}", "http 200", "api ok"], out
+
+
+def test_tiny_run_sft_dpo_eval_in_real_pods(real, restricted_ns, tmp_path):
+    """Scenarios 1 and 5: examples/tiny-run.yaml to Succeeded in a `restricted` namespace; the
+    pods run as uid 1000 and get the HF token only through their secretKeyRef."""
+    ns, plane, started = restricted_ns, real.plane, time.monotonic()
+    volume = prepare_volume(real, ns, "tiny")
+    token = f"hf_{uuid.uuid4().hex}"
+    plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "hf"}, "stringData": {"token": token}}))
+    operator = start_operator(real, ns, tmp_path)
+    try:
+        apply_tiny(plane, ns, trainer={"hfTokenSecretRef": {"name": "hf", "key": "token"}})
+        # Inside the running SFT container: the kubelet's uid, and the token from the Secret.
+        pod = running_pod(real, ns, "tiny-sft")
+        assert plane.kubectl("exec", "-n", ns, pod, "--", "id", "-u").stdout.strip() == "1000"
+        seen = plane.kubectl("exec", "-n", ns, pod, "--", "python", "-c",
+                             "import hashlib, os; print(hashlib.sha256(os.environ['HF_TOKEN'].encode()).hexdigest())")
+        assert seen.stdout.strip() == hashlib.sha256(token.encode()).hexdigest()
+        run = wait_phase(real, ns, "tiny", {"Succeeded", "Failed"}, timeout=1200)
+    finally:
+        operator.stop()
+    wall = time.monotonic() - started
+    status = run["status"]
+    assert status["phase"] == "Succeeded", json.dumps(status, indent=1)
+    stages = {s["name"]: s for s in status["stages"]}
+    assert [stages[n]["phase"] for n in ("sft", "dpo", "eval")] == ["Succeeded"] * 3
+    # The trainer's real metrics, from its termination message.
+    for name in ("sft", "dpo"):
+        assert stages[name]["metrics"]["train_loss"] > 0, stages[name]
+    evaluation = status["evaluation"]
+    assert evaluation["logp_accuracy"] > evaluation["reference_logp_accuracy"], evaluation  # DPO above SFT
+
+    # Files the containers wrote on the volume, as the pods' uid.
+    final = volume / ns / "tiny" / "dpo" / "final"
+    assert (final / "config.json").is_file() and any(final.glob("*.safetensors")), sorted(final.iterdir())
+    assert final.stat().st_uid == 1000 and (final / "config.json").stat().st_uid == 1000
+    assert (volume / ns / "tiny" / "eval" / "generations.jsonl").stat().st_size > 0
+
+    # The trainer's own progress in `kubectl logs`.
+    logs = plane.kubectl("logs", "-n", ns, "job/tiny-dpo").stdout
+    progress = [e for e in events(logs) if e["event"] == "progress"]
+    assert progress and progress[-1]["step"] == progress[-1]["total"], logs[-2000:]
+    table = plane.kubectl("get", "alignmentruns", "-n", ns).stdout
+    assert table.splitlines()[0].split()[:3] == ["NAME", "PHASE", "STAGE"] and "Succeeded" in table.splitlines()[1]
+
+    # The token never left its Secret: not in any object, event, log or the run's status.
+    objects = plane.kubectl("get", "jobs,pods,configmaps,events,alignmentruns", "-n", ns, "-o", "yaml").stdout
+    pod_logs = "".join(plane.kubectl("logs", "-n", ns, f"job/tiny-{s}").stdout for s in ("sft", "dpo", "eval"))
+    for where, text in (("objects", objects), ("pod logs", pod_logs),
+                        ("operator log", (tmp_path / "operator.log").read_text())):
+        assert token not in text, f"the HF token appears in the {where}"
+    env = json.loads(plane.kubectl("get", "job", "tiny-dpo", "-n", ns, "-o", "json").stdout)[
+        "spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}} in env
+    print(f"\nscenario 1+5 (tiny SFT -> DPO -> eval on the node): {wall:.0f}s; "
+          f"logp accuracy DPO {evaluation['logp_accuracy']:.2f} vs SFT {evaluation['reference_logp_accuracy']:.2f}")
+
+
+def test_deleted_dpo_pod_resumes_from_newest_checkpoint(real, restricted_ns, tmp_path):
+    """Scenario 3: the DPO pod is deleted mid-training; the Job's replacement pod resumes from
+    the newest checkpoint the first one wrote, and the step counter carries on from there."""
+    ns, plane, started = restricted_ns, real.plane, time.monotonic()
+    volume = prepare_volume(real, ns, "resume")
+    doc = yaml.safe_load((REPO / "examples/tiny-run.yaml").read_text())
+    dpo = next(s for s in doc["spec"]["stages"] if s["name"] == "dpo")
+    dpo["training"]["epochs"] = 4  # 100 steps, a checkpoint every 10: time to delete the pod mid-way
+    doc["metadata"]["name"] = "resume"
+    doc["spec"]["stages"] = [dpo]   # DPO straight from the tiny model: this test is about DPO's pod
+    operator = start_operator(real, ns, tmp_path)
+    try:
+        plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(doc))
+        first = running_pod(real, ns, "resume-dpo")
+        out = volume / ns / "resume" / "dpo"
+        complete = lambda: sorted((int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")
+                                   if (p / "trainer_state.json").is_file()), reverse=True)
+        wait_for("the DPO pod's first complete checkpoint", timeout=600, interval=0.2, fn=complete)
+        plane.kubectl("delete", "pod", "-n", ns, first, "--wait=true", "--timeout=120s")
+        newest = complete()[0]  # what the first pod left (it may have saved one more while stopping)
+        run = wait_phase(real, ns, "resume", {"Succeeded", "Failed"}, timeout=900)
+    finally:
+        operator.stop()
+    assert run["status"]["phase"] == "Succeeded", json.dumps(run["status"], indent=1)
+    pods = json.loads(plane.kubectl("get", "pods", "-n", ns, "-l", "batch.kubernetes.io/job-name=resume-dpo",
+                                    "-o", "json").stdout)["items"]
+    assert [p["metadata"]["name"] for p in pods] != [first] and pods, "no replacement pod"
+    log = plane.kubectl("logs", "-n", ns, pods[-1]["metadata"]["name"]).stdout
+    start = next(e for e in events(log) if e["event"] == "start")
+    assert start["resume_from"] and start["resume_from"].endswith(f"checkpoint-{newest}"), start
+    steps = [e["step"] for e in events(log) if e["event"] == "progress"]
+    assert steps and steps[0] > newest and steps[-1] == 100, steps
+    assert run["status"]["stages"][0]["metrics"]["global_step"] == 100
+    print(f"\nscenario 3 (DPO pod deleted after checkpoint-{newest}; replacement resumed there, "
+          f"first step it logged {steps[0]}): {time.monotonic() - started:.0f}s")
+
+
+def test_bad_dataset_fails_the_stage_with_the_trainers_message(real, restricted_ns, tmp_path):
+    """Scenario 2: a dataset row without the columns SFT needs fails the stage at once (exit 2,
+    no retry) with the message the trainer wrote to its termination message path."""
+    ns, plane, started = restricted_ns, real.plane, time.monotonic()
+    volume = prepare_volume(real, ns, "bad")
+    bad = volume / "examples/data/bad.jsonl"
+    bad.write_text(json.dumps({"text_without_messages": "hello"}) + "\n")
+    os.chown(bad, 1000, 1000)
+    doc = yaml.safe_load((REPO / "examples/tiny-run.yaml").read_text())
+    doc["metadata"]["name"] = "bad"
+    sft = doc["spec"]["stages"][0]
+    sft["datasets"] = [{"source": "examples/data/bad.jsonl"}]
+    doc["spec"]["stages"] = [sft]
+    operator = start_operator(real, ns, tmp_path)
+    try:
+        plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(doc))
+        run = wait_phase(real, ns, "bad", {"Succeeded", "Failed"}, timeout=600)
+    finally:
+        operator.stop()
+    stage = run["status"]["stages"][0]
+    assert run["status"]["phase"] == "Failed" and stage["phase"] == "Failed", json.dumps(run["status"], indent=1)
+    pods = json.loads(plane.kubectl("get", "pods", "-n", ns, "-l", "batch.kubernetes.io/job-name=bad-sft",
+                                    "-o", "json").stdout)["items"]
+    assert len(pods) == 1, "a recipe/data error must not be retried"
+    terminated = pods[0]["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert terminated["exitCode"] == 2
+    written = json.loads(terminated["message"])  # what the trainer itself wrote in the container
+    assert "bad.jsonl" in written["error"] and written["error"] in stage["message"], (written, stage)
+    print(f"\nscenario 2 (bad dataset -> Failed with the trainer's message): {time.monotonic() - started:.0f}s")
+
+
+def test_two_node_cpu_stage_rendezvous_through_dns(real, restricted_ns, tmp_path):
+    """Scenario 4: `nodes: 2, gpusPerNode: 0, deepspeed-zero3` runs as an Indexed Job with a
+    headless Service; rank 1 finds rank 0 by its DNS name, both train (gloo), final/ loads."""
+    ns, plane, started = restricted_ns, real.plane, time.monotonic()
+    volume = prepare_volume(real, ns, "two")
+    doc = yaml.safe_load((REPO / "examples/tiny-run.yaml").read_text())
+    doc["metadata"]["name"] = "two"
+    sft = doc["spec"]["stages"][0]
+    sft["training"]["epochs"] = 1
+    # Two pods on this one 2-core node: a core each.
+    sft["resources"] = {"nodes": 2, "gpusPerNode": 0, "processesPerNode": 1, "cpu": 1, "memory": "3Gi",
+                        "sharedMemory": "256Mi"}
+    sft["distributed"] = "deepspeed-zero3"
+    doc["spec"]["stages"] = [sft]
+    operator = start_operator(real, ns, tmp_path)
+    try:
+        plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(doc))
+        run = wait_phase(real, ns, "two", {"Succeeded", "Failed"}, timeout=900)
+    finally:
+        operator.stop()
+    assert run["status"]["phase"] == "Succeeded", json.dumps(run["status"], indent=1)
+    service = json.loads(plane.kubectl("get", "service", "-n", ns, "two-sft-rdzv", "-o", "json").stdout)
+    assert service["spec"]["clusterIP"] == "None"
+    pods = json.loads(plane.kubectl("get", "pods", "-n", ns, "-l", "batch.kubernetes.io/job-name=two-sft",
+                                    "-o", "json").stdout)["items"]
+    assert sorted(p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] for p in pods) == ["0", "1"]
+    for p in pods:
+        log = plane.kubectl("logs", "-n", ns, p["metadata"]["name"]).stdout
+        assert "two-sft-0.two-sft-rdzv" in p["spec"]["containers"][0]["command"]
+        if p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == "0":
+            start = next(e for e in events(log) if e["event"] == "start")  # the main process logs events
+            assert start["world_size"] == 2, start
+    final = volume / ns / "two" / "sft" / "final"
+    loaded = subprocess.run([sys.executable, "-c", (
+        "import sys, transformers; m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1]); "
+        "print(sum(p.numel() for p in m.parameters()))"), str(final)], capture_output=True, text=True)
+    assert loaded.returncode == 0 and int(loaded.stdout.split()[-1]) > 0, loaded.stderr[-2000:]
+    print(f"\nscenario 4 (two-pod ZeRO-3 stage over gloo, rendezvous by DNS): {time.monotonic() - started:.0f}s")
+
+
+def test_helm_installed_operator_in_a_pod_runs_the_tiny_run_and_survives_its_pod_deleted(real, restricted_ns, tmp_path):
+    """Scenario 6, the README's day one: `helm install` puts the operator (operator/Dockerfile's
+    image) in a pod under the chart's ServiceAccount with peering on; `kubectl apply` of the tiny
+    run reaches Succeeded with nothing else running the operator. The operator pod is deleted
+    mid-stage: its replacement picks the run up and creates nothing twice."""
+    ns, plane, started = restricted_ns, real.plane, time.monotonic()
+    prepare_volume(real, ns, "tiny")
+    operator_repo, operator_tag = image_ref("operator").rsplit(":", 1)
+    trainer_repo, trainer_tag = image_ref("trainer").rsplit(":", 1)
+    # The README's command, with the locally built images instead of the published ones.
+    plane.helm("install", "alignment-operator", str(REPO / "charts/alignment-operator"), "-n", "alignment-system",
+               "--create-namespace", "--set", f"image.repository={operator_repo}", "--set", f"image.tag={operator_tag}",
+               "--set", f"trainer.image.repository={trainer_repo}", "--set", f"trainer.image.tag={trainer_tag}",
+               "--wait", "--timeout=180s")
+    try:
+        one_core = {"gpusPerNode": 0, "processesPerNode": 1, "cpu": 1, "memory": "4Gi", "sharedMemory": "256Mi"}
+        doc = yaml.safe_load((REPO / "examples/tiny-run.yaml").read_text())
+        for stage in doc["spec"]["stages"]:
+            stage["resources"] = one_core  # the operator's pod takes 100m of the node's 2 cores
+        plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(doc))
+        running_pod(real, ns, "tiny-sft")
+        api = real.plane.api_client()
+        before = jobs(api, ns)
+        old = plane.kubectl("get", "pods", "-n", "alignment-system", "-o", "jsonpath={.items[0].metadata.name}").stdout
+        assert old
+        plane.kubectl("delete", "pod", "-n", "alignment-system", old, "--wait=false")
+        run = wait_phase(real, ns, "tiny", {"Succeeded", "Failed"}, timeout=1200)
+        pods = json.loads(plane.kubectl("get", "pods", "-n", "alignment-system", "-o", "json").stdout)["items"]
+        new = [p for p in pods if p["metadata"]["name"] != old]
+        assert new, "no replacement operator pod"
+        log = plane.kubectl("logs", "-n", "alignment-system", new[0]["metadata"]["name"]).stdout
+    finally:
+        plane.helm("uninstall", "alignment-operator", "-n", "alignment-system", "--wait", check=False)
+    assert run["status"]["phase"] == "Succeeded", json.dumps(run["status"], indent=1)
+    after = jobs(api, ns)
+    assert set(after) == {"tiny-sft", "tiny-dpo", "tiny-eval"}, after
+    assert all(after[j] == uid for j, uid in before.items()), "a Job was created twice"
+    assert all(s["attempts"] == 1 for s in run["status"]["stages"]), run["status"]["stages"]
+    assert "tiny" in log, log[-3000:]  # the replacement operator, in its pod, handled the run
+    print(f"\nscenario 6 (helm-installed operator in a pod; its pod deleted mid-stage): {time.monotonic() - started:.0f}s")
