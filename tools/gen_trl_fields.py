@@ -38,6 +38,8 @@ def config_classes() -> dict[str, type]:
             out[method] = trl.SFTConfig
         elif info.entry == "kto":
             out[method] = trl.KTOConfig
+        elif info.entry == "reward":
+            out[method] = trl.RewardConfig
         elif info.entry == "dpo":
             out[method] = trainer_classes(method)[0]
         else:
