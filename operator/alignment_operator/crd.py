@@ -52,11 +52,17 @@ def structural(node: Any, defs: dict[str, Any]) -> Any:
         if len(branches) < len(union):
             node["nullable"] = True
     out: dict[str, Any] = {}
+    below: list[dict[str, str]] = []
     for key, value in node.items():
         if key in _DROP:
             continue
         if key == "const":
             out["enum"] = [value]
+        elif key == "exclusiveMaximum" and not isinstance(value, bool) and value != int(value):
+            # The API server compares an integer value with a fractional exclusive maximum as
+            # integers (0 < int(0.5) is false: "default: Invalid value: 0: should be less than 0"),
+            # so `lt=0.5` becomes a CEL rule, which compares as numbers.
+            below.append({"rule": f"self < {float(value)!r}", "message": f"must be less than {value}"})
         elif key in ("exclusiveMinimum", "exclusiveMaximum") and not isinstance(value, bool):
             out[key.replace("exclusive", "").lower()] = value
             out[key] = True
@@ -70,6 +76,8 @@ def structural(node: Any, defs: dict[str, Any]) -> Any:
             continue  # a pattern cannot sit beside an int-or-string; pydantic checks it client-side
         else:
             out[key] = value
+    if below:
+        out["x-kubernetes-validations"] = [*out.get("x-kubernetes-validations", []), *below]
     extra = node.get("additionalProperties")
     if isinstance(extra, dict):  # a map (dict[str, float]) keeps its value type
         out["additionalProperties"] = structural(extra, defs)

@@ -93,3 +93,20 @@ def test_status_subresource_and_printer_columns():
     cols = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
     assert cols == {"Phase": ".status.phase", "Stage": ".status.currentStage", "Progress": ".status.progress",
                     "Model": ".status.model", "Age": ".metadata.creationTimestamp"}
+
+
+def test_a_fractional_exclusive_maximum_is_a_cel_rule():
+    # kube-apiserver v1.37 refuses `default: 0` under `maximum: 0.5, exclusiveMaximum: true`
+    # ("should be less than 0": it compares the integer 0 with int(0.5)); CEL compares numbers.
+    from pydantic import BaseModel, Field
+
+    from alignment_operator.crd import structural
+
+    class M(BaseModel):
+        eps: float = Field(0.0, ge=0, lt=0.5)
+        share: float = Field(0.5, gt=0, lt=1)
+
+    props = structural(M.model_json_schema(), {})["properties"]
+    assert "maximum" not in props["eps"] and props["eps"]["minimum"] == 0
+    assert props["eps"]["x-kubernetes-validations"] == [{"rule": "self < 0.5", "message": "must be less than 0.5"}]
+    assert (props["share"]["maximum"], props["share"]["exclusiveMaximum"]) == (1, True), "whole bounds stay schema"

@@ -190,6 +190,14 @@ RULES: dict[str, list[Rule]] = {
         Rule("size(self.nodeSelectorTerms) > 0", "nodeSelectorTerms must have at least one term",
              ".nodeSelectorTerms", lambda o: bool(o.get("nodeSelectorTerms"))),
     ],
+    "NodeSelectorTerm": [
+        Rule("!has(self.matchFields) || self.matchFields.all(r, r.key == 'metadata.name' && "
+             "r.operator in ['In', 'NotIn'] && has(r.values) && size(r.values) == 1)",
+             "matchFields selects by metadata.name only: operator In or NotIn with exactly one node name",
+             ".matchFields",
+             lambda o: all(r.get("key") == "metadata.name" and r.get("operator") in ("In", "NotIn")
+                           and len(r.get("values") or []) == 1 for r in o.get("matchFields") or [])),
+    ],
     "NodeSelectorRequirement": _requirement_rules(
         ["In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt"],
         {"In": "some", "NotIn": "some", "Exists": "none", "DoesNotExist": "none", "Gt": "one", "Lt": "one"}),
