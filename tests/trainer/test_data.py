@@ -384,3 +384,118 @@ def test_example_datasets_match_their_generator(tmp_path):
     for path in sorted(tmp_path.glob("*.jsonl")):
         assert path.read_bytes() == (EXAMPLES / path.name).read_bytes(), f"examples/data/{path.name} drifted"
     assert len(list(tmp_path.glob("*.jsonl"))) == 7
+
+
+# ---------------------------------------------------------------------------- the files people have
+
+def _compress(path, suffix: str, data: bytes):
+    import bz2
+    import gzip
+    import lzma
+
+    import zstandard
+
+    packed = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress,
+              ".zst": zstandard.ZstdCompressor().compress}[suffix](data)
+    path.write_bytes(packed)
+    return path
+
+
+def test_jsonl_with_a_byte_order_mark_and_crlf_line_endings(tmp_path):
+    """What Windows tools (Excel's 'UTF-8' export, PowerShell's Out-File) write."""
+    path = tmp_path / "windows.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\r\n" for r in PAIR_ROWS).encode())
+    assert rows("dpo", path) == PAIRS
+    bad = tmp_path / "windows-bad.jsonl"
+    bad.write_bytes(b"\xef\xbb\xbf" + (json.dumps(PAIR_ROWS[0]) + "\r\n" + '{"prompt": "Q"\r\n').encode())
+    with pytest.raises(DataError, match=rf"dataset {bad} split train: line 2: malformed JSON"):
+        rows("dpo", bad)
+
+
+@pytest.mark.parametrize("name", ["p.jsonl.gz", "p.json.gz", "p.jsonl.zst", "p.jsonl.bz2", "p.jsonl.xz",
+                                  "p.csv.gz"])
+def test_compressed_files(tmp_path, name):
+    if ".csv" in name:
+        text = "\ufeffprompt,chosen,rejected\r\nWhat is 2+2?,4.,5.\r\n"
+        expected = PAIRS[:1]
+    elif ".json." in name:
+        text, expected = json.dumps(PAIR_ROWS), PAIRS
+    else:
+        text, expected = "".join(json.dumps(r) + "\n" for r in PAIR_ROWS), PAIRS
+    path = _compress(tmp_path / name, "." + name.rsplit(".", 1)[1], text.encode())
+    assert rows("dpo", path) == expected
+
+
+def test_a_corrupt_compressed_file_is_named(tmp_path):
+    path = tmp_path / "broken.jsonl.gz"
+    path.write_bytes(b"\x1f\x8b\x08\x00 not gzip at all")
+    with pytest.raises(DataError, match=rf"dataset {path} split train: cannot decompress \(.gz\)"):
+        rows("dpo", path)
+
+
+def test_csv_answers_that_look_like_numbers_stay_text(tmp_path):
+    path = tmp_path / "math.csv"
+    path.write_text('prompt,chosen,rejected\nWhat is 6*7?,42,41\nWrite 1000 in E notation.,1e3,1000.0\n'
+                    'A bond number?,007,7\n"Say ""hi"", twice.","hi, hi",hi\n')
+    got = rows("dpo", path)
+    assert [(r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in got] == [
+        ("42", "41"), ("1e3", "1000.0"), ("007", "7"), ("hi, hi", "hi")]
+    assert got[3]["prompt"] == [user('Say "hi", twice.')]
+    short = tmp_path / "short.csv"
+    short.write_text("prompt,chosen,rejected\nQ,A,B\nQ2,A2\n")
+    with pytest.raises(DataError, match=rf"dataset {short} split train: line 3: column 'rejected': column 'rejected' is missing"):
+        rows("dpo", short)
+
+
+def test_openai_content_parts_are_joined_and_other_parts_refused(tmp_path):
+    parts = [{"type": "text", "text": "Look at this."}, {"type": "text", "text": "What is it?"}]
+    chat = [{"role": "user", "content": parts}, {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]}]
+    path = write_jsonl(tmp_path / "parts.jsonl", [{"messages": chat}])
+    assert rows("sft", path) == [{"messages": [user("Look at this.\nWhat is it?"), assistant("A cat.")]}]
+    image = [{"role": "user", "content": [{"type": "text", "text": "What is it?"},
+                                          {"type": "image_url", "image_url": {"url": "https://x/cat.png"}}]},
+             assistant("A cat.")]
+    bad = write_jsonl(tmp_path / "image.jsonl", [{"messages": chat}, {"messages": image}])
+    with pytest.raises(DataError) as e:
+        rows("sft", bad)
+    assert str(e.value).startswith(f"dataset {bad} split train: line 2: column 'messages': content part 1 is "
+                                   "'image_url': only text parts")
+
+
+def test_a_messages_column_holding_a_json_string_says_so(tmp_path):
+    chat = [user("Hi"), assistant("Hello!")]
+    path = write_jsonl(tmp_path / "stringified.jsonl", [{"messages": json.dumps(chat)}])
+    with pytest.raises(DataError) as e:
+        rows("sft", path)
+    assert str(e.value).startswith(f"dataset {path} split train: line 1: column 'messages': holds a JSON string that "
+                                   "encodes a list of 2 messages, not the messages themselves")
+    assert "must end with" not in str(e.value)
+    csv_path = tmp_path / "chats.csv"   # CSV cells cannot hold lists: the usual way this happens
+    csv_path.write_text('messages\n"' + json.dumps(chat).replace('"', '""') + '"\n')
+    with pytest.raises(DataError, match=rf"dataset {csv_path} split train: line 2: column 'messages': holds a JSON string"):
+        rows("sft", csv_path)
+    # Plain text that merely starts with a bracket is still a prompt.
+    assert rows("dpo", write_jsonl(tmp_path / "b.jsonl", [{"prompt": "[1, 2] sorted?", "chosen": "Yes.",
+                                                               "rejected": "No."}]))[0]["prompt"] == [user("[1, 2] sorted?")]
+
+
+def test_a_mixture_of_these_files_trains(tmp_path, tiny_model, data_dir, kit):
+    """A DPO stage on a BOM+CRLF .jsonl.zst, a .json.gz and a CSV of the same pairs trains (loss is finite)."""
+    import math
+
+    pairs = [json.loads(line) for line in (data_dir / "prefs.jsonl").read_text().splitlines()][:48]
+    crlf = _compress(tmp_path / "a.jsonl.zst", ".zst",
+                     b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\r\n" for r in pairs[:16]).encode())
+    gz = _compress(tmp_path / "b.json.gz", ".gz", json.dumps(pairs[16:32]).encode())
+    import csv as csv_module
+    with (tmp_path / "c.csv").open("w", newline="") as f:
+        w = csv_module.writer(f)
+        w.writerow(["prompt", "chosen", "rejected"])
+        for r in pairs[32:]:
+            w.writerow([r["prompt"][0]["content"], r["chosen"][0]["content"], r["rejected"][0]["content"]])
+    recipe = kit.write_recipe(tmp_path, "dpo", tiny_model, [str(crlf), str(gz), str(tmp_path / "c.csv")],
+                              training={"max_steps": 2, "per_device_train_batch_size": 4, "max_length": 64,
+                                        "logging_steps": 1, "save_steps": 100})
+    result = kit.run_in_process(recipe)
+    losses = kit.losses(tmp_path / "out")
+    assert result is not None and len(losses) == 2 and all(math.isfinite(x) for x in losses)

@@ -15,7 +15,9 @@ What the training stages get (conversational: lists of {"role", "content"} messa
     eval                    prompt, chosen, rejected      when every source is pairwise
                             messages                      otherwise (chosen / desirable replies)
 
-Sources (recipe.datasets, a mixture): a local .jsonl/.json/.parquet/.csv file, a directory
+Sources (recipe.datasets, a mixture): a local .jsonl/.json/.csv file (UTF-8, a byte-order mark
+and CRLF line endings are fine; also compressed: .gz, .bz2, .xz, .zst; CSV values are all read
+as text), a .parquet file, a directory
 written by `datasets` save_to_disk (a DatasetDict directory gives its `split`), or a Hub id.
 `weight` keeps that fraction of a source's examples (a seeded subsample, order kept), `columns`
 keeps only those columns before the layout is recognised. The layouts are in formats.py.
@@ -278,18 +280,64 @@ def parse_rows(rows: list[dict], where: str, lines: list[int] | None = None, spl
     return out
 
 
+# Compressed files: the suffix after the format's says how (data.jsonl.gz, data.csv.zst, ...).
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
+
+
+def file_format(path: Path) -> tuple[str, str | None]:
+    """(format suffix, compression suffix or None) of a data file's name."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in COMPRESSIONS:
+        return (suffixes[-2] if len(suffixes) > 1 else ""), suffixes[-1]
+    return (suffixes[-1] if suffixes else ""), None
+
+
+def open_text(path: Path, compression: str | None, newline: str | None = None):
+    """A text stream of the file, decompressed; UTF-8 with or without a byte-order mark (utf-8-sig),
+    CRLF or LF line endings alike."""
+    if compression is None:
+        return path.open(encoding="utf-8-sig", newline=newline)
+    if compression == ".gz":
+        import gzip
+        return gzip.open(path, "rt", encoding="utf-8-sig", newline=newline)
+    if compression == ".bz2":
+        import bz2
+        return bz2.open(path, "rt", encoding="utf-8-sig", newline=newline)
+    if compression == ".xz":
+        import lzma
+        return lzma.open(path, "rt", encoding="utf-8-sig", newline=newline)
+    import io
+
+    import zstandard  # the trainer extra has it
+    return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(path.open("rb"), closefd=True),
+                            encoding="utf-8-sig", newline=newline)
+
+
 def read_rows(args: DatasetArgs) -> tuple[list[dict], list[int] | None]:
-    """Plain rows and, for JSON Lines, the 1-based line number of each."""
+    """Plain rows and, for JSON Lines and CSV, the 1-based line number of each."""
     path = Path(args.path)
     if path.is_file():
-        if path.suffix == ".jsonl":
-            return read_jsonl(path, describe(args))
-        if path.suffix == ".json":
-            return read_json(path, describe(args))
-        if path.suffix in (".parquet", ".csv"):
-            return read_table(path, describe(args)), None
-        raise DataError(f"dataset {describe(args)}: unknown file type {path.suffix!r}; "
-                        f"accepted: .jsonl, .json, .parquet, .csv")
+        where = describe(args)
+        fmt, compression = file_format(path)
+        if fmt == ".parquet" and compression is None:
+            return read_table(path, where), None
+        if fmt not in (".jsonl", ".json", ".csv"):
+            raise DataError(f"dataset {where}: unknown file type {''.join(path.suffixes[-2:])!r}; accepted: "
+                            f".jsonl, .json, .csv (each also compressed: {', '.join(COMPRESSIONS)}), .parquet")
+        try:
+            if fmt == ".jsonl":
+                return read_jsonl(path, where, compression)
+            if fmt == ".json":
+                return read_json(path, where, compression)
+            return read_csv(path, where, compression)
+        except UnicodeDecodeError as e:
+            raise DataError(f"dataset {where}: not UTF-8 text (byte {e.start} of the decoded stream: "
+                            f"{e.reason}); save it as UTF-8") from None
+        except DataError:
+            raise
+        except Exception as e:  # noqa: BLE001 - gzip/bz2/lzma/zstd each raise their own: say which file
+            what = f"decompress ({compression})" if compression else "read"
+            raise DataError(f"dataset {where}: cannot {what}: {type(e).__name__}: {e}") from None
     if path.is_dir() and any((path / f).is_file() for f in ("dataset_dict.json", "state.json")):
         return load_hf(args, lambda: datasets.load_from_disk(str(path))), None
     # A directory of data files, or a Hub id.
@@ -311,20 +359,39 @@ def load_hf(args: DatasetArgs, load) -> list[dict]:
 
 
 def read_table(path: Path, where: str) -> list[dict]:
-    """Parquet or CSV through pyarrow (types inferred; no `datasets` cache written)."""
-    import pyarrow.csv
+    """Parquet through pyarrow (its own types; no `datasets` cache written)."""
     import pyarrow.parquet
 
     try:
-        table = pyarrow.parquet.read_table(path) if path.suffix == ".parquet" else pyarrow.csv.read_csv(path)
+        table = pyarrow.parquet.read_table(path)
     except Exception as e:  # noqa: BLE001 - pyarrow's errors are many; say which file
         raise DataError(f"dataset {where}: cannot read {path.suffix} file: {type(e).__name__}: {e}") from e
     return table.to_pylist()
 
 
-def read_jsonl(path: Path, where: str) -> tuple[list[dict], list[int]]:
+def read_csv(path: Path, where: str, compression: str | None = None) -> tuple[list[dict], list[int]]:
+    """CSV with a header row; every value is text, as written (an answer "42" or "1e3" stays a
+    string; labels "true"/"1" are read as labels later). Lines are where each record ends."""
+    import csv
+
     rows, lines = [], []
-    with path.open(encoding="utf-8") as f:
+    with open_text(path, compression, newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames:
+            raise DataError(f"dataset {where}: is empty (no header row)")
+        for row in reader:
+            extra = row.pop(None, None)
+            if extra:
+                raise DataError(f"dataset {where}: line {reader.line_num}: {len(extra)} more values than the "
+                                f"header's {len(reader.fieldnames)} columns (quote values holding commas)")
+            rows.append(row)
+            lines.append(reader.line_num)
+    return rows, lines
+
+
+def read_jsonl(path: Path, where: str, compression: str | None = None) -> tuple[list[dict], list[int]]:
+    rows, lines = [], []
+    with open_text(path, compression) as f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -333,13 +400,14 @@ def read_jsonl(path: Path, where: str) -> tuple[list[dict], list[int]]:
     return rows, lines
 
 
-def read_json(path: Path, where: str) -> tuple[list[dict], list[int] | None]:
+def read_json(path: Path, where: str, compression: str | None = None) -> tuple[list[dict], list[int] | None]:
     """A JSON array of objects (one object: one row), or JSON Lines named .json (as to_json writes)."""
-    text = path.read_text(encoding="utf-8")
+    with open_text(path, compression) as f:
+        text = f.read()
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
-        return read_jsonl(path, where)
+        return read_jsonl(path, where, compression)
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list):

@@ -4,7 +4,8 @@
     pair          {"prompt": [msg, ...], "chosen": [msg], "rejected": [msg]} pairwise preference
     unpaired      {"prompt": [msg, ...], "completion": [msg], "label": bool} binary feedback (KTO)
 
-A msg is {"role": "system" | "user" | "assistant", "content": str}. Prompts alternate user and
+A msg is {"role": "system" | "user" | "assistant", "content": str} (OpenAI-style content parts:
+the text parts joined; other parts refused). Prompts alternate user and
 assistant turns (a system turn may come first) and end with a user turn; replies are one
 assistant message. Every parser checks this and raises RowError naming the column; data.py
 adds the dataset and the row or file line.
@@ -15,6 +16,7 @@ every row before training starts.
 
 from __future__ import annotations
 
+import json
 import re
 from collections import defaultdict
 from typing import Any
@@ -89,6 +91,8 @@ def message(value: Any, column: str, role: str | None = None) -> dict[str, str]:
     canonical = ROLES.get(raw_role) or (ROLES.get(raw_role.lower()) if isinstance(raw_role, str) else None)
     if canonical is None:
         raise RowError(column, f"unknown role {raw_role!r}; accepted: {', '.join(ROLES)}")
+    if isinstance(content, list):
+        content = text_parts(content, column)
     if not isinstance(content, str):
         raise RowError(column, f"content must be a string, got {type(content).__name__}")
     if not content or content.isspace():
@@ -96,9 +100,44 @@ def message(value: Any, column: str, role: str | None = None) -> dict[str, str]:
     return {"role": canonical, "content": content}
 
 
+def text_parts(parts: list, column: str) -> str:
+    """OpenAI-style content parts [{"type": "text", "text": ...}, ...]: the text parts joined with
+    newlines (as vLLM's chat API joins them); any other part (an image, audio) is refused."""
+    texts = []
+    for j, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        if kind != "text" or not isinstance(part.get("text"), str):
+            raise RowError(column, f"content part {j} is {kind!r}: only text parts ({{'type': 'text', "
+                                   f"'text': ...}}) can be trained on; drop the other parts")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def json_text_of_messages(value: str) -> str | None:
+    """What a string holds when it is JSON-encoded messages (e.g. a CSV cell, or json.dumps saved
+    into a column), else None."""
+    text = value.strip()
+    if not text.startswith(("[", "{")):
+        return None
+    try:
+        decoded = json.loads(text)
+    except ValueError:
+        return None
+    items = decoded if isinstance(decoded, list) else [decoded]
+    if items and all(isinstance(m, dict) and ({"role", "content"} <= m.keys() or {"from", "value"} <= m.keys())
+                     for m in items):
+        return f"a list of {len(items)} messages" if isinstance(decoded, list) else "one message"
+    return None
+
+
 def messages(value: Any, column: str, role: str) -> list[dict[str, str]]:
     """A list of messages from a list, one message dict, or a plain string (given `role`)."""
     if isinstance(value, str):
+        held = json_text_of_messages(value)
+        if held:
+            raise RowError(column, f"holds a JSON string that encodes {held}, not the messages themselves: "
+                                   "store the list (JSON Lines, Parquet or a datasets directory keep it), or "
+                                   "json.loads the column before saving")
         return [message(value, column, role)]
     if isinstance(value, dict):
         return [message(value, column)]
