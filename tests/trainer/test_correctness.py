@@ -332,3 +332,22 @@ def test_a_stage_starts_from_an_unmerged_lora_adapter(tmp_path, tiny_model, data
     name = "model.layers.0.self_attn.q_proj.weight"
     weights = [dict(m.named_parameters())[name] for m in (base, after_sft, both)]
     assert not torch.equal(weights[0], weights[1]) and not torch.equal(weights[1], weights[2])
+
+
+def test_kto_reads_its_kl_batches_in_a_new_order_each_epoch(tmp_path, tiny_model, data_dir):
+    from alignment_trainer.stages import kto
+
+    recipe = _recipe("kto", tiny_model, [str(data_dir / "kto.jsonl")], tmp_path / "out", max_steps=1)
+    trainer, _ = kto.build(recipe)
+    sampler = trainer._get_train_sampler()
+    epochs = []
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        epochs.append(list(sampler))
+    n = len(trainer.train_dataset)
+    assert epochs[0] != epochs[1] and sorted(epochs[0]) == sorted(epochs[1]) == list(range(n))
+    for order in epochs:  # whole blocks of 8, each the rows TRL paired together
+        blocks = [order[i:i + 8] for i in range(0, n, 8)]
+        assert all(b == list(range(b[0], b[0] + len(b))) and b[0] % 8 == 0 for b in blocks)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["KL_input_ids"].shape[0] == 8

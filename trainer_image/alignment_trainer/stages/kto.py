@@ -9,8 +9,8 @@ per_device_train_batch_size rows (the first with the last), and reads the rows i
 made from preference pairs come two by two (chosen, rejected) for one prompt, so in their
 given order half the KL pairs would be a real reply to their own prompt. `kl_order` shuffles the
 rows with the seed (a mixture's sources interleave) and then arranges each batch so that no
-row's KL completion comes from a row with the same prompt. per_device_train_batch_size must be
-at least 2 (TRL refuses 1).
+row's KL completion comes from a row with the same prompt; each epoch then reads those batches
+in a new seeded order (KLBatchOrder). per_device_train_batch_size must be at least 2 (TRL refuses 1).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import logging
 import random
 from collections import Counter
 
+import torch
 from trl import KTOConfig, KTOTrainer
 
 from ..data import load_stage_data
@@ -33,7 +34,7 @@ log = logging.getLogger("alignment_trainer")
 LOOKAHEAD = 4096  # rows searched for one that fits a batch slot before accepting a same-prompt KL pair
 
 
-def build(recipe: Recipe) -> KTOTrainer:
+def build(recipe: Recipe):
     """The stage's KTOTrainer: data, config, model, reference, ordered rows (run() trains it)."""
     t = recipe.training
 
@@ -60,8 +61,8 @@ def build(recipe: Recipe) -> KTOTrainer:
         test_set = reference_cache(test_set, recipe, tokenizer, "test")
 
     # Trainer (it precomputes the reference log-probs here, when asked)
-    trainer = KTOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train_set,
-                         eval_dataset=test_set, processing_class=tokenizer, peft_config=peft_config)
+    trainer = KLBatchKTOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train_set,
+                                eval_dataset=test_set, processing_class=tokenizer, peft_config=peft_config)
     free_reference(trainer, recipe)
     return trainer, tokenizer
 
@@ -81,6 +82,39 @@ def run(recipe: Recipe) -> dict | None:
 
 
 # ---------------------------------------------------------------------------- KL pairing order
+
+class KLBatchOrder(torch.utils.data.Sampler):
+    """Row indices in whole batches of `batch_size` (the blocks TRL paired KL completions in), the
+    blocks in a new seeded order each epoch (transformers calls set_epoch). A short last block
+    stays last, so every other block still starts on a batch boundary."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size, self.seed, self.epoch = n, batch_size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        starts = list(range(0, self.n, self.batch_size))
+        short = [starts.pop()] if self.n % self.batch_size else []
+        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(starts)
+        for start in starts + short:
+            yield from range(start, min(start + self.batch_size, self.n))
+
+
+class KLBatchKTOTrainer(KTOTrainer):
+    """KTOTrainer reading its KL batches in a new order each epoch (TRL reads them sequentially)."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if not self.calculate_KL or dataset is None:
+            return super()._get_train_sampler(train_dataset)
+        return KLBatchOrder(len(dataset), self.args.per_device_train_batch_size, self.args.seed)
+
+
 
 def kl_order(dataset, tokenizer, batch_size: int, seed: int, max_length: int | None):
     """Rows shuffled with `seed`, then placed so that within each batch of `batch_size` no row
