@@ -89,8 +89,8 @@ def test_lora_builds_one_model_the_reference_is_the_adapter_disabled_base(tmp_pa
                         classmethod(lambda cls, *a, **k: loads.append(a[0]) or real(cls, *a, **k)))
     stage = dpo if method == "dpo" else kto
     lora = _recipe(method, tiny_model, [str(data_dir / data)], tmp_path / "lora", max_steps=1)
-    lora = lora.model_copy(update={"lora": {"r": 4, "lora_alpha": 8}, "ref_model": tiny_model})  # as rendered
-    lora = type(lora).model_validate(lora.model_dump())
+    lora = type(lora).model_validate({**lora.model_dump(), "lora": {"r": 4, "lora_alpha": 8},
+                                      "ref_model": tiny_model})  # ref_model: the start model, as rendered
     trainer, _ = stage.build(lora)
     assert len(loads) == 1 and trainer.ref_model is None
 
@@ -313,15 +313,16 @@ def test_a_stage_starts_from_an_unmerged_lora_adapter(tmp_path, tiny_model, data
 
     lora = {"r": 4, "lora_alpha": 8, "merge": False}
     sft = _recipe("sft", tiny_model, [str(data_dir / "sft.jsonl")], tmp_path / "sft", max_steps=2,
-                  learning_rate=1e-2).model_copy(update={"lora": lora})
+                  learning_rate=1e-2)
+    sft = type(sft).model_validate({**sft.model_dump(), "lora": lora})
     from alignment_trainer.__main__ import run_recipe
 
-    run_recipe(type(sft).model_validate(sft.model_dump()))
+    run_recipe(sft)
     sft_final = tmp_path / "sft" / "final"
     assert (sft_final / "adapter_config.json").is_file()
     dpo = _recipe("dpo", str(sft_final), [str(data_dir / "prefs.jsonl")], tmp_path / "dpo", max_steps=2,
-                  learning_rate=1e-2).model_copy(update={"lora": lora, "ref_model": str(sft_final)})
-    result = run_recipe(type(dpo).model_validate(dpo.model_dump()))
+                  learning_rate=1e-2)
+    result = run_recipe(type(dpo).model_validate({**dpo.model_dump(), "lora": lora, "ref_model": str(sft_final)}))
     assert result["global_step"] == 2
 
     args = ModelArgs(model_name_or_path=str(tmp_path / "dpo" / "final"), torch_dtype="float32")
