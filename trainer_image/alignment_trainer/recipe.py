@@ -54,13 +54,16 @@ class MethodInfo:
 # TRL 1.16's loss_type values (DPOConfig, KTOConfig, experimental CPOConfig for SimPO); the trainer
 # checks them again against the TRL it runs. Learning rates: alignment-handbook's zephyr recipes
 # (sft 2e-5, dpo 5e-7), the ORPO and SimPO papers' settings.
+# Beyond TRL (stages/losses.py, on TRL's DPOTrainer): cdpo, the original DPO code's conservative loss
+# (label_smoothing epsilon), and ipo_sum, that code's IPO on summed log-probs (TRL's ipo is per-token
+# averaged). slic is HALOs' SLiC on TRL's CPOTrainer (no reference model).
 _DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
-               "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+               "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm", "cdpo", "ipo_sum")
 METHODS: dict[str, MethodInfo] = {
     "sft": MethodInfo(data="chat", reference=False, loss_types=(), learning_rate=2e-5, beta=None, entry="sft"),
     "dpo": MethodInfo(data="pairwise", reference=True, loss_types=_DPO_LOSSES, learning_rate=5e-7, beta=0.1,
                       entry="dpo"),
-    "ipo": MethodInfo(data="pairwise", reference=True, loss_types=("ipo",), learning_rate=5e-7, beta=0.1,
+    "ipo": MethodInfo(data="pairwise", reference=True, loss_types=("ipo", "ipo_sum"), learning_rate=5e-7, beta=0.1,
                       entry="dpo"),
     "kto": MethodInfo(data="unpaired", reference=True, loss_types=("kto", "apo_zero_unpaired"),
                       learning_rate=5e-7, beta=0.1, entry="kto"),
@@ -68,6 +71,12 @@ METHODS: dict[str, MethodInfo] = {
                        entry="dpo"),
     "simpo": MethodInfo(data="pairwise", reference=False, loss_types=("simpo",), learning_rate=1e-6, beta=2.0,
                         entry="dpo"),
+    # HALOs' SLiC (config/loss/slic.yaml): beta is the hinge margin (1.0), lr HALOs' 5e-6.
+    "slic": MethodInfo(data="pairwise", reference=False, loss_types=("slic",), learning_rate=5e-6, beta=1.0,
+                       entry="dpo"),
+    # A Bradley-Terry reward model (TRL's RewardTrainer); final/ is a sequence-classification model.
+    "reward": MethodInfo(data="pairwise", reference=False, loss_types=(), learning_rate=1e-5, beta=None,
+                         entry="reward"),
     "eval": MethodInfo(data="pairwise", reference=True, loss_types=(), learning_rate=1e-6, beta=0.1,
                        entry="eval", trains=False),
 }
@@ -170,6 +179,11 @@ class TrainingArgs(_Strict):
         None, gt=0, description="Preference methods: KL strength (DPO) or reward scale (SimPO); default: the "
                                 "method's (METHODS[method].beta).")
     loss_type: str | None = Field(None, description="TRL loss_type; default: the method's first (METHODS).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description=(
+        "cdpo (and TRL's robust, exo_pair): epsilon, the assumed fraction of flipped preference labels; "
+        "cdpo needs 0 < epsilon < 0.5."))
+    slic_lambda: float = Field(0.1, ge=0, description=(
+        "slic: weight of the cross-entropy regulariser on the chosen reply (HALOs' lambda_coef)."))
     packing: bool = Field(False, description="SFT: pack sequences into max_length blocks.")
     completion_only_loss: bool = Field(True, description=(
         "SFT: loss on what the model answers only: a chat's assistant replies (through their end-of-turn "
@@ -222,6 +236,9 @@ class Recipe(_Strict):
     lora: LoraArgs | None = Field(None, description="Train a LoRA adapter instead of all weights.")
     eval: EvalArgs | None = Field(None, description="For method eval: what to measure.")
     output_dir: str = Field(description="Where checkpoint-N/, final/, metrics.jsonl and result.json go.")
+    cache_dir: str | None = Field(None, description=(
+        "Where precomputed reference log-probs are kept, keyed by what determines them, so a later stage, a "
+        "rerun or another run sharing this directory reuses them; default: <output_dir>/cache."))
     termination_message_path: str | None = Field(
         None, description="Where to write the compact JSON outcome (result or failure; Kubernetes' termination message).")
     push_to_hub: bool = Field(False, description="Upload final/ to the Hub (needs HF_TOKEN and hub_model_id).")
@@ -247,6 +264,9 @@ class Recipe(_Strict):
         problem = loss_type_problem(self.method, t.loss_type)
         if problem:
             raise ValueError(f"training.loss_type: {problem}")
+        if self.effective_loss_type == "cdpo" and not 0 < t.label_smoothing < 0.5:
+            raise ValueError(f"training.label_smoothing: {t.label_smoothing} with loss_type cdpo; cdpo needs an "
+                             "epsilon (the fraction of flipped labels) with 0 < epsilon < 0.5, e.g. 0.1")
         # Method-dependent defaults, from the one table.
         if t.learning_rate is None:
             t.learning_rate = info.learning_rate

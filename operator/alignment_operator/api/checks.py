@@ -36,6 +36,9 @@ def _stage_problems(i: int, stage: StageSpec, earlier: list[str]) -> list[str]:
     problem = loss_type_problem(stage.method, t.loss_type)
     if problem:
         out.append(f"{at}.training.lossType: {problem}")
+    if t.loss_type == "cdpo" and not t.label_smoothing > 0:
+        out.append(f"{at}.training.labelSmoothing: {t.label_smoothing} with lossType cdpo; cdpo needs epsilon, "
+                   "the fraction of flipped labels, with 0 < epsilon < 0.5 (e.g. 0.1)")
     if stage.lora and stage.lora.quantization != "none" and stage.resources.gpus_per_node == 0:
         out.append(f"{at}.lora.quantization: {stage.lora.quantization!r} needs GPUs "
                    f"(resources.gpusPerNode > 0); use 'none' on CPU")

@@ -95,8 +95,16 @@ class TrainingSpec(ApiModel):
         "SimPO: the reward scale (default 2.0); ORPO: the odds-ratio weight lambda (default 0.1)."))
     loss_type: str | None = Field(None, json_schema_extra=lambda schema: schema.update(enum=all_loss_types()), description=(
         "TRL loss_type. dpo: sigmoid (default), hinge, ipo, robust, exo_pair, nca_pair, bco_pair, "
-        "sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sft, sigmoid_norm; "
-        "kto: kto (default), apo_zero_unpaired; ipo and simpo fix their own."))
+        "sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sft, sigmoid_norm, and two TRL "
+        "lacks: cdpo (the original DPO code's conservative DPO, with labelSmoothing) and ipo_sum (that "
+        "code's IPO on summed log-probs; TRL's ipo averages each reply's log-ratio over its tokens); "
+        "ipo: ipo (default), ipo_sum; kto: kto (default), apo_zero_unpaired; simpo and slic fix their own."))
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description=(
+        "cdpo: epsilon, the assumed fraction of flipped preference labels, 0 < epsilon < 0.5 (the original "
+        "DPO code's label_smoothing; HALOs uses 0.2); also TRL's robust and exo_pair losses."))
+    slic_lambda: float = Field(0.1, ge=0, description=(
+        "slic: weight of the cross-entropy regulariser on the chosen reply (HALOs' lambda_coef, 0.1); "
+        "beta is SLiC's hinge margin (default 1.0)."))
     packing: bool = Field(False, description="SFT: pack several examples into each maxLength sequence.")
     completion_only_loss: bool = Field(True, description=(
         "SFT: the loss covers only what the model answers: every assistant reply of a chat "
@@ -189,6 +197,10 @@ def _stage_rules(schema: dict, cls: type) -> None:
          + " || ".join(f"(self.method == '{m}' && self.training.lossType in {list(t)})" for m, t in with_losses.items()),
          "lossType is not one of this method's losses: " + "; ".join(
              f"{m}: {', '.join(t)}" for m, t in with_losses.items()), ".training.lossType"),
+        ("!has(self.training.lossType) || self.training.lossType != 'cdpo' || "
+         "(has(self.training.labelSmoothing) && self.training.labelSmoothing > 0.0)",
+         "lossType cdpo needs training.labelSmoothing, the fraction of flipped labels, with 0 < epsilon < 0.5",
+         ".training.labelSmoothing"),
         ("!has(self.lora) || self.lora.quantization == 'none' || self.resources.gpusPerNode > 0",
          "lora.quantization 4bit/8bit needs GPUs (resources.gpusPerNode > 0)", ".lora.quantization"),
         ("!has(self.eval) || !('judge' in self.eval.metrics) || has(self.eval.judge)",
@@ -202,8 +214,9 @@ class StageSpec(ApiModel):
     name: str = Field(min_length=1, max_length=40, pattern=DNS_LABEL, description=(
         "Stage name, a DNS label unique in the run (names the Job: <run>-<name>)."))
     method: str = Field(json_schema_extra=lambda schema: schema.update(enum=method_names()), description=(
-        "sft | dpo | ipo | kto | orpo | simpo | eval. Preference methods start from the previous "
-        "stage's model and use it as the reference."))
+        "sft | dpo | ipo | kto | orpo | simpo | slic | reward | eval. Preference methods start from the "
+        "previous stage's model and use it as the reference; reward trains a Bradley-Terry reward model "
+        "(a sequence-classification final/) on pairs."))
     from_: str | None = Field(None, alias="from", max_length=40, description=(
         "Earlier stage whose final model this stage starts from. Default: the previous stage; the "
         "first stage starts from spec.model."))

@@ -138,10 +138,12 @@ def reference_cache(dataset, recipe: Recipe, tokenizer, split: str):
 
     TRL caches precomputed reference log-probs in a file beside the dataset's own; an in-memory
     dataset has none, so each process would pick its own temporary file and all but the first
-    fail to find the one written. The file lives in <output_dir>/cache/, named by a key of all
-    that decides reference log-probs: the rows, the chat template and tokenizer, the lengths,
-    the reference model and the method. TRL then keys its log-probs file by that file's
-    fingerprint and a hash of the reference weights (a rerun of the stage reuses them).
+    fail to find the one written. The file lives in recipe.cache_dir (the run volume's
+    cache/reference-logps/ for a rendered stage; <output_dir>/cache/ for a hand-written recipe),
+    named by a key of all that decides reference log-probs (reference_key). TRL then keys its
+    log-probs file by that file's fingerprint and a hash of the reference weights, so a rerun, a
+    later stage or another run on the volume that asks for the same log-probs finds them, and a
+    change of any of these (or of the reference's weights) computes them anew.
     """
     if dataset is None:
         return None
@@ -152,7 +154,6 @@ def reference_cache(dataset, recipe: Recipe, tokenizer, split: str):
     from accelerate import PartialState
     from datasets import Dataset
 
-    t = recipe.training
     if dataset._indices is not None:  # a select/shuffle view: write the rows in that order
         dataset = dataset.flatten_indices(keep_in_memory=True)
     digest = hashlib.sha256()
@@ -160,15 +161,9 @@ def reference_cache(dataset, recipe: Recipe, tokenizer, split: str):
     with pa.ipc.new_stream(sink, dataset.data.table.schema) as writer:
         writer.write_table(dataset.data.table)
     digest.update(sink.getvalue().to_pybytes())
-    digest.update(json.dumps({
-        "split": split, "method": recipe.method, "loss_type": recipe.effective_loss_type,
-        "reference": recipe.ref_model or recipe.model.model_name_or_path, "revision": recipe.model.model_revision,
-        "dtype": recipe.model.torch_dtype, "lora": recipe.lora.model_dump() if recipe.lora else None,
-        "chat_template": tokenizer.chat_template, "vocab": len(tokenizer), "eos": tokenizer.eos_token,
-        "max_length": t.max_length, "max_prompt_length": t.max_prompt_length,
-        "batch_size": t.per_device_train_batch_size,
-    }, sort_keys=True, default=str).encode())
-    path = Path(recipe.output_dir) / "cache" / f"{split}-{digest.hexdigest()[:32]}.arrow"
+    key = reference_key(recipe, tokenizer)
+    digest.update(json.dumps(key, sort_keys=True, default=str).encode())
+    path = Path(recipe.cache_dir or Path(recipe.output_dir) / "cache") / f"{split}-{digest.hexdigest()[:32]}.arrow"
     with PartialState().main_process_first():
         if not path.is_file():  # the main process writes it; the others find it when they enter
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -179,7 +174,29 @@ def reference_cache(dataset, recipe: Recipe, tokenizer, split: str):
                 writer.write_table(dataset.data.table)
                 writer.finalize()
             os.replace(tmp, path)
+            # What decided these log-probs, for a person reading the cache (not read back).
+            path.with_suffix(".key.json").write_text(json.dumps({**key, "rows": len(dataset)}, indent=1, default=str))
     return Dataset.from_file(str(path))
+
+
+def reference_key(recipe: Recipe, tokenizer) -> dict:
+    """What determines a stage's reference log-probs besides its rows (and the reference weights,
+    which TRL hashes): the reference, how it is loaded and run, the chat template and tokenizer,
+    the lengths, and how the trainer scores (KTO's KL completions depend on the batch size).
+    Not the loss, beta or learning rate: a cDPO and a DPO stage on the same data share them."""
+    t = recipe.training
+    scorer = "kto" if recipe.method == "kto" else "pairwise"
+    return {
+        "scorer": scorer, "reference": recipe.ref_model or recipe.model.model_name_or_path,
+        "revision": recipe.model.model_revision, "dtype": recipe.model.torch_dtype,
+        "precision": mixed_precision(recipe.model), "attention": recipe.model.attn_implementation,
+        "lora": recipe.lora is not None, "quantization": recipe.lora.quantization if recipe.lora else "none",
+        "chat_template": tokenizer.chat_template, "vocab": len(tokenizer), "eos": tokenizer.eos_token,
+        "pad": tokenizer.pad_token, "bos": tokenizer.bos_token,
+        "max_length": t.max_length, "max_prompt_length": t.max_prompt_length,
+        "ld_alpha": t.extra_args.get("ld_alpha"),
+        "kl_batch": t.per_device_train_batch_size if scorer == "kto" else None,
+    }
 
 
 # ---------------------------------------------------------------------------- prompt truncation
@@ -244,8 +261,9 @@ def train(trainer, recipe: Recipe):
     return trainer.train(resume_from_checkpoint=resume)
 
 
-def finish_stage(trainer, recipe: Recipe, tokenizer, train_output) -> dict | None:
-    """Evaluate on the test split, write final/, result.json, the termination message; push."""
+def finish_stage(trainer, recipe: Recipe, tokenizer, train_output, extra: dict | None = None) -> dict | None:
+    """Evaluate on the test split, write final/, result.json (with the stage's `extra` metrics), the
+    termination message; push."""
     eval_metrics = trainer.evaluate() if trainer.eval_dataset is not None else None
     merge = None
     if recipe.lora is None:
@@ -257,6 +275,7 @@ def finish_stage(trainer, recipe: Recipe, tokenizer, train_output) -> dict | Non
     if not trainer.is_world_process_zero():
         return None
     result = build_result(recipe, trainer, train_output.metrics, eval_metrics, final)
+    result.update(extra or {})
     url = push_to_hub(recipe, final)
     if url:
         result["hub_url"] = url

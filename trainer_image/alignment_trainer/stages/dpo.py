@@ -1,23 +1,27 @@
-"""Pairwise preference optimisation: DPO, IPO, SimPO, ORPO on prompt/chosen/rejected data.
+"""Pairwise preference optimisation: DPO, IPO, SimPO, ORPO, SLiC on prompt/chosen/rejected data.
 
-    python -m alignment_trainer recipe.yaml          # recipe.method: dpo | ipo | simpo | orpo
+    python -m alignment_trainer recipe.yaml          # recipe.method: dpo | ipo | simpo | orpo | slic
 
 dpo/ipo: trl.DPOTrainer against a frozen reference (the starting model, recipe.ref_model, or
 the adapter-disabled base under LoRA), optionally with reference log-probs computed once up front
-(then no reference stays in memory).
+(then no reference stays in memory); losses.DPOTrainer adds cdpo and ipo_sum to TRL's loss types.
+slic: HALOs' SLiC, losses.SLiCTrainer on TRL's CPOTrainer (no reference).
 simpo: trl.experimental.cpo's CPOTrainer with loss_type simpo and cpo_alpha 0 (no reference).
 orpo: trl.experimental.orpo's ORPOTrainer (odds-ratio loss on top of SFT; no reference).
 """
 
 from __future__ import annotations
 
+import time
+
 import trl
 
 from ..data import load_stage_data
 from ..model import added_tokens, load_model, load_tokenizer, lora_config
 from ..recipe import Recipe
-from .common import (build_config, finish_stage, free_reference, load_reference, reference_cache, setup_stage,
-                     train, truncate_prompts)
+from . import losses, refcache
+from .common import (build_config, finish_stage, free_reference, load_reference, reference_cache,
+                     setup_stage, train, truncate_prompts)
 
 
 # The experimental trainers' batches hold chosen_input_ids/rejected_input_ids (no input_ids to count
@@ -28,8 +32,12 @@ LEGACY_COLLATOR = {"include_num_input_tokens_seen": "no", "remove_unused_columns
 def trainer_classes(method: str):
     """(ConfigClass, TrainerClass, method fields) for a method, failing clearly when TRL lacks it."""
     if method in ("dpo", "ipo"):
-        return trl.DPOConfig, trl.DPOTrainer, {}
+        return trl.DPOConfig, losses.DPOTrainer, {}
     try:
+        if method == "slic":  # hinge: CPOTrainer sums the log-probs; the NLL term is SLiCTrainer's own
+            from trl.experimental.cpo import CPOConfig
+
+            return CPOConfig, losses.SLiCTrainer, {"loss_type": "hinge", "cpo_alpha": 0.0, **LEGACY_COLLATOR}
         if method == "simpo":
             from trl.experimental.cpo import CPOConfig, CPOTrainer
 
@@ -56,8 +64,14 @@ def build(recipe: Recipe):
         raise ValueError(f"training.precompute_ref_log_probs / ref_model: {recipe.method} has no reference model")
 
     # Training config first: under ZeRO-3 it makes from_pretrained load the weights sharded.
+    trainer_kwargs = {}
     if uses_reference:
-        fields = dict(loss_type=[recipe.effective_loss_type], precompute_ref_log_probs=t.precompute_ref_log_probs)
+        loss_type = recipe.effective_loss_type
+        fields = dict(loss_type=[losses.trl_loss_type(loss_type)], label_smoothing=t.label_smoothing,
+                      precompute_ref_log_probs=t.precompute_ref_log_probs)
+        trainer_kwargs["extended_loss"] = loss_type if loss_type in losses.DPO_EXTENSIONS else None
+    if recipe.method == "slic":
+        trainer_kwargs["slic_lambda"] = t.slic_lambda
     args = build_config(config_cls, recipe, beta=t.beta, **fields)
 
     # Model & tokenizer. The reference (common.load_reference): none under LoRA (the adapter-disabled
@@ -76,13 +90,17 @@ def build(recipe: Recipe):
         test_set = reference_cache(test_set, recipe, tokenizer, "test")
 
     processing_class = tokenizer
-    if recipe.method in ("simpo", "orpo"):  # TRL's experimental trainers tokenize text their own way
+    if recipe.method in ("simpo", "orpo", "slic"):  # TRL's experimental trainers tokenize text their own way
         train_set, test_set = as_text(train_set, tokenizer), as_text(test_set, tokenizer)
         processing_class = without_added_bos(tokenizer, train_set[0]["prompt"])
 
     # Trainer (it precomputes the reference log-probs here, when asked)
+    if uses_reference:  # the log-probs are read from / kept in the shared cache (refcache)
+        trainer_kwargs["reference_keys"] = refcache.reference_keys(recipe, train_set, test_set)
+    start = time.perf_counter()
     trainer = trainer_cls(model=model, args=args, train_dataset=train_set, eval_dataset=test_set,
-                          processing_class=processing_class, peft_config=peft_config, **ref_kwargs)
+                          processing_class=processing_class, peft_config=peft_config, **ref_kwargs, **trainer_kwargs)
+    trainer.reference_pass = refcache.reference_pass(trainer, time.perf_counter() - start)  # into result.json
     free_reference(trainer, recipe)
     return trainer, tokenizer
 
@@ -98,7 +116,7 @@ def run(recipe: Recipe) -> dict | None:
     train_output = train(trainer, recipe)
 
     # Save final/ (a LoRA adapter merged into a standalone model when lora.merge) and the results
-    return finish_stage(trainer, recipe, tokenizer, train_output)
+    return finish_stage(trainer, recipe, tokenizer, train_output, extra=trainer.reference_pass)
 
 
 # ---------------------------------------------------------------------------- SimPO / ORPO rows

@@ -37,6 +37,7 @@ from ..model import load_model, load_tokenizer
 from ..recipe import Recipe
 from ..results import emit, write_result
 from . import eval_rows as rows_of
+from .refcache import model_identity, reference_scores
 
 log = logging.getLogger("alignment_trainer")
 
@@ -75,6 +76,9 @@ def run(recipe: Recipe) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(recipe.model, tokenizer).to(device).eval()
     reference = load_model(recipe.model, tokenizer, path=reference_path).to(device).eval()
+    # Keys its cached scores (refcache), with how it runs: the dtype and the device
+    identity = model_identity(reference_path, recipe.model.model_revision)
+    scored_as = f"{recipe.model.torch_dtype}/{device}"
     encode = rows_of.Encoder(tokenizer, t.max_length, t.max_prompt_length)
     batch = t.per_device_eval_batch_size
     metrics: dict[str, float] = {}
@@ -83,7 +87,9 @@ def run(recipe: Recipe) -> dict:
     if "preference" in ev.metrics and pairs:
         seqs = [encode(p["prompt"] + c, len(p["prompt"])) for p in pairs for c in (p["chosen"], p["rejected"])]
         lp = sequence_logps(model, seqs, batch, tokenizer.pad_token_id, "preference (model)")
-        lp_ref = sequence_logps(reference, seqs, batch, tokenizer.pad_token_id, "preference (reference)")
+        lp_ref, info = reference_scores(recipe.cache_dir, identity, scored_as, seqs, lambda: sequence_logps(
+            reference, seqs, batch, tokenizer.pad_token_id, "preference (reference)"), "preference")
+        metrics["reference_logps_reused"], metrics["reference_pass_s"] = info["reused"], info["seconds"]
         metrics.update(preference_metrics(lp, lp_ref, t.beta))
         if metrics["unscored_pairs"]:
             log.warning("eval: %d of %d held-out pairs keep no response token within training.max_length %d "
@@ -94,7 +100,9 @@ def run(recipe: Recipe) -> dict:
     if "loss" in ev.metrics:
         seqs = [encode(messages, scored_from) for messages, scored_from in texts]
         for prefix, m, who in (("", model, "model"), ("reference_", reference, "reference")):
-            lp = sequence_logps(m, seqs, batch, tokenizer.pad_token_id, f"loss ({who})")
+            score = lambda m=m, who=who: sequence_logps(m, seqs, batch, tokenizer.pad_token_id, f"loss ({who})")  # noqa: E731
+            lp = score() if m is model else reference_scores(
+                recipe.cache_dir, identity, scored_as, seqs, score, "loss")[0]
             tokens = sum(n for _, n in lp)
             loss = -sum(s for s, _ in lp) / max(tokens, 1)
             metrics[f"{prefix}eval_loss"] = loss

@@ -19,6 +19,7 @@ import heapq
 import json
 import logging
 import random
+import time
 from collections import Counter
 
 import torch
@@ -27,6 +28,7 @@ from trl import KTOConfig, KTOTrainer
 from ..data import load_stage_data
 from ..model import added_tokens, load_model, load_tokenizer, lora_config
 from ..recipe import Recipe
+from . import refcache
 from .common import (_prompt_length, build_config, finish_stage, free_reference, load_reference, reference_cache,
                      setup_stage, train, truncate_prompts)
 
@@ -61,8 +63,11 @@ def build(recipe: Recipe):
         test_set = reference_cache(test_set, recipe, tokenizer, "test")
 
     # Trainer (it precomputes the reference log-probs here, when asked)
+    start = time.perf_counter()
     trainer = KLBatchKTOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train_set,
-                                eval_dataset=test_set, processing_class=tokenizer, peft_config=peft_config)
+                                eval_dataset=test_set, processing_class=tokenizer, peft_config=peft_config,
+                                reference_keys=refcache.reference_keys(recipe, train_set, test_set))
+    trainer.reference_pass = refcache.reference_pass(trainer, time.perf_counter() - start)  # into result.json
     free_reference(trainer, recipe)
     return trainer, tokenizer
 
@@ -78,7 +83,7 @@ def run(recipe: Recipe) -> dict | None:
     train_output = train(trainer, recipe)
 
     # Save final/ (a LoRA adapter merged into a standalone model when lora.merge) and the results
-    return finish_stage(trainer, recipe, tokenizer, train_output)
+    return finish_stage(trainer, recipe, tokenizer, train_output, extra=trainer.reference_pass)
 
 
 # ---------------------------------------------------------------------------- KL pairing order
@@ -105,15 +110,15 @@ class KLBatchOrder(torch.utils.data.Sampler):
             yield from range(start, min(start + self.batch_size, self.n))
 
 
-class KLBatchKTOTrainer(KTOTrainer):
-    """KTOTrainer reading its KL batches in a new order each epoch (TRL reads them sequentially)."""
+class KLBatchKTOTrainer(refcache.CachedReference, KTOTrainer):
+    """KTOTrainer reading its KL batches in a new order each epoch (TRL reads them sequentially);
+    its precomputed reference log-probs are kept in the shared cache (refcache.CachedReference)."""
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if not self.calculate_KL or dataset is None:
             return super()._get_train_sampler(train_dataset)
         return KLBatchOrder(len(dataset), self.args.per_device_train_batch_size, self.args.seed)
-
 
 
 def kl_order(dataset, tokenizer, batch_size: int, seed: int, max_length: int | None):
