@@ -205,6 +205,8 @@ def _fold_child(st: StageStatus, child: ObservedChild, run: AlignmentRun, now: s
         st.completion_time = child.finished or now
         st.checkpoint = (child.result or {}).get("checkpoint", st.checkpoint)
         st.metrics = _metrics(child.result)
+        st.tracking = {k: str(v) for k, v in ((child.result or {}).get("tracking") or {}).items()
+                       if k in ("tensorboard", "wandb", "mlflow")}
         st.message = None
         events.append(Event("Normal", "StageSucceeded", f"stage {st.name} succeeded: {_brief(st.metrics)}"))
         return

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from . import outcome
+from . import outcome, tracking
 from .checkpoints import checkpoints
 from .recipe import Recipe
 
@@ -134,7 +134,7 @@ starting from `{recipe.model.model_name_or_path}` (base model `{recipe.base_mode
 learning rate {t.learning_rate}, {t.lr_scheduler_type} schedule, {t.num_train_epochs} epochs (max steps {t.max_steps}),
 per-device batch {t.per_device_train_batch_size} x {t.gradient_accumulation_steps} accumulation, max length {t.max_length},
 beta {t.beta}, seed {t.seed}; {trainer.state.global_step} optimizer steps.
-"""
+""" + tracking.card_section(tracking.links(trainer))
 
 
 # ---------------------------------------------------------------------------- result.json

@@ -9,9 +9,10 @@ stage's recipe is rendered; their descriptions say what they become.
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from alignment_trainer.recipe import METHODS, check_method, loss_type_problem, method_names
 
@@ -162,6 +163,73 @@ class SecretKeyRef(ApiModel):
     key: str = Field("token", min_length=1, max_length=253, pattern=corev1.CONFIG_KEY, description="Key inside the Secret.")
 
 
+TRACKING_URI = r"^(https?://\S+|databricks(://\S+)?)$"
+# A tracking URI never carries credentials (user:password@host): a CEL rule (whose message never
+# shows the value, as a pattern's would) and its Python twin refuse them; they come from a Secret.
+URI_CREDENTIALS = "^[a-z]+://[^/]*@"
+
+
+class TensorBoardSpec(ApiModel):
+    enabled: bool = Field(True, description=(
+        "Write TensorBoard event files to <mountPath>/<namespace>/<run>/<stage>/tensorboard/ on the run's "
+        "volume (`tensorboard --logdir` on that directory shows every stage)."))
+
+
+class WandbSpec(ApiModel):
+    model_config = {**ApiModel.model_config, "json_schema_extra": x_validations(
+        ("self.mode == 'offline' || has(self.apiKeySecretRef)",
+         "wandb.apiKeySecretRef is required unless mode is offline", ".apiKeySecretRef"),
+    )}
+
+    project: str = Field(min_length=1, max_length=128, description="W&B project; runs are named <run>/<stage>.")
+    entity: str | None = Field(None, max_length=128, description="W&B entity (team or user); default: the API key's.")
+    mode: Literal["online", "offline"] = Field("online", description=(
+        "offline writes the W&B run into the stage's directory on the volume only (wandb/offline-run-*; "
+        "`wandb sync` uploads it later); online needs apiKeySecretRef."))
+    api_key_secret_ref: SecretKeyRef | None = Field(None, description=(
+        "Secret key holding the W&B API key, exposed as WANDB_API_KEY through a secretKeyRef; never copied."))
+    base_url: str | None = Field(None, max_length=1024, pattern=r"^https?://[^\s/@]+(/\S*)?$", description=(
+        "A self-hosted W&B server (WANDB_BASE_URL); default: W&B's cloud."))
+
+    @model_validator(mode="after")
+    def _key_when_online(self) -> "WandbSpec":
+        if self.mode == "online" and self.api_key_secret_ref is None:
+            raise ValueError("wandb.apiKeySecretRef is required unless mode is offline")
+        return self
+
+
+class MlflowSpec(ApiModel):
+    model_config = {**ApiModel.model_config, "json_schema_extra": x_validations(
+        (f"!self.trackingUri.matches('{URI_CREDENTIALS}')",
+         "mlflow.trackingUri must not hold credentials (user:password@); give credentialsSecretName", ".trackingUri"),
+    )}
+
+    tracking_uri: str = Field(min_length=1, max_length=1024, pattern=TRACKING_URI, description=(
+        "MLflow tracking server, e.g. http://mlflow.mlflow.svc:5000 (or databricks). No credentials in "
+        "the URI: give credentialsSecretName."))
+    experiment: str | None = Field(None, max_length=256, description=(
+        "MLflow experiment, created if missing; default: the run's name. Runs are named <run>/<stage>."))
+    credentials_secret_name: str | None = Field(None, max_length=253, pattern=corev1.DNS_SUBDOMAIN, description=(
+        "A Secret in the run's namespace with keys username and password (basic auth) or token (bearer); "
+        "each present key becomes MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN through a secretKeyRef."))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_credentials(cls, data):
+        """On the whole mapping, so the refusal never echoes the URI (errors show a mapping's type only)."""
+        uri = data.get("trackingUri", data.get("tracking_uri")) if isinstance(data, dict) else None
+        if isinstance(uri, str) and re.match(URI_CREDENTIALS, uri):
+            raise ValueError("trackingUri must not hold credentials (user:password@); give credentialsSecretName")
+        return data
+
+
+class TrackingSpec(ApiModel):
+    tensorboard: TensorBoardSpec = Field(default_factory=TensorBoardSpec, json_schema_extra={"default": {}},
+                                         description="TensorBoard event files on the run's volume (on by default).")
+    wandb: WandbSpec | None = Field(None, description="Log to Weights & Biases.")
+    mlflow: MlflowSpec | None = Field(None, description="Log to an MLflow tracking server.")
+
+
 class JudgeSpec(ApiModel):
     base_url: str = Field(min_length=1, max_length=1024, description="OpenAI-compatible API base URL, e.g. https://api.openai.com/v1.")
     model: str = Field(min_length=1, max_length=256, description="Judge model name.")
@@ -236,6 +304,9 @@ class StageSpec(ApiModel):
     eval: EvalSpec | None = Field(None, description="For method eval: what to measure.")
     backoff_limit: int = Field(2, ge=0, description=(
         "Pod retries before the stage fails; a retry resumes from the newest checkpoint."))
+    tracking: TrackingSpec | None = Field(None, description=(
+        "This stage's experiment tracking, replacing spec.tracking for it (e.g. a stage logging to W&B "
+        "while the others do not)."))
 
     @field_validator("method")
     @classmethod
@@ -312,3 +383,7 @@ class AlignmentRunSpec(ApiModel):
     suspend: bool = Field(False, description="Suspend the running stage's Job (pods stop; resume continues from its checkpoint).")
     ttl_seconds_after_finished: int | None = Field(None, ge=0, description=(
         "Delete the run's Jobs this long after it finishes; checkpoints on the volume stay."))
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec, json_schema_extra={"default": {}}, description=(
+        "Experiment tracking for every stage, through transformers' own integrations: TensorBoard (on by "
+        "default), Weights & Biases, MLflow. Each stage is one tracked run named <run>/<stage>; its links "
+        "go to status.stages[].tracking and the final model's card."))

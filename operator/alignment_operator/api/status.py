@@ -41,6 +41,9 @@ class StageStatus(ApiModel):
     metrics: dict[str, float] = Field({}, description="Final metrics: train_loss, eval_loss, rewards/accuracies, ...")
     message: str | None = Field(None, description="Why the stage failed or waits.")
     spec_hash: str | None = Field(None, description="Hash of the stage's spec when it started; edits after that are refused.")
+    tracking: dict[str, str] = Field({}, description=(
+        "Where the stage's tracked run is: tensorboard (event files' directory on the volume), wandb (run URL, "
+        "or the offline run's directory), mlflow (run URL)."))
 
 
 class AlignmentRunStatus(ApiModel):

@@ -140,7 +140,22 @@ def _env(run: AlignmentRun, stage: StageSpec) -> list[dict[str, Any]]:
     if judge is not None:
         ref = judge.api_key_secret_ref
         env.append({"name": JUDGE_API_KEY_ENV, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    env += _tracking_env(stage.tracking or run.spec.tracking)
     return env + [dict(e) for e in run.spec.trainer.env]
+
+
+def _tracking_env(tracking) -> list[dict[str, Any]]:
+    """Tracker credentials, each only through a secretKeyRef (MLflow's keys optional: basic auth or token)."""
+    env = []
+    if tracking.wandb is not None and tracking.wandb.api_key_secret_ref is not None:
+        ref = tracking.wandb.api_key_secret_ref
+        env.append({"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    if tracking.mlflow is not None and tracking.mlflow.credentials_secret_name:
+        name = tracking.mlflow.credentials_secret_name
+        env += [{"name": var, "valueFrom": {"secretKeyRef": {"name": name, "key": key, "optional": True}}}
+                for var, key in (("MLFLOW_TRACKING_USERNAME", "username"), ("MLFLOW_TRACKING_PASSWORD", "password"),
+                                 ("MLFLOW_TRACKING_TOKEN", "token"))]
+    return env
 
 
 def _resources(stage: StageSpec) -> dict[str, Any]:

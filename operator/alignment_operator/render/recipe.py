@@ -13,6 +13,7 @@ import posixpath
 from alignment_trainer.recipe import (
     METHODS, DatasetArgs, EvalArgs, JudgeArgs, LoraArgs, ModelArgs, Recipe, TrainingArgs,
 )
+from alignment_trainer.recipe import TrackingArgs
 
 from ..api import AlignmentRun, DatasetSpec, StageSpec
 
@@ -145,9 +146,24 @@ def build_recipe(run: AlignmentRun, index: int, root: str,
         # a rerun or another run on the same volume that asks for the same reuses them.
         cache_dir=posixpath.join(root, "cache", "reference-logps") if METHODS[stage.method].reference else None,
         termination_message_path=termination_message_path,
+        tracking=render_tracking(run, stage),
         run_name=run.metadata.name,
         stage_name=stage.name,
         base_model=m.source,
+    )
+
+
+def render_tracking(run: AlignmentRun, stage: StageSpec) -> TrackingArgs:
+    """The stage's tracking (its own, else the run's); credentials are pod env (manifests), never here."""
+    t = stage.tracking or run.spec.tracking
+    report = (["tensorboard"] if t.tensorboard.enabled else []) + (["wandb"] if t.wandb else []) + (
+        ["mlflow"] if t.mlflow else [])
+    w, m = t.wandb, t.mlflow
+    return TrackingArgs(
+        report_to=report,
+        wandb_project=w.project if w else None, wandb_entity=w.entity if w else None,
+        wandb_mode=w.mode if w else "online", wandb_base_url=w.base_url if w else None,
+        mlflow_tracking_uri=m.tracking_uri if m else None, mlflow_experiment=(m.experiment or None) if m else None,
     )
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .. import tracking
 from ..checkpoints import newest_checkpoint
 from ..launch import configured_state_args, init_distributed
 from ..model import checkpoint_dtype, engine_keeps_fp32_masters, load_model, merge_adapter, mixed_precision
@@ -24,7 +25,7 @@ log = logging.getLogger("alignment_trainer")
 
 # Config fields the trainer sets itself: extra_args may not override them.
 OWNED_FIELDS = {"output_dir", "resume_from_checkpoint", "deepspeed", "push_to_hub", "hub_model_id", "hub_token",
-                "overwrite_output_dir", "logging_dir", "accelerator_config"}
+                "overwrite_output_dir", "logging_dir", "accelerator_config", "report_to", "run_name"}
 
 
 # ---------------------------------------------------------------------------- setup
@@ -67,7 +68,7 @@ def build_config(config_cls, recipe: Recipe, **method_fields):
     precision = mixed_precision(recipe.model)
     os.environ["ACCELERATE_MIXED_PRECISION"] = precision
     kwargs = dict(
-        output_dir=recipe.output_dir, run_name=recipe.run_name or recipe.stage_name,
+        output_dir=recipe.output_dir,
         num_train_epochs=t.num_train_epochs, max_steps=t.max_steps, learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler_type, weight_decay=t.weight_decay,
         # transformers 5 folded warmup_ratio into warmup_steps: a float below 1 is a ratio.
@@ -81,7 +82,7 @@ def build_config(config_cls, recipe: Recipe, **method_fields):
         logging_strategy="steps", logging_steps=t.logging_steps, logging_first_step=True,
         eval_strategy="steps" if (t.eval_steps and has_test_split(recipe)) else "no", eval_steps=t.eval_steps,
         bf16=precision == "bf16", fp16=precision == "fp16", dataloader_pin_memory=on_gpu,
-        report_to="none", disable_tqdm=True, include_num_input_tokens_seen="non_padding",
+        **tracking.config_fields(recipe), disable_tqdm=True, include_num_input_tokens_seen="non_padding",
         **configured_state_args(),
     )
     kwargs.update(method_fields)
@@ -254,6 +255,7 @@ def train(trainer, recipe: Recipe):
 
     trainer.remove_callback(PrinterCallback)  # MetricsCallback prints JSON progress lines instead
     trainer.add_callback(MetricsCallback(recipe.output_dir))
+    trainer.add_callback(tracking.TrackedRun(recipe))  # after transformers' tracker callbacks
     resume = newest_checkpoint(recipe.output_dir)
     if trainer.is_world_process_zero():
         emit("start", method=recipe.method, stage=recipe.stage_name, resume_from=resume,
@@ -275,6 +277,8 @@ def finish_stage(trainer, recipe: Recipe, tokenizer, train_output, extra: dict |
     if not trainer.is_world_process_zero():
         return None
     result = build_result(recipe, trainer, train_output.metrics, eval_metrics, final)
+    if tracking.links(trainer):
+        result["tracking"] = tracking.links(trainer)
     result.update(extra or {})
     url = push_to_hub(recipe, final)
     if url:
