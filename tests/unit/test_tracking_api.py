@@ -16,14 +16,14 @@ from alignment_trainer.recipe import Recipe, TrackingArgs
 
 ROOT = Path(__file__).resolve().parents[2]
 TRACKING = {
-    "wandb": {"project": "zephyr", "entity": "lab", "apiKeySecretRef": {"name": "wandb", "key": "api-key"}},
-    "mlflow": {"trackingUri": "https://mlflow.lab.example", "experiment": "zephyr",
+    "wandb": {"project": "tiny", "entity": "lab", "apiKeySecretRef": {"name": "wandb", "key": "api-key"}},
+    "mlflow": {"trackingUri": "https://mlflow.lab.example", "experiment": "tiny",
                "credentialsSecretName": "mlflow-creds"},
 }
 
 
 def run_with(tracking=None, stage_tracking=None):
-    doc = yaml.safe_load((ROOT / "examples" / "zephyr-run.yaml").read_text())
+    doc = yaml.safe_load((ROOT / "examples" / "tiny-run.yaml").read_text())
     doc["metadata"]["namespace"] = "ml"
     if tracking is not None:
         doc["spec"]["tracking"] = tracking
@@ -51,8 +51,8 @@ def test_wandb_and_mlflow_reach_the_recipe_and_credentials_only_secret_refs():
     recipe = Recipe.model_validate(yaml.safe_load(objs[0]["data"]["recipe.yaml"]))
     t = recipe.tracking
     assert t.report_to == ["tensorboard", "wandb", "mlflow"]
-    assert (t.wandb_project, t.wandb_entity, t.wandb_mode) == ("zephyr", "lab", "online")
-    assert (t.mlflow_tracking_uri, t.mlflow_experiment) == ("https://mlflow.lab.example", "zephyr")
+    assert (t.wandb_project, t.wandb_entity, t.wandb_mode) == ("tiny", "lab", "online")
+    assert (t.mlflow_tracking_uri, t.mlflow_experiment) == ("https://mlflow.lab.example", "tiny")
     env = {e["name"]: e for e in c["env"]}
     assert env["WANDB_API_KEY"] == {"name": "WANDB_API_KEY",
                                     "valueFrom": {"secretKeyRef": {"name": "wandb", "key": "api-key"}}}
