@@ -1,5 +1,11 @@
-"""The cluster shell: for one run, observe its children (kube.py), decide (reconcile, pure),
-act (kube.py, idempotent). handlers.py calls `reconcile_run` on every event; kopf stays there.
+"""The cluster shell: for one run, observe its children, decide (reconcile, pure), act (kube.py,
+idempotent). handlers.py feeds `cache` from the operator's watches and calls `reconcile_run` on
+every event; kopf stays there.
+
+A reconcile costs no read of the API server when the cache can answer: the run and its children
+come from the watches, the objects this process created or wrote are put in at once. Only when
+status says a stage has a child that the cache has not seen (the operator just started and that
+watch has not listed yet, or the child was deleted) does it list the run's children.
 """
 
 from __future__ import annotations
@@ -10,8 +16,9 @@ import threading
 from collections import defaultdict
 from typing import Any
 
-from . import kube, metrics
+from . import kube, metrics, observe
 from .api import AlignmentRunStatus, Condition, RunInvalid, parse_run
+from .cache import Cache
 from .reconcile import (
     CreateStage, DeleteChild, DeleteChildren, Event, RequeueAfter, SetSuspend, reconcile, stage_hash,
 )
@@ -20,6 +27,7 @@ from .render.manifests import RenderContext, build_pvc, build_stage
 log = logging.getLogger("alignment_operator")
 _locks: dict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
 _context = RenderContext()
+cache = Cache()
 STATUS_TRIES = 3  # a conflicting status write means the run changed: recompute, this many times
 
 
@@ -34,6 +42,7 @@ def configure(context: RenderContext | None = None) -> RenderContext:
         trainer_image=os.environ.get("ALIGNMENT_TRAINER_IMAGE", RenderContext.trainer_image),
         accelerate_config_dir=os.environ.get("ALIGNMENT_ACCELERATE_CONFIG_DIR", RenderContext.accelerate_config_dir),
         pytorchjob_available=kube.pytorchjob_available(),
+        jobset_available=kube.jobset_available(),
     )
     return _context
 
@@ -47,6 +56,7 @@ def reconcile_run(namespace: str, name: str) -> None:
                     _reconcile_once(namespace, name)
                     return
                 except kube.Conflict:
+                    cache.forget_run(namespace, name)  # read it afresh
                     continue
             raise StatusKeptConflicting(f"{namespace}/{name}: status kept conflicting")
         except Exception:
@@ -55,7 +65,7 @@ def reconcile_run(namespace: str, name: str) -> None:
 
 
 def _reconcile_once(namespace: str, name: str) -> None:
-    body = kube.get_run(namespace, name)
+    body = cache.run(namespace, name) or kube.get_run(namespace, name)
     if body is None or body["metadata"].get("deletionTimestamp"):
         metrics.observe_phase(namespace, name, None)
         return  # deleted: ownerReferences let the garbage collector remove the children
@@ -66,13 +76,25 @@ def _reconcile_once(namespace: str, name: str) -> None:
     except RunInvalid as e:
         _reject(body, old_status, generation, str(e))
         return
-    outcome = reconcile(run, generation, kube.observe_children(namespace, name), kube.now())
+    outcome = reconcile(run, generation, _children(namespace, name, old_status), kube.now())
     for action in outcome.actions:
         _apply(action, run, body)
     new = outcome.status.wire()
     if new != old_status.wire():
-        kube.replace_status(body, new)
+        cache.put_run(kube.replace_status(body, new))
     metrics.observe_phase(namespace, name, outcome.status.phase)
+
+
+def _children(namespace: str, name: str, status: AlignmentRunStatus) -> dict[str, Any]:
+    """The stages' children from the cache; from the API server when status names one it lacks."""
+    children = observe.children(*cache.children(namespace, name))
+    expected = {s.name for s in status.stages if s.phase in ("Running", "Suspended")}
+    if expected - children.keys():
+        objects, pods = kube.list_children(namespace, name)
+        for obj in objects + pods:
+            cache.put(obj)
+        children = observe.children(objects, pods)
+    return children
 
 
 def _apply(action: Any, run: Any, body: dict[str, Any]) -> None:
@@ -82,7 +104,9 @@ def _apply(action: Any, run: Any, body: dict[str, Any]) -> None:
         objects = ([pvc] if pvc else []) + build_stage(
             run, action.index, _context, stage_hash(run, action.index), suspend=action.suspend)
         for obj in objects:
-            kube.ensure_object(obj)
+            created = kube.ensure_object(obj)
+            if created is not None and created["kind"] in observe.OBSERVERS:
+                cache.put(created)  # seen at once, before its watch event arrives
     elif isinstance(action, SetSuspend):
         kube.set_suspend(ns, action.name, action.kind, action.suspend)
     elif isinstance(action, DeleteChild):

@@ -21,6 +21,15 @@ def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.WARNING   # we post our own events
     settings.watching.server_timeout = 300
     settings.networking.error_backoffs = [1, 2, 5, 10]
+    # Reconciles run in this many threads: enough to keep the API server busy, few enough not to
+    # queue on it (a reconcile is mostly waiting on its writes).
+    settings.execution.max_workers = int(os.environ.get("ALIGNMENT_WORKERS", "8"))
+    # kopf keeps one task, holding the object's latest body, per object with events queued; a
+    # burst of a thousand runs (with their Jobs and pods) would hold them all at once. A bounded
+    # number of such tasks that exit soon after their last event bounds the memory instead
+    # (the watch streams wait meanwhile).
+    settings.batching.worker_limit = int(os.environ.get("ALIGNMENT_OBJECT_WORKERS", "100"))
+    settings.batching.idle_timeout = 0.3
     # No cluster scans (namespaces, CRDs): least-privilege RBAC refuses them, and we watch fixed resources.
     settings.scanning.disabled = True
     context = controller.configure()
@@ -39,23 +48,38 @@ def _reconcile(namespace: str, name: str) -> None:
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def on_run(namespace: str, name: str, type: str, **_: Any) -> None:
+def on_run(namespace: str, name: str, type: str, event: dict[str, Any], **_: Any) -> None:
     if type == "DELETED":
+        controller.cache.forget_run(namespace, name)
         metrics.observe_phase(namespace, name, None)
     else:
+        controller.cache.put_run(event["object"])
         _reconcile(namespace, name)
 
 
+def _child_event(kind: str, type: str, event: dict[str, Any]) -> None:
+    """Every child or pod event: into the cache, then a reconcile of its run."""
+    obj = event["object"]
+    key = controller.cache.put(obj if "kind" in obj else {"kind": kind, **obj}, deleted=type == "DELETED")
+    if key is not None:
+        _reconcile(*key)
+
+
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_RUN: kopf.PRESENT})
-def on_job(namespace: str, labels: dict[str, str], **_: Any) -> None:
-    _reconcile(namespace, labels[LABEL_RUN])
+def on_job(type: str, event: dict[str, Any], **_: Any) -> None:
+    _child_event("Job", type, event)
+
+
+@kopf.on.event("jobset.x-k8s.io", "v1alpha2", "jobsets", labels={LABEL_RUN: kopf.PRESENT})
+def on_jobset(type: str, event: dict[str, Any], **_: Any) -> None:
+    _child_event("JobSet", type, event)
 
 
 @kopf.on.event("kubeflow.org", "v1", "pytorchjobs", labels={LABEL_RUN: kopf.PRESENT})
-def on_pytorchjob(namespace: str, labels: dict[str, str], **_: Any) -> None:
-    _reconcile(namespace, labels[LABEL_RUN])
+def on_pytorchjob(type: str, event: dict[str, Any], **_: Any) -> None:
+    _child_event("PyTorchJob", type, event)
 
 
 @kopf.on.event("", "v1", "pods", labels={LABEL_RUN: kopf.PRESENT})
-def on_pod(namespace: str, labels: dict[str, str], **_: Any) -> None:
-    _reconcile(namespace, labels[LABEL_RUN])
+def on_pod(type: str, event: dict[str, Any], **_: Any) -> None:
+    _child_event("Pod", type, event)

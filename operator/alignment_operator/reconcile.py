@@ -22,6 +22,7 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from .api import RETRY_ANNOTATION, AlignmentRun, AlignmentRunStatus, Condition, StageStatus
+from .render.manifests import child_name
 
 # Interrupted: the child was stopped by a signal and is gone (the local shell's Ctrl-C).
 ChildState = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended", "Interrupted"]
@@ -162,6 +163,8 @@ def reconcile(run: AlignmentRun, generation: int | None, children: dict[str, Obs
             st.phase = "Suspended" if run.spec.suspend else "Running"
             st.start_time, st.message = now, None
             st.spec_hash = current_hash
+            # Recorded now, not when the child is first seen: one status write per transition.
+            st.job_name, st.attempts = child_name(run, spec.name), st.previous_attempts + 1
             events.append(Event("Normal", "StageStarted", f"stage {spec.name} ({spec.method}) started"))
         elif child is None:
             # The Job vanished (deleted by hand): recreate it; the trainer resumes from its checkpoint.

@@ -295,6 +295,7 @@ def test_the_service_account_reads_no_secret_and_nothing_unlisted(cluster, chart
         assert can("update", "alignmentruns.alignment.dev", "--subresource=status", "-n", ns) == "yes"
         assert can("create", "jobs.batch", "-n", ns) == "yes"
         assert can("get", "customresourcedefinitions.apiextensions.k8s.io/pytorchjobs.kubeflow.org") == "yes"
+        assert can("get", "customresourcedefinitions.apiextensions.k8s.io/jobsets.jobset.x-k8s.io") == "yes"
         assert can("get", "customresourcedefinitions.apiextensions.k8s.io/alignmentruns.alignment.dev") == "no"
         other = "default"
         assert can("create", "jobs.batch", "-n", other) == ("no" if mode == "namespaced" else "yes")

@@ -69,16 +69,20 @@ No wildcards, no secrets: stage pods reference Secrets by name, which needs no p
 - apiGroups: [alignment.dev]
   resources: [alignmentruns/finalizers]
   verbs: [update]
-# Stage Jobs: kopf watches them; observe_children lists; ensure_object creates;
+# Stage Jobs: kopf watches them (the operator's cache); list_children lists when the cache has
+# not seen one yet; ensure_object creates;
 # set_suspend patches spec.suspend; delete_children deletes.
 - apiGroups: [batch]
   resources: [jobs]
   verbs: [list, watch, create, patch, delete]
-# Multi-node stages when the Kubeflow Training Operator is installed: the same as Jobs.
+# Multi-node stages when JobSet or the Kubeflow Training Operator is installed: the same as Jobs.
+- apiGroups: [jobset.x-k8s.io]
+  resources: [jobsets]
+  verbs: [list, watch, create, patch, delete]
 - apiGroups: [kubeflow.org]
   resources: [pytorchjobs]
   verbs: [list, watch, create, patch, delete]
-# Stage pods: kopf watches them; observe_children lists them for termination messages.
+# Stage pods: kopf watches them for termination messages; list_children lists them with the Jobs.
 - apiGroups: [""]
   resources: [pods]
   verbs: [list, watch]

@@ -36,6 +36,7 @@ from alignment_trainer.launch import build_launch_command, launch_env, visible_g
 
 from ..api import RETRY_ANNOTATION, AlignmentRun, AlignmentRunStatus, RunInvalid, load_run
 from ..reconcile import CreateStage, DeleteChild, Event, ObservedChild, reconcile
+from ..render.manifests import child_name
 from ..render.recipe import build_recipe, stage_dir
 from . import view
 
@@ -109,7 +110,7 @@ def run_stage(run: AlignmentRun, index: int, root: str, started: str) -> Observe
     stage = run.spec.stages[index]
     out = Path(stage_dir(root, run, stage.name))
     out.mkdir(parents=True, exist_ok=True)
-    name = f"{run.metadata.name}-{stage.name}"
+    name = child_name(run, stage.name)
     message_path = out / OUTCOME_FILE
     message_path.unlink(missing_ok=True)  # only this attempt's outcome counts
     recipe_path = out / "recipe.yaml"
