@@ -111,13 +111,17 @@ class ControlPlane:
     server: str = ""
     kubeconfig: Path = Path()
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    # For a real node (tests/cluster/node.py): the node's IP. The API server then also listens
+    # there and advertises it (the `kubernetes` Service's endpoint, so pods reach it through
+    # kube-proxy), and reaches kubelets at their InternalIP with a client certificate.
+    node_ip: str = ""
 
     # ---- lifecycle -------------------------------------------------------------------
 
     @classmethod
-    def start(cls, bin_dir: Path, workdir: Path) -> "ControlPlane":
+    def start(cls, bin_dir: Path, workdir: Path, node_ip: str = "") -> "ControlPlane":
         """Starts etcd, kube-apiserver and kube-controller-manager; waits until ready."""
-        plane = cls(workdir, bin_dir)
+        plane = cls(workdir, bin_dir, node_ip=node_ip)
         try:
             plane._start()
         except BaseException as exc:  # also KeyboardInterrupt: never leak processes
@@ -130,7 +134,7 @@ class ControlPlane:
 
     def _start(self) -> None:
         bin_dir = self.bin_dir
-        certs = write_pki(self.workdir / "pki")
+        certs = write_pki(self.workdir / "pki", self.node_ip)
         etcd_url = f"http://127.0.0.1:{free_port()}"
         peer_url = f"http://127.0.0.1:{free_port()}"
         self._spawn("etcd", [
@@ -156,7 +160,16 @@ class ControlPlane:
             # The "kubernetes" Service's endpoints would be 127.0.0.1, which validation refuses.
             "--endpoint-reconciler-type=none",
             f"--cert-dir={self.workdir / 'apiserver-certs'}",
-        ])
+        ] + ([
+            # Listen on the node's IP too, advertise it as the `kubernetes` Service's endpoint
+            # (replacing --endpoint-reconciler-type=none above: the last flag wins).
+            "--bind-address=0.0.0.0", f"--advertise-address={self.node_ip}", "--endpoint-reconciler-type=lease",
+            "--kubelet-preferred-address-types=InternalIP",  # kubectl logs/exec dial the node's IP
+            f"--kubelet-client-certificate={certs['apiserver-kubelet-client.crt']}",
+            f"--kubelet-client-key={certs['apiserver-kubelet-client.key']}",
+            # Webhooks and aggregated APIs are dialled at their endpoints' pod IPs.
+            "--enable-aggregator-routing=true",
+        ] if self.node_ip else []))
         admin = {"client-certificate": str(certs["admin.crt"]), "client-key": str(certs["admin.key"])}
         self.kubeconfig = write_kubeconfig(self.workdir / "kubeconfig", self.server, certs["ca.crt"], admin)
         self._wait_ok("kube-apiserver", f"{self.server}/readyz", certs, timeout=90)
@@ -271,9 +284,10 @@ class ControlPlane:
 # ---- certificates ------------------------------------------------------------------------
 
 
-def write_pki(directory: Path) -> dict[str, Path]:
+def write_pki(directory: Path, node_ip: str = "") -> dict[str, Path]:
     """Writes a CA, the API server's serving certificate, client certificates for the admin
     (group system:masters) and the controller manager, and the service-account signing key.
+    The CA's key stays too (ca.key), so a node can sign its kubelet's certificates.
 
     EC P-256 keys: as good as RSA here and generated in microseconds. `cryptography` is
     imported here so that collecting tests without it fails only the cluster tests.
@@ -315,6 +329,7 @@ def write_pki(directory: Path) -> dict[str, Path]:
     ca = certificate(ca_name, ca_key, ca_name, ca_key, (x509.BasicConstraints(ca=True, path_length=None), True),
                      (x509.KeyUsage(False, False, False, False, False, True, True, False, False), True))
     save("ca.crt", ca.public_bytes(serialization.Encoding.PEM))
+    save_key("ca.key", ca_key)
 
     def leaf(stem: str, subject: x509.Name, usage, sans=None) -> None:
         key = ec.generate_private_key(ec.SECP256R1())
@@ -331,9 +346,13 @@ def write_pki(directory: Path) -> dict[str, Path]:
         x509.DNSName("localhost"), x509.DNSName("kubernetes"), x509.DNSName("kubernetes.default"),
         x509.DNSName("kubernetes.default.svc"), x509.DNSName("kubernetes.default.svc.cluster.local"),
         x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.IPAddress(service_ip),
+        *([x509.IPAddress(ipaddress.ip_address(node_ip))] if node_ip else []),
     ])
     leaf("admin", name_of("admin", "system:masters"), ExtendedKeyUsageOID.CLIENT_AUTH)
     leaf("kcm", name_of("system:kube-controller-manager"), ExtendedKeyUsageOID.CLIENT_AUTH)
+    # kube-apiserver -> kubelet (logs, exec); system:masters passes the kubelet's own authorization.
+    leaf("apiserver-kubelet-client", name_of("kube-apiserver-kubelet-client", "system:masters"),
+         ExtendedKeyUsageOID.CLIENT_AUTH)
 
     sa_key = ec.generate_private_key(ec.SECP256R1())
     save_key("sa.key", sa_key)

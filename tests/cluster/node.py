@@ -61,7 +61,11 @@ def missing_requirements(bin_dir: Path) -> list[str]:
     missing += [f"{c} (install: {PACKAGES_COMMAND})" for c in HOST_COMMANDS if not shutil.which(c)]
     if not Path("/usr/lib/cni/bridge").exists():
         missing.append(f"CNI plugins in /usr/lib/cni (install: {PACKAGES_COMMAND})")
-    missing += [f"image {i} (build: {IMAGES_COMMAND})" for i in IMAGES if not (IMAGE_REFS / f"{i}.ref").exists()]
+    for image in IMAGES:
+        ref = IMAGE_REFS / f"{image}.ref"
+        if not ref.exists() or (shutil.which("podman") and run("podman", "image", "exists", ref.read_text().strip(),
+                                                                check=False).returncode != 0):
+            missing.append(f"image {image} (build: {IMAGES_COMMAND})")
     if os.geteuid() != 0:
         missing.append("root (containerd and the kubelet need it)")
     return missing
@@ -138,7 +142,7 @@ class Node:
                 pass  # containerd's containers are removed below anyway
         for name in ("coredns", "kube-proxy", "kube-scheduler", "kubelet"):
             _terminate(self.processes.pop(name, None))
-        if "containerd" in self.processes:
+        if "containerd" in self.processes and self.processes["containerd"].poll() is None:
             self._remove_containers()
         _terminate(self.processes.pop("containerd", None))
         if (self.plane.bin_dir / "kube-proxy").exists():
@@ -203,19 +207,33 @@ state = "{self.workdir / 'containerd-state'}"
         wait_for("containerd's socket", timeout=30, fn=lambda: self._ctr("version", check=False).returncode == 0)
 
     def _ctr(self, *args: str, check: bool = True, input: bytes | None = None, timeout: float = 120):
-        return run("ctr", f"--address={self.sock}", "--namespace=k8s.io", *args, check=check, input=input, timeout=timeout)
+        return run("ctr", f"--address={self.sock}", "--namespace=k8s.io", "--connect-timeout=5s", *args,
+                   check=check, input=input, timeout=timeout)
 
     def _import_images(self) -> None:
         """podman's images into containerd, each only once per store (a tag names one build)."""
         present = set(self._ctr("images", "ls", "-q").stdout.decode().split())
+        stale = [r for r in present if r.startswith("localhost/alignment-") and r not in self.images.values()]
+        if stale:  # earlier builds: their layers are garbage-collected with them
+            self._ctr("images", "rm", *stale, check=False)
         for name, ref in self.images.items():
             if ref in present:
                 continue
             started = time.monotonic()
-            archive = self.workdir / f"{name}.tar"
-            run("podman", "save", "--format=docker-archive", "-o", archive, ref, timeout=1200)
-            self._ctr("images", "import", "--snapshotter=overlayfs", str(archive), timeout=1200)
-            archive.unlink()
+            # Streamed: no archive on disk (the trainer's is 7 GB).
+            save = subprocess.Popen(["podman", "save", "--format=docker-archive", ref], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE)
+            try:
+                imported = subprocess.run(["ctr", f"--address={self.sock}", "--namespace=k8s.io", "images", "import",
+                                           "--snapshotter=overlayfs", "-"], stdin=save.stdout, capture_output=True,
+                                          timeout=1800)
+            finally:
+                save.stdout.close()
+                saved = save.wait()
+            if saved != 0 or imported.returncode != 0:
+                raise RuntimeError(f"importing {ref} into containerd failed: podman save {saved}: "
+                                   f"{save.stderr.read().decode()[-1000:]}; ctr import {imported.returncode}: "
+                                   f"{imported.stderr.decode()[-1000:]}")
             print(f"imported {ref} into containerd in {time.monotonic() - started:.0f}s")
 
     def _start_kubelet(self, certs: dict[str, Path]) -> None:
@@ -233,8 +251,11 @@ state = "{self.workdir / 'containerd-state'}"
             "authorization": {"mode": "AlwaysAllow"},
             "clusterDNS": [self.ip], "clusterDomain": CLUSTER_DOMAIN,
             "imageGCHighThresholdPercent": 100, "imageGCLowThresholdPercent": 99,
-            "evictionHard": {"memory.available": "100Mi", "nodefs.available": "1%", "imagefs.available": "1%",
-                             "nodefs.inodesFree": "1%"},
+            # The disk is shared with whatever else runs here: evict (and garbage-collect the
+            # images, which reclaiming disk does whatever imageGC* say) only when it is all but full.
+            "evictionHard": {"memory.available": "100Mi", "nodefs.available": "256Mi", "imagefs.available": "256Mi",
+                             "nodefs.inodesFree": "1%", "imagefs.inodesFree": "1%"},
+            "mergeDefaultEvictionSettings": False, "evictionPressureTransitionPeriod": "10s",
             "podLogsDir": str(self.workdir / "pod-logs"),
             "volumePluginDir": str(self.workdir / "volume-plugins"),
             "syncFrequency": "5s", "nodeStatusUpdateFrequency": "2s", "fileCheckFrequency": "5s",
@@ -330,7 +351,9 @@ state = "{self.workdir / 'containerd-state'}"
         with open(self.workdir / f"{name}.log", "wb") as log:
             self.processes[name] = subprocess.Popen(
                 [str(a) for a in argv], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                preexec_fn=die_with_parent, cwd=self.workdir)
+                # Own session: a Ctrl-C to the test's process group must not kill containerd
+                # before stop() has removed the containers (die_with_parent still applies).
+                preexec_fn=die_with_parent, cwd=self.workdir, start_new_session=True)
 
     def log_tails(self, lines: int = 30) -> str:
         out = []
@@ -387,17 +410,19 @@ def clean_host(node_name: str, workdir: Path | None = None) -> None:
             for chain in KUBELET_CHAINS:
                 run(binary, "-t", table, "-F", chain, check=False)
                 run(binary, "-t", table, "-X", chain, check=False)
-    # The CNI bridge, and masquerade rules of sandboxes nobody tore down.
+    # The CNI bridge, and masquerade rules of our sandboxes nobody tore down (only those from
+    # our pod subnet: podman's bridge plugin makes CNI- chains too).
     run("ip", "link", "delete", BRIDGE, check=False)
-    nat = run("iptables", "-t", "nat", "-S", check=False).stdout.decode()
+    prefix = POD_CIDR.rsplit(".", 1)[0] + "."
+    nat = run("iptables", "-t", "nat", "-S", "POSTROUTING", check=False).stdout.decode()
     for rule in nat.splitlines():
-        if rule.startswith("-A POSTROUTING") and "CNI-" in rule and POD_CIDR.split("/")[0][:-1] in rule:
-            run("iptables", "-t", "nat", "-D", *shlex.split(rule)[1:], check=False)
-    for rule in nat.splitlines():
-        if rule.startswith("-N CNI-"):
-            chain = rule.split()[1]
-            run("iptables", "-t", "nat", "-F", chain, check=False)
-            run("iptables", "-t", "nat", "-X", chain, check=False)
+        argv = shlex.split(rule)
+        if argv[:1] == ["-A"] and "-s" in argv and argv[argv.index("-s") + 1].startswith(prefix) and "-j" in argv:
+            chain = argv[argv.index("-j") + 1]
+            run("iptables", "-t", "nat", "-D", *argv[1:], check=False)
+            if chain.startswith("CNI-"):
+                run("iptables", "-t", "nat", "-F", chain, check=False)
+                run("iptables", "-t", "nat", "-X", chain, check=False)
 
 
 def _rmdir(path: Path) -> None:
