@@ -87,7 +87,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_render(args: argparse.Namespace) -> int:
     from .render.manifests import RenderContext, build_all
 
-    ctx = RenderContext(pytorchjob_available=args.pytorchjob,
+    ctx = RenderContext(pytorchjob_available=args.pytorchjob, jobset_available=args.jobset,
                         **({"trainer_image": args.trainer_image} if args.trainer_image else {}))
     try:
         runs = [parse_run(d, args.file) for d in run_documents(args.file)]
@@ -156,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     rd.add_argument("-n", "--namespace", help="namespace to render into (default: the manifest's, else default)")
     rd.add_argument("--trainer-image", help="trainer image when the run names none")
     rd.add_argument("--pytorchjob", action="store_true", help="render multi-node stages as PyTorchJobs")
+    rd.add_argument("--jobset", action="store_true", help="render multi-node stages as JobSets (before PyTorchJobs)")
     rd.set_defaults(func=cmd_render)
 
     op = sub.add_parser("operator", help="run the operator")

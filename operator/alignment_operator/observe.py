@@ -14,7 +14,7 @@ from typing import Any
 from alignment_trainer import outcome
 
 from .reconcile import ObservedChild
-from .render.manifests import ANNOTATION_HASH, LABEL_STAGE
+from .render.manifests import ANNOTATION_HASH, LABEL_STAGE, failure_kind
 
 log = logging.getLogger(__name__)
 MESSAGE_LIMIT = 2000
@@ -74,13 +74,13 @@ def clip_keeping_end(text: str) -> str:
 
 
 def _child(obj: dict[str, Any], kind: str, state: str, attempts: int, finished: str | None,
-           message: str | None, pods: list[dict[str, Any]], suspended: bool) -> ObservedChild:
+           message: str | None, pods: list[dict[str, Any]], suspended: bool, **extra: Any) -> ObservedChild:
     meta = obj["metadata"]
     return ObservedChild(
         stage=meta["labels"][LABEL_STAGE], name=meta["name"], state=state, attempts=attempts, kind=kind,
         created=meta.get("creationTimestamp"), finished=finished, message=message,
         result=result(pods) if state == "Succeeded" else None,
-        spec_hash=(meta.get("annotations") or {}).get(ANNOTATION_HASH), suspended=suspended)
+        spec_hash=(meta.get("annotations") or {}).get(ANNOTATION_HASH), suspended=suspended, **extra)
 
 
 def job(obj: dict[str, Any], pods: list[dict[str, Any]]) -> ObservedChild:
@@ -105,7 +105,13 @@ def job(obj: dict[str, Any], pods: list[dict[str, Any]]) -> ObservedChild:
     else:
         state = "Suspended" if suspended else "Running" if s.get("active") else "Pending"
     attempts = (s.get("failed") or 0) + (s.get("active") or 0) + (s.get("succeeded") or 0)
-    return _child(obj, "Job", state, attempts, finished, message, pods, suspended)
+    # Several ranks in one Indexed Job (no JobSet, no PyTorchJob): it fails at its first failed rank
+    # and the operator restarts the whole group; the Failed condition says whether that counts.
+    group = spec.get("completionMode") == "Indexed" and (spec.get("completions") or 1) > 1
+    failed = conds.get("Failed") or conds.get("FailureTarget") or {}
+    return _child(obj, "Job", state, 1 if group and attempts else attempts, finished, message, pods, suspended,
+                  group=group, failure=failure_kind(failed.get("reason"), failed.get("message"))
+                  if state == "Failed" else None)
 
 
 def jobset(obj: dict[str, Any], pods: list[dict[str, Any]]) -> ObservedChild:
@@ -166,7 +172,7 @@ def slim(obj: dict[str, Any]) -> dict[str, Any]:
             {"state": {"terminated": cs["state"]["terminated"]}} for cs in status.get("containerStatuses") or []
             if (cs.get("state") or {}).get("terminated")]}
         return {"kind": "Pod", "metadata": kept_meta, "status": kept_status}
-    kept_spec = {k: spec[k] for k in ("suspend", "completions") if k in spec}
+    kept_spec = {k: spec[k] for k in ("suspend", "completions", "completionMode") if k in spec}
     if "runPolicy" in spec:
         kept_spec["runPolicy"] = {"suspend": spec["runPolicy"].get("suspend")}
     return {"kind": obj.get("kind"), "metadata": kept_meta, "spec": kept_spec, "status": status}

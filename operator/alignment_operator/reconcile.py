@@ -44,6 +44,8 @@ class ObservedChild:
     result: dict[str, Any] | None = None  # the trainer's termination message (parsed JSON)
     spec_hash: str | None = None
     suspended: bool = False
+    group: bool = False                 # several ranks that restart together (an Indexed Job's ranks)
+    failure: str | None = None          # a failed group: 'input', 'disruption' or 'failure' (counted)
 
 
 @dataclass(frozen=True)
@@ -213,6 +215,17 @@ def _fold_child(st: StageStatus, child: ObservedChild, run: AlignmentRun, now: s
         st.message = None
         events.append(Event("Normal", "StageSucceeded", f"stage {st.name} succeeded: {_brief(st.metrics)}"))
         return
+    if child.state == "Failed" and child.group and child.failure != "input":
+        counted = child.failure != "disruption"
+        if not counted or st.restarts < spec_backoff(run, st.name):
+            # Every rank again from the newest checkpoint, never one rank alone: the failed child
+            # goes first (the retry path below), then a new one starts.
+            st.restarts += counted
+            st.phase, st.previous_attempts = "Pending", st.attempts
+            why = f"restart {st.restarts} of {spec_backoff(run, st.name)}" if counted else "a disruption, not counted"
+            st.message = f"restarting every rank ({why}): {child.message}"
+            events.append(Event("Warning", "GroupRestart", f"stage {st.name}: {st.message}"))
+            return
     if child.state == "Failed":
         st.phase = "Failed"
         st.completion_time = child.finished or now
@@ -234,6 +247,10 @@ def _fold_child(st: StageStatus, child: ObservedChild, run: AlignmentRun, now: s
     waiting_for_queue = child.suspended and queued and not suspend
     st.phase = "Suspended" if suspend or waiting_for_queue else "Running"
     st.message = f"waiting for Kueue to admit it (queue {run.spec.queue_name})" if waiting_for_queue else None
+
+
+def spec_backoff(run: AlignmentRun, stage: str) -> int:
+    return next(s.backoff_limit for s in run.spec.stages if s.name == stage)
 
 
 def _brief(metrics: dict[str, float]) -> str:

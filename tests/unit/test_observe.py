@@ -85,3 +85,14 @@ def test_the_cache_keeps_the_newest_version_and_forgets_deleted_objects():
     assert cache.run("ns", "tiny")["spec"] == {}
     cache.forget_run("ns", "tiny")
     assert cache.run("ns", "tiny") is None
+
+
+def test_an_indexed_jobs_failure_is_a_group_failure_of_its_kind():
+    failed = job({"failed": 1, "active": 1, "conditions": [{
+        "type": "Failed", "status": "True", "reason": "PodFailurePolicy",
+        "message": "Pod ns/tiny-dpo-1-x has condition DisruptionTarget matching FailJob rule at index 1"}]})
+    failed["spec"].update(completionMode="Indexed", completions=2)
+    child = observe.children([observe.slim(failed)], [])["sft"]
+    assert (child.group, child.failure, child.attempts) == (True, "disruption", 1)
+    single = observe.children([job({"failed": 1, "conditions": [{"type": "Failed", "status": "True"}]})], [])["sft"]
+    assert (single.group, single.failure) == (False, "failure")

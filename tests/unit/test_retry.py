@@ -105,3 +105,51 @@ def test_an_interrupted_stage_waits_pending_and_the_next_run_resumes_it():
     out = reconcile(make_run(status=out.status.wire()), None,
                     {"dpo": ObservedChild("dpo", "tiny-dpo", "Succeeded", 1, kind="process", result={})}, NOW)
     assert out.status.stages[1].attempts == 2 and out.status.stages[1].phase == "Succeeded"
+
+
+def two_node_dpo(backoff: int) -> tuple:
+    run = make_run()
+    stages = [s.wire() for s in run.spec.stages]
+    stages[1]["resources"].update(nodes=2)
+    stages[1]["backoffLimit"] = backoff
+    run = make_run(stages=stages)
+    running = AlignmentRunStatus(phase="Running", stages=[
+        StageStatus(name="sft", phase="Succeeded", attempts=1, spec_hash=stage_hash(run, 0),
+                    checkpoint=SFT_RESULT["checkpoint"]),
+        StageStatus(name="dpo", phase="Running", job_name="tiny-dpo", attempts=1, spec_hash=stage_hash(run, 1)),
+        StageStatus(name="eval")]).wire()
+    return stages, running
+
+
+def group_failed(kind: str) -> dict[str, ObservedChild]:
+    return {"dpo": ObservedChild("dpo", "tiny-dpo", "Failed", 1, group=True, failure=kind,
+                                 message="Error (exit code 1): rank 1 lost its NCCL peer")}
+
+
+@pytest.mark.parametrize("kind, counted", [("disruption", 0), ("failure", 1)])
+def test_a_failed_rank_restarts_every_rank_from_the_checkpoint(kind, counted):
+    stages, running = two_node_dpo(backoff=1)
+    out = reconcile(make_run(status=running, stages=stages), 1, group_failed(kind), NOW)
+    dpo = out.status.stages[1]
+    assert (out.status.phase, dpo.phase, dpo.restarts) == ("Pending", "Pending", counted)
+    assert "GroupRestart" in reasons(out) and "restarting every rank" in dpo.message
+    assert {c.type: c.status for c in out.status.conditions}["Failed"] == "False"
+    # Next pass: the failed Job (both ranks) is deleted; once gone, a new one starts; attempts count on.
+    out = reconcile(make_run(status=out.status.wire(), stages=stages), 1, group_failed(kind), NOW)
+    assert [a for a in out.actions if isinstance(a, DeleteChild)] == [DeleteChild("dpo", "tiny-dpo", "Job")]
+    out = reconcile(make_run(status=out.status.wire(), stages=stages), 1, {}, NOW)
+    assert creates(out) == [1] and out.status.stages[1].attempts == 2
+
+
+def test_counted_group_failures_stop_at_backoff_limit_and_bad_input_at_once():
+    stages, running = two_node_dpo(backoff=1)
+    once = reconcile(make_run(status=running, stages=stages), 1, group_failed("failure"), NOW).status.wire()
+    once["stages"][1]["phase"] = "Running"  # the restarted group ran and failed again
+    out = reconcile(make_run(status=once, stages=stages), 1, group_failed("failure"), NOW)
+    assert out.status.stages[1].phase == "Failed" and out.status.stages[1].restarts == 1
+    # A disruption never counts, whatever the count so far.
+    out = reconcile(make_run(status=once, stages=stages), 1, group_failed("disruption"), NOW)
+    assert out.status.stages[1].phase == "Pending" and out.status.stages[1].restarts == 1
+    # The trainer's "fix your input": no restart at all.
+    out = reconcile(make_run(status=running, stages=stages), 1, group_failed("input"), NOW)
+    assert out.status.phase == "Failed" and "GroupRestart" not in reasons(out)

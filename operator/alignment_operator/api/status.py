@@ -33,6 +33,8 @@ class StageStatus(ApiModel):
     job_name: str | None = Field(None, description="The stage's Job or PyTorchJob.")
     attempts: int = Field(0, ge=0, description=(
         "Pods started for the stage, over every Job it had (retries resume from the checkpoint)."))
+    restarts: int = Field(0, ge=0, description=(
+        "Whole-group restarts of a multi-node stage counted against backoffLimit (disruptions are not counted)."))
     previous_attempts: int = Field(0, ge=0, description=(
         "Attempts of the stage's earlier Jobs (deleted for a retry, or recreated); a new Job's count adds to it."))
     start_time: str | None = Field(None, description="When the stage's Job was created (RFC 3339).")
