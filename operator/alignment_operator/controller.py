@@ -35,14 +35,16 @@ class StatusKeptConflicting(Exception):
     """The run changed under every status write; the caller retries later."""
 
 
-def configure(context: RenderContext | None = None) -> RenderContext:
-    """What rendering needs to know about this cluster; read once at start-up."""
+def configure(context: RenderContext | None = None, progress_url: str = "", progress_ca: str = "") -> RenderContext:
+    """What rendering needs to know about this cluster; read once at start-up. progress_*: where
+    stage pods push live progress (progress_server.serve), none when empty."""
     global _context
     _context = context or RenderContext(
         trainer_image=os.environ.get("ALIGNMENT_TRAINER_IMAGE", RenderContext.trainer_image),
         accelerate_config_dir=os.environ.get("ALIGNMENT_ACCELERATE_CONFIG_DIR", RenderContext.accelerate_config_dir),
         pytorchjob_available=kube.pytorchjob_available(),
         jobset_available=kube.jobset_available(),
+        progress_url=progress_url, progress_ca=progress_ca,
     )
     return _context
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 import logging
 import os
 from typing import Any
+from urllib.parse import urlparse
 
 import kopf
 
-from . import controller, metrics
+from . import controller, metrics, progress_server
 from .api import GROUP, PLURAL, VERSION
 from .render.manifests import LABEL_RUN
 
@@ -32,12 +33,27 @@ def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.batching.idle_timeout = 0.3
     # No cluster scans (namespaces, CRDs): least-privilege RBAC refuses them, and we watch fixed resources.
     settings.scanning.disabled = True
-    context = controller.configure()
+    endpoint = _serve_progress()
+    context = controller.configure(progress_url=endpoint.url if endpoint else "",
+                                   progress_ca=endpoint.ca_pem if endpoint else "")
     port = int(os.environ.get("ALIGNMENT_METRICS_PORT", "9090"))
     if port:
         metrics.serve(port)
     log.info("trainer image %s; PyTorchJob CRD %s", context.trainer_image,
              "installed" if context.pytorchjob_available else "absent")
+
+
+def _serve_progress() -> progress_server.Endpoint | None:
+    """The live-progress endpoint (progress_server's ALIGNMENT_PROGRESS_* variables), when configured."""
+    port = int(os.environ.get("ALIGNMENT_PROGRESS_PORT", "8443"))
+    url = os.environ.get("ALIGNMENT_PROGRESS_URL", "")
+    if not port or not url:
+        log.info("no live progress: ALIGNMENT_PROGRESS_PORT=%s, ALIGNMENT_PROGRESS_URL=%r", port, url)
+        return None
+    hostnames = [h for h in os.environ.get("ALIGNMENT_PROGRESS_HOSTNAMES", "").split(",") if h]
+    endpoint, _ = progress_server.serve(port, url, os.environ.get("ALIGNMENT_PROGRESS_TLS_DIR") or None,
+                                        hostnames or [urlparse(url).hostname or "localhost"])
+    return endpoint
 
 
 def _reconcile(namespace: str, name: str) -> None:

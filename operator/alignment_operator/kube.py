@@ -228,3 +228,34 @@ def emit_event(body: dict[str, Any], type_: str, reason: str, message: str) -> N
         _api(client.CoreV1Api).create_namespaced_event(meta["namespace"], event)
     except ApiException as e:  # an event lost is not worth failing a reconcile for
         log.warning("could not post event %s: %s", reason, e.reason)
+
+
+# ------------------------------------------------------------------------------------ live progress
+
+def review_token(token: str, audience: str) -> dict[str, Any]:
+    """TokenReview of a bearer token for one audience: {authenticated, username, audiences, error}.
+    The API server checks signature, expiry, audience and that the bound pod still exists."""
+    review = client.V1TokenReview(spec=client.V1TokenReviewSpec(token=token, audiences=[audience]))
+    status = _api(client.AuthenticationV1Api).create_token_review(review).status
+    user = status.user
+    return {"authenticated": bool(status.authenticated), "username": user.username if user else None,
+            "audiences": list(status.audiences or []), "error": status.error}
+
+
+def patch_stage_progress(namespace: str, run: str, index: int, stage: str, progress: dict[str, Any],
+                         summary: str) -> bool:
+    """Write one stage's live progress and the run's progress summary, only if status.stages[index]
+    still is that stage and still Running (a JSON patch whose `test` ops guard it); False if not."""
+    base = f"/status/stages/{index}"
+    patch = [{"op": "test", "path": f"{base}/name", "value": stage},
+             {"op": "test", "path": f"{base}/phase", "value": "Running"},
+             {"op": "add", "path": f"{base}/progress", "value": progress},
+             {"op": "add", "path": "/status/progressSummary", "value": summary}]
+    try:
+        _api(client.CustomObjectsApi).patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, PLURAL, run, patch, _content_type="application/json-patch+json")
+        return True
+    except ApiException as e:
+        if e.status in (404, 409, 422):  # gone, or a test op failed: the stage moved on
+            return False
+        raise

@@ -11,6 +11,9 @@ TRANSITIONS = Counter("alignment_stage_transitions_total", "Stage transitions th
 RECONCILE_ERRORS = Counter("alignment_reconcile_errors_total", "Reconciles that raised")
 RECONCILE_SECONDS = Histogram("alignment_reconcile_duration_seconds", "Time to reconcile one run",
                               buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+PROGRESS_WRITES = Counter("alignment_progress_status_writes_total",
+                          "Live-progress status writes (at most one per stage every 5 s)")
+PROGRESS_REFUSED = Counter("alignment_progress_refused_total", "Progress pushes refused, by HTTP status", ["code"])
 PHASES = ("Pending", "Running", "Succeeded", "Failed", "Suspended")
 
 _phase_of: dict[tuple[str, str], str] = {}

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from .api import RETRY_ANNOTATION, AlignmentRun, AlignmentRunStatus, Condition, StageStatus
 from .render.manifests import child_name
+from .progress import summary as progress_summary
 
 # Interrupted: the child was stopped by a signal and is gone (the local shell's Ctrl-C).
 ChildState = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended", "Interrupted"]
@@ -312,6 +313,7 @@ def _run_status(run: AlignmentRun, old: AlignmentRunStatus, stages: list[StageSt
         phase=phase,
         current_stage=current.name,
         progress=f"{done}/{len(stages)}",
+        progress_summary=progress_summary(stages, done),
         stages=stages,
         model=model,
         evaluation=evaluation,

@@ -53,13 +53,14 @@ def test_alignmentrun_crd_is_established(cluster, crds):
 
 def test_get_prints_phase_stage_progress_and_model(cluster, crds, namespace):
     cluster.kubectl("apply", "-n", namespace, "-f", str(REPO / "examples/tiny-run.yaml"))
-    status = {"phase": "Running", "currentStage": "dpo", "progress": "1/3", "model": "/workspace/tiny/sft/final"}
+    status = {"phase": "Running", "currentStage": "dpo", "progress": "1/3", "progressSummary": "dpo 43% ETA 2h10m",
+              "model": "/workspace/tiny/sft/final"}
     cluster.kubectl("patch", "alignmentrun", "tiny", "-n", namespace, "--subresource=status",
                     "--type=merge", "-p", json.dumps({"status": status}))
 
     lines = cluster.kubectl("get", "alignmentruns", "-n", namespace).stdout.splitlines()
     assert lines[0].split() == ["NAME", "PHASE", "STAGE", "PROGRESS", "MODEL", "AGE"]
-    assert lines[1].split()[:5] == ["tiny", "Running", "dpo", "1/3", "/workspace/tiny/sft/final"]
+    assert lines[1].split()[:8] == ["tiny", "Running", "dpo", "dpo", "43%", "ETA", "2h10m", "/workspace/tiny/sft/final"]
     # The short names reach the same resource.
     assert cluster.kubectl("get", "ar", "-n", namespace, "-o", "name").stdout.strip() == "alignmentrun.alignment.dev/tiny"
 

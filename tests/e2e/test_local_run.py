@@ -88,10 +88,14 @@ def test_pipeline_interrupted_during_dpo_resumes_and_dpo_beats_sft(tmp_path, tin
     # First run: Ctrl-C once DPO has written its first complete checkpoint.
     first = start(run, workdir)
     proc = first[0]
+    shown = set()  # status.json's progressSummary while it runs (the PROGRESS column on a cluster)
     while not any(dpo.glob("checkpoint-*/trainer_state.json")):
         assert proc.poll() is None, wait(first)[1][-3000:]
         assert time.time() - t0 < 600, "no DPO checkpoint after 10 minutes"
+        if (run_dir / "status.json").is_file():
+            shown.add(status_of(run_dir).get("progressSummary"))
         time.sleep(0.5)
+    assert any(s and s.startswith("dpo ") and "%" in s for s in shown), shown
     proc.send_signal(signal.SIGINT)
     code, out = wait(first, timeout=120)
     assert code == 130, out[-3000:]
@@ -118,6 +122,13 @@ def test_pipeline_interrupted_during_dpo_resumes_and_dpo_beats_sft(tmp_path, tin
     assert resumed and min(resumed) > saved, (saved, resumed)
     dpo_result = json.loads((dpo / "result.json").read_text())
     assert dpo_result["global_step"] == resumed[-1]
+    # The live progress the local shell wrote: the fields a cluster's status gets from the trainer's pushes.
+    live = stage(status, "dpo")["progress"]
+    logged = [json.loads(line) for line in (dpo / "metrics.jsonl").read_text().splitlines()]
+    assert (live["percent"], live["step"], live["totalSteps"]) == (100, resumed[-1], resumed[-1])
+    assert live["loss"] == pytest.approx([r["loss"] for r in logged if "loss" in r][-1], rel=1e-5)
+    assert live["rewardMargin"] == pytest.approx([r["rewards/margins"] for r in logged if "rewards/margins" in r][-1],
+                                                 rel=1e-5)
 
     # Every stage's outputs and metrics are in the status.
     for name in ("sft", "dpo"):
@@ -198,7 +209,7 @@ def test_stage_command_one_process_or_accelerate_launch(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     cmd, env = stage_command(run, 0, recipe)
     launch = build_launch_command(str(recipe), "ddp", 2, cpu=True)  # no GPU asked for: a CPU launch
-    assert cmd == [str(Path(sys.executable).with_name("accelerate")), *launch[1:]]
+    assert cmd == [sys.executable, *launch[1:]]
     assert env["OMP_NUM_THREADS"] == "1" and env["PYTHONUNBUFFERED"] == "1"
     cmd, _ = stage_command(run, 1, recipe)
     assert cmd == [sys.executable, "-m", "alignment_trainer", str(recipe)]

@@ -91,7 +91,7 @@ def test_status_subresource_and_printer_columns():
     version = yaml.safe_load(CRD_FILE.read_text())["spec"]["versions"][0]
     assert version["subresources"] == {"status": {}}
     cols = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
-    assert cols == {"Phase": ".status.phase", "Stage": ".status.currentStage", "Progress": ".status.progress",
+    assert cols == {"Phase": ".status.phase", "Stage": ".status.currentStage", "Progress": ".status.progressSummary",
                     "Model": ".status.model", "Age": ".metadata.creationTimestamp"}
 
 

@@ -8,7 +8,7 @@ from .spec import (
     AlignmentRunSpec, DatasetSpec, EvalSpec, LoraSpec,
     ModelSpec, ResourcesSpec, StageSpec, StorageSpec, TrainerSpec, TrainingSpec,
 )
-from .status import AlignmentRunStatus, Condition, StageStatus
+from .status import AlignmentRunStatus, Condition, StageProgress, StageStatus
 from .documents import load_run, run_documents  # noqa: E402  (after run: it imports parse_run)
 
 __all__ = [
@@ -16,5 +16,5 @@ __all__ = [
     "AlignmentRun", "RunInvalid", "parse_run", "load_run", "run_documents",
     "AlignmentRunSpec", "DatasetSpec", "EvalSpec",
     "LoraSpec", "ModelSpec", "ResourcesSpec", "StageSpec", "StorageSpec", "TrainerSpec", "TrainingSpec",
-    "AlignmentRunStatus", "Condition", "StageStatus",
+    "AlignmentRunStatus", "Condition", "StageProgress", "StageStatus",
 ]

@@ -27,6 +27,23 @@ class Condition(ApiModel):
     observed_generation: int | None = Field(None, ge=0, description="Spec generation the condition was computed from.")
 
 
+class StageProgress(ApiModel):
+    """What a training stage reports while it runs (pushed by the trainer; see progress.py)."""
+
+    percent: int = Field(ge=0, le=100, description="Share of the stage's optimizer steps done.")
+    step: int | None = Field(None, ge=0, description="Optimizer steps done.")
+    total_steps: int | None = Field(None, ge=0, description="Optimizer steps the stage will take.")
+    eta_seconds: int | None = Field(None, ge=0, description="Estimated seconds left, as the trainer reported it.")
+    epoch: float | None = Field(None, description="Epochs done (fractional).")
+    loss: float | None = Field(None, description="Latest logged training loss.")
+    grad_norm: float | None = Field(None, description="Latest logged gradient norm.")
+    learning_rate: float | None = Field(None, description="Current learning rate.")
+    reward_margin: float | None = Field(None, description="Preference stages: latest rewards/margins.")
+    reward_accuracy: float | None = Field(None, description="Preference stages: latest rewards/accuracies.")
+    tokens_per_second: float | None = Field(None, description="Training throughput over the last logging interval.")
+    last_updated: str = Field(description="When the trainer sent this (RFC 3339).")
+
+
 class StageStatus(ApiModel):
     name: str = Field(description="Stage name.")
     phase: StagePhase = Field("Pending", description="Pending, Running, Succeeded, Failed or Suspended.")
@@ -46,12 +63,16 @@ class StageStatus(ApiModel):
     tracking: dict[str, str] = Field({}, description=(
         "Where the stage's tracked run is: tensorboard (event files' directory on the volume), wandb (run URL, "
         "or the offline run's directory), mlflow (run URL)."))
+    progress: StageProgress | None = Field(None, description="Live progress while the stage trains (its last report).")
 
 
 class AlignmentRunStatus(ApiModel):
     phase: RunPhase = Field("Pending", description="Pending, Running, Succeeded, Failed or Suspended.")
     current_stage: str | None = Field(None, description="The stage running now, or the last one.")
     progress: str | None = Field(None, description="Stages finished out of all, e.g. 1/3.")
+    progress_summary: str | None = Field(None, max_length=128, description=(
+        "What `kubectl get` shows: the running stage's live progress (e.g. `dpo 43% ETA 2h10m`), "
+        "else the stages finished out of all."))
     stages: list[StageStatus] = Field([], description="One entry per stage, in spec order.")
     model: str | None = Field(None, description="Final model of the last training stage.")
     evaluation: KubeObject = Field({}, description="Results of the eval stage (preference accuracy, perplexity, win rate).")

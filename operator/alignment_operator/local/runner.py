@@ -22,11 +22,11 @@ from __future__ import annotations
 import json
 import os
 import queue
-import shutil
 import signal
 import subprocess
 import sys
 import threading
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -34,6 +34,7 @@ from alignment_trainer import outcome
 from alignment_trainer.checkpoints import newest_checkpoint
 from alignment_trainer.launch import build_launch_command, launch_env, visible_gpus
 
+from .. import progress
 from ..api import RETRY_ANNOTATION, AlignmentRun, AlignmentRunStatus, RunInvalid, load_run
 from ..reconcile import CreateStage, DeleteChild, Event, ObservedChild, reconcile
 from ..render.manifests import child_name
@@ -81,6 +82,39 @@ def warn_missing_outputs(run: AlignmentRun, root: str) -> None:
                   f"{view.rel(out.parent / 'status.json')} to run the whole run again", file=sys.stderr)
 
 
+class LiveStatus:
+    """A stage's progress lines into status.json's stages[i].progress and progressSummary, the
+    fields the operator writes from the trainer's pushes (at most every 5 s, and the last one)."""
+
+    def __init__(self, run: AlignmentRun, index: int, run_dir: Path):
+        self.run, self.index, self.run_dir = run, index, run_dir
+        self.t0 = self.s0 = self.tokens = None
+        self.written = -float("inf")
+
+    def event(self, ev: dict | None) -> None:
+        if not ev or ev.get("event") != "progress" or ev.get("task") or self.run.status is None:
+            return  # evaluation tasks report their own steps, not training progress
+        step, total, now = ev.get("step"), ev.get("total"), time.monotonic()
+        if not isinstance(step, int) or not isinstance(total, int) or total <= 0:
+            return
+        if self.t0 is None:
+            self.t0, self.s0 = now, step
+        eta = int((now - self.t0) / (step - self.s0) * (total - step)) if step > self.s0 else None
+        ev = dict(ev)
+        seen = ev.get("num_input_tokens_seen")
+        if isinstance(seen, (int, float)) and self.tokens and seen > self.tokens[1] and now > self.tokens[0]:
+            ev["tokens_per_second"] = round((seen - self.tokens[1]) / (now - self.tokens[0]), 2)
+        if isinstance(seen, (int, float)):
+            self.tokens = (now, seen)
+        st = self.run.status.stages[self.index]
+        st.progress = progress.from_event(ev, eta, datetime.now(timezone.utc), st.progress)
+        self.run.status.progress_summary = progress.summary(
+            self.run.status.stages, sum(s.phase == "Succeeded" for s in self.run.status.stages))
+        if now - self.written >= progress.MIN_WRITE_INTERVAL_S or step >= total:
+            write_status(self.run_dir, self.run.status)
+            self.written = now
+
+
 # ---------------------------------------------------------------------------- one stage
 
 def stage_command(run: AlignmentRun, index: int, recipe_path: Path) -> tuple[list[str], dict[str, str]]:
@@ -101,8 +135,7 @@ def stage_command(run: AlignmentRun, index: int, recipe_path: Path) -> tuple[lis
     if processes == 1:
         return [sys.executable, "-m", "alignment_trainer", str(recipe_path)], env
     cmd = build_launch_command(str(recipe_path), run.spec.stages[index].distributed, processes, cpu=gpus == 0)
-    beside = Path(sys.executable).with_name("accelerate")
-    return [str(beside) if beside.exists() else shutil.which("accelerate") or "accelerate", *cmd[1:]], env
+    return [sys.executable, *cmd[1:]], env  # this environment's python, as the pods use the image's
 
 
 def run_stage(run: AlignmentRun, index: int, root: str, started: str) -> ObservedChild:
@@ -123,6 +156,7 @@ def run_stage(run: AlignmentRun, index: int, root: str, started: str) -> Observe
         return child("Failed", message=f"RecipeError: {e}")
 
     bar = view.ProgressBar(stage.name)
+    live = LiveStatus(run, index, out.parent)
     with (out / "log.txt").open("a") as log:
         log.write(f"=== {now()} {' '.join(cmd)}\n")
         log.flush()
@@ -131,7 +165,7 @@ def run_stage(run: AlignmentRun, index: int, root: str, started: str) -> Observe
         lines: queue.Queue = queue.Queue()
         threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
         try:
-            _follow(lines, log, bar)
+            _follow(lines, log, bar, live)
             code = proc.wait()
         except Interrupted as e:
             bar.close()
@@ -163,8 +197,8 @@ def _pump(stream, lines: queue.Queue) -> None:
     lines.put(None)
 
 
-def _follow(lines: queue.Queue, log, bar: view.ProgressBar) -> None:
-    """Every line to log.txt; JSON event lines to the progress bar; returns at end of output."""
+def _follow(lines: queue.Queue, log, bar: view.ProgressBar, live: LiveStatus | None = None) -> None:
+    """Every line to log.txt; JSON event lines to status.json and the progress bar; returns at end of output."""
     while True:
         try:
             line = lines.get(timeout=0.5)  # short waits keep Ctrl-C responsive
@@ -174,7 +208,13 @@ def _follow(lines: queue.Queue, log, bar: view.ProgressBar) -> None:
             return
         log.write(line)
         log.flush()
-        bar.event(view.parse_event(line))
+        event = view.parse_event(line)
+        if live is not None:
+            live.event(event)
+            st = live.run.status.stages[live.index] if live.run.status else None
+            bar.event(event, st.progress if st else None)
+        else:
+            bar.event(event)
 
 
 def _drain(lines: queue.Queue, log) -> None:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from alignment_trainer.recipe import METHODS
 
+from .. import progress
+
 # Progress-line metrics and their short names, in display order.
 SHOWN = [("loss", "loss"), ("eval_loss", "eval_loss"), ("rewards/accuracies", "acc"),
          ("rewards/margins", "margin"), ("eval_rewards/accuracies", "eval_acc")]
@@ -87,11 +89,15 @@ class ProgressBar:
     def __init__(self, label: str):
         self.label, self.tty = label, sys.stdout.isatty()
         self.last: dict = {}
+        self.live = None
         self.task, self.t0, self.s0, self.shown_step, self.shown_at, self.drawn = None, 0.0, 0, -1, 0.0, False
 
-    def event(self, ev: dict | None) -> None:
+    def event(self, ev: dict | None, live=None) -> None:
+        """A trainer event; `live` the stage's status progress (api.StageProgress) it made, whose
+        ETA and tokens/s the bar shows, as status.json and `kubectl get` do."""
         if ev is None:
             return
+        self.live = live
         kind = ev.get("event")
         if kind == "start" and ev.get("resume_from"):
             self._print(f"  resuming from {rel(ev['resume_from'])}")
@@ -110,6 +116,11 @@ class ProgressBar:
         elapsed = time.time() - self.t0
         rate = (step - self.s0) / elapsed if elapsed > 0 and step > self.s0 else None
         eta = f"  left {duration((total - step) / rate)}" if rate else ""
+        live = self.live if not task else None
+        if live is not None and live.eta_seconds is not None and step < total:
+            eta = f"  {live.percent}% ETA {progress.eta_text(live.eta_seconds)}"
+        if live is not None and live.tokens_per_second:
+            eta += f"  {live.tokens_per_second:.0f} tok/s"
         filled = int(20 * min(step / total, 1))
         metrics = "  ".join(f"{short} {ev[k]:.4g}" for k, short in SHOWN if isinstance(ev.get(k), (int, float)))
         label = f"{self.label}{f' {task}' if task else ''}"

@@ -31,9 +31,12 @@ from alignment_trainer.launch import build_launch_command, launch_env
 from alignment_trainer.outcome import FIX_INPUT
 
 from ..api import AlignmentRun, StageSpec
+from ..progress import audience, status_path
 from .recipe import JUDGE_API_KEY_ENV, build_recipe
 
 RECIPE_DIR = "/etc/alignment"
+PROGRESS_DIR = "/var/run/alignment/progress"  # the stage's progress token and the endpoint's CA
+PROGRESS_TOKEN_SECONDS = 3600  # the kubelet renews the projected token before it expires
 TERMINATION_LOG = "/dev/termination-log"
 RENDEZVOUS_PORT = 29500
 MANAGED_BY = "alignment-operator"
@@ -55,6 +58,8 @@ class RenderContext:
     pytorchjob_available: bool = False
     jobset_available: bool = False  # jobsets.jobset.x-k8s.io installed: multi-node stages render a JobSet
     run_as_user: int = 1000
+    progress_url: str = ""  # the operator's progress endpoint (progress_server); "": pods push nothing
+    progress_ca: str = ""   # PEM of the CA its certificate chains to
 
 
 def child_name(run: AlignmentRun, stage: str, suffix: str = "", limit: int = 63) -> str:
@@ -107,12 +112,34 @@ def build_pvc(run: AlignmentRun) -> dict[str, Any] | None:
             "metadata": _meta(run, workspace_claim(run), None, owned=False), "spec": spec}
 
 
-def build_recipe_configmap(run: AlignmentRun, index: int) -> dict[str, Any]:
+def build_recipe_configmap(run: AlignmentRun, index: int, ctx: RenderContext | None = None) -> dict[str, Any]:
     stage = run.spec.stages[index]
     recipe = build_recipe(run, index, run.spec.storage.mount_path, termination_message_path=TERMINATION_LOG)
+    data = {"recipe.yaml": recipe.dump()}
+    if ctx is not None and ctx.progress_url and ctx.progress_ca:
+        data["progress-ca.crt"] = ctx.progress_ca
     return {"apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": _meta(run, child_name(run, stage.name, "-recipe"), stage.name),
-            "data": {"recipe.yaml": recipe.dump()}}
+            "metadata": _meta(run, child_name(run, stage.name, "-recipe"), stage.name), "data": data}
+
+
+def _progress(run: AlignmentRun, stage: StageSpec, ctx: RenderContext) -> tuple[list, list, list]:
+    """(env, volume mounts, volumes) that let the trainer push live progress (progress.py):
+    Kubeflow Trainer's KUBEFLOW_TRAINER_SERVER_* variables, a projected service-account token whose
+    audience names this namespace and stage (no long-lived secret; the pod still mounts no API
+    token), and the endpoint's CA from the stage's ConfigMap."""
+    if not ctx.progress_url:
+        return [], [], []
+    ns, name = run.metadata.namespace or "default", child_name(run, stage.name)
+    env = [{"name": "KUBEFLOW_TRAINER_SERVER_URL", "value": ctx.progress_url.rstrip("/") + status_path(ns, name)},
+           {"name": "KUBEFLOW_TRAINER_SERVER_TOKEN", "value": f"{PROGRESS_DIR}/token"}]
+    sources: list[dict[str, Any]] = [{"serviceAccountToken": {
+        "audience": audience(ns, name), "expirationSeconds": PROGRESS_TOKEN_SECONDS, "path": "token"}}]
+    if ctx.progress_ca:
+        env.append({"name": "KUBEFLOW_TRAINER_SERVER_CA_CERT", "value": f"{PROGRESS_DIR}/ca.crt"})
+        sources.append({"configMap": {"name": child_name(run, stage.name, "-recipe"),
+                                      "items": [{"key": "progress-ca.crt", "path": "ca.crt"}]}})
+    mounts = [{"name": "progress", "mountPath": PROGRESS_DIR, "readOnly": True}]
+    return env, mounts, [{"name": "progress", "projected": {"sources": sources}}]
 
 
 def _processes(stage: StageSpec) -> int:
@@ -174,17 +201,19 @@ def build_pod_template(run: AlignmentRun, index: int, ctx: RenderContext, comman
                        extra_env: list[dict[str, Any]] = (), container_name: str = "trainer") -> dict[str, Any]:
     stage = run.spec.stages[index]
     t = run.spec.trainer
+    progress_env, progress_mounts, progress_volumes = _progress(run, stage, ctx)
     container = {
         "name": container_name,
         "image": t.image or ctx.trainer_image,
         "imagePullPolicy": t.image_pull_policy,
         "command": command,
-        "env": [*extra_env, *_env(run, stage)],
+        "env": [*extra_env, *progress_env, *_env(run, stage)],
         "resources": _resources(stage),
         "volumeMounts": [
             {"name": "workspace", "mountPath": run.spec.storage.mount_path},
             {"name": "recipe", "mountPath": RECIPE_DIR, "readOnly": True},
             {"name": "dshm", "mountPath": "/dev/shm"},
+            *progress_mounts,
         ],
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -197,7 +226,8 @@ def build_pod_template(run: AlignmentRun, index: int, ctx: RenderContext, comman
         container["envFrom"] = [dict(e) for e in t.env_from]
     pod: dict[str, Any] = {
         "restartPolicy": "Never",
-        "automountServiceAccountToken": False,  # the trainer never talks to the API server
+        "automountServiceAccountToken": False,  # the trainer never talks to the API server (its progress token
+                                                # is a projected one only the operator accepts)
         "securityContext": {"runAsNonRoot": True, "runAsUser": ctx.run_as_user, "runAsGroup": ctx.run_as_user,
                             "fsGroup": ctx.run_as_user, "seccompProfile": {"type": "RuntimeDefault"}},
         "containers": [container],
@@ -205,6 +235,7 @@ def build_pod_template(run: AlignmentRun, index: int, ctx: RenderContext, comman
             {"name": "workspace", "persistentVolumeClaim": {"claimName": workspace_claim(run)}},
             {"name": "recipe", "configMap": {"name": child_name(run, stage.name, "-recipe")}},
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": str(stage.resources.shared_memory)}},
+            *progress_volumes,
         ],
     }
     for key, value in (("serviceAccountName", t.service_account_name), ("priorityClassName", t.priority_class_name),
@@ -304,7 +335,7 @@ def build_stage(run: AlignmentRun, index: int, ctx: RenderContext, stage_hash: s
     """Every object a stage needs, in creation order: ConfigMap, (Service), Job, JobSet or PyTorchJob."""
     stage = run.spec.stages[index]
     name = child_name(run, stage.name)
-    objects = [build_recipe_configmap(run, index)]
+    objects = [build_recipe_configmap(run, index, ctx)]
     meta = _meta(run, name, stage.name, **{ANNOTATION_HASH: stage_hash})
     nodes = stage.resources.nodes
     if nodes > 1 and ctx.jobset_available:

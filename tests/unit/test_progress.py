@@ -1,0 +1,248 @@
+"""Live progress, operator side, without a cluster: the push contract (Kubeflow Trainer's body),
+what it writes into status, throttling, replay and token checks, the pod's wiring, the column."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+import yaml
+
+from alignment_operator.api import AlignmentRunStatus, StageProgress, StageStatus, parse_run
+from alignment_operator.progress import (MAX_BODY_BYTES, Refused, Throttle, audience, eta_text, parse_path,
+                                         parse_report, stage_progress, status_path, summary)
+from alignment_operator.progress_server import Progress
+from alignment_operator.reconcile import ObservedChild, reconcile, stage_hash
+from alignment_operator.render.manifests import RenderContext, build_stage
+
+ROOT = Path(__file__).resolve().parents[2]
+NOW = datetime(2026, 12, 1, 11, 0, tzinfo=timezone.utc)
+
+
+def body(sent: datetime = NOW, percent=43, eta=7800, **metrics) -> bytes:
+    """What transformers' KubeflowCallback._update_status sends (values are str(v))."""
+    status = {"lastUpdatedTime": sent.isoformat(), "progressPercentage": percent, "estimatedRemainingSeconds": eta,
+              "metrics": [{"name": k.replace("__", "/"), "value": str(v)} for k, v in metrics.items()]}
+    return json.dumps({"trainerStatus": {k: v for k, v in status.items() if v is not None}}).encode()
+
+
+def test_the_stock_callbacks_body_becomes_stage_progress():
+    report = parse_report(body(loss=0.61, grad_norm=1.5, learning_rate=5e-7, current_step=43, total_steps=100,
+                               current_epoch=0.43, rewards__margins=0.8, rewards__accuracies=0.75,
+                               tokens_per_second=1234.5), NOW)
+    p = stage_progress(report)
+    assert (p.percent, p.step, p.total_steps, p.eta_seconds, p.epoch) == (43, 43, 100, 7800, 0.43)
+    assert (p.loss, p.grad_norm, p.reward_margin, p.reward_accuracy, p.tokens_per_second) == (0.61, 1.5, 0.8, 0.75, 1234.5)
+    assert p.last_updated == "2026-12-01T11:00:00.000Z"
+
+
+def test_a_metric_missing_from_a_report_keeps_its_last_value_and_nan_is_dropped():
+    first = stage_progress(parse_report(body(loss=0.7, current_step=10, total_steps=100), NOW))
+    later = stage_progress(parse_report(body(NOW + timedelta(seconds=6), percent=None, eta=None, loss="nan",
+                                             current_step=20, total_steps=100), NOW), first)
+    assert (later.step, later.loss, later.percent) == (20, 0.7, 20)
+    # KubeflowCallback.on_train_end: 100%, ETA 0, the logged metrics but no current_step.
+    end = stage_progress(parse_report(body(NOW + timedelta(seconds=9), percent=100, eta=0, loss=0.5), NOW), later)
+    assert (end.step, end.total_steps, end.loss, end.eta_seconds) == (100, 100, 0.5, 0)
+
+
+@pytest.mark.parametrize("raw, code, words", [
+    (b"not json", 400, "not JSON"),
+    (b"[]", 400, "trainerStatus"),
+    (json.dumps({"trainerStatus": {"progressPercentage": 43}}).encode(), 400, "lastUpdatedTime: required"),
+    (body(percent=150), 400, "progressPercentage: 150"),
+    (body(percent=True), 400, "progressPercentage"),
+    (body(eta=-1), 400, "estimatedRemainingSeconds: -1"),
+    (body(NOW + timedelta(hours=1)), 400, "in the future"),
+    (json.dumps({"trainerStatus": {"lastUpdatedTime": NOW.isoformat(), "phase": "x"}}).encode(), 400, "unknown"),
+    (json.dumps({"trainerStatus": {"lastUpdatedTime": NOW.isoformat(),
+                                   "metrics": [{"name": "loss", "value": 1.0}]}}).encode(), 400, "metrics[0]"),
+    (json.dumps({"trainerStatus": {"lastUpdatedTime": NOW.isoformat(),
+                                   "metrics": [{"name": f"m{i}", "value": "1"} for i in range(65)]}}).encode(),
+     400, "at most 64"),
+    (b"{" + b" " * MAX_BODY_BYTES + b"}", 413, "at most"),
+])
+def test_garbage_is_refused_with_what_is_wrong(raw, code, words):
+    with pytest.raises(Refused) as e:
+        parse_report(raw, NOW)
+    assert e.value.code == code and words in str(e.value)
+
+
+def test_paths_are_kubeflow_trainers_and_nothing_else():
+    assert parse_path(status_path("ml", "zephyr-dpo")) == ("ml", "zephyr-dpo")
+    assert status_path("ml", "zephyr-dpo") == "/apis/trainer.kubeflow.org/v1alpha1/namespaces/ml/trainjobs/zephyr-dpo/status"
+    for bad in ("/", "/apis/trainer.kubeflow.org/v1alpha1/namespaces/ML/trainjobs/x/status",
+                "/apis/trainer.kubeflow.org/v1alpha1/namespaces/ml/trainjobs/../status"):
+        with pytest.raises(Refused) as e:
+            parse_path(bad)
+        assert e.value.code == 404
+
+
+def test_column_text():
+    st = [StageStatus(name="sft", phase="Succeeded"), StageStatus(name="dpo", phase="Running", progress=StageProgress(
+        percent=43, eta_seconds=7800, last_updated="x")), StageStatus(name="eval")]
+    assert summary(st, 1) == "dpo 43% ETA 2h10m"
+    st[1].progress = None
+    assert summary(st, 1) == "1/3"
+    assert [eta_text(s) for s in (40, 95, 7800, 90000)] == ["40s", "1m35s", "2h10m", "1d1h"]
+
+
+def test_throttle_lets_one_write_per_five_seconds_and_refuses_replays():
+    t, key, writes = Throttle(), ("ns", "tiny-dpo"), []
+    for i in range(100):  # a push every 0.1 s for 10 s
+        now, sent = i * 0.1, NOW + timedelta(seconds=i * 0.1)
+        t.check_fresh(key, sent, None)
+        if t.offer(key, i, sent, now):
+            t.wrote(key, now)
+            writes.append(now)
+    assert writes == [0.0, 5.0] and t.take(key) == 99  # the newest waits for its turn
+    with pytest.raises(Refused) as e:
+        t.check_fresh(key, NOW + timedelta(seconds=5), None)
+    assert e.value.code == 409 and "replay" in str(e.value)
+    with pytest.raises(Refused):  # after a restart the stored time still refuses it
+        Throttle().check_fresh(key, NOW, "2026-12-01T11:00:00.000Z")
+
+
+# ---------------------------------------------------------------------------- the endpoint's decisions
+
+def run_body(phase="Running", progress=None):
+    doc = yaml.safe_load((ROOT / "examples" / "tiny-run.yaml").read_text())
+    doc["metadata"].update(namespace="ns", uid="u1")
+    doc["status"] = {"stages": [{"name": "sft", "phase": "Succeeded"},
+                                {"name": "dpo", "phase": phase, **({"progress": progress} if progress else {})},
+                                {"name": "eval", "phase": "Pending"}]}
+    return doc
+
+
+class Fake:
+    def __init__(self, **run):
+        self.run, self.writes, self.reviews, self.clock = run_body(**run), [], [], 100.0
+
+    def review(self, token, aud):
+        self.reviews.append((token, aud))
+        ok = token == f"token-for:{aud}"
+        return {"authenticated": ok, "username": "system:serviceaccount:ns:default" if ok else None,
+                "audiences": [aud] if ok else [], "error": None if ok else "invalid bearer token"}
+
+    def get_run(self, ns, name):
+        return self.run if (ns, name) == ("ns", "tiny") else None
+
+    def write(self, ns, run, index, stage, progress, text):
+        self.writes.append((self.clock, index, stage, progress, text))
+        self.run["status"]["stages"][index]["progress"] = progress
+        return True
+
+
+def endpoint(fake):
+    return Progress(review=fake.review, get_run=fake.get_run, write=fake.write, clock=lambda: fake.clock)
+
+
+PATH = status_path("ns", "tiny-dpo")
+TOKEN = f"Bearer token-for:{audience('ns', 'tiny-dpo')}"
+
+
+def test_a_push_writes_the_stage_and_the_column():
+    fake = Fake()
+    said = endpoint(fake).handle(PATH, TOKEN, body(loss=0.5, current_step=43, total_steps=100))
+    assert said == {"accepted": True, "written": True}
+    (_, index, stage, progress, text), = fake.writes
+    assert (index, stage, progress["percent"], progress["step"], text) == (1, "dpo", 43, 43, "dpo 43% ETA 2h10m")
+    assert fake.reviews == [("token-for:progress.alignment.dev/ns/tiny-dpo", "progress.alignment.dev/ns/tiny-dpo")]
+
+
+@pytest.mark.parametrize("auth, code", [
+    (None, 401), ("Basic abc", 401), ("Bearer forged", 401),
+    (f"Bearer token-for:{audience('ns', 'other-dpo')}", 401),   # another run's token
+    (f"Bearer token-for:{audience('ns2', 'tiny-dpo')}", 401),   # the same run name in another namespace
+])
+def test_tokens_for_anything_else_are_refused_and_nothing_is_written(auth, code):
+    fake = Fake()
+    with pytest.raises(Refused) as e:
+        endpoint(fake).handle(PATH, auth, body())
+    assert e.value.code == code and fake.writes == []
+
+
+def test_a_token_of_another_namespaces_service_account_is_forbidden():
+    fake = Fake()
+    fake.review = lambda token, aud: {"authenticated": True, "username": "system:serviceaccount:other:default",
+                                      "audiences": [aud], "error": None}
+    with pytest.raises(Refused) as e:
+        endpoint(fake).handle(PATH, TOKEN, body())
+    assert e.value.code == 403 and fake.writes == []
+
+
+def test_pushes_to_a_stage_that_is_not_running_or_unknown_change_nothing():
+    fake = Fake(phase="Succeeded")
+    with pytest.raises(Refused) as e:
+        endpoint(fake).handle(PATH, TOKEN, body())
+    assert e.value.code == 409 and fake.writes == []
+    path = status_path("ns", "tiny-nope")
+    with pytest.raises(Refused) as e:
+        endpoint(Fake()).handle(path, f"Bearer token-for:{audience('ns', 'tiny-nope')}", body())
+    assert e.value.code == 404
+
+
+def test_a_replayed_body_is_refused():
+    fake = Fake()
+    ep = endpoint(fake)
+    ep.handle(PATH, TOKEN, body())
+    fake.clock += 10
+    with pytest.raises(Refused) as e:
+        ep.handle(PATH, TOKEN, body())
+    assert e.value.code == 409 and len(fake.writes) == 1
+
+
+def test_a_burst_of_pushes_makes_one_write_and_the_newest_follows_later():
+    fake = Fake()
+    ep = endpoint(fake)
+    for i in range(20):
+        ep.handle(PATH, TOKEN, body(NOW + timedelta(seconds=i * 0.1), percent=i))
+        fake.clock += 0.1
+    assert len(fake.writes) == 1 and ep.throttle.slots[("ns", "tiny-dpo")].pending.percent == 19
+    fake.clock = 200.0
+    ep._flush(("ns", "tiny-dpo"), "tiny", "dpo")
+    assert [w[3]["percent"] for w in fake.writes] == [0, 19]
+
+
+# ---------------------------------------------------------------------------- pods and reconcile
+
+def tiny():
+    doc = yaml.safe_load((ROOT / "examples" / "tiny-run.yaml").read_text())
+    doc["metadata"].update(namespace="ns", uid="u1")
+    return parse_run(doc)
+
+
+def test_stage_pods_get_a_projected_token_for_their_stage_the_ca_and_the_url():
+    ctx = RenderContext(progress_url="https://op.sys.svc:8443", progress_ca="-----BEGIN CERTIFICATE-----\n")
+    cm, job = build_stage(tiny(), 1, ctx, "h")
+    pod = job["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert pod["automountServiceAccountToken"] is False
+    assert env["KUBEFLOW_TRAINER_SERVER_URL"] == (
+        "https://op.sys.svc:8443/apis/trainer.kubeflow.org/v1alpha1/namespaces/ns/trainjobs/tiny-dpo/status")
+    assert env["KUBEFLOW_TRAINER_SERVER_TOKEN"] == "/var/run/alignment/progress/token"
+    assert env["KUBEFLOW_TRAINER_SERVER_CA_CERT"] == "/var/run/alignment/progress/ca.crt"
+    volume = next(v for v in pod["volumes"] if v["name"] == "progress")
+    token, ca = volume["projected"]["sources"]
+    assert token == {"serviceAccountToken": {"audience": "progress.alignment.dev/ns/tiny-dpo",
+                                             "expirationSeconds": 3600, "path": "token"}}
+    assert ca["configMap"]["name"] == cm["metadata"]["name"] and cm["data"]["progress-ca.crt"] == ctx.progress_ca
+    # Without an endpoint nothing of it is rendered.
+    _, plain = build_stage(tiny(), 1, RenderContext(), "h")
+    assert "KUBEFLOW" not in json.dumps(plain)
+
+
+def test_reconcile_keeps_a_stages_progress_and_shows_it_in_the_column():
+    run = tiny()
+    p = StageProgress(percent=43, step=43, total_steps=100, eta_seconds=7800, loss=0.5, last_updated="t")
+    run.status = AlignmentRunStatus(phase="Running", stages=[
+        StageStatus(name="sft", phase="Succeeded"),
+        StageStatus(name="dpo", phase="Running", job_name="tiny-dpo", spec_hash=stage_hash(run, 1), progress=p),
+        StageStatus(name="eval")])
+    out = reconcile(run, 1, {"dpo": ObservedChild("dpo", "tiny-dpo", "Running", 1)}, "2026-12-01T11:00:00Z")
+    assert out.status.stages[1].progress == p and out.status.progress_summary == "dpo 43% ETA 2h10m"
+    done = reconcile(run, 1, {"dpo": ObservedChild("dpo", "tiny-dpo", "Succeeded", 1, result={"checkpoint": "/x"})},
+                     "2026-12-01T11:00:00Z")
+    assert done.status.progress_summary == "2/3" and done.status.stages[1].progress == p
