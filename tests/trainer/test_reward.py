@@ -32,3 +32,18 @@ def test_reward_model_ranks_held_out_pairs_and_final_is_a_sequence_classifier(tm
     with torch.no_grad():
         good, bad = model(**enc).logits.squeeze(-1).tolist()
     assert good > bad, "final/ loads as a reward model that prefers the helpful reply"
+
+
+def test_an_eval_stage_scores_pairs_and_generations_with_a_reward_stages_model(tmp_path, tiny_model, data_dir, kit):
+    path = kit.write_recipe(tmp_path / "rm", "reward", tiny_model, [str(data_dir / "prefs.jsonl")],
+                            training={"max_steps": 20, "learning_rate": 1e-3, "per_device_train_batch_size": 16,
+                                      "max_length": 64, "save_steps": 20, "gradient_checkpointing": False})
+    rm = kit.run_in_process(path)["checkpoint"]
+    path = kit.write_recipe(tmp_path / "eval", "eval", tiny_model, [str(data_dir / "prefs_test.jsonl")],
+                            eval={"metrics": ["preference", "generations"], "reference_model": tiny_model,
+                                  "reward_model": rm, "num_generations": 4, "max_new_tokens": 8},
+                            training={"max_length": 64, "per_device_eval_batch_size": 16})
+    result = kit.run_in_process(path)
+    assert result["reward_model_accuracy"] >= 0.9, "the reward model ranks the held-out pairs"
+    assert 0.0 <= result["reward_model_win_rate"] <= 1.0
+    assert {"reward_model_score", "reference_reward_model_score"} <= set(result)

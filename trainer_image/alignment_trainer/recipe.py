@@ -214,6 +214,9 @@ class EvalArgs(_Strict):
     metrics: list[Literal["preference", "loss", "generations", "judge"]] = Field(
         default_factory=lambda: ["preference", "loss", "generations"], description="What to measure.")
     reference_model: str | None = Field(None, description="Model to compare against (preference accuracy, judge).")
+    reward_model: str | None = Field(None, description=(
+        "A reward model (a reward stage's final/): scores the held-out pairs (reward_model_accuracy) and the "
+        "model's and the reference's generations (reward_model_win_rate)."))
     prompts: DatasetArgs | None = Field(None, description="Prompts to generate for; default: test-split prompts.")
     max_new_tokens: int = Field(256, gt=0, description="Longest generation.")
     num_generations: int = Field(16, gt=0, description="How many prompts to generate for.")

@@ -245,6 +245,9 @@ class EvalSpec(ApiModel):
             "win rate (needs judge)."))
     reference: str | None = Field(None, max_length=63, description=(
         "Stage whose model is the reference. Default: the stage the evaluated stage started from."))
+    reward_model: str | None = Field(None, max_length=63, description=(
+        "An earlier reward stage whose model scores the held-out pairs (rewardModelAccuracy) and both "
+        "models' generations (rewardModelWinRate)."))
     prompts: DatasetSpec | None = Field(None, description="Prompts to generate for. Default: prompts of the test split.")
     max_new_tokens: int = Field(256, gt=0, description="Longest generation.")
     num_generations: int = Field(16, gt=0, description="Prompts generated for.")
@@ -364,6 +367,9 @@ class AlignmentRunSpec(ApiModel):
         ("self.stages.all(i, s, !has(s.eval) || !has(s.eval.reference) || "
          "self.stages.exists(j, t, j < i && t.name == s.eval.reference))",
          "stages[].eval.reference must name an earlier stage", ".stages"),
+        ("self.stages.all(i, s, !has(s.eval) || !has(s.eval.rewardModel) || "
+         "self.stages.exists(j, t, j < i && t.name == s.eval.rewardModel && t.method == 'reward'))",
+         "stages[].eval.rewardModel must name an earlier reward stage", ".stages"),
     )}
 
     model: ModelSpec = Field(description="The base model the first stage starts from.")

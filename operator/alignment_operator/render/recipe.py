@@ -175,6 +175,7 @@ def _eval_args(run: AlignmentRun, index: int, root: str) -> EvalArgs:
     return EvalArgs(
         metrics=list(e.metrics),
         reference_model=reference,
+        reward_model=final_dir(root, run, e.reward_model) if e.reward_model else None,
         prompts=_dataset(e.prompts) if e.prompts else None,
         max_new_tokens=e.max_new_tokens,
         num_generations=e.num_generations,

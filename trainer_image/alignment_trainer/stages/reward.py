@@ -90,6 +90,25 @@ def pairwise_accuracy(trainer) -> dict:
             "eval_pairs": total}
 
 
+@torch.no_grad()
+def score_conversations(model_dir: str, conversations: list[list[dict]], batch_size: int = 8) -> list[float]:
+    """A reward stage's final/ scores each conversation (rendered with the chat template saved with it)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).to(device).eval()
+    if model.config.num_labels != 1:
+        raise ValueError(f"eval.reward_model: {model_dir} has {model.config.num_labels} labels, not a reward model "
+                         "(a reward stage's final/ has one)")
+    scores: list[float] = []
+    for start in range(0, len(conversations), batch_size):
+        texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations[start:start + batch_size]]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        scores += model(**enc).logits.squeeze(-1).float().tolist()
+    return scores
+
+
 def run(recipe: Recipe) -> dict | None:
     # Setup: a stage that already finished is not trained again.
     done = setup_stage(recipe)
