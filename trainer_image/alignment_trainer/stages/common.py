@@ -16,6 +16,7 @@ import torch
 from .. import tracking
 from ..checkpoints import newest_checkpoint
 from ..launch import configured_state_args, init_distributed
+from ..live import DivergedError, DivergenceGuard, ProgressPush, use_own_callback
 from ..model import checkpoint_dtype, engine_keeps_fp32_masters, load_model, merge_adapter, mixed_precision
 from ..recipe import Recipe, TrainingArgs
 from ..results import (MetricsCallback, build_result, emit, finished_result, push_to_hub,
@@ -83,6 +84,8 @@ def build_config(config_cls, recipe: Recipe, **method_fields):
         eval_strategy="steps" if (t.eval_steps and has_test_split(recipe)) else "no", eval_steps=t.eval_steps,
         bf16=precision == "bf16", fp16=precision == "fp16", dataloader_pin_memory=on_gpu,
         **tracking.config_fields(recipe), disable_tqdm=True, include_num_input_tokens_seen="non_padding",
+        # A NaN/inf loss must reach the logs (live.DivergenceGuard), not be averaged away.
+        logging_nan_inf_filter=False,
         **configured_state_args(),
     )
     kwargs.update(method_fields)
@@ -256,6 +259,14 @@ def train(trainer, recipe: Recipe):
     trainer.remove_callback(PrinterCallback)  # MetricsCallback prints JSON progress lines instead
     trainer.add_callback(MetricsCallback(recipe.output_dir))
     trainer.add_callback(tracking.TrackedRun(recipe))  # after transformers' tracker callbacks
+    trainer.add_callback(DivergenceGuard())  # after MetricsCallback: the NaN row is in metrics.jsonl
+    if use_own_callback():
+        # transformers adds its KubeflowCallback whenever KUBEFLOW_TRAINER_SERVER_URL is set; ours
+        # speaks the same contract with more in it (ALIGNMENT_PROGRESS_CALLBACK=transformers keeps theirs).
+        from transformers.integrations import KubeflowCallback
+
+        trainer.remove_callback(KubeflowCallback)
+        trainer.add_callback(ProgressPush())
     resume = newest_checkpoint(recipe.output_dir)
     if trainer.is_world_process_zero():
         emit("start", method=recipe.method, stage=recipe.stage_name, resume_from=resume,
@@ -266,6 +277,7 @@ def train(trainer, recipe: Recipe):
 def finish_stage(trainer, recipe: Recipe, tokenizer, train_output, extra: dict | None = None) -> dict | None:
     """Evaluate on the test split, write final/, result.json (with the stage's `extra` metrics), the
     termination message; push."""
+    check_finite(trainer)
     eval_metrics = trainer.evaluate() if trainer.eval_dataset is not None else None
     merge = None
     if recipe.lora is None:
@@ -286,6 +298,17 @@ def finish_stage(trainer, recipe: Recipe, tokenizer, train_output, extra: dict |
     write_result(recipe, result)
     emit("done", **{k: v for k, v in result.items() if v is not None})
     return result
+
+
+def check_finite(trainer) -> None:
+    """A model with a NaN or inf weight is never saved as final/ (the next stage would start from it).
+    Checks the trainable weights this process holds (under ZeRO-3 its own shards)."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    for name, param in model.named_parameters():
+        data = getattr(param, "ds_tensor", param)  # DeepSpeed ZeRO-3: the local partition
+        if param.requires_grad and data.numel() and not torch.isfinite(data).all():
+            raise DivergedError(f"weight {name} is not finite after {trainer.state.global_step} steps: "
+                                "final/ is not written")
 
 
 def cast_to_saved_dtype(trainer, recipe: Recipe) -> None:

@@ -1,0 +1,150 @@
+"""While a stage trains: a diverging loss stops it (Diverged, exit 2, the step named, no final/),
+and progress reaches an HTTPS endpoint in Kubeflow Trainer's shape from our callback or from
+transformers' own KubeflowCallback, unchanged."""
+
+from __future__ import annotations
+
+import json
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.trainer
+
+
+def test_a_diverging_sft_stops_with_diverged_and_the_step(tmp_path, tiny_model, data_dir, kit):
+    recipe = kit.write_recipe(tmp_path, "sft", tiny_model, [str(data_dir / "sft.jsonl")],
+                              training={"max_steps": 40, "learning_rate": 1e4, "per_device_train_batch_size": 16,
+                                        "max_length": 64, "logging_steps": 1, "save_steps": 1,
+                                        "warmup_ratio": 0.0},
+                              termination_message_path=str(tmp_path / "termination-log"))
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "alignment_trainer", recipe], env=kit.trainer_env(),
+                          capture_output=True, text=True, timeout=300, cwd=kit.repo)
+    seconds = time.monotonic() - started
+    message = json.loads((tmp_path / "termination-log").read_text())
+    out = tmp_path / "out"
+    rows = kit.metrics(out)
+
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert message["reason"] == "Diverged" and message["exit_code"] == 2
+    bad = next(r for r in rows if not all(map(_finite, (r.get("loss", 0), r.get("grad_norm", 0)))))
+    assert f"training diverged at step {bad['step']}/40" in message["error"], (message, rows[:5])
+    assert bad["step"] < 40 and rows[-1]["step"] == bad["step"]  # it stopped at that step
+    assert not (out / "final").exists()
+    # The checkpoint of the diverged step is not written (transformers logs before it saves).
+    assert not (out / f"checkpoint-{bad['step']}").exists()
+    print(f"\ndiverged at step {bad['step']} ({bad}), exit 2 after {seconds:.1f}s")
+
+
+def _finite(x) -> bool:
+    return x == x and abs(x) != float("inf")
+
+
+# ---------------------------------------------------------------------------- pushes
+
+class Sink:
+    """An HTTPS server that records every POST (path, Authorization, JSON body)."""
+
+    def __init__(self, directory: Path):
+        import sys as _sys
+
+        _sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "operator"))
+        from alignment_operator.progress_server import self_signed
+
+        cert, key, ca = self_signed(directory, ["127.0.0.1"])
+        (directory / "ca.crt").write_text(ca)
+        self.ca = directory / "ca.crt"
+        self.posts: list[tuple[float, str, str, dict]] = []
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                sink.posts.append((time.monotonic(), self.path, self.headers.get("Authorization"), body))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"https://127.0.0.1:{self.server.server_address[1]}/apis/trainer.kubeflow.org/v1alpha1/namespaces/ns/trainjobs/tiny-dpo/status"
+
+    def env(self, token_file: Path, **extra) -> dict:
+        token_file.write_text("the-token\n")
+        return {"KUBEFLOW_TRAINER_SERVER_URL": self.url, "KUBEFLOW_TRAINER_SERVER_CA_CERT": str(self.ca),
+                "KUBEFLOW_TRAINER_SERVER_TOKEN": str(token_file), **extra}
+
+
+def _metrics(body: dict) -> dict:
+    return {m["name"]: m["value"] for m in body["trainerStatus"].get("metrics", [])}
+
+
+def _dpo(tmp_path, tiny_model, data_dir, kit, sink, **extra):
+    recipe = kit.write_recipe(tmp_path, "dpo", tiny_model, [str(data_dir / "prefs.jsonl")],
+                              training={"max_steps": 24, "learning_rate": 5e-4, "per_device_train_batch_size": 8,
+                                        "max_length": 64, "logging_steps": 2, "save_steps": 100, "beta": 0.1},
+                              termination_message_path=str(tmp_path / "termination-log"))
+    proc = subprocess.run([sys.executable, "-m", "alignment_trainer", recipe],
+                          env=kit.trainer_env(sink.env(tmp_path / "token", **extra)),
+                          capture_output=True, text=True, timeout=600, cwd=kit.repo)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return kit.metrics(tmp_path / "out")
+
+
+def test_our_callback_pushes_progress_with_preference_metrics_and_tokens_per_second(
+        tmp_path, tiny_model, data_dir, kit):
+    sink = Sink(tmp_path / "tls")
+    rows = _dpo(tmp_path, tiny_model, data_dir, kit, sink)
+    posts = sink.posts
+    bodies = [p[3] for p in posts]
+
+    assert all(p[1].endswith("/namespaces/ns/trainjobs/tiny-dpo/status") and p[2] == "Bearer the-token" for p in posts)
+    assert len(posts) >= 2 and bodies[-1]["trainerStatus"]["progressPercentage"] == 100
+    gaps = [b[0] - a[0] for a, b in zip(posts[1:-2], posts[2:-1])]  # between the begin and end pushes
+    assert all(g >= 4.9 for g in gaps), gaps
+    last = _metrics(bodies[-1])
+    logged = [r for r in rows if "rewards/margins" in r]
+    assert float(last["rewards/margins"]) == pytest.approx(logged[-1]["rewards/margins"], rel=1e-4)
+    assert float(last["rewards/accuracies"]) == pytest.approx(logged[-1]["rewards/accuracies"], rel=1e-4)
+    assert int(last["current_step"]) == 24 and int(last["total_steps"]) == 24
+    assert any(float(_metrics(b).get("tokens_per_second", 0)) > 0 for b in bodies)
+    # Only ours pushed: transformers' KubeflowCallback was taken off (its bodies lack our metrics).
+    assert all("rewards/margins" in _metrics(b) or b["trainerStatus"]["progressPercentage"] == 0 for b in bodies)
+
+
+def test_transformers_kubeflow_callback_is_used_unchanged_when_asked(tmp_path, tiny_model, data_dir, kit):
+    sink = Sink(tmp_path / "tls")
+    _dpo(tmp_path, tiny_model, data_dir, kit, sink, ALIGNMENT_PROGRESS_CALLBACK="transformers")
+    bodies = [p[3] for p in sink.posts]
+
+    assert bodies and bodies[0]["trainerStatus"]["progressPercentage"] == 0
+    assert bodies[-1]["trainerStatus"]["progressPercentage"] == 100
+    # The stock callback's shape: no tokens_per_second of ours, its own step names.
+    assert all("tokens_per_second" not in _metrics(b) for b in bodies)
+    assert any("current_step" in _metrics(b) for b in bodies)
+
+
+def test_under_fp16_an_overflowed_gradient_is_the_scalers_business_a_nan_loss_is_not():
+    from types import SimpleNamespace
+
+    from alignment_trainer.live import DivergedError, DivergenceGuard
+
+    guard, state = DivergenceGuard(), SimpleNamespace(global_step=7, max_steps=10)
+    fp16, bf16 = SimpleNamespace(fp16=True, learning_rate=1e-5), SimpleNamespace(fp16=False, learning_rate=1e-5)
+    guard.on_log(fp16, state, None, logs={"loss": 1.2, "grad_norm": float("inf")})  # a skipped step
+    for args, logs in ((fp16, {"loss": float("nan")}), (bf16, {"loss": 1.2, "grad_norm": float("nan")})):
+        with pytest.raises(DivergedError, match="at step 7/10"):
+            guard.on_log(args, state, None, logs=logs)

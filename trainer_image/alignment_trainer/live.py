@@ -1,0 +1,180 @@
+"""While a stage trains: push live progress, and stop it when the numbers stop being numbers.
+
+ProgressPush speaks Kubeflow Trainer's status contract (the same as transformers'
+KubeflowCallback): when KUBEFLOW_TRAINER_SERVER_URL is set it POSTs
+
+    {"trainerStatus": {"progressPercentage", "estimatedRemainingSeconds",
+                       "metrics": [{"name", "value"}], "lastUpdatedTime"}}
+
+with the projected token in KUBEFLOW_TRAINER_SERVER_TOKEN, verifying the server with
+KUBEFLOW_TRAINER_SERVER_CA_CERT, at most every 5 s, from the main process, from a background
+thread (a slow server never stalls a step; a failed push is logged once, training goes on).
+It reports more than the stock callback: the preference metrics of the last logging step and
+tokens/s. ALIGNMENT_PROGRESS_CALLBACK=transformers keeps transformers' own callback instead.
+
+DivergenceGuard raises DivergedError (reason Diverged, exit 2) at the first logging step whose
+loss or gradient norm is NaN or inf, naming the step. transformers' logging_nan_inf_filter would
+hide a NaN loss behind the running average, so the trainer turns it off (common.build_config).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import ssl
+import threading
+import time
+import urllib.request
+from datetime import datetime, timezone
+
+from transformers import TrainerCallback
+
+log = logging.getLogger("alignment_trainer")
+URL_ENV, CA_ENV, TOKEN_ENV = "KUBEFLOW_TRAINER_SERVER_URL", "KUBEFLOW_TRAINER_SERVER_CA_CERT", "KUBEFLOW_TRAINER_SERVER_TOKEN"
+CHOICE_ENV = "ALIGNMENT_PROGRESS_CALLBACK"  # "alignment" (default) or "transformers"
+MIN_INTERVAL_S = 5.0
+# Logged metrics worth pushing (the rest of a log row stays in metrics.jsonl).
+PUSHED = ("loss", "grad_norm", "learning_rate", "rewards/margins", "rewards/accuracies", "rewards/chosen",
+          "rewards/rejected", "kl", "eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")
+
+
+class DivergedError(Exception):
+    """The loss or gradient norm is not finite: lowering the learning rate or fixing the data must come first."""
+
+
+class DivergenceGuard(TrainerCallback):
+    """Stop at the first logged non-finite loss or grad norm (before that step's checkpoint is saved:
+    transformers logs, then saves)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # Under fp16 an inf/NaN gradient is the loss scaler's overflow: that step is skipped and
+        # the scale lowered, as designed. Only a non-finite loss means divergence there.
+        watched = ("loss",) if args.fp16 else ("loss", "grad_norm")
+        bad = {k: logs[k] for k in watched
+               if isinstance((logs or {}).get(k), (int, float)) and not math.isfinite(logs[k])}
+        if bad:
+            said = ", ".join(f"{k} {v}" for k, v in bad.items())
+            raise DivergedError(f"training diverged at step {state.global_step}/{state.max_steps}: {said} "
+                                f"(learning rate {logs.get('learning_rate', args.learning_rate):g})")
+
+
+def use_own_callback() -> bool:
+    """Our callback pushes, unless there is nowhere to push or the stock one is asked for."""
+    return bool(os.environ.get(URL_ENV)) and os.environ.get(CHOICE_ENV, "alignment") != "transformers"
+
+
+class ProgressPush(TrainerCallback):
+    """Pushes progress to the operator (see the module doc)."""
+
+    def __init__(self, url: str | None = None, interval: float = MIN_INTERVAL_S):
+        self.url = url or os.environ[URL_ENV]
+        self.interval = interval
+        self.metrics: dict[str, float] = {}
+        self.started = self.start_step = None
+        self.last_push = -math.inf
+        self.tokens_at: tuple[float, int] | None = None
+        self._pending: bytes | None = None
+        self._wake = threading.Event()
+        self._warned = False
+        self._closing = False
+        self._context = None
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ Trainer events
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        self.started, self.start_step = time.monotonic(), state.global_step
+        self.tokens_at = (self.started, state.num_input_tokens_seen or 0)
+        self._thread = threading.Thread(target=self._send_loop, name="progress-push", daemon=True)
+        self._thread.start()
+        self._queue(state, force=True)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        for key in PUSHED:
+            value = logs.get(key)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.metrics[key] = float(value)
+        seen, t = state.num_input_tokens_seen or 0, time.monotonic()
+        if self.tokens_at and seen > self.tokens_at[1] and t > self.tokens_at[0]:
+            self.metrics["tokens_per_second"] = round((seen - self.tokens_at[1]) / (t - self.tokens_at[0]), 2)
+            self.tokens_at = (t, seen)
+        if self.started is not None:
+            self._queue(state)  # a logging step reports its own loss
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # On a logging step transformers logs after this: report from on_log, with that step's loss.
+        if state.is_world_process_zero and self.started is not None and not control.should_log:
+            self._queue(state)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero or self.started is None:
+            return
+        self._queue(state, force=True, done=True)
+        self._closing = True
+        self._wake.set()
+        if self._thread:
+            self._thread.join(timeout=10)  # the last report (100%) goes out before the stage ends
+
+    # ------------------------------------------------------------------ the report
+
+    def body(self, state, done: bool = False) -> dict:
+        step, total = state.global_step, state.max_steps or 0
+        percent = 100 if done else min(99, int(100 * step / total)) if total else 0
+        eta = 0 if done else None
+        ran = step - (self.start_step or 0)
+        if not done and ran > 0 and total:
+            eta = int((time.monotonic() - self.started) / ran * (total - step))
+        metrics = {**self.metrics, "current_step": step, "total_steps": total}
+        if state.epoch is not None:
+            metrics["current_epoch"] = round(state.epoch, 4)
+        status = {"progressPercentage": percent, "lastUpdatedTime": datetime.now(timezone.utc).isoformat(),
+                  "metrics": [{"name": k, "value": f"{v:.6g}" if isinstance(v, float) else str(v)}
+                              for k, v in metrics.items()]}
+        if eta is not None:
+            status["estimatedRemainingSeconds"] = eta
+        return {"trainerStatus": status}
+
+    def _queue(self, state, force: bool = False, done: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last_push < self.interval:
+            return
+        self.last_push = now
+        self._pending = json.dumps(self.body(state, done)).encode()
+        self._wake.set()
+
+    def _send_loop(self) -> None:
+        """Sends the newest report whenever there is one; ends after the last (on_train_end)."""
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            data, self._pending = self._pending, None
+            if data is not None:
+                self._send(data)
+            if self._closing and self._pending is None:
+                return
+
+    def _send(self, data: bytes) -> None:
+        try:
+            token = open(os.environ[TOKEN_ENV]).read().strip() if os.environ.get(TOKEN_ENV) else ""
+            request = urllib.request.Request(self.url, data=data, method="POST", headers={
+                "Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})})
+            with urllib.request.urlopen(request, timeout=10, context=self._ssl()) as reply:
+                reply.read()
+        except Exception as e:  # noqa: BLE001 - progress is best effort; training goes on
+            if not self._warned:
+                detail = e.read().decode(errors="replace")[:300] if hasattr(e, "read") else ""
+                log.warning("progress push to %s failed: %s %s (training goes on; further failures not logged)",
+                            self.url, e, detail)
+                self._warned = True
+
+    def _ssl(self):
+        if self._context is None:
+            ca = os.environ.get(CA_ENV)
+            self._context = ssl.create_default_context(cafile=ca) if ca else ssl.create_default_context()
+        return self._context
