@@ -15,8 +15,9 @@ def test_launch_command_single_node():
     from alignment_trainer.launch import build_launch_command
 
     cmd = build_launch_command("/etc/alignment/recipe.yaml", "deepspeed-zero3", 8)
-    assert cmd[:3] == ["accelerate", "launch", "--config_file"] and cmd[3].endswith("accelerate/zero3.yaml")
-    assert Path(cmd[3]).is_file()
+    assert cmd[:4] == ["python", "-m", "alignment_trainer.launch", "--config_file"]
+    assert cmd[4].endswith("accelerate/zero3.yaml")
+    assert Path(cmd[4]).is_file()
     assert cmd[cmd.index("--num_processes") + 1] == "8" and cmd[cmd.index("--num_machines") + 1] == "1"
     assert cmd[-3:] == ["-m", "alignment_trainer", "/etc/alignment/recipe.yaml"]
     assert "--mixed_precision" not in cmd and "--cpu" not in cmd

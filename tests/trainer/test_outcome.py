@@ -63,3 +63,19 @@ def test_a_full_volume_is_disk_full_and_not_retryable(tmp_path, tiny_model, data
     assert code == 2, stderr[-2000:]
     assert message["reason"] == "DiskFull" and "No space left on device" in message["error"]
     assert "free space on the run's volume" in message["fix"]
+
+
+def test_exit_2_survives_accelerate_launch(tmp_path, tiny_model, data_dir, kit):
+    """accelerate's launcher exits 1 whenever a process fails; the stage's launcher must still exit
+    2 for bad data, or the Job's podFailurePolicy (FailJob on 2) would retry it backoffLimit times."""
+    from alignment_trainer.launch import build_launch_command, launch_env
+
+    broken = tmp_path / "prefs.jsonl"
+    broken.write_text('{"prompt": "hi", "chosen": "hello"}\n')
+    recipe = kit.write_recipe(tmp_path, "dpo", tiny_model, [str(broken)], training={"max_steps": 1},
+                              termination_message_path=str(tmp_path / "termination-log"))
+    proc = subprocess.run(build_launch_command(recipe, "ddp", 2, cpu=True), env=kit.trainer_env(launch_env(cpu=True)),
+                          capture_output=True, text=True, timeout=300, cwd=kit.repo)
+    message = json.loads((tmp_path / "termination-log").read_text())
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert message["reason"] == "DataError" and "'rejected'" in message["error"]

@@ -45,7 +45,7 @@ def test_single_node_job_is_restricted_gpu_job_with_recipe_and_volume():
     c = pod["containers"][0]
     assert c["image"] == "trainer:1"
     assert c["resources"]["limits"] == {"nvidia.com/gpu": 8, "memory": "512Gi"}
-    assert c["command"][:2] == ["accelerate", "launch"]
+    assert c["command"][:3] == ["python", "-m", "alignment_trainer.launch"]
     assert "/opt/alignment/accelerate/zero3.yaml" in c["command"] and c["command"][-1] == "/etc/alignment/recipe.yaml"
     assert c["command"][c["command"].index("--num_processes") + 1] == "8"
     assert c["terminationMessagePath"] == "/dev/termination-log"

@@ -5,8 +5,12 @@ The operator (Job rendering) and the local runner both call `build_launch_comman
 torch nor accelerate at import time, so the operator can use it.
 
     build_launch_command("/etc/recipe/recipe.yaml", "deepspeed-zero3", num_processes=8)
-    -> accelerate launch --config_file .../accelerate/zero3.yaml --num_machines 1 --machine_rank 0
-       --num_processes 8 -m alignment_trainer /etc/recipe/recipe.yaml
+    -> python -m alignment_trainer.launch --config_file .../accelerate/zero3.yaml --num_machines 1
+       --machine_rank 0 --num_processes 8 -m alignment_trainer /etc/recipe/recipe.yaml
+
+`python -m alignment_trainer.launch ARGS` is `accelerate launch ARGS` that exits with the
+trainer's own exit code: accelerate's launcher exits 1 whenever a process fails, which would
+turn the trainer's "fix the input" (2) into a retryable failure.
 
 Why init_distributed exists (DeepSpeed on CPU, e.g. ZeRO-3 over gloo in tests and CI):
 accelerate's PartialState, with LOCAL_RANK set and no GPU, finds no backend in
@@ -70,7 +74,9 @@ def build_launch_command(recipe_path: str, strategy: str | None, num_processes: 
         raise ValueError("main_process_ip: required with num_machines > 1 (the rank-0 pod's address)")
 
     configs = Path(config_dir) if config_dir else accelerate_config_dir()
-    cmd = ["accelerate", "launch", "--config_file", str(configs / STRATEGIES[strategy]),
+    # `accelerate launch` itself exits 1 whatever its processes exit with; this module's main runs
+    # it and exits with the trainer's own code (2: fix the input), which the podFailurePolicy reads.
+    cmd = ["python", "-m", "alignment_trainer.launch", "--config_file", str(configs / STRATEGIES[strategy]),
            "--num_machines", str(num_machines), "--machine_rank", str(machine_rank),
            "--num_processes", str(total)]
     if main_process_ip:
@@ -135,3 +141,41 @@ def configured_state_args() -> dict:
     if PartialState._shared_state and PartialState().num_processes > 1 and needs_configured_state():
         return {"accelerator_config": {"use_configured_state": True}}
     return {}
+
+
+# ---------------------------------------------------------------------------- the launcher
+
+def main(argv: list[str] | None = None) -> int:
+    """`accelerate launch ARGV`, exiting with the trainer's outcome code when it failed.
+
+    The recipe is ARGV's last word; its termination_message_path holds the outcome the trainer's
+    first failing process wrote (alignment_trainer.outcome). SIGTERM/SIGINT go on to accelerate,
+    which stops its processes (a pod deleted or preempted: they exit "Interrupted").
+    """
+    import signal
+    import subprocess
+    import sys
+
+    from . import outcome
+    from .recipe import read_recipe_file
+
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        print(__doc__, file=sys.stderr)
+        return outcome.FIX_INPUT
+    proc = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", *argv])
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: proc.send_signal(signum))
+    code = proc.wait()
+    if code == 0:
+        return 0
+    try:
+        path = read_recipe_file(argv[-1]).get("termination_message_path")
+    except SystemExit:
+        path = None
+    said = outcome.decode(Path(path).read_text(errors="replace")) if path and Path(path).is_file() else None
+    return int(said["exit_code"]) if said and isinstance(said.get("exit_code"), int) else code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
