@@ -273,7 +273,8 @@ def self_signed(directory: Path, hostnames: list[str]) -> tuple[Path, Path, str]
             sans.append(x509.IPAddress(ipaddress.ip_address(h)))
         except ValueError:
             sans.append(x509.DNSName(h))
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostnames[0] if hostnames else "localhost")])
+    # The names are in the SANs (what clients check); a CN holds at most 64 characters, less than a Service's FQDN.
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "alignment-operator progress endpoint")])
     cert = build(name, ca_name, key.public_key(), ca_key, False, sans)
     pem = lambda c: c.public_bytes(serialization.Encoding.PEM)  # noqa: E731
     directory.mkdir(parents=True, exist_ok=True)

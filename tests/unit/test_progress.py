@@ -246,3 +246,24 @@ def test_reconcile_keeps_a_stages_progress_and_shows_it_in_the_column():
     done = reconcile(run, 1, {"dpo": ObservedChild("dpo", "tiny-dpo", "Succeeded", 1, result={"checkpoint": "/x"})},
                      "2026-12-01T11:00:00Z")
     assert done.status.progress_summary == "2/3" and done.status.stages[1].progress == p
+
+
+def test_the_self_signed_certificate_serves_a_services_long_name(tmp_path):
+    """A CN holds 64 characters; <release>-alignment-operator-progress.<namespace>.svc.cluster.local is longer."""
+    import ssl
+    import socket
+    import threading
+
+    from alignment_operator.progress_server import self_signed
+
+    host = "a-release-alignment-operator-progress.alignment-system-of-team-x.svc.cluster.local"
+    cert, key, ca = self_signed(tmp_path, [host])
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(cert, key)
+    client = ssl.create_default_context(cadata=ca)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        threading.Thread(target=lambda: server.wrap_socket(listener.accept()[0], server_side=True).close(),
+                         daemon=True).start()
+        with socket.create_connection(listener.getsockname()) as raw:
+            with client.wrap_socket(raw, server_hostname=host) as tls:  # verifies chain and name
+                assert tls.version() in ("TLSv1.2", "TLSv1.3")
