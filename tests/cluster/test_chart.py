@@ -19,7 +19,7 @@ import pytest
 import yaml
 from kubernetes import client
 
-from controlplane import BUILD_COMMAND, binaries_dir
+from controlplane import BUILD_COMMAND, binaries_dir, free_port
 from kubelet import apply_tiny, get_run, jobs, play_kubelet, result_message, wait_for
 from operator_process import Operator
 
@@ -97,13 +97,16 @@ def dry_run(cluster, docs: list[dict]) -> subprocess.CompletedProcess:
 def test_helm_lint_passes_and_the_schema_refuses_bad_values(helm):
     out = helm("lint", "--strict", str(CHART))
     assert "1 chart(s) linted, 0 chart(s) failed" in out.stdout
-    helm("lint", "--strict", str(CHART), "--set", "watchNamespaces={team-a,team-b}", "--set", "replicaCount=2")
+    helm("lint", "--strict", str(CHART), "--set", "watchNamespaces={team-a,team-b}", "--set", "replicaCount=2",
+         "--set", "progress.tlsSecretName=ao-progress-tls")
     for bad, field in (("logFormat=xml", "logFormat"), ("replicaCount=two", "replicaCount"),
                        ("watchNamespaces={Not_A_Namespace}", "watchNamespaces"), ("imagee.tag=1", "imagee")):
         out = helm("template", RELEASE, str(CHART), "--set", bad, check=False)
         assert out.returncode != 0 and field in out.stderr, (bad, out.stderr)
     out = helm("template", RELEASE, str(CHART), "--set", "replicaCount=2", "--set", "peering.enabled=false", check=False)
     assert out.returncode != 0 and "needs peering.enabled=true" in out.stderr
+    out = helm("template", RELEASE, str(CHART), "--set", "replicaCount=2", check=False)  # one CA per replica
+    assert out.returncode != 0 and "needs progress.tlsSecretName" in out.stderr
 
 
 def test_default_values_render_manifests_the_server_accepts(cluster, chart_crds, helm, namespace):
@@ -112,8 +115,8 @@ def test_default_values_render_manifests_the_server_accepts(cluster, chart_crds,
     docs = render(helm, namespace)
     assert sorted(d["kind"] for d in docs) == sorted([
         "ClusterRole", "ClusterRole",  # the users' aggregated edit and view roles (templates/user-roles.yaml)
-        "ServiceAccount", "ClusterRole", "ClusterRole", "ClusterRoleBinding", "ClusterRoleBinding",
-        "Service", "Deployment", "ClusterKopfPeering"])
+        "ServiceAccount", "ClusterRole", "ClusterRole", "ClusterRole", "ClusterRoleBinding", "ClusterRoleBinding",
+        "ClusterRoleBinding", "Service", "Service", "Deployment", "ClusterKopfPeering"])
     deployment = by_kind(docs, "Deployment")[0]
     pod = deployment["spec"]["template"]["spec"]
     container = pod["containers"][0]
@@ -124,11 +127,16 @@ def test_default_values_render_manifests_the_server_accepts(cluster, chart_crds,
     assert env_of(deployment) == {
         "ALIGNMENT_NAMESPACES": "", "ALIGNMENT_PEERING": RELEASE, "POD_ID": None, "ALIGNMENT_LOG_LEVEL": "info",
         "ALIGNMENT_LOG_FORMAT": "text", "ALIGNMENT_TRAINER_IMAGE": "ghcr.io/alignment-operator/trainer:0.1.0",
-        "ALIGNMENT_ACCELERATE_CONFIG_DIR": "/opt/alignment/accelerate", "ALIGNMENT_METRICS_PORT": "9090"}
+        "ALIGNMENT_ACCELERATE_CONFIG_DIR": "/opt/alignment/accelerate", "ALIGNMENT_METRICS_PORT": "9090",
+        "ALIGNMENT_PROGRESS_PORT": "8443", "ALIGNMENT_PROGRESS_URL": f"https://{RELEASE}-alignment-operator-progress.{namespace}.svc:8443",
+        "ALIGNMENT_PROGRESS_HOSTNAMES": f"{RELEASE}-alignment-operator-progress.{namespace}.svc,"
+                                        f"{RELEASE}-alignment-operator-progress.{namespace}.svc.cluster.local"}
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     service = by_kind(docs, "Service")[0]
     assert service["spec"]["ports"] == [{"name": "metrics", "port": 9090, "targetPort": "metrics", "protocol": "TCP"}]
+    assert by_kind(docs, "Service")[1]["spec"]["ports"] == [
+        {"name": "progress", "port": 8443, "targetPort": "progress", "protocol": "TCP"}]
     assert by_kind(docs, "ClusterKopfPeering")[0]["metadata"]["name"] == RELEASE
     out = dry_run(cluster, docs)
     assert "deployment.apps/ao-alignment-operator created (server dry run)" in out.stdout, out.stdout
@@ -149,6 +157,7 @@ def test_custom_values_render_namespaced_manifests_the_server_accepts(cluster, c
             "weight": 100, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname", "labelSelector": {
                 "matchLabels": {"app.kubernetes.io/name": "alignment-operator"}}}}]}},
         "metrics": {"enabled": True, "port": 9191},
+        "progress": {"enabled": True, "port": 9443, "tlsSecretName": "ao-progress-tls"},
         "imagePullSecrets": [{"name": "registry"}],
         "podAnnotations": {"example.com/team": "ml-platform"},
     }
@@ -157,10 +166,11 @@ def test_custom_values_render_namespaced_manifests_the_server_accepts(cluster, c
     assert sorted(r["metadata"]["namespace"] for r in roles) == sorted(watched)
     assert sorted(b["metadata"]["namespace"] for b in bindings) == sorted(watched)
     assert all(b["subjects"][0]["namespace"] == namespace for b in bindings)
-    # cluster-wide, only the read of the PyTorchJob CRD; peering per namespace
+    # cluster-wide, only TokenReview (the progress endpoint) and the read of two CRDs; peering per namespace
     # (the users' aggregated edit/view roles grant the operator nothing: left out here)
     assert [r["metadata"]["name"] for r in by_kind(docs, "ClusterRole") if not any(
-        k.startswith("rbac.authorization.k8s.io/aggregate-to-") for k in r["metadata"]["labels"])] == [f"{namespace}-ao-alignment-operator-crd-reader"]
+        k.startswith("rbac.authorization.k8s.io/aggregate-to-") for k in r["metadata"]["labels"])] == [
+        f"{namespace}-ao-alignment-operator-token-reviewer", f"{namespace}-ao-alignment-operator-crd-reader"]
     assert sorted(p["metadata"]["namespace"] for p in by_kind(docs, "KopfPeering")) == sorted(watched)
     assert not by_kind(docs, "ClusterKopfPeering")
     deployment = by_kind(docs, "Deployment")[0]
@@ -178,6 +188,8 @@ def test_custom_values_render_namespaced_manifests_the_server_accepts(cluster, c
     assert env["ALIGNMENT_ACCELERATE_CONFIG_DIR"] == "/opt/accelerate"
     assert (env["ALIGNMENT_LOG_LEVEL"], env["ALIGNMENT_LOG_FORMAT"], env["ALIGNMENT_METRICS_PORT"]) == ("debug", "json", "9191")
     assert by_kind(docs, "Service")[0]["spec"]["ports"][0]["port"] == 9191
+    assert (env["ALIGNMENT_PROGRESS_PORT"], env["ALIGNMENT_PROGRESS_TLS_DIR"]) == ("9443", "/etc/alignment-operator/progress-tls")
+    assert {"name": "progress-tls", "secret": {"secretName": "ao-progress-tls"}} in pod["volumes"]
     dry_run(cluster, docs)
 
 
@@ -213,6 +225,9 @@ def chart_operator(cluster, docs: list[dict], watched: str, log: Path, pod_id: s
     env = {k: v for k, v in env_of(deployment).items()
            if k not in ("ALIGNMENT_METRICS_PORT", "ALIGNMENT_NAMESPACES") and v is not None}
     env["POD_ID"] = pod_id  # the chart takes it from metadata.name
+    # Replicas on one host: each its own progress port; the chart's TLS Secret is not mounted here.
+    env["ALIGNMENT_PROGRESS_PORT"] = str(free_port())
+    env.pop("ALIGNMENT_PROGRESS_TLS_DIR", None)
     sa = deployment["spec"]["template"]["spec"]["serviceAccountName"]
     kubeconfig = cluster.as_service_account(deployment["metadata"]["namespace"], sa)
     return Operator(kubeconfig, watched, log, extra_env=env)
@@ -296,6 +311,8 @@ def test_the_service_account_reads_no_secret_and_nothing_unlisted(cluster, chart
         assert can("delete", "persistentvolumeclaims", "-n", ns) == "no"  # checkpoints outlive runs
         assert can("patch", "alignmentruns.alignment.dev", "-n", ns) == "no"  # only the status subresource
         assert can("update", "alignmentruns.alignment.dev", "--subresource=status", "-n", ns) == "yes"
+        assert can("patch", "alignmentruns.alignment.dev", "--subresource=status", "-n", ns) == "yes"  # progress
+        assert can("create", "tokenreviews.authentication.k8s.io") == "yes"  # the progress endpoint's check
         assert can("create", "jobs.batch", "-n", ns) == "yes"
         assert can("get", "customresourcedefinitions.apiextensions.k8s.io/pytorchjobs.kubeflow.org") == "yes"
         assert can("get", "customresourcedefinitions.apiextensions.k8s.io/jobsets.jobset.x-k8s.io") == "yes"
@@ -314,7 +331,8 @@ def test_the_service_account_reads_no_secret_and_nothing_unlisted(cluster, chart
 
 def test_two_replicas_peer_and_exactly_one_acts(cluster, chart_crds, helm, namespace, tmp_path):
     ns, api = namespace, cluster.api_client()
-    docs = render(helm, ns, {"watchNamespaces": [ns], "replicaCount": 2}, tmp_path)
+    docs = render(helm, ns, {"watchNamespaces": [ns], "replicaCount": 2,
+                             "progress": {"enabled": True, "port": 8443, "tlsSecretName": "ao-progress-tls"}}, tmp_path)
     install_rbac(cluster, docs)
     logs = [tmp_path / "replica-0.log", tmp_path / "replica-1.log"]
     ops = [chart_operator(cluster, docs, ns, logs[i], pod_id=f"ao-operator-{i}") for i in range(2)]

@@ -60,10 +60,11 @@ No wildcards, no secrets: stage pods reference Secrets by name, which needs no p
 - apiGroups: [alignment.dev]
   resources: [alignmentruns]
   verbs: [get, list, watch]
-# kube.replace_status writes the status subresource (PUT with the resourceVersion read).
+# kube.replace_status writes the status subresource (PUT with the resourceVersion read);
+# kube.patch_stage_progress patches one stage's live progress (a JSON patch guarded by test ops).
 - apiGroups: [alignment.dev]
   resources: [alignmentruns/status]
-  verbs: [update]
+  verbs: [update, patch]
 # Children carry an ownerReference with blockOwnerDeletion: true; clusters that enable the
 # OwnerReferencesPermissionEnforcement admission plugin (e.g. OpenShift) require this for it.
 - apiGroups: [alignment.dev]
