@@ -47,19 +47,27 @@ def parse_verdict(text: str) -> str | None:
 
 
 class Judge:
-    def __init__(self, args: JudgeArgs, timeout: float = 120.0, retries: int = 3):
+    def __init__(self, args: JudgeArgs, timeout: float | None = None, retries: int | None = None):
         key = os.environ.get(args.api_key_env)
         if not key:
             raise ValueError(f"eval.judge: environment variable {args.api_key_env} (the judge's API key) is not set")
-        self.args, self._key, self.timeout, self.retries = args, key, timeout, retries
+        self.args, self._key = args, key
+        self.timeout = args.timeout_seconds if timeout is None else timeout
+        self.retries = args.max_retries if retries is None else retries
         self.url = args.base_url.rstrip("/") + "/chat/completions"
+        self.reported_models: set[str] = set()  # the `model` the endpoint says answered
+
+    def provenance(self) -> dict:
+        """What a judged result must name to be reproducible (never the key)."""
+        return {"judge_model": self.args.model, "judge_base_url": self.args.base_url,
+                "judge_reported_model": ", ".join(sorted(self.reported_models)) or None}
 
     def _scrub(self, text: str) -> str:
         return text.replace(self._key, "***")
 
-    def complete(self, system: str, user: str) -> str:
+    def complete(self, system: str, user: str, max_tokens: int = 512) -> str:
         """One chat completion (temperature 0); retries transient failures with backoff."""
-        body = json.dumps({"model": self.args.model, "temperature": 0, "max_tokens": 512,
+        body = json.dumps({"model": self.args.model, "temperature": 0, "max_tokens": max_tokens,
                            "messages": [{"role": "system", "content": system},
                                         {"role": "user", "content": user}]}).encode()
         request = urllib.request.Request(self.url, data=body, method="POST", headers={
@@ -69,18 +77,25 @@ class Judge:
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
                     data = json.loads(response.read())
-                return data["choices"][0]["message"]["content"] or ""
+                text = data["choices"][0]["message"]["content"] or ""
+                if isinstance(data.get("model"), str):
+                    self.reported_models.add(data["model"])
+                return text
             except urllib.error.HTTPError as e:
                 detail = e.read()[:300].decode(errors="replace")
                 last = f"HTTP {e.code} from {self.url}: {self._scrub(detail)}"
                 if e.code in (400, 401, 403, 404):  # will not get better by retrying
                     break
             except (urllib.error.URLError, TimeoutError, OSError) as e:
-                last = f"cannot reach {self.url}: {self._scrub(str(e))}"
+                reason = getattr(e, "reason", e)
+                if isinstance(reason, TimeoutError) or "timed out" in str(e):
+                    last = f"no answer from {self.url} within {self.timeout:g} s (eval.judge.timeout_seconds)"
+                else:
+                    last = f"cannot reach {self.url}: {self._scrub(str(e))}"
             except (KeyError, IndexError, TypeError, ValueError) as e:
                 last = f"unexpected answer from {self.url}: {type(e).__name__} {self._scrub(str(e))}"
             time.sleep(min(2 ** attempt, 10) if attempt + 1 < self.retries else 0)
-        raise JudgeError(f"eval.judge: {last}")
+        raise JudgeError(f"eval.judge: {last} (after {attempt + 1} tries)")
 
     def verdict(self, question: str, a: str, b: str) -> str | None:
         return parse_verdict(self.complete(SYSTEM, USER.format(question=question, a=a, b=b)))

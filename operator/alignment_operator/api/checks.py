@@ -13,7 +13,7 @@ from . import admission
 from .spec import AlignmentRunSpec, StageSpec
 
 
-def _stage_problems(i: int, stage: StageSpec, earlier: list[str], reward_stages: list[str] = ()) -> list[str]:
+def _stage_problems(i: int, stage: StageSpec, earlier: list[str]) -> list[str]:
     at = f"spec.stages[{i}]"
     out = []
     if stage.name in earlier:
@@ -45,11 +45,10 @@ def _stage_problems(i: int, stage: StageSpec, earlier: list[str], reward_stages:
     if stage.eval is not None:
         if "judge" in stage.eval.metrics and stage.eval.judge is None:
             out.append(f"{at}.eval.judge: eval.metrics includes judge but no judge is configured")
-        rm = stage.eval.reward_model
-        rewards = list(reward_stages)
-        if rm is not None and rm not in rewards:
-            out.append(f"{at}.eval.rewardModel: {rm!r} is not an earlier reward stage; accepted: "
-                       f"{', '.join(rewards) or 'none (add a stage with method reward)'}")
+        graded = [name for name, section in (("alpacaEval", stage.eval.alpaca_eval), ("mtBench", stage.eval.mt_bench))
+                  if section is not None]
+        if graded and stage.eval.judge is None:
+            out.append(f"{at}.eval.judge: eval.{' and eval.'.join(graded)} need an LLM judge; set eval.judge")
         ref = stage.eval.reference
         if ref is not None and ref not in earlier:
             out.append(f"{at}.eval.reference: {ref!r} is not an earlier stage; accepted: {', '.join(earlier) or 'none'}")
@@ -60,7 +59,7 @@ def cross_field_problems(spec: AlignmentRunSpec) -> list[str]:
     problems: list[str] = []
     earlier: list[str] = []
     for i, stage in enumerate(spec.stages):
-        problems += _stage_problems(i, stage, earlier, [s.name for s in spec.stages[:i] if s.method == "reward"])
+        problems += _stage_problems(i, stage, earlier)
         earlier.append(stage.name)
     if not any(METHODS[s.method].trains for s in spec.stages):
         methods = ", ".join(s.method for s in spec.stages)

@@ -19,6 +19,13 @@ operator copies into status.evaluation):
                prompts, by both models -> generations.jsonl; generation_stop_rate.
   judge        pairwise LLM-judge win rate of the model against the reference (judge.py).
 
+and, each when its section is set (benchmarks model cards report, by the libraries people trust):
+  lm_eval      lm-evaluation-harness tasks (IFEval, GSM8K, custom YAML tasks): lm_eval_task.py
+  alpaca_eval  AlpacaEval 2 win rate / length-controlled win rate via alpaca-eval: alpaca_eval.py
+  mt_bench     MT-Bench 1-10 grades per turn and category: mt_bench.py
+Every judged result names the judge model, the model id the endpoint reported and the package
+versions (result.json "provenance"), and keeps the prompts, answers and raw judgments on the volume.
+
 curves.png beside result.json plots the training curves of the run's other stages.
 """
 
@@ -28,6 +35,7 @@ import json
 import logging
 import math
 import os
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -50,6 +58,9 @@ def run(recipe: Recipe) -> dict:
         raise ValueError("eval: the eval method needs an eval section (metrics, reference_model, ...)")
     if "judge" in ev.metrics and ev.judge is None:
         raise ValueError("eval.judge: metrics include judge but no judge endpoint is configured")
+    for section in ("alpaca_eval", "mt_bench"):
+        if getattr(ev, section) is not None and ev.judge is None:
+            raise ValueError(f"eval.judge: eval.{section} is graded by an LLM judge but eval.judge is not set")
     if int(os.environ.get("RANK", "0")) != 0:
         return {}  # launched on several processes (a GPU node's default): the first one evaluates
     out = Path(recipe.output_dir)
@@ -60,9 +71,14 @@ def run(recipe: Recipe) -> dict:
 
     # Data: held-out rows, then the prompt set (fails before any model is loaded)
     t = recipe.training
-    data = load_stage_data(recipe)
-    held_out = data["test"] if "test" in data and len(data["test"]) else data["train"]
-    pairs, texts, prompts = rows_of.split_rows(held_out)
+    pairs, texts, prompts = [], [], []
+    if recipe.datasets and (set(ev.metrics) & {"preference", "loss"} or ev.prompts is None and ev.metrics):
+        data = load_stage_data(recipe)
+        held_out = data["test"] if "test" in data and len(data["test"]) else data["train"]
+        pairs, texts, prompts = rows_of.split_rows(held_out)
+    elif set(ev.metrics) & {"preference", "loss"} or (ev.metrics and ev.prompts is None):
+        raise ValueError(f"datasets: eval.metrics {ev.metrics} need held-out rows (datasets or test_datasets); "
+                         "set them, or metrics: [] for the benchmark sections alone")
     if ev.prompts is not None:
         prompts = rows_of.load_prompts(ev.prompts, t.seed)
     wanted = max(ev.num_generations, ev.judge.max_prompts if ("judge" in ev.metrics and ev.judge) else 0)
@@ -123,27 +139,6 @@ def run(recipe: Recipe) -> dict:
         metrics["generation_mean_tokens"] = sum(r["model_tokens"] for r in records) / n
         metrics["reference_generation_stop_rate"] = sum(r["reference_stopped"] for r in records) / n
 
-    # A reward model (a reward stage's final/): held-out pairs, and the generations of both models
-    if ev.reward_model:
-        from .reward import score_conversations
-
-        convs = [p["prompt"] + reply for p in pairs for reply in (p["chosen"], p["rejected"])]
-        if records:
-            convs += [r["prompt"] + [{"role": "assistant", "content": r[who]}]
-                      for r in records for who in ("model", "reference")]
-        scores = score_conversations(ev.reward_model, convs, batch)
-        if pairs:
-            metrics["reward_model_accuracy"] = sum(
-                scores[2 * i] > scores[2 * i + 1] for i in range(len(pairs))) / len(pairs)
-        gen = scores[2 * len(pairs):]
-        if records:
-            mine, theirs = gen[0::2], gen[1::2]
-            metrics["reward_model_win_rate"] = sum(m > t for m, t in zip(mine, theirs)) / len(records)
-            metrics["reward_model_score"] = sum(mine) / len(records)
-            metrics["reference_reward_model_score"] = sum(theirs) / len(records)
-            for r, m, t in zip(records, mine, theirs):
-                r["reward_model"] = {"model": m, "reference": t}
-
     # LLM judge: model vs reference, both orders
     if "judge" in ev.metrics:
         from ..judge import Judge, win_rate
@@ -159,6 +154,54 @@ def run(recipe: Recipe) -> dict:
         with (out / "generations.jsonl").open("w") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
+    # Benchmarks: lm-eval tasks, AlpacaEval 2, MT-Bench
+    files: dict[str, str] = {}
+    provenance: dict = {}
+    if ev.lm_eval is not None:
+        from .lm_eval_task import run_lm_eval
+
+        metrics.update(run_lm_eval(ev.lm_eval, model, tokenizer, out, "model"))
+        if ev.lm_eval.reference:
+            metrics.update({f"reference_{k}": v for k, v in
+                            run_lm_eval(ev.lm_eval, reference, tokenizer, out, "reference").items()})
+        files["lm_eval"] = str(out / "lm_eval")
+        provenance["lm_eval"] = version("lm_eval")
+    answer_with = lambda prompts_, task, limit: generate(model, tokenizer, prompts_, limit, batch, task)  # noqa: E731
+    judge = None
+    if ev.mt_bench is not None or ev.alpaca_eval is not None:
+        from ..judge import Judge
+
+        judge = Judge(ev.judge)
+    if ev.mt_bench is not None:
+        from .. import data as data_io
+        from . import mt_bench
+
+        folder = out / "mt_bench"
+        rows, _ = data_io.read_rows(ev.mt_bench.questions)
+        questions = mt_bench.questions_of(rows, data_io.describe(ev.mt_bench.questions), ev.mt_bench.max_questions)
+        answered = mt_bench.answer(lambda p, task: answer_with(p, task, ev.mt_bench.max_new_tokens), questions,
+                                   folder, recipe.model.model_name_or_path, ev.mt_bench.max_new_tokens)
+        summary = mt_bench.grade(judge, answered, folder)
+        metrics.update(summary)
+        (folder / "summary.json").write_text(json.dumps({**summary, **judge.provenance(), "versions": _versions()},
+                                                        indent=1))
+        files["mt_bench"] = str(folder)
+    if ev.alpaca_eval is not None:
+        from . import alpaca_eval
+
+        folder = out / "alpaca_eval"
+        instructions, references = alpaca_eval.load_instructions(ev.alpaca_eval)
+        outputs = alpaca_eval.answer(lambda p, task: answer_with(p, task, ev.alpaca_eval.max_new_tokens),
+                                     instructions, folder, recipe.model.model_name_or_path,
+                                     ev.alpaca_eval.max_new_tokens)
+        summary = alpaca_eval.evaluate(ev.alpaca_eval, judge, outputs, references, folder)
+        metrics.update(summary)
+        (folder / "summary.json").write_text(json.dumps(
+            {**summary, **judge.provenance(), "versions": {**_versions(), **alpaca_eval.versions()}}, indent=1))
+        files["alpaca_eval"] = str(folder)
+    if judge is not None:
+        provenance.update(judge.provenance())
+
     # Curves of the run's training stages, and the results
     from ..plots import plot_run_curves
 
@@ -166,10 +209,15 @@ def run(recipe: Recipe) -> dict:
     result = {"method": "eval", "stage": recipe.stage_name, "checkpoint": recipe.model.model_name_or_path,
               "reference_model": reference_path, "pairs": len(pairs), **metrics,
               "generations": str(out / "generations.jsonl") if records else None,
-              "curves": str(curves) if curves else None}
+              "curves": str(curves) if curves else None,
+              "files": files or None, "provenance": {**provenance, "versions": _versions()} if provenance else None}
     write_result(recipe, result)
     emit("done", **{k: v for k, v in result.items() if v is not None})
     return result
+
+
+def _versions() -> dict[str, str]:
+    return {p: version(p) for p in ("torch", "transformers")}
 
 
 # ---------------------------------------------------------------------------- scoring
