@@ -42,6 +42,8 @@ def config_classes() -> dict[str, type]:
             out[method] = trl.RewardConfig
         elif info.entry == "dpo":
             out[method] = trainer_classes(method)[0]
+        elif info.entry == "grpo":
+            out[method] = trl.GRPOConfig
         else:
             raise SystemExit(f"tools/gen_trl_fields.py: no config class known for stage entry {info.entry!r}")
     return out

@@ -49,9 +49,14 @@ def test_a_default_stage_renders_the_recipes_own_defaults(method):
     doc = {"apiVersion": "alignment.dev/v1alpha1", "kind": "AlignmentRun", "metadata": {"name": "r"},
            "spec": {"model": {"source": "org/base"},
                     "stages": [{"name": "s", "method": method, "datasets": [{"source": "d.jsonl"}]}]}}
+    # A method with its own required section (grpo's rewards) gets the smallest one.
+    section = {"grpo": {"rewards": [{"kind": "contains"}]}} if method == "grpo" else {}
+    doc["spec"]["stages"][0].update(section)
     rendered = build_recipe(parse_run(doc), 0, "/workspace")
     by_hand = Recipe(method=method, model=ModelArgs(model_name_or_path="org/base"),
-                     datasets=[{"path": "d.jsonl"}], output_dir=rendered.output_dir)
+                     datasets=[{"path": "d.jsonl"}], output_dir=rendered.output_dir, **section)
+    if section:
+        assert rendered.grpo == by_hand.grpo
     assert rendered.training == by_hand.training
     assert rendered.model == by_hand.model
     assert rendered.training.learning_rate == METHODS[method].learning_rate

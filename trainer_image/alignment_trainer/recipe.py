@@ -79,6 +79,12 @@ METHODS: dict[str, MethodInfo] = {
                          entry="reward"),
     "eval": MethodInfo(data="pairwise", reference=True, loss_types=(), learning_rate=1e-6, beta=0.1,
                        entry="eval", trains=False),
+    # Online RL on TRL's GRPOTrainer: prompts (+ an optional reference-answer column), rewards from
+    # rule functions or a reward stage (recipe.grpo). loss_types: TRL 1.16's GRPOConfig, its default
+    # (dapo) first; beta 0.04 is DeepSeekMath's GRPO KL coefficient (TRL's own default 0.0 loads no
+    # reference; TrainingArgs.beta must be > 0), lr 1e-6 TRL's GRPO default.
+    "grpo": MethodInfo(data="prompts", reference=False, loss_types=("dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo"),
+                       learning_rate=1e-6, beta=0.04, entry="grpo"),
 }
 
 
@@ -138,9 +144,7 @@ class ModelArgs(_Strict):
 class DatasetArgs(_Strict):
     """One dataset of a mixture."""
 
-    path: str = Field(description=(
-        "Hub id, local JSON/JSONL/CSV file (also .gz/.bz2/.xz/.zst; CSV values as text), Parquet file, or a "
-        "`datasets` save_to_disk directory."))
+    path: str = Field(description="Hub id, local JSON/JSONL/Parquet/CSV file, or a `datasets` save_to_disk directory.")
     name: str | None = Field(None, description="Dataset configuration (the `name` of load_dataset).")
     split: str = Field("train", description="Split to read.")
     columns: list[str] | None = Field(None, description="Columns to keep; default: all the method needs.")
@@ -208,57 +212,6 @@ class JudgeArgs(_Strict):
     model: str = Field(description="Judge model name.")
     api_key_env: str = Field("JUDGE_API_KEY", description="Environment variable holding the API key.")
     max_prompts: int = Field(50, gt=0, description="Prompts judged, each once per order (position-swapped).")
-    timeout_seconds: float = Field(120.0, gt=0, description="Longest wait for one judge answer.")
-    max_retries: int = Field(3, ge=1, description=(
-        "Tries per judge request (timeouts, 5xx, unparseable answers), with backoff; then the stage fails, "
-        "keeping the answers already generated."))
-
-
-class LmEvalArgs(_Strict):
-    """lm-evaluation-harness tasks, run through lm_eval.simple_evaluate on the evaluated model."""
-
-    tasks: list[str] = Field(min_length=1, description=(
-        "lm-eval task or group names (ifeval, gsm8k, mmlu, ...) or paths of task YAML files (custom tasks, "
-        "e.g. on local JSON data via dataset_path: json)."))
-    data_files: dict[str, str] = Field(default_factory=dict, description=(
-        "Task name -> a local JSON/JSONL file that replaces the task's Hub dataset (e.g. ifeval -> an offline "
-        "copy of google/IFEval); the task's prompts, checkers and metrics stay lm-eval's."))
-    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples per prompt; None: each task's own.")
-    limit: float | None = Field(None, gt=0, description="Documents per task: a count, or a fraction below 1; None: all.")
-    apply_chat_template: bool = Field(True, description="Format prompts with the model's own chat template.")
-    batch_size: int = Field(8, gt=0, description="Requests per forward pass / generate call.")
-    max_gen_toks: int | None = Field(None, gt=0, description="Cap on tokens generated per request; None: each task's own.")
-    reference: bool = Field(False, description="Also run the tasks on the reference model (keys prefixed reference_).")
-
-
-class AlpacaEvalArgs(_Strict):
-    """AlpacaEval 2: the model's answers against reference outputs, annotated by alpaca-eval with eval.judge."""
-
-    reference_outputs: DatasetArgs = Field(description=(
-        "Reference answers: columns instruction, output (and generator), e.g. tatsu-lab/alpaca_eval "
-        "alpaca_eval_gpt4_baseline split eval."))
-    prompts: DatasetArgs | None = Field(None, description=(
-        "Instructions the model answers (column instruction); None: those of reference_outputs."))
-    annotator_config: str | None = Field(None, description=(
-        "An alpaca-eval annotator config directory (configs.yaml + prompt); None: AlpacaEval 2's "
-        "weighted_alpaca_eval_gpt4_turbo with eval.judge's model and endpoint."))
-    max_instances: int | None = Field(None, gt=0, description="First N instructions only; None: all.")
-    max_new_tokens: int = Field(2048, gt=0, description="Longest answer.")
-    lc_glm: Literal["length_controlled_v1", "length_controlled_minimal"] = Field(
-        "length_controlled_v1", description=(
-            "alpaca-eval's length-control GLM: length_controlled_v1 (the leaderboard's; instruction difficulty "
-            "by AlpacaEval instruction index, so only for AlpacaEval's 805 instructions in order) or "
-            "length_controlled_minimal (length alone, for other instruction sets)."))
-
-
-class MtBenchArgs(_Strict):
-    """MT-Bench: two-turn answers graded 1-10 per turn by eval.judge (single-answer grading)."""
-
-    questions: DatasetArgs = Field(description=(
-        "Questions: prompt (the two user turns), category, reference (answers for math/reasoning/coding, "
-        "optional), prompt_id; e.g. HuggingFaceH4/mt_bench_prompts."))
-    max_questions: int | None = Field(None, gt=0, description="First N questions only; None: all.")
-    max_new_tokens: int = Field(1024, gt=0, description="Longest answer per turn.")
 
 
 class EvalArgs(_Strict):
@@ -267,14 +220,53 @@ class EvalArgs(_Strict):
     metrics: list[Literal["preference", "loss", "generations", "judge"]] = Field(
         default_factory=lambda: ["preference", "loss", "generations"], description="What to measure.")
     reference_model: str | None = Field(None, description="Model to compare against (preference accuracy, judge).")
+    reward_model: str | None = Field(None, description=(
+        "A reward model (a reward stage's final/): scores the held-out pairs (reward_model_accuracy) and the "
+        "model's and the reference's generations (reward_model_win_rate)."))
     prompts: DatasetArgs | None = Field(None, description="Prompts to generate for; default: test-split prompts.")
     max_new_tokens: int = Field(256, gt=0, description="Longest generation.")
     num_generations: int = Field(16, gt=0, description="How many prompts to generate for.")
-    judge: JudgeArgs | None = Field(None, description=(
-        "LLM judge; required when metrics include judge, and for alpaca_eval and mt_bench."))
-    lm_eval: LmEvalArgs | None = Field(None, description="lm-evaluation-harness tasks (IFEval, GSM8K, custom, ...).")
-    alpaca_eval: AlpacaEvalArgs | None = Field(None, description="AlpacaEval 2 win rate and length-controlled win rate.")
-    mt_bench: MtBenchArgs | None = Field(None, description="MT-Bench 1-10 grades per turn, category and overall.")
+    judge: JudgeArgs | None = Field(None, description="LLM judge; required when metrics include judge.")
+
+
+class RewardArgs(_Strict):
+    """One reward of a GRPO stage: a rule on the completion's text, or a reward model."""
+
+    kind: Literal["exact_match", "contains", "regex", "format", "reward_model"] = Field(description=(
+        "exact_match: the completion (stripped) equals the row's `column` value -> 1 else 0; contains: the "
+        "completion contains it; regex: `pattern`'s first group (or whole match) equals it; format: the "
+        "completion matches `pattern` at all (no column needed); reward_model: the score of `model`."))
+    column: str = Field("answer", description="The prompts' reference-answer column (rules but format).")
+    pattern: str | None = Field(None, description="A Python regex: required for regex and format.")
+    model: str | None = Field(None, description="A reward stage's final/ (a sequence-classification model).")
+    weight: float = Field(1.0, description="This reward's weight in the sum (TRL reward_weights).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "RewardArgs":
+        if self.kind in ("regex", "format"):
+            if not self.pattern:
+                raise ValueError(f"pattern: required for a {self.kind} reward (a Python regex)")
+            import re
+            try:
+                re.compile(self.pattern)
+            except re.error as e:
+                raise ValueError(f"pattern: {self.pattern!r} is not a Python regex: {e}") from None
+        if self.kind == "reward_model" and not self.model:
+            raise ValueError("model: required for a reward_model reward (a reward stage's final/)")
+        return self
+
+
+class GrpoArgs(_Strict):
+    """What a grpo stage generates and how it is rewarded (TRL GRPOConfig names)."""
+
+    rewards: list[RewardArgs] = Field(min_length=1, description="Summed (weighted) into each completion's reward.")
+    num_generations: int = Field(8, ge=2, description="Completions sampled per prompt (the group).")
+    max_completion_length: int = Field(256, gt=0, description="Longest completion, in tokens.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the generations.")
+    use_vllm: bool = Field(False, description="Generate with vLLM (colocated; needs vllm installed, GPU nodes).")
+    eval_prompts: int = Field(64, gt=0, description=(
+        "Held-out prompts (test split) answered num_generations times at temperature before and after "
+        "training; result.json: their mean reward (eval_mean_reward_start, eval_mean_reward)."))
 
 
 class TrackingArgs(_Strict):
@@ -320,12 +312,15 @@ class Recipe(_Strict):
     training: TrainingArgs = Field(default_factory=TrainingArgs, description="Hyperparameters.")
     lora: LoraArgs | None = Field(None, description="Train a LoRA adapter instead of all weights.")
     eval: EvalArgs | None = Field(None, description="For method eval: what to measure.")
+    grpo: GrpoArgs | None = Field(None, description="For method grpo: generations and rewards.")
     output_dir: str = Field(description="Where checkpoint-N/, final/, metrics.jsonl and result.json go.")
     cache_dir: str | None = Field(None, description=(
         "Where precomputed reference log-probs are kept, keyed by what determines them, so a later stage, a "
         "rerun or another run sharing this directory reuses them; default: <output_dir>/cache."))
     termination_message_path: str | None = Field(
         None, description="Where to write the compact JSON outcome (result or failure; Kubernetes' termination message).")
+    tracking: TrackingArgs = Field(default_factory=TrackingArgs, description=(
+        "Experiment tracking: TensorBoard event files in the output directory by default; W&B, MLflow."))
     push_to_hub: bool = Field(False, description="Upload final/ to the Hub (needs HF_TOKEN and hub_model_id).")
     hub_model_id: str | None = Field(None, description="Hub repository for push_to_hub.")
     # Provenance for the model card and result.json.
@@ -345,6 +340,8 @@ class Recipe(_Strict):
             raise ValueError(f"datasets: method {self.method!r} needs at least one dataset")
         if self.test_datasets and self.test_split_size is not None:
             raise ValueError("test_datasets and test_split_size are exclusive: give one")
+        if self.method == "grpo" and self.grpo is None:
+            raise ValueError("grpo: method grpo needs a grpo section with at least one reward")
         t = self.training
         problem = loss_type_problem(self.method, t.loss_type)
         if problem:

@@ -13,7 +13,7 @@ from . import admission
 from .spec import AlignmentRunSpec, StageSpec
 
 
-def _stage_problems(i: int, stage: StageSpec, earlier: list[str]) -> list[str]:
+def _stage_problems(i: int, stage: StageSpec, earlier: list[str], reward_stages: list[str] = ()) -> list[str]:
     at = f"spec.stages[{i}]"
     out = []
     if stage.name in earlier:
@@ -42,13 +42,28 @@ def _stage_problems(i: int, stage: StageSpec, earlier: list[str]) -> list[str]:
     if stage.lora and stage.lora.quantization != "none" and stage.resources.gpus_per_node == 0:
         out.append(f"{at}.lora.quantization: {stage.lora.quantization!r} needs GPUs "
                    f"(resources.gpusPerNode > 0); use 'none' on CPU")
+    if stage.method == "grpo" and stage.grpo is None:
+        out.append(f"{at}.grpo: method grpo needs a grpo section with rewards")
+    for k, r in enumerate(stage.grpo.rewards if stage.grpo else []):
+        if r.kind in ("regex", "format"):
+            import re
+            try:
+                re.compile(r.pattern or "")
+            except re.error as e:
+                out.append(f"{at}.grpo.rewards[{k}].pattern: {r.pattern!r} is not a Python regex: {e}")
+            if not r.pattern:
+                out.append(f"{at}.grpo.rewards[{k}].pattern: a {r.kind} reward needs a pattern (a Python regex)")
+        if r.kind == "reward_model" and r.reward_model not in reward_stages:
+            out.append(f"{at}.grpo.rewards[{k}].rewardModel: {r.reward_model!r} is not an earlier reward stage; "
+                       f"accepted: {', '.join(reward_stages) or 'none (add a stage with method reward)'}")
     if stage.eval is not None:
         if "judge" in stage.eval.metrics and stage.eval.judge is None:
             out.append(f"{at}.eval.judge: eval.metrics includes judge but no judge is configured")
-        graded = [name for name, section in (("alpacaEval", stage.eval.alpaca_eval), ("mtBench", stage.eval.mt_bench))
-                  if section is not None]
-        if graded and stage.eval.judge is None:
-            out.append(f"{at}.eval.judge: eval.{' and eval.'.join(graded)} need an LLM judge; set eval.judge")
+        rm = stage.eval.reward_model
+        rewards = list(reward_stages)
+        if rm is not None and rm not in rewards:
+            out.append(f"{at}.eval.rewardModel: {rm!r} is not an earlier reward stage; accepted: "
+                       f"{', '.join(rewards) or 'none (add a stage with method reward)'}")
         ref = stage.eval.reference
         if ref is not None and ref not in earlier:
             out.append(f"{at}.eval.reference: {ref!r} is not an earlier stage; accepted: {', '.join(earlier) or 'none'}")
@@ -59,7 +74,7 @@ def cross_field_problems(spec: AlignmentRunSpec) -> list[str]:
     problems: list[str] = []
     earlier: list[str] = []
     for i, stage in enumerate(spec.stages):
-        problems += _stage_problems(i, stage, earlier)
+        problems += _stage_problems(i, stage, earlier, [s.name for s in spec.stages[:i] if s.method == "reward"])
         earlier.append(stage.name)
     if not any(METHODS[s.method].trains for s in spec.stages):
         methods = ", ".join(s.method for s in spec.stages)

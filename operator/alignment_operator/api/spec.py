@@ -9,9 +9,10 @@ stage's recipe is rendered; their descriptions say what they become.
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from alignment_trainer.recipe import METHODS, check_method, loss_type_problem, method_names
 
@@ -55,8 +56,7 @@ class ModelSpec(ApiModel):
 
 class DatasetSpec(ApiModel):
     source: str = Field(min_length=1, max_length=512, description=(
-        "A Hub dataset id, a JSON/JSONL/CSV file (UTF-8, a byte-order mark and CRLF are fine; also "
-        "compressed: .gz, .bz2, .xz, .zst; CSV values are read as text), a Parquet file, or a directory saved by `datasets` "
+        "A Hub dataset id, a JSON/JSONL/Parquet/CSV file, or a directory saved by `datasets` "
         "(local, or on the run's volume)."))
     config: str | None = Field(None, max_length=256, description="Dataset configuration name, if it has several.")
     split: str = Field("train", max_length=256, description="Split to read, e.g. train_sft or train_prefs.")
@@ -163,56 +163,78 @@ class SecretKeyRef(ApiModel):
     key: str = Field("token", min_length=1, max_length=253, pattern=corev1.CONFIG_KEY, description="Key inside the Secret.")
 
 
+TRACKING_URI = r"^(https?://\S+|databricks(://\S+)?)$"
+# A tracking URI never carries credentials (user:password@host): a CEL rule (whose message never
+# shows the value, as a pattern's would) and its Python twin refuse them; they come from a Secret.
+URI_CREDENTIALS = "^[a-z]+://[^/]*@"
+
+
+class TensorBoardSpec(ApiModel):
+    enabled: bool = Field(True, description=(
+        "Write TensorBoard event files to <mountPath>/<namespace>/<run>/<stage>/tensorboard/ on the run's "
+        "volume (`tensorboard --logdir` on that directory shows every stage)."))
+
+
+class WandbSpec(ApiModel):
+    model_config = {**ApiModel.model_config, "json_schema_extra": x_validations(
+        ("self.mode == 'offline' || has(self.apiKeySecretRef)",
+         "wandb.apiKeySecretRef is required unless mode is offline", ".apiKeySecretRef"),
+    )}
+
+    project: str = Field(min_length=1, max_length=128, description="W&B project; runs are named <run>/<stage>.")
+    entity: str | None = Field(None, max_length=128, description="W&B entity (team or user); default: the API key's.")
+    mode: Literal["online", "offline"] = Field("online", description=(
+        "offline writes the W&B run into the stage's directory on the volume only (wandb/offline-run-*; "
+        "`wandb sync` uploads it later); online needs apiKeySecretRef."))
+    api_key_secret_ref: SecretKeyRef | None = Field(None, description=(
+        "Secret key holding the W&B API key, exposed as WANDB_API_KEY through a secretKeyRef; never copied."))
+    base_url: str | None = Field(None, max_length=1024, pattern=r"^https?://[^\s/@]+(/\S*)?$", description=(
+        "A self-hosted W&B server (WANDB_BASE_URL); default: W&B's cloud."))
+
+    @model_validator(mode="after")
+    def _key_when_online(self) -> "WandbSpec":
+        if self.mode == "online" and self.api_key_secret_ref is None:
+            raise ValueError("wandb.apiKeySecretRef is required unless mode is offline")
+        return self
+
+
+class MlflowSpec(ApiModel):
+    model_config = {**ApiModel.model_config, "json_schema_extra": x_validations(
+        (f"!self.trackingUri.matches('{URI_CREDENTIALS}')",
+         "mlflow.trackingUri must not hold credentials (user:password@); give credentialsSecretName", ".trackingUri"),
+    )}
+
+    tracking_uri: str = Field(min_length=1, max_length=1024, pattern=TRACKING_URI, description=(
+        "MLflow tracking server, e.g. http://mlflow.mlflow.svc:5000 (or databricks). No credentials in "
+        "the URI: give credentialsSecretName."))
+    experiment: str | None = Field(None, max_length=256, description=(
+        "MLflow experiment, created if missing; default: the run's name. Runs are named <run>/<stage>."))
+    credentials_secret_name: str | None = Field(None, max_length=253, pattern=corev1.DNS_SUBDOMAIN, description=(
+        "A Secret in the run's namespace with keys username and password (basic auth) or token (bearer); "
+        "each present key becomes MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN through a secretKeyRef."))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_credentials(cls, data):
+        """On the whole mapping, so the refusal never echoes the URI (errors show a mapping's type only)."""
+        uri = data.get("trackingUri", data.get("tracking_uri")) if isinstance(data, dict) else None
+        if isinstance(uri, str) and re.match(URI_CREDENTIALS, uri):
+            raise ValueError("trackingUri must not hold credentials (user:password@); give credentialsSecretName")
+        return data
+
+
+class TrackingSpec(ApiModel):
+    tensorboard: TensorBoardSpec = Field(default_factory=TensorBoardSpec, json_schema_extra={"default": {}},
+                                         description="TensorBoard event files on the run's volume (on by default).")
+    wandb: WandbSpec | None = Field(None, description="Log to Weights & Biases.")
+    mlflow: MlflowSpec | None = Field(None, description="Log to an MLflow tracking server.")
+
+
 class JudgeSpec(ApiModel):
     base_url: str = Field(min_length=1, max_length=1024, description="OpenAI-compatible API base URL, e.g. https://api.openai.com/v1.")
     model: str = Field(min_length=1, max_length=256, description="Judge model name.")
     api_key_secret_ref: SecretKeyRef = Field(description="Secret holding the judge's API key.")
     max_prompts: int = Field(50, gt=0, description="Prompts judged, each once per order (position-swapped).")
-    timeout_seconds: float = Field(120.0, gt=0, description="Longest wait for one judge answer, in seconds.")
-    max_retries: int = Field(3, ge=1, le=20, description=(
-        "Tries per judge request (timeouts, 5xx, unparseable answers), with backoff; then the stage fails "
-        "(retryable), keeping the answers already generated for the next attempt."))
-
-
-class LmEvalSpec(ApiModel):
-    tasks: list[str] = Field(min_length=1, max_length=64, description=(
-        "lm-evaluation-harness task or group names (ifeval, gsm8k, mmlu, ...) or paths of task YAML files "
-        "on the run's volume (custom tasks, e.g. on local JSON data with dataset_path: json)."))
-    data_files: dict[str, str] = Field({}, description=(
-        "Task name -> a JSON/JSONL file on the volume that replaces that task's Hub dataset (e.g. ifeval -> an "
-        "offline copy of google/IFEval); prompts, checkers and metrics stay lm-eval's."))
-    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples per prompt. Default: each task's own.")
-    limit: float | None = Field(None, gt=0, description="Documents per task: a count, or a fraction below 1. Default: all.")
-    apply_chat_template: bool = Field(True, description="Format prompts with the model's own chat template.")
-    batch_size: int = Field(8, gt=0, description="Requests per forward pass or generate call.")
-    max_gen_toks: int | None = Field(None, gt=0, description="Cap on tokens generated per request. Default: each task's own.")
-    reference: bool = Field(False, description=(
-        "Also run the tasks on the reference model, side by side (keys prefixed reference_)."))
-
-
-class AlpacaEvalSpec(ApiModel):
-    reference_outputs: DatasetSpec = Field(description=(
-        "Reference answers (instruction, output, generator), e.g. tatsu-lab/alpaca_eval config "
-        "alpaca_eval_gpt4_baseline split eval for AlpacaEval 2."))
-    prompts: DatasetSpec | None = Field(None, description=(
-        "Instructions the model answers (column instruction). Default: those of referenceOutputs."))
-    annotator_config: str | None = Field(None, max_length=1024, description=(
-        "An alpaca-eval annotator config directory on the volume. Default: AlpacaEval 2's "
-        "weighted_alpaca_eval_gpt4_turbo, pointed at eval.judge."))
-    max_instances: int | None = Field(None, gt=0, description="First N instructions only. Default: all.")
-    max_new_tokens: int = Field(2048, gt=0, description="Longest answer.")
-    lc_glm: Literal["length_controlled_v1", "length_controlled_minimal"] = Field(
-        "length_controlled_v1", description=(
-            "alpaca-eval's length-control GLM: length_controlled_v1 (the leaderboard's; only for AlpacaEval's 805 "
-            "instructions in order) or length_controlled_minimal (length alone, for other instruction sets)."))
-
-
-class MtBenchSpec(ApiModel):
-    questions: DatasetSpec = Field(description=(
-        "MT-Bench questions: prompt (two user turns), category, reference (answers for math/reasoning/coding, "
-        "optional), prompt_id; e.g. HuggingFaceH4/mt_bench_prompts."))
-    max_questions: int | None = Field(None, gt=0, description="First N questions only. Default: all.")
-    max_new_tokens: int = Field(1024, gt=0, description="Longest answer per turn.")
 
 
 class EvalSpec(ApiModel):
@@ -223,17 +245,40 @@ class EvalSpec(ApiModel):
             "win rate (needs judge)."))
     reference: str | None = Field(None, max_length=63, description=(
         "Stage whose model is the reference. Default: the stage the evaluated stage started from."))
+    reward_model: str | None = Field(None, max_length=63, description=(
+        "An earlier reward stage whose model scores the held-out pairs (rewardModelAccuracy) and both "
+        "models' generations (rewardModelWinRate)."))
     prompts: DatasetSpec | None = Field(None, description="Prompts to generate for. Default: prompts of the test split.")
     max_new_tokens: int = Field(256, gt=0, description="Longest generation.")
     num_generations: int = Field(16, gt=0, description="Prompts generated for.")
-    judge: JudgeSpec | None = Field(None, description=(
-        "LLM judge (OpenAI-compatible); required when metrics include judge, and for alpacaEval and mtBench."))
-    lm_eval: LmEvalSpec | None = Field(None, description=(
-        "lm-evaluation-harness tasks (IFEval, GSM8K, MMLU, custom YAML tasks) through lm_eval.simple_evaluate."))
-    alpaca_eval: AlpacaEvalSpec | None = Field(None, description=(
-        "AlpacaEval 2: win rate, length-controlled win rate and standard errors, computed by alpaca-eval."))
-    mt_bench: MtBenchSpec | None = Field(None, description=(
-        "MT-Bench: two-turn answers graded 1-10 per turn by the judge; per-category and overall means."))
+    judge: JudgeSpec | None = Field(None, description="LLM judge; required when metrics include judge.")
+
+
+class RewardSpec(ApiModel):
+    """One reward of a grpo stage: a rule on the completion's text, or an earlier reward stage's model."""
+
+    kind: Literal["exact_match", "contains", "regex", "format", "reward_model"] = Field(description=(
+        "exact_match: the completion equals the prompt row's `column` value (1, else 0); contains: the completion "
+        "contains it; regex: `pattern`'s first group (or whole match) equals it; format: the completion matches "
+        "`pattern` (no column); reward_model: the score of rewardModel's final/."))
+    column: str = Field("answer", min_length=1, max_length=128, description=(
+        "The prompts' reference-answer column the rules compare with."))
+    pattern: str | None = Field(None, max_length=1024, description="A Python regex; required for regex and format.")
+    reward_model: str | None = Field(None, max_length=40, description=(
+        "An earlier stage with method reward whose model scores prompt + completion; required for reward_model."))
+    weight: float = Field(1.0, description="This reward's weight in the sum.")
+
+
+class GrpoSpec(ApiModel):
+    rewards: list[RewardSpec] = Field(min_length=1, max_length=16, description=(
+        "Rewards summed (weighted) into each completion's reward."))
+    num_generations: int = Field(8, ge=2, description=(
+        "Completions sampled per prompt (the group); must divide perDeviceTrainBatchSize x gradientAccumulationSteps."))
+    max_completion_length: int = Field(256, gt=0, description="Longest completion, in tokens.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    use_vllm: bool = Field(False, description="Generate with vLLM colocated (GPU images with vllm installed).")
+    eval_prompts: int = Field(64, gt=0, description=(
+        "Held-out prompts answered before and after training; result: their mean reward."))
 
 
 def _stage_rules(schema: dict, cls: type) -> None:
@@ -256,10 +301,13 @@ def _stage_rules(schema: dict, cls: type) -> None:
          ".training.labelSmoothing"),
         ("!has(self.lora) || self.lora.quantization == 'none' || self.resources.gpusPerNode > 0",
          "lora.quantization 4bit/8bit needs GPUs (resources.gpusPerNode > 0)", ".lora.quantization"),
+        ("self.method != 'grpo' || has(self.grpo)", "method grpo needs a grpo section with rewards", ".grpo"),
+        ("!has(self.grpo) || self.grpo.rewards.all(r, !(r.kind in ['regex', 'format']) || has(r.pattern))",
+         "grpo.rewards: a regex or format reward needs a pattern", ".grpo.rewards"),
+        ("!has(self.grpo) || self.grpo.rewards.all(r, r.kind != 'reward_model' || has(r.rewardModel))",
+         "grpo.rewards: a reward_model reward needs rewardModel (an earlier reward stage)", ".grpo.rewards"),
         ("!has(self.eval) || !('judge' in self.eval.metrics) || has(self.eval.judge)",
          "eval.metrics includes judge but eval.judge is not set", ".eval.judge"),
-        ("!has(self.eval) || !(has(self.eval.alpacaEval) || has(self.eval.mtBench)) || has(self.eval.judge)",
-         "eval.alpacaEval and eval.mtBench are graded by an LLM judge: set eval.judge", ".eval.judge"),
     ))
 
 
@@ -269,9 +317,9 @@ class StageSpec(ApiModel):
     name: str = Field(min_length=1, max_length=40, pattern=DNS_LABEL, description=(
         "Stage name, a DNS label unique in the run (names the Job: <run>-<name>)."))
     method: str = Field(json_schema_extra=lambda schema: schema.update(enum=method_names()), description=(
-        "sft | dpo | ipo | kto | orpo | simpo | slic | reward | eval. Preference methods start from the "
+        "sft | dpo | ipo | kto | orpo | simpo | slic | reward | grpo | eval. Preference methods start from the "
         "previous stage's model and use it as the reference; reward trains a Bradley-Terry reward model "
-        "(a sequence-classification final/) on pairs."))
+        "(a sequence-classification final/) on pairs; grpo samples from the policy and trains on rewards."))
     from_: str | None = Field(None, alias="from", max_length=40, description=(
         "Earlier stage whose final model this stage starts from. Default: the previous stage; the "
         "first stage starts from spec.model."))
@@ -289,8 +337,14 @@ class StageSpec(ApiModel):
     distributed: Strategy = Field("deepspeed-zero3", description=(
         "Parallelism: ddp, deepspeed-zero2, deepspeed-zero3 (alignment-handbook's default) or fsdp."))
     eval: EvalSpec | None = Field(None, description="For method eval: what to measure.")
+    grpo: GrpoSpec | None = Field(None, description=(
+        "For method grpo (online RL, TRL's GRPOTrainer): the datasets hold prompts (and reference answers); "
+        "what is generated and how it is rewarded."))
     backoff_limit: int = Field(2, ge=0, description=(
         "Pod retries before the stage fails; a retry resumes from the newest checkpoint."))
+    tracking: TrackingSpec | None = Field(None, description=(
+        "This stage's experiment tracking, replacing spec.tracking for it (e.g. a stage logging to W&B "
+        "while the others do not)."))
 
     @field_validator("method")
     @classmethod
@@ -348,6 +402,9 @@ class AlignmentRunSpec(ApiModel):
         ("self.stages.all(i, s, !has(s.eval) || !has(s.eval.reference) || "
          "self.stages.exists(j, t, j < i && t.name == s.eval.reference))",
          "stages[].eval.reference must name an earlier stage", ".stages"),
+        ("self.stages.all(i, s, !has(s.eval) || !has(s.eval.rewardModel) || "
+         "self.stages.exists(j, t, j < i && t.name == s.eval.rewardModel && t.method == 'reward'))",
+         "stages[].eval.rewardModel must name an earlier reward stage", ".stages"),
     )}
 
     model: ModelSpec = Field(description="The base model the first stage starts from.")
@@ -367,3 +424,7 @@ class AlignmentRunSpec(ApiModel):
     suspend: bool = Field(False, description="Suspend the running stage's Job (pods stop; resume continues from its checkpoint).")
     ttl_seconds_after_finished: int | None = Field(None, ge=0, description=(
         "Delete the run's Jobs this long after it finishes; checkpoints on the volume stay."))
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec, json_schema_extra={"default": {}}, description=(
+        "Experiment tracking for every stage, through transformers' own integrations: TensorBoard (on by "
+        "default), Weights & Biases, MLflow. Each stage is one tracked run named <run>/<stage>; its links "
+        "go to status.stages[].tracking and the final model's card."))

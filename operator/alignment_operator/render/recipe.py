@@ -11,9 +11,9 @@ from __future__ import annotations
 import posixpath
 
 from alignment_trainer.recipe import (
-    METHODS, AlpacaEvalArgs, DatasetArgs, EvalArgs, JudgeArgs, LmEvalArgs, LoraArgs, ModelArgs, MtBenchArgs, Recipe,
-    TrainingArgs,
+    METHODS, DatasetArgs, EvalArgs, JudgeArgs, LoraArgs, ModelArgs, Recipe, TrainingArgs,
 )
+from alignment_trainer.recipe import TrackingArgs
 
 from ..api import AlignmentRun, DatasetSpec, StageSpec
 
@@ -141,14 +141,43 @@ def build_recipe(run: AlignmentRun, index: int, root: str,
             quantization=lora.quantization, merge=lora.merge,
         ),
         eval=None if stage.method != "eval" else _eval_args(run, index, root),
+        grpo=None if stage.grpo is None else _grpo_args(run, stage, root),
         output_dir=stage_dir(root, run, stage.name),
         # Reference log-probs are kept once per volume, keyed by what determines them: a later stage,
         # a rerun or another run on the same volume that asks for the same reuses them.
         cache_dir=posixpath.join(root, "cache", "reference-logps") if METHODS[stage.method].reference else None,
         termination_message_path=termination_message_path,
+        tracking=render_tracking(run, stage),
         run_name=run.metadata.name,
         stage_name=stage.name,
         base_model=m.source,
+    )
+
+
+def _grpo_args(run: AlignmentRun, stage: StageSpec, root: str):
+    """recipe.grpo: a reward_model reward names an earlier reward stage; its final/ scores."""
+    from alignment_trainer.recipe import GrpoArgs, RewardArgs
+
+    g = stage.grpo
+    return GrpoArgs(
+        rewards=[RewardArgs(kind=r.kind, column=r.column, pattern=r.pattern, weight=r.weight,
+                            model=final_dir(root, run, r.reward_model) if r.reward_model else None)
+                 for r in g.rewards],
+        num_generations=g.num_generations, max_completion_length=g.max_completion_length,
+        temperature=g.temperature, use_vllm=g.use_vllm, eval_prompts=g.eval_prompts)
+
+
+def render_tracking(run: AlignmentRun, stage: StageSpec) -> TrackingArgs:
+    """The stage's tracking (its own, else the run's); credentials are pod env (manifests), never here."""
+    t = stage.tracking or run.spec.tracking
+    report = (["tensorboard"] if t.tensorboard.enabled else []) + (["wandb"] if t.wandb else []) + (
+        ["mlflow"] if t.mlflow else [])
+    w, m = t.wandb, t.mlflow
+    return TrackingArgs(
+        report_to=report,
+        wandb_project=w.project if w else None, wandb_entity=w.entity if w else None,
+        wandb_mode=w.mode if w else "online", wandb_base_url=w.base_url if w else None,
+        mlflow_tracking_uri=m.tracking_uri if m else None, mlflow_experiment=(m.experiment or None) if m else None,
     )
 
 
@@ -160,23 +189,11 @@ def _eval_args(run: AlignmentRun, index: int, root: str) -> EvalArgs:
     return EvalArgs(
         metrics=list(e.metrics),
         reference_model=reference,
+        reward_model=final_dir(root, run, e.reward_model) if e.reward_model else None,
         prompts=_dataset(e.prompts) if e.prompts else None,
         max_new_tokens=e.max_new_tokens,
         num_generations=e.num_generations,
         judge=None if e.judge is None else JudgeArgs(
             base_url=e.judge.base_url, model=e.judge.model, api_key_env=JUDGE_API_KEY_ENV,
-            max_prompts=e.judge.max_prompts, timeout_seconds=e.judge.timeout_seconds,
-            max_retries=e.judge.max_retries),
-        lm_eval=None if e.lm_eval is None else LmEvalArgs(
-            tasks=list(e.lm_eval.tasks), data_files=dict(e.lm_eval.data_files), num_fewshot=e.lm_eval.num_fewshot,
-            limit=e.lm_eval.limit, apply_chat_template=e.lm_eval.apply_chat_template,
-            batch_size=e.lm_eval.batch_size, max_gen_toks=e.lm_eval.max_gen_toks, reference=e.lm_eval.reference),
-        alpaca_eval=None if e.alpaca_eval is None else AlpacaEvalArgs(
-            reference_outputs=_dataset(e.alpaca_eval.reference_outputs),
-            prompts=_dataset(e.alpaca_eval.prompts) if e.alpaca_eval.prompts else None,
-            annotator_config=e.alpaca_eval.annotator_config, max_instances=e.alpaca_eval.max_instances,
-            max_new_tokens=e.alpaca_eval.max_new_tokens, lc_glm=e.alpaca_eval.lc_glm),
-        mt_bench=None if e.mt_bench is None else MtBenchArgs(
-            questions=_dataset(e.mt_bench.questions), max_questions=e.mt_bench.max_questions,
-            max_new_tokens=e.mt_bench.max_new_tokens),
+            max_prompts=e.judge.max_prompts),
     )

@@ -1,0 +1,264 @@
+"""Online RL: GRPO on TRL's GRPOTrainer, the policy sampling its own completions during training.
+
+    python -m alignment_trainer recipe.yaml          # recipe.method: grpo
+
+Datasets hold prompts (a `prompt` string or user turns, or `messages` whose trailing assistant turn
+is dropped) and any other columns, e.g. a reference `answer`. recipe.grpo.rewards are summed
+(weighted) into each completion's reward: rules against a reference column (exact_match, contains,
+regex), a format rule (the completion matches a pattern), or a reward stage's final/ (a
+sequence-classification model scoring prompt + completion with its own chat template). TRL
+generates num_generations completions per prompt (transformers; vLLM with grpo.use_vllm), and logs
+reward, reward_std, rewards/<name>/mean and frac_reward_zero_std to metrics.jsonl like every
+stage's metrics. Held-out prompts (the test split) are answered before and after training
+(num_generations samples each at grpo.temperature, as in training: the policy's expected reward):
+result.json reports eval_mean_reward_start and eval_mean_reward, and samples.jsonl keeps the answers.
+
+A reward that raises fails the stage with RewardError (a RecipeError, exit 2) naming the stage, the
+reward and what to fix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from trl import GRPOConfig, GRPOTrainer
+
+from ..data import DataError, describe, read_rows, subsample
+from ..model import added_tokens, load_model, load_tokenizer, lora_config
+from ..recipe import Recipe, RewardArgs
+from .common import build_config, finish_stage, setup_stage, train
+
+log = logging.getLogger("alignment_trainer")
+
+
+class RewardError(ValueError):
+    """A reward function raised: the recipe (its rewards or the prompts' reference column) must be fixed."""
+
+
+def stage_label(recipe: Recipe) -> str:
+    return f"stage {recipe.stage_name or recipe.output_dir}"
+
+
+# ---------------------------------------------------------------------------- prompts
+
+def prompt_turns(row: dict, where: str) -> list[dict]:
+    """The conversation a row asks the policy to continue."""
+    if isinstance(row.get("prompt"), str):
+        return [{"role": "user", "content": row["prompt"]}]
+    if isinstance(row.get("prompt"), list):
+        return [{"role": m["role"], "content": m["content"]} for m in row["prompt"]]
+    if isinstance(row.get("messages"), list):
+        turns = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+        while turns and turns[-1]["role"] == "assistant":
+            turns.pop()
+        if turns:
+            return turns
+    raise DataError(f"dataset {where}: a grpo row needs a `prompt` (text or turns) or `messages` with a user turn; "
+                    f"got columns {sorted(row)}")
+
+
+def load_prompts(recipe: Recipe, sources, columns: set[str]) -> list[dict]:
+    """Rows {prompt: turns, <reference columns as text>} of every source (weights applied)."""
+    out: list[dict] = []
+    for k, args in enumerate(sources):
+        where = describe(args)
+        rows, _ = read_rows(args)
+        for i, row in enumerate(subsample(rows, args.weight, recipe.training.seed + k)):
+            missing = [c for c in sorted(columns) if c not in row]
+            if missing:
+                raise DataError(f"dataset {where}: row {i} lacks the reference column(s) {missing} a reward of "
+                                f"{stage_label(recipe)} reads (grpo.rewards[].column); columns: {sorted(row)}")
+            out.append({"prompt": prompt_turns(row, where),
+                        **{c: None if row[c] is None else str(row[c]) for c in columns}})
+    return out
+
+
+# ---------------------------------------------------------------------------- rewards
+
+def _text(completion) -> str:
+    return completion[-1]["content"] if isinstance(completion, list) else str(completion)
+
+
+def _rule(args: RewardArgs):
+    pattern = re.compile(args.pattern) if args.pattern else None
+
+    def score(text: str, ref: str | None) -> float:
+        if args.kind == "format":
+            return float(pattern.search(text) is not None)
+        if ref is None:
+            raise ValueError(f"the row's {args.column!r} is empty (null); every prompt needs a reference answer")
+        if args.kind == "exact_match":
+            return float(text.strip() == ref.strip())
+        if args.kind == "contains":
+            return float(ref.strip() in text)
+        match = pattern.search(text)  # regex
+        if match is None:
+            return 0.0
+        return float((match.group(1) if match.groups() else match.group(0)).strip() == ref.strip())
+
+    def reward(prompts, completions, **kwargs):
+        refs = kwargs.get(args.column) if args.kind != "format" else [None] * len(completions)
+        if refs is None:
+            raise ValueError(f"no column {args.column!r} reaches the reward (columns: {sorted(kwargs)})")
+        return [score(_text(c), r) for c, r in zip(completions, refs)]
+
+    return reward
+
+
+def _reward_model(args: RewardArgs):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForSequenceClassification.from_pretrained(args.model).to(device).eval()
+    if model.config.num_labels != 1:
+        raise ValueError(f"grpo.rewards[].model: {args.model} has {model.config.num_labels} labels, not a reward "
+                         "model (a reward stage's final/ has one)")
+
+    @torch.no_grad()
+    def reward(prompts, completions, **kwargs):
+        texts = [tokenizer.apply_chat_template(p + [{"role": "assistant", "content": _text(c)}], tokenize=False)
+                 for p, c in zip(prompts, completions)]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        return model(**enc).logits.squeeze(-1).float().tolist()
+
+    return reward
+
+
+def build_rewards(recipe: Recipe) -> list:
+    """One callable per recipe.grpo.rewards entry, named for TRL's metrics (rewards/<name>/mean);
+    an exception inside becomes a RewardError naming the stage and the reward."""
+    funcs = []
+    for i, args in enumerate(recipe.grpo.rewards):
+        inner = _reward_model(args) if args.kind == "reward_model" else _rule(args)
+        name = args.kind if args.kind in ("format", "reward_model") else f"{args.kind}_{args.column}"
+        if any(f.__name__ == name for f in funcs):
+            name = f"{name}_{i}"
+
+        def wrapped(prompts, completions, _inner=inner, _i=i, _args=args, **kwargs):
+            try:
+                return _inner(prompts=prompts, completions=completions, **kwargs)
+            except Exception as e:  # noqa: BLE001 - any failure of a reward is the recipe's to fix
+                fix = (f"check the model {_args.model}" if _args.kind == "reward_model"
+                       else f"check its pattern/column and the prompts' {_args.column!r} values")
+                raise RewardError(f"{stage_label(recipe)}: grpo.rewards[{_i}] ({_args.kind}) raised "
+                                  f"{type(e).__name__}: {e}; {fix}") from e
+
+        wrapped.__name__ = name
+        funcs.append(wrapped)
+    return funcs
+
+
+def total_reward(funcs, weights, prompts, completions, columns: dict) -> list[float]:
+    parts = [f(prompts=prompts, completions=completions, **columns) for f in funcs]
+    return [sum(w * p[j] for w, p in zip(weights, parts)) for j in range(len(completions))]
+
+
+# ---------------------------------------------------------------------------- held-out reward
+
+@torch.no_grad()
+def held_out_reward(model, tokenizer, rows: list[dict], funcs, weights, g, seed: int,
+                    batch_size: int = 8) -> tuple[float, list[dict]]:
+    """The policy's expected reward on the held-out prompts: num_generations answers to each, sampled
+    at grpo.temperature (seeded) as in training, their mean total reward; and the samples."""
+    torch.manual_seed(seed)
+    was_training, side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"
+    samples = []
+    try:
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start:start + batch_size]
+            texts = [tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
+                     for r in batch]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            out = model.generate(**enc, max_new_tokens=g.max_completion_length, do_sample=True,
+                                 temperature=g.temperature, top_k=0, top_p=1.0, num_return_sequences=g.num_generations,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            answers = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            batch = [r for r in batch for _ in range(g.num_generations)]
+            completions = [[{"role": "assistant", "content": a}] for a in answers]
+            columns = {c: [r[c] for r in batch] for c in batch[0] if c != "prompt"}
+            scores = total_reward(funcs, weights, [r["prompt"] for r in batch], completions, columns)
+            samples += [{"prompt": r["prompt"], "completion": a, "reward": s} for r, a, s in zip(batch, answers, scores)]
+    finally:
+        model.train(was_training)
+        tokenizer.padding_side = side
+    return sum(s["reward"] for s in samples) / max(len(samples), 1), samples
+
+
+# ---------------------------------------------------------------------------- the stage
+
+def build(recipe: Recipe):
+    t, g = recipe.training, recipe.grpo
+    columns = {r.column for r in g.rewards if r.kind not in ("format", "reward_model")}
+
+    # Prompts first: a bad dataset fails in seconds, before a model loads.
+    train_rows = load_prompts(recipe, recipe.datasets, columns)
+    test_rows = load_prompts(recipe, recipe.test_datasets, columns) if recipe.test_datasets else []
+    if recipe.test_split_size is not None and not test_rows:
+        import random
+
+        n = int(recipe.test_split_size) if recipe.test_split_size >= 1 else round(recipe.test_split_size * len(train_rows))
+        held = set(random.Random(t.seed).sample(range(len(train_rows)), min(n, len(train_rows) - 1)))
+        test_rows = [r for i, r in enumerate(train_rows) if i in held]
+        train_rows = [r for i, r in enumerate(train_rows) if i not in held]
+    if not train_rows:
+        raise DataError(f"{stage_label(recipe)}: no prompts in {[describe(d) for d in recipe.datasets]}; "
+                        "a grpo stage needs at least one prompt to generate for")
+    generation_batch = t.per_device_train_batch_size * t.gradient_accumulation_steps
+    if generation_batch % g.num_generations:
+        raise ValueError(f"grpo.num_generations: {g.num_generations} must divide training.per_device_train_batch_size "
+                         f"x gradient_accumulation_steps ({generation_batch}): each batch holds whole groups")
+    if g.use_vllm:
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            raise ValueError("grpo.use_vllm: vllm is not installed in this image; set it false (transformers "
+                             "generates) or use the GPU image")
+
+    args = build_config(GRPOConfig, recipe, num_generations=g.num_generations,
+                        max_completion_length=g.max_completion_length, temperature=g.temperature,
+                        beta=t.beta, loss_type=recipe.effective_loss_type, use_vllm=g.use_vllm,
+                        vllm_mode="colocate", reward_weights=[r.weight for r in g.rewards],
+                        log_completions=False)
+
+    tokenizer = load_tokenizer(recipe.model)
+    model = load_model(recipe.model, tokenizer, lora=recipe.lora, trainable=True)
+    peft_config = lora_config(recipe.lora, added_tokens(recipe.model, tokenizer)) if recipe.lora else None
+    funcs = build_rewards(recipe)
+    trainer = GRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=Dataset.from_list(train_rows),
+                          processing_class=tokenizer, peft_config=peft_config)
+    return trainer, tokenizer, funcs, test_rows
+
+
+def run(recipe: Recipe) -> dict | None:
+    done = setup_stage(recipe)
+    if done is not None:
+        return done
+    trainer, tokenizer, funcs, test_rows = build(recipe)
+    g = recipe.grpo
+    weights = [r.weight for r in g.rewards]
+    test_rows = test_rows[:g.eval_prompts]
+    main = trainer.is_world_process_zero()
+    extra: dict = {}
+    if test_rows:
+        start, start_samples = held_out_reward(trainer.model, tokenizer, test_rows, funcs, weights, g,
+                                               recipe.training.seed)
+        log.info("held-out mean reward before GRPO: %.4f (%d prompts)", start, len(test_rows))
+    train_output = train(trainer, recipe)
+    if test_rows:
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        end, end_samples = held_out_reward(model, tokenizer, test_rows, funcs, weights, g, recipe.training.seed)
+        extra = {"eval_mean_reward_start": start, "eval_mean_reward": end, "eval_prompts": len(test_rows)}
+        if main:
+            with open(Path(recipe.output_dir) / "samples.jsonl", "w") as f:
+                for when, samples in (("start", start_samples), ("end", end_samples)):
+                    for s in samples:
+                        f.write(json.dumps({"when": when, **s}) + "\n")
+    return finish_stage(trainer, recipe, tokenizer, train_output, extra=extra)
