@@ -212,6 +212,57 @@ class JudgeArgs(_Strict):
     model: str = Field(description="Judge model name.")
     api_key_env: str = Field("JUDGE_API_KEY", description="Environment variable holding the API key.")
     max_prompts: int = Field(50, gt=0, description="Prompts judged, each once per order (position-swapped).")
+    timeout_seconds: float = Field(120.0, gt=0, description="Longest wait for one judge answer.")
+    max_retries: int = Field(3, ge=1, description=(
+        "Tries per judge request (timeouts, 5xx, unparseable answers), with backoff; then the stage fails, "
+        "keeping the answers already generated."))
+
+
+class LmEvalArgs(_Strict):
+    """lm-evaluation-harness tasks, run through lm_eval.simple_evaluate on the evaluated model."""
+
+    tasks: list[str] = Field(min_length=1, description=(
+        "lm-eval task or group names (ifeval, gsm8k, mmlu, ...) or paths of task YAML files (custom tasks, "
+        "e.g. on local JSON data via dataset_path: json)."))
+    data_files: dict[str, str] = Field(default_factory=dict, description=(
+        "Task name -> a local JSON/JSONL file that replaces the task's Hub dataset (e.g. ifeval -> an offline "
+        "copy of google/IFEval); the task's prompts, checkers and metrics stay lm-eval's."))
+    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples per prompt; None: each task's own.")
+    limit: float | None = Field(None, gt=0, description="Documents per task: a count, or a fraction below 1; None: all.")
+    apply_chat_template: bool = Field(True, description="Format prompts with the model's own chat template.")
+    batch_size: int = Field(8, gt=0, description="Requests per forward pass / generate call.")
+    max_gen_toks: int | None = Field(None, gt=0, description="Cap on tokens generated per request; None: each task's own.")
+    reference: bool = Field(False, description="Also run the tasks on the reference model (keys prefixed reference_).")
+
+
+class AlpacaEvalArgs(_Strict):
+    """AlpacaEval 2: the model's answers against reference outputs, annotated by alpaca-eval with eval.judge."""
+
+    reference_outputs: DatasetArgs = Field(description=(
+        "Reference answers: columns instruction, output (and generator), e.g. tatsu-lab/alpaca_eval "
+        "alpaca_eval_gpt4_baseline split eval."))
+    prompts: DatasetArgs | None = Field(None, description=(
+        "Instructions the model answers (column instruction); None: those of reference_outputs."))
+    annotator_config: str | None = Field(None, description=(
+        "An alpaca-eval annotator config directory (configs.yaml + prompt); None: AlpacaEval 2's "
+        "weighted_alpaca_eval_gpt4_turbo with eval.judge's model and endpoint."))
+    max_instances: int | None = Field(None, gt=0, description="First N instructions only; None: all.")
+    max_new_tokens: int = Field(2048, gt=0, description="Longest answer.")
+    lc_glm: Literal["length_controlled_v1", "length_controlled_minimal"] = Field(
+        "length_controlled_v1", description=(
+            "alpaca-eval's length-control GLM: length_controlled_v1 (the leaderboard's; instruction difficulty "
+            "by AlpacaEval instruction index, so only for AlpacaEval's 805 instructions in order) or "
+            "length_controlled_minimal (length alone, for other instruction sets)."))
+
+
+class MtBenchArgs(_Strict):
+    """MT-Bench: two-turn answers graded 1-10 per turn by eval.judge (single-answer grading)."""
+
+    questions: DatasetArgs = Field(description=(
+        "Questions: prompt (the two user turns), category, reference (answers for math/reasoning/coding, "
+        "optional), prompt_id; e.g. HuggingFaceH4/mt_bench_prompts."))
+    max_questions: int | None = Field(None, gt=0, description="First N questions only; None: all.")
+    max_new_tokens: int = Field(1024, gt=0, description="Longest answer per turn.")
 
 
 class EvalArgs(_Strict):
@@ -226,7 +277,39 @@ class EvalArgs(_Strict):
     prompts: DatasetArgs | None = Field(None, description="Prompts to generate for; default: test-split prompts.")
     max_new_tokens: int = Field(256, gt=0, description="Longest generation.")
     num_generations: int = Field(16, gt=0, description="How many prompts to generate for.")
-    judge: JudgeArgs | None = Field(None, description="LLM judge; required when metrics include judge.")
+    judge: JudgeArgs | None = Field(None, description=(
+        "LLM judge; required when metrics include judge, and for alpaca_eval and mt_bench."))
+    lm_eval: LmEvalArgs | None = Field(None, description="lm-evaluation-harness tasks (IFEval, GSM8K, custom, ...).")
+    alpaca_eval: AlpacaEvalArgs | None = Field(None, description="AlpacaEval 2 win rate and length-controlled win rate.")
+    mt_bench: MtBenchArgs | None = Field(None, description="MT-Bench 1-10 grades per turn, category and overall.")
+
+
+class TrackingArgs(_Strict):
+    """Experiment tracking through transformers' own integrations (TrainingArguments.report_to).
+
+    Credentials never appear here: W&B reads WANDB_API_KEY, MLflow MLFLOW_TRACKING_USERNAME/PASSWORD or
+    MLFLOW_TRACKING_TOKEN from the environment (on a cluster: secretKeyRefs)."""
+
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["tensorboard"], description="Trackers the stage logs to; [] logs to none.")
+    tracked_run_name: str | None = Field(None, description=(
+        "The run's name in every tracker; default: <run_name>/<stage_name> (else the output directory's name)."))
+    tensorboard_dir: str | None = Field(None, description="TensorBoard event files' directory; default: <output_dir>/tensorboard.")
+    wandb_project: str | None = Field(None, description="W&B project (WANDB_PROJECT); required with wandb.")
+    wandb_entity: str | None = Field(None, description="W&B entity (team or user); default: the API key's.")
+    wandb_mode: Literal["online", "offline"] = Field("online", description=(
+        "offline writes the W&B run under <output_dir>/wandb/ only (`wandb sync` uploads it later)."))
+    wandb_base_url: str | None = Field(None, description="A self-hosted W&B server (WANDB_BASE_URL); default: W&B's cloud.")
+    mlflow_tracking_uri: str | None = Field(None, description="MLflow tracking server URI; required with mlflow.")
+    mlflow_experiment: str | None = Field(None, description="MLflow experiment (created if missing); default: the run_name.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrackingArgs":
+        if "wandb" in self.report_to and not self.wandb_project:
+            raise ValueError("tracking.wandb_project: required when report_to includes wandb")
+        if "mlflow" in self.report_to and not self.mlflow_tracking_uri:
+            raise ValueError("tracking.mlflow_tracking_uri: required when report_to includes mlflow")
+        return self
 
 
 class RewardArgs(_Strict):
@@ -267,6 +350,34 @@ class GrpoArgs(_Strict):
     eval_prompts: int = Field(64, gt=0, description=(
         "Held-out prompts (test split) answered num_generations times at temperature before and after "
         "training; result.json: their mean reward (eval_mean_reward_start, eval_mean_reward)."))
+
+
+class TrackingArgs(_Strict):
+    """Experiment tracking through transformers' own integrations (TrainingArguments.report_to).
+
+    Credentials never appear here: W&B reads WANDB_API_KEY, MLflow MLFLOW_TRACKING_USERNAME/PASSWORD or
+    MLFLOW_TRACKING_TOKEN from the environment (on a cluster: secretKeyRefs)."""
+
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["tensorboard"], description="Trackers the stage logs to; [] logs to none.")
+    tracked_run_name: str | None = Field(None, description=(
+        "The run's name in every tracker; default: <run_name>/<stage_name> (else the output directory's name)."))
+    tensorboard_dir: str | None = Field(None, description="TensorBoard event files' directory; default: <output_dir>/tensorboard.")
+    wandb_project: str | None = Field(None, description="W&B project (WANDB_PROJECT); required with wandb.")
+    wandb_entity: str | None = Field(None, description="W&B entity (team or user); default: the API key's.")
+    wandb_mode: Literal["online", "offline"] = Field("online", description=(
+        "offline writes the W&B run under <output_dir>/wandb/ only (`wandb sync` uploads it later)."))
+    wandb_base_url: str | None = Field(None, description="A self-hosted W&B server (WANDB_BASE_URL); default: W&B's cloud.")
+    mlflow_tracking_uri: str | None = Field(None, description="MLflow tracking server URI; required with mlflow.")
+    mlflow_experiment: str | None = Field(None, description="MLflow experiment (created if missing); default: the run_name.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrackingArgs":
+        if "wandb" in self.report_to and not self.wandb_project:
+            raise ValueError("tracking.wandb_project: required when report_to includes wandb")
+        if "mlflow" in self.report_to and not self.mlflow_tracking_uri:
+            raise ValueError("tracking.mlflow_tracking_uri: required when report_to includes mlflow")
+        return self
 
 
 class TrackingArgs(_Strict):

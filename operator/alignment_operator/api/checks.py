@@ -64,6 +64,10 @@ def _stage_problems(i: int, stage: StageSpec, earlier: list[str], reward_stages:
         if rm is not None and rm not in rewards:
             out.append(f"{at}.eval.rewardModel: {rm!r} is not an earlier reward stage; accepted: "
                        f"{', '.join(rewards) or 'none (add a stage with method reward)'}")
+        graded = [name for name, section in (("alpacaEval", stage.eval.alpaca_eval), ("mtBench", stage.eval.mt_bench))
+                  if section is not None]
+        if graded and stage.eval.judge is None:
+            out.append(f"{at}.eval.judge: eval.{' and eval.'.join(graded)} need an LLM judge; set eval.judge")
         ref = stage.eval.reference
         if ref is not None and ref not in earlier:
             out.append(f"{at}.eval.reference: {ref!r} is not an earlier stage; accepted: {', '.join(earlier) or 'none'}")

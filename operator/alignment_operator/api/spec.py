@@ -235,6 +235,51 @@ class JudgeSpec(ApiModel):
     model: str = Field(min_length=1, max_length=256, description="Judge model name.")
     api_key_secret_ref: SecretKeyRef = Field(description="Secret holding the judge's API key.")
     max_prompts: int = Field(50, gt=0, description="Prompts judged, each once per order (position-swapped).")
+    timeout_seconds: float = Field(120.0, gt=0, description="Longest wait for one judge answer, in seconds.")
+    max_retries: int = Field(3, ge=1, le=20, description=(
+        "Tries per judge request (timeouts, 5xx, unparseable answers), with backoff; then the stage fails "
+        "(retryable), keeping the answers already generated for the next attempt."))
+
+
+class LmEvalSpec(ApiModel):
+    tasks: list[str] = Field(min_length=1, max_length=64, description=(
+        "lm-evaluation-harness task or group names (ifeval, gsm8k, mmlu, ...) or paths of task YAML files "
+        "on the run's volume (custom tasks, e.g. on local JSON data with dataset_path: json)."))
+    data_files: dict[str, str] = Field({}, description=(
+        "Task name -> a JSON/JSONL file on the volume that replaces that task's Hub dataset (e.g. ifeval -> an "
+        "offline copy of google/IFEval); prompts, checkers and metrics stay lm-eval's."))
+    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples per prompt. Default: each task's own.")
+    limit: float | None = Field(None, gt=0, description="Documents per task: a count, or a fraction below 1. Default: all.")
+    apply_chat_template: bool = Field(True, description="Format prompts with the model's own chat template.")
+    batch_size: int = Field(8, gt=0, description="Requests per forward pass or generate call.")
+    max_gen_toks: int | None = Field(None, gt=0, description="Cap on tokens generated per request. Default: each task's own.")
+    reference: bool = Field(False, description=(
+        "Also run the tasks on the reference model, side by side (keys prefixed reference_)."))
+
+
+class AlpacaEvalSpec(ApiModel):
+    reference_outputs: DatasetSpec = Field(description=(
+        "Reference answers (instruction, output, generator), e.g. tatsu-lab/alpaca_eval config "
+        "alpaca_eval_gpt4_baseline split eval for AlpacaEval 2."))
+    prompts: DatasetSpec | None = Field(None, description=(
+        "Instructions the model answers (column instruction). Default: those of referenceOutputs."))
+    annotator_config: str | None = Field(None, max_length=1024, description=(
+        "An alpaca-eval annotator config directory on the volume. Default: AlpacaEval 2's "
+        "weighted_alpaca_eval_gpt4_turbo, pointed at eval.judge."))
+    max_instances: int | None = Field(None, gt=0, description="First N instructions only. Default: all.")
+    max_new_tokens: int = Field(2048, gt=0, description="Longest answer.")
+    lc_glm: Literal["length_controlled_v1", "length_controlled_minimal"] = Field(
+        "length_controlled_v1", description=(
+            "alpaca-eval's length-control GLM: length_controlled_v1 (the leaderboard's; only for AlpacaEval's 805 "
+            "instructions in order) or length_controlled_minimal (length alone, for other instruction sets)."))
+
+
+class MtBenchSpec(ApiModel):
+    questions: DatasetSpec = Field(description=(
+        "MT-Bench questions: prompt (two user turns), category, reference (answers for math/reasoning/coding, "
+        "optional), prompt_id; e.g. HuggingFaceH4/mt_bench_prompts."))
+    max_questions: int | None = Field(None, gt=0, description="First N questions only. Default: all.")
+    max_new_tokens: int = Field(1024, gt=0, description="Longest answer per turn.")
 
 
 class EvalSpec(ApiModel):
@@ -251,7 +296,14 @@ class EvalSpec(ApiModel):
     prompts: DatasetSpec | None = Field(None, description="Prompts to generate for. Default: prompts of the test split.")
     max_new_tokens: int = Field(256, gt=0, description="Longest generation.")
     num_generations: int = Field(16, gt=0, description="Prompts generated for.")
-    judge: JudgeSpec | None = Field(None, description="LLM judge; required when metrics include judge.")
+    judge: JudgeSpec | None = Field(None, description=(
+        "LLM judge (OpenAI-compatible); required when metrics include judge, and for alpacaEval and mtBench."))
+    lm_eval: LmEvalSpec | None = Field(None, description=(
+        "lm-evaluation-harness tasks (IFEval, GSM8K, MMLU, custom YAML tasks) through lm_eval.simple_evaluate."))
+    alpaca_eval: AlpacaEvalSpec | None = Field(None, description=(
+        "AlpacaEval 2: win rate, length-controlled win rate and standard errors, computed by alpaca-eval."))
+    mt_bench: MtBenchSpec | None = Field(None, description=(
+        "MT-Bench: two-turn answers graded 1-10 per turn by the judge; per-category and overall means."))
 
 
 class RewardSpec(ApiModel):
@@ -308,6 +360,8 @@ def _stage_rules(schema: dict, cls: type) -> None:
          "grpo.rewards: a reward_model reward needs rewardModel (an earlier reward stage)", ".grpo.rewards"),
         ("!has(self.eval) || !('judge' in self.eval.metrics) || has(self.eval.judge)",
          "eval.metrics includes judge but eval.judge is not set", ".eval.judge"),
+        ("!has(self.eval) || !(has(self.eval.alpacaEval) || has(self.eval.mtBench)) || has(self.eval.judge)",
+         "eval.alpacaEval and eval.mtBench are graded by an LLM judge: set eval.judge", ".eval.judge"),
     ))
 
 

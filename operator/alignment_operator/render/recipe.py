@@ -11,7 +11,8 @@ from __future__ import annotations
 import posixpath
 
 from alignment_trainer.recipe import (
-    METHODS, DatasetArgs, EvalArgs, JudgeArgs, LoraArgs, ModelArgs, Recipe, TrainingArgs,
+    METHODS, AlpacaEvalArgs, DatasetArgs, EvalArgs, JudgeArgs, LmEvalArgs, LoraArgs, ModelArgs, MtBenchArgs, Recipe,
+    TrainingArgs,
 )
 from alignment_trainer.recipe import TrackingArgs
 
@@ -195,5 +196,18 @@ def _eval_args(run: AlignmentRun, index: int, root: str) -> EvalArgs:
         num_generations=e.num_generations,
         judge=None if e.judge is None else JudgeArgs(
             base_url=e.judge.base_url, model=e.judge.model, api_key_env=JUDGE_API_KEY_ENV,
-            max_prompts=e.judge.max_prompts),
+            max_prompts=e.judge.max_prompts, timeout_seconds=e.judge.timeout_seconds,
+            max_retries=e.judge.max_retries),
+        lm_eval=None if e.lm_eval is None else LmEvalArgs(
+            tasks=list(e.lm_eval.tasks), data_files=dict(e.lm_eval.data_files), num_fewshot=e.lm_eval.num_fewshot,
+            limit=e.lm_eval.limit, apply_chat_template=e.lm_eval.apply_chat_template,
+            batch_size=e.lm_eval.batch_size, max_gen_toks=e.lm_eval.max_gen_toks, reference=e.lm_eval.reference),
+        alpaca_eval=None if e.alpaca_eval is None else AlpacaEvalArgs(
+            reference_outputs=_dataset(e.alpaca_eval.reference_outputs),
+            prompts=_dataset(e.alpaca_eval.prompts) if e.alpaca_eval.prompts else None,
+            annotator_config=e.alpaca_eval.annotator_config, max_instances=e.alpaca_eval.max_instances,
+            max_new_tokens=e.alpaca_eval.max_new_tokens, lc_glm=e.alpaca_eval.lc_glm),
+        mt_bench=None if e.mt_bench is None else MtBenchArgs(
+            questions=_dataset(e.mt_bench.questions), max_questions=e.mt_bench.max_questions,
+            max_new_tokens=e.mt_bench.max_new_tokens),
     )

@@ -139,6 +139,27 @@ def run(recipe: Recipe) -> dict:
         metrics["generation_mean_tokens"] = sum(r["model_tokens"] for r in records) / n
         metrics["reference_generation_stop_rate"] = sum(r["reference_stopped"] for r in records) / n
 
+    # A reward model (a reward stage's final/): held-out pairs, and the generations of both models
+    if ev.reward_model:
+        from .reward import score_conversations
+
+        convs = [p["prompt"] + reply for p in pairs for reply in (p["chosen"], p["rejected"])]
+        if records:
+            convs += [r["prompt"] + [{"role": "assistant", "content": r[who]}]
+                      for r in records for who in ("model", "reference")]
+        scores = score_conversations(ev.reward_model, convs, batch)
+        if pairs:
+            metrics["reward_model_accuracy"] = sum(
+                scores[2 * i] > scores[2 * i + 1] for i in range(len(pairs))) / len(pairs)
+        gen = scores[2 * len(pairs):]
+        if records:
+            mine, theirs = gen[0::2], gen[1::2]
+            metrics["reward_model_win_rate"] = sum(m > t for m, t in zip(mine, theirs)) / len(records)
+            metrics["reward_model_score"] = sum(mine) / len(records)
+            metrics["reference_reward_model_score"] = sum(theirs) / len(records)
+            for r, m, t in zip(records, mine, theirs):
+                r["reward_model"] = {"model": m, "reference": t}
+
     # LLM judge: model vs reference, both orders
     if "judge" in ev.metrics:
         from ..judge import Judge, win_rate
