@@ -144,7 +144,9 @@ class ModelArgs(_Strict):
 class DatasetArgs(_Strict):
     """One dataset of a mixture."""
 
-    path: str = Field(description="Hub id, local JSON/JSONL/Parquet/CSV file, or a `datasets` save_to_disk directory.")
+    path: str = Field(description=(
+        "Hub id, local JSON/JSONL/CSV file (also .gz/.bz2/.xz/.zst; CSV values as text), Parquet file, or a "
+        "`datasets` save_to_disk directory."))
     name: str | None = Field(None, description="Dataset configuration (the `name` of load_dataset).")
     split: str = Field("train", description="Split to read.")
     columns: list[str] | None = Field(None, description="Columns to keep; default: all the method needs.")

@@ -56,7 +56,8 @@ class ModelSpec(ApiModel):
 
 class DatasetSpec(ApiModel):
     source: str = Field(min_length=1, max_length=512, description=(
-        "A Hub dataset id, a JSON/JSONL/Parquet/CSV file, or a directory saved by `datasets` "
+        "A Hub dataset id, a JSON/JSONL/CSV file (UTF-8, a byte-order mark and CRLF are fine; also "
+        "compressed: .gz, .bz2, .xz, .zst; CSV values are read as text), a Parquet file, or a directory saved by `datasets` "
         "(local, or on the run's volume)."))
     config: str | None = Field(None, max_length=256, description="Dataset configuration name, if it has several.")
     split: str = Field("train", max_length=256, description="Split to read, e.g. train_sft or train_prefs.")
