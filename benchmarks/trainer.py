@@ -15,12 +15,9 @@ model from alignment_trainer.tiny; on CPU, one thread per process (OMP_NUM_THREA
 
 from __future__ import annotations
 
-import sys
-
-# benchmarks/operator.py would shadow the stdlib `operator` module for everything imported below.
-sys.path[:] = [p for p in sys.path if p not in ("", __file__.rsplit("/", 1)[0])]
 
 import argparse
+import sys
 import contextlib
 import json
 import os

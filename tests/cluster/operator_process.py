@@ -1,4 +1,4 @@
-"""`alignctl operator` as a child process, for the cluster tests and benchmarks/operator.py."""
+"""`alignctl operator` as a child process, for the cluster tests and benchmarks/operator_scale.py."""
 
 from __future__ import annotations
 
