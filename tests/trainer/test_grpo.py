@@ -1,0 +1,118 @@
+"""GRPO (method grpo, TRL's GRPOTrainer) on a tiny learnable task: "What is a + b?".
+
+The tiny model is first SFT'd on answers that give the sum half the time ("The answer is <a+b>.") and
+are evasive the other half ("I am not sure."); sampled, it is right well under half the time (its
+sums are shaky too). GRPO with a regex rule reward (the number after "answer is" equals the prompt's
+`answer`) on 18 of the 25 prompts must raise the mean reward on the 7 it never trained on clearly. A reward that raises fails the stage naming the stage and what to fix.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+PAIRS = [(a, b) for a in range(1, 6) for b in range(1, 6)]
+REGEX = {"kind": "regex", "column": "answer", "pattern": r"answer is (\d+)"}
+
+
+def sum_sft_rows(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        a, b = PAIRS[i % len(PAIRS)]
+        reply = f"The answer is {a + b}." if rng.random() < 0.5 else "I am not sure."
+        rows.append({"messages": [{"role": "user", "content": f"What is {a} + {b}?"},
+                                  {"role": "assistant", "content": reply}]})
+    return rows
+
+
+def prompt_rows(pairs) -> list[dict]:
+    return [{"prompt": f"What is {a} + {b}?", "answer": str(a + b)} for a, b in pairs]
+
+
+@pytest.fixture(scope="module")
+def sums(tmp_path_factory, kit):
+    from alignment_trainer.tiny import make_tiny_model
+
+    d = tmp_path_factory.mktemp("sums")
+    sft = d / "sft.jsonl"
+    sft.write_text("".join(json.dumps(r) + "\n" for r in sum_sft_rows(400, 0)))
+    rng = random.Random(1)
+    pairs = PAIRS[:]
+    rng.shuffle(pairs)
+    (d / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prompt_rows(pairs[:18]) * 4))
+    (d / "held_out.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prompt_rows(pairs[18:]) * 2))
+    model = make_tiny_model(d / "model", [sft], vocab_size=256)
+    path = kit.write_recipe(d / "sft", "sft", str(model), [str(sft)],
+                            training={"max_steps": 150, "learning_rate": 3e-3, "warmup_ratio": 0.05,
+                                      "per_device_train_batch_size": 16, "max_length": 48, "logging_steps": 20,
+                                      "save_steps": 1000, "gradient_checkpointing": False},
+                            tracking={"report_to": []})
+    kit.run_in_process(path)
+    return {"dir": d, "sft_final": str(d / "sft" / "out" / "final")}
+
+
+def grpo_recipe(kit, sums, name: str, rewards: list[dict], **training) -> str:
+    d = sums["dir"]
+    return kit.write_recipe(
+        d / name, "grpo", sums["sft_final"], [str(d / "prompts.jsonl")], [str(d / "held_out.jsonl")],
+        grpo={"rewards": rewards, "num_generations": 8, "max_completion_length": 24, "temperature": 0.7},
+        training={"max_steps": 30, "learning_rate": 5e-4, "warmup_ratio": 0.0, "lr_scheduler_type": "constant",
+                  "per_device_train_batch_size": 16, "max_length": 48, "logging_steps": 5, "save_steps": 1000,
+                  "gradient_checkpointing": False, "beta": 0.01, **training},
+        tracking={"report_to": []})
+
+
+def test_grpo_raises_held_out_reward(kit, sums):
+    result = kit.run_in_process(grpo_recipe(kit, sums, "grpo", [REGEX]))
+    start, end = result["eval_mean_reward_start"], result["eval_mean_reward"]
+    print(f"held-out mean reward: SFT start {start:.3f} -> GRPO {end:.3f} ({result['eval_prompts']} prompts)")
+    # Measured (2 shared cores): SFT start 0.071 -> GRPO 0.250 on 14 held-out prompts x 8 samples.
+    assert start < 0.5, start  # the SFT start is right only some of the time
+    assert end >= start + 0.1 and end >= 2 * start, (start, end)
+    out = sums["dir"] / "grpo" / "out"
+    logged = kit.metrics(out)
+    rewards = [m for m in logged if "reward" in m]
+    assert rewards and "reward_std" in rewards[0] and "rewards/regex_answer/mean" in rewards[0]
+    assert "frac_reward_zero_std" in rewards[0]
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert {s["when"] for s in samples} == {"start", "end"} and all("completion" in s for s in samples)
+    assert (out / "final" / "config.json").is_file()
+
+
+def test_a_reward_that_raises_names_the_stage(kit, sums):
+    from alignment_trainer.__main__ import classify
+
+    d = sums["dir"]
+    bad = d / "null_answers.jsonl"
+    bad.write_text("".join(json.dumps({"prompt": f"What is {a} + {b}?", "answer": None}) + "\n" for a, b in PAIRS[:16]))
+    path = kit.write_recipe(d / "bad", "grpo", sums["sft_final"], [str(bad)],
+                            grpo={"rewards": [{"kind": "exact_match", "column": "answer"}], "num_generations": 4,
+                                  "max_completion_length": 4},
+                            training={"max_steps": 2, "per_device_train_batch_size": 8, "max_length": 48,
+                                      "gradient_checkpointing": False}, stage_name="online-grpo",
+                            tracking={"report_to": []})
+    with pytest.raises(ValueError) as info:
+        kit.run_in_process(path)
+    failure = classify(info.value)
+    assert failure["reason"] == "RecipeError" and failure["exit_code"] == 2
+    assert "stage online-grpo" in failure["error"] and "grpo.rewards[0] (exact_match)" in failure["error"]
+    assert "'answer'" in failure["error"] and "reference answer" in failure["error"]
+
+
+def test_no_prompts_and_bad_batch_are_refused(kit, sums, tmp_path):
+    from alignment_trainer.data import DataError
+
+    empty = tmp_path / "none.jsonl"
+    empty.write_text("")
+    path = kit.write_recipe(tmp_path / "e", "grpo", sums["sft_final"], [str(empty)],
+                            grpo={"rewards": [REGEX]}, stage_name="g", tracking={"report_to": []})
+    with pytest.raises(DataError, match="stage g: no prompts in .*none.jsonl.*a grpo stage needs at least one prompt"):
+        kit.run_in_process(path)
+    path = kit.write_recipe(tmp_path / "b", "grpo", sums["sft_final"], [str(sums["dir"] / "prompts.jsonl")],
+                            grpo={"rewards": [REGEX], "num_generations": 3}, stage_name="g",
+                            training={"per_device_train_batch_size": 8}, tracking={"report_to": []})
+    with pytest.raises(ValueError, match="num_generations: 3 must divide"):
+        kit.run_in_process(path)
