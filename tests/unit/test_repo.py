@@ -1,0 +1,24 @@
+"""The checkout itself: what CI runs must be runnable as committed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_scripts_ci_runs_are_executable():
+    """CI runs a fresh clone, whose file modes are the committed ones."""
+    tracked = subprocess.run(["git", "ls-files", ".ci", "scripts", "tools/k8s"], cwd=ROOT, check=True,
+                             capture_output=True, text=True).stdout.split()
+    scripts = [p for p in tracked if p.startswith((".ci/", "scripts/")) or p.endswith(".sh")]
+    assert {".ci/run", "scripts/setup", "scripts/test", "tools/k8s/build.sh"} <= set(scripts)
+    assert [p for p in scripts if not os.access(ROOT / p, os.X_OK)] == []
+
+
+def test_test_modules_have_unique_names():
+    """pytest (rootdir imports, no packages) refuses to collect two test modules of one name."""
+    names = [p.name for p in (ROOT / "tests").rglob("test_*.py")]
+    assert sorted({n for n in names if names.count(n) > 1}) == []
