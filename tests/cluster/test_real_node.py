@@ -289,12 +289,10 @@ def test_bad_dataset_fails_the_stage_with_the_trainers_message(real, restricted_
     assert "bad.jsonl" in written["error"] and written["error"] in stage["message"], (written, stage)
     print(f"\nscenario 2 (bad dataset -> Failed with the trainer's message): {time.monotonic() - started:.0f}s, "
           f"{len(pods)} pod(s), container exit code {terminated['exitCode']}")
-    if terminated["exitCode"] != 2:
-        # Found on this node: `accelerate launch` exits 1 whatever its child's status, so the
-        # Job's podFailurePolicy (FailJob on exit code 2) never fires and the stage is retried
-        # backoffLimit times before it fails. The fix belongs to the launch command.
-        pytest.xfail(f"the container exited {terminated['exitCode']}, not the trainer's 2 "
-                     f"(accelerate launch's own status); {len(pods)} pods ran instead of 1")
+    # Found on this node: `accelerate launch` exits 1 whatever its processes exit with, so the
+    # podFailurePolicy (FailJob on 2) never fired and the stage ran backoffLimit+1 pods;
+    # alignment_trainer.launch now exits with the trainer's own code.
+    assert terminated["exitCode"] == 2, f"the container exited {terminated['exitCode']}, not the trainer's 2"
     assert len(pods) == 1, "a recipe/data error must not be retried"
 
 
