@@ -22,3 +22,16 @@ def test_test_modules_have_unique_names():
     """pytest (rootdir imports, no packages) refuses to collect two test modules of one name."""
     names = [p.name for p in (ROOT / "tests").rglob("test_*.py")]
     assert sorted({n for n in names if names.count(n) > 1}) == []
+
+
+def test_no_module_defines_a_name_twice():
+    """A class or function defined twice (a merge slip) silently keeps only the last one."""
+    import ast
+
+    twice = []
+    for package in (ROOT / "operator" / "alignment_operator", ROOT / "trainer_image" / "alignment_trainer"):
+        for path in package.rglob("*.py"):
+            names = [n.name for n in ast.parse(path.read_text()).body
+                     if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+            twice += [f"{path.relative_to(ROOT)}: {n}" for n in sorted(set(names)) if names.count(n) > 1]
+    assert twice == []

@@ -354,62 +354,6 @@ class GrpoArgs(_Strict):
         "training; result.json: their mean reward (eval_mean_reward_start, eval_mean_reward)."))
 
 
-class TrackingArgs(_Strict):
-    """Experiment tracking through transformers' own integrations (TrainingArguments.report_to).
-
-    Credentials never appear here: W&B reads WANDB_API_KEY, MLflow MLFLOW_TRACKING_USERNAME/PASSWORD or
-    MLFLOW_TRACKING_TOKEN from the environment (on a cluster: secretKeyRefs)."""
-
-    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
-        default_factory=lambda: ["tensorboard"], description="Trackers the stage logs to; [] logs to none.")
-    tracked_run_name: str | None = Field(None, description=(
-        "The run's name in every tracker; default: <run_name>/<stage_name> (else the output directory's name)."))
-    tensorboard_dir: str | None = Field(None, description="TensorBoard event files' directory; default: <output_dir>/tensorboard.")
-    wandb_project: str | None = Field(None, description="W&B project (WANDB_PROJECT); required with wandb.")
-    wandb_entity: str | None = Field(None, description="W&B entity (team or user); default: the API key's.")
-    wandb_mode: Literal["online", "offline"] = Field("online", description=(
-        "offline writes the W&B run under <output_dir>/wandb/ only (`wandb sync` uploads it later)."))
-    wandb_base_url: str | None = Field(None, description="A self-hosted W&B server (WANDB_BASE_URL); default: W&B's cloud.")
-    mlflow_tracking_uri: str | None = Field(None, description="MLflow tracking server URI; required with mlflow.")
-    mlflow_experiment: str | None = Field(None, description="MLflow experiment (created if missing); default: the run_name.")
-
-    @model_validator(mode="after")
-    def _check(self) -> "TrackingArgs":
-        if "wandb" in self.report_to and not self.wandb_project:
-            raise ValueError("tracking.wandb_project: required when report_to includes wandb")
-        if "mlflow" in self.report_to and not self.mlflow_tracking_uri:
-            raise ValueError("tracking.mlflow_tracking_uri: required when report_to includes mlflow")
-        return self
-
-
-class TrackingArgs(_Strict):
-    """Experiment tracking through transformers' own integrations (TrainingArguments.report_to).
-
-    Credentials never appear here: W&B reads WANDB_API_KEY, MLflow MLFLOW_TRACKING_USERNAME/PASSWORD or
-    MLFLOW_TRACKING_TOKEN from the environment (on a cluster: secretKeyRefs)."""
-
-    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
-        default_factory=lambda: ["tensorboard"], description="Trackers the stage logs to; [] logs to none.")
-    tracked_run_name: str | None = Field(None, description=(
-        "The run's name in every tracker; default: <run_name>/<stage_name> (else the output directory's name)."))
-    tensorboard_dir: str | None = Field(None, description="TensorBoard event files' directory; default: <output_dir>/tensorboard.")
-    wandb_project: str | None = Field(None, description="W&B project (WANDB_PROJECT); required with wandb.")
-    wandb_entity: str | None = Field(None, description="W&B entity (team or user); default: the API key's.")
-    wandb_mode: Literal["online", "offline"] = Field("online", description=(
-        "offline writes the W&B run under <output_dir>/wandb/ only (`wandb sync` uploads it later)."))
-    wandb_base_url: str | None = Field(None, description="A self-hosted W&B server (WANDB_BASE_URL); default: W&B's cloud.")
-    mlflow_tracking_uri: str | None = Field(None, description="MLflow tracking server URI; required with mlflow.")
-    mlflow_experiment: str | None = Field(None, description="MLflow experiment (created if missing); default: the run_name.")
-
-    @model_validator(mode="after")
-    def _check(self) -> "TrackingArgs":
-        if "wandb" in self.report_to and not self.wandb_project:
-            raise ValueError("tracking.wandb_project: required when report_to includes wandb")
-        if "mlflow" in self.report_to and not self.mlflow_tracking_uri:
-            raise ValueError("tracking.mlflow_tracking_uri: required when report_to includes mlflow")
-        return self
-
-
 class Recipe(_Strict):
     """One stage, everything the trainer needs and nothing it does not."""
 
