@@ -134,6 +134,8 @@ def ensure_object(obj: dict[str, Any]) -> dict[str, Any] | None:
     except ApiException as e:
         if e.status == 409:
             return None
+        if isinstance(e.body, bytes):  # _preload_content=False: the server's message as text, not b'...'
+            e.body = e.body.decode(errors="replace")
         raise
     log.info("created %s %s/%s", kind, ns, obj["metadata"]["name"])
     return created
@@ -252,8 +254,12 @@ def patch_stage_progress(namespace: str, run: str, index: int, stage: str, progr
              {"op": "add", "path": f"{base}/progress", "value": progress},
              {"op": "add", "path": "/status/progressSummary", "value": summary}]
     try:
-        _api(client.CustomObjectsApi).patch_namespaced_custom_object_status(
-            GROUP, VERSION, namespace, PLURAL, run, patch, _content_type="application/json-patch+json")
+        # A JSON patch: the generated patch_namespaced_custom_object_status sends merge-patch and
+        # takes no content type before client 37, so the call names its own.
+        _api(client.CustomObjectsApi).api_client.call_api(
+            f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{run}/status", "PATCH",
+            header_params={"Content-Type": "application/json-patch+json", "Accept": "application/json"},
+            body=patch, auth_settings=["BearerToken"], response_type="object", _return_http_data_only=True)
         return True
     except ApiException as e:
         if e.status in (404, 409, 422):  # gone, or a test op failed: the stage moved on
