@@ -132,9 +132,10 @@ def test_transformers_kubeflow_callback_is_used_unchanged_when_asked(tmp_path, t
 
     assert bodies and bodies[0]["trainerStatus"]["progressPercentage"] == 0
     assert bodies[-1]["trainerStatus"]["progressPercentage"] == 100
-    # The stock callback's shape: no tokens_per_second of ours, its own step names.
+    # The stock callback's shape: no tokens_per_second of ours, its own names (total_steps at the
+    # start; current_step only on pushes its throttle lets through, none on a short fast run).
     assert all("tokens_per_second" not in _metrics(b) for b in bodies)
-    assert any("current_step" in _metrics(b) for b in bodies)
+    assert "total_steps" in _metrics(bodies[0])
 
 
 def test_under_fp16_an_overflowed_gradient_is_the_scalers_business_a_nan_loss_is_not():
