@@ -17,10 +17,10 @@ from collections import defaultdict
 from typing import Any
 
 from . import kube, metrics, observe
-from .api import AlignmentRunStatus, Condition, RunInvalid, parse_run
+from .api import AlignmentRunStatus, RunInvalid, parse_run
 from .cache import Cache
 from .reconcile import (
-    CreateStage, DeleteChild, DeleteChildren, Event, RequeueAfter, SetSuspend, reconcile, stage_hash,
+    CreateStage, DeleteChild, DeleteChildren, Event, RequeueAfter, SetSuspend, condition, reconcile, stage_hash,
 )
 from .render.manifests import RenderContext, build_pvc, build_stage
 
@@ -133,10 +133,11 @@ def _safe_reconcile(namespace: str, name: str) -> None:
 
 def _reject(body: dict[str, Any], old: AlignmentRunStatus, generation: int | None, message: str) -> None:
     """A stored run the models refuse (e.g. written under an older CRD): say so, change nothing else."""
-    status = old.model_copy(deep=True)
+    status, now = old.model_copy(deep=True), kube.now()
+    # reconcile's condition builder: lastTransitionTime moves only on a flip, so rejecting the same
+    # run again writes nothing (a fresh timestamp each time was a status write per event, forever).
     status.conditions = [c for c in status.conditions if c.type not in ("SpecRejected", "Stalled", "Reconciling")] + [
-        Condition(type=kind, status=value, reason="InvalidSpec", message=message[:4000] if value == "True" else "",
-                  last_transition_time=kube.now(), observed_generation=generation)
+        condition(old.conditions, kind, value, "InvalidSpec", message[:4000] if value == "True" else "", now, generation)
         for kind, value in (("SpecRejected", "True"), ("Stalled", "True"), ("Reconciling", "False"))]
     if status.wire() != old.wire():
         kube.replace_status(body, status.wire())

@@ -116,7 +116,7 @@ def _metrics(result: dict[str, Any] | None) -> dict[str, float]:
     return {k: float(v) for k, v in raw.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def _condition(old: list[Condition], type_: str, status: str, reason: str, message: str,
+def condition(old: list[Condition], type_: str, status: str, reason: str, message: str,
                now: str, generation: int | None) -> Condition:
     """A metav1.Condition whose lastTransitionTime moves only when its status flips."""
     prev = next((c for c in old if c.type == type_), None)
@@ -286,25 +286,25 @@ def _run_status(run: AlignmentRun, old: AlignmentRunStatus, stages: list[StageSt
     # Waiting for Kueue counts as work left; a suspension the user asked for does not.
     reconciling = phase in ("Pending", "Running") and not interrupted or (phase == "Suspended" and not run.spec.suspend)
     conditions = [
-        _condition(old.conditions, "Ready", "True" if phase == "Succeeded" else "False",
+        condition(old.conditions, "Ready", "True" if phase == "Succeeded" else "False",
                    "RunSucceeded" if phase == "Succeeded" else phase, f"{done}/{len(stages)} stages succeeded",
                    now, generation),
         # kstatus (Flux, kpt, Config Sync): Reconciling=True while the operator has work left,
         # Stalled=True when the run cannot go on; a suspended run is neither (it waits for its user).
-        _condition(old.conditions, "Reconciling", "True" if reconciling else "False",
+        condition(old.conditions, "Reconciling", "True" if reconciling else "False",
                    f"Run{phase}" if finished else "Interrupted" if interrupted else f"Stage{current.phase}",
                    f"stage {interrupted.name}: {interrupted.message}" if interrupted
                    else f"stage {current.name} is {current.phase.lower()}", now, generation),
-        _condition(old.conditions, "Stalled", "True" if failed else "False",
+        condition(old.conditions, "Stalled", "True" if failed else "False",
                    "StageFailed" if failed else "NotStalled",
                    f"stage {failed.name} failed; fix it and retry (alignment.dev/retry)" if failed else "",
                    now, generation),
-        _condition(old.conditions, "Failed", "True" if failed else "False",
+        condition(old.conditions, "Failed", "True" if failed else "False",
                    "StageFailed" if failed else "NoFailure",
                    f"stage {failed.name}: {failed.message}" if failed else "", now, generation),
     ]
     if edited:
-        conditions.append(_condition(
+        conditions.append(condition(
             old.conditions, "SpecRejected", "True", "StageAlreadyRan",
             f"edits to stage(s) {', '.join(edited)} are not applied: they already ran. Revert the "
             f"edit, or create a new AlignmentRun (its model.source can point at a stage's final/)",

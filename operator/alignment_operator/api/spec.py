@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from alignment_trainer.recipe import METHODS, check_method, loss_type_problem, method_names
+from alignment_trainer.recipe import METHODS, check_method, method_names
 
 from . import corev1
 from .admission import ExtraArgs, ImageRef, MountPath, NodeSelector
