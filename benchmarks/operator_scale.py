@@ -16,6 +16,7 @@ floor, RSS < 250 MB.
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import tempfile
@@ -110,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="alignment-bench-"))
+    done = False
     plane = ControlPlane.start(binaries_dir(), work)
     op = None
     try:
@@ -154,11 +156,16 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.floor_threads} threads) {floor_s:6.1f} s   operator/floor {burst / floor_s:4.2f}x   "
               f"(target < 60 s at 1000 runs and < 1.5x)")
         print(f"operator peak RSS         {rss:7.0f} MB   (target < 250 MB)")
+        done = True
         return 0
     finally:
         if op is not None:
             op.stop()
         plane.stop()
+        if done:  # etcd's data and the logs stay for a run that failed
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"kept {work} (etcd data, operator.log)", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -13,11 +13,13 @@ at most one per stage every progress.MIN_WRITE_INTERVAL_S.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import ipaddress
 import json
 import logging
 import os
+import shutil
 import ssl
 import tempfile
 import threading
@@ -240,7 +242,9 @@ def tls_files(tls_dir: str | None, hostnames: list[str]) -> tuple[Path, Path, st
                                  "(a kubernetes.io/tls Secret has tls.crt and tls.key)")
         ca = d / "ca.crt"
         return cert, key, (ca if ca.is_file() else cert).read_text()
-    return self_signed(Path(tempfile.mkdtemp(prefix="alignment-progress-")), hostnames)
+    directory = Path(tempfile.mkdtemp(prefix="alignment-progress-"))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)  # the key lives no longer than we do
+    return self_signed(directory, hostnames)
 
 
 def self_signed(directory: Path, hostnames: list[str]) -> tuple[Path, Path, str]:

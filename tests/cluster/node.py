@@ -215,7 +215,7 @@ state = "{self.workdir / 'containerd-state'}"
         present = set(self._ctr("images", "ls", "-q").stdout.decode().split())
         stale = [r for r in present if r.startswith("localhost/alignment-") and r not in self.images.values()]
         if stale:  # earlier builds: their layers are garbage-collected with them
-            self._ctr("images", "rm", *stale, check=False)
+            self._ctr("images", "rm", "--sync", *stale, check=False)
         for name, ref in self.images.items():
             if ref in present:
                 continue

@@ -90,8 +90,11 @@ def test_the_trainer_image_has_the_locked_torch_cuda_and_flash_attn():
     tag = re.fullmatch(r"nvidia/cuda:(\d+\.\d+)\.\d+-cudnn-devel-\S+", base)
     assert tag, f"the GPU base {base} is not an nvidia/cuda devel image"
     assert tag.group(1) == cuda, f"base image CUDA {tag.group(1)} != the locked torch's CUDA {cuda}"
-    # torch is installed by pip under the lock, never taken from the base image.
-    assert re.search(r"^ARG TORCH_SPEC=torch$", text, re.M)
+    # torch is installed by pip at the locked version, never taken from the base image (pinned in the
+    # Dockerfile itself so its layer comes before constraints.txt is copied).
+    spec = re.search(r"^ARG TORCH_SPEC=(\S+)$", text, re.M)
+    assert spec and spec.group(1) == f"torch=={versions['torch']}", \
+        f"trainer_image/Dockerfile's TORCH_SPEC {spec and spec.group(1)} is not the lock's torch=={versions['torch']}"
     assert versions["flash-attn"] == FLASH_ATTN
     assert re.search(rf"^ARG FLASH_ATTN_VERSION={re.escape(FLASH_ATTN)}$", text, re.M), \
         "trainer_image/Dockerfile's FLASH_ATTN_VERSION differs from the lock's flash-attn"
