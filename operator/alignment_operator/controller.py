@@ -20,7 +20,8 @@ from . import kube, metrics, observe
 from .api import AlignmentRunStatus, RunInvalid, parse_run
 from .cache import Cache
 from .reconcile import (
-    CreateStage, DeleteChild, DeleteChildren, Event, RequeueAfter, SetSuspend, condition, reconcile, stage_hash,
+    CreateStage, DeleteChild, DeleteChildren, Event, ObservedChild, RequeueAfter, SetSuspend, condition, reconcile,
+    stage_hash,
 )
 from .render.manifests import RenderContext, build_pvc, build_stage
 
@@ -78,9 +79,22 @@ def _reconcile_once(namespace: str, name: str) -> None:
     except RunInvalid as e:
         _reject(body, old_status, generation, str(e))
         return
-    outcome = reconcile(run, generation, _children(namespace, name, old_status), kube.now())
-    for action in outcome.actions:
-        _apply(action, run, body)
+    children, now = _children(namespace, name, old_status), kube.now()
+    outcome = reconcile(run, generation, children, now)
+    try:
+        for action in outcome.actions:
+            _apply(action, run, body)
+    except kube.ChildRefused as e:
+        # What the server said is an observation like a failed child: decide again with it (reconcile
+        # counts the tries, waits or fails the stage). None of the first decision's events was sent:
+        # a decision lists its events after its other actions (a CreateStage is the only one here).
+        stage = run.spec.stages[action.index].name
+        refused = ObservedChild(stage, e.refusal.name, "Refused", kind=e.refusal.kind, refusal=e.refusal)
+        outcome = reconcile(run, generation, {**children, stage: refused}, now)
+        log.warning("%s/%s stage %s: %s", namespace, name, stage,
+                    next(s.message for s in outcome.status.stages if s.name == stage))
+        for action in outcome.actions:
+            _apply(action, run, body)
     new = outcome.status.wire()
     if new != old_status.wire():
         cache.put_run(kube.replace_status(body, new))

@@ -2,7 +2,9 @@
 
 `observe_*` read, `ensure_*`/`apply_*`/`set_*`/`delete_*` write and are idempotent: creating
 what exists is success (409), deleting what is gone is success (404), status is replaced
-with the resourceVersion it was computed from (optimistic concurrency).
+with the resourceVersion it was computed from (optimistic concurrency). A create the server
+refuses for what was sent (422, 403, 400, ...) raises ChildRefused with the server's words;
+throttling, timeouts and server errors (429, 408, 5xx) raise ApiException as before (retried).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from kubernetes.client.rest import ApiException
 
 from . import observe
 from .api import GROUP, PLURAL, VERSION
-from .reconcile import ObservedChild
+from .reconcile import ObservedChild, Refusal
 from .render.manifests import LABEL_RUN, LABEL_STAGE
 
 log = logging.getLogger(__name__)
@@ -31,6 +33,19 @@ class Conflict(Exception):
     """The object changed since it was read (HTTP 409 on a write with its resourceVersion)."""
 
 
+class ChildRefused(Exception):
+    """The API server refused to create a child for what it is: invalid (422), forbidden by RBAC, an
+    admission policy or a ResourceQuota (403), malformed (400), ... Sending it again at once would
+    get the same answer; reconcile decides when to try again (a quota may free up) and when to stop."""
+
+    def __init__(self, refusal: Refusal):
+        super().__init__(f"{refusal.kind} {refusal.name}: {refusal.code} {refusal.reason}: {refusal.message}")
+        self.refusal = refusal
+
+
+# 4xx answers that are not about the object sent: our own credentials (401), a namespace or CRD
+# that is gone (404), exists already (409, success for a create), a timeout (408), throttling (429).
+NOT_REFUSALS = (401, 404, 408, 409, 429)
 _shared: client.ApiClient | None = None
 
 
@@ -133,12 +148,40 @@ def ensure_object(obj: dict[str, Any]) -> dict[str, Any] | None:
             created = {"kind": kind, **_json(create(ns, obj, _preload_content=False))}
     except ApiException as e:
         if e.status == 409:
-            return None
+            return _refresh_config_map(obj) if kind == "ConfigMap" else None
         if isinstance(e.body, bytes):  # _preload_content=False: the server's message as text, not b'...'
             e.body = e.body.decode(errors="replace")
+        if e.status is not None and 400 <= e.status < 500 and e.status not in NOT_REFUSALS:
+            raise ChildRefused(_refusal(kind, obj["metadata"]["name"], e)) from None
         raise
     log.info("created %s %s/%s", kind, ns, obj["metadata"]["name"])
     return created
+
+
+def _refresh_config_map(obj: dict[str, Any]) -> dict[str, Any] | None:
+    """A stage's recipe ConfigMap is made when its Job is: one left from a try whose Job was refused
+    (or from an earlier Job) must say what the spec says now. Replaced when its data differs (delete
+    and create: the operator's role has no update on ConfigMaps); None when it already agrees."""
+    core, meta = _api(client.CoreV1Api), obj["metadata"]
+    found = core.list_namespaced_config_map(meta["namespace"], field_selector=f"metadata.name={meta['name']}").items
+    if found and (found[0].data or {}) == obj.get("data", {}):
+        return None
+    _ignore_404(core.delete_namespaced_config_map, meta["name"], meta["namespace"])
+    log.info("replacing ConfigMap %s/%s: its recipe changed", meta["namespace"], meta["name"])
+    return ensure_object(obj)
+
+
+def _refusal(kind: str, name: str, e: ApiException) -> Refusal:
+    """The server's metav1.Status (code, reason, message), or what the client has when the body is not one."""
+    try:
+        status = json.loads(e.body or "")
+    except ValueError:
+        status = None
+    if not isinstance(status, dict):
+        status = {}
+    return Refusal(kind=kind, name=name, code=int(status.get("code") or e.status),
+                   reason=str(status.get("reason") or e.reason or ""),
+                   message=str(status.get("message") or e.body or e.reason or ""))
 
 
 def _custom(kind: str) -> tuple[str, str, str] | None:

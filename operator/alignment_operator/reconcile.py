@@ -11,6 +11,11 @@ Retry is one feature for both shells: the run's `alignment.dev/retry` annotation
 status.retryRequest has not seen, puts every failed stage back to Pending once (its failed child
 is deleted first; the new one resumes from the newest checkpoint). `alignctl run --local` sets
 a fresh value each time it runs. Succeeded stages are never redone.
+
+A child the API server refuses to create (invalid, forbidden, over quota) is something the shell
+observes like a failed child: `ObservedChild(state="Refused", refusal=...)`. The stage waits a
+backoff and tries again, CREATE_TRIES times in a row at most (counted in status), then fails with
+the server's message; a spec change or a retry request lets it try again.
 """
 
 from __future__ import annotations
@@ -26,8 +31,24 @@ from .render.manifests import child_name
 from .progress import summary as progress_summary
 
 # Interrupted: the child was stopped by a signal and is gone (the local shell's Ctrl-C).
-ChildState = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended", "Interrupted"]
+# Refused: the API server refused to create it just now (the cluster shell's create failed; see Refusal).
+ChildState = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended", "Interrupted", "Refused"]
 STOPPED = ("Failed", "Interrupted")  # a Pending stage with such a child is to run again (a retry)
+CREATE_TRIES = 3          # refused creates in a row before the stage fails
+REFUSAL_BACKOFF = 5.0     # seconds before the second try; doubled before each later one
+SERVER_MESSAGE_LIMIT = 800  # of the server's words in status (an Event holds 1024 characters)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """The API server's answer to a create it refused (HTTP 4xx: 422 Invalid, 403 Forbidden by RBAC,
+    an admission policy or a ResourceQuota, 400 BadRequest, ...)."""
+
+    kind: str
+    name: str
+    code: int
+    reason: str     # the Status reason: Invalid, Forbidden, BadRequest, ...
+    message: str    # the Status message, as the server wrote it
 
 
 @dataclass(frozen=True)
@@ -47,6 +68,7 @@ class ObservedChild:
     suspended: bool = False
     group: bool = False                 # several ranks that restart together (an Indexed Job's ranks)
     failure: str | None = None          # a failed group: 'input', 'disruption' or 'failure' (counted)
+    refusal: Refusal | None = None      # state Refused: what the API server said
 
 
 @dataclass(frozen=True)
@@ -152,10 +174,23 @@ def reconcile(run: AlignmentRun, generation: int | None, children: dict[str, Obs
                                 f"checkpoint (it failed before: {st.message})"))
             st.phase, st.completion_time, st.message = "Pending", None, None
             st.previous_attempts = st.attempts
+            st.create_refusals, st.last_refusal_time = 0, None
+        elif st.create_refusals and generation != old.observed_generation and not blocked:
+            # The spec changed since the API server refused the stage's child: try again at once.
+            if st.phase == "Failed":
+                events.append(Event("Normal", "StageRetried", f"stage {spec.name}: the run's spec changed; "
+                                    f"creating its children again (refused before: {st.message})"))
+                st.phase, st.completion_time, st.message = "Pending", None, None
+            st.create_refusals, st.last_refusal_time = 0, None
 
         create = CreateStage(i, suspend=run.spec.suspend or bool(run.spec.queue_name))
         if st.phase in ("Succeeded", "Failed") or blocked:
             pass  # finished for good, or waiting behind an earlier stage (failed or not done)
+        elif child is not None and child.state == "Refused":
+            _refused(st, child.refusal or Refusal(child.kind, child.name, 0, "Unknown", child.message or ""),
+                     now, actions, events)
+        elif child is None and st.phase == "Pending" and (wait := refusal_wait(st, now)) > 0:
+            actions.append(RequeueAfter(wait))  # refused before: the backoff has not passed yet
         elif child is not None and st.phase == "Pending" and child.state in STOPPED:
             # The stopped child of a stage that is to run again (a retry): gone first, then a new one.
             # (A succeeded child is never deleted: it folds in below, whatever status says.)
@@ -203,6 +238,7 @@ def _fold_child(st: StageStatus, child: ObservedChild, run: AlignmentRun, now: s
                 actions: list[Action], events: list[Action]) -> None:
     """Fold what a running stage's child says into the stage's status."""
     st.job_name = child.name
+    st.create_refusals, st.last_refusal_time = 0, None  # it exists: refusals in a row start again
     st.attempts = max(st.attempts, st.previous_attempts + child.attempts)
     st.start_time = st.start_time or child.created or now
     st.spec_hash = st.spec_hash or child.spec_hash
@@ -250,6 +286,46 @@ def _fold_child(st: StageStatus, child: ObservedChild, run: AlignmentRun, now: s
     st.message = f"waiting for Kueue to admit it (queue {run.spec.queue_name})" if waiting_for_queue else None
 
 
+def _refused(st: StageStatus, refusal: Refusal, now: str, actions: list[Action], events: list[Action]) -> None:
+    """The API server refused to create one of the stage's children, so none of it runs: try again
+    after a backoff, CREATE_TRIES times in a row at most, then fail the stage with the server's words
+    (one Warning Event). The tries before that are in the stage's message (and the shell's log)."""
+    st.create_refusals += 1
+    st.last_refusal_time = now
+    if st.phase != "Pending":  # its Job vanished and the new one was refused: the next create counts on
+        st.previous_attempts = st.attempts
+    what = f"the API server refused to create {refusal.kind} {refusal.name} ({refusal.code} {refusal.reason})"
+    server = clip(refusal.message, SERVER_MESSAGE_LIMIT)
+    if st.create_refusals >= CREATE_TRIES:
+        st.phase, st.completion_time = "Failed", now
+        st.message = f"{what} {st.create_refusals} times: {server}"
+        events.append(Event("Warning", "ChildRefused", f"stage {st.name}: {st.message}"))
+        return
+    wait = refusal_backoff(st.create_refusals)
+    st.phase, st.completion_time = "Pending", None
+    st.message = f"{what}: {server}; trying again in {wait:g}s (try {st.create_refusals} of {CREATE_TRIES})"
+    actions.append(RequeueAfter(wait))
+
+
+def refusal_backoff(refusals: int) -> float:
+    """Seconds to wait after the n-th refusal in a row: 5, 10, 20, ..."""
+    return REFUSAL_BACKOFF * 2 ** (refusals - 1)
+
+
+def refusal_wait(st: StageStatus, now: str) -> float:
+    """Seconds left before a refused stage may try to create its children again (0: now)."""
+    if not st.create_refusals or not st.last_refusal_time:
+        return 0.0
+    due = _ts(st.last_refusal_time) + timedelta(seconds=refusal_backoff(st.create_refusals))
+    return max(0.0, (due - _ts(now)).total_seconds())
+
+
+def clip(text: str, limit: int) -> str:
+    """One line of at most `limit` characters (the server's messages can list many fields)."""
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[:limit - 1] + "…"
+
+
 def spec_backoff(run: AlignmentRun, stage: str) -> int:
     return next(s.backoff_limit for s in run.spec.stages if s.name == stage)
 
@@ -283,6 +359,7 @@ def _run_status(run: AlignmentRun, old: AlignmentRunStatus, stages: list[StageSt
         if spec.method == "eval" and s.phase == "Succeeded":
             evaluation = {"stage": s.name, **s.metrics}
     finished = phase in ("Succeeded", "Failed")
+    why = "ChildRefused" if failed is not None and failed.create_refusals >= CREATE_TRIES else "StageFailed"
     # Waiting for Kueue counts as work left; a suspension the user asked for does not.
     reconciling = phase in ("Pending", "Running") and not interrupted or (phase == "Suspended" and not run.spec.suspend)
     conditions = [
@@ -296,11 +373,11 @@ def _run_status(run: AlignmentRun, old: AlignmentRunStatus, stages: list[StageSt
                    f"stage {interrupted.name}: {interrupted.message}" if interrupted
                    else f"stage {current.name} is {current.phase.lower()}", now, generation),
         condition(old.conditions, "Stalled", "True" if failed else "False",
-                   "StageFailed" if failed else "NotStalled",
+                   why if failed else "NotStalled",
                    f"stage {failed.name} failed; fix it and retry (alignment.dev/retry)" if failed else "",
                    now, generation),
         condition(old.conditions, "Failed", "True" if failed else "False",
-                   "StageFailed" if failed else "NoFailure",
+                   why if failed else "NoFailure",
                    f"stage {failed.name}: {failed.message}" if failed else "", now, generation),
     ]
     if edited:

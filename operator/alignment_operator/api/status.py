@@ -52,6 +52,12 @@ class StageStatus(ApiModel):
         "Pods started for the stage, over every Job it had (retries resume from the checkpoint)."))
     restarts: int = Field(0, ge=0, description=(
         "Whole-group restarts of a multi-node stage counted against backoffLimit (disruptions are not counted)."))
+    create_refusals: int = Field(0, ge=0, description=(
+        "Times in a row the API server refused to create the stage's Job, JobSet, PyTorchJob, Service, ConfigMap or "
+        "volume (invalid, forbidden, over quota). The stage fails after a few; a successful create, a spec change "
+        "or a retry request (alignment.dev/retry) starts the count again."))
+    last_refusal_time: str | None = Field(None, description="When the API server last refused one of the stage's "
+                                          "children (RFC 3339); the next try waits a backoff from here.")
     previous_attempts: int = Field(0, ge=0, description=(
         "Attempts of the stage's earlier Jobs (deleted for a retry, or recreated); a new Job's count adds to it."))
     start_time: str | None = Field(None, description="When the stage's Job was created (RFC 3339).")
