@@ -371,7 +371,8 @@ def _run_status(run: AlignmentRun, old: AlignmentRunStatus, stages: list[StageSt
         condition(old.conditions, "Reconciling", "True" if reconciling else "False",
                    f"Run{phase}" if finished else "Interrupted" if interrupted else f"Stage{current.phase}",
                    f"stage {interrupted.name}: {interrupted.message}" if interrupted
-                   else f"stage {current.name} is {current.phase.lower()}", now, generation),
+                   else f"stage {current.name} is {current.phase.lower()}"
+                   + (f": {current.message}" if current.create_refusals and not finished else ""), now, generation),
         condition(old.conditions, "Stalled", "True" if failed else "False",
                    why if failed else "NotStalled",
                    f"stage {failed.name} failed; fix it and retry (alignment.dev/retry)" if failed else "",

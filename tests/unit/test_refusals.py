@@ -89,6 +89,8 @@ def test_a_first_refusal_waits_and_says_why_without_failing_or_announcing():
     assert out.status.phase != "Failed" and creates(out) == [] and requeues(out) == [5.0]
     assert not any(isinstance(a, Event) for a in out.actions), "no StageStarted for a Job that does not exist"
     assert dpo.attempts == 0, "no pod started"
+    reconciling = next(c for c in out.status.conditions if c.type == "Reconciling")
+    assert reconciling.status == "True" and reconciling.message == f"stage dpo is pending: {dpo.message}"
 
 
 def test_the_next_try_waits_for_the_backoff_read_from_status():
