@@ -65,7 +65,8 @@ def _trainer_tool(module: str, argv: list[str]) -> int:
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
-    return _trainer_tool("alignment_trainer.tiny", [args.directory, *args.corpus])
+    vocab = ["--vocab-size", str(args.vocab_size)] if args.vocab_size else []
+    return _trainer_tool("alignment_trainer.tiny", [args.directory, *args.corpus, *vocab])
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -149,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tiny-model", help="build a tiny random model and tokenizer for CPU runs")
     t.add_argument("directory")
     t.add_argument("corpus", nargs="*", help="text/JSONL files to train the tokenizer on (default: examples/data)")
+    t.add_argument("--vocab-size", type=int, help="the tokenizer's vocabulary (default 2048)")
     t.set_defaults(func=cmd_tiny_model)
 
     rd = sub.add_parser("render", help="print every object the operator would create for a run")

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
+from alignment_trainer.recipe import METHODS
+
 from .api import RETRY_ANNOTATION, AlignmentRun, AlignmentRunStatus, Condition, StageStatus
 from .render.manifests import child_name
 from .progress import summary as progress_summary
@@ -353,7 +355,7 @@ def _run_status(run: AlignmentRun, old: AlignmentRunStatus, stages: list[StageSt
     else:
         phase = "Pending"
     model = next((s.checkpoint for s, spec in zip(reversed(stages), reversed(run.spec.stages))
-                  if spec.method != "eval" and s.phase == "Succeeded" and s.checkpoint), None)
+                  if METHODS[spec.method].trains and s.phase == "Succeeded" and s.checkpoint), None)
     evaluation = dict(old.evaluation)
     for s, spec in zip(stages, run.spec.stages):
         if spec.method == "eval" and s.phase == "Succeeded":

@@ -165,6 +165,39 @@ def sft_run(tmp_path_factory, tiny_model, data_dir) -> dict:
     return {"recipe": path, "output_dir": str(d / "out"), "result": result}
 
 
+# ---------------------------------------------------------------------------- the sums task (online methods)
+# "What is a + b?" (a, b in 1..5), the files examples/data/sums/make_data.py writes: the tiny model is
+# SFT'd on replies that give the sum half the time ("The answer is <a+b>.") and are evasive otherwise
+# ("I am not sure."); sampled, it is right well under half the time (its sums are shaky too). A regex
+# rule reward checks the number against the prompt's `answer`. 18 of the 25 prompts train (x4 in
+# prompts.jsonl), the other 7 are held out (x2 in held_out.jsonl).
+
+SUMS_DATA = REPO / "examples" / "data" / "sums"
+SUM_REWARD = {"kind": "regex", "column": "answer", "pattern": r"answer is (\d+)"}
+
+
+@pytest.fixture(scope="session")
+def sums(tmp_path_factory) -> dict:
+    """The sums task's files and its SFT'd tiny model (vocab 256), shared by the grpo and online tests."""
+    import runpy
+
+    from alignment_trainer.tiny import make_tiny_model
+
+    d = tmp_path_factory.mktemp("sums")
+    task = runpy.run_path(str(SUMS_DATA / "make_data.py"), run_name="make_data")
+    task["main"](d)
+    sft = d / "sft.jsonl"
+    model = make_tiny_model(d / "model", [sft], vocab_size=256)
+    path = write_recipe(d / "sft", "sft", str(model), [str(sft)],
+                        training={"max_steps": 150, "learning_rate": 3e-3, "warmup_ratio": 0.05,
+                                  "per_device_train_batch_size": 16, "max_length": 48, "logging_steps": 20,
+                                  "save_steps": 1000, "gradient_checkpointing": False},
+                        tracking={"report_to": []})
+    run_in_process(path)
+    return {"dir": d, "sft_final": str(d / "sft" / "out" / "final"), "regex": dict(SUM_REWARD),
+            "pairs": task["PAIRS"], "committed": SUMS_DATA}
+
+
 def run_subprocess(cmd: list[str], env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, env=trainer_env(env), capture_output=True, text=True, timeout=timeout, cwd=REPO)
     if proc.returncode != 0:

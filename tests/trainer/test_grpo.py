@@ -1,4 +1,4 @@
-"""GRPO (method grpo, TRL's GRPOTrainer) on a tiny learnable task: "What is a + b?".
+"""GRPO (method grpo, TRL's GRPOTrainer) on a tiny learnable task: "What is a + b?" (conftest's `sums`).
 
 The tiny model is first SFT'd on answers that give the sum half the time ("The answer is <a+b>.") and
 are evasive the other half ("I am not sure."); sampled, it is right well under half the time (its
@@ -9,49 +9,8 @@ sums are shaky too). GRPO with a regex rule reward (the number after "answer is"
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
-
-PAIRS = [(a, b) for a in range(1, 6) for b in range(1, 6)]
-REGEX = {"kind": "regex", "column": "answer", "pattern": r"answer is (\d+)"}
-
-
-def sum_sft_rows(n: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        a, b = PAIRS[i % len(PAIRS)]
-        reply = f"The answer is {a + b}." if rng.random() < 0.5 else "I am not sure."
-        rows.append({"messages": [{"role": "user", "content": f"What is {a} + {b}?"},
-                                  {"role": "assistant", "content": reply}]})
-    return rows
-
-
-def prompt_rows(pairs) -> list[dict]:
-    return [{"prompt": f"What is {a} + {b}?", "answer": str(a + b)} for a, b in pairs]
-
-
-@pytest.fixture(scope="module")
-def sums(tmp_path_factory, kit):
-    from alignment_trainer.tiny import make_tiny_model
-
-    d = tmp_path_factory.mktemp("sums")
-    sft = d / "sft.jsonl"
-    sft.write_text("".join(json.dumps(r) + "\n" for r in sum_sft_rows(400, 0)))
-    rng = random.Random(1)
-    pairs = PAIRS[:]
-    rng.shuffle(pairs)
-    (d / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prompt_rows(pairs[:18]) * 4))
-    (d / "held_out.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prompt_rows(pairs[18:]) * 2))
-    model = make_tiny_model(d / "model", [sft], vocab_size=256)
-    path = kit.write_recipe(d / "sft", "sft", str(model), [str(sft)],
-                            training={"max_steps": 150, "learning_rate": 3e-3, "warmup_ratio": 0.05,
-                                      "per_device_train_batch_size": 16, "max_length": 48, "logging_steps": 20,
-                                      "save_steps": 1000, "gradient_checkpointing": False},
-                            tracking={"report_to": []})
-    kit.run_in_process(path)
-    return {"dir": d, "sft_final": str(d / "sft" / "out" / "final")}
 
 
 def grpo_recipe(kit, sums, name: str, rewards: list[dict], **training) -> str:
@@ -66,7 +25,7 @@ def grpo_recipe(kit, sums, name: str, rewards: list[dict], **training) -> str:
 
 
 def test_grpo_raises_held_out_reward(kit, sums):
-    result = kit.run_in_process(grpo_recipe(kit, sums, "grpo", [REGEX]))
+    result = kit.run_in_process(grpo_recipe(kit, sums, "grpo", [sums["regex"]]))
     start, end = result["eval_mean_reward_start"], result["eval_mean_reward"]
     print(f"held-out mean reward: SFT start {start:.3f} -> GRPO {end:.3f} ({result['eval_prompts']} prompts)")
     # Measured (2 shared cores): SFT start 0.071 -> GRPO 0.250 on 14 held-out prompts x 8 samples.
@@ -87,7 +46,7 @@ def test_a_reward_that_raises_names_the_stage(kit, sums):
 
     d = sums["dir"]
     bad = d / "null_answers.jsonl"
-    bad.write_text("".join(json.dumps({"prompt": f"What is {a} + {b}?", "answer": None}) + "\n" for a, b in PAIRS[:16]))
+    bad.write_text("".join(json.dumps({"prompt": f"What is {a} + {b}?", "answer": None}) + "\n" for a, b in sums["pairs"][:16]))
     path = kit.write_recipe(d / "bad", "grpo", sums["sft_final"], [str(bad)],
                             grpo={"rewards": [{"kind": "exact_match", "column": "answer"}], "num_generations": 4,
                                   "max_completion_length": 4},
@@ -108,11 +67,11 @@ def test_no_prompts_and_bad_batch_are_refused(kit, sums, tmp_path):
     empty = tmp_path / "none.jsonl"
     empty.write_text("")
     path = kit.write_recipe(tmp_path / "e", "grpo", sums["sft_final"], [str(empty)],
-                            grpo={"rewards": [REGEX]}, stage_name="g", tracking={"report_to": []})
+                            grpo={"rewards": [sums["regex"]]}, stage_name="g", tracking={"report_to": []})
     with pytest.raises(DataError, match="stage g: no prompts in .*none.jsonl.*a grpo stage needs at least one prompt"):
         kit.run_in_process(path)
     path = kit.write_recipe(tmp_path / "b", "grpo", sums["sft_final"], [str(sums["dir"] / "prompts.jsonl")],
-                            grpo={"rewards": [REGEX], "num_generations": 3}, stage_name="g",
+                            grpo={"rewards": [sums["regex"]], "num_generations": 3}, stage_name="g",
                             training={"per_device_train_batch_size": 8}, tracking={"report_to": []})
     with pytest.raises(ValueError, match="num_generations: 3 must divide"):
         kit.run_in_process(path)

@@ -43,20 +43,23 @@ def test_every_recipe_field_is_documented():
     assert undocumented(Recipe) == []
 
 
-@pytest.mark.parametrize("method", [m for m, info in METHODS.items() if info.trains])
+@pytest.mark.parametrize("method", [m for m, info in METHODS.items() if info.trains or info.writes])
 def test_a_default_stage_renders_the_recipes_own_defaults(method):
     """A stage that sets nothing trains exactly like a hand-written recipe that sets nothing."""
     doc = {"apiVersion": "alignment.dev/v1alpha1", "kind": "AlignmentRun", "metadata": {"name": "r"},
            "spec": {"model": {"source": "org/base"},
                     "stages": [{"name": "s", "method": method, "datasets": [{"source": "d.jsonl"}]}]}}
     # A method with its own required section (grpo's rewards) gets the smallest one.
-    section = {"grpo": {"rewards": [{"kind": "contains"}]}} if method == "grpo" else {}
+    section = {method: {"rewards": [{"kind": "contains"}]}} if method in ("grpo", "label") else {}
     doc["spec"]["stages"][0].update(section)
-    rendered = build_recipe(parse_run(doc), 0, "/workspace")
-    by_hand = Recipe(method=method, model=ModelArgs(model_name_or_path="org/base"),
+    if not METHODS[method].trains:  # a run needs a training stage: the data stage comes after one
+        doc["spec"]["stages"].insert(0, {"name": "first", "method": "sft", "datasets": [{"source": "d.jsonl"}]})
+    index = len(doc["spec"]["stages"]) - 1
+    rendered = build_recipe(parse_run(doc), index, "/workspace")
+    by_hand = Recipe(method=method, model=ModelArgs(model_name_or_path=rendered.model.model_name_or_path),
                      datasets=[{"path": "d.jsonl"}], output_dir=rendered.output_dir, **section)
-    if section:
-        assert rendered.grpo == by_hand.grpo
+    for name in ("grpo", "generate", "label"):
+        assert getattr(rendered, name) == getattr(by_hand, name)
     assert rendered.training == by_hand.training
     assert rendered.model == by_hand.model
     assert rendered.training.learning_rate == METHODS[method].learning_rate

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 # ---------------------------------------------------------------------------- the method table
 
-DataKind = Literal["chat", "pairwise", "unpaired", "prompts"]
+DataKind = Literal["chat", "pairwise", "unpaired", "prompts", "completions"]
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,8 @@ class MethodInfo:
     learning_rate: float        # default peak learning rate
     beta: float | None          # default beta (None: the method has no beta)
     entry: str                  # module under alignment_trainer.stages with run(recipe) -> result
-    trains: bool = True         # False: it evaluates and writes no model
+    trains: bool = True         # False: it evaluates or makes data, and writes no model
+    writes: str | None = None   # a data stage: the dataset file it leaves in final/ (datasets[].stage reads it)
 
     @property
     def default_loss_type(self) -> str | None:
@@ -85,6 +86,15 @@ METHODS: dict[str, MethodInfo] = {
     # reference; TrainingArgs.beta must be > 0), lr 1e-6 TRL's GRPO default.
     "grpo": MethodInfo(data="prompts", reference=False, loss_types=("dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo"),
                        learning_rate=1e-6, beta=0.04, entry="grpo"),
+    # Online rounds as HALOs runs them (sample -> label -> an offline method): generate samples
+    # recipe.generate.num_generations completions per prompt from the stage's model; label scores
+    # a generate stage's completions (recipe.label.rewards: grpo's rules or a reward stage) and
+    # writes pairs (best vs worst) or binary feedback for dpo/kto/... They train nothing (their
+    # learning rate is never used).
+    "generate": MethodInfo(data="prompts", reference=False, loss_types=(), learning_rate=1e-6, beta=None,
+                           entry="generate", trains=False, writes="generations.jsonl"),
+    "label": MethodInfo(data="completions", reference=False, loss_types=(), learning_rate=1e-6, beta=None,
+                        entry="label", trains=False, writes="feedback.jsonl"),
 }
 
 
@@ -98,6 +108,30 @@ def training_methods() -> list[str]:
 
 def preference_methods() -> list[str]:
     return [m for m, info in METHODS.items() if info.preference]
+
+
+def data_methods() -> list[str]:
+    """Methods whose stage writes a dataset (METHODS[m].writes) that later stages may read."""
+    return [m for m, info in METHODS.items() if info.writes]
+
+
+def output_kind(method: str, feedback: str | None = None) -> str | None:
+    """What a data stage's dataset holds: completions (generate: prompts with sampled completions),
+    pairwise (label, feedback pairwise: prompt/chosen/rejected) or unpaired (label, feedback binary:
+    prompt/completion/label); None for a stage that writes no dataset."""
+    if method == "generate":
+        return "completions"
+    if method == "label":
+        return "unpaired" if feedback == "binary" else "pairwise"
+    return None
+
+
+def reads_outputs(method: str) -> tuple[str, ...]:
+    """The kinds of stage output (output_kind) a method's datasets may name: label reads completions;
+    pairwise methods and eval read pairs; kto and sft read pairs or binary feedback (data.py unpairs
+    pairs, and SFT trains on the chosen / desirable replies); prompt methods read none."""
+    return {"completions": ("completions",), "pairwise": ("pairwise",), "unpaired": ("pairwise", "unpaired"),
+            "chat": ("pairwise", "unpaired"), "prompts": ()}[METHODS[method].data]
 
 
 def check_method(value: str) -> str:
@@ -354,6 +388,31 @@ class GrpoArgs(_Strict):
         "training; result.json: their mean reward (eval_mean_reward_start, eval_mean_reward)."))
 
 
+class GenerateArgs(_Strict):
+    """What a generate stage samples: num_generations completions per prompt from the stage's model."""
+
+    num_generations: int = Field(8, ge=1, description="Completions sampled per prompt (HALOs samples 8).")
+    max_completion_length: int = Field(256, gt=0, description="Longest completion, in tokens.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (1.0: the policy's own distribution).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: the smallest token set with this mass.")
+    max_prompts: int | None = Field(None, gt=0, description="First N prompts (after weights) only; None: all.")
+    batch_size: int = Field(8, gt=0, description="Prompts per generate call (transformers).")
+    use_vllm: bool = Field(False, description="Sample with vLLM (needs vllm installed and a GPU); refused otherwise.")
+
+
+class LabelArgs(_Strict):
+    """How a label stage turns a generate stage's completions into feedback."""
+
+    rewards: list[RewardArgs] = Field(min_length=1, description=(
+        "Summed (weighted) into each completion's score; the kinds grpo has (rules against a reference "
+        "column the prompts carry, a format rule, a reward stage's final/)."))
+    feedback: Literal["pairwise", "binary"] = Field("pairwise", description=(
+        "pairwise: per prompt the best against the worst completion (prompt/chosen/rejected; prompts whose "
+        "completions all score the same are skipped); binary: every completion labelled desirable above "
+        "threshold, undesirable below it (prompt/completion/label, KTO's; a score equal to it is skipped)."))
+    threshold: float = Field(0.5, description="binary feedback: the score that separates desirable from undesirable.")
+
+
 class Recipe(_Strict):
     """One stage, everything the trainer needs and nothing it does not."""
 
@@ -370,6 +429,8 @@ class Recipe(_Strict):
     lora: LoraArgs | None = Field(None, description="Train a LoRA adapter instead of all weights.")
     eval: EvalArgs | None = Field(None, description="For method eval: what to measure.")
     grpo: GrpoArgs | None = Field(None, description="For method grpo: generations and rewards.")
+    generate: GenerateArgs | None = Field(None, description="For method generate: what is sampled (default: GenerateArgs()).")
+    label: LabelArgs | None = Field(None, description="For method label: the rewards and the kind of feedback written.")
     output_dir: str = Field(description="Where checkpoint-N/, final/, metrics.jsonl and result.json go.")
     cache_dir: str | None = Field(None, description=(
         "Where precomputed reference log-probs are kept, keyed by what determines them, so a later stage, a "
@@ -393,12 +454,16 @@ class Recipe(_Strict):
     @model_validator(mode="after")
     def _check(self) -> "Recipe":
         info = METHODS[self.method]
-        if info.trains and not self.datasets:
+        if (info.trains or info.writes) and not self.datasets:
             raise ValueError(f"datasets: method {self.method!r} needs at least one dataset")
         if self.test_datasets and self.test_split_size is not None:
             raise ValueError("test_datasets and test_split_size are exclusive: give one")
         if self.method == "grpo" and self.grpo is None:
             raise ValueError("grpo: method grpo needs a grpo section with at least one reward")
+        if self.method == "label" and self.label is None:
+            raise ValueError("label: method label needs a label section with at least one reward")
+        if self.method == "generate" and self.generate is None:
+            self.generate = GenerateArgs()
         t = self.training
         problem = loss_type_problem(self.method, t.loss_type)
         if problem:

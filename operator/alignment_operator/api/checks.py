@@ -7,13 +7,66 @@ checks (types, ranges, enums, unknown fields) come from pydantic and the schema.
 
 from __future__ import annotations
 
-from alignment_trainer.recipe import METHODS, loss_type_problem, training_methods
+from alignment_trainer.recipe import METHODS, loss_type_problem, output_kind, reads_outputs, training_methods
 
 from . import admission
 from .spec import AlignmentRunSpec, StageSpec
 
 
-def _stage_problems(i: int, stage: StageSpec, earlier: list[str], reward_stages: list[str] = ()) -> list[str]:
+def _reward_problems(at: str, section: str, rewards, reward_stages: list[str]) -> list[str]:
+    out = []
+    for k, r in enumerate(rewards):
+        if r.kind in ("regex", "format"):
+            import re
+            try:
+                re.compile(r.pattern or "")
+            except re.error as e:
+                out.append(f"{at}.{section}.rewards[{k}].pattern: {r.pattern!r} is not a Python regex: {e}")
+            if not r.pattern:
+                out.append(f"{at}.{section}.rewards[{k}].pattern: a {r.kind} reward needs a pattern (a Python regex)")
+        if r.kind == "reward_model" and r.reward_model not in reward_stages:
+            out.append(f"{at}.{section}.rewards[{k}].rewardModel: {r.reward_model!r} is not an earlier reward stage; "
+                       f"accepted: {', '.join(reward_stages) or 'none (add a stage with method reward)'}")
+    return out
+
+
+def stage_kind(stage: StageSpec) -> str | None:
+    """What kind of dataset a stage writes (recipe.output_kind), None if it writes none."""
+    return output_kind(stage.method, stage.label.feedback if stage.label else None)
+
+
+def _dataset_stage_problems(at: str, stage: StageSpec, earlier_stages: list[StageSpec]) -> list[str]:
+    """datasets[].stage / testDatasets[].stage name an earlier stage whose output the method reads;
+    the eval section's datasets may name any earlier data stage."""
+    out = []
+    wanted = reads_outputs(stage.method)
+    readable = [s.name for s in earlier_stages if stage_kind(s) in wanted]
+    for field, sources in (("datasets", stage.datasets), ("testDatasets", stage.test_datasets)):
+        for k, d in enumerate(sources):
+            if d.stage is not None and d.stage not in readable:
+                what = (f"method {stage.method} reads no stage's output (give a source)" if not wanted else
+                        f"is not an earlier stage whose output method {stage.method} reads "
+                        f"({' or '.join(wanted)} data)")
+                out.append(f"{at}.{field}[{k}].stage: {d.stage!r} {what}; accepted: "
+                           f"{', '.join(readable) or 'none'}")
+    if stage.eval is not None:
+        data_stages = [s.name for s in earlier_stages if stage_kind(s)]
+        e = stage.eval
+        named = [("eval.prompts", e.prompts)]
+        if e.alpaca_eval:
+            named += [("eval.alpacaEval.referenceOutputs", e.alpaca_eval.reference_outputs),
+                      ("eval.alpacaEval.prompts", e.alpaca_eval.prompts)]
+        if e.mt_bench:
+            named.append(("eval.mtBench.questions", e.mt_bench.questions))
+        for field, d in named:
+            if d is not None and d.stage is not None and d.stage not in data_stages:
+                out.append(f"{at}.{field}.stage: {d.stage!r} is not an earlier generate or label stage; accepted: "
+                           f"{', '.join(data_stages) or 'none'}")
+    return out
+
+
+def _stage_problems(i: int, stage: StageSpec, earlier: list[str], reward_stages: list[str] = (),
+                    earlier_stages: list[StageSpec] = ()) -> list[str]:
     at = f"spec.stages[{i}]"
     out = []
     if stage.name in earlier:
@@ -22,7 +75,7 @@ def _stage_problems(i: int, stage: StageSpec, earlier: list[str], reward_stages:
     if stage.from_ is not None and stage.from_ not in earlier:
         accepted = ", ".join(dict.fromkeys(earlier)) or "none (the first stage starts from spec.model)"
         out.append(f"{at}.from: {stage.from_!r} is not an earlier stage; accepted: {accepted}")
-    if METHODS[stage.method].trains and not stage.datasets:
+    if (METHODS[stage.method].trains or METHODS[stage.method].writes) and not stage.datasets:
         out.append(f"{at}.datasets: method {stage.method!r} needs at least one dataset")
     if stage.test_datasets and stage.test_split_size is not None:
         out.append(f"{at}.testSplitSize: give testDatasets or testSplitSize, not both")
@@ -44,18 +97,11 @@ def _stage_problems(i: int, stage: StageSpec, earlier: list[str], reward_stages:
                    f"(resources.gpusPerNode > 0); use 'none' on CPU")
     if stage.method == "grpo" and stage.grpo is None:
         out.append(f"{at}.grpo: method grpo needs a grpo section with rewards")
-    for k, r in enumerate(stage.grpo.rewards if stage.grpo else []):
-        if r.kind in ("regex", "format"):
-            import re
-            try:
-                re.compile(r.pattern or "")
-            except re.error as e:
-                out.append(f"{at}.grpo.rewards[{k}].pattern: {r.pattern!r} is not a Python regex: {e}")
-            if not r.pattern:
-                out.append(f"{at}.grpo.rewards[{k}].pattern: a {r.kind} reward needs a pattern (a Python regex)")
-        if r.kind == "reward_model" and r.reward_model not in reward_stages:
-            out.append(f"{at}.grpo.rewards[{k}].rewardModel: {r.reward_model!r} is not an earlier reward stage; "
-                       f"accepted: {', '.join(reward_stages) or 'none (add a stage with method reward)'}")
+    if stage.method == "label" and stage.label is None:
+        out.append(f"{at}.label: method label needs a label section with rewards")
+    out += _reward_problems(at, "grpo", stage.grpo.rewards if stage.grpo else [], list(reward_stages))
+    out += _reward_problems(at, "label", stage.label.rewards if stage.label else [], list(reward_stages))
+    out += _dataset_stage_problems(at, stage, list(earlier_stages))
     if stage.eval is not None:
         if "judge" in stage.eval.metrics and stage.eval.judge is None:
             out.append(f"{at}.eval.judge: eval.metrics includes judge but no judge is configured")
@@ -78,7 +124,8 @@ def cross_field_problems(spec: AlignmentRunSpec) -> list[str]:
     problems: list[str] = []
     earlier: list[str] = []
     for i, stage in enumerate(spec.stages):
-        problems += _stage_problems(i, stage, earlier, [s.name for s in spec.stages[:i] if s.method == "reward"])
+        problems += _stage_problems(i, stage, earlier, [s.name for s in spec.stages[:i] if s.method == "reward"],
+                                    spec.stages[:i])
         earlier.append(stage.name)
     if not any(METHODS[s.method].trains for s in spec.stages):
         methods = ", ".join(s.method for s in spec.stages)

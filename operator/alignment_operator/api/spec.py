@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from alignment_trainer.recipe import METHODS, check_method, method_names
+from alignment_trainer.recipe import METHODS, check_method, method_names, reads_outputs
 
 from . import corev1
 from .admission import ExtraArgs, ImageRef, MountPath, NodeSelector
@@ -55,10 +55,18 @@ class ModelSpec(ApiModel):
 
 
 class DatasetSpec(ApiModel):
-    source: str = Field(min_length=1, max_length=512, description=(
+    model_config = {**ApiModel.model_config, "json_schema_extra": x_validations(
+        ("has(self.source) != has(self.stage)", "a dataset gives exactly one of source or stage"),
+    )}
+
+    source: str | None = Field(None, min_length=1, max_length=512, description=(
         "A Hub dataset id, a JSON/JSONL/CSV file (UTF-8, a byte-order mark and CRLF are fine; also "
         "compressed: .gz, .bz2, .xz, .zst; CSV values are read as text), a Parquet file, or a directory saved by `datasets` "
-        "(local, or on the run's volume)."))
+        "(local, or on the run's volume). Exclusive with stage."))
+    stage: str | None = Field(None, min_length=1, max_length=40, description=(
+        "Instead of a source: an earlier data stage whose dataset (its final/ on the run's volume) this reads. "
+        "A label stage reads a generate stage's completions; dpo, ipo, orpo, simpo, slic, reward and eval read a "
+        "label stage's pairwise feedback; kto and sft read a label stage's pairwise or binary feedback."))
     config: str | None = Field(None, max_length=256, description="Dataset configuration name, if it has several.")
     split: str = Field("train", max_length=256, description="Split to read, e.g. train_sft or train_prefs.")
     columns: list[str] | None = Field(None, max_length=64, description=(
@@ -70,6 +78,13 @@ class DatasetSpec(ApiModel):
         "Fraction of rows that may be malformed (missing column, roles out of order, empty "
         "reply) and are skipped with a warning; above it the stage fails naming the first bad "
         "row. Default 0: every row must be valid. Scraped Hub sets such as HH-RLHF may need 0.01."))
+
+    @model_validator(mode="after")
+    def _source_or_stage(self) -> "DatasetSpec":
+        if (self.source is None) == (self.stage is None):
+            raise ValueError("a dataset gives exactly one of source (a file, directory or Hub id) or stage "
+                             "(an earlier generate or label stage)")
+        return self
 
 
 class TrainingSpec(ApiModel):
@@ -334,12 +349,76 @@ class GrpoSpec(ApiModel):
         "Held-out prompts answered before and after training; result: their mean reward."))
 
 
+class GenerateSpec(ApiModel):
+    num_generations: int = Field(8, ge=1, description="Completions sampled per prompt (HALOs samples 8).")
+    max_completion_length: int = Field(256, gt=0, description="Longest completion, in tokens.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (1.0: the policy's own distribution).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: the smallest token set holding this mass.")
+    max_prompts: int | None = Field(None, gt=0, description="First N prompts only. Default: all.")
+    batch_size: int = Field(8, gt=0, description="Prompts per generate call.")
+    use_vllm: bool = Field(False, description=(
+        "Sample with vLLM (GPU stages on an image with vllm installed); refused by the trainer otherwise."))
+
+
+class LabelSpec(ApiModel):
+    rewards: list[RewardSpec] = Field(min_length=1, max_length=16, description=(
+        "Rewards summed (weighted) into each completion's score: grpo's rules against a reference column the "
+        "prompts carry (exact_match, contains, regex), a format rule, or an earlier reward stage's model."))
+    feedback: Literal["pairwise", "binary"] = Field("pairwise", description=(
+        "pairwise: per prompt the best against the worst completion (prompt/chosen/rejected, for dpo and the "
+        "other pairwise methods; prompts whose completions tie are skipped); binary: each completion desirable "
+        "when its score is above threshold, undesirable below (prompt/completion/label, for kto)."))
+    threshold: float = Field(0.5, description="binary feedback: the score separating desirable from undesirable.")
+
+
+def _reward_rules(section: str) -> list[tuple[str, str, str]]:
+    return [
+        (f"!has(self.{section}) || self.{section}.rewards.all(r, !(r.kind in ['regex', 'format']) || has(r.pattern))",
+         f"{section}.rewards: a regex or format reward needs a pattern", f".{section}.rewards"),
+        (f"!has(self.{section}) || self.{section}.rewards.all(r, r.kind != 'reward_model' || has(r.rewardModel))",
+         f"{section}.rewards: a reward_model reward needs rewardModel (an earlier reward stage)", f".{section}.rewards"),
+    ]
+
+
+# How a stage's CEL expression tells what kind of dataset an earlier stage `t` writes
+# (alignment_trainer.recipe.output_kind).
+_OUTPUT_KIND_CEL = {
+    "completions": "t.method == 'generate'",
+    "pairwise": "(t.method == 'label' && has(t.label) && t.label.feedback == 'pairwise')",
+    "unpaired": "(t.method == 'label' && has(t.label) && t.label.feedback == 'binary')",
+}
+
+
+def _stage_dataset_rule() -> tuple[str, str, str]:
+    """datasets[].stage names an earlier stage whose output the method reads (recipe.reads_outputs)."""
+    accepts = " || ".join(f"(s.method in {ms} && ({' || '.join(_OUTPUT_KIND_CEL[k] for k in kinds)}))"
+                          for kinds, ms in _grouped_readers().items())
+    return (f"self.stages.all(i, s, (s.datasets + s.testDatasets).all(d, !has(d.stage) || "
+            f"self.stages.exists(j, t, j < i && t.name == d.stage && ({accepts}))))",
+            "stages[].datasets[].stage must name an earlier stage whose output the method reads: " + "; ".join(
+                f"{', '.join(ms)}: {' or '.join(OUTPUT_KIND_NAMES[k] for k in kinds)}"
+                for kinds, ms in _grouped_readers().items()), ".stages")
+
+
+OUTPUT_KIND_NAMES = {"completions": "a generate stage", "pairwise": "a label stage with feedback pairwise",
+                     "unpaired": "a label stage with feedback binary"}
+
+
+def _grouped_readers() -> dict[tuple[str, ...], list[str]]:
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for m in METHODS:
+        if reads_outputs(m):
+            groups.setdefault(reads_outputs(m), []).append(m)
+    return groups
+
+
 def _stage_rules(schema: dict, cls: type) -> None:
     """The stage's CEL rules, built when the schema is (so they follow the method table)."""
     with_losses = {m: info.loss_types for m, info in METHODS.items() if info.loss_types}
     schema.update(x_validations(
-        ("self.method == 'eval' || size(self.datasets) > 0",
-         "a training stage needs at least one dataset", ".datasets"),
+        (" || ".join(f"self.method == '{m}'" for m, info in METHODS.items() if not (info.trains or info.writes))
+         + " || size(self.datasets) > 0",
+         "a training, generate or label stage needs at least one dataset", ".datasets"),
         ("!(size(self.testDatasets) > 0 && has(self.testSplitSize))",
          "give testDatasets or testSplitSize, not both", ".testSplitSize"),
         ("!has(self.testSplitSize) || self.testSplitSize < 1.0 || self.testSplitSize == double(int(self.testSplitSize))",
@@ -355,10 +434,9 @@ def _stage_rules(schema: dict, cls: type) -> None:
         ("!has(self.lora) || self.lora.quantization == 'none' || self.resources.gpusPerNode > 0",
          "lora.quantization 4bit/8bit needs GPUs (resources.gpusPerNode > 0)", ".lora.quantization"),
         ("self.method != 'grpo' || has(self.grpo)", "method grpo needs a grpo section with rewards", ".grpo"),
-        ("!has(self.grpo) || self.grpo.rewards.all(r, !(r.kind in ['regex', 'format']) || has(r.pattern))",
-         "grpo.rewards: a regex or format reward needs a pattern", ".grpo.rewards"),
-        ("!has(self.grpo) || self.grpo.rewards.all(r, r.kind != 'reward_model' || has(r.rewardModel))",
-         "grpo.rewards: a reward_model reward needs rewardModel (an earlier reward stage)", ".grpo.rewards"),
+        *_reward_rules("grpo"),
+        ("self.method != 'label' || has(self.label)", "method label needs a label section with rewards", ".label"),
+        *_reward_rules("label"),
         ("!has(self.eval) || !('judge' in self.eval.metrics) || has(self.eval.judge)",
          "eval.metrics includes judge but eval.judge is not set", ".eval.judge"),
         ("!has(self.eval) || !(has(self.eval.alpacaEval) || has(self.eval.mtBench)) || has(self.eval.judge)",
@@ -372,9 +450,11 @@ class StageSpec(ApiModel):
     name: str = Field(min_length=1, max_length=40, pattern=DNS_LABEL, description=(
         "Stage name, a DNS label unique in the run (names the Job: <run>-<name>)."))
     method: str = Field(json_schema_extra=lambda schema: schema.update(enum=method_names()), description=(
-        "sft | dpo | ipo | kto | orpo | simpo | slic | reward | grpo | eval. Preference methods start from the "
-        "previous stage's model and use it as the reference; reward trains a Bradley-Terry reward model "
-        "(a sequence-classification final/) on pairs; grpo samples from the policy and trains on rewards."))
+        "sft | dpo | ipo | kto | orpo | simpo | slic | reward | grpo | generate | label | eval. Preference methods "
+        "start from the previous stage's model and use it as the reference; reward trains a Bradley-Terry reward "
+        "model (a sequence-classification final/) on pairs; grpo samples from the policy and trains on rewards; "
+        "generate samples completions from the previous model and label scores them into pairwise or binary "
+        "feedback (an online round: generate -> label -> dpo, read through datasets[].stage)."))
     from_: str | None = Field(None, alias="from", max_length=40, description=(
         "Earlier stage whose final model this stage starts from. Default: the previous stage; the "
         "first stage starts from spec.model."))
@@ -395,6 +475,12 @@ class StageSpec(ApiModel):
     grpo: GrpoSpec | None = Field(None, description=(
         "For method grpo (online RL, TRL's GRPOTrainer): the datasets hold prompts (and reference answers); "
         "what is generated and how it is rewarded."))
+    generate: GenerateSpec | None = Field(None, description=(
+        "For method generate: the datasets hold prompts (and any columns a later label stage's rules read); "
+        "what is sampled from the stage's model. Default: the defaults below."))
+    label: LabelSpec | None = Field(None, description=(
+        "For method label: the datasets name a generate stage; how its completions are scored and what "
+        "feedback is written."))
     backoff_limit: int = Field(2, ge=0, description=(
         "Pod retries before the stage fails; a retry resumes from the newest checkpoint."))
     tracking: TrackingSpec | None = Field(None, description=(
@@ -449,7 +535,8 @@ class TrainerSpec(ApiModel):
 
 class AlignmentRunSpec(ApiModel):
     model_config = {**ApiModel.model_config, "json_schema_extra": x_validations(
-        ("self.stages.exists(s, s.method != 'eval')",
+        ("self.stages.exists(s, " + " && ".join(f"s.method != '{m}'" for m, info in METHODS.items() if not info.trains)
+         + ")",
          "at least one training stage (sft, dpo, ipo, kto, orpo, simpo) is required", ".stages"),
         # Two-variable comprehensions (index, value) keep the cost bounded; map() would not.
         ("self.stages.all(i, s, !has(s.from) || self.stages.exists(j, t, j < i && t.name == s.from))",
@@ -460,6 +547,7 @@ class AlignmentRunSpec(ApiModel):
         ("self.stages.all(i, s, !has(s.eval) || !has(s.eval.rewardModel) || "
          "self.stages.exists(j, t, j < i && t.name == s.eval.rewardModel && t.method == 'reward'))",
          "stages[].eval.rewardModel must name an earlier reward stage", ".stages"),
+        _stage_dataset_rule(),
     )}
 
     model: ModelSpec = Field(description="The base model the first stage starts from.")

@@ -25,6 +25,7 @@ KEY_METRICS = {
     "sft": ["train_loss", "eval_loss"],
     "pref": ["train_loss", "eval_loss", "eval_rewards/accuracies", "rewards/accuracies",
              "eval_rewards/margins", "rewards/margins"],
+    "data": ["prompts", "completions", "mean_reward", "pairs", "desirable", "undesirable", "generation_stop_rate"],
     "eval": ["preference_accuracy", "reward_margin", "logp_accuracy", "reference_logp_accuracy",
              "perplexity", "reference_perplexity", "generation_stop_rate", "judge_win_rate"],
 }
@@ -187,7 +188,7 @@ def summary(run, status, run_dir: Path, curves: Path | None) -> None:
     rows = [["STAGE", "METHOD", "PHASE", "TIME", "METRICS"]]
     for spec, st in zip(run.spec.stages, status.stages):
         info = METHODS[spec.method]
-        family = "eval" if not info.trains else "pref" if info.preference else "sft"
+        family = "data" if info.writes else "eval" if not info.trains else "pref" if info.preference else "sft"
         shown = [f"{k}={_fmt(st.metrics[k])}" for k in KEY_METRICS[family] if k in st.metrics]
         took = duration(_since(st.start_time, st.completion_time)) if st.start_time else ""
         rows.append([st.name, spec.method, st.phase, took, "  ".join(shown) or (st.message or "")[:100]])

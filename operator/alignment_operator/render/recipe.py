@@ -11,12 +11,13 @@ from __future__ import annotations
 import posixpath
 
 from alignment_trainer.recipe import (
-    METHODS, AlpacaEvalArgs, DatasetArgs, EvalArgs, JudgeArgs, LmEvalArgs, LoraArgs, ModelArgs, MtBenchArgs, Recipe,
-    TrainingArgs,
+    METHODS, AlpacaEvalArgs, DatasetArgs, EvalArgs, GenerateArgs, JudgeArgs, LabelArgs, LmEvalArgs, LoraArgs,
+    ModelArgs, MtBenchArgs, Recipe, RewardArgs, TrainingArgs,
 )
 from alignment_trainer.recipe import TrackingArgs
 
 from ..api import AlignmentRun, DatasetSpec, StageSpec
+from ..api.spec import GenerateSpec
 
 JUDGE_API_KEY_ENV = "JUDGE_API_KEY"
 
@@ -33,13 +34,14 @@ def final_dir(root: str, run: AlignmentRun, stage_name: str) -> str:
 def start_stage(run: AlignmentRun, index: int) -> StageSpec | None:
     """The stage whose final model stage `index` starts from; None means spec.model.
 
-    `from` when given, else the nearest earlier training stage (an eval stage makes no model).
+    `from` when given, else the nearest earlier training stage (eval, generate and label stages
+    make no model: a dpo stage after generate -> label starts from the model that generated).
     """
     stage = run.spec.stages[index]
     earlier = run.spec.stages[:index]
     if stage.from_ is not None:
         return next(s for s in earlier if s.name == stage.from_)
-    return next((s for s in reversed(earlier) if s.method != "eval"), None)
+    return next((s for s in reversed(earlier) if METHODS[s.method].trains), None)
 
 
 def start_model(run: AlignmentRun, index: int, root: str) -> str:
@@ -47,8 +49,15 @@ def start_model(run: AlignmentRun, index: int, root: str) -> str:
     return run.spec.model.source if start is None else final_dir(root, run, start.name)
 
 
-def _dataset(d: DatasetSpec) -> DatasetArgs:
-    return DatasetArgs(path=d.source, name=d.config, split=d.split, columns=d.columns, weight=d.weight,
+def stage_dataset(root: str, run: AlignmentRun, stage_name: str) -> str:
+    """The dataset a data stage (generate, label) leaves on the volume: <stage>/final/<METHODS[m].writes>."""
+    producer = next(s for s in run.spec.stages if s.name == stage_name)
+    return posixpath.join(final_dir(root, run, stage_name), METHODS[producer.method].writes)
+
+
+def _dataset(d: DatasetSpec, run: AlignmentRun, root: str) -> DatasetArgs:
+    path = d.source if d.stage is None else stage_dataset(root, run, d.stage)
+    return DatasetArgs(path=path, name=d.config, split=d.split, columns=d.columns, weight=d.weight,
                        max_invalid_fraction=d.max_invalid_fraction)
 
 
@@ -132,8 +141,8 @@ def build_recipe(run: AlignmentRun, index: int, root: str,
         ),
         # Preference methods use the model they start from as the frozen reference.
         ref_model=start if METHODS[stage.method].reference and METHODS[stage.method].trains else None,
-        datasets=[_dataset(d) for d in stage.datasets],
-        test_datasets=[_dataset(d) for d in stage.test_datasets],
+        datasets=[_dataset(d, run, root) for d in stage.datasets],
+        test_datasets=[_dataset(d, run, root) for d in stage.test_datasets],
         test_split_size=stage.test_split_size,
         training=_training(stage) if stage.method != "eval" else _eval_training(run, index),
         lora=None if lora is None else LoraArgs(
@@ -143,6 +152,8 @@ def build_recipe(run: AlignmentRun, index: int, root: str,
         ),
         eval=None if stage.method != "eval" else _eval_args(run, index, root),
         grpo=None if stage.grpo is None else _grpo_args(run, stage, root),
+        generate=_generate_args(stage) if stage.method == "generate" else None,
+        label=None if stage.label is None else _label_args(run, stage, root),
         output_dir=stage_dir(root, run, stage.name),
         # Reference log-probs are kept once per volume, keyed by what determines them: a later stage,
         # a rerun or another run on the same volume that asks for the same reuses them.
@@ -155,15 +166,32 @@ def build_recipe(run: AlignmentRun, index: int, root: str,
     )
 
 
+def _rewards(run: AlignmentRun, rewards, root: str) -> list[RewardArgs]:
+    """A reward_model reward names an earlier reward stage; its final/ scores."""
+    return [RewardArgs(kind=r.kind, column=r.column, pattern=r.pattern, weight=r.weight,
+                       model=final_dir(root, run, r.reward_model) if r.reward_model else None)
+            for r in rewards]
+
+
+def _generate_args(stage: StageSpec) -> GenerateArgs:
+    g = stage.generate or GenerateSpec()
+    return GenerateArgs(num_generations=g.num_generations, max_completion_length=g.max_completion_length,
+                        temperature=g.temperature, top_p=g.top_p, max_prompts=g.max_prompts,
+                        batch_size=g.batch_size, use_vllm=g.use_vllm)
+
+
+def _label_args(run: AlignmentRun, stage: StageSpec, root: str) -> LabelArgs:
+    lab = stage.label
+    return LabelArgs(rewards=_rewards(run, lab.rewards, root), feedback=lab.feedback, threshold=lab.threshold)
+
+
 def _grpo_args(run: AlignmentRun, stage: StageSpec, root: str):
     """recipe.grpo: a reward_model reward names an earlier reward stage; its final/ scores."""
-    from alignment_trainer.recipe import GrpoArgs, RewardArgs
+    from alignment_trainer.recipe import GrpoArgs
 
     g = stage.grpo
     return GrpoArgs(
-        rewards=[RewardArgs(kind=r.kind, column=r.column, pattern=r.pattern, weight=r.weight,
-                            model=final_dir(root, run, r.reward_model) if r.reward_model else None)
-                 for r in g.rewards],
+        rewards=_rewards(run, g.rewards, root),
         num_generations=g.num_generations, max_completion_length=g.max_completion_length,
         temperature=g.temperature, use_vllm=g.use_vllm, eval_prompts=g.eval_prompts)
 
@@ -191,7 +219,7 @@ def _eval_args(run: AlignmentRun, index: int, root: str) -> EvalArgs:
         metrics=list(e.metrics),
         reference_model=reference,
         reward_model=final_dir(root, run, e.reward_model) if e.reward_model else None,
-        prompts=_dataset(e.prompts) if e.prompts else None,
+        prompts=_dataset(e.prompts, run, root) if e.prompts else None,
         max_new_tokens=e.max_new_tokens,
         num_generations=e.num_generations,
         judge=None if e.judge is None else JudgeArgs(
@@ -203,11 +231,11 @@ def _eval_args(run: AlignmentRun, index: int, root: str) -> EvalArgs:
             limit=e.lm_eval.limit, apply_chat_template=e.lm_eval.apply_chat_template,
             batch_size=e.lm_eval.batch_size, max_gen_toks=e.lm_eval.max_gen_toks, reference=e.lm_eval.reference),
         alpaca_eval=None if e.alpaca_eval is None else AlpacaEvalArgs(
-            reference_outputs=_dataset(e.alpaca_eval.reference_outputs),
-            prompts=_dataset(e.alpaca_eval.prompts) if e.alpaca_eval.prompts else None,
+            reference_outputs=_dataset(e.alpaca_eval.reference_outputs, run, root),
+            prompts=_dataset(e.alpaca_eval.prompts, run, root) if e.alpaca_eval.prompts else None,
             annotator_config=e.alpaca_eval.annotator_config, max_instances=e.alpaca_eval.max_instances,
             max_new_tokens=e.alpaca_eval.max_new_tokens, lc_glm=e.alpaca_eval.lc_glm),
         mt_bench=None if e.mt_bench is None else MtBenchArgs(
-            questions=_dataset(e.mt_bench.questions), max_questions=e.mt_bench.max_questions,
+            questions=_dataset(e.mt_bench.questions, run, root), max_questions=e.mt_bench.max_questions,
             max_new_tokens=e.mt_bench.max_new_tokens),
     )

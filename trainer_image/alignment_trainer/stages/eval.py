@@ -299,8 +299,11 @@ def preference_metrics(lp: list[tuple[float, int]], lp_ref: list[tuple[float, in
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int,
-             task: str) -> list[dict]:
-    """Greedy answers, left-padded batches, stopping at the end-of-turn token (eos)."""
+             task: str, **sampling) -> list[dict]:
+    """Greedy answers, left-padded batches, stopping at the end-of-turn token (eos).
+
+    `sampling` (generate kwargs: do_sample, temperature, top_p, num_return_sequences) samples
+    instead; the answers then come num_return_sequences per prompt, in prompt order."""
     eos = model.generation_config.eos_token_id
     stops = set(eos if isinstance(eos, list) else [eos])
     device = next(model.parameters()).device
@@ -310,7 +313,7 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, b
         chunk = prompts[start:start + batch_size]
         texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in chunk]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
+        out = model.generate(**enc, **{"do_sample": False, **sampling}, max_new_tokens=max_new_tokens,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=list(stops))
         for row in out[:, enc["input_ids"].shape[1]:].tolist():
             end = next((i for i, tok in enumerate(row) if tok in stops), None)

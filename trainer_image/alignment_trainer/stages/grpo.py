@@ -117,7 +117,7 @@ def _reward_model(args: RewardArgs):
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForSequenceClassification.from_pretrained(args.model).to(device).eval()
     if model.config.num_labels != 1:
-        raise ValueError(f"grpo.rewards[].model: {args.model} has {model.config.num_labels} labels, not a reward "
+        raise ValueError(f"rewards[].model: {args.model} has {model.config.num_labels} labels, not a reward "
                          "model (a reward stage's final/ has one)")
 
     @torch.no_grad()
@@ -130,11 +130,12 @@ def _reward_model(args: RewardArgs):
     return reward
 
 
-def build_rewards(recipe: Recipe) -> list:
-    """One callable per recipe.grpo.rewards entry, named for TRL's metrics (rewards/<name>/mean);
-    an exception inside becomes a RewardError naming the stage and the reward."""
+def build_rewards(recipe: Recipe, rewards: list[RewardArgs] | None = None, section: str = "grpo") -> list:
+    """One callable per reward (recipe.grpo.rewards, or `rewards` of recipe.<section>: the label
+    stage's), named for TRL's metrics (rewards/<name>/mean); an exception inside becomes a
+    RewardError naming the stage and <section>.rewards[i]."""
     funcs = []
-    for i, args in enumerate(recipe.grpo.rewards):
+    for i, args in enumerate(recipe.grpo.rewards if rewards is None else rewards):
         inner = _reward_model(args) if args.kind == "reward_model" else _rule(args)
         name = args.kind if args.kind in ("format", "reward_model") else f"{args.kind}_{args.column}"
         if any(f.__name__ == name for f in funcs):
@@ -146,7 +147,7 @@ def build_rewards(recipe: Recipe) -> list:
             except Exception as e:  # noqa: BLE001 - any failure of a reward is the recipe's to fix
                 fix = (f"check the model {_args.model}" if _args.kind == "reward_model"
                        else f"check its pattern/column and the prompts' {_args.column!r} values")
-                raise RewardError(f"{stage_label(recipe)}: grpo.rewards[{_i}] ({_args.kind}) raised "
+                raise RewardError(f"{stage_label(recipe)}: {section}.rewards[{_i}] ({_args.kind}) raised "
                                   f"{type(e).__name__}: {e}; {fix}") from e
 
         wrapped.__name__ = name

@@ -1,0 +1,124 @@
+"""An online round as HALOs runs one (sample -> label -> train), as three stages: generate, label, dpo.
+
+On conftest's sums task ("What is a + b?"): the SFT'd tiny model samples 8 completions for each of
+the 18 training prompts (generate); a rule reward scores them, 1 for the right number after "answer
+is" plus 0.5 for answering in that form at all, and the best and worst completion of each prompt
+become a DPO pair (label); DPO trains on the pairs against the SFT model. The held-out mean reward
+(the 7 prompts no stage trained on, sampled and scored by the same two stages) must rise clearly
+above the SFT model's. A label reward that raises, a generate stage with no prompts and vLLM asked
+for where there is none fail naming the stage and what to fix.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+SAMPLING = {"num_generations": 8, "max_completion_length": 24, "temperature": 0.7}
+FORMAT = {"kind": "format", "pattern": r"^The answer is \d+", "weight": 0.5}
+
+
+def generate(kit, sums, name: str, model: str, prompts: str, **generate_args) -> dict:
+    path = kit.write_recipe(sums["dir"] / name, "generate", model, [prompts], stage_name=name,
+                            generate={**SAMPLING, **generate_args}, tracking={"report_to": []})
+    return kit.run_in_process(path)
+
+
+def label(kit, sums, name: str, generations: str, rewards: list[dict], **label_args) -> dict:
+    path = kit.write_recipe(sums["dir"] / name, "label", sums["sft_final"], [generations], stage_name=name,
+                            label={"rewards": rewards, **label_args}, tracking={"report_to": []})
+    return kit.run_in_process(path)
+
+
+def rows(path: str) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_one_online_round_raises_held_out_reward(kit, sums):
+    from alignment_trainer.data import normalise_preference, normalise_unpaired
+
+    d, rewards = sums["dir"], [sums["regex"], FORMAT]
+    # The round: sample from the SFT model, label best vs worst, DPO against the SFT model.
+    gen = generate(kit, sums, "gen-1", sums["sft_final"], str(d / "prompts.jsonl"))
+    generated = rows(gen["dataset"])
+    assert (gen["prompts"], gen["completions"], len(generated)) == (72, 72 * 8, 72)
+    assert all(len(r["completions"]) == 8 and r["answer"] and r["prompt"][0]["role"] == "user" for r in generated)
+
+    lab = label(kit, sums, "label-1", gen["dataset"], rewards)
+    pairs = rows(lab["dataset"])
+    assert lab["pairs"] == len(pairs) > 30 and lab["pairs"] + lab["tied_prompts"] == 72
+    for p in pairs:
+        a, b = map(int, re.findall(r"\d+", p["prompt"][0]["content"]))
+        right = re.match(rf"^The answer is {a + b}(?!\d)", p["chosen"][0]["content"]) is not None
+        assert p["score_chosen"] > p["score_rejected"] and (p["score_chosen"] >= 1) == right, p
+    assert len(normalise_preference(pairs)) == len(pairs)  # what the dpo stage reads
+
+    dpo = kit.write_recipe(d / "dpo-1", "dpo", sums["sft_final"], [lab["dataset"]], stage_name="dpo-1",
+                           ref_model=sums["sft_final"],
+                           training={"num_train_epochs": 2, "learning_rate": 3e-4, "beta": 0.1,
+                                     "per_device_train_batch_size": 8, "max_length": 96, "max_prompt_length": 48,
+                                     "warmup_ratio": 0.0, "lr_scheduler_type": "constant", "logging_steps": 5,
+                                     "save_steps": 1000, "gradient_checkpointing": False},
+                           tracking={"report_to": []})
+    trained = kit.run_in_process(dpo)
+
+    # Held out: the SFT start and the DPO model, sampled alike, labelled alike (binary, for KTO).
+    held_out = str(d / "held_out.jsonl")
+    scored = {}
+    for who, model in (("start", sums["sft_final"]), ("after", trained["checkpoint"])):
+        g = generate(kit, sums, f"{who}-gen", model, held_out)
+        scored[who] = label(kit, sums, f"{who}-label", g["dataset"], rewards, feedback="binary", threshold=0.25)
+    start, after = scored["start"], scored["after"]
+    right = "rewards/regex_answer/mean"
+    print(f"online round (generate -> label -> dpo, {lab['pairs']} pairs): held-out mean reward "
+          f"SFT {start['mean_reward']:.3f} -> DPO {after['mean_reward']:.3f}; right answers {start[right]:.3f} -> "
+          f"{after[right]:.3f}; in the answer format {start['rewards/format/mean']:.3f} -> "
+          f"{after['rewards/format/mean']:.3f} (7 prompts x 2 x 8 samples)")
+    # Measured (2 shared cores): SFT 0.281 -> DPO 0.589 (seeds 1, 2 of the DPO stage: 0.563, 0.585).
+    assert start["mean_reward"] < 0.5, start
+    assert after["mean_reward"] >= start["mean_reward"] + 0.15, (start["mean_reward"], after["mean_reward"])
+    assert after[right] > start[right], (start[right], after[right])
+    feedback = rows(after["dataset"])
+    assert len(normalise_unpaired(feedback)) == len(feedback) == after["desirable"] + after["undesirable"]
+    assert all(r["label"] == (r["score"] > 0.25) for r in feedback)
+
+
+def test_a_label_reward_that_raises_names_the_stage(kit, sums, tmp_path):
+    from alignment_trainer.__main__ import classify
+
+    bad = tmp_path / "generations.jsonl"
+    bad.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"What is {a} + {b}?"}],
+                                       "completions": ["The answer is 3.", "I am not sure."], "answer": None}) + "\n"
+                           for a, b in sums["pairs"][:4]))
+    with pytest.raises(ValueError) as info:
+        label(kit, sums, "bad-label", str(bad), [{"kind": "exact_match", "column": "answer"}])
+    failure = classify(info.value)
+    assert failure["reason"] == "RecipeError" and failure["exit_code"] == 2
+    assert "stage bad-label: label.rewards[0] (exact_match) raised" in failure["error"]
+    assert "'answer'" in failure["error"] and "reference answer" in failure["error"]
+
+
+def test_generate_refuses_no_prompts_and_absent_vllm(kit, sums, tmp_path):
+    from alignment_trainer.data import DataError
+
+    empty = tmp_path / "none.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match=r"stage gen-empty: no prompts in .*none.jsonl.*needs at least one row with "
+                                        r"a `prompt`.*fix datasets"):
+        generate(kit, sums, "gen-empty", sums["sft_final"], str(empty))
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        with pytest.raises(ValueError, match="generate.use_vllm: vllm is not installed in this image; set it false"):
+            generate(kit, sums, "gen-vllm", sums["sft_final"], str(sums["dir"] / "held_out.jsonl"), use_vllm=True)
+
+
+def test_the_example_sums_files_are_what_their_generator_writes(sums):
+    """examples/online-tiny-run.yaml reads the committed files; the tests read the generator's."""
+    written = sorted(p.name for p in sums["dir"].glob("*.jsonl"))
+    assert written == ["held_out.jsonl", "prefs_test.jsonl", "prompts.jsonl", "sft.jsonl"]
+    for name in written:
+        assert (sums["dir"] / name).read_bytes() == (sums["committed"] / name).read_bytes(), f"{name} drifted"

@@ -1,0 +1,152 @@
+"""Sample completions from a stage's model: the first half of an online round (generate -> label -> train).
+
+    python -m alignment_trainer recipe.yaml          # recipe.method: generate
+
+recipe.model is the policy (by default the final/ of the run's previous model-making stage);
+recipe.datasets hold prompts, read as grpo reads them (a `prompt` string or turns, or `messages`
+whose trailing assistant turn is dropped); every other column (a reference `answer`, ids) is kept
+as it is, for the label stage's rules. recipe.generate.num_generations completions are sampled per
+prompt (transformers' generate, seeded, stopping at the end-of-turn token; vLLM with
+generate.use_vllm where it is installed and a GPU is present) and written, one row per prompt, to
+
+    <output_dir>/final/generations.jsonl   {"prompt": [turns], "completions": [text, ...],
+                                            "stopped": [bool, ...], <the prompt row's other columns>}
+
+which a later stage reads by naming this stage (datasets[].stage), as HALOs' label step reads the
+samples its vLLM step wrote. result.json: prompts, completions, the fraction that stopped before
+max_completion_length and the mean completion length. One process generates; a rerun of a stage
+whose final/ and result.json exist does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from ..data import DataError, describe, read_rows, subsample
+from ..model import load_model, load_tokenizer
+from ..recipe import Recipe
+from ..results import emit, write_result
+from .common import setup_stage
+from .eval import generate as sample
+from .grpo import prompt_turns, stage_label
+
+log = logging.getLogger("alignment_trainer")
+
+# Columns of a prompt row that are the prompt itself (the rest travels with the completions).
+PROMPT_COLUMNS = {"prompt", "messages", "completions", "stopped"}
+
+
+def load_prompt_rows(recipe: Recipe) -> list[dict]:
+    """{prompt: turns, <other columns>} for every prompt of the mixture (weights applied, in order)."""
+    rows: list[dict] = []
+    for k, args in enumerate(recipe.datasets):
+        where = describe(args)
+        read, _ = read_rows(args)
+        for row in subsample(read, args.weight, recipe.training.seed + k):
+            rows.append({**{c: v for c, v in row.items() if c not in PROMPT_COLUMNS},
+                         "prompt": prompt_turns(row, where)})
+    return rows[:recipe.generate.max_prompts] if recipe.generate.max_prompts else rows
+
+
+def write_data_stage(recipe: Recipe, rows: list[dict], result: dict) -> dict:
+    """final/<METHODS[method].writes> and result.json, final/ renamed into place whole (a stage
+    killed while writing leaves final.tmp-*, which the rerun removes, never a half dataset)."""
+    out = Path(recipe.output_dir)
+    tmp, final = out / f"final.tmp-{os.getpid()}", out / "final"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with open(tmp / recipe.info.writes, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    result = {"method": recipe.method, "stage": recipe.stage_name, "checkpoint": str(final),
+              "dataset": str(final / recipe.info.writes), **result}
+    write_result(recipe, result)
+    emit("done", **{k: v for k, v in result.items() if v is not None})
+    return result
+
+
+def check_vllm() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ValueError("generate.use_vllm: vllm is not installed in this image; set it false (transformers "
+                         "generates) or use a GPU trainer image with vllm")
+    if not torch.cuda.is_available():
+        raise ValueError("generate.use_vllm: vLLM needs a GPU and this stage has none; set it false or give the "
+                         "stage GPUs (resources.gpusPerNode)")
+
+
+def sample_vllm(recipe: Recipe, tokenizer, prompts: list[list[dict]]) -> list[dict]:
+    """vLLM's offline LLM.generate: n samples per prompt (its own batching), in prompt order."""
+    from vllm import LLM, SamplingParams
+
+    g = recipe.generate
+    llm = LLM(model=recipe.model.model_name_or_path, revision=recipe.model.model_revision,
+              dtype=recipe.model.torch_dtype,
+              trust_remote_code=recipe.model.trust_remote_code, seed=recipe.training.seed)
+    params = SamplingParams(n=g.num_generations, temperature=g.temperature, top_p=g.top_p,
+                            max_tokens=g.max_completion_length, seed=recipe.training.seed)
+    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    answers = []
+    for request in llm.generate(texts, params):
+        answers += [{"text": o.text.strip(), "tokens": len(o.token_ids), "stopped": o.finish_reason == "stop"}
+                    for o in request.outputs]
+    return answers
+
+
+def run(recipe: Recipe) -> dict | None:
+    done = setup_stage(recipe)
+    if done is not None:
+        return done
+    if int(os.environ.get("RANK", "0")) != 0:  # one process samples; the others have nothing to do
+        return None
+    g = recipe.generate
+
+    # Prompts first: a bad or empty dataset fails in seconds, before a model loads.
+    rows = load_prompt_rows(recipe)
+    if not rows:
+        raise DataError(f"{stage_label(recipe)}: no prompts in {', '.join(describe(d) for d in recipe.datasets)}; "
+                        "a generate stage needs at least one row with a `prompt` (text or turns) or `messages`: "
+                        "fix datasets[] (the file, its split, weight or generate.maxPrompts)")
+    if g.use_vllm:
+        check_vllm()
+
+    # Model & tokenizer: the policy as it is, frozen
+    tokenizer = load_tokenizer(recipe.model)
+    prompts = [r["prompt"] for r in rows]
+    start = time.perf_counter()
+    emit("start", method=recipe.method, stage=recipe.stage_name, prompts=len(rows), samples=g.num_generations)
+    if g.use_vllm:
+        answers = sample_vllm(recipe, tokenizer, prompts)
+    else:
+        from transformers import set_seed
+
+        set_seed(recipe.training.seed)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = load_model(recipe.model, tokenizer).to(device).eval()
+        answers = sample(model, tokenizer, prompts, g.max_completion_length, g.batch_size, "generate",
+                         do_sample=True, temperature=g.temperature, top_p=g.top_p, top_k=0,
+                         num_return_sequences=g.num_generations)
+
+    # One row per prompt: its completions in sampling order
+    n = g.num_generations
+    out = []
+    for i, row in enumerate(rows):
+        mine = answers[i * n:(i + 1) * n]
+        out.append({**row, "completions": [a["text"] for a in mine], "stopped": [a["stopped"] for a in mine]})
+    return write_data_stage(recipe, out, {
+        "prompts": len(rows), "completions": len(answers),
+        "generation_stop_rate": sum(a["stopped"] for a in answers) / len(answers),
+        "mean_completion_tokens": sum(a["tokens"] for a in answers) / len(answers),
+        "generate_runtime_s": round(time.perf_counter() - start, 3),
+    })

@@ -1,0 +1,154 @@
+"""Score a generate stage's completions and write feedback: the second half of an online round.
+
+    python -m alignment_trainer recipe.yaml          # recipe.method: label
+
+recipe.datasets hold generate output (one row per prompt: `prompt`, `completions`, and the prompt
+row's other columns, e.g. the reference `answer`). Each completion's score is the weighted sum of
+recipe.label.rewards, built by grpo's reward builders (rules against a reference column, a format
+rule, a reward stage's final/). Written, as HALOs' label step writes them, in the layouts the
+preference stages read:
+
+    feedback pairwise   <output_dir>/final/feedback.jsonl   {"prompt", "chosen", "rejected",
+                        "score_chosen", "score_rejected"}: per prompt the best completion against
+                        the worst; a prompt whose completions all score the same gives no pair
+    feedback binary     {"prompt", "completion", "label", "score"}: every completion, desirable when
+                        its score is above label.threshold, undesirable below (equal: skipped)
+
+Empty completions are skipped (no stage trains on an empty reply). result.json: the mean score of
+all completions (mean_reward: the policy's mean reward on these prompts) and of each reward
+(rewards/<name>/mean), the mean best-of-n score, how many pairs or labels were written and how many
+prompts were ties. A reward that raises fails the stage naming it (grpo.RewardError);
+feedback with no row at all fails as a DataError saying what to change.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from ..data import DataError, describe, read_rows, subsample
+from ..recipe import Recipe
+from ..results import emit
+from .common import setup_stage
+from .generate import write_data_stage
+from .grpo import build_rewards, prompt_turns, stage_label
+
+log = logging.getLogger("alignment_trainer")
+
+
+def load_generations(recipe: Recipe, columns: set[str]) -> list[dict]:
+    """{prompt: turns, completions: [text], <reference columns as text>} per generate row."""
+    rows: list[dict] = []
+    for k, args in enumerate(recipe.datasets):
+        where = describe(args)
+        read, _ = read_rows(args)
+        for i, row in enumerate(subsample(read, args.weight, recipe.training.seed + k)):
+            done = row.get("completions")
+            if not isinstance(done, list) or not all(isinstance(c, str) for c in done):
+                raise DataError(f"dataset {where}: row {i}: column 'completions' must be a list of texts (a generate "
+                                f"stage's output: name it in datasets[].stage); columns: {sorted(row)}")
+            missing = sorted(c for c in columns if c not in row)
+            if missing:
+                raise DataError(f"dataset {where}: row {i} lacks the reference column(s) {missing} a reward of "
+                                f"{stage_label(recipe)} reads (label.rewards[].column); columns: {sorted(row)}")
+            rows.append({"prompt": prompt_turns(row, where), "completions": done,
+                         **{c: None if row[c] is None else str(row[c]) for c in columns}})
+    return rows
+
+
+def score_rows(rows: list[dict], funcs, weights, columns: set[str],
+               batch: int = 8) -> tuple[list[list[float]], dict[str, float]]:
+    """Each row's completions' total scores, `batch` prompts per reward call (a reward model scores
+    them together); and each reward's mean over all completions (rewards/<name>/mean, as grpo logs)."""
+    scores: list[list[float]] = []
+    sums = [0.0] * len(funcs)
+    for start in range(0, len(rows), batch):
+        chunk = rows[start:start + batch]
+        flat = [(r, c) for r in chunk for c in r["completions"]]
+        if not flat:
+            scores += [[] for _ in chunk]
+            continue
+        prompts = [r["prompt"] for r, _ in flat]
+        completions = [[{"role": "assistant", "content": c}] for _, c in flat]
+        cols = {col: [r[col] for r, _ in flat] for col in columns}
+        parts = [[float(v) for v in f(prompts=prompts, completions=completions, **cols)] for f in funcs]
+        sums = [acc + sum(p) for acc, p in zip(sums, parts)]
+        values = [sum(w * p[j] for w, p in zip(weights, parts)) for j in range(len(flat))]
+        at = 0
+        for r in chunk:
+            scores.append(values[at:at + len(r["completions"])])
+            at += len(r["completions"])
+    n = max(sum(len(s) for s in scores), 1)
+    return scores, {f"rewards/{f.__name__}/mean": total / n for f, total in zip(funcs, sums)}
+
+
+def pairwise(rows: list[dict], scores: list[list[float]]) -> tuple[list[dict], dict]:
+    """Best against worst per prompt (the first of equals, in sampling order); ties skipped."""
+    out, ties = [], 0
+    for row, row_scores in zip(rows, scores):
+        kept = [(s, c) for s, c in zip(row_scores, row["completions"]) if c.strip()]
+        if len(kept) < 2 or max(s for s, _ in kept) == min(s for s, _ in kept):
+            ties += 1
+            continue
+        best = max(kept, key=lambda sc: sc[0])
+        worst = min(kept, key=lambda sc: sc[0])
+        out.append({"prompt": row["prompt"], "chosen": [{"role": "assistant", "content": best[1]}],
+                    "rejected": [{"role": "assistant", "content": worst[1]}],
+                    "score_chosen": best[0], "score_rejected": worst[0]})
+    margins = [r["score_chosen"] - r["score_rejected"] for r in out]
+    return out, {"pairs": len(out), "tied_prompts": ties,
+                 "mean_score_margin": sum(margins) / len(margins) if margins else None}
+
+
+def binary(rows: list[dict], scores: list[list[float]], threshold: float) -> tuple[list[dict], dict]:
+    out, at_threshold = [], 0
+    for row, row_scores in zip(rows, scores):
+        for s, c in zip(row_scores, row["completions"]):
+            if not c.strip():
+                continue
+            if s == threshold:
+                at_threshold += 1
+                continue
+            out.append({"prompt": row["prompt"], "completion": [{"role": "assistant", "content": c}],
+                        "label": s > threshold, "score": s})
+    desirable = sum(r["label"] for r in out)
+    return out, {"desirable": desirable, "undesirable": len(out) - desirable, "at_threshold": at_threshold}
+
+
+def run(recipe: Recipe) -> dict | None:
+    done = setup_stage(recipe)
+    if done is not None:
+        return done
+    if int(os.environ.get("RANK", "0")) != 0:  # one process scores; the others have nothing to do
+        return None
+    lab = recipe.label
+    columns = {r.column for r in lab.rewards if r.kind not in ("format", "reward_model")}
+
+    # Completions first: bad input fails in seconds, before a reward model loads.
+    rows = load_generations(recipe, columns)
+    where = ", ".join(describe(d) for d in recipe.datasets)
+    if not rows:
+        raise DataError(f"{stage_label(recipe)}: no rows in {where}; a label stage reads a generate stage's "
+                        "completions (datasets: [{stage: <generate stage>}])")
+    start = time.perf_counter()
+    emit("start", method=recipe.method, stage=recipe.stage_name, prompts=len(rows))
+    funcs = build_rewards(recipe, lab.rewards, section="label")
+    scores, per_reward = score_rows(rows, funcs, [r.weight for r in lab.rewards], columns)
+    flat = [s for row in scores for s in row]
+
+    feedback, counts = pairwise(rows, scores) if lab.feedback == "pairwise" else binary(rows, scores, lab.threshold)
+    if not feedback:
+        what = ("every prompt's completions scored the same (or were empty), so there is no best and worst"
+                if lab.feedback == "pairwise" else f"no completion scored above or below threshold {lab.threshold}")
+        raise DataError(f"{stage_label(recipe)}: {what} in {where}; sample more or more varied completions "
+                        "(generate.numGenerations, temperature) or check label.rewards"
+                        + ("" if lab.feedback == "pairwise" else " and label.threshold"))
+    log.info("%s: %d prompts, %d completions, mean score %.4f -> %d %s rows", stage_label(recipe), len(rows),
+             len(flat), sum(flat) / max(len(flat), 1), len(feedback), lab.feedback)
+    return write_data_stage(recipe, feedback, {
+        "prompts": len(rows), "completions": len(flat), "feedback": lab.feedback,
+        "mean_reward": sum(flat) / len(flat) if flat else None,
+        "best_of_n_reward": (sum(max(s) for s in scores if s) / sum(1 for s in scores if s)) if flat else None,
+        **per_reward, **counts, "label_runtime_s": round(time.perf_counter() - start, 3),
+    })
