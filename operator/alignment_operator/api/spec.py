@@ -393,8 +393,10 @@ def _stage_dataset_rule() -> tuple[str, str, str]:
     """datasets[].stage names an earlier stage whose output the method reads (recipe.reads_outputs)."""
     accepts = " || ".join(f"(s.method in {ms} && ({' || '.join(_OUTPUT_KIND_CEL[k] for k in kinds)}))"
                           for kinds, ms in _grouped_readers().items())
-    return (f"self.stages.all(i, s, (s.datasets + s.testDatasets).all(d, !has(d.stage) || "
-            f"self.stages.exists(j, t, j < i && t.name == d.stage && ({accepts}))))",
+    # datasets and testDatasets one after the other: CEL types them apart, so `+` does not join them.
+    names = ("self.stages.exists(j, t, j < i && t.name == d.stage && ({accepts}))").format(accepts=accepts)
+    return (f"self.stages.all(i, s, s.datasets.all(d, !has(d.stage) || {names}) && "
+            f"s.testDatasets.all(d, !has(d.stage) || {names}))",
             "stages[].datasets[].stage must name an earlier stage whose output the method reads: " + "; ".join(
                 f"{', '.join(ms)}: {' or '.join(OUTPUT_KIND_NAMES[k] for k in kinds)}"
                 for kinds, ms in _grouped_readers().items()), ".stages")
