@@ -81,6 +81,14 @@ def test_one_online_round_raises_held_out_reward(kit, sums):
     assert start["mean_reward"] < 0.5, start
     assert after["mean_reward"] >= start["mean_reward"] + 0.15, (start["mean_reward"], after["mean_reward"])
     assert after[right] > start[right], (start[right], after[right])
+    # The eval stage reports the same kind of figure: both models' greedy answers, scored by the rewards.
+    ev = kit.run_in_process(kit.write_recipe(
+        d / "eval", "eval", trained["checkpoint"], [], stage_name="eval", tracking={"report_to": []},
+        eval={"metrics": [], "reference_model": sums["sft_final"], "prompts": {"path": held_out}, "rewards": rewards,
+              "max_new_tokens": 24}))
+    print(f"eval stage, greedy answers to the held-out prompts: mean reward SFT {ev['reference_mean_reward']:.3f} "
+          f"-> DPO {ev['mean_reward']:.3f} ({ev['reward_prompts']} prompts)")
+    assert ev["reward_prompts"] == 14 and ev["mean_reward"] > ev["reference_mean_reward"], ev
     feedback = rows(after["dataset"])
     assert len(normalise_unpaired(feedback)) == len(feedback) == after["desirable"] + after["undesirable"]
     assert all(r["label"] == (r["score"] > 0.25) for r in feedback)

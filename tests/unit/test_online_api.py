@@ -41,6 +41,8 @@ def test_two_rounds_render_models_and_datasets_on_the_volume():
     assert recipes["dpo-2"].datasets[0].path == f"{RUN}/label-2/final/feedback.jsonl"
     assert recipes["dpo-2"].model.model_name_or_path == recipes["dpo-2"].ref_model == f"{RUN}/dpo-1/final"
     assert recipes["eval"].eval.reference_model == f"{RUN}/sft/final"
+    assert [r.kind for r in recipes["eval"].eval.rewards] == ["regex", "format"]
+    assert recipes["eval"].eval.prompts.path == "examples/data/sums/held_out.jsonl"
     assert recipes["generate-held-out"].model.model_name_or_path == f"{RUN}/dpo-2/final"
     assert recipes["reward-held-out"].label.feedback == "binary"
 
@@ -87,8 +89,14 @@ def _edit(**changes):
      "spec.stages[2].label.rewards[0].rewardModel: 'sft' is not an earlier reward stage; accepted: none"),
     (_edit(label_1={"label": {"rewards": [{"kind": "regex", "pattern": "(unclosed"}]}}),
      "spec.stages[2].label.rewards[0].pattern: '(unclosed' is not a Python regex"),
+    (_edit(eval={"eval": {"rewards": [{"kind": "contains"}]}}),
+     "spec.stages[7].eval.prompts: eval.rewards score the answers to a prompt set; set eval.prompts"),
+    (_edit(eval={"eval": {"rewards": [{"kind": "reward_model", "rewardModel": "dpo-1"}],
+                          "prompts": {"source": "p.jsonl"}}}),
+     "spec.stages[7].eval.rewards[0].rewardModel: 'dpo-1' is not an earlier reward stage"),
 ], ids=["dpo-reads-generate", "later-stage", "not-a-data-stage", "dpo-reads-binary", "generate-reads-a-stage",
-        "source-and-stage", "neither", "label-without-section", "label-reward-model", "label-bad-regex"])
+        "source-and-stage", "neither", "label-without-section", "label-reward-model", "label-bad-regex", "eval-rewards-without-prompts",
+        "eval-reward-model"])
 def test_dataset_stages_and_label_sections_are_checked_at_admission(doc, message):
     assert message in _refused(doc)
 
@@ -119,6 +127,7 @@ def test_the_crd_carries_the_same_rules():
     assert "label: a generate stage" in rules[rule]
     stage_rules = [r["rule"] for r in stage["x-kubernetes-validations"]]
     assert "self.method != 'label' || has(self.label)" in stage_rules
+    assert "!has(self.eval) || size(self.eval.rewards) == 0 || has(self.eval.prompts)" in stage_rules
     assert any("self.label.rewards.all" in r for r in stage_rules)
     assert stage["properties"]["label"]["properties"]["feedback"]["enum"] == ["pairwise", "binary"]
     assert {"generate", "label"} <= set(stage["properties"]["method"]["enum"])

@@ -318,6 +318,9 @@ class EvalArgs(_Strict):
     lm_eval: LmEvalArgs | None = Field(None, description="lm-evaluation-harness tasks (IFEval, GSM8K, custom, ...).")
     alpaca_eval: AlpacaEvalArgs | None = Field(None, description="AlpacaEval 2 win rate and length-controlled win rate.")
     mt_bench: MtBenchArgs | None = Field(None, description="MT-Bench 1-10 grades per turn, category and overall.")
+    rewards: list["RewardArgs"] = Field(default_factory=list, description=(
+        "Rewards (grpo's kinds) scoring both models' greedy answers to `prompts` (which carry the reference "
+        "columns the rules read): mean_reward and reference_mean_reward; [] measures none."))
 
 
 class TrackingArgs(_Strict):
@@ -373,6 +376,9 @@ class RewardArgs(_Strict):
         if self.kind == "reward_model" and not self.model:
             raise ValueError("model: required for a reward_model reward (a reward stage's final/)")
         return self
+
+
+EvalArgs.model_rebuild()
 
 
 class GrpoArgs(_Strict):

@@ -101,6 +101,10 @@ def _stage_problems(i: int, stage: StageSpec, earlier: list[str], reward_stages:
         out.append(f"{at}.label: method label needs a label section with rewards")
     out += _reward_problems(at, "grpo", stage.grpo.rewards if stage.grpo else [], list(reward_stages))
     out += _reward_problems(at, "label", stage.label.rewards if stage.label else [], list(reward_stages))
+    out += _reward_problems(at, "eval", stage.eval.rewards if stage.eval else [], list(reward_stages))
+    if stage.eval is not None and stage.eval.rewards and stage.eval.prompts is None:
+        out.append(f"{at}.eval.prompts: eval.rewards score the answers to a prompt set; set eval.prompts (prompts "
+                   "with the reference columns the rewards read)")
     out += _dataset_stage_problems(at, stage, list(earlier_stages))
     if stage.eval is not None:
         if "judge" in stage.eval.metrics and stage.eval.judge is None:

@@ -320,6 +320,10 @@ class EvalSpec(ApiModel):
         "AlpacaEval 2: win rate, length-controlled win rate and standard errors, computed by alpaca-eval."))
     mt_bench: MtBenchSpec | None = Field(None, description=(
         "MT-Bench: two-turn answers graded 1-10 per turn by the judge; per-category and overall means."))
+    rewards: list["RewardSpec"] = Field([], max_length=16, description=(
+        "Rewards (grpo's kinds: rules against a reference column, a format rule, an earlier reward stage) "
+        "scoring both models' greedy answers to prompts, which must carry the reference columns: mean_reward "
+        "and reference_mean_reward (e.g. the held-out reward of an online run's final model)."))
 
 
 class RewardSpec(ApiModel):
@@ -369,6 +373,9 @@ class LabelSpec(ApiModel):
         "other pairwise methods; prompts whose completions tie are skipped); binary: each completion desirable "
         "when its score is above threshold, undesirable below (prompt/completion/label, for kto)."))
     threshold: float = Field(0.5, description="binary feedback: the score separating desirable from undesirable.")
+
+
+EvalSpec.model_rebuild()
 
 
 def _reward_rules(section: str) -> list[tuple[str, str, str]]:
@@ -439,6 +446,9 @@ def _stage_rules(schema: dict, cls: type) -> None:
         *_reward_rules("grpo"),
         ("self.method != 'label' || has(self.label)", "method label needs a label section with rewards", ".label"),
         *_reward_rules("label"),
+        *_reward_rules("eval"),
+        ("!has(self.eval) || size(self.eval.rewards) == 0 || has(self.eval.prompts)",
+         "eval.rewards score the answers to eval.prompts: set eval.prompts", ".eval.prompts"),
         ("!has(self.eval) || !('judge' in self.eval.metrics) || has(self.eval.judge)",
          "eval.metrics includes judge but eval.judge is not set", ".eval.judge"),
         ("!has(self.eval) || !(has(self.eval.alpacaEval) || has(self.eval.mtBench)) || has(self.eval.judge)",

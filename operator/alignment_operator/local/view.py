@@ -26,7 +26,7 @@ KEY_METRICS = {
     "pref": ["train_loss", "eval_loss", "eval_rewards/accuracies", "rewards/accuracies",
              "eval_rewards/margins", "rewards/margins"],
     "data": ["prompts", "completions", "mean_reward", "pairs", "desirable", "undesirable", "generation_stop_rate"],
-    "eval": ["preference_accuracy", "reward_margin", "logp_accuracy", "reference_logp_accuracy",
+    "eval": ["mean_reward", "reference_mean_reward", "preference_accuracy", "reward_margin", "logp_accuracy", "reference_logp_accuracy",
              "perplexity", "reference_perplexity", "generation_stop_rate", "judge_win_rate"],
 }
 

@@ -235,6 +235,7 @@ def _eval_args(run: AlignmentRun, index: int, root: str) -> EvalArgs:
             prompts=_dataset(e.alpaca_eval.prompts, run, root) if e.alpaca_eval.prompts else None,
             annotator_config=e.alpaca_eval.annotator_config, max_instances=e.alpaca_eval.max_instances,
             max_new_tokens=e.alpaca_eval.max_new_tokens, lc_glm=e.alpaca_eval.lc_glm),
+        rewards=_rewards(run, e.rewards, root),
         mt_bench=None if e.mt_bench is None else MtBenchArgs(
             questions=_dataset(e.mt_bench.questions, run, root), max_questions=e.mt_bench.max_questions,
             max_new_tokens=e.mt_bench.max_new_tokens),

@@ -61,6 +61,9 @@ def run(recipe: Recipe) -> dict:
     for section in ("alpaca_eval", "mt_bench"):
         if getattr(ev, section) is not None and ev.judge is None:
             raise ValueError(f"eval.judge: eval.{section} is graded by an LLM judge but eval.judge is not set")
+    if ev.rewards and ev.prompts is None:
+        raise ValueError("eval.prompts: eval.rewards score the answers to a prompt set; give eval.prompts (prompts "
+                         "with the reference columns the rewards read, e.g. held-out prompts with an answer)")
     if int(os.environ.get("RANK", "0")) != 0:
         return {}  # launched on several processes (a GPU node's default): the first one evaluates
     out = Path(recipe.output_dir)
@@ -83,6 +86,12 @@ def run(recipe: Recipe) -> dict:
         prompts = rows_of.load_prompts(ev.prompts, t.seed)
     wanted = max(ev.num_generations, ev.judge.max_prompts if ("judge" in ev.metrics and ev.judge) else 0)
     prompts = prompts[:wanted]
+    rewarded = []
+    if ev.rewards:  # prompts with their reference columns, read before a model loads
+        from .grpo import load_prompts
+
+        columns = {r.column for r in ev.rewards if r.kind not in ("format", "reward_model")}
+        rewarded = load_prompts(recipe, [ev.prompts], columns)[:ev.num_generations]
     if "preference" in ev.metrics and not pairs:
         log.warning("eval.metrics preference: skipped, the held-out data (%s) has no prompt/chosen/rejected pairs",
                     ", ".join(d.path for d in recipe.datasets))
@@ -159,6 +168,20 @@ def run(recipe: Recipe) -> dict:
             metrics["reference_reward_model_score"] = sum(theirs) / len(records)
             for r, m, t in zip(records, mine, theirs):
                 r["reward_model"] = {"model": m, "reference": t}
+
+    # Rewards (grpo's rules, a reward stage) on both models' greedy answers: their mean reward
+    if rewarded:
+        from .grpo import build_rewards, total_reward
+
+        funcs, weights = build_rewards(recipe, ev.rewards, section="eval"), [r.weight for r in ev.rewards]
+        turns = [r["prompt"] for r in rewarded]
+        columns = {c: [r[c] for r in rewarded] for c in rewarded[0] if c != "prompt"}
+        for prefix, m, who in (("", model, "model"), ("reference_", reference, "reference")):
+            answers = generate(m, tokenizer, turns, ev.max_new_tokens, batch, f"rewards ({who})")
+            scores = total_reward(funcs, weights, turns, [[{"role": "assistant", "content": a["text"]}]
+                                                          for a in answers], columns)
+            metrics[f"{prefix}mean_reward"] = sum(scores) / len(scores)
+        metrics["reward_prompts"] = len(rewarded)
 
     # LLM judge: model vs reference, both orders
     if "judge" in ev.metrics:
