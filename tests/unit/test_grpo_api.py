@@ -65,6 +65,6 @@ def test_the_crd_has_the_grpo_section_and_its_rules():
     grpo = stage["properties"]["grpo"]["properties"]
     assert grpo["numGenerations"]["default"] == 8 and grpo["numGenerations"]["minimum"] == 2
     assert set(grpo["rewards"]["items"]["properties"]["kind"]["enum"]) == {
-        "exact_match", "contains", "regex", "format", "reward_model"}
+        "exact_match", "contains", "regex", "format", "reward_model", "judge"}
     rules = {r["rule"] for r in stage["x-kubernetes-validations"]}
     assert "self.method != 'grpo' || has(self.grpo)" in rules

@@ -133,3 +133,24 @@ def test_the_crd_carries_the_same_rules():
     assert {"generate", "label"} <= set(stage["properties"]["method"]["enum"])
     training = next(r for r in rules if r.startswith("self.stages.exists(s, "))
     assert "s.method != 'generate'" in training and "s.method != 'label'" in training
+
+
+def test_a_judge_reward_gets_its_key_only_through_a_secret_ref():
+    from alignment_operator.render.manifests import RenderContext, build_stage
+
+    judge = {"baseUrl": "http://judge.svc:8000/v1", "model": "qwen-judge", "maxRetries": 2,
+             "apiKeySecretRef": {"name": "judge-key", "key": "token"}}
+    doc = _edit(label_1={"label": {"rewards": [{"kind": "judge", "judge": judge}]}})
+    run = parse_run(doc)
+    reward = build_recipe(run, 2, "/workspace").label.rewards[0]
+    assert (reward.kind, reward.judge.base_url, reward.judge.model, reward.judge.max_retries) == (
+        "judge", "http://judge.svc:8000/v1", "qwen-judge", 2)
+    assert reward.judge.api_key_env == "LABEL_REWARD_0_JUDGE_API_KEY"
+    job = next(o for o in build_stage(run, 2, RenderContext(), "h") if o["kind"] == "Job")
+    env = job["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "LABEL_REWARD_0_JUDGE_API_KEY",
+            "valueFrom": {"secretKeyRef": {"name": "judge-key", "key": "token"}}} in env
+    assert "qwen-judge" not in str(env)
+    doc = _edit(label_1={"label": {"rewards": [{"kind": "judge"}]}})
+    assert ("spec.stages[2].label.rewards[0].judge: a judge reward needs judge (baseUrl, model, apiKeySecretRef)"
+            in _refused(doc))

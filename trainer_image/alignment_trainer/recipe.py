@@ -354,13 +354,15 @@ class TrackingArgs(_Strict):
 class RewardArgs(_Strict):
     """One reward of a GRPO stage: a rule on the completion's text, or a reward model."""
 
-    kind: Literal["exact_match", "contains", "regex", "format", "reward_model"] = Field(description=(
+    kind: Literal["exact_match", "contains", "regex", "format", "reward_model", "judge"] = Field(description=(
         "exact_match: the completion (stripped) equals the row's `column` value -> 1 else 0; contains: the "
         "completion contains it; regex: `pattern`'s first group (or whole match) equals it; format: the "
-        "completion matches `pattern` at all (no column needed); reward_model: the score of `model`."))
+        "completion matches `pattern` at all (no column needed); reward_model: the score of `model`; judge: "
+        "`judge` grades the answer 1-10 (MT-Bench's single-answer prompt), the reward is the grade / 10."))
     column: str = Field("answer", description="The prompts' reference-answer column (rules but format).")
     pattern: str | None = Field(None, description="A Python regex: required for regex and format.")
     model: str | None = Field(None, description="A reward stage's final/ (a sequence-classification model).")
+    judge: JudgeArgs | None = Field(None, description="The OpenAI-compatible endpoint of a judge reward.")
     weight: float = Field(1.0, description="This reward's weight in the sum (TRL reward_weights).")
 
     @model_validator(mode="after")
@@ -375,6 +377,8 @@ class RewardArgs(_Strict):
                 raise ValueError(f"pattern: {self.pattern!r} is not a Python regex: {e}") from None
         if self.kind == "reward_model" and not self.model:
             raise ValueError("model: required for a reward_model reward (a reward stage's final/)")
+        if self.kind == "judge" and self.judge is None:
+            raise ValueError("judge: required for a judge reward (base_url, model, api_key_env)")
         return self
 
 

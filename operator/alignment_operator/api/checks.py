@@ -24,6 +24,8 @@ def _reward_problems(at: str, section: str, rewards, reward_stages: list[str]) -
                 out.append(f"{at}.{section}.rewards[{k}].pattern: {r.pattern!r} is not a Python regex: {e}")
             if not r.pattern:
                 out.append(f"{at}.{section}.rewards[{k}].pattern: a {r.kind} reward needs a pattern (a Python regex)")
+        if r.kind == "judge" and r.judge is None:
+            out.append(f"{at}.{section}.rewards[{k}].judge: a judge reward needs judge (baseUrl, model, apiKeySecretRef)")
         if r.kind == "reward_model" and r.reward_model not in reward_stages:
             out.append(f"{at}.{section}.rewards[{k}].rewardModel: {r.reward_model!r} is not an earlier reward stage; "
                        f"accepted: {', '.join(reward_stages) or 'none (add a stage with method reward)'}")

@@ -329,15 +329,18 @@ class EvalSpec(ApiModel):
 class RewardSpec(ApiModel):
     """One reward of a grpo stage: a rule on the completion's text, or an earlier reward stage's model."""
 
-    kind: Literal["exact_match", "contains", "regex", "format", "reward_model"] = Field(description=(
+    kind: Literal["exact_match", "contains", "regex", "format", "reward_model", "judge"] = Field(description=(
         "exact_match: the completion equals the prompt row's `column` value (1, else 0); contains: the completion "
         "contains it; regex: `pattern`'s first group (or whole match) equals it; format: the completion matches "
-        "`pattern` (no column); reward_model: the score of rewardModel's final/."))
+        "`pattern` (no column); reward_model: the score of rewardModel's final/; judge: an LLM judge's 1-10 grade "
+        "of the answer (MT-Bench's single-answer prompt) / 10."))
     column: str = Field("answer", min_length=1, max_length=128, description=(
         "The prompts' reference-answer column the rules compare with."))
     pattern: str | None = Field(None, max_length=1024, description="A Python regex; required for regex and format.")
     reward_model: str | None = Field(None, max_length=40, description=(
         "An earlier stage with method reward whose model scores prompt + completion; required for reward_model."))
+    judge: JudgeSpec | None = Field(None, description=(
+        "For a judge reward: the OpenAI-compatible endpoint (its key only through apiKeySecretRef); required for judge."))
     weight: float = Field(1.0, description="This reward's weight in the sum.")
 
 
@@ -384,6 +387,8 @@ def _reward_rules(section: str) -> list[tuple[str, str, str]]:
          f"{section}.rewards: a regex or format reward needs a pattern", f".{section}.rewards"),
         (f"!has(self.{section}) || self.{section}.rewards.all(r, r.kind != 'reward_model' || has(r.rewardModel))",
          f"{section}.rewards: a reward_model reward needs rewardModel (an earlier reward stage)", f".{section}.rewards"),
+        (f"!has(self.{section}) || self.{section}.rewards.all(r, r.kind != 'judge' || has(r.judge))",
+         f"{section}.rewards: a judge reward needs judge (baseUrl, model, apiKeySecretRef)", f".{section}.rewards"),
     ]
 
 

@@ -32,7 +32,7 @@ from alignment_trainer.outcome import FIX_INPUT
 
 from ..api import AlignmentRun, StageSpec
 from ..progress import audience, status_path
-from .recipe import JUDGE_API_KEY_ENV, build_recipe
+from .recipe import JUDGE_API_KEY_ENV, build_recipe, reward_judges
 
 RECIPE_DIR = "/etc/alignment"
 PROGRESS_DIR = "/var/run/alignment/progress"  # the stage's progress token and the endpoint's CA
@@ -167,6 +167,9 @@ def _env(run: AlignmentRun, stage: StageSpec) -> list[dict[str, Any]]:
     if judge is not None:
         ref = judge.api_key_secret_ref
         env.append({"name": JUDGE_API_KEY_ENV, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    for name, reward_judge in reward_judges(stage):
+        ref = reward_judge.api_key_secret_ref
+        env.append({"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
     env += _tracking_env(stage.tracking or run.spec.tracking)
     return env + [dict(e) for e in run.spec.trainer.env]
 

@@ -166,11 +166,27 @@ def build_recipe(run: AlignmentRun, index: int, root: str,
     )
 
 
-def _rewards(run: AlignmentRun, rewards, root: str) -> list[RewardArgs]:
-    """A reward_model reward names an earlier reward stage; its final/ scores."""
+def reward_judge_env(section: str, index: int) -> str:
+    """The environment variable holding the API key of <section>.rewards[index]'s judge (a secretKeyRef)."""
+    return f"{section.upper()}_REWARD_{index}_JUDGE_API_KEY"
+
+
+def reward_judges(stage: StageSpec) -> list[tuple[str, object]]:
+    """(env name, JudgeSpec) of every judge reward of a stage."""
+    sections = (("grpo", stage.grpo), ("label", stage.label), ("eval", stage.eval))
+    return [(reward_judge_env(name, k), r.judge) for name, section in sections if section is not None
+            for k, r in enumerate(section.rewards) if r.judge is not None]
+
+
+def _rewards(run: AlignmentRun, rewards, root: str, section: str) -> list[RewardArgs]:
+    """A reward_model reward names an earlier reward stage (its final/ scores); a judge reward reads
+    its key from reward_judge_env(section, k)."""
     return [RewardArgs(kind=r.kind, column=r.column, pattern=r.pattern, weight=r.weight,
-                       model=final_dir(root, run, r.reward_model) if r.reward_model else None)
-            for r in rewards]
+                       model=final_dir(root, run, r.reward_model) if r.reward_model else None,
+                       judge=None if r.judge is None else JudgeArgs(
+                           base_url=r.judge.base_url, model=r.judge.model, api_key_env=reward_judge_env(section, k),
+                           timeout_seconds=r.judge.timeout_seconds, max_retries=r.judge.max_retries))
+            for k, r in enumerate(rewards)]
 
 
 def _generate_args(stage: StageSpec) -> GenerateArgs:
@@ -182,7 +198,7 @@ def _generate_args(stage: StageSpec) -> GenerateArgs:
 
 def _label_args(run: AlignmentRun, stage: StageSpec, root: str) -> LabelArgs:
     lab = stage.label
-    return LabelArgs(rewards=_rewards(run, lab.rewards, root), feedback=lab.feedback, threshold=lab.threshold)
+    return LabelArgs(rewards=_rewards(run, lab.rewards, root, "label"), feedback=lab.feedback, threshold=lab.threshold)
 
 
 def _grpo_args(run: AlignmentRun, stage: StageSpec, root: str):
@@ -191,7 +207,7 @@ def _grpo_args(run: AlignmentRun, stage: StageSpec, root: str):
 
     g = stage.grpo
     return GrpoArgs(
-        rewards=_rewards(run, g.rewards, root),
+        rewards=_rewards(run, g.rewards, root, "grpo"),
         num_generations=g.num_generations, max_completion_length=g.max_completion_length,
         temperature=g.temperature, use_vllm=g.use_vllm, eval_prompts=g.eval_prompts)
 
@@ -235,7 +251,7 @@ def _eval_args(run: AlignmentRun, index: int, root: str) -> EvalArgs:
             prompts=_dataset(e.alpaca_eval.prompts, run, root) if e.alpaca_eval.prompts else None,
             annotator_config=e.alpaca_eval.annotator_config, max_instances=e.alpaca_eval.max_instances,
             max_new_tokens=e.alpaca_eval.max_new_tokens, lc_glm=e.alpaca_eval.lc_glm),
-        rewards=_rewards(run, e.rewards, root),
+        rewards=_rewards(run, e.rewards, root, "eval"),
         mt_bench=None if e.mt_bench is None else MtBenchArgs(
             questions=_dataset(e.mt_bench.questions, run, root), max_questions=e.mt_bench.max_questions,
             max_new_tokens=e.mt_bench.max_new_tokens),

@@ -90,7 +90,7 @@ def run(recipe: Recipe) -> dict:
     if ev.rewards:  # prompts with their reference columns, read before a model loads
         from .grpo import load_prompts
 
-        columns = {r.column for r in ev.rewards if r.kind not in ("format", "reward_model")}
+        columns = {r.column for r in ev.rewards if r.kind not in ("format", "reward_model", "judge")}
         rewarded = load_prompts(recipe, [ev.prompts], columns)[:ev.num_generations]
     if "preference" in ev.metrics and not pairs:
         log.warning("eval.metrics preference: skipped, the held-out data (%s) has no prompt/chosen/rejected pairs",

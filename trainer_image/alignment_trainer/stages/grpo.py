@@ -130,20 +130,54 @@ def _reward_model(args: RewardArgs):
     return reward
 
 
+def _judge(args: RewardArgs, where: str):
+    """An LLM judge's 1-10 grade of each answer (FastChat's single-answer prompt), divided by 10;
+    an answer without a grade scores 0 (logged)."""
+    import os
+
+    from ..judge import Judge
+    from .eval_rows import question
+    from .mt_bench import SINGLE, parse_rating
+
+    if not os.environ.get(args.judge.api_key_env):
+        raise ValueError(f"{where}: environment variable {args.judge.api_key_env} (the judge's API key) is not set; "
+                         "give the reward's judge an apiKeySecretRef")
+    judge = Judge(args.judge)
+
+    def reward(prompts, completions, **kwargs):
+        out = []
+        for p, c in zip(prompts, completions):
+            rating = parse_rating(judge.complete(SINGLE[0], SINGLE[1].format(question_1=question(p),
+                                                                              answer_1=_text(c))))
+            if rating is None:
+                log.warning("%s: the judge gave no [[rating]] for an answer; it scores 0", where)
+            out.append(0.0 if rating is None else rating / 10)
+        return out
+
+    return reward
+
+
 def build_rewards(recipe: Recipe, rewards: list[RewardArgs] | None = None, section: str = "grpo") -> list:
     """One callable per reward (recipe.grpo.rewards, or `rewards` of recipe.<section>: the label
     stage's), named for TRL's metrics (rewards/<name>/mean); an exception inside becomes a
     RewardError naming the stage and <section>.rewards[i]."""
     funcs = []
+    from ..judge import JudgeError
+
     for i, args in enumerate(recipe.grpo.rewards if rewards is None else rewards):
-        inner = _reward_model(args) if args.kind == "reward_model" else _rule(args)
-        name = args.kind if args.kind in ("format", "reward_model") else f"{args.kind}_{args.column}"
+        where = f"{stage_label(recipe)}: {section}.rewards[{i}] ({args.kind})"
+        inner = (_reward_model(args) if args.kind == "reward_model" else _judge(args, where) if args.kind == "judge"
+                 else _rule(args))
+        name = args.kind if args.kind in ("format", "reward_model", "judge") else f"{args.kind}_{args.column}"
         if any(f.__name__ == name for f in funcs):
             name = f"{name}_{i}"
 
-        def wrapped(prompts, completions, _inner=inner, _i=i, _args=args, **kwargs):
+        def wrapped(prompts, completions, _inner=inner, _i=i, _args=args, _where=where, **kwargs):
             try:
                 return _inner(prompts=prompts, completions=completions, **kwargs)
+            except JudgeError as e:  # unreachable, timing out, refusing: retryable once the endpoint is fixed
+                raise JudgeError(f"{_where}: {str(e).removeprefix('eval.judge: ')}; check {section}.rewards[{_i}]"
+                                 ".judge (baseUrl, model, its API key) and that the endpoint answers") from e
             except Exception as e:  # noqa: BLE001 - any failure of a reward is the recipe's to fix
                 fix = (f"check the model {_args.model}" if _args.kind == "reward_model"
                        else f"check its pattern/column and the prompts' {_args.column!r} values")
@@ -197,7 +231,7 @@ def held_out_reward(model, tokenizer, rows: list[dict], funcs, weights, g, seed:
 
 def build(recipe: Recipe):
     t, g = recipe.training, recipe.grpo
-    columns = {r.column for r in g.rewards if r.kind not in ("format", "reward_model")}
+    columns = {r.column for r in g.rewards if r.kind not in ("format", "reward_model", "judge")}
 
     # Prompts first: a bad dataset fails in seconds, before a model loads.
     train_rows = load_prompts(recipe, recipe.datasets, columns)

@@ -123,7 +123,7 @@ def run(recipe: Recipe) -> dict | None:
     if int(os.environ.get("RANK", "0")) != 0:  # one process scores; the others have nothing to do
         return None
     lab = recipe.label
-    columns = {r.column for r in lab.rewards if r.kind not in ("format", "reward_model")}
+    columns = {r.column for r in lab.rewards if r.kind not in ("format", "reward_model", "judge")}
 
     # Completions first: bad input fails in seconds, before a reward model loads.
     rows = load_generations(recipe, columns)
