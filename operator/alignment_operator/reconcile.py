@@ -333,7 +333,8 @@ def spec_backoff(run: AlignmentRun, stage: str) -> int:
 
 
 def _brief(metrics: dict[str, float]) -> str:
-    keys = ("train_loss", "eval_loss", "eval_rewards/accuracies", "rewards/accuracies")
+    keys = ("train_loss", "eval_loss", "eval_rewards/accuracies", "rewards/accuracies",
+            "completions", "mean_reward", "pairs", "desirable", "preference_accuracy")  # generate, label, eval
     shown = [f"{k}={metrics[k]:.4g}" for k in keys if k in metrics]
     return ", ".join(shown) or "no metrics reported"
 

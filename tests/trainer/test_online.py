@@ -46,6 +46,9 @@ def test_one_online_round_raises_held_out_reward(kit, sums):
     generated = rows(gen["dataset"])
     assert (gen["prompts"], gen["completions"], len(generated)) == (72, 72 * 8, 72)
     assert all(len(r["completions"]) == 8 and r["answer"] and r["prompt"][0]["role"] == "user" for r in generated)
+    before = Path(gen["dataset"]).stat().st_mtime_ns  # a rerun of a finished stage samples nothing again
+    assert generate(kit, sums, "gen-1", sums["sft_final"], str(d / "prompts.jsonl")) == gen
+    assert Path(gen["dataset"]).stat().st_mtime_ns == before
 
     lab = label(kit, sums, "label-1", gen["dataset"], rewards)
     pairs = rows(lab["dataset"])

@@ -154,3 +154,31 @@ def test_a_judge_reward_gets_its_key_only_through_a_secret_ref():
     doc = _edit(label_1={"label": {"rewards": [{"kind": "judge"}]}})
     assert ("spec.stages[2].label.rewards[0].judge: a judge reward needs judge (baseUrl, model, apiKeySecretRef)"
             in _refused(doc))
+
+
+def test_the_runs_model_is_the_newest_trained_one_not_a_data_stages_output():
+    from alignment_operator.api import AlignmentRunStatus, StageStatus
+    from alignment_operator.reconcile import Event, ObservedChild, reconcile, stage_hash
+
+    doc = online_doc()
+    doc["metadata"].update(namespace="default", uid="u-1", generation=1)
+    doc["spec"]["stages"] = doc["spec"]["stages"][:3]  # sft -> generate-1 -> label-1
+    run = parse_run(doc)
+    now = "2026-12-01T12:00:00Z"
+    doc["status"] = AlignmentRunStatus(phase="Running", stages=[
+        StageStatus(name="sft", phase="Succeeded", checkpoint=f"{RUN}/sft/final", start_time=now, completion_time=now,
+                    spec_hash=stage_hash(run, 0)),
+        StageStatus(name="generate-1", phase="Succeeded", checkpoint=f"{RUN}/generate-1/final", start_time=now,
+                    completion_time=now, spec_hash=stage_hash(run, 1)),
+        StageStatus(name="label-1", phase="Running", job_name="online-tiny-label-1", start_time=now,
+                    spec_hash=stage_hash(run, 2))]).wire()
+    run = parse_run(doc)
+    result = {"method": "label", "checkpoint": f"{RUN}/label-1/final", "mean_reward": 0.28, "pairs": 70}
+    observed = {"label-1": ObservedChild(stage="label-1", name="online-tiny-label-1", state="Succeeded", attempts=1,
+                                         result=result, finished=now)}
+    out = reconcile(run, 1, observed, now)
+    assert out.status.phase == "Succeeded"
+    assert out.status.model == f"{RUN}/sft/final"
+    assert out.status.stages[2].metrics == {"mean_reward": 0.28, "pairs": 70.0}
+    told = [a.message for a in out.actions if isinstance(a, Event) and a.reason == "StageSucceeded"]
+    assert told == ["stage label-1 succeeded: mean_reward=0.28, pairs=70"]
