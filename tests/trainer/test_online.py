@@ -176,6 +176,11 @@ def test_a_judge_reward_labels_and_an_unreachable_judge_names_the_stage(kit, sum
              "api_key_env": "LABEL_REWARD_0_JUDGE_API_KEY", "max_retries": 1, "timeout_seconds": 10}
     try:
         lab = label(kit, sums, "judge-label", str(generations), [{"kind": "judge", "judge": judge}])
+        from alignment_trainer.data import DataError
+
+        with pytest.raises(DataError, match=r"stage judge-margin: no prompt's best completion beats its worst by "
+                                            r"more than label.min_margin 0.8"):
+            label(kit, sums, "judge-margin", str(generations), [{"kind": "judge", "judge": judge}], min_margin=0.8)
     finally:
         server.shutdown()
     pairs = rows(lab["dataset"])

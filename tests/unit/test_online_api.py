@@ -182,3 +182,17 @@ def test_the_runs_model_is_the_newest_trained_one_not_a_data_stages_output():
     assert out.status.stages[2].metrics == {"mean_reward": 0.28, "pairs": 70.0}
     told = [a.message for a in out.actions if isinstance(a, Event) and a.reason == "StageSucceeded"]
     assert told == ["stage label-1 succeeded: mean_reward=0.28, pairs=70"]
+
+
+def test_stages_after_a_reward_stage_start_from_the_policy_not_the_reward_model():
+    doc = {"apiVersion": "alignment.dev/v1alpha1", "kind": "AlignmentRun", "metadata": {"name": "r"},
+           "spec": {"model": {"source": "org/base"}, "stages": [
+               {"name": "rm", "method": "reward", "datasets": [{"source": "pairs.jsonl"}]},
+               {"name": "gen", "method": "generate", "datasets": [{"source": "prompts.jsonl"}]},
+               {"name": "lab", "method": "label", "datasets": [{"stage": "gen"}],
+                "label": {"rewards": [{"kind": "reward_model", "rewardModel": "rm"}]}},
+               {"name": "dpo", "method": "dpo", "datasets": [{"stage": "lab"}]}]}}
+    run = parse_run(doc)
+    gen, lab, dpo = (build_recipe(run, i, "/w") for i in (1, 2, 3))
+    assert gen.model.model_name_or_path == "org/base" and lab.label.rewards[0].model == "/w/default/r/rm/final"
+    assert dpo.model.model_name_or_path == dpo.ref_model == "org/base"

@@ -41,6 +41,7 @@ class MethodInfo:
     entry: str                  # module under alignment_trainer.stages with run(recipe) -> result
     trains: bool = True         # False: it evaluates or makes data, and writes no model
     writes: str | None = None   # a data stage: the dataset file it leaves in final/ (datasets[].stage reads it)
+    policy: bool = True         # False: final/ is no policy (a reward model); stages never start from it by default
 
     @property
     def default_loss_type(self) -> str | None:
@@ -77,7 +78,7 @@ METHODS: dict[str, MethodInfo] = {
                        entry="dpo"),
     # A Bradley-Terry reward model (TRL's RewardTrainer); final/ is a sequence-classification model.
     "reward": MethodInfo(data="pairwise", reference=False, loss_types=(), learning_rate=1e-5, beta=None,
-                         entry="reward"),
+                         entry="reward", policy=False),
     "eval": MethodInfo(data="pairwise", reference=True, loss_types=(), learning_rate=1e-6, beta=0.1,
                        entry="eval", trains=False),
     # Online RL on TRL's GRPOTrainer: prompts (+ an optional reference-answer column), rewards from
@@ -421,6 +422,9 @@ class LabelArgs(_Strict):
         "completions all score the same are skipped); binary: every completion labelled desirable above "
         "threshold, undesirable below it (prompt/completion/label, KTO's; a score equal to it is skipped)."))
     threshold: float = Field(0.5, description="binary feedback: the score that separates desirable from undesirable.")
+    min_margin: float = Field(0.0, ge=0, description=(
+        "pairwise feedback: a prompt gives a pair only when its best score exceeds its worst by more than this "
+        "(0: all but ties; HALOs' online DPO labels with 0.01)."))
 
 
 class Recipe(_Strict):

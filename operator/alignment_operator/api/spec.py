@@ -376,6 +376,9 @@ class LabelSpec(ApiModel):
         "other pairwise methods; prompts whose completions tie are skipped); binary: each completion desirable "
         "when its score is above threshold, undesirable below (prompt/completion/label, for kto)."))
     threshold: float = Field(0.5, description="binary feedback: the score separating desirable from undesirable.")
+    min_margin: float = Field(0.0, ge=0, description=(
+        "pairwise feedback: a prompt gives a pair only when its best score exceeds its worst by more than this "
+        "(0: all but ties; HALOs' online DPO labels with 0.01)."))
 
 
 EvalSpec.model_rebuild()

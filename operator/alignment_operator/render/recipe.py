@@ -34,14 +34,15 @@ def final_dir(root: str, run: AlignmentRun, stage_name: str) -> str:
 def start_stage(run: AlignmentRun, index: int) -> StageSpec | None:
     """The stage whose final model stage `index` starts from; None means spec.model.
 
-    `from` when given, else the nearest earlier training stage (eval, generate and label stages
-    make no model: a dpo stage after generate -> label starts from the model that generated).
+    `from` when given, else the nearest earlier stage that trains a policy (eval, generate and
+    label stages make no model and a reward stage's is a reward model: a dpo stage after
+    generate -> label starts from the model that generated).
     """
     stage = run.spec.stages[index]
     earlier = run.spec.stages[:index]
     if stage.from_ is not None:
         return next(s for s in earlier if s.name == stage.from_)
-    return next((s for s in reversed(earlier) if METHODS[s.method].trains), None)
+    return next((s for s in reversed(earlier) if METHODS[s.method].trains and METHODS[s.method].policy), None)
 
 
 def start_model(run: AlignmentRun, index: int, root: str) -> str:
@@ -198,7 +199,8 @@ def _generate_args(stage: StageSpec) -> GenerateArgs:
 
 def _label_args(run: AlignmentRun, stage: StageSpec, root: str) -> LabelArgs:
     lab = stage.label
-    return LabelArgs(rewards=_rewards(run, lab.rewards, root, "label"), feedback=lab.feedback, threshold=lab.threshold)
+    return LabelArgs(rewards=_rewards(run, lab.rewards, root, "label"), feedback=lab.feedback, threshold=lab.threshold,
+                     min_margin=lab.min_margin)
 
 
 def _grpo_args(run: AlignmentRun, stage: StageSpec, root: str):

@@ -10,7 +10,8 @@ preference stages read:
 
     feedback pairwise   <output_dir>/final/feedback.jsonl   {"prompt", "chosen", "rejected",
                         "score_chosen", "score_rejected"}: per prompt the best completion against
-                        the worst; a prompt whose completions all score the same gives no pair
+                        the worst; a prompt whose best beats its worst by label.min_margin or
+                        less (all score the same, at least) gives no pair
     feedback binary     {"prompt", "completion", "label", "score"}: every completion, desirable when
                         its score is above label.threshold, undesirable below (equal: skipped)
 
@@ -83,12 +84,13 @@ def score_rows(rows: list[dict], funcs, weights, columns: set[str],
     return scores, {f"rewards/{f.__name__}/mean": total / n for f, total in zip(funcs, sums)}
 
 
-def pairwise(rows: list[dict], scores: list[list[float]]) -> tuple[list[dict], dict]:
-    """Best against worst per prompt (the first of equals, in sampling order); ties skipped."""
+def pairwise(rows: list[dict], scores: list[list[float]], min_margin: float = 0.0) -> tuple[list[dict], dict]:
+    """Best against worst per prompt (the first of equals, in sampling order); prompts whose best
+    beats their worst by min_margin or less (ties at least) are skipped."""
     out, ties = [], 0
     for row, row_scores in zip(rows, scores):
         kept = [(s, c) for s, c in zip(row_scores, row["completions"]) if c.strip()]
-        if len(kept) < 2 or max(s for s, _ in kept) == min(s for s, _ in kept):
+        if len(kept) < 2 or max(s for s, _ in kept) - min(s for s, _ in kept) <= min_margin:
             ties += 1
             continue
         best = max(kept, key=lambda sc: sc[0])
@@ -137,9 +139,11 @@ def run(recipe: Recipe) -> dict | None:
     scores, per_reward = score_rows(rows, funcs, [r.weight for r in lab.rewards], columns)
     flat = [s for row in scores for s in row]
 
-    feedback, counts = pairwise(rows, scores) if lab.feedback == "pairwise" else binary(rows, scores, lab.threshold)
+    feedback, counts = (pairwise(rows, scores, lab.min_margin) if lab.feedback == "pairwise"
+                        else binary(rows, scores, lab.threshold))
     if not feedback:
-        what = ("every prompt's completions scored the same (or were empty), so there is no best and worst"
+        what = (f"no prompt's best completion beats its worst by more than label.min_margin {lab.min_margin} "
+                "(or they were empty), so there is no pair"
                 if lab.feedback == "pairwise" else f"no completion scored above or below threshold {lab.threshold}")
         raise DataError(f"{stage_label(recipe)}: {what} in {where}; sample more or more varied completions "
                         "(generate.numGenerations, temperature) or check label.rewards"
