@@ -198,3 +198,16 @@ def test_a_judge_reward_labels_and_an_unreachable_judge_names_the_stage(kit, sum
     assert f"stage judge-down: label.rewards[0] (judge): cannot reach http://127.0.0.1:{closed}/v1" in failure["error"]
     assert "check label.rewards[0].judge (baseUrl, model, its API key)" in failure["error"]
     assert "sk-test-not-a-secret" not in failure["error"]
+
+
+def test_generate_keeps_only_the_selected_columns(kit, sums, tmp_path):
+    import yaml
+
+    path = kit.write_recipe(tmp_path / "g", "generate", sums["sft_final"], [str(sums["dir"] / "held_out.jsonl")],
+                            generate={**SAMPLING, "num_generations": 2}, tracking={"report_to": []})
+    recipe = yaml.safe_load(Path(path).read_text())
+    recipe["datasets"][0]["columns"] = ["prompt"]
+    Path(path).write_text(yaml.safe_dump(recipe))
+    out = rows(kit.run_in_process(path)["dataset"])
+    assert len(out) == 14 and all(set(r) == {"prompt", "completions", "stopped"} and len(r["completions"]) == 2
+                                  for r in out)

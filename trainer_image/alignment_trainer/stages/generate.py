@@ -50,6 +50,11 @@ def load_prompt_rows(recipe: Recipe) -> list[dict]:
         where = describe(args)
         read, _ = read_rows(args)
         for row in subsample(read, args.weight, recipe.training.seed + k):
+            if args.columns:  # datasets[].columns: only these travel with the completions
+                missing = [c for c in args.columns if c not in row]
+                if missing:
+                    raise DataError(f"dataset {where}: columns {missing} selected but not found; columns: {sorted(row)}")
+                row = {c: row[c] for c in args.columns}
             rows.append({**{c: v for c, v in row.items() if c not in PROMPT_COLUMNS},
                          "prompt": prompt_turns(row, where)})
     return rows[:recipe.generate.max_prompts] if recipe.generate.max_prompts else rows
