@@ -211,3 +211,20 @@ def test_generate_keeps_only_the_selected_columns(kit, sums, tmp_path):
     out = rows(kit.run_in_process(path)["dataset"])
     assert len(out) == 14 and all(set(r) == {"prompt", "completions", "stopped"} and len(r["completions"]) == 2
                                   for r in out)
+
+
+def test_two_processes_split_the_prompts_and_write_one_dataset_in_order(kit, sums, tmp_path):
+    from alignment_trainer.launch import build_launch_command, launch_env
+
+    held_out = sums["dir"] / "held_out.jsonl"
+    path = kit.write_recipe(tmp_path / "g2", "generate", sums["sft_final"], [str(held_out)], stage_name="g2",
+                            generate={**SAMPLING, "num_generations": 3}, tracking={"report_to": []})
+    proc = kit.run_subprocess(build_launch_command(path, "ddp", 2, cpu=True), env=launch_env(cpu=True))
+    started = next(e for e in kit.events(proc.stdout) if e["event"] == "start")
+    assert started["processes"] == 2
+    out = tmp_path / "g2" / "out"
+    written = rows(str(out / "final" / "generations.jsonl"))
+    asked = rows(str(held_out))
+    assert [(r["prompt"][0]["content"], r["answer"]) for r in written] == [(r["prompt"], r["answer"]) for r in asked]
+    assert all(len(r["completions"]) == 3 for r in written)
+    assert not list(out.glob("generations.part-*")), "the shares are removed once merged"

@@ -14,8 +14,9 @@ generate.use_vllm where it is installed and a GPU is present) and written, one r
 
 which a later stage reads by naming this stage (datasets[].stage), as HALOs' label step reads the
 samples its vLLM step wrote. result.json: prompts, completions, the fraction that stopped before
-max_completion_length and the mean completion length. One process generates; a rerun of a stage
-whose final/ and result.json exist does nothing.
+max_completion_length and the mean completion length. Several processes (a GPU node's default: one
+per GPU) split the prompts, each sampling its share on its own device; the first writes the dataset
+(with vLLM one process samples). A rerun of a stage whose final/ and result.json exist does nothing.
 """
 
 from __future__ import annotations
@@ -109,13 +110,43 @@ def sample_vllm(recipe: Recipe, tokenizer, prompts: list[list[dict]]) -> list[di
     return answers
 
 
+def sample_share(recipe: Recipe, tokenizer, prompts: list[list[dict]], rank: int, world: int, device) -> list[dict]:
+    """This process's prompts (every world-th from rank), sampled with transformers on `device`."""
+    from transformers import set_seed
+
+    g = recipe.generate
+    set_seed(recipe.training.seed + rank)
+    model = load_model(recipe.model, tokenizer).to(device).eval()
+    return sample(model, tokenizer, prompts[rank::world], g.max_completion_length, g.batch_size, "generate",
+                  do_sample=True, temperature=g.temperature, top_p=g.top_p, top_k=0,
+                  num_return_sequences=g.num_generations)
+
+
+def gather_shares(out: Path, answers: list[dict], rank: int, world: int) -> list[dict] | None:
+    """Every process's answers, back in prompt order, on the first process (None on the others)."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    out.mkdir(parents=True, exist_ok=True)
+    part = out / f"generations.part-{rank}.json"
+    part.write_text(json.dumps(answers))
+    state.wait_for_everyone()
+    if rank != 0:
+        return None
+    shares = [json.loads((out / f"generations.part-{r}.json").read_text()) for r in range(world)]
+    for r in range(world):
+        (out / f"generations.part-{r}.json").unlink()
+    return shares
+
+
 def run(recipe: Recipe) -> dict | None:
     done = setup_stage(recipe)
     if done is not None:
         return done
-    if int(os.environ.get("RANK", "0")) != 0:  # one process samples; the others have nothing to do
-        return None
     g = recipe.generate
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if g.use_vllm and rank != 0:  # vLLM batches on its own: one process samples
+        return None
 
     # Prompts first: a bad or empty dataset fails in seconds, before a model loads.
     rows = load_prompt_rows(recipe)
@@ -130,24 +161,30 @@ def run(recipe: Recipe) -> dict | None:
     tokenizer = load_tokenizer(recipe.model)
     prompts = [r["prompt"] for r in rows]
     start = time.perf_counter()
-    emit("start", method=recipe.method, stage=recipe.stage_name, prompts=len(rows), samples=g.num_generations)
+    if rank == 0:
+        emit("start", method=recipe.method, stage=recipe.stage_name, prompts=len(rows), samples=g.num_generations,
+             processes=1 if g.use_vllm else world)
+    n = g.num_generations
     if g.use_vllm:
         answers = sample_vllm(recipe, tokenizer, prompts)
+        per_prompt = [answers[i * n:(i + 1) * n] for i in range(len(rows))]
+    elif world == 1:
+        answers = sample_share(recipe, tokenizer, prompts, 0, 1, "cuda" if torch.cuda.is_available() else "cpu")
+        per_prompt = [answers[i * n:(i + 1) * n] for i in range(len(rows))]
     else:
-        from transformers import set_seed
+        from accelerate import PartialState
 
-        set_seed(recipe.training.seed)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = load_model(recipe.model, tokenizer).to(device).eval()
-        answers = sample(model, tokenizer, prompts, g.max_completion_length, g.batch_size, "generate",
-                         do_sample=True, temperature=g.temperature, top_p=g.top_p, top_k=0,
-                         num_return_sequences=g.num_generations)
+        mine = sample_share(recipe, tokenizer, prompts, rank, world, PartialState().device)
+        shares = gather_shares(Path(recipe.output_dir), mine, rank, world)
+        if shares is None:
+            return None
+        # Prompt i was rank i % world's (i // world)-th: its n answers sit at that offset of the share.
+        per_prompt = [shares[i % world][(i // world) * n:(i // world + 1) * n] for i in range(len(rows))]
+        answers = [a for group in per_prompt for a in group]
 
     # One row per prompt: its completions in sampling order
-    n = g.num_generations
     out = []
-    for i, row in enumerate(rows):
-        mine = answers[i * n:(i + 1) * n]
+    for row, mine in zip(rows, per_prompt):
         out.append({**row, "completions": [a["text"] for a in mine], "stopped": [a["stopped"] for a in mine]})
     return write_data_stage(recipe, out, {
         "prompts": len(rows), "completions": len(answers),
