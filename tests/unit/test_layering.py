@@ -77,3 +77,37 @@ def test_the_check_fails_on_a_deliberate_import_in_either_direction(tmp_path):
     assert any(v.startswith("alignment_operator/render/recipe.py imports ['alignment_trainer.stages'") for v in found)
     assert "alignment_operator/reconcile.py imports ['torch']: the operator image has no training stack" in found
     assert len(found) == 3, found
+
+
+def missing_dependencies(directory: Path, dependencies: list[str]) -> list[str]:
+    """Third-party modules imported under `directory` (lazily or not) that no distribution in
+    `dependencies` (pyproject requirement strings) provides."""
+    import re
+    import sys
+    from importlib.metadata import packages_distributions
+
+    provides = packages_distributions()
+    declared = {re.split(r"[\s\[<>=!~;]", d, maxsplit=1)[0].lower().replace("_", "-") for d in dependencies}
+    found = []
+    for path in sorted(directory.rglob("*.py")):
+        for name in sorted(imports(path)):
+            top = name.split(".")[0]
+            if top in sys.stdlib_module_names or top in (OPERATOR, TRAINER, "__future__"):
+                continue
+            dists = {d.lower().replace("_", "-") for d in provides.get(top, [top])}
+            if not dists & declared:
+                found.append(f"{path.relative_to(ROOT)} imports {top} ({', '.join(sorted(dists))}), "
+                             f"not in pyproject's dependencies")
+    return sorted(set(found))
+
+
+def test_the_operator_image_has_every_package_the_operator_imports():
+    """operator/Dockerfile installs the package without extras: what the operator imports must be a
+    base dependency (cryptography was only in [dev], and the operator pod crashed at start-up making
+    its progress endpoint's certificate)."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert missing_dependencies(PACKAGES[OPERATOR], project["dependencies"]) == []
+    without = [d for d in project["dependencies"] if not d.startswith("cryptography")]
+    assert any("imports cryptography" in m for m in missing_dependencies(PACKAGES[OPERATOR], without))
