@@ -9,6 +9,7 @@ images; ALIGNMENT_SKIP_NODE=1 skips these tests.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
@@ -260,6 +261,71 @@ def test_deleted_dpo_pod_resumes_from_newest_checkpoint(real, restricted_ns, tmp
           f"first step it logged {steps[0]}): {time.monotonic() - started:.0f}s")
 
 
+def test_evicted_dpo_pod_resumes_without_counting_against_backoff_limit(real, restricted_ns, tmp_path):
+    """Issue 13: the DPO pod is evicted through the Eviction API mid-training (what a node drain or
+    the scheduler's preemption does). The pod gets the DisruptionTarget condition, the Job's
+    podFailurePolicy ignores it (status.failed stays 0, backoffLimit 0 would otherwise have failed
+    the Job), the replacement resumes from the newest checkpoint, and the run never shows Failed."""
+    from kubernetes import client
+
+    ns, plane, started = restricted_ns, real.plane, time.monotonic()
+    volume = prepare_volume(real, ns, "evict")
+    doc = yaml.safe_load((REPO / "examples/tiny-run.yaml").read_text())
+    dpo = next(s for s in doc["spec"]["stages"] if s["name"] == "dpo")
+    dpo["training"]["epochs"] = 4  # 100 steps, a checkpoint every 10
+    dpo["backoffLimit"] = 0        # a counted failure would fail the stage at once
+    doc["metadata"]["name"] = "evict"
+    doc["spec"]["stages"] = [dpo]
+    api = plane.api_client()
+    core = client.CoreV1Api(api)
+    operator = start_operator(real, ns, tmp_path)
+    phases: list[str] = []
+    try:
+        plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(doc))
+        first = running_pod(real, ns, "evict-dpo")
+        out = volume / ns / "evict" / "dpo"
+        complete = lambda: sorted((int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")
+                                   if (p / "trainer_state.json").is_file()), reverse=True)
+        wait_for("the DPO pod's first complete checkpoint", timeout=600, interval=0.2, fn=complete)
+        core.create_namespaced_pod_eviction(first, ns, client.V1Eviction(
+            metadata=client.V1ObjectMeta(name=first, namespace=ns)))
+        evicted = json.loads(plane.kubectl("get", "pod", first, "-n", ns, "-o", "json").stdout)
+        disruption = [c for c in evicted["status"].get("conditions", []) if c["type"] == "DisruptionTarget"]
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            phase = (get_run(api, ns, "evict").get("status") or {}).get("phase")
+            if not phases or phases[-1] != phase:
+                phases.append(phase)
+            if phase in ("Succeeded", "Failed"):
+                break
+            time.sleep(0.5)
+        newest_before = max(n for n in complete() if n < 100)
+        run = get_run(api, ns, "evict")
+        # The run goes on as soon as the pod succeeded; the Job controller marks the Job a little later.
+        plane.kubectl("wait", "-n", ns, "--for=condition=Complete", "--timeout=120s", "job/evict-dpo", check=False)
+        job = json.loads(plane.kubectl("get", "job", "evict-dpo", "-n", ns, "-o", "json").stdout)
+    finally:
+        operator.stop()
+    assert disruption and disruption[0]["status"] == "True" and disruption[0]["reason"] == "EvictionByEvictionAPI", evicted["status"]
+    assert run["status"]["phase"] == "Succeeded", json.dumps(run["status"], indent=1)
+    assert "Failed" not in phases, phases
+    assert (job["status"].get("failed") or 0) == 0 and job["status"].get("succeeded") == 1, (job["status"], phases)
+    stage = run["status"]["stages"][0]
+    assert stage["attempts"] == 1 and stage.get("restarts", 0) == 0, stage  # the eviction was not counted
+    pods = json.loads(plane.kubectl("get", "pods", "-n", ns, "-l", "batch.kubernetes.io/job-name=evict-dpo",
+                                    "-o", "json").stdout)["items"]
+    replacement = [p for p in pods if p["metadata"]["name"] != first]
+    assert replacement, [p["metadata"]["name"] for p in pods]
+    log = plane.kubectl("logs", "-n", ns, replacement[-1]["metadata"]["name"]).stdout
+    start = next(e for e in events(log) if e["event"] == "start")
+    resumed = int(start["resume_from"].rsplit("-", 1)[1]) if start.get("resume_from") else None
+    assert resumed is not None and resumed <= newest_before, (start, newest_before)
+    steps = [e["step"] for e in events(log) if e["event"] == "progress"]
+    assert steps and steps[0] > resumed and steps[-1] == 100, steps
+    print(f"\nissue 13 (DPO pod evicted; resumed from checkpoint-{resumed}, Job failed=0, phases {phases}): "
+          f"{time.monotonic() - started:.0f}s")
+
+
 def test_bad_dataset_fails_the_stage_with_the_trainers_message(real, restricted_ns, tmp_path):
     """Scenario 2: a dataset row without the columns SFT needs fails the stage at once (exit 2,
     no retry) with the message the trainer wrote to its termination message path."""
@@ -294,6 +360,12 @@ def test_bad_dataset_fails_the_stage_with_the_trainers_message(real, restricted_
     # alignment_trainer.launch now exits with the trainer's own code.
     assert terminated["exitCode"] == 2, f"the container exited {terminated['exitCode']}, not the trainer's 2"
     assert len(pods) == 1, "a recipe/data error must not be retried"
+    # Failed within seconds of the container's exit (the podFailurePolicy's FailJob, no backoff).
+    failed = next(c for c in run["status"]["conditions"] if c["type"] == "Failed")
+    stamp = lambda t: datetime.datetime.fromisoformat(t.replace("Z", "+00:00"))
+    lag = (stamp(failed["lastTransitionTime"]) - stamp(terminated["finishedAt"])).total_seconds()
+    assert failed["status"] == "True" and lag < 30, (failed, terminated["finishedAt"])
+    print(f"  the run was Failed {lag:.0f}s after the container exited")
 
 
 @unverified
