@@ -120,6 +120,10 @@ def test_generate_refuses_no_prompts_and_absent_vllm(kit, sums, tmp_path):
     with pytest.raises(DataError, match=r"stage gen-empty: no prompts in .*none.jsonl.*needs at least one row with "
                                         r"a `prompt`.*fix datasets"):
         generate(kit, sums, "gen-empty", sums["sft_final"], str(empty))
+    path = kit.write_recipe(tmp_path / "short", "generate", sums["sft_final"], [str(sums["dir"] / "held_out.jsonl")],
+                            generate=SAMPLING, training={"max_prompt_length": 5}, tracking={"report_to": []})
+    with pytest.raises(ValueError, match="training.max_prompt_length: 5 tokens cannot hold even the chat template"):
+        kit.run_in_process(path)  # prompts are cut like the training stages cut them
     import importlib.util
 
     if importlib.util.find_spec("vllm") is None:

@@ -216,8 +216,8 @@ class TrainingArgs(_Strict):
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-steps per optimizer step.")
     max_length: int = Field(1024, gt=0, description="Longest tokenized sequence (prompt + completion).")
     max_prompt_length: int | None = Field(
-        None, gt=0, description="Prompts are cut to this many tokens, keeping their end; default for "
-                                "preference methods: half of max_length.")
+        None, gt=0, description="Prompts are cut to this many tokens, keeping their end (preference methods, "
+                                "generate); default for preference methods: half of max_length.")
     beta: float | None = Field(
         None, gt=0, description="Preference methods: KL strength (DPO) or reward scale (SimPO); default: the "
                                 "method's (METHODS[method].beta).")

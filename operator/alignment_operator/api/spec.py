@@ -105,8 +105,8 @@ class TrainingSpec(ApiModel):
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-steps per optimizer step.")
     max_length: int = Field(1024, gt=0, description="Longest tokenized sequence, prompt and completion together.")
     max_prompt_length: int | None = Field(None, gt=0, description=(
-        "Preference methods: prompts are cut to this many tokens, keeping their end. Default: "
-        "half of maxLength. Must be below maxLength."))
+        "Preference methods and generate: prompts are cut to this many tokens, keeping their end. Default: "
+        "half of maxLength (generate: no cut). Must be below maxLength."))
     beta: float | None = Field(None, gt=0, description=(
         "Preference strength. DPO/IPO/KTO: the KL penalty (default 0.1; zephyr uses 0.01); "
         "SimPO: the reward scale (default 2.0); ORPO: the odds-ratio weight lambda (default 0.1)."))

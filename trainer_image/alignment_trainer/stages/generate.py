@@ -34,7 +34,7 @@ from ..data import DataError, describe, read_rows, subsample
 from ..model import load_model, load_tokenizer
 from ..recipe import Recipe
 from ..results import emit, write_result
-from .common import setup_stage
+from .common import setup_stage, truncate_prompt
 from .eval import generate as sample
 from .grpo import prompt_turns, stage_label
 
@@ -160,6 +160,8 @@ def run(recipe: Recipe) -> dict | None:
     # Model & tokenizer: the policy as it is, frozen
     tokenizer = load_tokenizer(recipe.model)
     prompts = [r["prompt"] for r in rows]
+    if recipe.training.max_prompt_length:  # cut long prompts keeping their end, as the training stages do
+        prompts = [truncate_prompt(p, tokenizer, recipe.training.max_prompt_length) for p in prompts]
     start = time.perf_counter()
     if rank == 0:
         emit("start", method=recipe.method, stage=recipe.stage_name, prompts=len(rows), samples=g.num_generations,

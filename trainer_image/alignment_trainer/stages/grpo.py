@@ -130,9 +130,12 @@ def _reward_model(args: RewardArgs):
     return reward
 
 
+JUDGE_CONCURRENCY = 8  # judge requests in flight at once (an OpenAI-compatible server batches them)
+
+
 def _judge(args: RewardArgs, where: str):
-    """An LLM judge's 1-10 grade of each answer (FastChat's single-answer prompt), divided by 10;
-    an answer without a grade scores 0 (logged)."""
+    """An LLM judge's 1-10 grade of each answer (FastChat's single-answer prompt), divided by 10,
+    JUDGE_CONCURRENCY requests at a time; an answer without a grade scores 0 (logged)."""
     import os
 
     from ..judge import Judge
@@ -144,15 +147,17 @@ def _judge(args: RewardArgs, where: str):
                          "give the reward's judge an apiKeySecretRef")
     judge = Judge(args.judge)
 
+    def grade(p, c) -> float:
+        rating = parse_rating(judge.complete(SINGLE[0], SINGLE[1].format(question_1=question(p), answer_1=_text(c))))
+        if rating is None:
+            log.warning("%s: the judge gave no [[rating]] for an answer; it scores 0", where)
+        return 0.0 if rating is None else rating / 10
+
     def reward(prompts, completions, **kwargs):
-        out = []
-        for p, c in zip(prompts, completions):
-            rating = parse_rating(judge.complete(SINGLE[0], SINGLE[1].format(question_1=question(p),
-                                                                              answer_1=_text(c))))
-            if rating is None:
-                log.warning("%s: the judge gave no [[rating]] for an answer; it scores 0", where)
-            out.append(0.0 if rating is None else rating / 10)
-        return out
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=JUDGE_CONCURRENCY) as pool:
+            return list(pool.map(grade, prompts, completions))
 
     return reward
 
