@@ -202,6 +202,10 @@ def test_a_judge_reward_labels_and_an_unreachable_judge_names_the_stage(kit, sum
     assert f"stage judge-down: label.rewards[0] (judge): cannot reach http://127.0.0.1:{closed}/v1" in failure["error"]
     assert "check label.rewards[0].judge (baseUrl, model, its API key)" in failure["error"]
     assert "sk-test-not-a-secret" not in failure["error"]
+    monkeypatch.delenv("LABEL_REWARD_0_JUDGE_API_KEY")
+    with pytest.raises(ValueError, match=r"stage judge-nokey: label.rewards\[0\] \(judge\): environment variable "
+                                         r"LABEL_REWARD_0_JUDGE_API_KEY \(the judge's API key\) is not set"):
+        label(kit, sums, "judge-nokey", str(generations), [{"kind": "judge", "judge": judge}])
 
 
 def test_generate_keeps_only_the_selected_columns(kit, sums, tmp_path):

@@ -144,7 +144,7 @@ def _judge(args: RewardArgs, where: str):
 
     if not os.environ.get(args.judge.api_key_env):
         raise ValueError(f"{where}: environment variable {args.judge.api_key_env} (the judge's API key) is not set; "
-                         "give the reward's judge an apiKeySecretRef")
+                         "on a cluster give the reward's judge an apiKeySecretRef, locally export the variable")
     judge = Judge(args.judge)
 
     def grade(p, c) -> float:
