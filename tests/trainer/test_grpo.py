@@ -13,6 +13,9 @@ import json
 import pytest
 
 
+pytestmark = pytest.mark.trainer
+
+
 def grpo_recipe(kit, sums, name: str, rewards: list[dict], **training) -> str:
     d = sums["dir"]
     return kit.write_recipe(

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.trainer
 SAMPLING = {"num_generations": 8, "max_completion_length": 24, "temperature": 0.7}
 FORMAT = {"kind": "format", "pattern": r"^The answer is \d+", "weight": 0.5}
 
