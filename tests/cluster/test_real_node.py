@@ -31,10 +31,6 @@ from operator_process import Operator
 
 pytestmark = [pytest.mark.cluster, pytest.mark.node, pytest.mark.timeout(1800)]
 CRDS = [REPO / "crds/alignmentrun.yaml"]
-# Scenarios 4 and 6 are written but have not yet passed on the node (their first runs found the
-# missing compiler and the CRD conflict, both fixed since): off in CI until they have.
-unverified = pytest.mark.skipif(os.environ.get("ALIGNMENT_NODE_UNVERIFIED") != "1",
-                                reason="not yet seen passing on the node; ALIGNMENT_NODE_UNVERIFIED=1 runs it")
 
 
 @pytest.fixture(scope="module")
@@ -368,7 +364,6 @@ def test_bad_dataset_fails_the_stage_with_the_trainers_message(real, restricted_
     print(f"  the run was Failed {lag:.0f}s after the container exited")
 
 
-@unverified
 def test_two_node_cpu_stage_rendezvous_through_dns(real, restricted_ns, tmp_path):
     """Scenario 4: `nodes: 2, gpusPerNode: 0, deepspeed-zero3` runs as an Indexed Job with a
     headless Service; rank 1 finds rank 0 by its DNS name, both train (gloo), final/ loads."""
@@ -409,7 +404,6 @@ def test_two_node_cpu_stage_rendezvous_through_dns(real, restricted_ns, tmp_path
     print(f"\nscenario 4 (two-pod ZeRO-3 stage over gloo, rendezvous by DNS): {time.monotonic() - started:.0f}s")
 
 
-@unverified
 def test_helm_installed_operator_in_a_pod_runs_the_tiny_run_and_survives_its_pod_deleted(real, restricted_ns, tmp_path):
     """Scenario 6, the README's day one: `helm install` puts the operator (operator/Dockerfile's
     image) in a pod under the chart's ServiceAccount with peering on; `kubectl apply` of the tiny
