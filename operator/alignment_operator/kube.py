@@ -288,12 +288,12 @@ def review_token(token: str, audience: str) -> dict[str, Any]:
 
 
 def patch_stage_progress(namespace: str, run: str, index: int, stage: str, progress: dict[str, Any],
-                         summary: str) -> bool:
+                         summary: str, phase: str = "Running") -> bool:
     """Write one stage's live progress and the run's progress summary, only if status.stages[index]
-    still is that stage and still Running (a JSON patch whose `test` ops guard it); False if not."""
+    still is that stage and still in `phase` (a JSON patch whose `test` ops guard it); False if not."""
     base = f"/status/stages/{index}"
     patch = [{"op": "test", "path": f"{base}/name", "value": stage},
-             {"op": "test", "path": f"{base}/phase", "value": "Running"},
+             {"op": "test", "path": f"{base}/phase", "value": phase},
              {"op": "add", "path": f"{base}/progress", "value": progress},
              {"op": "add", "path": "/status/progressSummary", "value": summary}]
     try:

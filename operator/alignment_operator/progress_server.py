@@ -135,16 +135,18 @@ class Progress:
             raise Refused(409, f"stage {stage} of {ns}/{run} has not started")
         return st
 
-    def _write(self, key: tuple[str, str], run: str, stage: str, progress: StageProgress) -> bool:
+    def _write(self, key: tuple[str, str], run: str, stage: str, progress: StageProgress,
+               phases: tuple[str, ...] = ("Running",)) -> bool:
         ns = key[0]
         body = self.get_run(ns, run)
         status = AlignmentRunStatus.model_validate((body or {}).get("status") or {})
         index = next((i for i, s in enumerate(status.stages) if s.name == stage), None)
-        if index is None:
+        if index is None or status.stages[index].phase not in phases:
             return False
+        phase = status.stages[index].phase
         status.stages[index].progress = progress
         done = sum(s.phase == "Succeeded" for s in status.stages)
-        ok = self.write(ns, run, index, stage, progress.wire(), summary(status.stages, done))
+        ok = self.write(ns, run, index, stage, progress.wire(), summary(status.stages, done), phase=phase)
         self.throttle.wrote(key, self.clock())
         if ok:
             metrics.PROGRESS_WRITES.inc()
@@ -164,7 +166,10 @@ class Progress:
             with self._lock(key):
                 progress = self.throttle.take(key)
                 if progress is not None:
-                    self._write(key, run, stage, progress)
+                    # Accepted while the stage ran, held back by the throttle: still its latest word
+                    # when the stage has succeeded meanwhile (a trainer's final 100% arrives a moment
+                    # before its pod exits, and the reconciler marks the stage within a second).
+                    self._write(key, run, stage, progress, phases=("Running", "Succeeded"))
         except Exception:  # noqa: BLE001 - a timer thread has nobody to raise to
             log.exception("writing the pending progress of %s/%s failed", *key)
 

@@ -129,7 +129,8 @@ class Fake:
     def get_run(self, ns, name):
         return self.run if (ns, name) == ("ns", "tiny") else None
 
-    def write(self, ns, run, index, stage, progress, text):
+    def write(self, ns, run, index, stage, progress, text, phase="Running"):
+        assert self.run["status"]["stages"][index]["phase"] == phase  # what the patch's test op checks
         self.writes.append((self.clock, index, stage, progress, text))
         self.run["status"]["stages"][index]["progress"] = progress
         return True
@@ -204,6 +205,26 @@ def test_a_burst_of_pushes_makes_one_write_and_the_newest_follows_later():
     fake.clock = 200.0
     ep._flush(("ns", "tiny-dpo"), "tiny", "dpo")
     assert [w[3]["percent"] for w in fake.writes] == [0, 19]
+
+
+def test_the_last_report_held_back_by_the_throttle_lands_after_the_stage_succeeded():
+    """Found on the real node: the trainer's final 100% came within 5 s of the previous write, the
+    pod exited and the stage was Succeeded before the held-back report's turn; it was dropped and the
+    stage's progress stayed at 96%."""
+    fake = Fake()
+    ep = endpoint(fake)
+    ep.handle(PATH, TOKEN, body(NOW, percent=96))
+    fake.clock += 1
+    ep.handle(PATH, TOKEN, body(NOW + timedelta(seconds=1), percent=100))
+    assert [w[3]["percent"] for w in fake.writes] == [96]
+    fake.run["status"]["stages"][1]["phase"] = "Succeeded"
+    fake.clock += 5
+    ep._flush(("ns", "tiny-dpo"), "tiny", "dpo")
+    assert [w[3]["percent"] for w in fake.writes] == [96, 100]
+    # ... but a push arriving after the stage ended is still refused.
+    with pytest.raises(Refused) as e:
+        ep.handle(PATH, TOKEN, body(NOW + timedelta(seconds=9), percent=100))
+    assert e.value.code == 409 and len(fake.writes) == 2
 
 
 # ---------------------------------------------------------------------------- pods and reconcile

@@ -1,0 +1,125 @@
+"""Live progress on the real node: the trainer image's stage pods push to the operator's
+progress endpoint with the projected token the kubelet mints for them, and `kubectl get ar`
+shows the percent rise while dpo trains; the numbers match the pod's metrics.jsonl. The pods
+push with transformers' own KubeflowCallback, unchanged (ALIGNMENT_PROGRESS_CALLBACK=transformers
+in spec.trainer.env). And a tiny run whose
+learning rate makes the loss NaN fails with Diverged and the step.
+
+Needs what tests/cluster/test_real_node.py needs (the node, the images); ALIGNMENT_SKIP_NODE=1
+skips it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import yaml
+
+from controlplane import REPO, free_port
+from kubelet import apply_tiny, get_run
+from node import host_ip, image_ref
+from operator_process import Operator
+from test_real_node import prepare_volume, real, restricted_ns, running_pod, wait_phase  # noqa: F401 - fixtures
+
+pytestmark = [pytest.mark.cluster, pytest.mark.node, pytest.mark.timeout(1800)]
+
+
+PROBE = """
+import os, ssl, urllib.request, urllib.error
+url = os.environ["KUBEFLOW_TRAINER_SERVER_URL"]
+token = open(os.environ["KUBEFLOW_TRAINER_SERVER_TOKEN"]).read().strip()
+ctx = ssl.create_default_context(cafile=os.environ["KUBEFLOW_TRAINER_SERVER_CA_CERT"])
+req = urllib.request.Request(url, data=b'{"trainerStatus": {"lastUpdatedTime": "2000-01-01T00:00:00Z"}}',
+                             method="POST", headers={"Authorization": "Bearer " + token})
+try:
+    print(urllib.request.urlopen(req, timeout=10, context=ctx).status)
+except urllib.error.HTTPError as e:
+    print(e.code, e.read().decode()[:300])
+except Exception as e:
+    print(type(e).__name__, e)
+"""
+
+
+def progress_operator(real, ns: str, tmp_path) -> Operator:
+    port, ip = free_port(), host_ip()
+    return Operator(real.plane.kubeconfig, ns, tmp_path / "operator.log", extra_env={
+        "ALIGNMENT_TRAINER_IMAGE": image_ref("trainer"), "ALIGNMENT_PROGRESS_PORT": str(port),
+        "ALIGNMENT_PROGRESS_URL": f"https://{ip}:{port}", "ALIGNMENT_PROGRESS_HOSTNAMES": ip}).start()
+
+
+def column_of(table: str, name: str) -> str:
+    header, row = table.splitlines()[:2]
+    start = header.index(name)
+    end = min((header.index(h, start + 1) for h in header[start + len(name):].split()[:1]), default=len(row))
+    return row[start:end].strip()
+
+
+def stage(run: dict, name: str) -> dict:
+    return next(s for s in run["status"]["stages"] if s["name"] == name)
+
+
+def test_kubectl_get_shows_the_dpo_pods_progress_rising(real, restricted_ns, tmp_path):
+    ns, plane = restricted_ns, real.plane
+    volume = prepare_volume(real, ns, "tiny")
+    operator = progress_operator(real, ns, tmp_path)
+    column: list[str] = []
+    try:
+        # transformers' own KubeflowCallback, unchanged, in every stage pod (ours is tested from the host:
+        # tests/cluster/test_progress.py); the endpoint, the projected token and the column are the same.
+        stages = yaml.safe_load((REPO / "examples/tiny-run.yaml").read_text())["spec"]["stages"]
+        next(s for s in stages if s["name"] == "dpo")["training"]["epochs"] = 8  # 200 steps: time for several pushes
+        apply_tiny(plane, ns, stages=stages,
+                   trainer={"env": [{"name": "ALIGNMENT_PROGRESS_CALLBACK", "value": "transformers"}]})
+        # From inside the sft pod: what a push gets (the stock callback swallows its errors).
+        pod = running_pod(real, ns, "tiny-sft")
+        probe = plane.kubectl("exec", "-n", ns, pod, "--", "python", "-c", PROBE, check=False)
+        print(f"\nin-pod probe of the progress endpoint: {probe.stdout.strip()} {probe.stderr.strip()[-500:]}")
+        wait_for_stage = time.monotonic()
+        while time.monotonic() - wait_for_stage < 900:
+            run = get_run(plane.api_client(), ns, "tiny")
+            if (run.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+                break
+            text = column_of(plane.kubectl("get", "ar", "tiny", "-n", ns).stdout, "PROGRESS")
+            if not column or column[-1] != text:
+                column.append(text)
+            time.sleep(1)
+        run = wait_phase(real, ns, "tiny", {"Succeeded", "Failed"}, timeout=60)
+    finally:
+        operator.stop()
+    assert run["status"]["phase"] == "Succeeded", json.dumps(run["status"], indent=1)
+    said = [line for line in (tmp_path / "operator.log").read_text().splitlines() if "progress" in line.lower()]
+    assert all("progress" in s for s in run["status"]["stages"][:2]), (probe.stdout, said[-20:], column)
+    for name in ("sft", "dpo"):
+        p = stage(run, name)["progress"]
+        rows = [json.loads(line) for line in (volume / ns / "tiny" / name / "metrics.jsonl").read_text().splitlines()]
+        logged = [r for r in rows if "loss" in r]
+        assert p["percent"] == 100 and p["step"] == p["totalSteps"] == rows[-1]["step"], (name, p)
+        assert p["loss"] == pytest.approx(logged[-1]["loss"], rel=1e-5), (name, p, logged[-1])
+        if name == "dpo":  # the stock callback passes every logged number on, TRL's reward metrics too
+            assert p["rewardMargin"] == pytest.approx(logged[-1]["rewards/margins"], rel=1e-5)
+        # its last report carries the trainer's summary row: the run's average tokens/s
+        summary_row = next((r for r in reversed(rows) if "train_tokens_per_second" in r), rows[-1])
+        assert p["tokensPerSecond"] == pytest.approx(summary_row.get("train_tokens_per_second"), rel=1e-5), (p, rows[-3:])
+    percents = [int(t.split()[1].rstrip("%")) for t in column if t.startswith("dpo ") and "%" in t]
+    assert sum(b > a for a, b in zip(percents, percents[1:])) >= 3, column
+    print(f"\nPROGRESS column on the real node: {column}")
+
+
+def test_a_nan_loss_fails_the_stage_with_diverged_and_the_step(real, restricted_ns, tmp_path):
+    ns, plane = restricted_ns, real.plane
+    prepare_volume(real, ns, "tiny")
+    operator = progress_operator(real, ns, tmp_path)
+    try:
+        stages = yaml.safe_load((REPO / "examples/tiny-run.yaml").read_text())["spec"]["stages"]
+        stages[0]["training"].update(learningRate=1e4, loggingSteps=1)
+        started = time.monotonic()
+        apply_tiny(plane, ns, stages=stages)
+        run = wait_phase(real, ns, "tiny", {"Failed", "Succeeded"}, timeout=600)
+    finally:
+        operator.stop()
+    message = stage(run, "sft")["message"]
+    assert run["status"]["phase"] == "Failed" and message.startswith("Diverged (exit code 2"), message
+    assert "training diverged at step" in message, message
+    print(f"\nNaN run failed after {time.monotonic() - started:.0f}s: {message}")
