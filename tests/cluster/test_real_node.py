@@ -404,6 +404,58 @@ def test_two_node_cpu_stage_rendezvous_through_dns(real, restricted_ns, tmp_path
     print(f"\nscenario 4 (two-pod ZeRO-3 stage over gloo, rendezvous by DNS): {time.monotonic() - started:.0f}s")
 
 
+def test_a_killed_rank_restarts_both_ranks_from_the_checkpoint(real, restricted_ns, tmp_path):
+    """Issue 13, the Indexed-Job backend (no JobSet or training operator installed): rank 1's pod of
+    a two-pod ZeRO-3 stage is deleted after a checkpoint. The Job fails at once (backoffLimit 0: no
+    rank waits in a collective for a peer that is gone), the operator counts one restart and makes
+    a new Job whose two ranks both resume from that checkpoint, and the stage finishes."""
+    ns, plane, started = restricted_ns, real.plane, time.monotonic()
+    volume = prepare_volume(real, ns, "kill")
+    doc = yaml.safe_load((REPO / "examples/tiny-run.yaml").read_text())
+    doc["metadata"]["name"] = "kill"
+    sft = doc["spec"]["stages"][0]
+    sft["training"].update(epochs=6, saveSteps=5)
+    sft["resources"] = {"nodes": 2, "gpusPerNode": 0, "processesPerNode": 1, "cpu": 1, "memory": "3Gi",
+                        "sharedMemory": "256Mi"}
+    sft["distributed"] = "deepspeed-zero3"
+    doc["spec"]["stages"] = [sft]
+    api = plane.api_client()
+    operator = start_operator(real, ns, tmp_path)
+    try:
+        plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(doc))
+        out = volume / ns / "kill" / "sft"
+        complete = lambda: sorted((int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")
+                                   if (p / "trainer_state.json").is_file()), reverse=True)
+        wait_for("the stage's first complete checkpoint", timeout=600, interval=0.2, fn=complete)
+        first_uid = jobs(api, ns)["kill-sft"]
+        rank1 = json.loads(plane.kubectl("get", "pods", "-n", ns, "-l", "batch.kubernetes.io/job-completion-index=1",
+                                         "-o", "json").stdout)["items"][0]["metadata"]["name"]
+        plane.kubectl("delete", "pod", "-n", ns, rank1, "--wait=false")
+        killed_after = complete()[0]
+        wait_for("a new Job for the stage", timeout=300, interval=0.5,
+                 fn=lambda: jobs(api, ns).get("kill-sft") not in (None, first_uid))
+        run = wait_phase(real, ns, "kill", {"Succeeded", "Failed"}, timeout=900)
+        second_uid = jobs(api, ns)["kill-sft"]
+        pods = [p for p in json.loads(plane.kubectl("get", "pods", "-n", ns, "-l", "batch.kubernetes.io/job-name=kill-sft",
+                                                    "-o", "json").stdout)["items"]
+                if p["metadata"]["ownerReferences"][0]["uid"] == second_uid]
+        logs = {p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]:
+                plane.kubectl("logs", "-n", ns, p["metadata"]["name"]).stdout for p in pods}
+    finally:
+        operator.stop()
+    assert run["status"]["phase"] == "Succeeded", json.dumps(run["status"], indent=1)
+    stage = run["status"]["stages"][0]
+    assert stage["restarts"] == 1, stage  # the kill counted once against backoffLimit 2
+    assert sorted(logs) == ["0", "1"], sorted(logs)  # the new Job ran both ranks again
+    start = next(e for e in events(logs["0"]) if e["event"] == "start")
+    resumed = int(start["resume_from"].rsplit("-", 1)[1]) if start.get("resume_from") else None
+    assert start["world_size"] == 2 and resumed is not None and resumed <= killed_after, (start, killed_after)
+    steps = [e["step"] for e in events(logs["0"]) if e["event"] == "progress"]
+    assert steps and steps[0] > resumed and steps[-1] == stage["metrics"]["global_step"], (steps, stage)
+    print(f"\nissue 13 (rank 1 of a two-pod ZeRO-3 stage killed after checkpoint-{killed_after}: one counted "
+          f"restart, both ranks resumed from checkpoint-{resumed}): {time.monotonic() - started:.0f}s")
+
+
 def test_helm_installed_operator_in_a_pod_runs_the_tiny_run_and_survives_its_pod_deleted(real, restricted_ns, tmp_path):
     """Scenario 6, the README's day one: `helm install` puts the operator (operator/Dockerfile's
     image) in a pod under the chart's ServiceAccount with peering on; `kubectl apply` of the tiny
