@@ -125,7 +125,9 @@ def test_a_refused_stage_job_fails_the_run_with_the_servers_message(cluster, ope
     stamps = [datetime.strptime(m["ts"], "%Y-%m-%d %H:%M:%S,%f") for m in REFUSED_LINE.finditer(log)]
     assert len(stamps) == 3, log[-4000:]
     gaps = [(b - a).total_seconds() for a, b in zip(stamps, stamps[1:])]
-    assert gaps[0] >= 4.5 and gaps[1] >= 9.5, gaps
+    # 5 s then 10 s after the refusal as status records it: to the second, so up to 1 s less here
+    # (CI measured 4.035 s once).
+    assert gaps[0] >= 3.9 and gaps[1] >= 8.9, gaps
     assert "Traceback" not in log and "ApiException" not in log, log[-4000:]
     assert len(warnings_with(api, ns, said)) == 1, "exactly one Warning Event carries the server's message"
 

@@ -44,10 +44,10 @@ def test_grpo_raises_held_out_reward(kit, sums):
     assert (out / "final" / "config.json").is_file()
 
 
-def test_a_reward_that_raises_names_the_stage(kit, sums):
+def test_a_reward_that_raises_names_the_stage(kit, sums, tmp_path):
     from alignment_trainer.__main__ import classify
 
-    d = sums["dir"]
+    d = tmp_path  # not the session's shared sums dir: test_online checks what it holds
     bad = d / "null_answers.jsonl"
     bad.write_text("".join(json.dumps({"prompt": f"What is {a} + {b}?", "answer": None}) + "\n" for a, b in sums["pairs"][:16]))
     path = kit.write_recipe(d / "bad", "grpo", sums["sft_final"], [str(bad)],
