@@ -140,12 +140,23 @@ def test_node_runs_pods_that_resolve_each_other_and_the_api_server(real, restric
                 "runAsNonRoot": True, "runAsUser": 1000, "seccompProfile": {"type": "RuntimeDefault"}}
     server = ("import http.server, socketserver; socketserver.TCPServer(('', 8000), "
               "http.server.SimpleHTTPRequestHandler).serve_forever()")
-    client = ("import os, socket, ssl, urllib.request; "
-              "print('uid', os.getuid()); "
-              f"print('peer', socket.gethostbyname('peer-0.peers.{ns}.svc.cluster.local')); "
-              f"print('http', urllib.request.urlopen('http://peer-0.peers.{ns}.svc:8000/', timeout=10).status); "
-              "ctx = ssl.create_default_context(cafile='/var/run/secrets/kubernetes.io/serviceaccount/ca.crt'); "
-              "print('api', urllib.request.urlopen('https://kubernetes.default.svc/livez', context=ctx, timeout=10).read().decode())")
+    # The client may start before the peer has an address (no DNS record yet) or listens: each
+    # network step is retried for a minute (OSError covers gaierror and URLError).
+    client = ("import os, socket, ssl, time, urllib.request\n"
+              "def retry(f):\n"
+              "    for i in range(60):\n"
+              "        try:\n"
+              "            return f()\n"
+              "        except OSError:\n"
+              "            if i == 59:\n"
+              "                raise\n"
+              "            time.sleep(1)\n"
+              "print('uid', os.getuid())\n"
+              f"print('peer', retry(lambda: socket.gethostbyname('peer-0.peers.{ns}.svc.cluster.local')))\n"
+              f"print('http', retry(lambda: urllib.request.urlopen('http://peer-0.peers.{ns}.svc:8000/', timeout=10).status))\n"
+              "ctx = ssl.create_default_context(cafile='/var/run/secrets/kubernetes.io/serviceaccount/ca.crt')\n"
+              "print('api', retry(lambda: urllib.request.urlopen('https://kubernetes.default.svc/livez', context=ctx, "
+              "timeout=10).read().decode()))\n")
     pod = lambda name, args, **extra: {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": {"app": name}},
                                        "spec": {"restartPolicy": "Never", **extra, "containers": [{
                                            "name": "c", "image": image, "command": ["python", "-c", args],
