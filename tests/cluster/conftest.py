@@ -68,10 +68,8 @@ def crds(cluster):
         if not path.exists():
             pytest.fail(f"{path} is missing (generate it with `alignctl crd > crds/alignmentrun.yaml`)")
         cluster.kubectl("apply", "--server-side", "-f", str(path))
-    for name in CRD_FILES:  # not `kubectl wait`: right after the apply a CRD may have no conditions yet
-        wait_for(f"CRD {name} Established", timeout=60, fn=lambda: "True" == cluster.kubectl(
-            "get", "crd", name, "-o", "jsonpath={.status.conditions[?(@.type=='Established')].status}",
-            check=False).stdout.strip())
+    for name in CRD_FILES:
+        cluster.wait_established(name)
     return list(CRD_FILES)
 
 

@@ -241,6 +241,13 @@ class ControlPlane:
 
     # ---- clients ---------------------------------------------------------------------
 
+    def wait_established(self, crd: str, timeout: float = 60) -> None:
+        """Until the API server serves `crd`. Not `kubectl wait`: right after the apply a CRD may have
+        no conditions yet, and kubectl wait then fails at once."""
+        wait_for(f"CRD {crd} Established", timeout=timeout, fn=lambda: "True" == self.kubectl(
+            "get", "crd", crd, "-o", "jsonpath={.status.conditions[?(@.type=='Established')].status}",
+            check=False).stdout.strip())
+
     def kubectl(self, *args: str, check: bool = True, input: str | None = None,
                 kubeconfig: Path | None = None) -> subprocess.CompletedProcess:
         """Runs kubectl against this cluster; with check, a failure raises with its stderr."""

@@ -51,7 +51,7 @@ def real(tmp_path_factory):
         plane = ControlPlane.start(bin_dir, workdir / "plane", node_ip=host_ip())
         for crd in CRDS:
             plane.kubectl("apply", "--server-side", "-f", str(crd))
-        plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/alignmentruns.alignment.dev")
+        plane.wait_established("alignmentruns.alignment.dev")
         node = Node.start(plane, workdir / "node")
     except StartupError as exc:
         failure = str(exc)
