@@ -103,8 +103,8 @@ def test_a_refused_stage_job_fails_the_run_with_the_servers_message(cluster, ope
     wait_for("the sft Job (the policy lets it through)", lambda: "tiny-sft" in jobs(api, ns))
     before = denials(cluster, policy)
     play_kubelet(api, ns, "tiny-sft", 0, result_message("sft", train_loss=2.5, eval_loss=2.75))
-    wait_for("a first refusal in status", lambda: get_run(api, ns, "tiny")["status"]["stages"][1]
-             .get("createRefusals") == 1, timeout=30)
+    wait_for("a first refusal in status", lambda: (get_run(api, ns, "tiny").get("status", {})
+             .get("stages") or [{}, {}])[1].get("createRefusals") == 1, timeout=30)
     waiting = get_run(api, ns, "tiny")["status"]
     assert waiting["phase"] != "Failed" and "try 1 of 3" in waiting["stages"][1]["message"]
 
