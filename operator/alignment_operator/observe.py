@@ -150,7 +150,26 @@ def pytorchjob(obj: dict[str, Any], pods: list[dict[str, Any]]) -> ObservedChild
         state = "Suspended" if suspended else "Running" if "Running" in conds else "Pending"
     attempts = sum(r.get("failed", 0) + r.get("active", 0) + r.get("succeeded", 0)
                    for r in (s.get("replicaStatuses") or {}).values())
-    return _child(obj, "PyTorchJob", state, attempts, s.get("completionTime"), message, masters or pods, suspended)
+    # Several ranks (Master + Workers, each restartPolicy Never): the training operator fails the
+    # PyTorchJob at its first failed rank, and, as for an Indexed Job, the operator restarts the
+    # whole group; the failed pods say whether that counts (see pod_failure_kind).
+    replicas = sum((r or {}).get("replicas", 1) for r in ((obj.get("spec") or {}).get("pytorchReplicaSpecs") or {}).values())
+    group = replicas > 1
+    return _child(obj, "PyTorchJob", state, 1 if group and attempts else attempts, s.get("completionTime"), message,
+                  masters or pods, suspended, group=group,
+                  failure=pod_failure_kind(pods) if state == "Failed" else None)
+
+
+def pod_failure_kind(pods: list[dict[str, Any]]) -> str:
+    """For a child without a podFailurePolicy (a PyTorchJob), what its pods' ends mean, with the
+    same answers as failure_kind: 'input' (a rank exited with FIX_INPUT), 'disruption' (a rank
+    was preempted, evicted or drained: its DisruptionTarget condition), else 'failure'."""
+    if any(t.get("exitCode") == outcome.FIX_INPUT for t in terminated(pods)):
+        return "input"
+    if any(c.get("type") == "DisruptionTarget" and c.get("status") == "True"
+           for p in pods for c in (p.get("status") or {}).get("conditions") or []):
+        return "disruption"
+    return "failure"
 
 
 OBSERVERS = {"Job": job, "JobSet": jobset, "PyTorchJob": pytorchjob}
@@ -171,10 +190,16 @@ def slim(obj: dict[str, Any]) -> dict[str, Any]:
         kept_status = {"phase": status.get("phase"), "containerStatuses": [
             {"state": {"terminated": cs["state"]["terminated"]}} for cs in status.get("containerStatuses") or []
             if (cs.get("state") or {}).get("terminated")]}
+        disrupted = [c for c in status.get("conditions") or [] if c.get("type") == "DisruptionTarget"]
+        if disrupted:
+            kept_status["conditions"] = [{"type": c["type"], "status": c.get("status")} for c in disrupted]
         return {"kind": "Pod", "metadata": kept_meta, "status": kept_status}
     kept_spec = {k: spec[k] for k in ("suspend", "completions", "completionMode") if k in spec}
     if "runPolicy" in spec:
         kept_spec["runPolicy"] = {"suspend": spec["runPolicy"].get("suspend")}
+    if "pytorchReplicaSpecs" in spec:
+        kept_spec["pytorchReplicaSpecs"] = {k: {"replicas": (v or {}).get("replicas", 1)}
+                                            for k, v in spec["pytorchReplicaSpecs"].items()}
     return {"kind": obj.get("kind"), "metadata": kept_meta, "spec": kept_spec, "status": status}
 
 

@@ -3,7 +3,7 @@
 - `cluster` (session): etcd + kube-apiserver + kube-controller-manager from tools/k8s/build.sh;
   a ControlPlane with .kubeconfig, .server, .kubectl(), .api_client(), .as_service_account().
 - `crds` (session): the AlignmentRun CRD (crds/alignmentrun.yaml) and Kubeflow's PyTorchJob
-  CRD installed and Established.
+  CRD (from the training operator's module, tools/k8s/build.sh) installed and Established.
 - `namespace` (function): a fresh namespace, deleted after the test.
 
 Missing binaries FAIL the tests with the command to build them; ALIGNMENT_SKIP_CLUSTER=1
@@ -19,12 +19,10 @@ import uuid
 
 import pytest
 
+import engines
 from controlplane import BUILD_COMMAND, REPO, ControlPlane, StartupError, binaries_dir, missing_binaries, wait_for
 
-CRD_FILES = {
-    "alignmentruns.alignment.dev": REPO / "crds/alignmentrun.yaml",
-    "pytorchjobs.kubeflow.org": REPO / "tests/cluster/thirdparty/kubeflow.org_pytorchjobs.yaml",
-}
+CRD_FILE = REPO / "crds/alignmentrun.yaml"
 
 
 def pytest_configure(config):
@@ -64,13 +62,14 @@ def cluster(tmp_path_factory):
 def crds(cluster):
     """Installs the CRDs (server-side apply: the PyTorchJob CRD is too big for the
     last-applied annotation) and waits until the API server serves them."""
-    for name, path in CRD_FILES.items():
-        if not path.exists():
-            pytest.fail(f"{path} is missing (generate it with `alignctl crd > crds/alignmentrun.yaml`)")
-        cluster.kubectl("apply", "--server-side", "-f", str(path))
-    for name in CRD_FILES:
+    if not CRD_FILE.exists():
+        pytest.fail(f"{CRD_FILE} is missing (generate it with `alignctl crd > crds/alignmentrun.yaml`)")
+    cluster.kubectl("apply", "--server-side", "-f", str(CRD_FILE))
+    cluster.kubectl("apply", "--server-side", "-f", "-", input=engines.crd("training-operator", "pytorchjobs.kubeflow.org"))
+    names = ["alignmentruns.alignment.dev", "pytorchjobs.kubeflow.org"]
+    for name in names:
         cluster.wait_established(name)
-    return list(CRD_FILES)
+    return names
 
 
 @pytest.fixture

@@ -35,7 +35,7 @@ from controlplane import BUILD_COMMAND, ControlPlane, StartupError, die_with_par
 
 NODE_BINARIES = ("kubelet", "kube-scheduler", "kube-proxy", "coredns")
 HOST_COMMANDS = ("containerd", "runc", "ctr", "iptables", "ip", "podman", "conntrack")
-IMAGES = ("pause", "trainer", "operator")
+IMAGES = ("pause", "trainer", "operator", "jobset", "training-operator", "kueue")
 PACKAGES_COMMAND = "scripts/node-packages"
 IMAGES_COMMAND = "scripts/build-images"
 NODE_NAME = "alignment-node"
@@ -72,7 +72,7 @@ def missing_requirements(bin_dir: Path) -> list[str]:
 
 
 def image_ref(name: str) -> str:
-    """The tag scripts/build-images gave image `name` (trainer, operator, pause)."""
+    """The tag scripts/build-images gave image `name` (trainer, operator, pause, an engine)."""
     return (IMAGE_REFS / f"{name}.ref").read_text().strip()
 
 

@@ -4,8 +4,6 @@ explain`, every example accepted, every bad manifest refused with the field name
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +12,7 @@ import yaml
 
 from alignment_operator.api import AlignmentRun, parse_run
 from alignment_operator.render.manifests import RenderContext, build_stage
+import engines
 from controlplane import REPO, wait_for
 
 pytestmark = pytest.mark.cluster
@@ -152,22 +151,10 @@ def test_valid_pod_settings_pass_admission_and_their_job_passes_the_api_server(c
 
 # ---------------------------------------------------------------- rendered children against the real schemas
 
-JOBSET_VERSION = "v0.12.0"  # the JobSet release the test cluster runs (shared/notes/real-node.md)
-
-
-def jobset_crd() -> Path:
-    """JobSet's CRD from its Go module (sigs.k8s.io/jobset@JOBSET_VERSION, Apache-2.0), fetched
-    through the Go module proxy like the control plane's sources; nothing is copied into the repo."""
-    out = subprocess.run(["go", "mod", "download", "-json", f"sigs.k8s.io/jobset@{JOBSET_VERSION}"],
-                         capture_output=True, text=True, cwd="/", env={**os.environ, "GOFLAGS": "-mod=mod"})
-    if out.returncode != 0:
-        pytest.fail(f"go mod download sigs.k8s.io/jobset@{JOBSET_VERSION} failed:\n{out.stdout}{out.stderr}")
-    return Path(json.loads(out.stdout)["Dir"]) / "config/components/crd/bases/jobset.x-k8s.io_jobsets.yaml"
-
-
 @pytest.fixture(scope="module")
 def jobset(cluster):
-    cluster.kubectl("apply", "--server-side", "-f", str(jobset_crd()))
+    """JobSet's CRD from its Go module (tools/k8s/jobset, rendered by tools/k8s/build.sh)."""
+    cluster.kubectl("apply", "--server-side", "-f", "-", input=engines.crd("jobset", "jobsets.jobset.x-k8s.io"))
     established(cluster, "jobsets.jobset.x-k8s.io")
 
 

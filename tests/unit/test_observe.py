@@ -96,3 +96,31 @@ def test_an_indexed_jobs_failure_is_a_group_failure_of_its_kind():
     assert (child.group, child.failure, child.attempts) == (True, "disruption", 1)
     single = observe.children([job({"failed": 1, "conditions": [{"type": "Failed", "status": "True"}]})], [])["sft"]
     assert (single.group, single.failure) == (False, "failure")
+
+
+def test_a_multi_rank_pytorchjobs_failure_is_a_group_failure_its_pods_classify():
+    """The training operator fails a PyTorchJob (restartPolicy Never) at its first failed rank; the
+    operator restarts every rank, counting it unless a pod was disrupted, never on FIX_INPUT."""
+    def pytorchjob(workers: int) -> dict:
+        obj = job({"replicaStatuses": {"Master": {"active": 1}, "Worker": {"failed": 1}},
+                   "conditions": [{"type": "Failed", "status": "True", "reason": "PyTorchJobFailed",
+                                   "message": "PyTorchJob ns/tiny-sft is failed because 1 Worker replica(s) failed."}]})
+        obj["kind"] = "PyTorchJob"
+        obj["spec"] = {"runPolicy": {"suspend": False}, "pytorchReplicaSpecs": {
+            "Master": {"replicas": 1, "template": {"spec": {"containers": [{"name": "pytorch"}]}}},
+            **({"Worker": {"replicas": workers, "template": {}}} if workers else {})}}
+        return obj
+
+    label = "training.kubeflow.org/job-name"
+    killed = pod(137, "", "Failed", job_label=label)
+    evicted = pod(143, "", "Failed", job_label=label)
+    evicted["status"]["conditions"] = [{"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}]
+    bad_input = pod(outcome.FIX_INPUT, "", "Failed", job_label=label)
+    kinds = {}
+    for what, p in {"killed": killed, "evicted": evicted, "bad input": bad_input}.items():
+        child = observe.children([observe.slim(pytorchjob(1))], [observe.slim(p)])["sft"]
+        assert child.state == "Failed" and child.group and child.attempts == 1, child
+        kinds[what] = child.failure
+    assert kinds == {"killed": "failure", "evicted": "disruption", "bad input": "input"}
+    alone = observe.children([observe.slim(pytorchjob(0))], [observe.slim(killed)])["sft"]
+    assert (alone.state, alone.group) == ("Failed", False)

@@ -2,7 +2,13 @@
 # Builds what tests/cluster runs: the control plane (kube-apiserver, kube-controller-manager,
 # etcd), the real node's Kubernetes parts (kubelet, kube-scheduler, kube-proxy) from the Go
 # modules pinned in tools/k8s/go.mod, the cluster DNS server (CoreDNS, from its own module in
-# tools/k8s/coredns/) and helm for the chart's tests.
+# tools/k8s/coredns/), helm for the chart's tests, and the distributed-training engines the
+# operator renders multi-node stages for, each from its own module: the JobSet controller
+# (tools/k8s/jobset/), the Kubeflow training operator (PyTorchJob; tools/k8s/training-operator/)
+# and Kueue (tools/k8s/kueue/). An engine's install manifests (CRDs, webhook configurations,
+# RBAC, its Deployment) are rendered with `kubectl kustomize` from that same module's files into
+# <name>.yaml beside its binary; scripts/build-images puts the binary in an image and
+# tests/cluster/engines.py installs both on the real node.
 #
 #   tools/k8s/build.sh                    # CI calls exactly this; safe to rerun
 #   ALIGNMENT_K8S_BIN=/some/dir tools/k8s/build.sh
@@ -24,15 +30,48 @@ etcd_version=$(awk '$1 == "go.etcd.io/etcd/server/v3" { print $2; exit }' go.mod
 coredns_version=$(awk 'NF >= 2 && $(NF-1) == "github.com/coredns/coredns" { print $NF; exit }' coredns/go.mod)
 out=${ALIGNMENT_K8S_BIN:-$HOME/.cache/alignment-operator/k8s/$k8s_version}
 k8s_binaries=(etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy)
-binaries=("${k8s_binaries[@]}" coredns helm)
+engines=(jobset training-operator kueue)
+binaries=("${k8s_binaries[@]}" coredns helm "${engines[@]}")
 
 common="$(go version) recipe $RECIPE"
 stamp_of() {  # what a binary is built from
     case $1 in
         helm) echo "$common $HELM_VERSION" ;;
         coredns) cat coredns/go.mod coredns/go.sum <(echo "$common") | sha256sum | cut -d' ' -f1 ;;
+        jobset|training-operator|kueue)  # (and how its manifests are rendered)
+            cat "$1/go.mod" "$1/go.sum" <(echo "$common") <(declare -f engine_manifests) | sha256sum | cut -d' ' -f1 ;;
         *) cat go.mod go.sum gen-gomod.sh <(echo "$common $1") | sha256sum | cut -d' ' -f1 ;;
     esac
+}
+# An engine: its module, the main package, and the kustomization (relative to the module) whose
+# output installs it as its project publishes it.
+engine_module() {
+    case $1 in
+        jobset) echo sigs.k8s.io/jobset ;;
+        training-operator) echo github.com/kubeflow/training-operator ;;
+        kueue) echo sigs.k8s.io/kueue ;;
+    esac
+}
+engine_package() {
+    case $1 in
+        jobset) echo sigs.k8s.io/jobset ;;
+        training-operator) echo github.com/kubeflow/training-operator/cmd/training-operator.v1 ;;
+        kueue) echo sigs.k8s.io/kueue/cmd/kueue ;;
+    esac
+}
+engine_manifests() {  # engine_manifests NAME OUT: its install manifests, from its own module's files
+    local dir kustomization tmp
+    dir=$(go -C "$1" list -m -f '{{.Dir}}' "$(engine_module "$1")")
+    case $1 in
+        jobset|kueue) kustomization=config/default ;;
+        training-operator) kustomization=manifests/overlays/standalone ;;
+    esac
+    # A copy: kustomize reads a path with "github.com/...@v1.8.1" in it as a remote repository.
+    tmp=$(mktemp -d)
+    cp -r "$dir/${kustomization%%/*}" "$tmp/"
+    chmod -R u+w "$tmp"
+    kubectl kustomize "$tmp/$kustomization" 2>/dev/null > "$2"
+    rm -rf "$tmp"
 }
 current() { [[ -x $out/$1 && "$(cat "$out/.stamp-$1" 2>/dev/null)" == "$(stamp_of "$1")" ]]; }
 todo=()
@@ -93,6 +132,17 @@ if wanted coredns; then
     timed "module download" go -C coredns mod download
     build coredns github.com/coredns/coredns "-s -w -X github.com/coredns/coredns/coremain.GitCommit=$coredns_version" coredns
 fi
+
+# The engines, each from its own module (their k8s.io/* and controller-runtime versions differ).
+for e in "${engines[@]}"; do
+    if wanted "$e"; then
+        version=$(awk -v m="$(engine_module "$e")" 'NF >= 2 && $(NF-1) == m { print $NF; exit }' "$e/go.mod")
+        echo "building $e $version ..."
+        timed "module download" go -C "$e" mod download
+        engine_manifests "$e" "$out/$e.yaml"
+        build "$e" "$(engine_package "$e")" "-s -w" "$e"
+    fi
+done
 
 # helm is built from its own go.mod (go install pkg@version), not from ours: its
 # dependency graph (a different k8s.io/client-go) must not move the control plane's.
