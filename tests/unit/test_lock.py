@@ -102,6 +102,9 @@ def test_the_trainer_image_has_the_locked_torch_cuda_and_flash_attn():
 
 def test_setup_and_image_builds_install_under_the_lock():
     setup = (REPO / "scripts/setup").read_text()
-    assert re.search(r'pip install .*-c constraints\.txt -e "\.\[trainer,dev\]"', setup)
+    # (install: uv pip install, or pip with ALIGNMENT_SETUP_WITH_PIP=1; the same arguments)
+    assert re.search(r'\n\s*install \.venv -c constraints\.txt -e "\.\[trainer,dev\]"', setup)
+    assert re.search(r'uv pip install --quiet --python "\$venv/bin/python" "\$@"', setup)
+    assert re.search(r'pip install --quiet "\$@"', setup)
     images = (REPO / "scripts/build-images").read_text()
     assert "constraints.txt" in images  # part of the images' input hash: a new lock rebuilds them
