@@ -22,7 +22,7 @@ BAD = sorted((REPO / "tests/manifests/bad").glob("*.yaml"))
 
 
 def header(path: Path) -> dict[str, str]:
-    """The `# key: value` comment lines at the top of a manifest (expect, server-expect, server)."""
+    """The `# key: value` comment lines at the top of a manifest (expect, server-expect, child)."""
     fields = {}
     for line in path.read_text().splitlines():
         if not line.startswith("#"):
@@ -31,10 +31,6 @@ def header(path: Path) -> dict[str, str]:
         if sep and key.strip() in ("expect", "server-expect", "server", "child", "child-swap"):
             fields[key.strip()] = value.strip()
     return fields
-
-
-def server_checks(path: Path) -> bool:
-    return not header(path).get("server", "").startswith("no")
 
 
 def flat(text: str) -> str:
@@ -81,7 +77,7 @@ def test_example_is_accepted_by_the_server(cluster, crds, namespace, path):
     assert "created (server dry run)" in result.stdout
 
 
-@pytest.mark.parametrize("path", [p for p in BAD if server_checks(p)], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", BAD, ids=lambda p: p.name)
 def test_bad_manifest_is_refused_naming_the_field(cluster, crds, namespace, path):
     fields = header(path)
     expected = fields.get("server-expect") or fields.get("expect")
@@ -93,14 +89,6 @@ def test_bad_manifest_is_refused_naming_the_field(cluster, crds, namespace, path
     # `The AlignmentRun "x" is invalid: ...`; strict field decoding `Error from server (BadRequest)`.
     assert "is invalid:" in result.stderr or "Error from server" in result.stderr, result.stderr
     assert expected in result.stderr
-
-
-@pytest.mark.parametrize("path", [p for p in BAD if not server_checks(p)], ids=lambda p: p.name)
-def test_manifest_marked_server_no_is_indeed_accepted_by_the_server(cluster, crds, namespace, path):
-    # Keeps the `# server: no` headers honest: once the CRD learns to refuse one, drop the
-    # header so the test above covers it.
-    result = cluster.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", str(path), check=False)
-    assert result.returncode == 0, f"the server now refuses {path.name}; drop its `# server: no`:\n{result.stderr}"
 
 
 # ---------------------------------------------------------------- refused at admission, not at child creation
