@@ -33,7 +33,7 @@ def two_rank_run(name: str) -> dict:
     doc = yaml.safe_load((REPO / "examples/tiny-run.yaml").read_text())
     doc["metadata"]["name"] = name
     sft = doc["spec"]["stages"][0]
-    sft["training"].update(epochs=6, saveSteps=5)
+    sft["training"].update(epochs=3, saveSteps=5)
     sft["resources"] = {"nodes": 2, "gpusPerNode": 0, "processesPerNode": 1, "cpu": 1, "memory": "3Gi",
                         "sharedMemory": "256Mi"}
     sft["distributed"] = "deepspeed-zero3"
@@ -176,7 +176,7 @@ def test_a_queued_run_waits_suspended_until_kueue_admits_it(real, restricted_ns,
         waiting = wait_for("the run waiting for Kueue", timeout=60, fn=lambda: (
             lambda r: r if "waiting for Kueue" in ((r.get("status") or {}).get("stages") or [{}])[0].get("message", "")
             else None)(get_run(api, ns, "queued")))
-        time.sleep(10)  # a while with no quota: still nothing runs
+        time.sleep(5)  # a while with no quota: still nothing runs
         job = json.loads(plane.kubectl("get", "job", "-n", ns, "queued-sft", "-o", "json").stdout)
         assert job["spec"]["suspend"] is True and job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team"
         assert not pods(plane, ns, "batch.kubernetes.io/job-name=queued-sft")

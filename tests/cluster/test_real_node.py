@@ -425,7 +425,7 @@ def test_a_killed_rank_restarts_both_ranks_from_the_checkpoint(real, restricted_
     doc = yaml.safe_load((REPO / "examples/tiny-run.yaml").read_text())
     doc["metadata"]["name"] = "kill"
     sft = doc["spec"]["stages"][0]
-    sft["training"].update(epochs=6, saveSteps=5)
+    sft["training"].update(epochs=3, saveSteps=5)
     sft["resources"] = {"nodes": 2, "gpusPerNode": 0, "processesPerNode": 1, "cpu": 1, "memory": "3Gi",
                         "sharedMemory": "256Mi"}
     sft["distributed"] = "deepspeed-zero3"
