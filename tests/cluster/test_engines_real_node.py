@@ -22,39 +22,31 @@ import yaml
 import engines
 from controlplane import REPO, wait_for
 from kubelet import get_run
-from test_real_node import events, prepare_volume, real, restricted_ns, start_operator, wait_phase  # noqa: F401
+from test_real_node import (events, prepare_volume, real, restricted_ns, start_operator,  # noqa: F401
+                            two_rank_run, wait_phase)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.node, pytest.mark.timeout(1800)]
-
-
-def two_rank_run(name: str) -> dict:
-    """examples/tiny-run.yaml's SFT alone, as two pods (a core each) of ZeRO-3 over gloo, saving
-    every 5 steps so a rank can be killed after a checkpoint and well before the end."""
-    doc = yaml.safe_load((REPO / "examples/tiny-run.yaml").read_text())
-    doc["metadata"]["name"] = name
-    sft = doc["spec"]["stages"][0]
-    sft["training"].update(epochs=3, saveSteps=5)
-    sft["resources"] = {"nodes": 2, "gpusPerNode": 0, "processesPerNode": 1, "cpu": 1, "memory": "3Gi",
-                        "sharedMemory": "256Mi"}
-    sft["distributed"] = "deepspeed-zero3"
-    doc["spec"]["stages"] = [sft]
-    return doc
 
 
 def pods(plane, ns: str, selector: str) -> list[dict]:
     return json.loads(plane.kubectl("get", "pods", "-n", ns, "-l", selector, "-o", "json").stdout)["items"]
 
 
+def children(plane, ns: str, plural: str) -> list[dict]:
+    return json.loads(plane.kubectl("get", plural, "-n", ns, "-o", "json").stdout)["items"]
+
+
 def kill_a_rank_after_a_checkpoint(real, ns: str, tmp_path, run: str, owner: str, victim: str,
-                                   child_uid) -> tuple[dict, int, tuple[str, str]]:
+                                   plural: str) -> tuple[dict, int, tuple[str, str]]:
     """Applies the two-rank run, deletes the `victim` pod once the stage has a complete checkpoint,
-    and waits for the run to end. Returns (run, the newest checkpoint step at the kill, the
-    stage child's uid before the kill and at the end)."""
+    and waits for the run to end. Returns (run, the newest checkpoint step at the kill, the uid of
+    the stage's child (a `plural`) before the kill and at the end)."""
     plane = real.plane
+    child_uid = lambda: next((c["metadata"]["uid"] for c in children(plane, ns, plural)), None)
     volume = prepare_volume(real, ns, run)
     operator = start_operator(real, ns, tmp_path)
     try:
-        plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(two_rank_run(run)))
+        plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(two_rank_run(run, epochs=3, save_steps=5)))
         out = volume / ns / run / "sft"
         complete = lambda: sorted((int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")
                                    if (p / "trainer_state.json").is_file()), reverse=True)
@@ -85,11 +77,9 @@ def test_a_killed_rank_of_a_pytorchjob_restarts_both_ranks_from_the_checkpoint(r
     resume from that checkpoint (never the Worker alone into a Master still waiting in gloo)."""
     ns, plane, started = restricted_ns, real.plane, time.monotonic()
     engines.install(plane, "training-operator")
-    api_get = lambda: json.loads(plane.kubectl("get", "pytorchjobs", "-n", ns, "-o", "json").stdout)["items"]
-    uid = lambda: next((j["metadata"]["uid"] for j in api_get()), None)
     owner = "training.kubeflow.org/job-name=pkill-sft"
     run, killed_after, (before, after) = kill_a_rank_after_a_checkpoint(
-        real, ns, tmp_path, "pkill", owner, "training.kubeflow.org/replica-type=worker", uid)
+        real, ns, tmp_path, "pkill", owner, "training.kubeflow.org/replica-type=worker", "pytorchjobs")
     assert run["status"]["phase"] == "Succeeded", json.dumps(run["status"], indent=1)
     assert before and after and before != after  # the failed PyTorchJob went; a new one ran both ranks
     stage = run["status"]["stages"][0]
@@ -116,15 +106,13 @@ def test_a_killed_rank_of_a_jobset_restarts_both_ranks_from_the_checkpoint(real,
     throughout: its own restart counter says 1, and the stage's attempts say 2."""
     ns, plane, started = restricted_ns, real.plane, time.monotonic()
     engines.install(plane, "jobset")
-    api_get = lambda: json.loads(plane.kubectl("get", "jobsets", "-n", ns, "-o", "json").stdout)["items"]
-    uid = lambda: next((j["metadata"]["uid"] for j in api_get()), None)
     owner = "jobset.sigs.k8s.io/jobset-name=jkill-sft"
     run, killed_after, (before, after) = kill_a_rank_after_a_checkpoint(
-        real, ns, tmp_path, "jkill", owner, "batch.kubernetes.io/job-completion-index=1", uid)
+        real, ns, tmp_path, "jkill", owner, "batch.kubernetes.io/job-completion-index=1", "jobsets")
     assert run["status"]["phase"] == "Succeeded", json.dumps(run["status"], indent=1)
     assert before and before == after  # JobSet restarted its ranks itself: the operator recreated nothing
     stage = run["status"]["stages"][0]
-    (jobset,) = api_get()
+    (jobset,) = children(plane, ns, "jobsets")
     assert jobset["status"]["restarts"] == 1, jobset["status"]
     assert stage["attempts"] == 2 and stage["jobName"] == "jkill-sft", stage
     again = pods(plane, ns, f"{owner},jobset.sigs.k8s.io/restart-attempt=1")

@@ -118,6 +118,22 @@ def running_pod(real, ns: str, job: str, timeout: float = 300) -> str:
     return wait_for(f"a running pod of {job}", fn=find, timeout=timeout, interval=0.5)
 
 
+def two_rank_run(name: str, epochs: int, save_steps: int | None = None) -> dict:
+    """examples/tiny-run.yaml's SFT alone, as two pods (a core each of this 2-core node) of ZeRO-3
+    over gloo: `nodes: 2, gpusPerNode: 0`."""
+    doc = yaml.safe_load((REPO / "examples/tiny-run.yaml").read_text())
+    doc["metadata"]["name"] = name
+    sft = doc["spec"]["stages"][0]
+    sft["training"]["epochs"] = epochs
+    if save_steps:
+        sft["training"]["saveSteps"] = save_steps
+    sft["resources"] = {"nodes": 2, "gpusPerNode": 0, "processesPerNode": 1, "cpu": 1, "memory": "3Gi",
+                        "sharedMemory": "256Mi"}
+    sft["distributed"] = "deepspeed-zero3"
+    doc["spec"]["stages"] = [sft]
+    return doc
+
+
 def events(text: str) -> list[dict]:
     """The trainer's JSON event lines in a log."""
     out = []
@@ -380,15 +396,7 @@ def test_two_node_cpu_stage_rendezvous_through_dns(real, restricted_ns, tmp_path
     headless Service; rank 1 finds rank 0 by its DNS name, both train (gloo), final/ loads."""
     ns, plane, started = restricted_ns, real.plane, time.monotonic()
     volume = prepare_volume(real, ns, "two")
-    doc = yaml.safe_load((REPO / "examples/tiny-run.yaml").read_text())
-    doc["metadata"]["name"] = "two"
-    sft = doc["spec"]["stages"][0]
-    sft["training"]["epochs"] = 1
-    # Two pods on this one 2-core node: a core each.
-    sft["resources"] = {"nodes": 2, "gpusPerNode": 0, "processesPerNode": 1, "cpu": 1, "memory": "3Gi",
-                        "sharedMemory": "256Mi"}
-    sft["distributed"] = "deepspeed-zero3"
-    doc["spec"]["stages"] = [sft]
+    doc = two_rank_run("two", epochs=1)
     operator = start_operator(real, ns, tmp_path)
     try:
         plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(doc))
@@ -422,14 +430,7 @@ def test_a_killed_rank_restarts_both_ranks_from_the_checkpoint(real, restricted_
     a new Job whose two ranks both resume from that checkpoint, and the stage finishes."""
     ns, plane, started = restricted_ns, real.plane, time.monotonic()
     volume = prepare_volume(real, ns, "kill")
-    doc = yaml.safe_load((REPO / "examples/tiny-run.yaml").read_text())
-    doc["metadata"]["name"] = "kill"
-    sft = doc["spec"]["stages"][0]
-    sft["training"].update(epochs=3, saveSteps=5)
-    sft["resources"] = {"nodes": 2, "gpusPerNode": 0, "processesPerNode": 1, "cpu": 1, "memory": "3Gi",
-                        "sharedMemory": "256Mi"}
-    sft["distributed"] = "deepspeed-zero3"
-    doc["spec"]["stages"] = [sft]
+    doc = two_rank_run("kill", epochs=3, save_steps=5)
     api = plane.api_client()
     operator = start_operator(real, ns, tmp_path)
     try:
