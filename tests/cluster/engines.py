@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import yaml
 
@@ -39,7 +39,6 @@ class Engine:
     deployment: str
     crds: tuple[str, ...]
     webhooks: tuple[str, ...]  # webhook configurations the cert rotation injects its CA into
-    args: tuple[str, ...] = field(default=())
 
 
 ENGINES = {
@@ -72,14 +71,20 @@ PYTORCH_INIT_TEMPLATE = """\
 """
 
 
+def published(name: str) -> list[dict]:
+    """Engine `name`'s manifests as build.sh rendered them from its module."""
+    path = binaries_dir() / f"{name}.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: tools/k8s/build.sh renders it")
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
 def manifests(engine: Engine) -> list[dict]:
     """The engine's published manifests, with the changes the module doc lists."""
     from node import image_ref  # (node.py needs nothing of a cluster test that only reads CRDs)
 
-    path = binaries_dir() / f"{engine.name}.yaml"
-    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
     out = []
-    for doc in docs:
+    for doc in published(engine.name):
         kind = doc["kind"]
         if kind == "APIService":  # Kueue's visibility API: an aggregated API nothing here reads
             continue
@@ -115,13 +120,10 @@ def manifests(engine: Engine) -> list[dict]:
 def crd(engine: str, name: str) -> str:
     """One CRD of an engine, as its module publishes it (e.g. crd("jobset", "jobsets.jobset.x-k8s.io")),
     for tests that only need the schema (server-side dry runs), not the controller."""
-    path = binaries_dir() / f"{engine}.yaml"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: tools/k8s/build.sh renders it")
-    for doc in yaml.safe_load_all(path.read_text()):
-        if doc and doc["kind"] == "CustomResourceDefinition" and doc["metadata"]["name"] == name:
+    for doc in published(engine):
+        if doc["kind"] == "CustomResourceDefinition" and doc["metadata"]["name"] == name:
             return yaml.safe_dump(doc)
-    raise KeyError(f"{path} has no CRD {name}")
+    raise KeyError(f"{engine}'s manifests have no CRD {name}")
 
 
 def install(plane: ControlPlane, name: str, timeout: float = 240) -> Engine:
@@ -129,13 +131,10 @@ def install(plane: ControlPlane, name: str, timeout: float = 240) -> Engine:
     engine = ENGINES[name]
     started = time.monotonic()
     docs = manifests(engine)
-    namespaces = [d for d in docs if d["kind"] == "Namespace"]
-    if not namespaces:  # training-operator's overlay expects its namespace to exist
-        plane.kubectl("create", "namespace", engine.namespace, check=False)
     # Server-side: the CRDs are too big for kubectl's last-applied annotation.
     plane.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", input=yaml.safe_dump_all(docs))
-    for crd in engine.crds:
-        plane.wait_established(crd)
+    for served in engine.crds:
+        plane.wait_established(served)
     try:
         plane.kubectl("rollout", "status", "-n", engine.namespace, f"deployment/{engine.deployment}",
                       f"--timeout={int(timeout)}s")
@@ -158,12 +157,3 @@ def _ca_injected(plane: ControlPlane, webhook: str) -> bool:
             return bool(hooks) and all(h["clientConfig"].get("caBundle") for h in hooks)
     return False
 
-
-def uninstall(plane: ControlPlane, name: str) -> None:
-    """Removes the engine's webhooks first (nothing may call a webhook that is gone), then the rest."""
-    engine = ENGINES[name]
-    docs = manifests(engine)
-    hooks = [d for d in docs if d["kind"].endswith("WebhookConfiguration")]
-    plane.kubectl("delete", "--ignore-not-found", "--wait=false", "-f", "-", input=yaml.safe_dump_all(hooks), check=False)
-    rest = [d for d in docs if not d["kind"].endswith("WebhookConfiguration")]
-    plane.kubectl("delete", "--ignore-not-found", "--wait=false", "-f", "-", input=yaml.safe_dump_all(rest), check=False)

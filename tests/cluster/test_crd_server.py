@@ -13,7 +13,7 @@ import yaml
 from alignment_operator.api import AlignmentRun, parse_run
 from alignment_operator.render.manifests import RenderContext, build_stage
 import engines
-from controlplane import REPO, wait_for
+from controlplane import REPO
 
 pytestmark = pytest.mark.cluster
 
@@ -143,14 +143,7 @@ def test_valid_pod_settings_pass_admission_and_their_job_passes_the_api_server(c
 def jobset(cluster):
     """JobSet's CRD from its Go module (tools/k8s/jobset, rendered by tools/k8s/build.sh)."""
     cluster.kubectl("apply", "--server-side", "-f", "-", input=engines.crd("jobset", "jobsets.jobset.x-k8s.io"))
-    established(cluster, "jobsets.jobset.x-k8s.io")
-
-
-def established(cluster, crd: str) -> None:
-    # `kubectl wait` right after the apply can meet a CRD without conditions yet, and fails.
-    wait_for(f"CRD {crd} Established", timeout=60, fn=lambda: "True" == cluster.kubectl(
-        "get", "crd", crd, "-o", "jsonpath={.status.conditions[?(@.type=='Established')].status}",
-        check=False).stdout.strip())
+    cluster.wait_established("jobsets.jobset.x-k8s.io")
 
 
 def zephyr(namespace: str, nodes: int):

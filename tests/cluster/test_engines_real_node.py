@@ -22,8 +22,8 @@ import yaml
 import engines
 from controlplane import REPO, wait_for
 from kubelet import get_run
-from test_real_node import (events, prepare_volume, real, restricted_ns, start_operator,  # noqa: F401
-                            two_rank_run, wait_phase)
+from test_real_node import (assert_resumed, prepare_volume, real, restricted_ns,  # noqa: F401
+                            start_operator, two_rank_run, wait_phase)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.node, pytest.mark.timeout(1800)]
 
@@ -63,13 +63,6 @@ def kill_a_rank_after_a_checkpoint(real, ns: str, tmp_path, run: str, owner: str
     return done, killed_after, (first, child_uid())
 
 
-def resumed_from(log: str) -> tuple[dict, int | None, list[int]]:
-    said = events(log)
-    start = next(e for e in said if e["event"] == "start")
-    resumed = int(start["resume_from"].rsplit("-", 1)[1]) if start.get("resume_from") else None
-    return start, resumed, [e["step"] for e in said if e["event"] == "progress"]
-
-
 def test_a_killed_rank_of_a_pytorchjob_restarts_both_ranks_from_the_checkpoint(real, restricted_ns, tmp_path):
     """With the training operator installed the two-node stage is a PyTorchJob (Master + Worker,
     restartPolicy Never). Its Worker's pod is deleted after a checkpoint: the training operator
@@ -91,9 +84,7 @@ def test_a_killed_rank_of_a_pytorchjob_restarts_both_ranks_from_the_checkpoint(r
     worker = next(p for p in ranks if p["metadata"]["labels"]["training.kubeflow.org/replica-type"] == "worker")
     assert [c["name"] for c in worker["spec"]["initContainers"]] == ["init-pytorch"], worker["spec"]
     master = next(p for p in ranks if p is not worker)
-    start, resumed, steps = resumed_from(plane.kubectl("logs", "-n", ns, master["metadata"]["name"]).stdout)
-    assert start["world_size"] == 2 and resumed is not None and resumed <= killed_after, (start, killed_after)
-    assert steps and steps[0] > resumed and steps[-1] == stage["metrics"]["global_step"], (steps, stage)
+    resumed = assert_resumed(plane.kubectl("logs", "-n", ns, master["metadata"]["name"]).stdout, killed_after, stage)
     print(f"\nissue 13 (PyTorchJob: the Worker killed after checkpoint-{killed_after}; one counted restart, "
           f"both ranks resumed from checkpoint-{resumed}): {time.monotonic() - started:.0f}s")
 
@@ -118,9 +109,7 @@ def test_a_killed_rank_of_a_jobset_restarts_both_ranks_from_the_checkpoint(real,
     again = pods(plane, ns, f"{owner},jobset.sigs.k8s.io/restart-attempt=1")
     assert sorted(p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] for p in again) == ["0", "1"]
     rank0 = next(p for p in again if p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == "0")
-    start, resumed, steps = resumed_from(plane.kubectl("logs", "-n", ns, rank0["metadata"]["name"]).stdout)
-    assert start["world_size"] == 2 and resumed is not None and resumed <= killed_after, (start, killed_after)
-    assert steps and steps[0] > resumed and steps[-1] == stage["metrics"]["global_step"], (steps, stage)
+    resumed = assert_resumed(plane.kubectl("logs", "-n", ns, rank0["metadata"]["name"]).stdout, killed_after, stage)
     print(f"\nissue 13 (JobSet: rank 1 killed after checkpoint-{killed_after}; JobSet restart 1, both ranks "
           f"resumed from checkpoint-{resumed}): {time.monotonic() - started:.0f}s")
 

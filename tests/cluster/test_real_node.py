@@ -134,6 +134,19 @@ def two_rank_run(name: str, epochs: int, save_steps: int | None = None) -> dict:
     return doc
 
 
+def assert_resumed(rank0_log: str, killed_after: int, stage: dict) -> int:
+    """Rank 0's log after a rank was killed past checkpoint-`killed_after`: the new attempt ran
+    two ranks, resumed from a checkpoint no newer than that, and trained on from there to the
+    stage's last step. Returns the checkpoint step it resumed from."""
+    said = events(rank0_log)
+    start = next(e for e in said if e["event"] == "start")
+    resumed = int(start["resume_from"].rsplit("-", 1)[1]) if start.get("resume_from") else None
+    assert start["world_size"] == 2 and resumed is not None and resumed <= killed_after, (start, killed_after)
+    steps = [e["step"] for e in said if e["event"] == "progress"]
+    assert steps and steps[0] > resumed and steps[-1] == stage["metrics"]["global_step"], (steps, stage)
+    return resumed
+
+
 def events(text: str) -> list[dict]:
     """The trainer's JSON event lines in a log."""
     out = []
@@ -459,11 +472,7 @@ def test_a_killed_rank_restarts_both_ranks_from_the_checkpoint(real, restricted_
     stage = run["status"]["stages"][0]
     assert stage["restarts"] == 1, stage  # the kill counted once against backoffLimit 2
     assert sorted(logs) == ["0", "1"], sorted(logs)  # the new Job ran both ranks again
-    start = next(e for e in events(logs["0"]) if e["event"] == "start")
-    resumed = int(start["resume_from"].rsplit("-", 1)[1]) if start.get("resume_from") else None
-    assert start["world_size"] == 2 and resumed is not None and resumed <= killed_after, (start, killed_after)
-    steps = [e["step"] for e in events(logs["0"]) if e["event"] == "progress"]
-    assert steps and steps[0] > resumed and steps[-1] == stage["metrics"]["global_step"], (steps, stage)
+    resumed = assert_resumed(logs["0"], killed_after, stage)
     print(f"\nissue 13 (rank 1 of a two-pod ZeRO-3 stage killed after checkpoint-{killed_after}: one counted "
           f"restart, both ranks resumed from checkpoint-{resumed}): {time.monotonic() - started:.0f}s")
 
