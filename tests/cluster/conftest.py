@@ -21,8 +21,15 @@ import pytest
 
 import engines
 from controlplane import BUILD_COMMAND, REPO, ControlPlane, StartupError, binaries_dir, missing_binaries, wait_for
+from realnode import real, restricted_ns  # noqa: F401 - the one real node every `node` test shares
 
 CRD_FILE = REPO / "crds/alignmentrun.yaml"
+
+
+def pytest_collection_modifyitems(items):
+    """The engines' tests last: they install JobSet, the training operator and Kueue (webhooks on
+    every Job) on the shared real node, and the other node tests must not run beside them."""
+    items.sort(key=lambda item: item.path.name == "test_engines_real_node.py")  # stable: order kept
 
 
 def pytest_configure(config):

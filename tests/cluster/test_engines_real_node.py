@@ -22,8 +22,7 @@ import yaml
 import engines
 from controlplane import REPO, wait_for
 from kubelet import get_run
-from test_real_node import (assert_resumed, prepare_volume, real, restricted_ns,  # noqa: F401
-                            start_operator, two_rank_run, wait_phase)
+from realnode import assert_resumed, prepare_volume, start_operator, two_rank_run, wait_phase
 
 pytestmark = [pytest.mark.cluster, pytest.mark.node, pytest.mark.timeout(1800)]
 

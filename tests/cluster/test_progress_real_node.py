@@ -21,7 +21,7 @@ from controlplane import REPO, free_port
 from kubelet import apply_tiny, get_run
 from node import host_ip, image_ref
 from operator_process import Operator
-from test_real_node import prepare_volume, real, restricted_ns, running_pod, wait_phase  # noqa: F401 - fixtures
+from realnode import prepare_volume, running_pod, wait_phase
 
 pytestmark = [pytest.mark.cluster, pytest.mark.node, pytest.mark.timeout(1800)]
 

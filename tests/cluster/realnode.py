@@ -1,0 +1,157 @@
+"""The real node that every `node` test shares, and the helpers those tests use.
+
+One control plane and one node per pytest session (scripts/test runs the node tests in a process
+of their own): starting them costs about a minute on 2 cores, and no test needs a node of its own
+- each gets a fresh namespace (`restricted_ns`). The engines' module installs JobSet, the
+training operator and Kueue on it, so conftest.py runs that module last.
+The fixtures are re-exported by conftest.py; import the helpers from here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from controlplane import REPO, ControlPlane, StartupError, binaries_dir, missing_binaries, wait_for
+from kubelet import get_run
+from node import Node, host_ip, image_ref, missing_requirements
+from operator_process import Operator
+
+CRDS = [REPO / "crds/alignmentrun.yaml"]
+
+
+@pytest.fixture(scope="session")
+def real(tmp_path_factory):
+    """A control plane with a real node; stopped, and the host cleaned, after the session."""
+    if os.environ.get("ALIGNMENT_SKIP_NODE") == "1":
+        pytest.skip("ALIGNMENT_SKIP_NODE=1")
+    bin_dir = binaries_dir()
+    missing = missing_binaries(bin_dir) + missing_requirements(bin_dir)
+    if missing:
+        pytest.fail("the real node cannot start; missing: " + "; ".join(missing)
+                    + " (or set ALIGNMENT_SKIP_NODE=1 to skip these tests)", pytrace=False)
+    workdir = tmp_path_factory.mktemp("real-node")
+    started = time.monotonic()
+    plane = node = None
+    failure = None
+    try:
+        plane = ControlPlane.start(bin_dir, workdir / "plane", node_ip=host_ip())
+        for crd in CRDS:
+            plane.kubectl("apply", "--server-side", "-f", str(crd))
+        plane.wait_established("alignmentruns.alignment.dev")
+        node = Node.start(plane, workdir / "node")
+    except StartupError as exc:
+        failure = str(exc)
+    if failure:
+        if plane:
+            plane.stop()
+        pytest.fail(failure, pytrace=False)
+    print(f"\nreal node ready in {time.monotonic() - started:.1f}s (logs: {workdir})")
+    yield SimpleNamespace(plane=plane, node=node, workdir=workdir)
+    node.stop()
+    plane.stop()
+
+
+@pytest.fixture
+def restricted_ns(real, request):
+    """A namespace that enforces the `restricted` Pod Security level, as production ones do."""
+    name = f"rn-{request.node.name[5:25].replace('_', '-').strip('-')}-{uuid.uuid4().hex[:5]}".lower()
+    real.plane.kubectl("create", "namespace", name)
+    real.plane.kubectl("label", "namespace", name, "pod-security.kubernetes.io/enforce=restricted",
+                       "pod-security.kubernetes.io/enforce-version=latest")
+    wait_for(f"the default ServiceAccount in {name}", timeout=30,
+             fn=lambda: real.plane.kubectl("get", "serviceaccount", "default", "-n", name, check=False).returncode == 0)
+    yield name
+    real.plane.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+def prepare_volume(real, ns: str, run: str) -> Path:
+    """The run's volume with the tiny model and examples/data at the paths tiny-run.yaml names
+    (relative to the trainer's working directory, /workspace)."""
+    volume = real.node.workspace(ns, run)
+    subprocess.run([sys.executable, "-m", "alignment_operator.cli", "tiny-model", str(volume / "runs/tiny-model")],
+                   check=True, capture_output=True)
+    shutil.copytree(REPO / "examples/data", volume / "examples/data")
+    for path in [volume, *volume.rglob("*")]:
+        os.chown(path, 1000, 1000)
+    return volume
+
+
+def start_operator(real, ns: str, tmp_path: Path) -> Operator:
+    return Operator(real.plane.kubeconfig, ns, tmp_path / "operator.log",
+                    extra_env={"ALIGNMENT_TRAINER_IMAGE": image_ref("trainer")}).start()
+
+
+def wait_phase(real, ns: str, run: str, phases: set[str], timeout: float) -> dict:
+    api = real.plane.api_client()
+    try:
+        return wait_for(f"run {run} to reach {phases}", timeout=timeout, interval=2, fn=lambda: (
+            lambda r: r if r.get("status", {}).get("phase") in phases else None)(get_run(api, ns, run)))
+    except AssertionError:
+        status = get_run(api, ns, run).get("status")
+        pods = real.plane.kubectl("get", "pods", "-n", ns, "-o", "wide", check=False).stdout
+        raise AssertionError(f"run {run} did not reach {phases} in {timeout:.0f}s; status: "
+                             f"{json.dumps(status, indent=1)}\npods:\n{pods}") from None
+
+
+def running_pod(real, ns: str, job: str, timeout: float = 300) -> str:
+    """The name of job's pod once its trainer container runs."""
+    def find():
+        out = real.plane.kubectl("get", "pods", "-n", ns, "-l", f"batch.kubernetes.io/job-name={job}", "-o", "json").stdout
+        for pod in json.loads(out)["items"]:
+            if pod["status"].get("phase") == "Running" and not pod["metadata"].get("deletionTimestamp"):
+                return pod["metadata"]["name"]
+        return None
+    return wait_for(f"a running pod of {job}", fn=find, timeout=timeout, interval=0.5)
+
+
+def two_rank_run(name: str, epochs: int, save_steps: int | None = None) -> dict:
+    """examples/tiny-run.yaml's SFT alone, as two pods (a core each of this 2-core node) of ZeRO-3
+    over gloo: `nodes: 2, gpusPerNode: 0`."""
+    doc = yaml.safe_load((REPO / "examples/tiny-run.yaml").read_text())
+    doc["metadata"]["name"] = name
+    sft = doc["spec"]["stages"][0]
+    sft["training"]["epochs"] = epochs
+    if save_steps:
+        sft["training"]["saveSteps"] = save_steps
+    sft["resources"] = {"nodes": 2, "gpusPerNode": 0, "processesPerNode": 1, "cpu": 1, "memory": "3Gi",
+                        "sharedMemory": "256Mi"}
+    sft["distributed"] = "deepspeed-zero3"
+    doc["spec"]["stages"] = [sft]
+    return doc
+
+
+def assert_resumed(rank0_log: str, killed_after: int, stage: dict) -> int:
+    """Rank 0's log after a rank was killed past checkpoint-`killed_after`: the new attempt ran
+    two ranks, resumed from a checkpoint no newer than that, and trained on from there to the
+    stage's last step. Returns the checkpoint step it resumed from."""
+    said = events(rank0_log)
+    start = next(e for e in said if e["event"] == "start")
+    resumed = int(start["resume_from"].rsplit("-", 1)[1]) if start.get("resume_from") else None
+    assert start["world_size"] == 2 and resumed is not None and resumed <= killed_after, (start, killed_after)
+    steps = [e["step"] for e in said if e["event"] == "progress"]
+    assert steps and steps[0] > resumed and steps[-1] == stage["metrics"]["global_step"], (steps, stage)
+    return resumed
+
+
+def events(text: str) -> list[dict]:
+    """The trainer's JSON event lines in a log."""
+    out = []
+    for line in text.splitlines():
+        start = line.find('{"event"')
+        if start >= 0:
+            try:
+                out.append(json.loads(line[start:]))
+            except json.JSONDecodeError:
+                pass
+    return out
