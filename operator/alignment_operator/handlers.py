@@ -68,6 +68,7 @@ def on_run(namespace: str, name: str, type: str, event: dict[str, Any], **_: Any
     if type == "DELETED":
         controller.cache.forget_run(namespace, name)
         metrics.observe_phase(namespace, name, None)
+        progress_server.forget_run(namespace, name)  # the progress endpoint's state of its stages
     else:
         controller.cache.put_run(event["object"])
         _reconcile(namespace, name)

@@ -9,6 +9,7 @@ throttling, timeouts and server errors (429, 408, 5xx) raise ApiException as bef
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 from datetime import datetime, timezone
@@ -284,7 +285,8 @@ def review_token(token: str, audience: str) -> dict[str, Any]:
     status = _api(client.AuthenticationV1Api).create_token_review(review).status
     user = status.user
     return {"authenticated": bool(status.authenticated), "username": user.username if user else None,
-            "audiences": list(status.audiences or []), "error": status.error}
+            "audiences": list(status.audiences or []), "error": status.error,
+            "extra": dict(user.extra or {}) if user else {}}  # a bound token's pod-name and pod-uid
 
 
 def patch_stage_progress(namespace: str, run: str, index: int, stage: str, progress: dict[str, Any],
@@ -308,3 +310,55 @@ def patch_stage_progress(namespace: str, run: str, index: int, stage: str, progr
         if e.status in (404, 409, 422):  # gone, or a test op failed: the stage moved on
             return False
         raise
+
+
+# ------------------------------------------------------------------------------------ the progress endpoint's
+
+def get_pod(namespace: str, name: str) -> dict[str, Any] | None:
+    """One pod's metadata as a plain dict, or None (a list by name: the operator may list pods, not get them)."""
+    items = _json(_api(client.CoreV1Api).list_namespaced_pod(
+        namespace, field_selector=f"metadata.name={name}", _preload_content=False))["items"]
+    return {"metadata": items[0]["metadata"]} if items else None
+
+
+class SecretStore:
+    """One Secret holding the progress endpoint's CA and certificate (progress_server.installation_tls):
+    its data as bytes; create and replace return None when another replica got there first."""
+
+    def __init__(self, namespace: str, name: str):
+        self.namespace, self.name = namespace, name
+        self._version: str | None = None
+
+    def read(self) -> dict[str, bytes] | None:
+        try:
+            secret = _api(client.CoreV1Api).read_namespaced_secret(self.name, self.namespace)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        self._version = secret.metadata.resource_version
+        return {k: base64.b64decode(v) for k, v in (secret.data or {}).items()}
+
+    def _body(self, data: dict[str, bytes]) -> client.V1Secret:
+        return client.V1Secret(
+            metadata=client.V1ObjectMeta(name=self.name, namespace=self.namespace, resource_version=self._version,
+                                         labels={"app.kubernetes.io/managed-by": "alignment-operator"}),
+            type="Opaque", data={k: base64.b64encode(v).decode() for k, v in data.items()})
+
+    def create(self, data: dict[str, bytes]) -> dict[str, bytes] | None:
+        return self._send(data, _api(client.CoreV1Api).create_namespaced_secret, self.namespace, self._body(data))
+
+    def replace(self, data: dict[str, bytes]) -> dict[str, bytes] | None:
+        return self._send(data, _api(client.CoreV1Api).replace_namespaced_secret, self.name, self.namespace,
+                          self._body(data))
+
+    def _send(self, data: dict[str, bytes], call, *args) -> dict[str, bytes] | None:
+        """The write; `data` once done, None on 409 (it exists, or changed since read: another replica's is newer)."""
+        try:
+            sent = call(*args)
+        except ApiException as e:
+            if e.status == 409:
+                return None
+            raise
+        self._version = sent.metadata.resource_version
+        return data

@@ -1,10 +1,15 @@
-"""Prometheus metrics of the operator, served on ALIGNMENT_METRICS_PORT (default 9090)."""
+"""Prometheus metrics of the operator, served on ALIGNMENT_METRICS_PORT (default 9090).
+
+GET /metrics on a bounded listener (listener.py: connection caps, timeouts, a per-client rate;
+ALIGNMENT_METRICS_<LIMIT> overrides one); the text is made at most once a second, however many ask.
+"""
 
 from __future__ import annotations
 
+import time
 from collections import Counter as _Tally
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
 RUNS = Gauge("alignment_runs", "AlignmentRuns by phase, as last reconciled", ["phase"])
 TRANSITIONS = Counter("alignment_stage_transitions_total", "Stage transitions the operator acted on", ["reason"])
@@ -14,6 +19,8 @@ RECONCILE_SECONDS = Histogram("alignment_reconcile_duration_seconds", "Time to r
 PROGRESS_WRITES = Counter("alignment_progress_status_writes_total",
                           "Live-progress status writes (at most one per stage every 5 s)")
 PROGRESS_REFUSED = Counter("alignment_progress_refused_total", "Progress pushes refused, by HTTP status", ["code"])
+PROGRESS_REVIEWS = Counter("alignment_progress_token_reviews_total",
+                           "TokenReviews the progress endpoint asked for (cache misses of well-formed tokens)")
 PHASES = ("Pending", "Running", "Succeeded", "Failed", "Suspended")
 
 _phase_of: dict[tuple[str, str], str] = {}
@@ -30,5 +37,35 @@ def observe_phase(namespace: str, name: str, phase: str | None) -> None:
         RUNS.labels(p).set(tally.get(p, 0))
 
 
-def serve(port: int) -> None:
-    start_http_server(port)
+METRICS_LIMITS = dict(max_connections=64, per_client=8, rate=5.0, burst=10.0)  # scrapes come every 15-60 s
+_latest: tuple[float, bytes] = (-1.0, b"")
+
+
+def exposition(clock=time.monotonic) -> bytes:
+    """The registry's text, at most a second old."""
+    global _latest
+    now = clock()
+    if now - _latest[0] >= 1.0:
+        _latest = (now, generate_latest())
+    return _latest[1]
+
+
+async def _handle(request):
+    from aiohttp import web
+
+    if request.method != "GET" or request.path not in ("/metrics", "/"):
+        return web.json_response({"error": "GET /metrics"}, status=404)
+    return web.Response(body=exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def listener(port: int, host: str = "0.0.0.0"):
+    from .listener import Limits, Listener
+
+    return Listener("metrics", _handle, port, host, limits=Limits.from_env("ALIGNMENT_METRICS", **METRICS_LIMITS))
+
+
+def serve(port: int, host: str = "0.0.0.0") -> int:
+    """Serve /metrics on the operator's listener thread; returns the port."""
+    from .listener import serve as start
+
+    return start(listener(port, host))

@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from .api import StageProgress, StageStatus
+from .bounded import Recent
 
 API_PATH = "/apis/trainer.kubeflow.org/v1alpha1/namespaces/{namespace}/trainjobs/{name}/status"
 _PATH = re.compile(r"^/apis/trainer\.kubeflow\.org/v1alpha1/namespaces/([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)"
@@ -35,7 +36,8 @@ MAX_BODY_BYTES = 64 * 1024   # a real report is ~1 KiB; anything near this is no
 MAX_METRICS = 64
 MAX_NAME, MAX_VALUE = 64, 64
 MIN_WRITE_INTERVAL_S = 5.0   # at most one status write per stage this often
-MAX_CLOCK_SKEW_S = 300       # a report dated further in the future is refused
+MAX_CLOCK_SKEW_S = 300       # a report dated further in the future is refused; a nearer one is read as now
+MAX_STAGES = 4096            # stages the throttle remembers at once (the least recent is forgotten first)
 
 # metric name(s) -> StageProgress field; the first name present wins.
 FIELDS: dict[str, tuple[str, ...]] = {
@@ -237,10 +239,12 @@ class Throttle:
 
     `offer` says whether to write now; otherwise the report waits in the stage's slot and
     `due` says when to flush it. Replays (a report no newer than the newest accepted) are refused.
+    At most MAX_STAGES slots: a forgotten stage's replay check falls back to the time its status
+    stores, which `check_fresh` reads too.
     """
 
     interval: float = MIN_WRITE_INTERVAL_S
-    slots: dict[tuple[str, str], _Slot] = field(default_factory=dict)
+    slots: dict[tuple[str, str], _Slot] = field(default_factory=lambda: Recent(MAX_STAGES))
 
     def check_fresh(self, key: tuple[str, str], sent: datetime, stored: str | None) -> None:
         slot = self.slots.setdefault(key, _Slot())
@@ -267,9 +271,14 @@ class Throttle:
 
     def due(self, key: tuple[str, str]) -> float:
         """Monotonic time at which the stage's pending report may be written."""
-        return self.slots[key].last_write + self.interval
+        slot = self.slots.get(key)
+        return (slot.last_write if slot else -math.inf) + self.interval
 
     def take(self, key: tuple[str, str]) -> Any:
         slot = self.slots.get(key)
         report, slot.pending = (slot.pending, None) if slot else (None, None)
         return report
+
+    def forget(self, key: tuple[str, str]) -> None:
+        """The stage ended: nothing more of it to throttle."""
+        self.slots.pop(key, None)

@@ -3,6 +3,7 @@ what it writes into status, throttling, replay and token checks, the pod's wirin
 
 from __future__ import annotations
 
+import base64
 import json
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -13,9 +14,9 @@ import yaml
 from alignment_operator.api import AlignmentRunStatus, StageProgress, StageStatus, parse_run
 from alignment_operator.progress import (MAX_BODY_BYTES, Refused, Throttle, audience, eta_text, parse_path,
                                          parse_report, stage_progress, status_path, summary)
-from alignment_operator.progress_server import Progress
+from alignment_operator.progress_server import POD_NAME, POD_UID, Progress
 from alignment_operator.reconcile import ObservedChild, reconcile, stage_hash
-from alignment_operator.render.manifests import RenderContext, build_stage
+from alignment_operator.render.manifests import LABEL_RUN, LABEL_STAGE, RenderContext, build_stage
 
 ROOT = Path(__file__).resolve().parents[2]
 NOW = datetime(2026, 12, 1, 11, 0, tzinfo=timezone.utc)
@@ -122,9 +123,15 @@ class Fake:
 
     def review(self, token, aud):
         self.reviews.append((token, aud))
-        ok = token == f"token-for:{aud}"
+        ok = token == jwt(aud)
         return {"authenticated": ok, "username": "system:serviceaccount:ns:default" if ok else None,
-                "audiences": [aud] if ok else [], "error": None if ok else "invalid bearer token"}
+                "audiences": [aud] if ok else [], "error": None if ok else "invalid bearer token",
+                "extra": {POD_NAME: ["stage-pod"], POD_UID: ["pod-uid"]} if ok else {}}
+
+    def get_pod(self, ns, name):  # the stage's pod, made by its Job (the path's last name)
+        job = PATH.split("/")[-2]
+        return {"metadata": {"name": name, "uid": "pod-uid", "labels": {LABEL_RUN: "tiny", LABEL_STAGE: "dpo"},
+                             "ownerReferences": [{"kind": "Job", "name": job, "controller": True}]}}
 
     def get_run(self, ns, name):
         return self.run if (ns, name) == ("ns", "tiny") else None
@@ -137,11 +144,22 @@ class Fake:
 
 
 def endpoint(fake):
-    return Progress(review=fake.review, get_run=fake.get_run, write=fake.write, clock=lambda: fake.clock)
+    return Progress(review=fake.review, get_run=fake.get_run, write=fake.write, get_pod=fake.get_pod,
+                    clock=lambda: fake.clock)
 
 
 PATH = status_path("ns", "tiny-dpo")
-TOKEN = f"Bearer token-for:{audience('ns', 'tiny-dpo')}"
+
+
+def jwt(aud: str, ns: str = "ns") -> str:
+    """The shape of a pod's projected token (the fake review decides; the endpoint reads the claims
+    only to refuse early)."""
+    claims = {"aud": [aud], "exp": 4102444800, "kubernetes.io": {"namespace": ns, "pod": {"name": "stage-pod"}}}
+    part = lambda d: base64.urlsafe_b64encode(json.dumps(d).encode()).decode().rstrip("=")  # noqa: E731
+    return f"{part({'alg': 'RS256'})}.{part(claims)}.signature"
+
+
+TOKEN = f"Bearer {jwt(audience('ns', PATH.split('/')[-2]))}"
 
 
 def test_a_push_writes_the_stage_and_the_column():
@@ -150,13 +168,13 @@ def test_a_push_writes_the_stage_and_the_column():
     assert said == {"accepted": True, "written": True}
     (_, index, stage, progress, text), = fake.writes
     assert (index, stage, progress["percent"], progress["step"], text) == (1, "dpo", 43, 43, "dpo 43% ETA 2h10m")
-    assert fake.reviews == [("token-for:progress.alignment.dev/ns/tiny-dpo", "progress.alignment.dev/ns/tiny-dpo")]
+    assert fake.reviews == [(TOKEN[len("Bearer "):], audience("ns", PATH.split("/")[-2]))]
 
 
 @pytest.mark.parametrize("auth, code", [
     (None, 401), ("Basic abc", 401), ("Bearer forged", 401),
-    (f"Bearer token-for:{audience('ns', 'other-dpo')}", 401),   # another run's token
-    (f"Bearer token-for:{audience('ns2', 'tiny-dpo')}", 401),   # the same run name in another namespace
+    (f"Bearer {jwt(audience('ns', 'other-dpo'))}", 401),   # another run's token
+    (f"Bearer {jwt(audience('ns2', 'tiny-dpo'), 'ns2')}", 401),   # the same run name in another namespace
 ])
 def test_tokens_for_anything_else_are_refused_and_nothing_is_written(auth, code):
     fake = Fake()
@@ -181,7 +199,7 @@ def test_pushes_to_a_stage_that_is_not_running_or_unknown_change_nothing():
     assert e.value.code == 409 and fake.writes == []
     path = status_path("ns", "tiny-nope")
     with pytest.raises(Refused) as e:
-        endpoint(Fake()).handle(path, f"Bearer token-for:{audience('ns', 'tiny-nope')}", body())
+        endpoint(Fake()).handle(path, f"Bearer {jwt(audience('ns', 'tiny-nope'))}", body())
     assert e.value.code == 404
 
 
