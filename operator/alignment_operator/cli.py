@@ -3,7 +3,8 @@
     alignctl validate FILE...          check manifests as the API server and operator would
     alignctl crd [-o FILE]             write the CRD generated from the API models
     alignctl tiny-model DIR            build a tiny random model for CPU runs (needs [trainer])
-    alignctl run --local RUN.yaml      run every stage on this machine (needs [trainer])
+    alignctl run --local RUN.yaml      run every stage on this machine (needs [trainer]);
+                                       [--set PATH=VALUE] [--from STAGE] [--redo STAGE]
     alignctl render RUN.yaml           print every object the operator would create
     alignctl operator                  run the operator (kopf) against the current kubeconfig
 """
@@ -30,12 +31,20 @@ def one_line(run) -> str:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from .local.paths import path_problems
+
     failed = 0
     for name in args.files:
         path = Path(name)
         try:
             for doc in run_documents(path):
-                print(f"ok  {path}: {one_line(parse_run(doc, str(path)))}")
+                run = parse_run(doc, str(path))
+                # The local paths it names that are meant to be here (their directory is): a typo
+                # fails now, not a minute into a stage. `run --local` checks every local path.
+                problems = path_problems(run, strict=False)
+                if problems:
+                    raise RunInvalid(problems, str(path))
+                print(f"ok  {path}: {one_line(run)}")
         except RunInvalid as e:
             failed += 1
             print(f"ERR {e}", file=sys.stderr)
@@ -61,7 +70,13 @@ def _trainer_tool(module: str, argv: list[str]) -> int:
     if importlib.util.find_spec("alignment_trainer") is None or importlib.util.find_spec("torch") is None:
         print("alignctl: this needs the trainer extra: pip install 'alignment-operator[trainer]'", file=sys.stderr)
         return 2
-    return subprocess.call([sys.executable, "-m", module, *argv])
+    from alignment_trainer.launch import launch_env, visible_gpus
+
+    from .local.runner import local_threads
+
+    # DS_ACCELERATOR=cpu on a machine without GPUs: no DeepSpeed "unable to detect" warning.
+    env = {**os.environ, **launch_env(cpu=visible_gpus() == 0, threads=local_threads(1, quiet=True))}
+    return subprocess.call([sys.executable, "-m", module, *argv], env=env)
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
@@ -82,7 +97,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     from .local import run_local
 
-    return run_local(args.file, args.workdir)
+    return run_local(args.file, args.workdir, overrides=args.set, redo=args.redo, from_stage=args.from_stage)
 
 
 def cmd_render(args: argparse.Namespace) -> int:
@@ -174,6 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run an AlignmentRun's stages on this machine")
     r.add_argument("--local", action="store_true", help="run here, stage after stage, as child processes")
     r.add_argument("--workdir", default="runs", help="where stage outputs and status.json go (default: runs/)")
+    r.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
+                   help="override a value of the run file, validated like the file (repeatable): "
+                        "stages.dpo.training.beta=0.05, model.dtype=float32, 'stages.sft.datasets[0].weight=0.5'")
+    r.add_argument("--redo", action="append", default=[], metavar="STAGE",
+                   help="run STAGE again from scratch, and every stage that read it (repeatable); its "
+                        "directory (checkpoints, final/) is removed first")
+    r.add_argument("--from", dest="from_stage", metavar="STAGE",
+                   help="run STAGE and every stage after it again from scratch; earlier ones are kept")
     r.add_argument("file")
     r.set_defaults(func=cmd_run)
     return p

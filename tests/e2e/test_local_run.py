@@ -177,7 +177,9 @@ def test_missing_column_fails_the_stage_and_keeps_earlier_checkpoints(tmp_path, 
     sft = run_dir / "sft"
     assert stage(status, "sft")["phase"] == "Succeeded" and (sft / "final" / "model.safetensors").is_file()
     assert (sft / "checkpoint-2" / "trainer_state.json").is_file() and (sft / "result.json").is_file()
-    assert "'rejected'" in out and "last" in out  # the message and the log's tail, shown to the person
+    # The trainer's message, once, with where its output is; no traceback (that stays in log.txt).
+    assert out.count(f"stage dpo failed: DataError") == 1 and "its output: " in out, out[-3000:]
+    assert "'rejected'" in out and "Traceback" not in out and "Traceback" in (run_dir / "dpo" / "log.txt").read_text()
 
     # The same command again retries the failed stage (and only it).
     sft_mtime = (sft / "result.json").stat().st_mtime_ns

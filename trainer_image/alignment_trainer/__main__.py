@@ -18,6 +18,7 @@ import sys
 import traceback
 
 from . import outcome
+from .launch import bound_threads
 from .recipe import Recipe, read_recipe_file
 
 
@@ -84,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         return outcome.FIX_INPUT
     previous = signal.signal(signal.SIGTERM, _stop)
     try:
+        threads = bound_threads()
+        print(f"cpu threads per process: {threads}", file=sys.stderr, flush=True)
         run_recipe(recipe)
         return 0
     except (Exception, Interrupted, KeyboardInterrupt) as e:  # noqa: BLE001 - every failure gets its outcome

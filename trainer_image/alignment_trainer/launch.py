@@ -99,8 +99,10 @@ def visible_gpus() -> int:
     return len(list(gpus.iterdir())) if gpus.is_dir() else 0
 
 
-def launch_env(cpu: bool = False) -> dict[str, str]:
-    """Environment the launched command needs on top of the pod's/process's own."""
+def launch_env(cpu: bool = False, threads: int | None = None) -> dict[str, str]:
+    """Environment the launched command needs on top of the pod's/process's own. threads: the
+    intra-op threads each process may use (thread_env); None leaves it to the trainer, which
+    bounds itself by its cgroup's CPUs at start (bound_threads)."""
     env = {
         "PYTHONUNBUFFERED": "1",          # progress lines reach the parent as they are printed
         "TOKENIZERS_PARALLELISM": "false",  # no fork warnings from dataset.map workers
@@ -108,10 +110,100 @@ def launch_env(cpu: bool = False) -> dict[str, str]:
     }
     if cpu:
         env["DS_ACCELERATOR"] = "cpu"     # DeepSpeed's accelerator; it otherwise probes and warns
+    if threads is not None:
+        env.update(thread_env(threads))
     return env
 
 
+# ---------------------------------------------------------------------------- CPU threads
+# torch, OpenMP and MKL start one thread per core they see, in every process, whatever the pod's
+# CPU limit or the other processes on the machine: on a busy 2-core box two spinning intra-op
+# threads per process make each step several times slower than one. Each process gets the CPUs
+# it really has: the cgroup's quota (a pod's CPU limit) or the cores it may run on, divided by
+# the processes that share them.
+
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def usable_cpus(cgroup: str | Path = "/sys/fs/cgroup") -> float:
+    """CPUs this process may use: its affinity mask, bounded by the cgroup's CPU quota (cgroup v2
+    cpu.max, or v1 cpu.cfs_quota_us / cpu.cfs_period_us), which is what a pod's CPU limit sets."""
+    cpus = float(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    root = Path(cgroup)
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        try:
+            quota = (root / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (root / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return cpus
+    if quota not in ("max", "-1") and float(period) > 0:
+        cpus = min(cpus, float(quota) / float(period))
+    return cpus
+
+
+def busy_cpus(interval: float = 0.5, stat: str | Path = "/proc/stat") -> float:
+    """CPUs other processes keep busy right now (the machine's whole load over `interval`
+    seconds, from /proc/stat; 0 where it cannot be read)."""
+    def sample() -> tuple[int, int]:
+        fields = [int(x) for x in Path(stat).read_text().splitlines()[0].split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields[:8]), idle
+
+    import time
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(interval)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    if total1 <= total0:
+        return 0.0
+    cores = os.cpu_count() or 1
+    return cores * (1 - (idle1 - idle0) / (total1 - total0))
+
+
+def threads_per_process(processes: int, cpus: float | None = None) -> int:
+    """Intra-op threads for each of `processes` processes sharing `cpus` CPUs (default: usable_cpus)."""
+    cpus = usable_cpus() if cpus is None else cpus
+    return max(1, int(cpus // max(processes, 1)))
+
+
+def thread_env(threads: int) -> dict[str, str]:
+    """torch/OpenMP, MKL and tokenizers bounded to `threads` per process."""
+    return {**{var: str(threads) for var in THREAD_VARS}, "TOKENIZERS_PARALLELISM": "false"}
+
+
+def cpu_quantity(quantity) -> float | None:
+    """A Kubernetes CPU quantity (2, "2", "500m", "1.5") in cores; None when unset or not a CPU count."""
+    if quantity is None:
+        return None
+    text = str(quantity).strip()
+    try:
+        return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+    except ValueError:
+        return None
+
+
 # ---------------------------------------------------------------------------- in the trainer process
+
+def bound_threads() -> int:
+    """Bound this process's CPU threads; the number it uses. An OMP_NUM_THREADS already set (by the
+    operator from the pod's CPU limit, by `alignctl run --local`, or by you) wins; otherwise the
+    usable CPUs divided by the processes on this machine (LOCAL_WORLD_SIZE, set by accelerate/torchrun)."""
+    import torch
+
+    try:
+        threads = max(1, int(os.environ["OMP_NUM_THREADS"]))
+    except (KeyError, ValueError):
+        threads = threads_per_process(int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
+    for var, value in thread_env(threads).items():
+        os.environ.setdefault(var, value)  # read by OpenMP/MKL/tokenizers in libraries loaded later
+    torch.set_num_threads(threads)
+    return threads
+
 
 def needs_configured_state() -> bool:
     """Several processes and no GPU: accelerate would count 1 process (see the module docstring)."""

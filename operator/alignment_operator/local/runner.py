@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shlex
 import signal
 import subprocess
 import sys
@@ -32,14 +33,19 @@ from pathlib import Path
 
 from alignment_trainer import outcome
 from alignment_trainer.checkpoints import newest_checkpoint
-from alignment_trainer.launch import build_launch_command, launch_env, visible_gpus
+from alignment_trainer.launch import (build_launch_command, busy_cpus, launch_env, threads_per_process, usable_cpus,
+                                      visible_gpus)
 
 from .. import progress
-from ..api import RETRY_ANNOTATION, AlignmentRun, AlignmentRunStatus, RunInvalid, load_run
+from ..api import RETRY_ANNOTATION, AlignmentRun, AlignmentRunStatus, RunInvalid, parse_run, run_documents
 from ..reconcile import CreateStage, DeleteChild, Event, ObservedChild, reconcile
 from ..render.manifests import child_name
 from ..render.recipe import build_recipe, stage_dir
-from . import view
+from . import plan, view
+from .lock import RunLock, RunLocked
+from .overrides import apply_overrides
+from .paths import path_problems
+from .plan import PlanError, to_redo
 
 STOP_GRACE_S = 60  # how long a stage may take to stop after SIGINT before it is killed
 OUTCOME_FILE = "termination-message.json"  # the stage's termination message path, on the "volume"
@@ -126,7 +132,7 @@ def stage_command(run: AlignmentRun, index: int, recipe_path: Path) -> tuple[lis
     if r.nodes > 1:
         print(f"  note: the stage asks for {r.nodes} nodes; running it on this machine only")
     processes = r.processes_per_node or gpus or 1
-    env = {**os.environ, **launch_env(cpu=gpus == 0), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **launch_env(cpu=gpus == 0, threads=local_threads(processes)), "PYTHONUNBUFFERED": "1"}
     for var in run.spec.trainer.env:  # the run's own variables, as its pods get them (plain values only)
         if "value" in var:
             env[var["name"]] = str(var["value"])
@@ -136,6 +142,23 @@ def stage_command(run: AlignmentRun, index: int, recipe_path: Path) -> tuple[lis
         return [sys.executable, "-m", "alignment_trainer", str(recipe_path)], env
     cmd = build_launch_command(str(recipe_path), run.spec.stages[index].distributed, processes, cpu=gpus == 0)
     return [sys.executable, *cmd[1:]], env  # this environment's python, as the pods use the image's
+
+
+def local_threads(processes: int, quiet: bool = False) -> int:
+    """CPU threads per process for a stage here: the cores this process may use, less those other
+    work keeps busy right now, divided by the stage's processes; OMP_NUM_THREADS when you set it."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        threads = int(os.environ["OMP_NUM_THREADS"])
+        if not quiet:
+            print(f"  cpu: {threads} thread(s) per process (OMP_NUM_THREADS)")
+        return threads
+    usable, busy = usable_cpus(), busy_cpus()
+    free = max(1.0, min(usable, (os.cpu_count() or 1) - busy))
+    threads = threads_per_process(processes, free)
+    if not quiet:
+        print(f"  cpu: {threads} thread(s) per process ({usable:g} usable cores, {busy:.1f} busy with other work, "
+              f"{processes} process(es))")
+    return threads
 
 
 def run_stage(run: AlignmentRun, index: int, root: str, started: str) -> ObservedChild:
@@ -184,9 +207,11 @@ def run_stage(run: AlignmentRun, index: int, root: str, started: str) -> Observe
         return child("Succeeded", result=said)
     text = (out / "log.txt").read_text(errors="replace").splitlines()
     text = text[max(i for i, line in enumerate(text) if line.startswith("=== ")):]  # this attempt's
-    view.show_tail(text, out / "log.txt")
     if said is not None and "error" in said:
+        # The trainer said what is wrong and what to fix: the summary prints it once (its traceback
+        # stays in log.txt, for a bug report).
         return child("Failed", message=outcome.describe(said, code))
+    view.show_tail(text, out / "log.txt")  # it died without a word (killed, a crash): its last lines
     why = "exited 0 without writing its outcome" if code == 0 else view.last_words(text)
     return child("Failed", message=f"Error (exit code {code}): {why}")
 
@@ -255,15 +280,57 @@ def write_curves(run: AlignmentRun, run_dir: Path) -> Path | None:
 
 # ---------------------------------------------------------------------------- the run
 
-def run_local(file: str, workdir: str = "runs") -> int:
+def read_run(file: str, overrides: list[str] = (), strict_paths: bool = True) -> AlignmentRun:
+    """The run file with its --set overrides, validated as the API server would, and the local
+    paths it names checked (RunInvalid: each problem with its field, value and fix)."""
+    docs = run_documents(file)
+    if len(docs) != 1:
+        raise RunInvalid([f"expected one AlignmentRun document, found {len(docs)}"], file)
+    doc = docs[0]
+    shown = apply_overrides(doc, list(overrides))
+    run = parse_run(doc, f"{file} with --set {', '.join(shown)}" if shown else file)
+    problems = path_problems(run, strict=strict_paths)
+    if problems:
+        raise RunInvalid(problems, file)
+    for line in shown:
+        print(f"- set {line}")
+    return run
+
+
+def run_local(file: str, workdir: str = "runs", overrides: list[str] = (), redo: list[str] = (),
+              from_stage: str | None = None) -> int:
+    """Exit 0 succeeded, 1 a stage failed, 2 fix the input (the run, a path, a request) or the run is
+    in use by another run --local, 130 interrupted."""
     try:
-        run = load_run(file)
+        run = read_run(file, overrides)
     except RunInvalid as e:
         print(f"ERR {e}", file=sys.stderr)
         return 2
     root = os.path.abspath(workdir)
     run_dir = Path(stage_dir(root, run, "-")).parent
+    try:
+        with RunLock(run_dir):
+            command = " ".join(["alignctl run --local", file, *([f"--workdir {workdir}"] if workdir != "runs" else []),
+                                *(f"--set {shlex.quote(o)}" for o in overrides)])
+            return _run(run, root, run_dir, command, list(redo), from_stage)
+    except RunLocked as e:
+        print(f"ERR {view.rel(run_dir)} is in use by another alignctl run --local ({e})", file=sys.stderr)
+        return 2
+    except PlanError as e:
+        print(f"ERR {e}", file=sys.stderr)
+        return 2
+
+
+def _run(run: AlignmentRun, root: str, run_dir: Path, command: str, redo: list[str], from_stage: str | None) -> int:
     run.status = read_status(run_dir)
+    again = to_redo(run, root, redo, from_stage)
+    plan.edited_finished(run, run.status, root, again, command)
+    for path in plan.reset(run, run.status, root, again):
+        print(f"- redo: removed {view.rel(path)}")
+    if again:
+        print(f"- redo: {', '.join(again)} run again from scratch")
+        if run.status is not None:
+            write_status(run_dir, run.status)
     run.metadata.annotations[RETRY_ANNOTATION] = f"local-{datetime.now(timezone.utc).isoformat()}"
     warn_missing_outputs(run, root)
     view.announce(run, run_dir)
@@ -276,7 +343,7 @@ def run_local(file: str, workdir: str = "runs") -> int:
             run.status = result.status
             write_status(run_dir, run.status)
             for action in result.actions:
-                if isinstance(action, Event):
+                if isinstance(action, Event) and action.reason != "StageFailed":  # the summary says it, once
                     print(f"{'!' if action.type == 'Warning' else '-'} {view.clip(action.message)}", flush=True)
                 elif isinstance(action, DeleteChild):
                     observed.pop(action.stage, None)

@@ -122,19 +122,20 @@ class ProgressBar:
             eta = f"  {live.percent}% ETA {progress.eta_text(live.eta_seconds)}"
         if live is not None and live.tokens_per_second:
             eta += f"  {live.tokens_per_second:.0f} tok/s"
-        filled = int(20 * min(step / total, 1))
-        metrics = "  ".join(f"{short} {ev[k]:.4g}" for k, short in SHOWN if isinstance(ev.get(k), (int, float)))
+        metrics = [f"{short} {ev[k]:.4g}" for k, short in SHOWN if isinstance(ev.get(k), (int, float))]
         label = f"{self.label}{f' {task}' if task else ''}"
-        line = (f"  {label:<12} [{'#' * filled}{'.' * (20 - filled)}] {step}/{total}  {metrics}"
-                f"{f'  {rate:.2f} it/s' if rate else ''}{eta}")
+        rate_text = f"{rate:.2f} it/s" if rate else ""
         if self.tty:
             width = shutil.get_terminal_size().columns - 1
-            sys.stdout.write("\r" + line[:width].ljust(width))
+            line = fit_line(label, step, total, eta.strip(), rate_text, metrics, width)
+            sys.stdout.write("\r" + line.ljust(width))
             sys.stdout.flush()
             self.drawn = True
-        elif step == self.shown_step and not metrics:
+            return
+        if step == self.shown_step and not metrics:
             return  # the trainer's end-of-training summary row: nothing new to show
-        elif step == total or (not task and step - self.shown_step >= total / 10) or time.time() - self.shown_at > 30:
+        line = fit_line(label, step, total, eta.strip(), rate_text, metrics, None)
+        if step == total or (not task and step - self.shown_step >= total / 10) or time.time() - self.shown_at > 30:
             print(line, flush=True)
             self.shown_step, self.shown_at = step, time.time()
 
@@ -146,6 +147,30 @@ class ProgressBar:
         if self.drawn:
             sys.stdout.write("\n")
             self.drawn = False
+
+
+def fit_line(label: str, step: int, total: int, eta: str, rate: str, metrics: list[str], width: int | None) -> str:
+    """One progress line, `width` columns at most (None: whole). What goes first when it does not
+    fit: the metrics (last ones first), the rate, half the bar, the bar; the stage, its step and the
+    ETA stay (cut only on a terminal narrower than them)."""
+    def line(bar: int, metrics: list[str], rate: str) -> str:
+        filled = int(bar * min(step / total, 1))
+        drawn = f" [{'#' * filled}{'.' * (bar - filled)}]" if bar else ""
+        return "  ".join(p for p in [f"  {label:<12}{drawn} {step}/{total}", eta, *metrics, rate] if p)
+
+    bar = 20
+    text = line(bar, metrics, rate)
+    while width is not None and len(text) > width:
+        if metrics:
+            metrics = metrics[:-1]
+        elif rate:
+            rate = ""
+        elif bar:
+            bar = 10 if bar == 20 else 0
+        else:
+            return text[:width]
+        text = line(bar, metrics, rate)
+    return text
 
 
 def last_words(lines: list[str]) -> str:
@@ -191,7 +216,8 @@ def summary(run, status, run_dir: Path, curves: Path | None) -> None:
         family = "data" if info.writes else "eval" if not info.trains else "pref" if info.preference else "sft"
         shown = [f"{k}={_fmt(st.metrics[k])}" for k in KEY_METRICS[family] if k in st.metrics]
         took = duration(_since(st.start_time, st.completion_time)) if st.start_time else ""
-        rows.append([st.name, spec.method, st.phase, took, "  ".join(shown) or (st.message or "")[:100]])
+        said = "(below)" if st.phase == "Failed" else (st.message or "")[:100]
+        rows.append([st.name, spec.method, st.phase, took, "  ".join(shown) or said])
     print(_table(rows))
     ev = status.evaluation
     if "logp_accuracy" in ev and "reference_logp_accuracy" in ev:
@@ -211,4 +237,6 @@ def summary(run, status, run_dir: Path, curves: Path | None) -> None:
             print(f"\nnote: {c.message}", file=sys.stderr)
     failed = next((s for s in status.stages if s.phase == "Failed"), None)
     if failed:
-        print(f"\nstage {failed.name} failed: {failed.message}", file=sys.stderr)
+        log = run_dir / failed.name / "log.txt"
+        print(f"\nstage {failed.name} failed: {failed.message}"
+              + (f"\n  its output: {rel(log)}" if log.is_file() else ""), file=sys.stderr)

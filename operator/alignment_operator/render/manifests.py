@@ -27,7 +27,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from alignment_trainer.launch import build_launch_command, launch_env
+from alignment_trainer.launch import build_launch_command, cpu_quantity, launch_env, threads_per_process
 from alignment_trainer.outcome import FIX_INPUT
 
 from ..api import AlignmentRun, StageSpec
@@ -157,7 +157,12 @@ def _command(stage: StageSpec, ctx: RenderContext, machine_rank: str, master: st
 
 def _env(run: AlignmentRun, stage: StageSpec) -> list[dict[str, Any]]:
     mount = run.spec.storage.mount_path
-    env = [{"name": k, "value": v} for k, v in launch_env(cpu=stage.resources.gpus_per_node == 0).items()]
+    # CPU threads: the pod's CPU (request and limit) divided by its processes; without one the
+    # trainer bounds itself by its cgroup's quota at start (alignment_trainer.launch.bound_threads).
+    cpus = cpu_quantity(stage.resources.cpu)
+    threads = threads_per_process(_processes(stage), cpus) if cpus else None
+    env = [{"name": k, "value": v}
+           for k, v in launch_env(cpu=stage.resources.gpus_per_node == 0, threads=threads).items()]
     env += [{"name": "HF_HOME", "value": f"{mount}/.cache/huggingface"},  # models downloaded once per volume
             {"name": "HOME", "value": "/tmp"}]
     token = run.spec.trainer.hf_token_secret_ref
