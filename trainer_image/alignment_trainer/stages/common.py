@@ -200,6 +200,9 @@ def reference_key(recipe: Recipe, tokenizer) -> dict:
         "max_length": t.max_length, "max_prompt_length": t.max_prompt_length,
         "ld_alpha": t.extra_args.get("ld_alpha"),
         "kl_batch": t.per_device_train_batch_size if scorer == "kto" else None,
+        # replies scored through their end-of-turn token (tokens.CompletionEndsAtEndOfTurn); log-probs
+        # cached before that included the template's glue after it and must not be read back
+        "completion_end": "end_of_turn",
     }
 
 

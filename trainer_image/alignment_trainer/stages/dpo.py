@@ -22,6 +22,7 @@ from ..recipe import Recipe
 from . import losses, refcache
 from .common import (build_config, finish_stage, free_reference, load_reference, reference_cache,
                      setup_stage, train, truncate_prompts)
+from .tokens import CompletionEndsAtEndOfTurn
 
 
 # The experimental trainers' batches hold chosen_input_ids/rejected_input_ids (no input_ids to count
@@ -29,10 +30,15 @@ from .common import (build_config, finish_stage, free_reference, load_reference,
 LEGACY_COLLATOR = {"include_num_input_tokens_seen": "no", "remove_unused_columns": False}
 
 
+class DPOTrainer(CompletionEndsAtEndOfTurn, losses.DPOTrainer):
+    """losses.DPOTrainer (TRL's, plus cdpo/ipo_sum and the shared reference cache) scoring each reply
+    through its end-of-turn token, as SFT trains it and the eval stage scores it (tokens.py)."""
+
+
 def trainer_classes(method: str):
     """(ConfigClass, TrainerClass, method fields) for a method, failing clearly when TRL lacks it."""
     if method in ("dpo", "ipo"):
-        return trl.DPOConfig, losses.DPOTrainer, {}
+        return trl.DPOConfig, DPOTrainer, {}
     try:
         if method == "slic":  # hinge: CPOTrainer sums the log-probs; the NLL term is SLiCTrainer's own
             from trl.experimental.cpo import CPOConfig

@@ -14,7 +14,9 @@ generate.use_vllm where it is installed and a GPU is present) and written, one r
 
 which a later stage reads by naming this stage (datasets[].stage), as HALOs' label step reads the
 samples its vLLM step wrote. result.json: prompts, completions, the fraction that stopped before
-max_completion_length and the mean completion length. Several processes (a GPU node's default: one
+max_completion_length and the mean completion length. Sampling uses exactly generate.temperature and
+top_p (no top-k, no repetition penalty): the checkpoint's generation_config settings are not applied
+and result.json lists them as generation_config_ignored. Several processes (a GPU node's default: one
 per GPU) split the prompts, each sampling its share on its own device; the first writes the dataset
 (with vLLM one process samples). A rerun of a stage whose final/ and result.json exist does nothing.
 """
@@ -36,6 +38,7 @@ from ..recipe import Recipe
 from ..results import emit, write_result
 from .common import setup_stage, truncate_prompt
 from .eval import generate as sample
+from .eval import ignored_generation_settings
 from .grpo import prompt_turns, stage_label
 
 log = logging.getLogger("alignment_trainer")
@@ -92,34 +95,53 @@ def check_vllm() -> None:
                          "stage GPUs (resources.gpusPerNode)")
 
 
+def vllm_requests(tokenizer, prompts: list[list[dict]]) -> list[dict]:
+    """The prompts as vLLM token prompts: the chat template's text tokenized without special tokens
+    (as sample_share does). Given the text, vLLM would tokenize it adding the tokenizer's bos, and a
+    template that writes the bos itself (Llama 3's) would start with two."""
+    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    return [{"prompt_token_ids": tokenizer(t, add_special_tokens=False)["input_ids"]} for t in texts]
+
+
+def vllm_sampling(recipe: Recipe, tokenizer) -> dict:
+    """SamplingParams for vLLM: the recipe's settings and nothing else (neutral repetition penalty, no
+    top-k or min-p, whatever the checkpoint's generation_config says), stopping at the end-of-turn
+    token (model.load_tokenizer's eos, which the checkpoint's own tokenizer files may not name)."""
+    g = recipe.generate
+    return dict(n=g.num_generations, temperature=g.temperature, top_p=g.top_p, top_k=-1, min_p=0.0,
+                repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+                max_tokens=g.max_completion_length, seed=recipe.training.seed,
+                stop_token_ids=[tokenizer.eos_token_id])
+
+
 def sample_vllm(recipe: Recipe, tokenizer, prompts: list[list[dict]]) -> list[dict]:
     """vLLM's offline LLM.generate: n samples per prompt (its own batching), in prompt order."""
     from vllm import LLM, SamplingParams
 
-    g = recipe.generate
     llm = LLM(model=recipe.model.model_name_or_path, revision=recipe.model.model_revision,
               dtype=recipe.model.torch_dtype,
               trust_remote_code=recipe.model.trust_remote_code, seed=recipe.training.seed)
-    params = SamplingParams(n=g.num_generations, temperature=g.temperature, top_p=g.top_p,
-                            max_tokens=g.max_completion_length, seed=recipe.training.seed)
-    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    params = SamplingParams(**vllm_sampling(recipe, tokenizer))
     answers = []
-    for request in llm.generate(texts, params):
+    for request in llm.generate(vllm_requests(tokenizer, prompts), params):
         answers += [{"text": o.text.strip(), "tokens": len(o.token_ids), "stopped": o.finish_reason == "stop"}
                     for o in request.outputs]
     return answers
 
 
-def sample_share(recipe: Recipe, tokenizer, prompts: list[list[dict]], rank: int, world: int, device) -> list[dict]:
-    """This process's prompts (every world-th from rank), sampled with transformers on `device`."""
+def sample_share(recipe: Recipe, tokenizer, prompts: list[list[dict]], rank: int, world: int,
+                 device) -> tuple[list[dict], dict]:
+    """This process's prompts (every world-th from rank), sampled with transformers on `device`; and
+    the checkpoint's generation settings it did not sample with (eval.ignored_generation_settings)."""
     from transformers import set_seed
 
     g = recipe.generate
     set_seed(recipe.training.seed + rank)
     model = load_model(recipe.model, tokenizer).to(device).eval()
-    return sample(model, tokenizer, prompts[rank::world], g.max_completion_length, g.batch_size, "generate",
-                  do_sample=True, temperature=g.temperature, top_p=g.top_p, top_k=0,
-                  num_return_sequences=g.num_generations)
+    answers = sample(model, tokenizer, prompts[rank::world], g.max_completion_length, g.batch_size, "generate",
+                     do_sample=True, temperature=g.temperature, top_p=g.top_p, top_k=0,
+                     num_return_sequences=g.num_generations)
+    return answers, ignored_generation_settings(model)
 
 
 def gather_shares(out: Path, answers: list[dict], rank: int, world: int) -> list[dict] | None:
@@ -167,16 +189,18 @@ def run(recipe: Recipe) -> dict | None:
         emit("start", method=recipe.method, stage=recipe.stage_name, prompts=len(rows), samples=g.num_generations,
              processes=1 if g.use_vllm else world)
     n = g.num_generations
+    ignored: dict = {}
     if g.use_vllm:
         answers = sample_vllm(recipe, tokenizer, prompts)
         per_prompt = [answers[i * n:(i + 1) * n] for i in range(len(rows))]
     elif world == 1:
-        answers = sample_share(recipe, tokenizer, prompts, 0, 1, "cuda" if torch.cuda.is_available() else "cpu")
+        answers, ignored = sample_share(recipe, tokenizer, prompts, 0, 1,
+                                        "cuda" if torch.cuda.is_available() else "cpu")
         per_prompt = [answers[i * n:(i + 1) * n] for i in range(len(rows))]
     else:
         from accelerate import PartialState
 
-        mine = sample_share(recipe, tokenizer, prompts, rank, world, PartialState().device)
+        mine, ignored = sample_share(recipe, tokenizer, prompts, rank, world, PartialState().device)
         shares = gather_shares(Path(recipe.output_dir), mine, rank, world)
         if shares is None:
             return None
@@ -193,4 +217,6 @@ def run(recipe: Recipe) -> dict | None:
         "generation_stop_rate": sum(a["stopped"] for a in answers) / len(answers),
         "mean_completion_tokens": sum(a["tokens"] for a in answers) / len(answers),
         "generate_runtime_s": round(time.perf_counter() - start, 3),
+        # the checkpoint's generation_config settings not sampled with: exactly generate.* is
+        "generation_config_ignored": ignored or None,
     })

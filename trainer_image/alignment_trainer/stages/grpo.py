@@ -13,6 +13,12 @@ stage's metrics. Held-out prompts (the test split) are answered before and after
 (num_generations samples each at grpo.temperature, as in training: the policy's expected reward):
 result.json reports eval_mean_reward_start and eval_mean_reward, and samples.jsonl keeps the answers.
 
+Lengths: TRL's GRPOConfig has no max_length or max_prompt_length (it generates
+grpo.max_completion_length tokens after whatever prompt it is given), so they are applied here:
+prompts, training and held-out, are cut keeping their end (common.truncate_prompt) to
+training.max_prompt_length and to training.max_length - grpo.max_completion_length, the smaller,
+so that every prompt and its longest completion fit max_length.
+
 A reward that raises fails the stage with RewardError (a RecipeError, exit 2) naming the stage, the
 reward and what to fix.
 """
@@ -31,7 +37,7 @@ from trl import GRPOConfig, GRPOTrainer
 from ..data import DataError, describe, read_rows, subsample
 from ..model import added_tokens, load_model, load_tokenizer, lora_config
 from ..recipe import Recipe, RewardArgs
-from .common import build_config, finish_stage, setup_stage, train
+from .common import build_config, finish_stage, setup_stage, train, truncate_prompt
 
 log = logging.getLogger("alignment_trainer")
 
@@ -269,12 +275,29 @@ def build(recipe: Recipe):
                         log_completions=False)
 
     tokenizer = load_tokenizer(recipe.model)
+    limit = prompt_limit(recipe)
+    train_rows, test_rows = cut_prompts(train_rows, tokenizer, limit), cut_prompts(test_rows, tokenizer, limit)
     model = load_model(recipe.model, tokenizer, lora=recipe.lora, trainable=True)
     peft_config = lora_config(recipe.lora, added_tokens(recipe.model, tokenizer)) if recipe.lora else None
     funcs = build_rewards(recipe)
     trainer = GRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=Dataset.from_list(train_rows),
                           processing_class=tokenizer, peft_config=peft_config)
     return trainer, tokenizer, funcs, test_rows
+
+
+def prompt_limit(recipe: Recipe) -> int:
+    """The most prompt tokens: training.max_prompt_length, and room for the longest completion in max_length."""
+    t, g = recipe.training, recipe.grpo
+    room = t.max_length - g.max_completion_length
+    if room <= 0:
+        raise ValueError(f"training.max_length: {t.max_length} leaves no room for a prompt before "
+                         f"grpo.max_completion_length {g.max_completion_length} tokens; raise max_length above it or "
+                         "lower max_completion_length")
+    return min(room, t.max_prompt_length or room)
+
+
+def cut_prompts(rows: list[dict], tokenizer, limit: int) -> list[dict]:
+    return [{**r, "prompt": truncate_prompt(r["prompt"], tokenizer, limit)} for r in rows]
 
 
 def run(recipe: Recipe) -> dict | None:

@@ -31,6 +31,7 @@ from ..recipe import Recipe
 from . import refcache
 from .common import (_prompt_length, build_config, finish_stage, free_reference, load_reference, reference_cache,
                      setup_stage, train, truncate_prompts)
+from .tokens import CompletionEndsAtEndOfTurn
 
 log = logging.getLogger("alignment_trainer")
 LOOKAHEAD = 4096  # rows searched for one that fits a batch slot before accepting a same-prompt KL pair
@@ -110,9 +111,10 @@ class KLBatchOrder(torch.utils.data.Sampler):
             yield from range(start, min(start + self.batch_size, self.n))
 
 
-class KLBatchKTOTrainer(refcache.CachedReference, KTOTrainer):
+class KLBatchKTOTrainer(CompletionEndsAtEndOfTurn, refcache.CachedReference, KTOTrainer):
     """KTOTrainer reading its KL batches in a new order each epoch (TRL reads them sequentially);
-    its precomputed reference log-probs are kept in the shared cache (refcache.CachedReference)."""
+    its precomputed reference log-probs are kept in the shared cache (refcache.CachedReference);
+    completions scored through their end-of-turn token (tokens.CompletionEndsAtEndOfTurn)."""
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset

@@ -15,7 +15,14 @@ preference stages read:
     feedback binary     {"prompt", "completion", "label", "score"}: every completion, desirable when
                         its score is above label.threshold, undesirable below (equal: skipped)
 
-Empty completions are skipped (no stage trains on an empty reply). result.json: the mean score of
+Empty completions are skipped (no stage trains on an empty reply). An unfinished completion (generate's
+`stopped` false: cut at max_completion_length) is never chosen nor desirable: the next stage would
+append an end-of-turn to it and teach the policy to stop mid-sentence. It may still be the rejected
+reply of a pair or an undesirable one. A prompt none of whose completions finished gives no pair
+(unfinished_prompts); unfinished_best counts the prompts whose best-scoring completion was cut short; unfinished completions that scored above the threshold are left out
+(unfinished_above_threshold); unfinished_completions counts them all. Rows without a `stopped` column
+(feedback written by hand) count as finished and are counted in completions_without_stopped.
+result.json: the mean score of
 all completions (mean_reward: the policy's mean reward on these prompts) and of each reward
 (rewards/<name>/mean), the mean best-of-n score, how many pairs or labels were written and how many
 prompts were ties. A reward that raises fails the stage naming it (grpo.RewardError);
@@ -39,7 +46,8 @@ log = logging.getLogger("alignment_trainer")
 
 
 def load_generations(recipe: Recipe, columns: set[str]) -> list[dict]:
-    """{prompt: turns, completions: [text], <reference columns as text>} per generate row."""
+    """{prompt: turns, completions: [text], stopped: [bool | None], <reference columns as text>} per
+    generate row (stopped None: the row says nothing about it)."""
     rows: list[dict] = []
     for k, args in enumerate(recipe.datasets):
         where = describe(args)
@@ -53,7 +61,14 @@ def load_generations(recipe: Recipe, columns: set[str]) -> list[dict]:
             if missing:
                 raise DataError(f"dataset {where}: row {i} lacks the reference column(s) {missing} a reward of "
                                 f"{stage_label(recipe)} reads (label.rewards[].column); columns: {sorted(row)}")
-            rows.append({"prompt": prompt_turns(row, where), "completions": done,
+            stopped = row.get("stopped")
+            if stopped is None:
+                stopped = [None] * len(done)
+            elif (not isinstance(stopped, list) or len(stopped) != len(done)
+                  or not all(isinstance(x, bool) for x in stopped)):
+                raise DataError(f"dataset {where}: row {i}: column 'stopped' must be a list of booleans, one per "
+                                f"completion ({len(done)}), as a generate stage writes it; got {stopped!r}")
+            rows.append({"prompt": prompt_turns(row, where), "completions": done, "stopped": stopped,
                          **{c: None if row[c] is None else str(row[c]) for c in columns}})
     return rows
 
@@ -84,38 +99,57 @@ def score_rows(rows: list[dict], funcs, weights, columns: set[str],
     return scores, {f"rewards/{f.__name__}/mean": total / n for f, total in zip(funcs, sums)}
 
 
+def finished(row: dict, j: int) -> bool:
+    """Whether completion j ended with the end-of-turn token (unknown counts as finished)."""
+    return row["stopped"][j] is not False
+
+
 def pairwise(rows: list[dict], scores: list[list[float]], min_margin: float = 0.0) -> tuple[list[dict], dict]:
-    """Best against worst per prompt (the first of equals, in sampling order); prompts whose best
-    beats their worst by min_margin or less (ties at least) are skipped."""
-    out, ties = [], 0
+    """Best finished completion against the worst one per prompt (the first of equals, in sampling
+    order); prompts with no finished completion, or whose best finished one beats their worst by
+    min_margin or less (ties at least), are skipped."""
+    out, ties, no_finished, passed_over = [], 0, 0, 0
     for row, row_scores in zip(rows, scores):
-        kept = [(s, c) for s, c in zip(row_scores, row["completions"]) if c.strip()]
-        if len(kept) < 2 or max(s for s, _ in kept) - min(s for s, _ in kept) <= min_margin:
+        kept = [(s, c, finished(row, j)) for j, (s, c) in enumerate(zip(row_scores, row["completions"]))
+                if c.strip()]
+        done = [k for k in kept if k[2]]
+        passed_over += bool(kept) and not max(kept, key=lambda k: k[0])[2]  # the top score was cut short
+        if kept and not done:
+            no_finished += 1
+            continue
+        if len(kept) < 2 or max(s for s, _, _ in done) - min(s for s, _, _ in kept) <= min_margin:
             ties += 1
             continue
-        best = max(kept, key=lambda sc: sc[0])
-        worst = min(kept, key=lambda sc: sc[0])
+        best = max(done, key=lambda k: k[0])
+        worst = min(kept, key=lambda k: k[0])
         out.append({"prompt": row["prompt"], "chosen": [{"role": "assistant", "content": best[1]}],
                     "rejected": [{"role": "assistant", "content": worst[1]}],
                     "score_chosen": best[0], "score_rejected": worst[0]})
     margins = [r["score_chosen"] - r["score_rejected"] for r in out]
-    return out, {"pairs": len(out), "tied_prompts": ties,
+    return out, {"pairs": len(out), "tied_prompts": ties, "unfinished_prompts": no_finished,
+                 "unfinished_best": passed_over,
                  "mean_score_margin": sum(margins) / len(margins) if margins else None}
 
 
 def binary(rows: list[dict], scores: list[list[float]], threshold: float) -> tuple[list[dict], dict]:
-    out, at_threshold = [], 0
+    """Every finished completion labelled by its score against threshold; an unfinished one only
+    when it is undesirable (above the threshold it is left out, counted)."""
+    out, at_threshold, unfinished_above = [], 0, 0
     for row, row_scores in zip(rows, scores):
-        for s, c in zip(row_scores, row["completions"]):
+        for j, (s, c) in enumerate(zip(row_scores, row["completions"])):
             if not c.strip():
                 continue
             if s == threshold:
                 at_threshold += 1
                 continue
+            if s > threshold and not finished(row, j):
+                unfinished_above += 1
+                continue
             out.append({"prompt": row["prompt"], "completion": [{"role": "assistant", "content": c}],
                         "label": s > threshold, "score": s})
     desirable = sum(r["label"] for r in out)
-    return out, {"desirable": desirable, "undesirable": len(out) - desirable, "at_threshold": at_threshold}
+    return out, {"desirable": desirable, "undesirable": len(out) - desirable, "at_threshold": at_threshold,
+                 "unfinished_above_threshold": unfinished_above}
 
 
 def run(recipe: Recipe) -> dict | None:
@@ -141,12 +175,20 @@ def run(recipe: Recipe) -> dict | None:
 
     feedback, counts = (pairwise(rows, scores, lab.min_margin) if lab.feedback == "pairwise"
                         else binary(rows, scores, lab.threshold))
+    flags = [x for row in rows for x in row["stopped"]]
+    counts.update(unfinished_completions=sum(x is False for x in flags),
+                  completions_without_stopped=sum(x is None for x in flags))
+    if counts["completions_without_stopped"]:
+        log.warning("%s: %d completions have no `stopped` flag (not a generate stage's output?); they count as "
+                    "finished and may be chosen", stage_label(recipe), counts["completions_without_stopped"])
     if not feedback:
-        what = (f"no prompt's best completion beats its worst by more than label.min_margin {lab.min_margin} "
-                "(or they were empty), so there is no pair"
+        what = (f"no prompt's best finished completion beats its worst by more than label.min_margin "
+                f"{lab.min_margin} (or they were empty, or none finished: {counts['unfinished_prompts']} prompts), "
+                "so there is no pair"
                 if lab.feedback == "pairwise" else f"no completion scored above or below threshold {lab.threshold}")
         raise DataError(f"{stage_label(recipe)}: {what} in {where}; sample more or more varied completions "
-                        "(generate.numGenerations, temperature) or check label.rewards"
+                        "(generate.numGenerations, temperature), let them finish (generate.maxCompletionLength) "
+                        "or check label.rewards"
                         + ("" if lab.feedback == "pairwise" else " and label.threshold"))
     log.info("%s: %d prompts, %d completions, mean score %.4f -> %d %s rows", stage_label(recipe), len(rows),
              len(flat), sum(flat) / max(len(flat), 1), len(feedback), lab.feedback)

@@ -3,7 +3,8 @@
     python -m alignment_trainer recipe.yaml          # recipe.method: sft
 
 The loss covers the assistant replies of a chat (every turn, through its end-of-turn token) or
-the completion of a prompt/completion row; training.completion_only_loss false trains on the
+the completion of a prompt/completion row (the same way: through its end-of-turn token, not the
+template's glue after it); training.completion_only_loss false trains on the
 whole sequence instead, as alignment-handbook's SFT recipes do.
 """
 
@@ -17,7 +18,7 @@ from ..data import load_stage_data
 from ..model import added_tokens, load_model, load_tokenizer, lora_config
 from ..recipe import Recipe
 from .common import build_config, finish_stage, setup_stage, train, truncate_prompts
-from .tokens import tokenize_chats
+from .tokens import tokenize_chats, tokenize_prompt_completions
 
 log = logging.getLogger("alignment_trainer")
 
@@ -53,6 +54,9 @@ def build(recipe: Recipe):
     test_set = truncate_prompts(data.get("test"), tokenizer, t.max_prompt_length)
     if "messages" in train_set.column_names and not whole_sequence:
         train_set, test_set = tokenize_chats(train_set, tokenizer), tokenize_chats(test_set, tokenizer)
+    elif "completion" in train_set.column_names and not whole_sequence:  # through the end-of-turn, as chats
+        train_set, test_set = tokenize_prompt_completions(train_set, tokenizer), tokenize_prompt_completions(
+            test_set, tokenizer)
 
     # Trainer
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=test_set,
