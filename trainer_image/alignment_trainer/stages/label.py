@@ -182,9 +182,9 @@ def run(recipe: Recipe) -> dict | None:
         log.warning("%s: %d completions have no `stopped` flag (not a generate stage's output?); they count as "
                     "finished and may be chosen", stage_label(recipe), counts["completions_without_stopped"])
     if not feedback:
-        what = (f"no prompt's best finished completion beats its worst by more than label.min_margin "
-                f"{lab.min_margin} (or they were empty, or none finished: {counts['unfinished_prompts']} prompts), "
-                "so there is no pair"
+        what = (f"no prompt's best completion beats its worst by more than label.min_margin {lab.min_margin} "
+                f"(or they were empty; only a finished completion is chosen and {counts['unfinished_prompts']} "
+                "prompts had none), so there is no pair"
                 if lab.feedback == "pairwise" else f"no completion scored above or below threshold {lab.threshold}")
         raise DataError(f"{stage_label(recipe)}: {what} in {where}; sample more or more varied completions "
                         "(generate.numGenerations, temperature), let them finish (generate.maxCompletionLength) "
