@@ -10,10 +10,20 @@ from pathlib import Path
 import yaml
 from kubernetes import client
 
+from alignment_operator.render.manifests import stage_child_name
 from controlplane import wait_for
 
-__all__ = ["apply_tiny", "get_run", "jobs", "play_kubelet", "result_message", "wait_for"]
+__all__ = ["DPO", "EVAL", "SFT", "apply_tiny", "child", "stage_output", "get_run", "jobs", "play_kubelet", "result_message", "wait_for"]
 ROOT = Path(__file__).resolve().parents[2]
+SFT, DPO, EVAL = (stage_child_name("tiny", stage) for stage in ("sft", "dpo", "eval"))  # the tiny run's Jobs
+child = stage_child_name  # child(run, stage[, "-recipe" | "-rdzv"]): a stage's Job (ConfigMap, Service) name
+
+
+def stage_output(cluster, volume: Path, ns: str, run: str, stage: str) -> Path:
+    """Where a stage of a run that exists writes on the volume: <ns>/<run>/<its UID's first 8>/<stage>."""
+    uid = cluster.kubectl("get", "alignmentrun", run, "-n", ns, "-o", "jsonpath={.metadata.uid}").stdout.strip()
+    assert uid, f"no AlignmentRun {ns}/{run}"
+    return volume / ns / run / uid[:8] / stage
 
 
 def apply_tiny(cluster, ns: str, **spec) -> dict:

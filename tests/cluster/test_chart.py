@@ -20,7 +20,7 @@ import yaml
 from kubernetes import client
 
 from controlplane import BUILD_COMMAND, binaries_dir, free_port
-from kubelet import apply_tiny, get_run, jobs, play_kubelet, result_message, wait_for
+from kubelet import SFT, apply_tiny, get_run, jobs, play_kubelet, result_message, wait_for
 from operator_process import Operator
 
 pytestmark = pytest.mark.cluster
@@ -287,7 +287,7 @@ def test_one_rule_less_and_the_run_gets_no_job(cluster, chart_crds, helm, namesp
                  timeout=60)
         assert "403" in log.read_text()
         time.sleep(2)
-        assert "tiny-sft" not in jobs(api, ns), "without `create jobs` the run gets no Job"
+        assert SFT not in jobs(api, ns), "without `create jobs` the run gets no Job"
         assert 'cannot create resource \\"jobs\\"' in log.read_text() or 'cannot create resource "jobs"' in log.read_text()
     finally:
         op.stop()
@@ -343,7 +343,7 @@ def test_two_replicas_peer_and_exactly_one_acts(cluster, chart_crds, helm, names
             "get", "kopfpeering", RELEASE, "-n", ns, "-o", "yaml").stdout).get("status") or {}) == 2, timeout=60)
         time.sleep(2)  # let the lower-priority replica pause
         apply_tiny(cluster, ns)
-        wait_for("the sft Job", lambda: "tiny-sft" in jobs(api, ns), timeout=20)
+        wait_for("the sft Job", lambda: SFT in jobs(api, ns), timeout=20)
         creators = [log for log in logs if "created Job" in log.read_text()]
         assert len(creators) == 1, [log.read_text()[-2000:] for log in logs]
     finally:

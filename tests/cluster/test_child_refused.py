@@ -17,13 +17,13 @@ import yaml
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from kubelet import apply_tiny, get_run, jobs, play_kubelet, result_message, wait_for
+from kubelet import DPO, SFT, apply_tiny, get_run, jobs, play_kubelet, result_message, wait_for
 from operator_process import Operator
 
 pytestmark = pytest.mark.cluster
 RULE = "dpo Jobs need a reviewed GPU budget in this namespace; ask the platform team"
 REFUSED_LINE = re.compile(  # the operator's warning line for one refused try (kopf's log format)
-    r"^\[(?P<ts>[\d-]+ [\d:,]+)\].*stage dpo: the API server refused to create Job tiny-dpo", re.M)
+    r"^\[(?P<ts>[\d-]+ [\d:,]+)\].*stage dpo: the API server refused to create Job " + DPO, re.M)
 
 
 @pytest.fixture
@@ -97,12 +97,12 @@ def test_a_refused_stage_job_fails_the_run_with_the_servers_message(cluster, ope
     ns, api = namespace, cluster.api_client()
     policy, answer = deny_dpo_jobs
     said = answer["message"]
-    assert said.startswith('jobs.batch "tiny-dpo" is forbidden: ValidatingAdmissionPolicy') and RULE in said, said
+    assert said.startswith(f'jobs.batch "{DPO}" is forbidden: ValidatingAdmissionPolicy') and RULE in said, said
     assert (answer["code"], answer["reason"]) == (422, "Invalid")  # a validation's default reason
     apply_tiny(cluster, ns)
-    wait_for("the sft Job (the policy lets it through)", lambda: "tiny-sft" in jobs(api, ns))
+    wait_for("the sft Job (the policy lets it through)", lambda: SFT in jobs(api, ns))
     before = denials(cluster, policy)
-    play_kubelet(api, ns, "tiny-sft", 0, result_message("sft", train_loss=2.5, eval_loss=2.75))
+    play_kubelet(api, ns, SFT, 0, result_message("sft", train_loss=2.5, eval_loss=2.75))
     wait_for("a first refusal in status", lambda: (get_run(api, ns, "tiny").get("status", {})
              .get("stages") or [{}, {}])[1].get("createRefusals") == 1, timeout=30)
     waiting = get_run(api, ns, "tiny")["status"]
@@ -113,10 +113,10 @@ def test_a_refused_stage_job_fails_the_run_with_the_servers_message(cluster, ope
     s = run["status"]
     dpo = s["stages"][1]
     assert (dpo["phase"], dpo["createRefusals"]) == ("Failed", 3)
-    assert dpo["message"] == f"the API server refused to create Job tiny-dpo (422 Invalid) 3 times: {said}"
+    assert dpo["message"] == f"the API server refused to create Job {DPO} (422 Invalid) 3 times: {said}"
     cond = next(c for c in s["conditions"] if c["type"] == "Failed")
     assert (cond["status"], cond["reason"]) == ("True", "ChildRefused") and said in cond["message"]
-    assert "tiny-dpo" not in jobs(api, ns)
+    assert DPO not in jobs(api, ns)
 
     # The tries really happened, three and no more: the API server counted its denials, the
     # operator logged one line each, spaced by the backoff, and no traceback.
@@ -141,7 +141,7 @@ def test_a_refused_stage_job_fails_the_run_with_the_servers_message(cluster, ope
     cluster.kubectl("delete", "validatingadmissionpolicybinding", policy)
     wait_for("the policy lifted", lambda: dry_run(api, ns, "dpo") is None, timeout=60)
     cluster.kubectl("annotate", "alignmentrun", "tiny", "-n", ns, "alignment.dev/retry=policy-lifted")
-    wait_for("the dpo Job", lambda: "tiny-dpo" in jobs(api, ns), timeout=30)
+    wait_for("the dpo Job", lambda: DPO in jobs(api, ns), timeout=30)
     run = wait_for("Running", lambda: (r := get_run(api, ns, "tiny"))["status"]["phase"] == "Running" and r)
     assert run["status"]["stages"][1]["createRefusals"] == 0 and run["status"]["stages"][0]["checkpoint"]
 
@@ -153,20 +153,20 @@ def test_an_exceeded_quota_is_tried_again_after_a_spec_change(cluster, operator,
     wait_for("the quota's usage counted", lambda: client.CoreV1Api(api).read_namespaced_resource_quota(
         "one-job", ns).status.used is not None, timeout=60)
     apply_tiny(cluster, ns)
-    wait_for("the sft Job", lambda: "tiny-sft" in jobs(api, ns))
-    play_kubelet(api, ns, "tiny-sft", 0, result_message("sft", train_loss=2.5))
+    wait_for("the sft Job", lambda: SFT in jobs(api, ns))
+    play_kubelet(api, ns, SFT, 0, result_message("sft", train_loss=2.5))
     run = wait_for("Failed", lambda: (r := get_run(api, ns, "tiny"))["status"]["phase"] == "Failed" and r, timeout=60)
     dpo = run["status"]["stages"][1]
     assert dpo["createRefusals"] == 3, dpo
-    assert dpo["message"].startswith("the API server refused to create Job tiny-dpo (403 Forbidden) 3 times: "
-                                     'jobs.batch "tiny-dpo" is forbidden: exceeded quota: one-job'), dpo["message"]
+    assert dpo["message"].startswith(f"the API server refused to create Job {DPO} (403 Forbidden) 3 times: "
+                                     f'jobs.batch "{DPO}" is forbidden: exceeded quota: one-job'), dpo["message"]
     cond = next(c for c in run["status"]["conditions"] if c["type"] == "Failed")
     assert cond["reason"] == "ChildRefused" and "exceeded quota: one-job" in cond["message"]
     assert len(warnings_with(api, ns, "exceeded quota: one-job")) == 1
     assert len(REFUSED_LINE.findall(operator.log.read_text())) == 3
 
     def dpo_beta():
-        cm = client.CoreV1Api(api).read_namespaced_config_map("tiny-dpo-recipe", ns)
+        cm = client.CoreV1Api(api).read_namespaced_config_map(f"{DPO}-recipe", ns)
         return yaml.safe_load(cm.data["recipe.yaml"])["training"]["beta"]
     assert dpo_beta() == 0.1, "the refused tries made the dpo recipe from the spec then"
 
@@ -179,6 +179,6 @@ def test_an_exceeded_quota_is_tried_again_after_a_spec_change(cluster, operator,
     stages[1]["training"]["beta"] = 0.2
     cluster.kubectl("patch", "alignmentrun", "tiny", "-n", ns, "--type=merge", "-p",
                     yaml.safe_dump({"spec": {"stages": stages}}))
-    wait_for("the dpo Job", lambda: "tiny-dpo" in jobs(api, ns), timeout=30)
+    wait_for("the dpo Job", lambda: DPO in jobs(api, ns), timeout=30)
     assert dpo_beta() == 0.2, "the recipe left from the refused tries was replaced"
     assert get_run(api, ns, "tiny")["status"]["stages"][1]["createRefusals"] == 0

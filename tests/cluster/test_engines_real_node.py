@@ -21,7 +21,7 @@ import yaml
 
 import engines
 from controlplane import REPO, wait_for
-from kubelet import get_run
+from kubelet import child, get_run, stage_output
 from realnode import assert_resumed, prepare_volume, start_operator, two_rank_run, wait_phase
 
 pytestmark = [pytest.mark.cluster, pytest.mark.node, pytest.mark.timeout(1800)]
@@ -46,7 +46,7 @@ def kill_a_rank_after_a_checkpoint(real, ns: str, tmp_path, run: str, owner: str
     operator = start_operator(real, ns, tmp_path)
     try:
         plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(two_rank_run(run, epochs=3, save_steps=5)))
-        out = volume / ns / run / "sft"
+        out = stage_output(plane, volume, ns, run, "sft")
         complete = lambda: sorted((int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")
                                    if (p / "trainer_state.json").is_file()), reverse=True)
         wait_for("the stage's first complete checkpoint", timeout=600, interval=0.2, fn=complete)
@@ -69,7 +69,7 @@ def test_a_killed_rank_of_a_pytorchjob_restarts_both_ranks_from_the_checkpoint(r
     resume from that checkpoint (never the Worker alone into a Master still waiting in gloo)."""
     ns, plane, started = restricted_ns, real.plane, time.monotonic()
     engines.install(plane, "training-operator")
-    owner = "training.kubeflow.org/job-name=pkill-sft"
+    owner = f"training.kubeflow.org/job-name={child('pkill', 'sft')}"
     run, killed_after, (before, after) = kill_a_rank_after_a_checkpoint(
         real, ns, tmp_path, "pkill", owner, "training.kubeflow.org/replica-type=worker", "pytorchjobs")
     assert run["status"]["phase"] == "Succeeded", json.dumps(run["status"], indent=1)
@@ -96,7 +96,7 @@ def test_a_killed_rank_of_a_jobset_restarts_both_ranks_from_the_checkpoint(real,
     throughout: its own restart counter says 1, and the stage's attempts say 2."""
     ns, plane, started = restricted_ns, real.plane, time.monotonic()
     engines.install(plane, "jobset")
-    owner = "jobset.sigs.k8s.io/jobset-name=jkill-sft"
+    owner = f"jobset.sigs.k8s.io/jobset-name={child('jkill', 'sft', limit=48)}"
     run, killed_after, (before, after) = kill_a_rank_after_a_checkpoint(
         real, ns, tmp_path, "jkill", owner, "batch.kubernetes.io/job-completion-index=1", "jobsets")
     assert run["status"]["phase"] == "Succeeded", json.dumps(run["status"], indent=1)
@@ -104,7 +104,7 @@ def test_a_killed_rank_of_a_jobset_restarts_both_ranks_from_the_checkpoint(real,
     stage = run["status"]["stages"][0]
     (jobset,) = children(plane, ns, "jobsets")
     assert jobset["status"]["restarts"] == 1, jobset["status"]
-    assert stage["attempts"] == 2 and stage["jobName"] == "jkill-sft", stage
+    assert stage["attempts"] == 2 and stage["jobName"] == child("jkill", "sft", limit=48), stage
     again = pods(plane, ns, f"{owner},jobset.sigs.k8s.io/restart-attempt=1")
     assert sorted(p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] for p in again) == ["0", "1"]
     rank0 = next(p for p in again if p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == "0")
@@ -153,9 +153,9 @@ def test_a_queued_run_waits_suspended_until_kueue_admits_it(real, restricted_ns,
             lambda r: r if "waiting for Kueue" in ((r.get("status") or {}).get("stages") or [{}])[0].get("message", "")
             else None)(get_run(api, ns, "queued")))
         time.sleep(5)  # a while with no quota: still nothing runs
-        job = json.loads(plane.kubectl("get", "job", "-n", ns, "queued-sft", "-o", "json").stdout)
+        job = json.loads(plane.kubectl("get", "job", "-n", ns, child("queued", "sft"), "-o", "json").stdout)
         assert job["spec"]["suspend"] is True and job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team"
-        assert not pods(plane, ns, "batch.kubernetes.io/job-name=queued-sft")
+        assert not pods(plane, ns, f"batch.kubernetes.io/job-name={child('queued', 'sft')}")
         assert get_run(api, ns, "queued")["status"]["stages"][0]["phase"] == "Suspended"
         plane.kubectl("apply", "-f", "-", input=yaml.safe_dump(cluster_queue("2", "8Gi")))
         admitted_at = time.monotonic()
@@ -165,10 +165,10 @@ def test_a_queued_run_waits_suspended_until_kueue_admits_it(real, restricted_ns,
         operator.stop()
     assert run["status"]["phase"] == "Succeeded", json.dumps(run["status"], indent=1)
     assert admitted["status"]["admission"]["clusterQueue"] == "alignment", admitted["status"]
-    ran = pods(plane, ns, "batch.kubernetes.io/job-name=queued-sft")
+    ran = pods(plane, ns, f"batch.kubernetes.io/job-name={child('queued', 'sft')}")
     assert ran and all(p["status"]["phase"] == "Succeeded" for p in ran)
-    assert (volume / ns / "queued" / "sft" / "final" / "config.json").is_file()
-    assert pending["metadata"]["ownerReferences"][0]["name"] == "queued-sft"
+    assert (stage_output(plane, volume, ns, "queued", "sft") / "final" / "config.json").is_file()
+    assert pending["metadata"]["ownerReferences"][0]["name"] == child("queued", "sft")
     assert waiting["status"]["stages"][0]["phase"] == "Suspended"
     print(f"\nissue 13 (Kueue: pending with zero quota, admitted {time.monotonic() - admitted_at:.0f}s before "
           f"Succeeded after the quota rose): {time.monotonic() - started:.0f}s")

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from kubernetes import client
 
-from kubelet import apply_tiny, get_run, jobs, play_kubelet, result_message, wait_for
+from kubelet import DPO, EVAL, SFT, apply_tiny, get_run, jobs, play_kubelet, result_message, wait_for
 from operator_process import Operator
 
 pytestmark = pytest.mark.cluster
@@ -42,14 +42,14 @@ def operator(cluster, crds, restricted, tmp_path):
 def test_run_goes_through_every_stage_to_succeeded(cluster, operator, restricted):
     ns, api = restricted, cluster.api_client()
     apply_tiny(cluster, ns)
-    wait_for("the sft Job", lambda: "tiny-sft" in jobs(api, ns))
+    wait_for("the sft Job", lambda: SFT in jobs(api, ns))
     run = wait_for("status Running", lambda: (r := get_run(api, ns, "tiny")).get("status", {}).get("phase") == "Running" and r)
     assert run["status"]["currentStage"] == "sft" and run["status"]["progress"] == "0/3"
     pvc = client.CoreV1Api(api).read_namespaced_persistent_volume_claim("tiny-workspace", ns)
     assert not pvc.metadata.owner_references, "the volume outlives the run"
 
-    play_kubelet(api, ns, "tiny-sft", 0, result_message("sft", train_loss=2.5, eval_loss=2.75))
-    wait_for("the dpo Job", lambda: "tiny-dpo" in jobs(api, ns))
+    play_kubelet(api, ns, SFT, 0, result_message("sft", train_loss=2.5, eval_loss=2.75))
+    wait_for("the dpo Job", lambda: DPO in jobs(api, ns))
     # The Job is created first, the status written right after it.
     sft = wait_for("sft Succeeded in status", lambda: (st := get_run(api, ns, "tiny")["status"]["stages"][0])
                    ["phase"] == "Succeeded" and st)
@@ -63,9 +63,9 @@ def test_run_goes_through_every_stage_to_succeeded(cluster, operator, restricted
     time.sleep(3)
     assert jobs(api, ns) == before
 
-    play_kubelet(api, ns, "tiny-dpo", 0, result_message("dpo", train_loss=0.4, **{"rewards/accuracies": 0.875}))
-    wait_for("the eval Job", lambda: "tiny-eval" in jobs(api, ns))
-    play_kubelet(api, ns, "tiny-eval", 0, result_message("eval", preference_accuracy=0.9, perplexity=3.5))
+    play_kubelet(api, ns, DPO, 0, result_message("dpo", train_loss=0.4, **{"rewards/accuracies": 0.875}))
+    wait_for("the eval Job", lambda: EVAL in jobs(api, ns))
+    play_kubelet(api, ns, EVAL, 0, result_message("eval", preference_accuracy=0.9, perplexity=3.5))
     run = wait_for("Succeeded", lambda: (r := get_run(api, ns, "tiny")).get("status", {}).get("phase") == "Succeeded" and r)
 
     s = run["status"]
@@ -116,15 +116,15 @@ def test_failed_stage_fails_the_run_with_the_trainers_own_message(cluster, opera
     stages = yaml.safe_load((ROOT / "examples" / "tiny-run.yaml").read_text())["spec"]["stages"]
     stages[0]["backoffLimit"] = 0
     apply_tiny(cluster, ns, stages=stages)
-    wait_for("the sft Job", lambda: "tiny-sft" in jobs(api, ns))
-    play_kubelet(api, ns, "tiny-sft", 2, written)
+    wait_for("the sft Job", lambda: SFT in jobs(api, ns))
+    play_kubelet(api, ns, SFT, 2, written)
     run = wait_phase(api, ns, "Failed")
     msg = run["status"]["stages"][0]["message"]
     assert msg.startswith("DataError (exit code 2; fix the dataset named here") and msg.endswith(line)
     cond = next(c for c in run["status"]["conditions"] if c["type"] == "Failed")
     assert cond["status"] == "True" and cond["message"].endswith(line)
     time.sleep(1)
-    assert "tiny-dpo" not in jobs(api, ns), "nothing runs after a failed stage"
+    assert DPO not in jobs(api, ns), "nothing runs after a failed stage"
 
 
 def test_a_log_tail_message_keeps_its_last_line(cluster, operator, restricted):
@@ -134,10 +134,10 @@ def test_a_log_tail_message_keeps_its_last_line(cluster, operator, restricted):
     stages = yaml.safe_load((ROOT / "examples" / "tiny-run.yaml").read_text())["spec"]["stages"]
     stages[0]["backoffLimit"] = 0
     apply_tiny(cluster, ns, stages=stages)
-    wait_for("the sft Job", lambda: "tiny-sft" in jobs(api, ns))
+    wait_for("the sft Job", lambda: SFT in jobs(api, ns))
     traceback = "".join(f'  File "/opt/x/frame{i}.py", line {i}, in f{i}\n    call_{i}()\n' for i in range(40))
     last = "RuntimeError: NCCL communicator was aborted on rank 3"
-    play_kubelet(api, ns, "tiny-sft", 1, f"Traceback (most recent call last):\n{traceback}{last}\n")
+    play_kubelet(api, ns, SFT, 1, f"Traceback (most recent call last):\n{traceback}{last}\n")
     msg = wait_phase(api, ns, "Failed")["status"]["stages"][0]["message"]
     assert len(traceback) > 2048 and msg.startswith("Error (exit code 1): ") and msg.endswith(last)
 
@@ -147,24 +147,24 @@ def test_the_retry_annotation_reruns_only_the_failed_stage(cluster, operator, re
     stages = yaml.safe_load((ROOT / "examples" / "tiny-run.yaml").read_text())["spec"]["stages"]
     stages[1]["backoffLimit"] = 0
     apply_tiny(cluster, ns, stages=stages)
-    sft_uid = wait_for("the sft Job", lambda: jobs(api, ns).get("tiny-sft"))
-    play_kubelet(api, ns, "tiny-sft", 0, result_message("sft", train_loss=2.5))
-    failed_uid = wait_for("the dpo Job", lambda: jobs(api, ns).get("tiny-dpo"))
-    play_kubelet(api, ns, "tiny-dpo", 2, trainer_failure_message(tmp_path))
+    sft_uid = wait_for("the sft Job", lambda: jobs(api, ns).get(SFT))
+    play_kubelet(api, ns, SFT, 0, result_message("sft", train_loss=2.5))
+    failed_uid = wait_for("the dpo Job", lambda: jobs(api, ns).get(DPO))
+    play_kubelet(api, ns, DPO, 2, trainer_failure_message(tmp_path))
     wait_phase(api, ns, "Failed")
 
     cluster.kubectl("annotate", "alignmentrun", "tiny", "-n", ns, "alignment.dev/retry=first")
-    retried = wait_for("a new dpo Job", lambda: (uid := jobs(api, ns).get("tiny-dpo")) and uid != failed_uid and uid,
+    retried = wait_for("a new dpo Job", lambda: (uid := jobs(api, ns).get(DPO)) and uid != failed_uid and uid,
                        timeout=60)
     run = wait_phase(api, ns, "Running")
     assert run["status"]["retryRequest"] == "first"
     assert [s["phase"] for s in run["status"]["stages"]] == ["Succeeded", "Running", "Pending"]
     assert run["status"]["stages"][1]["attempts"] >= 1 and not run["status"]["stages"][1].get("message")
-    assert jobs(api, ns)["tiny-sft"] == sft_uid, "the succeeded stage is not redone"
-    play_kubelet(api, ns, "tiny-dpo", 0, result_message("dpo", train_loss=0.4))
-    wait_for("the eval Job", lambda: "tiny-eval" in jobs(api, ns))
+    assert jobs(api, ns)[SFT] == sft_uid, "the succeeded stage is not redone"
+    play_kubelet(api, ns, DPO, 0, result_message("dpo", train_loss=0.4))
+    wait_for("the eval Job", lambda: EVAL in jobs(api, ns))
     time.sleep(2)  # the same annotation again does nothing more
-    assert jobs(api, ns)["tiny-dpo"] == retried and jobs(api, ns)["tiny-sft"] == sft_uid
+    assert jobs(api, ns)[DPO] == retried and jobs(api, ns)[SFT] == sft_uid
     reasons = [e.reason for e in client.CoreV1Api(api).list_namespaced_event(
         ns, field_selector="involvedObject.kind=AlignmentRun").items]
     assert reasons.count("StageRetried") == 1
@@ -173,9 +173,9 @@ def test_the_retry_annotation_reruns_only_the_failed_stage(cluster, operator, re
 def test_job_deleted_by_hand_is_recreated_and_deleting_the_run_removes_children(cluster, operator, restricted):
     ns, api = restricted, cluster.api_client()
     apply_tiny(cluster, ns)
-    first = wait_for("the sft Job", lambda: jobs(api, ns).get("tiny-sft"))
-    cluster.kubectl("delete", "job", "tiny-sft", "-n", ns, "--cascade=background")
-    second = wait_for("a recreated sft Job", lambda: (uid := jobs(api, ns).get("tiny-sft")) and uid != first and uid)
+    first = wait_for("the sft Job", lambda: jobs(api, ns).get(SFT))
+    cluster.kubectl("delete", "job", SFT, "-n", ns, "--cascade=background")
+    second = wait_for("a recreated sft Job", lambda: (uid := jobs(api, ns).get(SFT)) and uid != first and uid)
     assert second != first
     cluster.kubectl("delete", "alignmentrun", "tiny", "-n", ns)
     wait_for("children garbage-collected", lambda: not jobs(api, ns) and not client.CoreV1Api(api).list_namespaced_config_map(
@@ -186,13 +186,13 @@ def test_job_deleted_by_hand_is_recreated_and_deleting_the_run_removes_children(
 def test_suspend_suspends_the_job_and_resume_unsuspends_it(cluster, operator, restricted):
     ns, api = restricted, cluster.api_client()
     apply_tiny(cluster, ns)
-    wait_for("the sft Job", lambda: "tiny-sft" in jobs(api, ns))
+    wait_for("the sft Job", lambda: SFT in jobs(api, ns))
     cluster.kubectl("patch", "alignmentrun", "tiny", "-n", ns, "--type=merge", "-p", '{"spec":{"suspend":true}}')
     batch = client.BatchV1Api(api)
-    wait_for("Job suspended", lambda: batch.read_namespaced_job("tiny-sft", ns).spec.suspend)
+    wait_for("Job suspended", lambda: batch.read_namespaced_job(SFT, ns).spec.suspend)
     wait_for("run Suspended", lambda: get_run(api, ns, "tiny").get("status", {}).get("phase") == "Suspended")
     cluster.kubectl("patch", "alignmentrun", "tiny", "-n", ns, "--type=merge", "-p", '{"spec":{"suspend":false}}')
-    wait_for("Job resumed", lambda: not batch.read_namespaced_job("tiny-sft", ns).spec.suspend)
+    wait_for("Job resumed", lambda: not batch.read_namespaced_job(SFT, ns).spec.suspend)
     wait_for("run Running", lambda: get_run(api, ns, "tiny").get("status", {}).get("phase") == "Running")
 
 
@@ -219,8 +219,8 @@ def test_ttl_after_finished_deletes_the_jobs_but_keeps_status_and_volume(cluster
     doc["spec"]["stages"] = doc["spec"]["stages"][:1]  # one stage is enough to finish a run
     doc["spec"]["ttlSecondsAfterFinished"] = 2
     cluster.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(doc))
-    wait_for("the sft Job", lambda: "tiny-sft" in jobs(api, ns))
-    play_kubelet(api, ns, "tiny-sft", 0, result_message("sft", train_loss=1.0))
+    wait_for("the sft Job", lambda: SFT in jobs(api, ns))
+    play_kubelet(api, ns, SFT, 0, result_message("sft", train_loss=1.0))
     wait_for("Succeeded", lambda: get_run(api, ns, "tiny").get("status", {}).get("phase") == "Succeeded")
     wait_for("Jobs deleted after the ttl", lambda: not jobs(api, ns), timeout=30)
     run = get_run(api, ns, "tiny")

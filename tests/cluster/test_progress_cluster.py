@@ -27,7 +27,7 @@ import yaml
 from kubernetes import client, watch
 
 from controlplane import free_port
-from kubelet import apply_tiny, get_run, jobs, play_kubelet, result_message, wait_for
+from kubelet import DPO, SFT, apply_tiny, get_run, jobs, play_kubelet, result_message, wait_for
 from operator_process import Operator
 
 pytestmark = pytest.mark.cluster
@@ -178,13 +178,13 @@ class Writes:
 def test_pushes_reach_the_run_status_and_the_progress_column(cluster, operator, namespace, tiny_model, tmp_path):
     ns, api = namespace, cluster.api_client()
     apply_tiny(cluster, ns)
-    wait_for("the sft Job", lambda: "tiny-sft" in jobs(api, ns))
+    wait_for("the sft Job", lambda: SFT in jobs(api, ns))
     wait_for("sft Running", lambda: stage(get_run(api, ns, "tiny"), "sft").get("phase") == "Running")
 
     # 1. transformers' own KubeflowCallback, unchanged (ALIGNMENT_PROGRESS_CALLBACK=transformers
     #    keeps it in place of ours), on the sft stage.
-    url, ca = stage_wiring(api, ns, "tiny-sft", tmp_path)
-    proc = train(tmp_path, "sft", tiny_model, url, ca, token(cluster, ns, AUDIENCE.format(ns=ns, name="tiny-sft")),
+    url, ca = stage_wiring(api, ns, SFT, tmp_path)
+    proc = train(tmp_path, "sft", tiny_model, url, ca, token(cluster, ns, AUDIENCE.format(ns=ns, name=SFT)),
                  steps=30, ALIGNMENT_PROGRESS_CALLBACK="transformers")
     finish(proc)
     sft_rows = metrics_rows(tmp_path, "sft")
@@ -197,10 +197,10 @@ def test_pushes_reach_the_run_status_and_the_progress_column(cluster, operator, 
     assert p["tokensPerSecond"] == pytest.approx(summary_row.get("train_tokens_per_second"), rel=1e-5), (p, sft_rows[-3:])
 
     # 2. sft done (as a kubelet would report it): dpo starts; pushes of anything else change nothing.
-    play_kubelet(api, ns, "tiny-sft", 0, result_message("sft", train_loss=1.0))
-    wait_for("the dpo Job", lambda: "tiny-dpo" in jobs(api, ns))
+    play_kubelet(api, ns, SFT, 0, result_message("sft", train_loss=1.0))
+    wait_for("the dpo Job", lambda: DPO in jobs(api, ns))
     wait_for("dpo Running", lambda: stage(get_run(api, ns, "tiny"), "dpo").get("phase") == "Running")
-    url, ca = stage_wiring(api, ns, "tiny-dpo", tmp_path)
+    url, ca = stage_wiring(api, ns, DPO, tmp_path)
     before = get_run(api, ns, "tiny")
     sa = client.CoreV1Api(api).read_namespaced_service_account("default", ns)
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
@@ -208,19 +208,19 @@ def test_pushes_reach_the_run_status_and_the_progress_column(cluster, operator, 
 
     sa_key = load_pem_private_key((cluster.workdir / "pki" / "sa.key").read_bytes(), None)
     now = int(time.time())
-    claims = {"iss": "https://kubernetes.default.svc.cluster.local", "aud": [AUDIENCE.format(ns=ns, name="tiny-dpo")],
+    claims = {"iss": "https://kubernetes.default.svc.cluster.local", "aud": [AUDIENCE.format(ns=ns, name=DPO)],
               "sub": f"system:serviceaccount:{ns}:default", "iat": now - 3600, "nbf": now - 3600, "exp": now - 1200,
               "jti": str(uuid.uuid4()),
               "kubernetes.io": {"namespace": ns, "serviceaccount": {"name": "default", "uid": sa.metadata.uid}}}
     refused = {
         "another run's token": (token(cluster, ns, AUDIENCE.format(ns=ns, name="other-dpo")), report()),
-        "another namespace's token": (token(cluster, "default", AUDIENCE.format(ns="default", name="tiny-dpo")),
+        "another namespace's token": (token(cluster, "default", AUDIENCE.format(ns="default", name=DPO)),
                                       report()),
         "a forged token": (jwt({**claims, "exp": now + 600}, ec.generate_private_key(ec.SECP256R1())), report()),
         "a token past expiry": (jwt(claims, sa_key), report()),
         "no token": (None, report()),
     }
-    good = token(cluster, ns, AUDIENCE.format(ns=ns, name="tiny-dpo"))
+    good = token(cluster, ns, AUDIENCE.format(ns=ns, name=DPO))
     refused["a 1 MB body"] = (good, b'{"trainerStatus": {"x": "' + b"a" * (1 << 20) + b'"}}')
     refused["garbage"] = (good, b"\x00\xffnot json")
     refused["a percent of 250"] = (good, report(percent=250))

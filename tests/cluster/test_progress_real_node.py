@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from controlplane import REPO, free_port
-from kubelet import apply_tiny, get_run
+from kubelet import SFT, apply_tiny, get_run, stage_output
 from node import host_ip, image_ref
 from operator_process import Operator
 from realnode import prepare_volume, running_pod, wait_phase
@@ -73,7 +73,7 @@ def test_kubectl_get_shows_the_dpo_pods_progress_rising(real, restricted_ns, tmp
         apply_tiny(plane, ns, stages=stages,
                    trainer={"env": [{"name": "ALIGNMENT_PROGRESS_CALLBACK", "value": "transformers"}]})
         # From inside the sft pod: what a push gets (the stock callback swallows its errors).
-        pod = running_pod(real, ns, "tiny-sft")
+        pod = running_pod(real, ns, SFT)
         probe = plane.kubectl("exec", "-n", ns, pod, "--", "python", "-c", PROBE, check=False)
         print(f"\nin-pod probe of the progress endpoint: {probe.stdout.strip()} {probe.stderr.strip()[-500:]}")
         wait_for_stage = time.monotonic()
@@ -93,7 +93,7 @@ def test_kubectl_get_shows_the_dpo_pods_progress_rising(real, restricted_ns, tmp
     assert all("progress" in s for s in run["status"]["stages"][:2]), (probe.stdout, said[-20:], column)
     for name in ("sft", "dpo"):
         p = stage(run, name)["progress"]
-        rows = [json.loads(line) for line in (volume / ns / "tiny" / name / "metrics.jsonl").read_text().splitlines()]
+        rows = [json.loads(line) for line in (stage_output(plane, volume, ns, "tiny", name) / "metrics.jsonl").read_text().splitlines()]
         logged = [r for r in rows if "loss" in r]
         assert p["percent"] == 100 and p["step"] == p["totalSteps"] == rows[-1]["step"], (name, p)
         assert p["loss"] == pytest.approx(logged[-1]["loss"], rel=1e-5), (name, p, logged[-1])

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from controlplane import REPO, wait_for
-from kubelet import apply_tiny, get_run, jobs
+from kubelet import DPO, EVAL, SFT, apply_tiny, child, get_run, jobs, stage_output
 from node import image_ref
 from realnode import (assert_resumed, events, prepare_volume, running_pod, start_operator, two_rank_run,
                       wait_phase)
@@ -85,7 +85,7 @@ def test_tiny_run_sft_dpo_eval_in_real_pods(real, restricted_ns, tmp_path):
     try:
         apply_tiny(plane, ns, trainer={"hfTokenSecretRef": {"name": "hf", "key": "token"}})
         # Inside the running SFT container: the kubelet's uid, and the token from the Secret.
-        pod = running_pod(real, ns, "tiny-sft")
+        pod = running_pod(real, ns, SFT)
         assert plane.kubectl("exec", "-n", ns, pod, "--", "id", "-u").stdout.strip() == "1000"
         seen = plane.kubectl("exec", "-n", ns, pod, "--", "python", "-c",
                              "import hashlib, os; print(hashlib.sha256(os.environ['HF_TOKEN'].encode()).hexdigest())")
@@ -105,13 +105,13 @@ def test_tiny_run_sft_dpo_eval_in_real_pods(real, restricted_ns, tmp_path):
     assert evaluation["logp_accuracy"] > evaluation["reference_logp_accuracy"], evaluation  # DPO above SFT
 
     # Files the containers wrote on the volume, as the pods' uid.
-    final = volume / ns / "tiny" / "dpo" / "final"
+    final = stage_output(plane, volume, ns, "tiny", "dpo") / "final"
     assert (final / "config.json").is_file() and any(final.glob("*.safetensors")), sorted(final.iterdir())
     assert final.stat().st_uid == 1000 and (final / "config.json").stat().st_uid == 1000
-    assert (volume / ns / "tiny" / "eval" / "generations.jsonl").stat().st_size > 0
+    assert (stage_output(plane, volume, ns, "tiny", "eval") / "generations.jsonl").stat().st_size > 0
 
     # The trainer's own progress in `kubectl logs`.
-    logs = plane.kubectl("logs", "-n", ns, "job/tiny-dpo").stdout
+    logs = plane.kubectl("logs", "-n", ns, f"job/{DPO}").stdout
     progress = [e for e in events(logs) if e["event"] == "progress"]
     assert progress and progress[-1]["step"] == progress[-1]["total"], logs[-2000:]
     table = plane.kubectl("get", "alignmentruns", "-n", ns).stdout
@@ -119,11 +119,11 @@ def test_tiny_run_sft_dpo_eval_in_real_pods(real, restricted_ns, tmp_path):
 
     # The token never left its Secret: not in any object, event, log or the run's status.
     objects = plane.kubectl("get", "jobs,pods,configmaps,events,alignmentruns", "-n", ns, "-o", "yaml").stdout
-    pod_logs = "".join(plane.kubectl("logs", "-n", ns, f"job/tiny-{s}").stdout for s in ("sft", "dpo", "eval"))
+    pod_logs = "".join(plane.kubectl("logs", "-n", ns, f"job/{j}").stdout for j in (SFT, DPO, EVAL))
     for where, text in (("objects", objects), ("pod logs", pod_logs),
                         ("operator log", (tmp_path / "operator.log").read_text())):
         assert token not in text, f"the HF token appears in the {where}"
-    env = json.loads(plane.kubectl("get", "job", "tiny-dpo", "-n", ns, "-o", "json").stdout)[
+    env = json.loads(plane.kubectl("get", "job", DPO, "-n", ns, "-o", "json").stdout)[
         "spec"]["template"]["spec"]["containers"][0]["env"]
     assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}} in env
     print(f"\nscenario 1+5 (tiny SFT -> DPO -> eval on the node): {wall:.0f}s; "
@@ -143,8 +143,8 @@ def test_deleted_dpo_pod_resumes_from_newest_checkpoint(real, restricted_ns, tmp
     operator = start_operator(real, ns, tmp_path)
     try:
         plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(doc))
-        first = running_pod(real, ns, "resume-dpo")
-        out = volume / ns / "resume" / "dpo"
+        first = running_pod(real, ns, child("resume", "dpo"))
+        out = stage_output(plane, volume, ns, "resume", "dpo")
         complete = lambda: sorted((int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")
                                    if (p / "trainer_state.json").is_file()), reverse=True)
         wait_for("the DPO pod's first complete checkpoint", timeout=600, interval=0.2, fn=complete)
@@ -154,7 +154,7 @@ def test_deleted_dpo_pod_resumes_from_newest_checkpoint(real, restricted_ns, tmp
     finally:
         operator.stop()
     assert run["status"]["phase"] == "Succeeded", json.dumps(run["status"], indent=1)
-    pods = json.loads(plane.kubectl("get", "pods", "-n", ns, "-l", "batch.kubernetes.io/job-name=resume-dpo",
+    pods = json.loads(plane.kubectl("get", "pods", "-n", ns, "-l", f"batch.kubernetes.io/job-name={child('resume', 'dpo')}",
                                     "-o", "json").stdout)["items"]
     assert [p["metadata"]["name"] for p in pods] != [first] and pods, "no replacement pod"
     log = plane.kubectl("logs", "-n", ns, pods[-1]["metadata"]["name"]).stdout
@@ -188,8 +188,8 @@ def test_evicted_dpo_pod_resumes_without_counting_against_backoff_limit(real, re
     phases: list[str] = []
     try:
         plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(doc))
-        first = running_pod(real, ns, "evict-dpo")
-        out = volume / ns / "evict" / "dpo"
+        first = running_pod(real, ns, child("evict", "dpo"))
+        out = stage_output(plane, volume, ns, "evict", "dpo")
         complete = lambda: sorted((int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")
                                    if (p / "trainer_state.json").is_file()), reverse=True)
         wait_for("the DPO pod's first complete checkpoint", timeout=600, interval=0.2, fn=complete)
@@ -208,8 +208,8 @@ def test_evicted_dpo_pod_resumes_without_counting_against_backoff_limit(real, re
         newest_before = max(n for n in complete() if n < 100)
         run = get_run(api, ns, "evict")
         # The run goes on as soon as the pod succeeded; the Job controller marks the Job a little later.
-        plane.kubectl("wait", "-n", ns, "--for=condition=Complete", "--timeout=120s", "job/evict-dpo", check=False)
-        job = json.loads(plane.kubectl("get", "job", "evict-dpo", "-n", ns, "-o", "json").stdout)
+        plane.kubectl("wait", "-n", ns, "--for=condition=Complete", "--timeout=120s", f"job/{child('evict', 'dpo')}", check=False)
+        job = json.loads(plane.kubectl("get", "job", child("evict", "dpo"), "-n", ns, "-o", "json").stdout)
     finally:
         operator.stop()
     assert disruption and disruption[0]["status"] == "True" and disruption[0]["reason"] == "EvictionByEvictionAPI", evicted["status"]
@@ -218,7 +218,7 @@ def test_evicted_dpo_pod_resumes_without_counting_against_backoff_limit(real, re
     assert (job["status"].get("failed") or 0) == 0 and job["status"].get("succeeded") == 1, (job["status"], phases)
     stage = run["status"]["stages"][0]
     assert stage["attempts"] == 1 and stage.get("restarts", 0) == 0, stage  # the eviction was not counted
-    pods = json.loads(plane.kubectl("get", "pods", "-n", ns, "-l", "batch.kubernetes.io/job-name=evict-dpo",
+    pods = json.loads(plane.kubectl("get", "pods", "-n", ns, "-l", f"batch.kubernetes.io/job-name={child('evict', 'dpo')}",
                                     "-o", "json").stdout)["items"]
     replacement = [p for p in pods if p["metadata"]["name"] != first]
     assert replacement, [p["metadata"]["name"] for p in pods]
@@ -253,7 +253,7 @@ def test_bad_dataset_fails_the_stage_with_the_trainers_message(real, restricted_
         operator.stop()
     stage = run["status"]["stages"][0]
     assert run["status"]["phase"] == "Failed" and stage["phase"] == "Failed", json.dumps(run["status"], indent=1)
-    pods = json.loads(plane.kubectl("get", "pods", "-n", ns, "-l", "batch.kubernetes.io/job-name=bad-sft",
+    pods = json.loads(plane.kubectl("get", "pods", "-n", ns, "-l", f"batch.kubernetes.io/job-name={child('bad', 'sft')}",
                                     "-o", "json").stdout)["items"]
     terminated = pods[0]["status"]["containerStatuses"][0]["state"]["terminated"]
     written = json.loads(terminated["message"])  # what the trainer itself wrote in the container
@@ -287,18 +287,18 @@ def test_two_node_cpu_stage_rendezvous_through_dns(real, restricted_ns, tmp_path
     finally:
         operator.stop()
     assert run["status"]["phase"] == "Succeeded", json.dumps(run["status"], indent=1)
-    service = json.loads(plane.kubectl("get", "service", "-n", ns, "two-sft-rdzv", "-o", "json").stdout)
+    service = json.loads(plane.kubectl("get", "service", "-n", ns, child("two", "sft", "-rdzv"), "-o", "json").stdout)
     assert service["spec"]["clusterIP"] == "None"
-    pods = json.loads(plane.kubectl("get", "pods", "-n", ns, "-l", "batch.kubernetes.io/job-name=two-sft",
+    pods = json.loads(plane.kubectl("get", "pods", "-n", ns, "-l", f"batch.kubernetes.io/job-name={child('two', 'sft')}",
                                     "-o", "json").stdout)["items"]
     assert sorted(p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] for p in pods) == ["0", "1"]
     for p in pods:
         log = plane.kubectl("logs", "-n", ns, p["metadata"]["name"]).stdout
-        assert "two-sft-0.two-sft-rdzv" in p["spec"]["containers"][0]["command"]
+        assert f"{child('two', 'sft')}-0.{child('two', 'sft', '-rdzv')}" in p["spec"]["containers"][0]["command"]
         if p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == "0":
             start = next(e for e in events(log) if e["event"] == "start")  # the main process logs events
             assert start["world_size"] == 2, start
-    final = volume / ns / "two" / "sft" / "final"
+    final = stage_output(plane, volume, ns, "two", "sft") / "final"
     loaded = subprocess.run([sys.executable, "-c", (
         "import sys, transformers; m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1]); "
         "print(sum(p.numel() for p in m.parameters()))"), str(final)], capture_output=True, text=True)
@@ -318,20 +318,20 @@ def test_a_killed_rank_restarts_both_ranks_from_the_checkpoint(real, restricted_
     operator = start_operator(real, ns, tmp_path)
     try:
         plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(doc))
-        out = volume / ns / "kill" / "sft"
+        out = stage_output(plane, volume, ns, "kill", "sft")
         complete = lambda: sorted((int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")
                                    if (p / "trainer_state.json").is_file()), reverse=True)
         wait_for("the stage's first complete checkpoint", timeout=600, interval=0.2, fn=complete)
-        first_uid = jobs(api, ns)["kill-sft"]
+        first_uid = jobs(api, ns)[child("kill", "sft")]
         rank1 = json.loads(plane.kubectl("get", "pods", "-n", ns, "-l", "batch.kubernetes.io/job-completion-index=1",
                                          "-o", "json").stdout)["items"][0]["metadata"]["name"]
         plane.kubectl("delete", "pod", "-n", ns, rank1, "--wait=false")
         killed_after = complete()[0]
         wait_for("a new Job for the stage", timeout=300, interval=0.5,
-                 fn=lambda: jobs(api, ns).get("kill-sft") not in (None, first_uid))
+                 fn=lambda: jobs(api, ns).get(child("kill", "sft")) not in (None, first_uid))
         run = wait_phase(real, ns, "kill", {"Succeeded", "Failed"}, timeout=900)
-        second_uid = jobs(api, ns)["kill-sft"]
-        pods = [p for p in json.loads(plane.kubectl("get", "pods", "-n", ns, "-l", "batch.kubernetes.io/job-name=kill-sft",
+        second_uid = jobs(api, ns)[child("kill", "sft")]
+        pods = [p for p in json.loads(plane.kubectl("get", "pods", "-n", ns, "-l", f"batch.kubernetes.io/job-name={child('kill', 'sft')}",
                                                     "-o", "json").stdout)["items"]
                 if p["metadata"]["ownerReferences"][0]["uid"] == second_uid]
         logs = {p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]:
@@ -369,7 +369,7 @@ def test_helm_installed_operator_in_a_pod_runs_the_tiny_run_and_survives_its_pod
         for stage in doc["spec"]["stages"]:
             stage["resources"] = one_core  # the operator's pod takes 100m of the node's 2 cores
         plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(doc))
-        running_pod(real, ns, "tiny-sft")
+        running_pod(real, ns, SFT)
         api = real.plane.api_client()
         before = jobs(api, ns)
         old = plane.kubectl("get", "pods", "-n", "alignment-system", "-o", "jsonpath={.items[0].metadata.name}").stdout
@@ -386,7 +386,7 @@ def test_helm_installed_operator_in_a_pod_runs_the_tiny_run_and_survives_its_pod
         plane.helm("uninstall", "alignment-operator", "-n", "alignment-system", "--wait", check=False)
     assert run["status"]["phase"] == "Succeeded", json.dumps(run["status"], indent=1)
     after = jobs(api, ns)
-    assert set(after) == {"tiny-sft", "tiny-dpo", "tiny-eval"}, after
+    assert set(after) == {SFT, DPO, EVAL}, after
     assert all(after[j] == uid for j, uid in before.items()), "a Job was created twice"
     assert all(s["attempts"] == 1 for s in run["status"]["stages"]), run["status"]["stages"]
     assert "tiny" in log, log[-3000:]  # the replacement operator, in its pod, handled the run

@@ -16,9 +16,10 @@ from alignment_operator.progress import (MAX_BODY_BYTES, Refused, Throttle, audi
                                          parse_report, stage_progress, status_path, summary)
 from alignment_operator.progress_server import POD_NAME, POD_UID, Progress
 from alignment_operator.reconcile import ObservedChild, reconcile, stage_hash
-from alignment_operator.render.manifests import LABEL_RUN, LABEL_STAGE, RenderContext, build_stage
+from alignment_operator.render.manifests import LABEL_RUN, LABEL_STAGE, RenderContext, build_stage, child_name
 
 ROOT = Path(__file__).resolve().parents[2]
+DPO = child_name(parse_run(yaml.safe_load((ROOT / "examples" / "tiny-run.yaml").read_text())), "dpo")  # its Job
 NOW = datetime(2026, 12, 1, 11, 0, tzinfo=timezone.utc)
 
 
@@ -91,7 +92,7 @@ def test_column_text():
 
 
 def test_throttle_lets_one_write_per_five_seconds_and_refuses_replays():
-    t, key, writes = Throttle(), ("ns", "tiny-dpo"), []
+    t, key, writes = Throttle(), ("ns", DPO), []
     for i in range(100):  # a push every 0.1 s for 10 s
         now, sent = i * 0.1, NOW + timedelta(seconds=i * 0.1)
         t.check_fresh(key, sent, None)
@@ -148,7 +149,7 @@ def endpoint(fake):
                     clock=lambda: fake.clock)
 
 
-PATH = status_path("ns", "tiny-dpo")
+PATH = status_path("ns", DPO)
 
 
 def jwt(aud: str, ns: str = "ns") -> str:
@@ -174,7 +175,7 @@ def test_a_push_writes_the_stage_and_the_column():
 @pytest.mark.parametrize("auth, code", [
     (None, 401), ("Basic abc", 401), ("Bearer forged", 401),
     (f"Bearer {jwt(audience('ns', 'other-dpo'))}", 401),   # another run's token
-    (f"Bearer {jwt(audience('ns2', 'tiny-dpo'), 'ns2')}", 401),   # the same run name in another namespace
+    (f"Bearer {jwt(audience('ns2', DPO), 'ns2')}", 401),   # the same run name in another namespace
 ])
 def test_tokens_for_anything_else_are_refused_and_nothing_is_written(auth, code):
     fake = Fake()
@@ -219,9 +220,9 @@ def test_a_burst_of_pushes_makes_one_write_and_the_newest_follows_later():
     for i in range(20):
         ep.handle(PATH, TOKEN, body(NOW + timedelta(seconds=i * 0.1), percent=i))
         fake.clock += 0.1
-    assert len(fake.writes) == 1 and ep.throttle.slots[("ns", "tiny-dpo")].pending.percent == 19
+    assert len(fake.writes) == 1 and ep.throttle.slots[("ns", DPO)].pending.percent == 19
     fake.clock = 200.0
-    ep._flush(("ns", "tiny-dpo"), "tiny", "dpo")
+    ep._flush(("ns", DPO), "tiny", "dpo")
     assert [w[3]["percent"] for w in fake.writes] == [0, 19]
 
 
@@ -237,7 +238,7 @@ def test_the_last_report_held_back_by_the_throttle_lands_after_the_stage_succeed
     assert [w[3]["percent"] for w in fake.writes] == [96]
     fake.run["status"]["stages"][1]["phase"] = "Succeeded"
     fake.clock += 5
-    ep._flush(("ns", "tiny-dpo"), "tiny", "dpo")
+    ep._flush(("ns", DPO), "tiny", "dpo")
     assert [w[3]["percent"] for w in fake.writes] == [96, 100]
     # ... but a push arriving after the stage ended is still refused.
     with pytest.raises(Refused) as e:
@@ -260,12 +261,12 @@ def test_stage_pods_get_a_projected_token_for_their_stage_the_ca_and_the_url():
     env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
     assert pod["automountServiceAccountToken"] is False
     assert env["KUBEFLOW_TRAINER_SERVER_URL"] == (
-        "https://op.sys.svc:8443/apis/trainer.kubeflow.org/v1alpha1/namespaces/ns/trainjobs/tiny-dpo/status")
+        "https://op.sys.svc:8443/apis/trainer.kubeflow.org/v1alpha1/namespaces/ns/trainjobs/" + DPO + "/status")
     assert env["KUBEFLOW_TRAINER_SERVER_TOKEN"] == "/var/run/alignment/progress/token"
     assert env["KUBEFLOW_TRAINER_SERVER_CA_CERT"] == "/var/run/alignment/progress/ca.crt"
     volume = next(v for v in pod["volumes"] if v["name"] == "progress")
     token, ca = volume["projected"]["sources"]
-    assert token == {"serviceAccountToken": {"audience": "progress.alignment.dev/ns/tiny-dpo",
+    assert token == {"serviceAccountToken": {"audience": f"progress.alignment.dev/ns/{DPO}",
                                              "expirationSeconds": 3600, "path": "token"}}
     assert ca["configMap"]["name"] == cm["metadata"]["name"] and cm["data"]["progress-ca.crt"] == ctx.progress_ca
     # Without an endpoint nothing of it is rendered.
@@ -278,11 +279,11 @@ def test_reconcile_keeps_a_stages_progress_and_shows_it_in_the_column():
     p = StageProgress(percent=43, step=43, total_steps=100, eta_seconds=7800, loss=0.5, last_updated="t")
     run.status = AlignmentRunStatus(phase="Running", stages=[
         StageStatus(name="sft", phase="Succeeded"),
-        StageStatus(name="dpo", phase="Running", job_name="tiny-dpo", spec_hash=stage_hash(run, 1), progress=p),
+        StageStatus(name="dpo", phase="Running", job_name=DPO, spec_hash=stage_hash(run, 1), progress=p),
         StageStatus(name="eval")])
-    out = reconcile(run, 1, {"dpo": ObservedChild("dpo", "tiny-dpo", "Running", 1)}, "2026-12-01T11:00:00Z")
+    out = reconcile(run, 1, {"dpo": ObservedChild("dpo", DPO, "Running", 1)}, "2026-12-01T11:00:00Z")
     assert out.status.stages[1].progress == p and out.status.progress_summary == "dpo 43% ETA 2h10m"
-    done = reconcile(run, 1, {"dpo": ObservedChild("dpo", "tiny-dpo", "Succeeded", 1, result={"checkpoint": "/x"})},
+    done = reconcile(run, 1, {"dpo": ObservedChild("dpo", DPO, "Succeeded", 1, result={"checkpoint": "/x"})},
                      "2026-12-01T11:00:00Z")
     assert done.status.progress_summary == "2/3" and done.status.stages[1].progress == p
 

@@ -35,7 +35,8 @@ def test_single_node_job_is_restricted_gpu_job_with_recipe_and_volume():
     assert [o["kind"] for o in objs] == ["ConfigMap", "Job"]
     job = job_of(objs)
     meta, spec = job["metadata"], job["spec"]
-    assert meta["name"] == "zephyr-7b-beta-sft" and meta["namespace"] == "ml"
+    assert meta["name"] == child_name(run, "sft") and meta["name"].startswith("zephyr-7b-beta-sft-")
+    assert meta["namespace"] == "ml"
     assert meta["labels"] == {"alignment.dev/run": "zephyr-7b-beta", "alignment.dev/stage": "sft",
                               "app.kubernetes.io/managed-by": "alignment-operator",
                               "kueue.x-k8s.io/queue-name": "team-a"}
@@ -65,10 +66,10 @@ def test_recipe_configmap_is_the_trainer_contract_and_chains_stages():
     dpo_cm = build_stage(run, 1, RenderContext(), "h")[0]
     recipe = Recipe.model_validate(yaml.safe_load(dpo_cm["data"]["recipe.yaml"]))
     assert recipe.method == "dpo"
-    assert recipe.model.model_name_or_path == "/workspace/ml/zephyr-7b-beta/sft/final"
+    assert recipe.model.model_name_or_path == "/workspace/ml/zephyr-7b-beta/uid-7/sft/final"
     assert recipe.ref_model == recipe.model.model_name_or_path
     assert (recipe.training.beta, recipe.training.learning_rate, recipe.training.max_prompt_length) == (0.01, 5e-7, 512)
-    assert recipe.output_dir == "/workspace/ml/zephyr-7b-beta/dpo"
+    assert recipe.output_dir == "/workspace/ml/zephyr-7b-beta/uid-7/dpo"
     assert recipe.termination_message_path == "/dev/termination-log"
     assert recipe.datasets[0].path == "HuggingFaceH4/ultrafeedback_binarized"
     assert recipe.datasets[0].split == "train_prefs"
@@ -88,7 +89,7 @@ def test_multi_node_without_pytorchjob_is_indexed_job_with_headless_service():
     pod = job["spec"]["template"]["spec"]
     assert pod["subdomain"] == svc["metadata"]["name"]
     env = {e["name"]: e for e in pod["containers"][0]["env"]}
-    assert env["MASTER_ADDR"]["value"] == f"zephyr-7b-beta-sft-0.{svc['metadata']['name']}"
+    assert env["MASTER_ADDR"]["value"] == f"{child_name(run, 'sft')}-0.{svc['metadata']['name']}"
     assert env["NNODES"]["value"] == "4"
     assert "job-completion-index" in env["NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"]
     cmd = pod["containers"][0]["command"]
@@ -189,7 +190,7 @@ def test_multi_node_with_jobset_crd_renders_a_jobset_that_restarts_every_rank():
     js = objs[1]
     assert js["apiVersion"] == "jobset.x-k8s.io/v1alpha2"
     name = js["metadata"]["name"]
-    assert name == "zephyr-7b-beta-sft" and js["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert name == child_name(run, "sft", limit=63 - 16) and js["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
     policy = js["spec"]["failurePolicy"]
     assert policy["maxRestarts"] == 3, "other failures count up to the stage's backoffLimit"
     actions = [(r["action"], r.get("onJobFailureReasons")) for r in policy["rules"]]

@@ -62,13 +62,23 @@ class RenderContext:
     progress_ca: str = ""   # PEM of the CA its certificate chains to
 
 
+NAME_HASH_LENGTH = 6
+
+
 def child_name(run: AlignmentRun, stage: str, suffix: str = "", limit: int = 63) -> str:
-    """<run>-<stage>[-suffix], shortened with a hash to stay within `limit` (a DNS label: 63)."""
-    name = f"{run.metadata.name}-{stage}{suffix}"
-    if len(name) <= limit:
-        return name
-    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
-    return f"{name[:limit - 9].rstrip('-')}-{digest}"
+    """The name of a stage's child: see stage_child_name."""
+    return stage_child_name(run.metadata.name, stage, suffix, limit)
+
+
+def stage_child_name(run: str, stage: str, suffix: str = "", limit: int = 63) -> str:
+    """<run>-<stage>-<hash>[suffix]: readable, and injective across runs: the hash is of the pair
+    (run, stage), so run `a-b` with stage `x-sft` and run `a-b-x` with stage `sft` get different
+    names (`<run>-<stage>` alone is the same for both). The readable part is cut to stay within
+    `limit` (a DNS label: 63); the hash still tells any two pairs apart."""
+    digest = hashlib.sha256(f"{run}\0{stage}".encode()).hexdigest()[:NAME_HASH_LENGTH]
+    room = limit - len(suffix) - NAME_HASH_LENGTH - 1
+    readable = f"{run}-{stage}"[:room].rstrip("-.")
+    return f"{readable}-{digest}{suffix}"
 
 
 def workspace_claim(run: AlignmentRun) -> str:

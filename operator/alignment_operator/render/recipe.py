@@ -23,8 +23,13 @@ JUDGE_API_KEY_ENV = "JUDGE_API_KEY"
 
 
 def stage_dir(root: str, run: AlignmentRun, stage_name: str) -> str:
-    """Where a stage writes checkpoint-N/, final/, result.json: <root>/<namespace>/<run>/<stage>."""
-    return posixpath.join(root, run.metadata.namespace or "default", run.metadata.name, stage_name)
+    """Where a stage writes checkpoint-N/, final/, result.json: <root>/<namespace>/<run>/<stage>, and
+    on a cluster <root>/<namespace>/<run>/<uid>/<stage> (the run's first 8 UID characters): the volume
+    outlives the run, and a run deleted and applied again under the same name is a new run that
+    trains from its first stage, never one that finds the old run's final/ and reports it as its own."""
+    uid = (run.metadata.model_extra or {}).get("uid")
+    run_dir = posixpath.join(run.metadata.name, str(uid)[:8]) if uid else run.metadata.name
+    return posixpath.join(root, run.metadata.namespace or "default", run_dir, stage_name)
 
 
 def final_dir(root: str, run: AlignmentRun, stage_name: str) -> str:
