@@ -20,8 +20,8 @@ from . import kube, metrics, observe
 from .api import AlignmentRunStatus, RunInvalid, parse_run
 from .cache import Cache
 from .reconcile import (
-    CreateStage, DeleteChild, DeleteChildren, Event, ObservedChild, RequeueAfter, SetSuspend, condition, reconcile,
-    stage_hash,
+    CreateStage, DeleteChild, DeleteChildren, Event, ObservedChild, RequeueAfter, SetSuspend, attempt_run, condition,
+    reconcile, stage_hash,
 )
 from .render.manifests import RenderContext, build_pvc, build_stage
 
@@ -79,11 +79,11 @@ def _reconcile_once(namespace: str, name: str) -> None:
     except RunInvalid as e:
         _reject(body, old_status, generation, str(e))
         return
-    children, now = _children(namespace, name, old_status), kube.now()
+    children, now = _children(namespace, name, body["metadata"].get("uid") or "", old_status), kube.now()
     outcome = reconcile(run, generation, children, now)
     try:
         for action in outcome.actions:
-            _apply(action, run, body)
+            _apply(action, run, body, outcome.status)
     except kube.ChildRefused as e:
         # What the server said is an observation like a failed child: decide again with it (reconcile
         # counts the tries, waits or fails the stage). None of the first decision's events was sent:
@@ -94,28 +94,29 @@ def _reconcile_once(namespace: str, name: str) -> None:
         log.warning("%s/%s stage %s: %s", namespace, name, stage,
                     next(s.message for s in outcome.status.stages if s.name == stage))
         for action in outcome.actions:
-            _apply(action, run, body)
+            _apply(action, run, body, outcome.status)
     new = outcome.status.wire()
     if new != old_status.wire():
         cache.put_run(kube.replace_status(body, new))
     metrics.observe_phase(namespace, name, outcome.status.phase)
 
 
-def _children(namespace: str, name: str, status: AlignmentRunStatus) -> dict[str, Any]:
-    """The stages' children from the cache; from the API server when status names one it lacks."""
-    children = observe.children(*cache.children(namespace, name))
-    expected = {s.name for s in status.stages if s.phase in ("Running", "Suspended")}
-    if expected - children.keys():
+def _children(namespace: str, name: str, uid: str, status: AlignmentRunStatus) -> dict[str, Any]:
+    """The stages' children (what the run of `uid` controls) from the cache; from the API server when
+    status names one it lacks. FailedCreate Events only for a child with no pod (observe.needs_events)."""
+    objects, pods = cache.children(namespace, name)
+    if observe.missing(status.stages, observe.children(objects, pods, uid)):
         objects, pods = kube.list_children(namespace, name)
         for obj in objects + pods:
             cache.put(obj)
-        children = observe.children(objects, pods)
-    return children
+    wanted = observe.needs_events(objects, pods, uid)
+    return observe.children(objects, pods, uid, kube.failed_create_events(namespace, wanted) if wanted else [])
 
 
-def _apply(action: Any, run: Any, body: dict[str, Any]) -> None:
+def _apply(action: Any, run: Any, body: dict[str, Any], status: AlignmentRunStatus) -> None:
     ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
     if isinstance(action, CreateStage):
+        run = attempt_run(run, status, action.index)  # the spec the stage's attempt started with
         pvc = build_pvc(run)
         objects = ([pvc] if pvc else []) + build_stage(
             run, action.index, _context, stage_hash(run, action.index), suspend=action.suspend)
@@ -126,9 +127,9 @@ def _apply(action: Any, run: Any, body: dict[str, Any]) -> None:
     elif isinstance(action, SetSuspend):
         kube.set_suspend(ns, action.name, action.kind, action.suspend)
     elif isinstance(action, DeleteChild):
-        kube.delete_child(ns, action.name, action.kind)
+        kube.delete_child(ns, action.name, action.kind, action.uid)
     elif isinstance(action, DeleteChildren):
-        kube.delete_children(ns, name)
+        kube.delete_children(ns, name, body["metadata"].get("uid"))
     elif isinstance(action, Event):
         kube.emit_event(body, action.type, action.reason, action.message)
         metrics.TRANSITIONS.labels(action.reason).inc()

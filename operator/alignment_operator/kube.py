@@ -1,7 +1,9 @@
 """The only module that talks to the Kubernetes API server.
 
 `observe_*` read, `ensure_*`/`apply_*`/`set_*`/`delete_*` write and are idempotent: creating
-what exists is success (409), deleting what is gone is success (404), status is replaced
+what exists is success (409) when it is the run's own (its controller ownerReference UID; another's
+is refused, never adopted, changed or deleted), deleting what is gone is success (404; a delete
+names the UID it means), status is replaced
 with the resourceVersion it was computed from (optimistic concurrency). A create the server
 refuses for what was sent (422, 403, 400, ...) raises ChildRefused with the server's words;
 throttling, timeouts and server errors (429, 408, 5xx) raise ApiException as before (retried).
@@ -123,9 +125,9 @@ def list_children(namespace: str, run: str) -> tuple[list[dict[str, Any]], list[
     return objects, pods
 
 
-def observe_children(namespace: str, run: str) -> dict[str, ObservedChild]:
+def observe_children(namespace: str, run: str, run_uid: str) -> dict[str, ObservedChild]:
     """Each stage's child, read from the API server (the controller's cache usually answers instead)."""
-    return observe.children(*list_children(namespace, run))
+    return observe.children(*list_children(namespace, run), run_uid)
 
 
 # ------------------------------------------------------------------------------------ acting
@@ -149,7 +151,7 @@ def ensure_object(obj: dict[str, Any]) -> dict[str, Any] | None:
             created = {"kind": kind, **_json(create(ns, obj, _preload_content=False))}
     except ApiException as e:
         if e.status == 409:
-            return _refresh_config_map(obj) if kind == "ConfigMap" else None
+            return _exists(obj)
         if isinstance(e.body, bytes):  # _preload_content=False: the server's message as text, not b'...'
             e.body = e.body.decode(errors="replace")
         if e.status is not None and 400 <= e.status < 500 and e.status not in NOT_REFUSALS:
@@ -159,17 +161,53 @@ def ensure_object(obj: dict[str, Any]) -> dict[str, Any] | None:
     return created
 
 
-def _refresh_config_map(obj: dict[str, Any]) -> dict[str, Any] | None:
-    """A stage's recipe ConfigMap is made when its Job is: one left from a try whose Job was refused
-    (or from an earlier Job) must say what the spec says now. Replaced when its data differs (delete
-    and create: the operator's role has no update on ConfigMaps); None when it already agrees."""
-    core, meta = _api(client.CoreV1Api), obj["metadata"]
-    found = core.list_namespaced_config_map(meta["namespace"], field_selector=f"metadata.name={meta['name']}").items
-    if found and (found[0].data or {}) == obj.get("data", {}):
+def _read(kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+    """One object as a plain dict, or None (a list by name: the operator may list its children, not get them)."""
+    selector = f"metadata.name={name}"
+    custom = _custom(kind)
+    if custom is not None:
+        items = _api(client.CustomObjectsApi).list_namespaced_custom_object(
+            custom[0], custom[1], namespace, custom[2], field_selector=selector)["items"]
+    else:
+        lister = {"Job": _api(client.BatchV1Api).list_namespaced_job,
+                  "ConfigMap": _api(client.CoreV1Api).list_namespaced_config_map,
+                  "Service": _api(client.CoreV1Api).list_namespaced_service}[kind]
+        items = _json(lister(namespace, field_selector=selector, _preload_content=False))["items"]
+    return items[0] if items else None
+
+
+def _exists(obj: dict[str, Any]) -> dict[str, Any] | None:
+    """A create answered 409: what is there is either the run's own (None: nothing to do; a recipe
+    ConfigMap of the run's that says something else is replaced) or not, and then it is never adopted,
+    rewritten or deleted: ChildRefused, `going` when it is being deleted or belongs to an earlier run
+    of the same name (the garbage collector removes it). The run's volume is not owned: reused."""
+    kind, meta = obj["kind"], obj["metadata"]
+    if kind == "PersistentVolumeClaim":
         return None
-    _ignore_404(core.delete_namespaced_config_map, meta["name"], meta["namespace"])
-    log.info("replacing ConfigMap %s/%s: its recipe changed", meta["namespace"], meta["name"])
-    return ensure_object(obj)
+    found = _read(kind, meta["namespace"], meta["name"])
+    if found is None:  # gone since: the next try creates it
+        raise ChildRefused(Refusal(kind, meta["name"], 409, "AlreadyExists",
+                                   f"{kind} {meta['name']} was being deleted", going=True))
+    ours, theirs = _controller(obj), _controller(found) or None
+    if theirs is not None and theirs.get("uid") == ours.get("uid"):
+        if kind == "ConfigMap" and (found.get("data") or {}) != obj.get("data", {}):
+            # The recipe of a retry (or of a try whose Job was refused) says what the spec says now.
+            # Deleted and created (the operator's role has no update on ConfigMaps), only if still that one.
+            _ignore_gone(_api(client.CoreV1Api).delete_namespaced_config_map, meta["name"], meta["namespace"],
+                         body=client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=found["metadata"]["uid"])))
+            log.info("replacing ConfigMap %s/%s: its recipe changed", meta["namespace"], meta["name"])
+            return ensure_object(obj)
+        return None
+    owner = f"{theirs.get('kind')} {theirs.get('name')} (uid {theirs.get('uid')})" if theirs else "no controller"
+    earlier = theirs is not None and theirs.get("kind") == ours.get("kind") and theirs.get("name") == ours.get("name")
+    if found["metadata"].get("deletionTimestamp") or earlier:
+        why = "is being deleted" if found["metadata"].get("deletionTimestamp") else \
+            f"belongs to an earlier {owner}, which the garbage collector is deleting"
+        raise ChildRefused(Refusal(kind, meta["name"], 409, "AlreadyExists",
+                                   f"{kind} {meta['name']} {why}; the run creates its own once it is gone", going=True))
+    raise ChildRefused(Refusal(kind, meta["name"], 409, "AlreadyExists", (
+        f"{kind} {meta['name']} already exists and is not this run's (its controller: {owner}); the operator "
+        f"never adopts, changes or deletes it: delete or rename it, or rename the run")))
 
 
 def _refusal(kind: str, name: str, e: ApiException) -> Refusal:
@@ -202,37 +240,63 @@ def set_suspend(namespace: str, name: str, kind: str, suspend: bool) -> None:
         raise ValueError(f"cannot suspend a {kind}")
 
 
-def delete_child(namespace: str, name: str, kind: str) -> None:
-    """One stage child and its pods (foreground: a new child of the same name waits for them)."""
-    body = client.V1DeleteOptions(propagation_policy="Foreground")
+def delete_child(namespace: str, name: str, kind: str, uid: str | None = None) -> None:
+    """One stage child and its pods (foreground: a new child of the same name waits for them); with
+    `uid`, only if it is still that object (a precondition: never another object of that name)."""
+    body = client.V1DeleteOptions(propagation_policy="Foreground",
+                                  preconditions=client.V1Preconditions(uid=uid) if uid else None)
     custom = _custom(kind)
     if custom is not None:
-        _ignore_404(_api(client.CustomObjectsApi).delete_namespaced_custom_object, custom[0], custom[1], namespace,
-                    custom[2], name, body=body)
+        _ignore_gone(_api(client.CustomObjectsApi).delete_namespaced_custom_object, custom[0], custom[1], namespace,
+                     custom[2], name, body=body)
     elif kind == "Job":
-        _ignore_404(_api(client.BatchV1Api).delete_namespaced_job, name, namespace, body=body)
+        _ignore_gone(_api(client.BatchV1Api).delete_namespaced_job, name, namespace, body=body)
     else:
         raise ValueError(f"cannot delete a {kind}")
 
 
-def delete_children(namespace: str, run: str) -> None:
-    """Jobs (with their pods), JobSets, PyTorchJobs, Services and recipe ConfigMaps; never the volume."""
+def delete_children(namespace: str, run: str, owner_uid: str | None = None) -> None:
+    """Jobs (with their pods), JobSets, PyTorchJobs, Services and recipe ConfigMaps; never the volume.
+    With `owner_uid`, only those the run of that UID controls (each delete preconditioned on the UID read)."""
     selector = f"{LABEL_RUN}={run},{LABEL_STAGE}"
-    body = client.V1DeleteOptions(propagation_policy="Background")
-    batch, core = _api(client.BatchV1Api), _api(client.CoreV1Api)
-    for job in batch.list_namespaced_job(namespace, label_selector=selector).items:
-        _ignore_404(batch.delete_namespaced_job, job.metadata.name, namespace, body=body)
-    for svc in core.list_namespaced_service(namespace, label_selector=selector).items:
-        _ignore_404(core.delete_namespaced_service, svc.metadata.name, namespace)
-    for cm in core.list_namespaced_config_map(namespace, label_selector=selector).items:
-        _ignore_404(core.delete_namespaced_config_map, cm.metadata.name, namespace)
-    api = _api(client.CustomObjectsApi)
+    batch, core, api = _api(client.BatchV1Api), _api(client.CoreV1Api), _api(client.CustomObjectsApi)
+
+    def owned(items: list[dict[str, Any]]) -> list[tuple[str, client.V1DeleteOptions]]:
+        return [(o["metadata"]["name"], client.V1DeleteOptions(
+            propagation_policy="Background", preconditions=client.V1Preconditions(uid=o["metadata"]["uid"])))
+            for o in items if owner_uid is None or _controller(o).get("uid") == owner_uid]
+
+    def listed(lister) -> list[dict[str, Any]]:
+        return _json(lister(namespace, label_selector=selector, _preload_content=False))["items"]
+
+    for name, body in owned(listed(batch.list_namespaced_job)):
+        _ignore_gone(batch.delete_namespaced_job, name, namespace, body=body)
+    for name, body in owned(listed(core.list_namespaced_service)):
+        _ignore_gone(core.delete_namespaced_service, name, namespace, body=body)
+    for name, body in owned(listed(core.list_namespaced_config_map)):
+        _ignore_gone(core.delete_namespaced_config_map, name, namespace, body=body)
     for group, version, plural, _ in CUSTOM_CHILDREN:
         if custom_resource_available(f"{plural}.{group}"):
-            for obj in api.list_namespaced_custom_object(group, version, namespace, plural,
-                                                         label_selector=selector)["items"]:
-                _ignore_404(api.delete_namespaced_custom_object, group, version, namespace, plural,
-                            obj["metadata"]["name"], body=body)
+            items = api.list_namespaced_custom_object(group, version, namespace, plural, label_selector=selector)["items"]
+            for name, body in owned(items):
+                _ignore_gone(api.delete_namespaced_custom_object, group, version, namespace, plural, name, body=body)
+
+
+def _controller(obj: dict[str, Any]) -> dict[str, Any]:
+    """The object's controller ownerReference ({} when none)."""
+    return next((r for r in obj["metadata"].get("ownerReferences") or [] if r.get("controller")), {})
+
+
+def failed_create_events(namespace: str, uids: list[str]) -> list[dict[str, Any]]:
+    """The FailedCreate Events on these objects (observe.needs_events names them): a Job controller
+    that cannot create pods (a missing service account or PriorityClass, a quota, Pod Security) says
+    so only there. One list call, whatever the number of UIDs."""
+    if not uids:
+        return []
+    wanted = set(uids)
+    items = _json(_api(client.CoreV1Api).list_namespaced_event(
+        namespace, field_selector="reason=FailedCreate", _preload_content=False))["items"]
+    return [e for e in items if (e.get("involvedObject") or {}).get("uid") in wanted]
 
 
 def _ignore_404(fn, *args, **kwargs) -> None:
@@ -240,6 +304,15 @@ def _ignore_404(fn, *args, **kwargs) -> None:
         fn(*args, **kwargs)
     except ApiException as e:
         if e.status != 404:
+            raise
+
+
+def _ignore_gone(fn, *args, **kwargs) -> None:
+    """A delete of one object: gone already (404), or, with a UID precondition, another object now (409)."""
+    try:
+        fn(*args, **kwargs)
+    except ApiException as e:
+        if e.status not in (404, 409):
             raise
 
 

@@ -4,6 +4,18 @@ watch or a list): Job, JobSet or PyTorchJob, and its pods -> ObservedChild. Pure
 The trainer's outcome comes back through the trainer container's termination message
 (alignment_trainer.outcome); a pod that died before writing one leaves the kubelet's log tail
 there instead (terminationMessagePolicy FallbackToLogsOnError), whose END holds the error.
+
+What belongs to a run is decided by UID, never by name or label alone: a child is the run's when
+its controller ownerReference is the run's UID, a pod is a child's when its controller is the
+child (or, for a JobSet, one of the JobSet's Jobs). An object of the same name left by an earlier
+run of the same name, or a pod that merely carries a Job's labels, is nobody's here. A child being
+deleted is observed as Deleting, and its pods finish nothing.
+
+Pods that cannot start say why (`Cause`): a container's waiting reason (ImagePullBackOff,
+CreateContainerConfigError for a missing Secret or ConfigMap, ...), PodScheduled=False (not enough
+GPUs, no node matches, a missing PVC claim), and the Job's FailedCreate Events (a missing service
+account or PriorityClass, a quota, Pod Security), which the shell lists only for the children
+`needs_events` names.
 """
 
 from __future__ import annotations
@@ -13,19 +25,14 @@ from typing import Any
 
 from alignment_trainer import outcome
 
-from .reconcile import ObservedChild
+from .reconcile import Cause, ObservedChild
 from .render.manifests import ANNOTATION_HASH, LABEL_STAGE, failure_kind
 
 log = logging.getLogger(__name__)
 MESSAGE_LIMIT = 2000
-
-# The label that ties a pod to its child, per kind (set by the Job controller, JobSet, Kubeflow).
-POD_OWNER_LABEL = {
-    "Job": "batch.kubernetes.io/job-name",
-    "JobSet": "jobset.sigs.k8s.io/jobset-name",
-    "PyTorchJob": "training.kubeflow.org/job-name",
-}
-
+CAUSE_LIMIT = 600  # of a waiting pod's or an Event's words (kept in memory per pod, then in status)
+# Waiting reasons that are a pod on its way, not a cause.
+ON_ITS_WAY = ("ContainerCreating", "PodInitializing")
 
 def _true(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {c["type"]: c for c in status.get("conditions") or [] if c.get("status") == "True"}
@@ -64,26 +71,79 @@ def failure(pods: list[dict[str, Any]], fallback: str) -> str:
     return fallback
 
 
-def clip_keeping_end(text: str) -> str:
-    """At most MESSAGE_LIMIT characters, keeping the head (reason, exit code) and the end (the error)."""
-    if len(text) <= MESSAGE_LIMIT:
+def clip_keeping_end(text: str, limit: int = MESSAGE_LIMIT) -> str:
+    """At most `limit` characters, keeping the head (reason, exit code) and the end (the error)."""
+    if len(text) <= limit:
         return text
     colon = text.find(": ")
-    head = text[:colon + 2] if 0 < colon < 200 else ""
-    return head + "…" + text[-(MESSAGE_LIMIT - len(head) - 1):]
+    head = text[:colon + 2] if 0 < colon < min(200, limit // 3) else ""
+    return head + "…" + text[-(limit - len(head) - 1):]
+
+
+def controller_uid(obj: dict[str, Any]) -> str | None:
+    """The UID of the object's controller (its ownerReference with controller: true)."""
+    return next((r.get("uid") for r in obj["metadata"].get("ownerReferences") or [] if r.get("controller")), None)
+
+
+def deleting(obj: dict[str, Any]) -> bool:
+    return bool(obj["metadata"].get("deletionTimestamp"))
+
+
+def _active(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [p for p in pods if not deleting(p) and (p.get("status") or {}).get("phase") in ("Pending", "Running", None)]
+
+
+def started(pods: list[dict[str, Any]]) -> bool:
+    """Whether a pod of the child has run its container (running now, or ended)."""
+    return any((p.get("status") or {}).get("phase") in ("Running", "Succeeded", "Failed")
+               or any((cs.get("state") or {}).keys() & {"running", "terminated"}
+                      for cs in (p.get("status") or {}).get("containerStatuses") or [])
+               for p in pods)
+
+
+def cause(pods: list[dict[str, Any]], events: list[dict[str, Any]] = ()) -> Cause | None:
+    """Why the child's pods are not running, in the words of whoever knows: a waiting container's reason
+    and message (the kubelet), PodScheduled=False (the scheduler), else a FailedCreate Event (the Job
+    controller: no pod could be created). None while they are only on their way."""
+    for p in _active(pods):
+        name, status = p["metadata"]["name"], p.get("status") or {}
+        if any((cs.get("state") or {}).get("running") for cs in status.get("containerStatuses") or []):
+            continue
+        for cs in status.get("containerStatuses") or []:
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") and waiting["reason"] not in ON_ITS_WAY:
+                text = f"pod {name}: {waiting['reason']}: {waiting.get('message') or 'no message'}"
+                return Cause(waiting["reason"], clip_keeping_end(text, CAUSE_LIMIT))
+        for c in status.get("conditions") or []:
+            if c.get("type") == "PodScheduled" and c.get("status") == "False":
+                reason = c.get("reason") or "Unschedulable"
+                return Cause(reason, clip_keeping_end(f"pod {name}: {reason}: {c.get('message') or ''}", CAUSE_LIMIT))
+    if not _active(pods):
+        newest = max(events, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "", default=None)
+        if newest is not None:
+            what = newest.get("involvedObject") or {}
+            text = f"{what.get('kind', 'Job')} {what.get('name', '')}: FailedCreate: {newest.get('message') or ''}"
+            return Cause("FailedCreate", clip_keeping_end(text, CAUSE_LIMIT))
+    return None
 
 
 def _child(obj: dict[str, Any], kind: str, state: str, attempts: int, finished: str | None,
-           message: str | None, pods: list[dict[str, Any]], suspended: bool, **extra: Any) -> ObservedChild:
+           message: str | None, pods: list[dict[str, Any]], suspended: bool,
+           events: list[dict[str, Any]] = (), since: str | None = None, **extra: Any) -> ObservedChild:
     meta = obj["metadata"]
+    if deleting(obj):
+        state = "Deleting"  # whatever it says: it finishes nothing
+    running = state in ("Running", "Pending")
     return ObservedChild(
         stage=meta["labels"][LABEL_STAGE], name=meta["name"], state=state, attempts=attempts, kind=kind,
         created=meta.get("creationTimestamp"), finished=finished, message=message,
         result=result(pods) if state == "Succeeded" else None,
-        spec_hash=(meta.get("annotations") or {}).get(ANNOTATION_HASH), suspended=suspended, **extra)
+        spec_hash=(meta.get("annotations") or {}).get(ANNOTATION_HASH), suspended=suspended, uid=meta.get("uid"),
+        started=not running or started(pods), waiting=cause(pods, events) if running and not suspended else None,
+        since=since or meta.get("creationTimestamp"), **extra)
 
 
-def job(obj: dict[str, Any], pods: list[dict[str, Any]]) -> ObservedChild:
+def job(obj: dict[str, Any], pods: list[dict[str, Any]], events: list[dict[str, Any]] = ()) -> ObservedChild:
     s, spec = obj.get("status") or {}, obj.get("spec") or {}
     conds = _true(s)
     suspended = bool(spec.get("suspend"))
@@ -97,7 +157,7 @@ def job(obj: dict[str, Any], pods: list[dict[str, Any]]) -> ObservedChild:
         state, finished = "Failed", c.get("lastTransitionTime")
         message = failure(pods, f"{c.get('reason')}: {c.get('message')}")
     elif (spec.get("completions") or 1) == 1 and any((p.get("status") or {}).get("phase") == "Succeeded"
-                                                       for p in pods):
+                                                       and not deleting(p) for p in pods):
         # A one-pod stage is done when its pod is: the Job controller batches pod updates (~1 s)
         # before it marks the Job Complete, and the next stage need not wait for that.
         ended = terminated(pods)
@@ -110,11 +170,11 @@ def job(obj: dict[str, Any], pods: list[dict[str, Any]]) -> ObservedChild:
     group = spec.get("completionMode") == "Indexed" and (spec.get("completions") or 1) > 1
     failed = conds.get("Failed") or conds.get("FailureTarget") or {}
     return _child(obj, "Job", state, 1 if group and attempts else attempts, finished, message, pods, suspended,
-                  group=group, failure=failure_kind(failed.get("reason"), failed.get("message"))
+                  events, s.get("startTime"), group=group, failure=failure_kind(failed.get("reason"), failed.get("message"))
                   if state == "Failed" else None)
 
 
-def jobset(obj: dict[str, Any], pods: list[dict[str, Any]]) -> ObservedChild:
+def jobset(obj: dict[str, Any], pods: list[dict[str, Any]], events: list[dict[str, Any]] = ()) -> ObservedChild:
     s = obj.get("status") or {}
     conds = _true(s)
     suspended = bool((obj.get("spec") or {}).get("suspend"))
@@ -130,10 +190,10 @@ def jobset(obj: dict[str, Any], pods: list[dict[str, Any]]) -> ObservedChild:
     else:
         state = "Running" if any(r.get("active") for r in s.get("replicatedJobsStatus") or []) else "Pending"
     attempts = (s.get("restarts") or 0) + (1 if s else 0)  # every rank restarts together: one attempt each time
-    return _child(obj, "JobSet", state, attempts, finished, message, pods, suspended)
+    return _child(obj, "JobSet", state, attempts, finished, message, pods, suspended, events)
 
 
-def pytorchjob(obj: dict[str, Any], pods: list[dict[str, Any]]) -> ObservedChild:
+def pytorchjob(obj: dict[str, Any], pods: list[dict[str, Any]], events: list[dict[str, Any]] = ()) -> ObservedChild:
     s = obj.get("status") or {}
     conds = _true(s)
     suspended = bool((obj.get("spec") or {}).get("runPolicy", {}).get("suspend"))
@@ -156,7 +216,7 @@ def pytorchjob(obj: dict[str, Any], pods: list[dict[str, Any]]) -> ObservedChild
     replicas = sum((r or {}).get("replicas", 1) for r in ((obj.get("spec") or {}).get("pytorchReplicaSpecs") or {}).values())
     group = replicas > 1
     return _child(obj, "PyTorchJob", state, 1 if group and attempts else attempts, s.get("completionTime"), message,
-                  masters or pods, suspended, group=group,
+                  masters or pods, suspended, events, s.get("startTime"), group=group,
                   failure=pod_failure_kind(pods) if state == "Failed" else None)
 
 
@@ -184,15 +244,18 @@ def slim(obj: dict[str, Any]) -> dict[str, Any]:
     if ANNOTATION_HASH in (meta.get("annotations") or {}):
         kept_meta["annotations"] = {ANNOTATION_HASH: meta["annotations"][ANNOTATION_HASH]}
     if meta.get("ownerReferences"):
-        kept_meta["ownerReferences"] = [{"kind": r.get("kind"), "name": r.get("name")} for r in meta["ownerReferences"]]
+        kept_meta["ownerReferences"] = [{k: r[k] for k in ("kind", "name", "uid", "controller") if k in r}
+                                        for r in meta["ownerReferences"]]
     spec, status = obj.get("spec") or {}, obj.get("status") or {}
     if obj.get("kind") == "Pod":
         kept_status = {"phase": status.get("phase"), "containerStatuses": [
-            {"state": {"terminated": cs["state"]["terminated"]}} for cs in status.get("containerStatuses") or []
-            if (cs.get("state") or {}).get("terminated")]}
-        disrupted = [c for c in status.get("conditions") or [] if c.get("type") == "DisruptionTarget"]
-        if disrupted:
-            kept_status["conditions"] = [{"type": c["type"], "status": c.get("status")} for c in disrupted]
+            {"state": _slim_state(cs.get("state") or {})} for cs in status.get("containerStatuses") or []
+            if (cs.get("state") or {}).keys() & {"terminated", "running", "waiting"}]}
+        kept = [c for c in status.get("conditions") or [] if c.get("type") == "DisruptionTarget"
+                or (c.get("type") == "PodScheduled" and c.get("status") == "False")]
+        if kept:
+            kept_status["conditions"] = [{k: c[k] if k != "message" else c[k][-CAUSE_LIMIT:]
+                                          for k in ("type", "status", "reason", "message") if k in c} for c in kept]
         return {"kind": "Pod", "metadata": kept_meta, "status": kept_status}
     kept_spec = {k: spec[k] for k in ("suspend", "completions", "completionMode") if k in spec}
     if "runPolicy" in spec:
@@ -203,15 +266,67 @@ def slim(obj: dict[str, Any]) -> dict[str, Any]:
     return {"kind": obj.get("kind"), "metadata": kept_meta, "spec": kept_spec, "status": status}
 
 
-def children(objects: list[dict[str, Any]], pods: list[dict[str, Any]]) -> dict[str, ObservedChild]:
-    """Each stage's child (Job, JobSet or PyTorchJob) with the pods it owns, by stage name."""
-    out = {}
-    for obj in objects:
-        kind, name = obj["kind"], obj["metadata"]["name"]
-        if any(ref.get("kind") in ("JobSet", "PyTorchJob") for ref in obj["metadata"].get("ownerReferences") or []):
-            continue  # a JobSet's own Jobs: the JobSet speaks for the stage
-        label = POD_OWNER_LABEL[kind]
-        owned = [p for p in pods if (p["metadata"].get("labels") or {}).get(label) == name]
-        child = OBSERVERS[kind](obj, owned)
-        out[child.stage] = child
+def _slim_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A container state as observe reads it: terminated whole (the trainer's outcome), running as a
+    fact, waiting as its reason and the end of its message."""
+    if "terminated" in state:
+        return {"terminated": state["terminated"]}
+    if "running" in state:
+        return {"running": {}}
+    waiting = state.get("waiting") or {}
+    return {"waiting": {k: waiting[k] if k != "message" else waiting[k][-CAUSE_LIMIT:]
+                        for k in ("reason", "message") if k in waiting}}
+
+
+def _owned(objects: list[dict[str, Any]], run_uid: str) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """(the run's children, {uid: the child's uid} for them and the Jobs they control)."""
+    top = [o for o in objects if run_uid and controller_uid(o) == run_uid and o.get("kind") in OBSERVERS]
+    tree = {o["metadata"]["uid"]: o["metadata"]["uid"] for o in top}
+    for o in objects:  # a JobSet's own Jobs: the JobSet speaks for the stage, their pods are its pods
+        if controller_uid(o) in tree and o["metadata"].get("uid") not in tree:
+            tree[o["metadata"]["uid"]] = tree[controller_uid(o)]
+    return top, tree
+
+
+def children(objects: list[dict[str, Any]], pods: list[dict[str, Any]], run_uid: str,
+             events: list[dict[str, Any]] = ()) -> dict[str, ObservedChild]:
+    """Each stage's child (Job, JobSet or PyTorchJob) that the run of `run_uid` controls, with the pods
+    its controller-uid chain owns (a JobSet's: those of its Jobs) and, for a child with no pod,
+    the FailedCreate Events on it or its Jobs. Objects the run does not control are not looked at.
+    Two children for one stage (a new one while the old is being deleted): the one not being deleted."""
+    top, tree = _owned(objects, run_uid)
+    pods_of: dict[str, list[dict[str, Any]]] = {}
+    for p in pods:
+        owner = tree.get(controller_uid(p) or "")
+        if owner is not None:
+            pods_of.setdefault(owner, []).append(p)
+    events_of: dict[str, list[dict[str, Any]]] = {}
+    for e in events:
+        owner = tree.get((e.get("involvedObject") or {}).get("uid") or "")
+        if owner is not None and e.get("reason") == "FailedCreate":
+            events_of.setdefault(owner, []).append(e)
+    out: dict[str, ObservedChild] = {}
+    for obj in sorted(top, key=lambda o: (not deleting(o), o["metadata"].get("creationTimestamp") or "")):
+        uid = obj["metadata"]["uid"]
+        child = OBSERVERS[obj["kind"]](obj, pods_of.get(uid, []), events_of.get(uid, []))
+        out[child.stage] = child  # the last: not being deleted, newest
     return out
+
+
+def needs_events(objects: list[dict[str, Any]], pods: list[dict[str, Any]], run_uid: str) -> list[str]:
+    """UIDs (the run's children and their Jobs) whose FailedCreate Events the shell should list: those of
+    a child that is not finished, not suspended, and has no pod that could run (the Job controller
+    could not create one, and says why only in Events)."""
+    top, tree = _owned(objects, run_uid)
+    with_pods = {tree[u] for p in _active(pods) if (u := controller_uid(p)) in tree}
+    wanted = {o["metadata"]["uid"] for o in top if o["metadata"]["uid"] not in with_pods and not deleting(o)
+              and OBSERVERS[o["kind"]](o, []).state in ("Running", "Pending")}
+    return sorted(u for u, child in tree.items() if child in wanted)
+
+
+def missing(status_stages: list[Any], observed: dict[str, ObservedChild]) -> list[str]:
+    """Stages that status says have a child (Running or Suspended) which the observed children lack:
+    gone (deleted by hand, or a deletion the watch missed) or not seen yet. A shell that only read its
+    cache lists the run's children from the API server for these before deciding; if they are still
+    missing there, reconcile recreates them."""
+    return [s.name for s in status_stages if s.phase in ("Running", "Suspended") and s.name not in observed]

@@ -15,7 +15,18 @@ a fresh value each time it runs. Succeeded stages are never redone.
 A child the API server refuses to create (invalid, forbidden, over quota) is something the shell
 observes like a failed child: `ObservedChild(state="Refused", refusal=...)`. The stage waits a
 backoff and tries again, CREATE_TRIES times in a row at most (counted in status), then fails with
-the server's message; a spec change or a retry request lets it try again.
+the server's message; a spec change or a retry request lets it try again. An object of the same
+name that is not the run's (a 409 on create) is such a refusal: never adopted, never replaced; one
+that is going away (being deleted, or left by an earlier run of the same name for the garbage
+collector) is waited for without counting.
+
+Children are the run's by their controller ownerReference (observe.py); one being deleted never
+finishes a stage: the stage waits for it to go, and a Running stage whose child is gone gets a
+new one (counted in attempts, resuming from the newest checkpoint). A stage attempt runs the spec
+it started with (status.stages[].attemptSpec): a recreated Job or a restarted group never picks up
+an edit that SpecRejected reported as not applied. A stage whose pods cannot start (image pull,
+missing Secret, unschedulable, the Job's FailedCreate) says why in its message, its reason and the
+Reconciling condition; with startDeadlineSeconds it fails with that cause when the time is up.
 """
 
 from __future__ import annotations
@@ -30,15 +41,19 @@ from alignment_trainer.recipe import METHODS
 
 from .api import RETRY_ANNOTATION, AlignmentRun, AlignmentRunStatus, Condition, StageStatus
 from .render.manifests import child_name
+from .api.spec import ModelSpec, StageSpec
 from .progress import summary as progress_summary
 
 # Interrupted: the child was stopped by a signal and is gone (the local shell's Ctrl-C).
 # Refused: the API server refused to create it just now (the cluster shell's create failed; see Refusal).
-ChildState = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended", "Interrupted", "Refused"]
+# Deleting: it has a deletionTimestamp; whatever it says, it finishes nothing (the stage waits for it to go).
+ChildState = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended", "Interrupted", "Refused", "Deleting"]
 STOPPED = ("Failed", "Interrupted")  # a Pending stage with such a child is to run again (a retry)
 CREATE_TRIES = 3          # refused creates in a row before the stage fails
 REFUSAL_BACKOFF = 5.0     # seconds before the second try; doubled before each later one
 SERVER_MESSAGE_LIMIT = 800  # of the server's words in status (an Event holds 1024 characters)
+NOT_STARTED_POLL = 15.0   # seconds between looks at a stage whose pods have not started and say nothing yet
+DELETING_POLL = 5.0       # seconds between looks at a child that is being deleted (its DELETED event may be missed)
 
 
 @dataclass(frozen=True)
@@ -49,8 +64,19 @@ class Refusal:
     kind: str
     name: str
     code: int
-    reason: str     # the Status reason: Invalid, Forbidden, BadRequest, ...
+    reason: str     # the Status reason: Invalid, Forbidden, BadRequest, AlreadyExists, ...
     message: str    # the Status message, as the server wrote it
+    going: bool = False  # 409: the object in the way is going away (being deleted, or an earlier run's of this
+                         # name, left to the garbage collector): try again, without counting a refusal
+
+
+@dataclass(frozen=True)
+class Cause:
+    """Why a child's pods have not started: a container's waiting reason (ImagePullBackOff,
+    CreateContainerConfigError, ...), PodScheduled=False's reason (Unschedulable), the Job's FailedCreate."""
+
+    reason: str
+    message: str    # names the pod (or Job) and says what is wrong, as the kubelet, scheduler or controller wrote it
 
 
 @dataclass(frozen=True)
@@ -71,6 +97,10 @@ class ObservedChild:
     group: bool = False                 # several ranks that restart together (an Indexed Job's ranks)
     failure: str | None = None          # a failed group: 'input', 'disruption' or 'failure' (counted)
     refusal: Refusal | None = None      # state Refused: what the API server said
+    uid: str | None = None              # the object's UID: a delete is made only if it is still this object
+    started: bool = True                # a pod of it has run its container (False: none has yet)
+    waiting: Cause | None = None        # not started: why, when the pods or the Job say
+    since: str | None = None            # when it could start: the Job's startTime (reset on resume), else created
 
 
 @dataclass(frozen=True)
@@ -89,11 +119,13 @@ class SetSuspend:
 
 @dataclass(frozen=True)
 class DeleteChild:
-    """A failed child of a stage being retried: delete it (with its pods) before a new one starts."""
+    """A failed child of a stage being retried, or one whose stage missed its start deadline: delete it
+    (with its pods) before a new one starts, only if it is still the object of `uid` (a precondition)."""
 
     stage: str
     name: str
     kind: str
+    uid: str | None = None
 
 
 @dataclass(frozen=True)
@@ -122,11 +154,34 @@ class Outcome:
     actions: list[Action] = field(default_factory=list)
 
 
+def attempt_spec(run: AlignmentRun, index: int) -> dict[str, Any]:
+    """What a stage runs, as its attempt pins it (status.stages[].attemptSpec): its own spec and the
+    model it starts from."""
+    return {"stage": run.spec.stages[index].wire(), "model": run.spec.model.wire() if index == 0 else None}
+
+
 def stage_hash(run: AlignmentRun, index: int) -> str:
     """Fingerprint of what a stage runs: its own spec and the model it starts from."""
-    stage = run.spec.stages[index]
-    payload = {"stage": stage.wire(), "model": run.spec.model.wire() if index == 0 else None}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return _hash(attempt_spec(run, index))
+
+
+def _hash(pinned: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(pinned, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def attempt_run(run: AlignmentRun, status: AlignmentRunStatus | None, index: int) -> AlignmentRun:
+    """The run as stage `index`'s current attempt renders it: with the spec the attempt pinned when it
+    started (status.stages[].attemptSpec), so a recreated Job or a restarted group runs what it ran,
+    never an edit reported as not applied. The run itself when nothing is pinned."""
+    name = run.spec.stages[index].name
+    st = next((s for s in (status.stages if status else []) if s.name == name), None)
+    if st is None or not st.attempt_spec or st.attempt_spec == attempt_spec(run, index):
+        return run
+    pinned = run.model_copy(deep=True)
+    pinned.spec.stages[index] = StageSpec.model_validate(st.attempt_spec["stage"])
+    if st.attempt_spec.get("model") is not None:
+        pinned.spec.model = ModelSpec.model_validate(st.attempt_spec["model"])
+    return pinned
 
 
 def _ts(s: str) -> datetime:
@@ -174,20 +229,29 @@ def reconcile(run: AlignmentRun, generation: int | None, children: dict[str, Obs
         if retrying and st.phase == "Failed" and not blocked:
             events.append(Event("Normal", "StageRetried", f"stage {spec.name}: trying again from its newest "
                                 f"checkpoint (it failed before: {st.message})"))
-            st.phase, st.completion_time, st.message = "Pending", None, None
+            st.phase, st.completion_time, st.message, st.reason = "Pending", None, None, None
             st.previous_attempts = st.attempts
             st.create_refusals, st.last_refusal_time = 0, None
+            st.attempt_spec = None  # a new attempt: it runs the spec as it is now
         elif st.create_refusals and generation != old.observed_generation and not blocked:
             # The spec changed since the API server refused the stage's child: try again at once.
             if st.phase == "Failed":
                 events.append(Event("Normal", "StageRetried", f"stage {spec.name}: the run's spec changed; "
                                     f"creating its children again (refused before: {st.message})"))
-                st.phase, st.completion_time, st.message = "Pending", None, None
+                st.phase, st.completion_time, st.message, st.reason = "Pending", None, None, None
             st.create_refusals, st.last_refusal_time = 0, None
+            if st.phase == "Pending" and not st.previous_attempts:
+                st.attempt_spec = None  # nothing of it ran: it starts with the spec as it is now
 
         create = CreateStage(i, suspend=run.spec.suspend or bool(run.spec.queue_name))
         if st.phase in ("Succeeded", "Failed") or blocked:
             pass  # finished for good, or waiting behind an earlier stage (failed or not done)
+        elif child is not None and child.state == "Deleting":
+            # Whatever it says, it finishes nothing: the stage waits for it to go, then goes on (a
+            # Running stage gets a new child, a retried one its first).
+            st.message = f"{child.kind} {child.name} is being deleted; the stage goes on once it is gone"
+            st.reason = "WaitingForDeletion"
+            actions.append(RequeueAfter(DELETING_POLL))
         elif child is not None and child.state == "Refused":
             _refused(st, child.refusal or Refusal(child.kind, child.name, 0, "Unknown", child.message or ""),
                      now, actions, events)
@@ -196,22 +260,28 @@ def reconcile(run: AlignmentRun, generation: int | None, children: dict[str, Obs
         elif child is not None and st.phase == "Pending" and child.state in STOPPED:
             # The stopped child of a stage that is to run again (a retry): gone first, then a new one.
             # (A succeeded child is never deleted: it folds in below, whatever status says.)
-            actions.append(DeleteChild(spec.name, child.name, child.kind))
+            actions.append(DeleteChild(spec.name, child.name, child.kind, child.uid))
             st.message = f"retrying: deleting the {child.state.lower()} {child.kind} {child.name} first"
         elif child is None and st.phase == "Pending":
             actions.append(create)
             st.phase = "Suspended" if run.spec.suspend else "Running"
-            st.start_time, st.message = now, None
-            st.spec_hash = current_hash
+            st.start_time, st.message, st.reason = now, None, None
+            if not st.attempt_spec:  # a restarted group or an interrupted stage goes on with what it ran
+                st.attempt_spec = attempt_spec(run, i)
+            st.spec_hash = _hash(st.attempt_spec)
             # Recorded now, not when the child is first seen: one status write per transition.
             st.job_name, st.attempts = child_name(run, spec.name), st.previous_attempts + 1
             events.append(Event("Normal", "StageStarted", f"stage {spec.name} ({spec.method}) started"))
         elif child is None:
-            # The Job vanished (deleted by hand): recreate it; the trainer resumes from its checkpoint.
+            # The child vanished (deleted by hand, or the watch missed it): a new one, counted as an
+            # attempt, runs what the attempt ran; the trainer resumes from its newest checkpoint.
             actions.append(create)
             st.previous_attempts = st.attempts
+            st.attempts += 1
+            st.message, st.reason = f"{st.job_name} was gone while the stage ran; recreated it", "ChildRecreated"
             events.append(Event("Warning", "JobRecreated",
-                                f"stage {spec.name}: Job {st.job_name} is gone; recreating it"))
+                                f"stage {spec.name}: {st.job_name} is gone; recreating it (attempt {st.attempts}, "
+                                f"resuming from the newest checkpoint)"))
         else:
             _fold_child(st, child, run, now, actions, events)
         if st.phase == "Failed":
@@ -251,7 +321,7 @@ def _fold_child(st: StageStatus, child: ObservedChild, run: AlignmentRun, now: s
         st.metrics = _metrics(child.result)
         st.tracking = {k: str(v) for k, v in ((child.result or {}).get("tracking") or {}).items()
                        if k in ("tensorboard", "wandb", "mlflow")}
-        st.message = None
+        st.message, st.reason = None, None
         events.append(Event("Normal", "StageSucceeded", f"stage {st.name} succeeded: {_brief(st.metrics)}"))
         return
     if child.state == "Failed" and child.group and child.failure != "input":
@@ -268,7 +338,7 @@ def _fold_child(st: StageStatus, child: ObservedChild, run: AlignmentRun, now: s
     if child.state == "Failed":
         st.phase = "Failed"
         st.completion_time = child.finished or now
-        st.message = child.message or "the stage's Job failed"
+        st.message, st.reason = child.message or "the stage's Job failed", None
         events.append(Event("Warning", "StageFailed", f"stage {st.name} failed: {st.message}"))
         return
     if child.state == "Interrupted":
@@ -286,20 +356,66 @@ def _fold_child(st: StageStatus, child: ObservedChild, run: AlignmentRun, now: s
     waiting_for_queue = child.suspended and queued and not suspend
     st.phase = "Suspended" if suspend or waiting_for_queue else "Running"
     st.message = f"waiting for Kueue to admit it (queue {run.spec.queue_name})" if waiting_for_queue else None
+    said, st.reason = st.reason, None
+    if st.phase == "Running" and not child.suspended and (not child.started or child.waiting):
+        _not_started(st, child, run, now, actions, events, said)
+
+
+def start_deadline(run: AlignmentRun, stage: str) -> int | None:
+    """stages[].startDeadlineSeconds, else spec.startDeadlineSeconds (None: no deadline)."""
+    own = next(s.start_deadline_seconds for s in run.spec.stages if s.name == stage)
+    return own if own is not None else run.spec.start_deadline_seconds
+
+
+def _not_started(st: StageStatus, child: ObservedChild, run: AlignmentRun, now: str,
+                 actions: list[Action], events: list[Action], said: str | None) -> None:
+    """A running stage whose pods have not started (or whose new pod cannot): its message and reason say
+    why (when the pods or the Job say), and if it never started, past startDeadlineSeconds the stage
+    fails with that cause. The child is deleted then, so its pods give back what they hold (a pod that
+    cannot pull its image holds its GPUs)."""
+    cause = child.waiting
+    deadline = start_deadline(run, st.name) if not child.started else None
+    since = child.since or child.created or st.start_time or now
+    waited = (_ts(now) - _ts(since)).total_seconds()
+    if deadline is not None and waited >= deadline:
+        why = cause.message if cause else "no pod of it started, and none said why"
+        st.phase, st.completion_time, st.reason = "Failed", now, "StartDeadlineExceeded"
+        st.message = f"not started within startDeadlineSeconds ({deadline}s): {why}"
+        actions.append(DeleteChild(st.name, child.name, child.kind, child.uid))
+        events.append(Event("Warning", "StartDeadlineExceeded", f"stage {st.name}: {st.message}"))
+        return
+    if deadline is not None:
+        actions.append(RequeueAfter(deadline - waited))  # to fail it on time, whatever else happens
+    if cause is None:
+        # Being scheduled, pulling, creating containers: nothing wrong said yet. Look again soon: a Job
+        # that cannot create its pods says so only in Events, which nothing watches.
+        actions.append(RequeueAfter(NOT_STARTED_POLL))
+        return
+    st.reason = cause.reason
+    if cause.reason != said:  # one Event per cause, not one per pod update
+        events.append(Event("Warning", "StageWaiting", f"stage {st.name}: {cause.message}"))
+    st.message = f"waiting: {cause.message}" + (
+        f" (the stage fails if it has not started {deadline}s after {since}: startDeadlineSeconds)"
+        if deadline is not None else "")
 
 
 def _refused(st: StageStatus, refusal: Refusal, now: str, actions: list[Action], events: list[Action]) -> None:
     """The API server refused to create one of the stage's children, so none of it runs: try again
     after a backoff, CREATE_TRIES times in a row at most, then fail the stage with the server's words
     (one Warning Event). The tries before that are in the stage's message (and the shell's log)."""
-    st.create_refusals += 1
-    st.last_refusal_time = now
     if st.phase != "Pending":  # its Job vanished and the new one was refused: the next create counts on
         st.previous_attempts = st.attempts
     what = f"the API server refused to create {refusal.kind} {refusal.name} ({refusal.code} {refusal.reason})"
     server = clip(refusal.message, SERVER_MESSAGE_LIMIT)
+    if refusal.going:  # what is in the way is going away: wait for it, counting nothing
+        st.phase, st.completion_time, st.reason = "Pending", None, "WaitingForDeletion"
+        st.message = f"{server}; trying again in {REFUSAL_BACKOFF:g}s"
+        actions.append(RequeueAfter(REFUSAL_BACKOFF))
+        return
+    st.create_refusals += 1
+    st.last_refusal_time = now
     if st.create_refusals >= CREATE_TRIES:
-        st.phase, st.completion_time = "Failed", now
+        st.phase, st.completion_time, st.reason = "Failed", now, "ChildRefused"
         st.message = f"{what} {st.create_refusals} times: {server}"
         events.append(Event("Warning", "ChildRefused", f"stage {st.name}: {st.message}"))
         return
@@ -362,7 +478,10 @@ def _run_status(run: AlignmentRun, old: AlignmentRunStatus, stages: list[StageSt
         if spec.method == "eval" and s.phase == "Succeeded":
             evaluation = {"stage": s.name, **s.metrics}
     finished = phase in ("Succeeded", "Failed")
-    why = "ChildRefused" if failed is not None and failed.create_refusals >= CREATE_TRIES else "StageFailed"
+    why = failed and (failed.reason or ("ChildRefused" if failed.create_refusals >= CREATE_TRIES else "StageFailed"))
+    # A stage that waits on something the user must see (pods that cannot start, a refused or blocked
+    # create, a child being deleted) names it in Reconciling, reason and words.
+    waits = not finished and not interrupted and (current.reason or current.create_refusals) and current.message
     # Waiting for Kueue counts as work left; a suspension the user asked for does not.
     reconciling = phase in ("Pending", "Running") and not interrupted or (phase == "Suspended" and not run.spec.suspend)
     conditions = [
@@ -372,10 +491,11 @@ def _run_status(run: AlignmentRun, old: AlignmentRunStatus, stages: list[StageSt
         # kstatus (Flux, kpt, Config Sync): Reconciling=True while the operator has work left,
         # Stalled=True when the run cannot go on; a suspended run is neither (it waits for its user).
         condition(old.conditions, "Reconciling", "True" if reconciling else "False",
-                   f"Run{phase}" if finished else "Interrupted" if interrupted else f"Stage{current.phase}",
+                   f"Run{phase}" if finished else "Interrupted" if interrupted
+                   else (current.reason or f"Stage{current.phase}") if waits else f"Stage{current.phase}",
                    f"stage {interrupted.name}: {interrupted.message}" if interrupted
-                   else f"stage {current.name} is {current.phase.lower()}"
-                   + (f": {current.message}" if current.create_refusals and not finished else ""), now, generation),
+                   else f"stage {current.name} is {current.phase.lower()}" + (f": {current.message}" if waits else ""),
+                   now, generation),
         condition(old.conditions, "Stalled", "True" if failed else "False",
                    why if failed else "NotStalled",
                    f"stage {failed.name} failed; fix it and retry (alignment.dev/retry)" if failed else "",

@@ -95,8 +95,9 @@ No wildcards, no secrets: stage pods reference Secrets by name, which needs no p
 - apiGroups: [""]
   resources: [persistentvolumeclaims]
   verbs: [create]
-# kube.emit_event and kopf's own warnings about handler errors.
+# kube.emit_event and kopf's own warnings about handler errors; kube.failed_create_events lists
+# the FailedCreate Events of a stage Job that made no pod (a missing service account, a quota, ...).
 - apiGroups: [""]
   resources: [events]
-  verbs: [create]
+  verbs: [list, create]
 {{- end }}

@@ -468,7 +468,7 @@ class StageSpec(ApiModel):
     model_config = {**ApiModel.model_config, "json_schema_extra": _stage_rules}
 
     name: str = Field(min_length=1, max_length=40, pattern=DNS_LABEL, description=(
-        "Stage name, a DNS label unique in the run (names the Job: <run>-<name>)."))
+        "Stage name, a DNS label unique in the run (names the Job: <run>-<name>-<hash of both>)."))
     method: str = Field(json_schema_extra=lambda schema: schema.update(enum=method_names()), description=(
         "sft | dpo | ipo | kto | orpo | simpo | slic | reward | grpo | generate | label | eval. Preference methods "
         "start from the previous stage's model and use it as the reference; reward trains a Bradley-Terry reward "
@@ -503,6 +503,11 @@ class StageSpec(ApiModel):
         "feedback is written."))
     backoff_limit: int = Field(2, ge=0, description=(
         "Pod retries before the stage fails; a retry resumes from the newest checkpoint."))
+    start_deadline_seconds: int | None = Field(None, ge=1, description=(
+        "Fail the stage when its pods have not started training this long after its Job was created (or "
+        "resumed), naming the cause: an image that cannot be pulled, a missing Secret or ConfigMap, pods "
+        "that cannot be scheduled, a Job that cannot create pods (reason StartDeadlineExceeded). Unset: the "
+        "stage waits and its message says why. Default: spec.startDeadlineSeconds."))
     tracking: TrackingSpec | None = Field(None, description=(
         "This stage's experiment tracking, replacing spec.tracking for it (e.g. a stage logging to W&B "
         "while the others do not)."))
@@ -530,7 +535,8 @@ class StorageSpec(ApiModel):
     volume_claim_template: VolumeClaimTemplate | None = Field(None, description=(
         "A PersistentVolumeClaim the operator creates for the run (kept when the run is deleted)."))
     mount_path: MountPath = Field("/workspace", description=(
-        "Where the volume is mounted; stage outputs go to <mountPath>/<namespace>/<run>/<stage>/."))
+        "Where the volume is mounted; stage outputs go to <mountPath>/<namespace>/<run>/<uid>/<stage>/ (the "
+        "run's first 8 UID characters: a run applied again under the same name starts afresh)."))
 
 
 class TrainerSpec(ApiModel):
@@ -587,6 +593,8 @@ class AlignmentRunSpec(ApiModel):
     suspend: bool = Field(False, description="Suspend the running stage's Job (pods stop; resume continues from its checkpoint).")
     ttl_seconds_after_finished: int | None = Field(None, ge=0, description=(
         "Delete the run's Jobs this long after it finishes; checkpoints on the volume stay."))
+    start_deadline_seconds: int | None = Field(None, ge=1, description=(
+        "stages[].startDeadlineSeconds for every stage that does not set its own."))
     tracking: TrackingSpec = Field(default_factory=TrackingSpec, json_schema_extra={"default": {}}, description=(
         "Experiment tracking for every stage, through transformers' own integrations: TensorBoard (on by "
         "default), Weights & Biases, MLflow. Each stage is one tracked run named <run>/<stage>; its links "

@@ -65,6 +65,13 @@ class StageStatus(ApiModel):
     checkpoint: str | None = Field(None, description="The stage's final model on the run's volume.")
     metrics: dict[str, float] = Field({}, description="Final metrics: train_loss, eval_loss, rewards/accuracies, ...")
     message: str | None = Field(None, description="Why the stage failed or waits.")
+    reason: str | None = Field(None, max_length=64, description=(
+        "Why the stage failed or waits, in one CamelCase word: the pods' cause (ImagePullBackOff, "
+        "CreateContainerConfigError, Unschedulable, FailedCreate, ...), StartDeadlineExceeded, ..."))
+    attempt_spec: KubeObject | None = Field(None, description=(
+        "What the stage's current attempt runs: its spec (and spec.model, for a stage that starts from it) "
+        "when it started. A Job recreated or a group restarted runs this again, never a later edit "
+        "(edits to a stage that ran are refused: SpecRejected); a retry takes the spec as it is then."))
     spec_hash: str | None = Field(None, description="Hash of the stage's spec when it started; edits after that are refused.")
     tracking: dict[str, str] = Field({}, description=(
         "Where the stage's tracked run is: tensorboard (event files' directory on the volume), wandb (run URL, "

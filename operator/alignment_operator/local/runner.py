@@ -38,7 +38,7 @@ from alignment_trainer.launch import (build_launch_command, busy_cpus, launch_en
 
 from .. import progress
 from ..api import RETRY_ANNOTATION, AlignmentRun, AlignmentRunStatus, RunInvalid, parse_run, run_documents
-from ..reconcile import CreateStage, DeleteChild, Event, ObservedChild, reconcile
+from ..reconcile import CreateStage, DeleteChild, Event, ObservedChild, attempt_run, reconcile
 from ..render.manifests import child_name
 from ..render.recipe import build_recipe, stage_dir
 from . import plan, view
@@ -353,7 +353,9 @@ def _run(run: AlignmentRun, root: str, run_dir: Path, command: str, redo: list[s
             if start is None:
                 continue  # a stale child was dropped: reconcile again
             st = run.status.stages[start.index]
-            observed[st.name] = run_stage(run, start.index, root, st.start_time or now())
+            # The spec the stage's attempt started with (an interrupted stage resumes under it, as on a cluster).
+            observed[st.name] = run_stage(attempt_run(run, run.status, start.index), start.index, root,
+                                          st.start_time or now())
             if observed[st.name].state == "Interrupted":
                 run.status = reconcile(run, None, observed, now()).status
                 write_status(run_dir, run.status)
