@@ -384,8 +384,8 @@ def _handler(progress: Progress, pool: Pool, limits: Limits, reviews: RateLimite
             metrics.PROGRESS_REFUSED.labels(str(e.code)).inc()
             log.debug("progress push to %s refused (%d): %s", path[:200], e.code, e)
             response = reply(e.code, {"error": str(e)}, {"Retry-After": "2"} if e.code == 429 else None)
-            if e.code in (400, 411, 413):
-                response.force_close()
+            if e.code in (400, 411):  # the rest of the body (if any) cannot be told from the next request
+                response.force_close()     # (after any other refusal aiohttp reads and drops it for 1 s at most)
             return response
 
     return push

@@ -67,8 +67,15 @@ def stage_wiring(api, ns: str, job: str, tmp_path: Path) -> tuple[str, Path]:
 
 
 def token(cluster, ns: str, audience: str) -> str:
+    """A token for `audience`, bound to the pod of the stage Job the audience names when there is one
+    (what the kubelet projects into it: the endpoint accepts only a token of the stage's own pod)."""
+    job = audience.rsplit("/", 1)[1]
+    pods = client.CoreV1Api(cluster.api_client()).list_namespaced_pod(
+        ns, label_selector=f"batch.kubernetes.io/job-name={job}").items
+    bound = ["--bound-object-kind=Pod", f"--bound-object-name={pods[0].metadata.name}",
+             f"--bound-object-uid={pods[0].metadata.uid}"] if pods else []
     return cluster.kubectl("create", "token", "default", "-n", ns, f"--audience={audience}",
-                           "--duration=10m").stdout.strip()
+                           "--duration=10m", *bound).stdout.strip()
 
 
 def train(tmp_path: Path, method: str, model: Path, url: str, ca: Path, token_text: str, steps: int,

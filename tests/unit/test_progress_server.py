@@ -288,6 +288,8 @@ def test_the_endpoint_over_https_accepts_its_stage_and_refuses_floods_without_re
             200, {"accepted": True, "written": True})
         refused = [push(listener.port, endpoint.ca_pem, path, f"x{i}", report(now)) for i in range(10)]
         assert {r[0] for r in refused} == {401} and len(c.reviews) == 1  # garbage: no TokenReview
+        big = push(listener.port, endpoint.ca_pem, path, "x", b"{" + b" " * (1 << 20) + b"}")
+        assert big == (413, {"error": f"body is {(1 << 20) + 2} bytes; at most 65536"})  # read, not a reset
         ep.get_run = lambda ns, name: (_ for _ in ()).throw(RuntimeError("apiserver says: forbidden for sa x"))
         later = now + timedelta(seconds=1)
         assert push(listener.port, endpoint.ca_pem, path, c.mint("stage-pod"), report(later)) == (
