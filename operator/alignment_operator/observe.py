@@ -109,7 +109,7 @@ def cause(pods: list[dict[str, Any]], events: list[dict[str, Any]] = ()) -> Caus
         name, status = p["metadata"]["name"], p.get("status") or {}
         if any((cs.get("state") or {}).get("running") for cs in status.get("containerStatuses") or []):
             continue
-        for cs in status.get("containerStatuses") or []:
+        for cs in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
             waiting = (cs.get("state") or {}).get("waiting") or {}
             if waiting.get("reason") and waiting["reason"] not in ON_ITS_WAY:
                 text = f"pod {name}: {waiting['reason']}: {waiting.get('message') or 'no message'}"
@@ -251,6 +251,10 @@ def slim(obj: dict[str, Any]) -> dict[str, Any]:
         kept_status = {"phase": status.get("phase"), "containerStatuses": [
             {"state": _slim_state(cs.get("state") or {})} for cs in status.get("containerStatuses") or []
             if (cs.get("state") or {}).keys() & {"terminated", "running", "waiting"}]}
+        stuck = [{"state": _slim_state(cs["state"])} for cs in status.get("initContainerStatuses") or []
+                 if ((cs.get("state") or {}).get("waiting") or {}).get("reason") not in (None, *ON_ITS_WAY)]
+        if stuck:  # an init container that cannot start (a PyTorchJob worker's): the pod's cause
+            kept_status["initContainerStatuses"] = stuck
         kept = [c for c in status.get("conditions") or [] if c.get("type") == "DisruptionTarget"
                 or (c.get("type") == "PodScheduled" and c.get("status") == "False")]
         if kept:

@@ -64,6 +64,11 @@ FAILED_CREATE = {"kind": "Event", "reason": "FailedCreate", "type": "Warning", "
     ([pending_pod(scheduled={"reason": "Unschedulable", "message": '0/1 nodes are available: persistentvolumeclaim '
                                                                    '"nope" not found.'})], [],
      "Unschedulable", 'persistentvolumeclaim "nope" not found'),
+    # an init container that cannot pull its image (a PyTorchJob worker's)
+    ([{**pending_pod(), "status": {"phase": "Pending", "initContainerStatuses": [{"name": "init-pytorch", "state": {
+        "waiting": {"reason": "ErrImagePull", "message": "pull access denied for nope/init"}}}],
+        "containerStatuses": [{"name": "pytorch", "state": {"waiting": {"reason": "PodInitializing"}}}]}}], [],
+     "ErrImagePull", "pull access denied for nope/init"),
     # no pod at all: the Job controller's FailedCreate (service account, PriorityClass, quota, Pod Security)
     ([], [FAILED_CREATE], "FailedCreate", 'serviceaccount "trainer" not found'),
 ])
