@@ -38,8 +38,8 @@ log = logging.getLogger("alignment_operator.listener")
 
 @dataclass(frozen=True)
 class Limits:
-    max_connections: int = 512   # open at once on one port
-    per_client: int = 32         # open at once from one address
+    max_connections: int = 256   # open at once on one port
+    per_client: int = 16         # open at once from one address
     handshake_s: float = 5.0     # to finish the TLS handshake
     idle_s: float = 5.0          # without a request
     lifetime_s: float = 30.0     # a connection's whole life (keep-alive included)

@@ -592,7 +592,7 @@ class CertWatcher:
 
 # ---------------------------------------------------------------------------- serving
 
-PROGRESS_LIMITS = dict(max_connections=512, per_client=32)
+PROGRESS_LIMITS = dict(max_connections=256, per_client=16)  # asyncio holds a 256 KiB TLS buffer per connection
 _serving: list[Progress] = []   # what serve() started in this process
 
 
