@@ -164,7 +164,8 @@ def resolve_dtype(name: str) -> torch.dtype | str:
 #   GPU, bfloat16 / float16: trainable weights have an fp32 master copy and the forward/backward
 #     run under bf16 autocast (fp16: autocast with dynamic loss scaling). DeepSpeed ZeRO and FSDP
 #     keep the fp32 copy themselves (the weights load in the requested dtype and they upcast);
-#     everywhere else (one process, ddp) the trainable weights load in float32.
+#     everywhere else (one process, ddp) the trainable weights load in float32; LoRA/QLoRA
+#     adapters are float32 too (peft makes them so; keep_fp32_masters undoes TRL's bf16 cast).
 #   CPU: float32 throughout (no autocast); bfloat16 only decides the dtype final/ is saved in.
 #   Frozen models (the eval stage's, a LoRA base) load in the requested dtype.
 # final/ is written in the requested dtype (float32 for auto on CPU), the same on every path.
@@ -215,20 +216,47 @@ def trainable_dtype(args: ModelArgs, lora: LoraArgs | None) -> torch.dtype | str
     return torch.float32
 
 
+def keep_fp32_masters(model) -> list[str]:
+    """The trainable parameters TRL cast to a 16-bit dtype, back to float32 (their names).
+
+    TRL 1.16 casts every trainable parameter to bfloat16 when the base is 4/8-bit quantized
+    (trl/trainer/{sft,dpo,kto,grpo,reward}_trainer.py, __init__: "When using QLoRA, the PEFT
+    adapter weights are converted to bf16"): the QLoRA adapters then have no fp32 master, and
+    AdamW's updates fall below bfloat16's resolution (tiny model, LoRA SFT, 10 steps: 0.21% of
+    lora_A's entries change at lr 5e-7, 2.7% at 5e-6; in float32 >99.9%). peft made them float32
+    and they train under bf16 autocast like every other trainable weight here. Called on the
+    trainer's model before the optimizer exists (stages/common.train); DeepSpeed ZeRO and FSDP keep
+    their own fp32 copy, so there nothing is cast (ZeRO-3 also needs one dtype across parameters).
+    """
+    if engine_keeps_fp32_masters():
+        return []
+    cast = []
+    for name, param in model.named_parameters():
+        if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
+            param.data = param.data.float()
+            cast.append(name)
+    if cast:
+        log.info("training %d parameters TRL had cast to 16 bits in float32 (fp32 master weights)", len(cast))
+    return cast
+
+
 def load_model(args: ModelArgs, tokenizer: PreTrainedTokenizerBase, path: str | None = None,
-               lora: LoraArgs | None = None, trainable: bool = False) -> PreTrainedModel:
+               lora: LoraArgs | None = None, trainable: bool = False, revision: str | None = None) -> PreTrainedModel:
     """The causal LM at `path` (default: the recipe's model), matched to `tokenizer`.
 
     trainable: the model the stage trains (and a full-fine-tuning reference, loaded exactly like
     it): float32 master weights where no engine keeps them (see trainable_dtype).
+    revision: the Hub revision of `path` (default: model.model_revision), e.g. the eval stage's
+    reference when it is the run's base model at its pinned revision.
     """
     on_gpu = torch.cuda.is_available()
+    revision = args.model_revision if revision is None else revision
     if path and path != args.model_name_or_path:
-        check_source(path, "main", field="ref_model")
+        check_source(path, revision, field="ref_model")
     if args.attn_implementation == "flash_attention_2" and not on_gpu:
         raise ValueError("model.attn_implementation: flash_attention_2 needs a CUDA GPU; use sdpa or eager on CPU")
     dtype = trainable_dtype(args, lora) if trainable else resolve_dtype(args.torch_dtype)
-    kwargs: dict = dict(revision=args.model_revision, dtype=dtype, trust_remote_code=args.trust_remote_code)
+    kwargs: dict = dict(revision=revision, dtype=dtype, trust_remote_code=args.trust_remote_code)
     if args.attn_implementation:
         kwargs["attn_implementation"] = args.attn_implementation
     if lora is not None and lora.quantization != "none":

@@ -36,16 +36,21 @@ class MethodInfo:
     data: DataKind              # what its datasets hold once normalised (data.normalise)
     reference: bool             # scores against a frozen reference model (or its precomputed log-probs)
     loss_types: tuple[str, ...]  # TRL loss_type values it accepts; the first is its default
-    learning_rate: float        # default peak learning rate
+    learning_rate: float        # default peak learning rate, full fine-tuning
     beta: float | None          # default beta (None: the method has no beta)
     entry: str                  # module under alignment_trainer.stages with run(recipe) -> result
     trains: bool = True         # False: it evaluates or makes data, and writes no model
     writes: str | None = None   # a data stage: the dataset file it leaves in final/ (datasets[].stage reads it)
     policy: bool = True         # False: final/ is no policy (a reward model); stages never start from it by default
+    lora_learning_rate: float | None = None  # default peak learning rate under LoRA/QLoRA (None: learning_rate)
 
     @property
     def default_loss_type(self) -> str | None:
         return self.loss_types[0] if self.loss_types else None
+
+    def default_learning_rate(self, lora: bool) -> float:
+        """The learning rate a stage that sets none trains with: an adapter's own under LoRA/QLoRA."""
+        return self.lora_learning_rate if lora and self.lora_learning_rate is not None else self.learning_rate
 
     @property
     def preference(self) -> bool:
@@ -55,27 +60,31 @@ class MethodInfo:
 
 # TRL 1.16's loss_type values (DPOConfig, KTOConfig, experimental CPOConfig for SimPO); the trainer
 # checks them again against the TRL it runs. Learning rates: alignment-handbook's zephyr recipes
-# (sft 2e-5, dpo 5e-7), the ORPO and SimPO papers' settings.
+# (sft 2e-5, dpo 5e-7), the ORPO and SimPO papers' settings. An adapter (LoRA/QLoRA) trains at 10x
+# its method's full fine-tuning rate: the handbook's zephyr QLoRA recipes (sft 2e-4, dpo 5e-6) and
+# TRL 1.16's sft/dpo scripts' LoRA commands use exactly that ratio; TRL's kto script calls KTO's best
+# settings "similar to DPO's", and the other methods keep the same ratio.
 # Beyond TRL (stages/losses.py, on TRL's DPOTrainer): cdpo, the original DPO code's conservative loss
 # (label_smoothing epsilon), and ipo_sum, that code's IPO on summed log-probs (TRL's ipo is per-token
 # averaged). slic is HALOs' SLiC on TRL's CPOTrainer (no reference model).
 _DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
                "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm", "cdpo", "ipo_sum")
 METHODS: dict[str, MethodInfo] = {
-    "sft": MethodInfo(data="chat", reference=False, loss_types=(), learning_rate=2e-5, beta=None, entry="sft"),
+    "sft": MethodInfo(data="chat", reference=False, loss_types=(), learning_rate=2e-5, beta=None, entry="sft",
+                      lora_learning_rate=2e-4),
     "dpo": MethodInfo(data="pairwise", reference=True, loss_types=_DPO_LOSSES, learning_rate=5e-7, beta=0.1,
-                      entry="dpo"),
+                      entry="dpo", lora_learning_rate=5e-6),
     "ipo": MethodInfo(data="pairwise", reference=True, loss_types=("ipo", "ipo_sum"), learning_rate=5e-7, beta=0.1,
-                      entry="dpo"),
+                      entry="dpo", lora_learning_rate=5e-6),
     "kto": MethodInfo(data="unpaired", reference=True, loss_types=("kto", "apo_zero_unpaired"),
-                      learning_rate=5e-7, beta=0.1, entry="kto"),
+                      learning_rate=5e-7, beta=0.1, entry="kto", lora_learning_rate=5e-6),
     "orpo": MethodInfo(data="pairwise", reference=False, loss_types=(), learning_rate=5e-6, beta=0.1,
-                       entry="dpo"),
+                       entry="dpo", lora_learning_rate=5e-5),
     "simpo": MethodInfo(data="pairwise", reference=False, loss_types=("simpo",), learning_rate=1e-6, beta=2.0,
-                        entry="dpo"),
+                        entry="dpo", lora_learning_rate=1e-5),
     # HALOs' SLiC (config/loss/slic.yaml): beta is the hinge margin (1.0), lr HALOs' 5e-6.
     "slic": MethodInfo(data="pairwise", reference=False, loss_types=("slic",), learning_rate=5e-6, beta=1.0,
-                       entry="dpo"),
+                       entry="dpo", lora_learning_rate=5e-5),
     # A Bradley-Terry reward model (TRL's RewardTrainer); final/ is a sequence-classification model.
     "reward": MethodInfo(data="pairwise", reference=False, loss_types=(), learning_rate=1e-5, beta=None,
                          entry="reward", policy=False),
@@ -86,7 +95,7 @@ METHODS: dict[str, MethodInfo] = {
     # (dapo) first; beta 0.04 is DeepSeekMath's GRPO KL coefficient (TRL's own default 0.0 loads no
     # reference; TrainingArgs.beta must be > 0), lr 1e-6 TRL's GRPO default.
     "grpo": MethodInfo(data="prompts", reference=False, loss_types=("dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo"),
-                       learning_rate=1e-6, beta=0.04, entry="grpo"),
+                       learning_rate=1e-6, beta=0.04, entry="grpo", lora_learning_rate=1e-5),
     # Online rounds as HALOs runs them (sample -> label -> an offline method): generate samples
     # recipe.generate.num_generations completions per prompt from the stage's model; label scores
     # a generate stage's completions (recipe.label.rewards: grpo's rules or a reward stage) and
@@ -144,6 +153,33 @@ def check_method(value: str) -> str:
 
 def _method_enum(schema: dict) -> None:
     schema["enum"] = method_names()
+
+
+# The losses that read training.label_smoothing (epsilon, the assumed fraction of flipped labels):
+# TRL 1.16's DPOTrainer reads it in robust, exo_pair, aot and aot_unpaired only (trl/trainer/
+# dpo_trainer.py, _compute_loss), ours in cdpo (stages/losses.py). Every other loss and method
+# ignores it (sigmoid, ipo, KTO, and SimPO, SLiC, ORPO, whose configs the stage never gives it).
+LABEL_SMOOTHING_LOSSES = ("cdpo", "robust", "exo_pair", "aot", "aot_unpaired")
+# Of those, the ones that mean nothing without it: cdpo is plain DPO at 0, TRL's exo_pair raises.
+LABEL_SMOOTHING_NEEDED = ("cdpo", "exo_pair")
+
+
+def label_smoothing_problem(method: str, loss_type: str | None, label_smoothing: float,
+                            loss_field: str = "loss_type") -> str | None:
+    """Why `label_smoothing` is wrong for `method` trained with `loss_type` (None: the method's
+    default loss), or None: the value, and which losses read it. loss_field names the loss field
+    as the caller's document does (lossType in a run)."""
+    loss = loss_type or METHODS[method].default_loss_type
+    accepted = ", ".join(LABEL_SMOOTHING_LOSSES)
+    if label_smoothing and loss not in LABEL_SMOOTHING_LOSSES:
+        trains = f"{loss_field} {loss}" if loss else f"no {loss_field}"
+        return (f"{label_smoothing} is ignored by method {method} with {trains}: only the losses {accepted} "
+                f"read it (dpo's {loss_field}); set one of them or leave it 0")
+    if not label_smoothing and loss in LABEL_SMOOTHING_NEEDED:
+        example = "the EXO paper recommends 1e-3" if loss == "exo_pair" else "e.g. 0.1"
+        return (f"{label_smoothing} with {loss_field} {loss}; {loss} needs an epsilon, the assumed fraction of "
+                f"flipped labels, with 0 < epsilon < 0.5 ({example})")
+    return None
 
 
 def loss_type_problem(method: str, loss_type: str | None) -> str | None:
@@ -207,7 +243,8 @@ class TrainingArgs(_Strict):
     num_train_epochs: float = Field(1.0, gt=0, description="Passes over the training data.")
     max_steps: int = Field(-1, description="Stop after this many optimizer steps; -1: run the epochs.")
     learning_rate: float | None = Field(
-        None, gt=0, description="Peak learning rate; default: the method's (METHODS[method].learning_rate).")
+        None, gt=0, description="Peak learning rate; default: the method's (METHODS[method].learning_rate; with "
+                                "lora, its lora_learning_rate: 10x, an adapter's).")
     lr_scheduler_type: str = Field("cosine", description="transformers' scheduler name.")
     warmup_ratio: float = Field(0.1, ge=0, le=1, description="Fraction of the steps spent warming up.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
@@ -223,8 +260,9 @@ class TrainingArgs(_Strict):
                                 "method's (METHODS[method].beta).")
     loss_type: str | None = Field(None, description="TRL loss_type; default: the method's first (METHODS).")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description=(
-        "cdpo (and TRL's robust, exo_pair): epsilon, the assumed fraction of flipped preference labels; "
-        "cdpo needs 0 < epsilon < 0.5."))
+        "Epsilon, the assumed fraction of flipped preference labels, read by the losses cdpo, robust, exo_pair, "
+        "aot and aot_unpaired only (any other loss or method refuses a value above 0); cdpo and exo_pair need "
+        "0 < epsilon < 0.5."))
     slic_lambda: float = Field(0.1, ge=0, description=(
         "slic: weight of the cross-entropy regulariser on the chosen reply (HALOs' lambda_coef)."))
     packing: bool = Field(False, description="SFT: pack sequences into max_length blocks.")
@@ -308,6 +346,9 @@ class EvalArgs(_Strict):
     metrics: list[Literal["preference", "loss", "generations", "judge"]] = Field(
         default_factory=lambda: ["preference", "loss", "generations"], description="What to measure.")
     reference_model: str | None = Field(None, description="Model to compare against (preference accuracy, judge).")
+    reference_revision: str = Field("main", description=(
+        "Hub revision of reference_model (the run's model.revision when the reference is the base model); "
+        "ignored for a local directory."))
     reward_model: str | None = Field(None, description=(
         "A reward model (a reward stage's final/): scores the held-out pairs (reward_model_accuracy) and the "
         "model's and the reference's generations (reward_model_win_rate)."))
@@ -482,12 +523,12 @@ class Recipe(_Strict):
         problem = loss_type_problem(self.method, t.loss_type)
         if problem:
             raise ValueError(f"training.loss_type: {problem}")
-        if self.effective_loss_type == "cdpo" and not 0 < t.label_smoothing < 0.5:
-            raise ValueError(f"training.label_smoothing: {t.label_smoothing} with loss_type cdpo; cdpo needs an "
-                             "epsilon (the fraction of flipped labels) with 0 < epsilon < 0.5, e.g. 0.1")
-        # Method-dependent defaults, from the one table.
+        problem = label_smoothing_problem(self.method, t.loss_type, t.label_smoothing)
+        if problem:
+            raise ValueError(f"training.label_smoothing: {problem}")
+        # Method-dependent defaults, from the one table (an adapter's own learning rate under LoRA/QLoRA).
         if t.learning_rate is None:
-            t.learning_rate = info.learning_rate
+            t.learning_rate = info.default_learning_rate(self.lora is not None)
         if t.beta is None:
             t.beta = info.beta if info.beta is not None else 0.1
         if t.max_prompt_length is None and info.data == "pairwise":

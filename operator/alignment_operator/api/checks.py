@@ -7,7 +7,8 @@ checks (types, ranges, enums, unknown fields) come from pydantic and the schema.
 
 from __future__ import annotations
 
-from alignment_trainer.recipe import METHODS, loss_type_problem, output_kind, reads_outputs, training_methods
+from alignment_trainer.recipe import (METHODS, label_smoothing_problem, loss_type_problem, output_kind, reads_outputs,
+                                      training_methods)
 
 from . import admission
 from .spec import AlignmentRunSpec, StageSpec
@@ -91,9 +92,9 @@ def _stage_problems(i: int, stage: StageSpec, earlier: list[str], reward_stages:
     problem = loss_type_problem(stage.method, t.loss_type)
     if problem:
         out.append(f"{at}.training.lossType: {problem}")
-    if t.loss_type == "cdpo" and not t.label_smoothing > 0:
-        out.append(f"{at}.training.labelSmoothing: {t.label_smoothing} with lossType cdpo; cdpo needs epsilon, "
-                   "the fraction of flipped labels, with 0 < epsilon < 0.5 (e.g. 0.1)")
+    problem = None if problem else label_smoothing_problem(stage.method, t.loss_type, t.label_smoothing, "lossType")
+    if problem:
+        out.append(f"{at}.training.labelSmoothing: {problem}")
     if stage.lora and stage.lora.quantization != "none" and stage.resources.gpus_per_node == 0:
         out.append(f"{at}.lora.quantization: {stage.lora.quantization!r} needs GPUs "
                    f"(resources.gpusPerNode > 0); use 'none' on CPU")

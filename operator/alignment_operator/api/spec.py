@@ -14,7 +14,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from alignment_trainer.recipe import METHODS, check_method, method_names, reads_outputs
+from alignment_trainer.recipe import (LABEL_SMOOTHING_LOSSES, LABEL_SMOOTHING_NEEDED, METHODS, check_method,
+                                      method_names, reads_outputs)
 
 from . import corev1
 from .admission import ExtraArgs, ImageRef, MountPath, NodeSelector
@@ -96,8 +97,12 @@ class TrainingSpec(ApiModel):
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (num_train_epochs).")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps, overriding epochs.")
     learning_rate: float | None = Field(None, gt=0, description=(
-        "Peak learning rate. Default per method: "
-        + ", ".join(f"{m} {info.learning_rate:g}" for m, info in METHODS.items() if info.trains) + "."))
+        "Peak learning rate. Default per method, full fine-tuning: "
+        + ", ".join(f"{m} {info.learning_rate:g}" for m, info in METHODS.items() if info.trains)
+        + "; with lora (LoRA and QLoRA), an adapter's: "
+        + ", ".join(f"{m} {info.lora_learning_rate:.0e}" for m, info in METHODS.items()
+                    if info.trains and info.lora_learning_rate is not None)
+        + " (10x: alignment-handbook's QLoRA recipes train sft at 2e-4 and dpo at 5e-6)."))
     scheduler: Scheduler = Field("cosine", description="Learning-rate schedule (lr_scheduler_type).")
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Fraction of steps spent warming up.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
@@ -117,8 +122,10 @@ class TrainingSpec(ApiModel):
         "code's IPO on summed log-probs; TRL's ipo averages each reply's log-ratio over its tokens); "
         "ipo: ipo (default), ipo_sum; kto: kto (default), apo_zero_unpaired; simpo and slic fix their own."))
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description=(
-        "cdpo: epsilon, the assumed fraction of flipped preference labels, 0 < epsilon < 0.5 (the original "
-        "DPO code's label_smoothing; HALOs uses 0.2); also TRL's robust and exo_pair losses."))
+        "Epsilon, the assumed fraction of flipped preference labels, 0 <= epsilon < 0.5, read only by the "
+        f"lossTypes {', '.join(LABEL_SMOOTHING_LOSSES)} (cdpo: the original DPO code's label_smoothing, HALOs "
+        "uses 0.2; the others TRL's). A value above 0 with any other loss or method is refused (it would be "
+        f"ignored); {' and '.join(LABEL_SMOOTHING_NEEDED)} need one above 0."))
     slic_lambda: float = Field(0.1, ge=0, description=(
         "slic: weight of the cross-entropy regulariser on the chosen reply (HALOs' lambda_coef, 0.1); "
         "beta is SLiC's hinge margin (default 1.0)."))
@@ -157,7 +164,9 @@ class LoraSpec(ApiModel):
     target_modules: list[str] = Field(["all-linear"], min_length=1, max_length=64, description=(
         "Module names to adapt; all-linear adapts every linear layer but the output head."))
     quantization: Literal["none", "4bit", "8bit"] = Field("none", description=(
-        "QLoRA: load the base model quantized with bitsandbytes (GPU stages only)."))
+        "QLoRA: load the base model quantized with bitsandbytes (GPU stages only). The adapters keep float32 "
+        "master weights either way, and a stage with lora defaults to an adapter's learning rate "
+        "(training.learningRate)."))
     merge: bool = Field(True, description="Merge the adapter into a standalone model in the stage's final/.")
 
 
@@ -429,6 +438,24 @@ def _grouped_readers() -> dict[tuple[str, ...], list[str]]:
     return groups
 
 
+def _label_smoothing_rules() -> list[tuple[str, str, str]]:
+    """training.labelSmoothing only where the loss reads it (recipe.label_smoothing_problem)."""
+    reads = list(LABEL_SMOOTHING_LOSSES)
+    default_reads = [m for m, info in METHODS.items() if info.default_loss_type in reads]
+    by_default = f"self.method in {default_reads}" if default_reads else "false"
+    return [
+        ("!has(self.training.labelSmoothing) || self.training.labelSmoothing == 0.0 || "
+         f"(has(self.training.lossType) ? self.training.lossType in {reads} : {by_default})",
+         f"training.labelSmoothing above 0 is read only by the lossTypes {', '.join(reads)} (method dpo); with "
+         "this stage's method and lossType it would be ignored: set one of them or leave labelSmoothing 0",
+         ".training.labelSmoothing"),
+        (f"!has(self.training.lossType) || !(self.training.lossType in {list(LABEL_SMOOTHING_NEEDED)}) || "
+         "(has(self.training.labelSmoothing) && self.training.labelSmoothing > 0.0)",
+         f"lossType {' and '.join(LABEL_SMOOTHING_NEEDED)} need training.labelSmoothing, the fraction of flipped "
+         "labels, with 0 < epsilon < 0.5", ".training.labelSmoothing"),
+    ]
+
+
 def _stage_rules(schema: dict, cls: type) -> None:
     """The stage's CEL rules, built when the schema is (so they follow the method table)."""
     with_losses = {m: info.loss_types for m, info in METHODS.items() if info.loss_types}
@@ -444,10 +471,7 @@ def _stage_rules(schema: dict, cls: type) -> None:
          + " || ".join(f"(self.method == '{m}' && self.training.lossType in {list(t)})" for m, t in with_losses.items()),
          "lossType is not one of this method's losses: " + "; ".join(
              f"{m}: {', '.join(t)}" for m, t in with_losses.items()), ".training.lossType"),
-        ("!has(self.training.lossType) || self.training.lossType != 'cdpo' || "
-         "(has(self.training.labelSmoothing) && self.training.labelSmoothing > 0.0)",
-         "lossType cdpo needs training.labelSmoothing, the fraction of flipped labels, with 0 < epsilon < 0.5",
-         ".training.labelSmoothing"),
+        *_label_smoothing_rules(),
         ("!has(self.lora) || self.lora.quantization == 'none' || self.resources.gpusPerNode > 0",
          "lora.quantization 4bit/8bit needs GPUs (resources.gpusPerNode > 0)", ".lora.quantization"),
         ("self.method != 'grpo' || has(self.grpo)", "method grpo needs a grpo section with rewards", ".grpo"),

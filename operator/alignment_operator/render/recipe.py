@@ -236,11 +236,14 @@ def render_tracking(run: AlignmentRun, stage: StageSpec) -> TrackingArgs:
 def _eval_args(run: AlignmentRun, index: int, root: str) -> EvalArgs:
     e = run.spec.stages[index].eval
     reference = _eval_reference(run, index, root)
+    # The base model as the reference keeps its pinned revision (a stage's final/ has none).
+    revision = run.spec.model.revision if reference == run.spec.model.source else "main"
     if e is None:
-        return EvalArgs(reference_model=reference)
+        return EvalArgs(reference_model=reference, reference_revision=revision)
     return EvalArgs(
         metrics=list(e.metrics),
         reference_model=reference,
+        reference_revision=revision,
         reward_model=final_dir(root, run, e.reward_model) if e.reward_model else None,
         prompts=_dataset(e.prompts, run, root) if e.prompts else None,
         max_new_tokens=e.max_new_tokens,

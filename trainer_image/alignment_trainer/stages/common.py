@@ -17,7 +17,8 @@ from .. import tracking
 from ..checkpoints import newest_checkpoint
 from ..launch import configured_state_args, init_distributed
 from ..live import DivergedError, DivergenceGuard, ProgressPush, use_own_callback
-from ..model import checkpoint_dtype, engine_keeps_fp32_masters, load_model, merge_adapter, mixed_precision
+from ..model import (checkpoint_dtype, engine_keeps_fp32_masters, keep_fp32_masters, load_model, merge_adapter,
+                     mixed_precision)
 from ..recipe import Recipe, TrainingArgs
 from ..results import (MetricsCallback, build_result, emit, finished_result, push_to_hub,
                        remove_incomplete_checkpoints, save_final, write_result)
@@ -270,6 +271,7 @@ def train(trainer, recipe: Recipe):
 
         trainer.remove_callback(KubeflowCallback)
         trainer.add_callback(ProgressPush())
+    keep_fp32_masters(trainer.model)  # QLoRA: TRL cast the adapters to bf16 (model.keep_fp32_masters)
     resume = newest_checkpoint(recipe.output_dir)
     if trainer.is_world_process_zero():
         emit("start", method=recipe.method, stage=recipe.stage_name, resume_from=resume,

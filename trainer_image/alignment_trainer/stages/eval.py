@@ -100,9 +100,11 @@ def run(recipe: Recipe) -> dict:
     tokenizer = load_tokenizer(recipe.model)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(recipe.model, tokenizer).to(device).eval()
-    reference = load_model(recipe.model, tokenizer, path=reference_path).to(device).eval()
+    # The reference at its own revision (the base model's pinned one), not the evaluated model's.
+    reference_revision = ev.reference_revision if ev.reference_model else recipe.model.model_revision
+    reference = load_model(recipe.model, tokenizer, path=reference_path, revision=reference_revision).to(device).eval()
     # Keys its cached scores (refcache), with how it runs: the dtype and the device
-    identity = model_identity(reference_path, recipe.model.model_revision)
+    identity = model_identity(reference_path, reference_revision)
     scored_as = f"{recipe.model.torch_dtype}/{device}"
     encode = rows_of.Encoder(tokenizer, t.max_length, t.max_prompt_length)
     batch = t.per_device_eval_batch_size

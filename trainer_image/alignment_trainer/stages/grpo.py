@@ -273,6 +273,12 @@ def build(recipe: Recipe):
                         beta=t.beta, loss_type=recipe.effective_loss_type, use_vllm=g.use_vllm,
                         vllm_mode="colocate", reward_weights=[r.weight for r in g.rewards],
                         log_completions=False)
+    if not recipe.lora:
+        # TRL 1.16 builds GRPO's reference itself (trl/trainer/grpo_trainer.py, __init__: "Reference
+        # model") from the policy's config path and args.model_init_kwargs, without the policy's
+        # revision: a pinned model.revision would be scored against the Hub's main. (TRL's warning
+        # that model_init_kwargs "will be ignored" concerns the policy, loaded here already.)
+        args.model_init_kwargs = {"revision": recipe.model.model_revision, **(args.model_init_kwargs or {})}
 
     tokenizer = load_tokenizer(recipe.model)
     limit = prompt_limit(recipe)
