@@ -524,15 +524,16 @@ def installation_tls(directory: Path, hostnames: list[str], store) -> tuple[Path
     that every replica, every restart and every upgrade serves the CA the stage pods already trust.
     The first operator to find no Secret makes it (another that made it first wins: its CA is
     used); a certificate near its expiry or missing a name is signed anew by the same CA."""
-    data = store.read()
+    data, made = store.read(), False
     if data is None:
         ca, ca_key = make_ca()
         chain, key = sign(ca, ca_key, hostnames)
         data = store.create({"ca.crt": ca, "ca.key": ca_key, "tls.crt": chain, "tls.key": key})
+        made = data is not None
         if data is None:  # another replica made it meanwhile
             data = store.read()
-        log.info("progress endpoint: installation CA %s in Secret %s/%s",
-                 "made" if data.get("ca.key") == ca_key else "found", store.namespace, store.name)
+    log.info("progress endpoint: the installation's CA, %s Secret %s/%s", "made into" if made else "read from",
+             store.namespace, store.name)
     missing = {"ca.crt", "ca.key", "tls.crt", "tls.key"} - set(data)
     if missing:
         raise SystemExit(f"Secret {store.namespace}/{store.name} lacks {sorted(missing)}: delete it (stage pods "

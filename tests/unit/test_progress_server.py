@@ -368,3 +368,11 @@ def test_a_certificate_renewed_on_disk_is_served_without_a_restart(loop, tmp_pat
         assert second != first
     finally:
         loop.call(listener.stop())
+
+
+def test_a_limit_comes_from_the_environment_and_a_bad_one_is_named(monkeypatch):
+    monkeypatch.setenv("ALIGNMENT_PROGRESS_MAX_CONNECTIONS", "100")
+    assert Limits.from_env("ALIGNMENT_PROGRESS", per_client=4) == Limits(max_connections=100, per_client=4)
+    monkeypatch.setenv("ALIGNMENT_PROGRESS_RATE", "fast")
+    with pytest.raises(SystemExit, match="ALIGNMENT_PROGRESS_RATE='fast': expected a float"):
+        Limits.from_env("ALIGNMENT_PROGRESS")
