@@ -67,9 +67,10 @@ class Endpoint:
     ca_pem: str   # the CA they verify it with
 
 
-def _refused(aud: str, why: str, *args: Any) -> Refused:
-    """401 for the client, naming only its own audience; the reason goes to the log."""
-    log.info("progress token for %s refused: " + why, aud, *args)
+def _refused(aud: str, why: str, *args: Any, level: int = logging.INFO) -> Refused:
+    """401 for the client, naming only its own audience; the reason goes to the log (refusals
+    without a review at debug level: a flood of them would be a flood of lines)."""
+    log.log(level, "progress token for %s refused: " + why, aud, *args)
     return Refused(401, f"token refused for audience {aud}")
 
 
@@ -175,7 +176,7 @@ class Progress:
             why = "not bound to a pod"
         if why:
             self._refuse(digest)
-            raise _refused(aud, why)
+            raise _refused(aud, why, level=logging.DEBUG)
         return False
 
     def authenticate(self, authorization: str | None, ns: str, name: str) -> None:
