@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "cluster"))
 
 from controlplane import ControlPlane, binaries_dir, wait_for  # noqa: E402
-from kubelet import play_kubelet  # noqa: E402
+from kubelet import child, play_kubelet  # noqa: E402
 from operator_process import Operator  # noqa: E402
 
 
@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=30, help="runs timed one by one for the latencies")
     ap.add_argument("--burst", type=int, default=100, help="runs applied at once")
     ap.add_argument("--floor-threads", type=int, default=8, help="the bare client's concurrency")
+    ap.add_argument("--no-floor", action="store_true", help="only the burst and the RSS (e.g. --burst 10000)")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds the burst may take")
     args = ap.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="alignment-bench-"))
@@ -131,10 +133,10 @@ def main(argv: list[str] | None = None) -> int:
             name = f"lat-{i}"
             t0 = time.monotonic()
             custom.create_namespaced_custom_object("alignment.dev", "v1alpha1", ns, "alignmentruns", run_doc(name))
-            first.append(clock.wait({f"{name}-sft"}) - t0)
-            play_kubelet(api, ns, f"{name}-sft", 0, '{"checkpoint": "/w/sft/final", "train_loss": 1.0}')
+            first.append(clock.wait({child(name, "sft")}) - t0)
+            play_kubelet(api, ns, child(name, "sft"), 0, '{"checkpoint": "/w/sft/final", "train_loss": 1.0}')
             t1 = time.monotonic()
-            nxt.append(clock.wait({f"{name}-dpo"}) - t1)
+            nxt.append(clock.wait({child(name, "dpo")}) - t1)
 
         # The runs are created by the same client as the floor's, at the same concurrency.
         docs = [run_doc(f"burst-{i}") for i in range(args.burst)]
@@ -142,8 +144,13 @@ def main(argv: list[str] | None = None) -> int:
         with ThreadPoolExecutor(args.floor_threads) as pool:
             list(pool.map(lambda d: custom.create_namespaced_custom_object(
                 "alignment.dev", "v1alpha1", ns, "alignmentruns", d), docs))
-        burst = clock.wait({f"burst-{i}-sft" for i in range(args.burst)}, timeout=600) - t0
+        burst = clock.wait({child(f"burst-{i}", "sft") for i in range(args.burst)}, timeout=args.timeout) - t0
         rss = op.peak_rss_mb
+        if args.no_floor:
+            print(f"{args.burst} runs at once -> first Jobs   {burst:6.1f} s   (no floor measured)")
+            print(f"operator peak RSS         {rss:7.0f} MB   at {args.burst} runs (target < 250 MB at 1000)")
+            done = True
+            return 0
         # Last, so that its Jobs' pods do not queue in front of the latency runs' pods (the Job
         # controller creates pods at its own rate); both it and the burst share that background.
         floor_s = floor(api, "floor", args.burst, args.floor_threads)

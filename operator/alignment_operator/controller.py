@@ -1,39 +1,60 @@
 """The cluster shell: for one run, observe its children, decide (reconcile, pure), act (kube.py,
-idempotent). handlers.py feeds `cache` from the operator's watches and calls `reconcile_run` on
-every event; kopf stays there.
+idempotent), in the shape of controller-runtime. handlers.py feeds `cache` from the operator's
+watches and adds the run's key to `queue`; `start` runs the workers that take keys from it, one
+worker at a time per key (workqueue.py).
+
+A reconcile ends in exactly one next step: done (its next event will bring it back), a requeue
+when reconcile asked for one (a backoff, a ttl) or a resync is due, or, when anything raised, a
+requeue after the key's rate-limited backoff (Retry-After honoured) with what the run waits for
+written on it: condition Reconciling with the reason and the server's words, and one Warning
+Event per stretch of failures. 4xx refusals of a create are not errors here: reconcile counts
+them and fails the stage (kube.ChildRefused).
 
 A reconcile costs no read of the API server when the cache can answer: the run and its children
-come from the watches, the objects this process created or wrote are put in at once. Only when
-status says a stage has a child that the cache has not seen (the operator just started and that
-watch has not listed yet, or the child was deleted) does it list the run's children.
+come from the watches, the objects this process created or wrote are put in at once. It lists
+the run's children when status names a child the cache lacks, when the run had finished (its
+children are not kept), and every RESYNC_SECONDS while the run is active, so that a deletion
+the watch missed (a disconnect, a re-list) is noticed.
+
+Status is checked before it is written (api.status.writable): a non-finite number is left out
+and a string cut to its schema's limit, with a note on the stage and an Event; a retry
+annotation longer than status.retryRequest can hold is refused with a condition, never acted on.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import random
 import threading
-from collections import defaultdict
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from . import kube, metrics, observe
-from .api import AlignmentRunStatus, RunInvalid, parse_run
-from .cache import Cache
+from .api import RETRY_ANNOTATION, AlignmentRunStatus, RunInvalid, parse_run
+from .api.status import RETRY_REQUEST_MAX, writable
+from .cache import Cache, Key
 from .reconcile import (
     CreateStage, DeleteChild, DeleteChildren, Event, ObservedChild, RequeueAfter, SetSuspend, attempt_run, condition,
     reconcile, stage_hash,
 )
 from .render.manifests import RenderContext, build_pvc, build_stage
+from .workqueue import Backoff, WorkQueue
 
 log = logging.getLogger("alignment_operator")
-_locks: dict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
 _context = RenderContext()
 cache = Cache()
+# A failed reconcile is tried again after 1, 2, 4, ... seconds (+-20%), at most BACKOFF_CAP apart: a
+# webhook or API server that comes back is seen within that long, with no other event needed.
+BACKOFF_CAP = float(os.environ.get("ALIGNMENT_BACKOFF_CAP_SECONDS", "20"))
+queue = WorkQueue(Backoff(base=1.0, cap=BACKOFF_CAP))
 STATUS_TRIES = 3  # a conflicting status write means the run changed: recompute, this many times
-
-
-class StatusKeptConflicting(Exception):
-    """The run changed under every status write; the caller retries later."""
+RESYNC_SECONDS = float(os.environ.get("ALIGNMENT_RESYNC_SECONDS", "300"))  # per active run, +-10%
+FINISHED = ("Succeeded", "Failed")
+_listed: dict[Key, float] = {}  # active runs: when (monotonic) their children were last listed
+_workers: list[threading.Thread] = []
 
 
 def configure(context: RenderContext | None = None, progress_url: str = "", progress_ca: str = "") -> RenderContext:
@@ -50,36 +71,131 @@ def configure(context: RenderContext | None = None, progress_url: str = "", prog
     return _context
 
 
-def reconcile_run(namespace: str, name: str) -> None:
-    """Bring one run's children and status in line with its spec. Serialised per run."""
-    with _locks[(namespace, name)], metrics.RECONCILE_SECONDS.time():
+# ---------------------------------------------------------------------------------- the workers
+
+def start(workers: int) -> None:
+    """`workers` threads taking keys from `queue` (enough to keep the API server busy, few enough
+    not to queue on it: a reconcile is mostly waiting on its writes)."""
+    for i in range(workers):
+        thread = threading.Thread(target=_work, name=f"reconcile-{i}", daemon=True)
+        thread.start()
+        _workers.append(thread)
+
+
+def stop() -> None:
+    queue.shut_down()
+
+
+def _work() -> None:
+    while (key := queue.get()) is not None:
         try:
-            for _ in range(STATUS_TRIES):
-                try:
-                    _reconcile_once(namespace, name)
-                    return
-                except kube.Conflict:
-                    cache.forget_run(namespace, name)  # read it afresh
-                    continue
-            raise StatusKeptConflicting(f"{namespace}/{name}: status kept conflicting")
-        except Exception:
-            metrics.RECONCILE_ERRORS.inc()
-            raise
+            process(key)
+        finally:
+            queue.done(key)
 
 
-def _reconcile_once(namespace: str, name: str) -> None:
-    body = cache.run(namespace, name) or kube.get_run(namespace, name)
+def process(key: Key) -> None:
+    """One reconcile of a run and its next step; never raises."""
+    try:
+        after = reconcile_run(*key)
+    except Exception as e:  # noqa: BLE001 - whatever it was, the run gets a next step and says why
+        _wait(key, e)
+        return
+    queue.forget(key)
+    if after is not None:
+        queue.add_after(key, after)
+
+
+def forget(namespace: str, name: str) -> None:
+    """The run is gone: nothing of it stays in memory."""
+    cache.drop(namespace, name)
+    queue.drop((namespace, name))
+    _listed.pop((namespace, name), None)
+    metrics.observe_phase(namespace, name, None)
+
+
+def _wait(key: Key, exc: Exception) -> None:
+    metrics.RECONCILE_ERRORS.inc()
+    waiting = kube.waiting_on(exc)
+    delay = queue.add_rate_limited(key, waiting.retry_after)
+    tries = queue.failures(key)
+    doing = getattr(exc, "doing", None)
+    message = (f"waiting: {doing}: " if doing else "waiting: ") + waiting.message + \
+        f"; trying again in {delay:.0f}s (try {tries})"
+    if waiting.reason == "InternalError":
+        log.error("%s/%s: %s", *key, message, exc_info=exc)
+    else:
+        log.warning("%s/%s: %s", *key, message)
+    _report_waiting(key, waiting.reason, message, first=tries == 1)
+
+
+def _report_waiting(key: Key, reason: str, message: str, first: bool) -> None:
+    """Best effort: the run's status as it is, with condition Reconciling saying what it waits for
+    (the API server may not take it: it is what failed); one Warning Event per stretch of failures."""
+    try:
+        body = cache.run(*key) or kube.get_run(*key)  # after a conflict the cache let it go
+    except Exception:  # noqa: BLE001 - the API server is what failed
+        body = None
     if body is None or body["metadata"].get("deletionTimestamp"):
-        metrics.observe_phase(namespace, name, None)
-        return  # deleted: ownerReferences let the garbage collector remove the children
+        log.warning("%s/%s: %s (not written on the run: it could not be read)", *key, reason)
+        return
+    if first:
+        kube.emit_event(body, "Warning", reason, message)
+    try:
+        old = AlignmentRunStatus.model_validate(body.get("status") or {})
+        status = old.model_copy(deep=True)
+        status.conditions = [c for c in old.conditions if c.type != "Reconciling"] + [
+            condition(old.conditions, "Reconciling", "True", reason, message, kube.now(), old.observed_generation)]
+        wire, _ = writable(status)
+        cache.put_run(kube.replace_status(body, wire))
+    except Exception as e:  # noqa: BLE001 - the requeue is in place; this was only the message
+        log.warning("%s/%s: could not write what it waits for: %s", *key, kube.waiting_on(e).message)
+
+
+@contextmanager
+def _step(doing: str) -> Iterator[None]:
+    """Name what the reconcile was doing on whatever it raises (the Reconciling message)."""
+    try:
+        yield
+    except Exception as e:
+        if not hasattr(e, "doing"):
+            e.doing = doing  # type: ignore[attr-defined]
+        raise
+
+
+# ---------------------------------------------------------------------------------- one reconcile
+
+def reconcile_run(namespace: str, name: str) -> float | None:
+    """Bring one run's children and status in line with its spec. Returns the seconds after which
+    to look again (None: at its next event). Raises what it could not get past (see process)."""
+    with metrics.RECONCILE_SECONDS.time():
+        for _ in range(STATUS_TRIES):
+            try:
+                return _reconcile_once(namespace, name)
+            except kube.Conflict:
+                cache.forget_run(namespace, name)  # read it afresh
+        raise kube.Conflict(f"{namespace}/{name}: status kept conflicting")
+
+
+def _reconcile_once(namespace: str, name: str) -> float | None:
+    body = cache.run(namespace, name)
+    if body is None:
+        with _step("reading the run"):
+            body = kube.get_run(namespace, name)
+        if body is not None:
+            cache.put_run(body)
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        forget(namespace, name)
+        return None  # deleted: ownerReferences let the garbage collector remove the children
     generation = body["metadata"].get("generation")
     old_status = AlignmentRunStatus.model_validate(body.get("status") or {})
     try:
         run = parse_run(body, f"{namespace}/{name}")
     except RunInvalid as e:
         _reject(body, old_status, generation, str(e))
-        return
-    children, now = _children(namespace, name, body["metadata"].get("uid") or "", old_status), kube.now()
+        return None
+    refused_retry = _refuse_long_retry(run)
+    children, now = _children(body, old_status), kube.now()
     outcome = reconcile(run, generation, children, now)
     try:
         for action in outcome.actions:
@@ -95,22 +211,87 @@ def _reconcile_once(namespace: str, name: str) -> None:
                     next(s.message for s in outcome.status.stages if s.name == stage))
         for action in outcome.actions:
             _apply(action, run, body, outcome.status)
-    new = outcome.status.wire()
+    status = outcome.status
+    if refused_retry:
+        status.conditions.append(condition(old_status.conditions, "RetryRefused", "True", "RetryValueTooLong",
+                                           refused_retry, now, generation))
+    new, notes = writable(status)
+    _note(new, notes)
     if new != old_status.wire():
-        cache.put_run(kube.replace_status(body, new))
-    metrics.observe_phase(namespace, name, outcome.status.phase)
+        with _step("writing the run's status"):
+            written = kube.replace_status(body, new)
+        cache.put_run(written)
+        if notes:
+            kube.emit_event(body, "Warning", "StatusAdjusted", "status as the API server takes it: " + "; ".join(
+                f"{_path(path)}: {note}" for path, note in notes))
+        if refused_retry and not any(c.type == "RetryRefused" and c.message == refused_retry
+                                     for c in old_status.conditions):
+            kube.emit_event(body, "Warning", "RetryRefused", refused_retry)
+    metrics.observe_phase(namespace, name, status.phase)
+    return _next_look(namespace, name, status.phase, outcome.actions)
 
 
-def _children(namespace: str, name: str, uid: str, status: AlignmentRunStatus) -> dict[str, Any]:
-    """The stages' children (what the run of `uid` controls) from the cache; from the API server when
-    status names one it lacks. FailedCreate Events only for a child with no pod (observe.needs_events)."""
+def _next_look(namespace: str, name: str, phase: str, actions: list[Any]) -> float | None:
+    """The requeue reconcile asked for, or the resync of an active run, whichever comes first. A
+    finished run keeps no children in memory."""
+    after = [a.seconds for a in actions if isinstance(a, RequeueAfter)]
+    if phase in FINISHED:
+        cache.finish(namespace, name)
+        _listed.pop((namespace, name), None)
+    else:
+        after.append(RESYNC_SECONDS * random.uniform(0.9, 1.1))  # spread: runs applied together
+    return min(after) if after else None
+
+
+def _children(body: dict[str, Any], status: AlignmentRunStatus) -> dict[str, Any]:
+    """The stages' children from the cache; from the API server when status names one it lacks,
+    when the run had finished (the cache dropped them), or when the last list is RESYNC_SECONDS old
+    (observe.children keeps only what the run's UID controls)."""
+    meta = body["metadata"]
+    namespace, name, uid = meta["namespace"], meta["name"], meta.get("uid") or ""
+    key, clock = (namespace, name), time.monotonic()
     objects, pods = cache.children(namespace, name)
-    if observe.missing(status.stages, observe.children(objects, pods, uid)):
-        objects, pods = kube.list_children(namespace, name)
-        for obj in objects + pods:
-            cache.put(obj)
+    children = observe.children(objects, pods, uid)
+    stale = clock - _listed.setdefault(key, clock) >= RESYNC_SECONDS
+    if stale or cache.finished(namespace, name) or observe.missing(status.stages, children):
+        with _step("listing the run's Jobs and pods"):
+            objects, pods = kube.list_children(namespace, name)
+        cache.replace_children(namespace, name, objects, pods)
+        _listed[key] = clock
+        children = observe.children(objects, pods, uid)
     wanted = observe.needs_events(objects, pods, uid)
-    return observe.children(objects, pods, uid, kube.failed_create_events(namespace, wanted) if wanted else [])
+    if wanted:  # a child without pods: the Job controller says why only in Events
+        with _step("listing the FailedCreate Events of the run's Jobs"):
+            events = kube.failed_create_events(namespace, wanted)
+        children = observe.children(objects, pods, uid, events)
+    return children
+
+
+def _refuse_long_retry(run: Any) -> str | None:
+    """A retry annotation status.retryRequest cannot hold is never acted on (acting on it every
+    reconcile, as no status write could record it, deleted and recreated the stage without end):
+    reconcile does not see it, and the returned message says why."""
+    value = run.metadata.annotations.get(RETRY_ANNOTATION)
+    if value is None or len(value) <= RETRY_REQUEST_MAX:
+        return None
+    run.metadata.annotations = {k: v for k, v in run.metadata.annotations.items() if k != RETRY_ANNOTATION}
+    return (f"metadata.annotations[{RETRY_ANNOTATION}] is {len(value)} characters long; at most "
+            f"{RETRY_REQUEST_MAX} are accepted (status.retryRequest records it): nothing was retried. "
+            f"Set a shorter value, e.g. $(date +%s)")
+
+
+def _note(wire: dict[str, Any], notes: list[tuple[tuple, str]]) -> None:
+    """What writable() left out of a stage goes into that stage's message."""
+    for path, note in notes:
+        if len(path) > 2 and path[0] == "stages" and isinstance(path[1], int):
+            stage = wire["stages"][path[1]]
+            said = f"status left out {_path(path[2:])}: {note}"
+            if said not in (stage.get("message") or ""):
+                stage["message"] = f"{stage['message']}; {said}" if stage.get("message") else said
+
+
+def _path(path: tuple) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
 
 
 def _apply(action: Any, run: Any, body: dict[str, Any], status: AlignmentRunStatus) -> None:
@@ -121,29 +302,23 @@ def _apply(action: Any, run: Any, body: dict[str, Any], status: AlignmentRunStat
         objects = ([pvc] if pvc else []) + build_stage(
             run, action.index, _context, stage_hash(run, action.index), suspend=action.suspend)
         for obj in objects:
-            created = kube.ensure_object(obj)
+            with _step(f"creating {obj['kind']} {obj['metadata']['name']}"):
+                created = kube.ensure_object(obj)
             if created is not None and created["kind"] in observe.OBSERVERS:
                 cache.put(created)  # seen at once, before its watch event arrives
     elif isinstance(action, SetSuspend):
-        kube.set_suspend(ns, action.name, action.kind, action.suspend)
+        with _step(f"{'suspending' if action.suspend else 'resuming'} {action.kind} {action.name}"):
+            kube.set_suspend(ns, action.name, action.kind, action.suspend)
     elif isinstance(action, DeleteChild):
-        kube.delete_child(ns, action.name, action.kind, action.uid)
+        with _step(f"deleting {action.kind} {action.name}"):
+            kube.delete_child(ns, action.name, action.kind, action.uid)
     elif isinstance(action, DeleteChildren):
-        kube.delete_children(ns, name, body["metadata"].get("uid"))
+        with _step("deleting the run's Jobs (ttlSecondsAfterFinished)"):
+            kube.delete_children(ns, name, body["metadata"].get("uid"))
     elif isinstance(action, Event):
         kube.emit_event(body, action.type, action.reason, action.message)
         metrics.TRANSITIONS.labels(action.reason).inc()
-    elif isinstance(action, RequeueAfter):
-        timer = threading.Timer(action.seconds, _safe_reconcile, args=(ns, name))
-        timer.daemon = True
-        timer.start()
-
-
-def _safe_reconcile(namespace: str, name: str) -> None:
-    try:
-        reconcile_run(namespace, name)
-    except Exception:  # noqa: BLE001 - a timer thread has nobody to raise to
-        log.exception("requeued reconcile of %s/%s failed", namespace, name)
+    # RequeueAfter: the worker's next step (_next_look)
 
 
 def _reject(body: dict[str, Any], old: AlignmentRunStatus, generation: int | None, message: str) -> None:
@@ -155,5 +330,7 @@ def _reject(body: dict[str, Any], old: AlignmentRunStatus, generation: int | Non
         condition(old.conditions, kind, value, "InvalidSpec", message[:4000] if value == "True" else "", now, generation)
         for kind, value in (("SpecRejected", "True"), ("Stalled", "True"), ("Reconciling", "False"))]
     if status.wire() != old.wire():
-        kube.replace_status(body, status.wire())
+        with _step("writing the run's status"):
+            cache.put_run(kube.replace_status(body, status.wire()))
         kube.emit_event(body, "Warning", "InvalidSpec", message)
+

@@ -1,5 +1,7 @@
-"""kopf registrations only: every event on a run, or on one of its Jobs, PyTorchJobs or pods,
-re-reconciles that run (controller.reconcile_run: observe, decide, act)."""
+"""kopf registrations only: every event on a run, or on one of its Jobs, JobSets, PyTorchJobs or
+pods, goes into the controller's cache and, when it is news, puts the run's key on the
+controller's work queue (controller.process: observe, decide, act, one worker per key). A handler
+never reconciles itself: kopf forgets what an event handler raises."""
 
 from __future__ import annotations
 
@@ -22,9 +24,7 @@ def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.WARNING   # we post our own events
     settings.watching.server_timeout = 300
     settings.networking.error_backoffs = [1, 2, 5, 10]
-    # Reconciles run in this many threads: enough to keep the API server busy, few enough not to
-    # queue on it (a reconcile is mostly waiting on its writes).
-    settings.execution.max_workers = int(os.environ.get("ALIGNMENT_WORKERS", "8"))
+    settings.execution.max_workers = 4  # the handlers only fill the cache and the queue
     # kopf keeps one task, holding the object's latest body, per object with events queued; a
     # burst of a thousand runs (with their Jobs and pods) would hold them all at once. A bounded
     # number of such tasks that exit soon after their last event bounds the memory instead
@@ -36,6 +36,9 @@ def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     endpoint = _serve_progress()
     context = controller.configure(progress_url=endpoint.url if endpoint else "",
                                    progress_ca=endpoint.ca_pem if endpoint else "")
+    # Reconciles run in this many threads: enough to keep the API server busy, few enough not to
+    # queue on it (a reconcile is mostly waiting on its writes).
+    controller.start(int(os.environ.get("ALIGNMENT_WORKERS", "8")))
     port = int(os.environ.get("ALIGNMENT_METRICS_PORT", "9090"))
     if port:
         metrics.serve(port)
@@ -56,30 +59,26 @@ def _serve_progress() -> progress_server.Endpoint | None:
     return endpoint
 
 
-def _reconcile(namespace: str, name: str) -> None:
-    try:
-        controller.reconcile_run(namespace, name)
-    except controller.StatusKeptConflicting as e:
-        raise kopf.TemporaryError(str(e), delay=2) from None
+@kopf.on.cleanup()
+def _cleanup(**_: Any) -> None:
+    controller.stop()
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
 def on_run(namespace: str, name: str, type: str, event: dict[str, Any], **_: Any) -> None:
     if type == "DELETED":
-        controller.cache.forget_run(namespace, name)
-        metrics.observe_phase(namespace, name, None)
+        controller.forget(namespace, name)
         progress_server.forget_run(namespace, name)  # the progress endpoint's state of its stages
-    else:
-        controller.cache.put_run(event["object"])
-        _reconcile(namespace, name)
+    elif controller.cache.put_run(event["object"]):  # not the echo of the operator's own write
+        controller.queue.add((namespace, name))
 
 
 def _child_event(kind: str, type: str, event: dict[str, Any]) -> None:
-    """Every child or pod event: into the cache, then a reconcile of its run."""
+    """Every child or pod event: into the cache, then its run's key on the queue (when it is news)."""
     obj = event["object"]
     key = controller.cache.put(obj if "kind" in obj else {"kind": kind, **obj}, deleted=type == "DELETED")
     if key is not None:
-        _reconcile(*key)
+        controller.queue.add(key)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_RUN: kopf.PRESENT})

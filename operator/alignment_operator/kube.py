@@ -5,8 +5,11 @@ what exists is success (409) when it is the run's own (its controller ownerRefer
 is refused, never adopted, changed or deleted), deleting what is gone is success (404; a delete
 names the UID it means), status is replaced
 with the resourceVersion it was computed from (optimistic concurrency). A create the server
-refuses for what was sent (422, 403, 400, ...) raises ChildRefused with the server's words;
-throttling, timeouts and server errors (429, 408, 5xx) raise ApiException as before (retried).
+refuses for what was sent (422, 403, 400, ...) raises ChildRefused with the server's words; a
+status the server refuses raises StatusRefused; anything else (throttling, timeouts, server
+errors, a connection refused) is raised as the client raised it, and `waiting_on` says what the
+operator waits for (controller.py requeues the run with backoff and writes that on it). Every
+request has a timeout (REQUEST_TIMEOUT): a server that stops answering cannot hold a worker.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import re
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
 from typing import Any
@@ -21,9 +26,8 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
-from . import observe
 from .api import GROUP, PLURAL, VERSION
-from .reconcile import ObservedChild, Refusal
+from .reconcile import Refusal
 from .render.manifests import LABEL_RUN, LABEL_STAGE
 
 log = logging.getLogger(__name__)
@@ -46,6 +50,25 @@ class ChildRefused(Exception):
         self.refusal = refusal
 
 
+class StatusRefused(Exception):
+    """The API server refused a status write for what it holds (422 Invalid, 400): the operator's
+    own bug or a CRD older than the operator; reported on the run, tried again with backoff."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code, self.message = code, message
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """What a reconcile that raised waits for: a CamelCase reason, the server's words (no
+    credentials), and how long the server asked us to wait (429/503 Retry-After)."""
+
+    reason: str
+    message: str
+    retry_after: float | None = None
+
+
 # 4xx answers that are not about the object sent: our own credentials (401), a namespace or CRD
 # that is gone (404), exists already (409, success for a create), a timeout (408), throttling (429).
 NOT_REFUSALS = (401, 404, 408, 409, 429)
@@ -66,8 +89,22 @@ def _api(cls: type) -> Any:
     if _shared is None:
         configuration = client.Configuration.get_default_copy()
         configuration.connection_pool_maxsize = 32  # more than the reconcile threads, so none waits for a socket
-        _shared = client.ApiClient(configuration)
+        _shared = _with_timeout(client.ApiClient(configuration))
     return cls(_shared)
+
+
+REQUEST_TIMEOUT = (10, 60)  # seconds to connect, to read an answer; a call can still name its own
+
+
+def _with_timeout(api: client.ApiClient) -> client.ApiClient:
+    """The generated client sends no timeout unless a call names one (urllib3 then waits forever on
+    a server that stopped answering): every request gets REQUEST_TIMEOUT by default."""
+    request = api.rest_client.request
+
+    def timed(method, url, *args, _request_timeout=None, **kwargs):
+        return request(method, url, *args, _request_timeout=_request_timeout or REQUEST_TIMEOUT, **kwargs)
+    api.rest_client.request = timed
+    return api
 
 
 def now() -> str:
@@ -123,11 +160,6 @@ def list_children(namespace: str, run: str) -> tuple[list[dict[str, Any]], list[
     pods = [{"kind": "Pod", **p} for p in _json(_api(client.CoreV1Api).list_namespaced_pod(
         namespace, label_selector=selector, _preload_content=False))["items"]]
     return objects, pods
-
-
-def observe_children(namespace: str, run: str, run_uid: str) -> dict[str, ObservedChild]:
-    """Each stage's child, read from the API server (the controller's cache usually answers instead)."""
-    return observe.children(*list_children(namespace, run), run_uid)
 
 
 # ------------------------------------------------------------------------------------ acting
@@ -330,6 +362,8 @@ def replace_status(body: dict[str, Any], status: dict[str, Any]) -> dict[str, An
     except ApiException as e:
         if e.status == 409:
             raise Conflict(f"{meta['namespace']}/{meta['name']} changed") from None
+        if e.status in (400, 422):
+            raise StatusRefused(e.status, _server_words(e)) from None
         raise
 
 
@@ -341,12 +375,87 @@ def emit_event(body: dict[str, Any], type_: str, reason: str, message: str) -> N
         involved_object=client.V1ObjectReference(
             api_version=body["apiVersion"], kind=body["kind"], name=meta["name"], namespace=meta["namespace"],
             uid=meta.get("uid"), resource_version=meta.get("resourceVersion")),
-        type=type_, reason=reason, message=message[:1024], first_timestamp=ts, last_timestamp=ts, count=1,
+        type=type_, reason=reason, message=event_message(message), first_timestamp=ts, last_timestamp=ts, count=1,
         source=client.V1EventSource(component="alignment-operator"), reporting_component="alignment-operator")
     try:
         _api(client.CoreV1Api).create_namespaced_event(meta["namespace"], event)
-    except ApiException as e:  # an event lost is not worth failing a reconcile for
-        log.warning("could not post event %s: %s", reason, e.reason)
+    except Exception as e:  # noqa: BLE001 - an event lost is not worth failing a reconcile for
+        log.warning("could not post event %s: %s", reason, getattr(e, "reason", None) or e)
+
+
+EVENT_LIMIT = 1024  # what an Event's message holds
+
+
+def event_message(message: str, limit: int = EVENT_LIMIT) -> str:
+    """At most `limit` characters, keeping the head (what failed) and the END (a failure's error
+    line comes last): the middle is cut."""
+    if len(message) <= limit:
+        return message
+    head = min(200, limit // 4)
+    return message[:head] + " … " + message[-(limit - head - 3):]
+
+
+# ------------------------------------------------------------------------------------ errors
+
+_SECRETS = re.compile(r"(?i)\b(authorization:\s*(?:bearer\s+|basic\s+)?|bearer\s+|token[=:]\s*|password[=:]\s*)[^\s'\",]+")
+
+
+def _server_words(e: ApiException) -> str:
+    """The metav1.Status message of an error answer, else its body or HTTP reason; one line."""
+    body = e.body.decode(errors="replace") if isinstance(e.body, bytes) else e.body
+    try:
+        status = json.loads(body or "")
+    except ValueError:
+        status = None
+    said = status.get("message") if isinstance(status, dict) else None
+    return " ".join(str(said or body or e.reason or "").split())
+
+
+def _retry_after(e: ApiException) -> float | None:
+    try:
+        value = (e.headers or {}).get("Retry-After")
+        return float(value) if value is not None else None
+    except (TypeError, ValueError):  # an HTTP date: not worth parsing, the backoff applies
+        return None
+
+
+def waiting_on(exc: BaseException) -> Waiting:
+    """What a reconcile that raised `exc` waits for. Never includes credentials: the server's
+    message (a metav1.Status), the client's error class and words, with tokens masked."""
+    if isinstance(exc, Conflict):
+        return Waiting("Conflict", "the run kept changing while the operator wrote its status")
+    if isinstance(exc, StatusRefused):
+        return Waiting("StatusRefused", f"the API server refused the run's status ({exc.code}): {exc.message}")
+    if isinstance(exc, ApiException):
+        code = exc.status or 0
+        words = _server_words(exc)
+        if code == 429:
+            reason = "Throttled"
+        elif code == 408 or code == 504:
+            reason = "ApiServerTimeout"
+        elif code >= 500:
+            reason = "ApiServerError"
+        elif code == 0:
+            reason = "ApiServerUnreachable"
+        else:  # a 4xx on a call other than a create (those are ChildRefused): RBAC, a gone namespace, ...
+            reason = "ApiRequestRefused"
+        message = f"the API server answered {code} {exc.reason or ''}".rstrip() + (f": {words}" if words else "")
+        return Waiting(reason, _mask(message), _retry_after(exc) if code in (429, 503) else None)
+    if isinstance(exc, OSError) or _from_urllib3(exc):
+        timeout = "timeout" in type(exc).__name__.lower() or "timed out" in str(exc).lower()
+        return Waiting("ApiServerTimeout" if timeout else "ApiServerUnreachable",
+                       _mask(f"no answer from the API server: {type(exc).__name__}: {exc}"))
+    return Waiting("InternalError", _mask(f"{type(exc).__name__}: {exc}"))
+
+
+def _from_urllib3(exc: BaseException) -> bool:
+    """The HTTP library's own errors (no connection, a read timeout, a dropped connection): what
+    the client raises when no answer came (urllib3 is its dependency, not ours)."""
+    return any(c.__module__.split(".")[0] == "urllib3" for c in type(exc).__mro__)
+
+
+def _mask(text: str) -> str:
+    return _SECRETS.sub(lambda m: m.group(1) + "***", " ".join(text.split()))
 
 
 # ------------------------------------------------------------------------------------ live progress

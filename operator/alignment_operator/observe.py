@@ -169,9 +169,24 @@ def job(obj: dict[str, Any], pods: list[dict[str, Any]], events: list[dict[str, 
     # and the operator restarts the whole group; the Failed condition says whether that counts.
     group = spec.get("completionMode") == "Indexed" and (spec.get("completions") or 1) > 1
     failed = conds.get("Failed") or conds.get("FailureTarget") or {}
+    # One pod: its podFailurePolicy ignores a disruption (the Job controller replaces the pod, not
+    # counted); the operator counts them from the pods (a group's count as its restarts instead).
+    count, last = (0, None) if group else disrupted(pods)
     return _child(obj, "Job", state, 1 if group and attempts else attempts, finished, message, pods, suspended,
                   events, s.get("startTime"), group=group, failure=failure_kind(failed.get("reason"), failed.get("message"))
-                  if state == "Failed" else None)
+                  if state == "Failed" else None, disruptions=count, disruption=last)
+
+
+def disrupted(pods: list[dict[str, Any]]) -> tuple[int, str | None]:
+    """How many of the pods were disrupted (preempted, evicted, drained: DisruptionTarget=True), and
+    the last one's words."""
+    hits = [(p["metadata"]["name"], c) for p in pods for c in (p.get("status") or {}).get("conditions") or []
+            if c.get("type") == "DisruptionTarget" and c.get("status") == "True"]
+    if not hits:
+        return 0, None
+    name, c = hits[-1]
+    return len(hits), clip_keeping_end(f"pod {name}: {c.get('reason') or 'DisruptionTarget'}: {c.get('message') or ''}",
+                                       CAUSE_LIMIT)
 
 
 def jobset(obj: dict[str, Any], pods: list[dict[str, Any]], events: list[dict[str, Any]] = ()) -> ObservedChild:

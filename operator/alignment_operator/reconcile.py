@@ -101,6 +101,8 @@ class ObservedChild:
     started: bool = True                # a pod of it has run its container (False: none has yet)
     waiting: Cause | None = None        # not started: why, when the pods or the Job say
     since: str | None = None            # when it could start: the Job's startTime (reset on resume), else created
+    disruptions: int = 0                # its pods disrupted (preempted, evicted, drained), replaced uncounted
+    disruption: str | None = None       # the last such pod's words
 
 
 @dataclass(frozen=True)
@@ -232,6 +234,7 @@ def reconcile(run: AlignmentRun, generation: int | None, children: dict[str, Obs
             st.phase, st.completion_time, st.message, st.reason = "Pending", None, None, None
             st.previous_attempts = st.attempts
             st.create_refusals, st.last_refusal_time = 0, None
+            st.disruptions = 0  # counted again, up to maxDisruptions
             st.attempt_spec = None  # a new attempt: it runs the spec as it is now
         elif st.create_refusals and generation != old.observed_generation and not blocked:
             # The spec changed since the API server refused the stage's child: try again at once.
@@ -324,6 +327,20 @@ def _fold_child(st: StageStatus, child: ObservedChild, run: AlignmentRun, now: s
         st.message, st.reason = None, None
         events.append(Event("Normal", "StageSucceeded", f"stage {st.name} succeeded: {_brief(st.metrics)}"))
         return
+    if child.disruptions > st.disruptions:  # a pod disrupted and replaced by its Job: counted here, traced
+        st.disruptions = child.disruptions
+        if _too_disrupted(st, run, child.disruption, events):
+            st.completion_time = now
+            actions.append(DeleteChild(st.name, child.name, child.kind, child.uid))  # its new pod runs on
+            return
+        events.append(Event("Warning", "StageDisrupted", f"stage {st.name}: {child.disruption}; disruption "
+                            f"{st.disruptions} of at most {_max_disruptions(run, st.name)}, not counted against "
+                            "backoffLimit: the new pod resumes from the newest checkpoint"))
+    if child.state == "Failed" and child.group and child.failure == "disruption":
+        st.disruptions += 1
+        if _too_disrupted(st, run, child.message, events):
+            st.completion_time = child.finished or now
+            return
     if child.state == "Failed" and child.group and child.failure != "input":
         counted = child.failure != "disruption"
         if not counted or st.restarts < spec_backoff(run, st.name):
@@ -331,7 +348,8 @@ def _fold_child(st: StageStatus, child: ObservedChild, run: AlignmentRun, now: s
             # goes first (the retry path below), then a new one starts.
             st.restarts += counted
             st.phase, st.previous_attempts = "Pending", st.attempts
-            why = f"restart {st.restarts} of {spec_backoff(run, st.name)}" if counted else "a disruption, not counted"
+            why = f"restart {st.restarts} of {spec_backoff(run, st.name)}" if counted else \
+                f"disruption {st.disruptions} of at most {_max_disruptions(run, st.name)}, not counted"
             st.message = f"restarting every rank ({why}): {child.message}"
             events.append(Event("Warning", "GroupRestart", f"stage {st.name}: {st.message}"))
             return
@@ -442,6 +460,22 @@ def clip(text: str, limit: int) -> str:
     """One line of at most `limit` characters (the server's messages can list many fields)."""
     line = " ".join(text.split())
     return line if len(line) <= limit else line[:limit - 1] + "…"
+
+
+def _max_disruptions(run: AlignmentRun, stage: str) -> int:
+    return next(s.max_disruptions for s in run.spec.stages if s.name == stage)
+
+
+def _too_disrupted(st: StageStatus, run: AlignmentRun, words: str | None, events: list[Action]) -> bool:
+    """More disruptions than the stage's maxDisruptions: it fails (one Warning Event) instead of going on."""
+    limit = _max_disruptions(run, st.name)
+    if st.disruptions <= limit:
+        return False
+    st.phase, st.reason = "Failed", "TooManyDisruptions"
+    st.message = (f"disrupted {st.disruptions} times (preemption, eviction, node drain), more than maxDisruptions "
+                  f"({limit}); the last: {words or 'no message'}")
+    events.append(Event("Warning", "StageFailed", f"stage {st.name} failed: {st.message}"))
+    return True
 
 
 def spec_backoff(run: AlignmentRun, stage: str) -> int:

@@ -111,6 +111,7 @@ class ControlPlane:
     server: str = ""
     kubeconfig: Path = Path()
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    _argv: dict[str, list] = field(default_factory=dict)  # each process's command line (restart_apiserver)
     # For a real node (tests/cluster/node.py): the node's IP. The API server then also listens
     # there and advertises it (the `kubernetes` Service's endpoint, so pods reach it through
     # kube-proxy), and reaches kubelets at their InternalIP with a client certificate.
@@ -203,8 +204,21 @@ class ControlPlane:
                     proc.wait()
         self.processes.clear()
 
-    def _spawn(self, name: str, argv: list) -> None:
-        log = open(self.workdir / f"{name}.log", "wb")
+    def restart_apiserver(self, downtime: float) -> None:
+        """kube-apiserver killed (SIGKILL), down for `downtime` seconds, then started again with the
+        same flags on the same port (etcd keeps the data); returns once it is ready."""
+        proc = self.processes["kube-apiserver"]
+        proc.kill()
+        proc.wait()
+        time.sleep(downtime)
+        self._spawn("kube-apiserver", self._argv["kube-apiserver"], append=True)
+        certs = {"ca.crt": self.workdir / "pki" / "ca.crt", "admin.crt": self.workdir / "pki" / "admin.crt",
+                 "admin.key": self.workdir / "pki" / "admin.key"}
+        self._wait_ok("kube-apiserver", f"{self.server}/readyz", certs, timeout=90)
+
+    def _spawn(self, name: str, argv: list, append: bool = False) -> None:
+        self._argv[name] = argv
+        log = open(self.workdir / f"{name}.log", "ab" if append else "wb")
         with log:  # the child keeps its own descriptor
             self.processes[name] = subprocess.Popen(
                 [str(a) for a in argv], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

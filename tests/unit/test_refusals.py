@@ -240,7 +240,7 @@ def test_the_controller_records_a_refused_create_logs_one_line_and_waits(monkeyp
     body = {"apiVersion": "alignment.dev/v1alpha1", "kind": "AlignmentRun", "spec": run.spec.wire(),
             "metadata": {"name": "tiny", "namespace": "ns", "generation": 1, "resourceVersion": "7"},
             "status": sft_done(run)}
-    writes, events, created, timers = [], [], [], []
+    writes, events, created = [], [], []
     monkeypatch.setattr(controller, "cache", controller.Cache())
     controller.cache.put_run(body)
     monkeypatch.setattr(controller, "_children", lambda *a: SFT)
@@ -256,21 +256,12 @@ def test_the_controller_records_a_refused_create_logs_one_line_and_waits(monkeyp
         return obj
     monkeypatch.setattr(kube, "ensure_object", ensure)
 
-    class Timer:
-        def __init__(self, seconds, fn, args):
-            timers.append(seconds)
-            self.daemon = True
-
-        def start(self):
-            pass
-    monkeypatch.setattr(controller.threading, "Timer", Timer)
-
     with caplog.at_level(logging.INFO, logger="alignment_operator"):
-        controller.reconcile_run("ns", "tiny")  # no exception: kopf has nothing to retry
+        after = controller.reconcile_run("ns", "tiny")  # no exception: the refusal is an observation
     assert created[-1] == "Job", "the create really was attempted"
     assert len(writes) == 1 and writes[0]["stages"][1]["createRefusals"] == 1
     assert writes[0]["stages"][0]["checkpoint"] == SFT_RESULT["checkpoint"]
-    assert events == [] and timers == [5.0]
+    assert events == [] and after == 5.0, "the queue looks again after the backoff"
     lines = [r for r in caplog.records if "refused" in r.getMessage()]
     assert len(lines) == 1 and lines[0].levelno == logging.WARNING and lines[0].exc_info is None
     assert lines[0].getMessage().startswith("ns/tiny stage dpo: the API server refused to create Job tiny-dpo")

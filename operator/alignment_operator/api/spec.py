@@ -527,6 +527,10 @@ class StageSpec(ApiModel):
         "feedback is written."))
     backoff_limit: int = Field(2, ge=0, description=(
         "Pod retries before the stage fails; a retry resumes from the newest checkpoint."))
+    max_disruptions: int = Field(20, ge=0, description=(
+        "Disruptions (preemption, eviction, node drain: a pod's DisruptionTarget condition) the stage may meet. "
+        "They are not counted against backoffLimit: each one resumes from the newest checkpoint, is counted in "
+        "status.stages[].disruptions and traced in an Event; one more than this fails the stage."))
     start_deadline_seconds: int | None = Field(None, ge=1, description=(
         "Fail the stage when its pods have not started training this long after its Job was created (or "
         "resumed), naming the cause: an image that cannot be pulled, a missing Secret or ConfigMap, pods "

@@ -6,14 +6,16 @@ last condition.
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from .base import ApiModel, KubeObject
 
 RunPhase = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"]
 StagePhase = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"]
+RETRY_REQUEST_MAX = 253  # status.retryRequest's maxLength: a longer alignment.dev/retry value is refused
 
 
 class Condition(ApiModel):
@@ -52,6 +54,9 @@ class StageStatus(ApiModel):
         "Pods started for the stage, over every Job it had (retries resume from the checkpoint)."))
     restarts: int = Field(0, ge=0, description=(
         "Whole-group restarts of a multi-node stage counted against backoffLimit (disruptions are not counted)."))
+    disruptions: int = Field(0, ge=0, description=(
+        "Disruptions the stage met (preemption, eviction, node drain): not counted against backoffLimit, at most "
+        "stages[].maxDisruptions."))
     create_refusals: int = Field(0, ge=0, description=(
         "Times in a row the API server refused to create the stage's Job, JobSet, PyTorchJob, Service, ConfigMap or "
         "volume (invalid, forbidden, over quota). The stage fails after a few; a successful create, a spec change "
@@ -93,7 +98,49 @@ class AlignmentRunStatus(ApiModel):
         "Ready (the run succeeded), Reconciling (work left: kstatus InProgress), Stalled (a stage failed: "
         "kstatus Failed), Failed (with the stage's message), SpecRejected."))
     observed_generation: int | None = Field(None, description="Spec generation last acted upon.")
-    retry_request: str | None = Field(None, max_length=253, description=(
+    retry_request: str | None = Field(None, max_length=RETRY_REQUEST_MAX, description=(
         "The alignment.dev/retry annotation value last acted upon (failed stages were retried once for it)."))
     start_time: str | None = Field(None, description="When the first stage started (RFC 3339).")
     completion_time: str | None = Field(None, description="When the run finished (RFC 3339).")
+
+
+Path = tuple[str | int, ...]
+
+
+def writable(status: AlignmentRunStatus) -> tuple[dict[str, Any], list[tuple[Path, str]]]:
+    """`status` on the wire as the API server will take it, and what had to change for that, as
+    (path, note) pairs. JSON has no NaN or Infinity (an eval stage can report one): a non-finite
+    number is left out of its map (or nulled in a list); a string longer than its schema's
+    maxLength is cut to it, keeping its head and end. Anything else the models refuse raises."""
+    wire = status.model_dump(by_alias=True, exclude_none=True)  # the numbers as they are (JSON mode nulls some)
+    notes: list[tuple[Path, str]] = []
+    _drop_non_finite(wire, (), notes)
+    for _ in range(8):  # each pass fixes every string the models found too long
+        try:
+            return AlignmentRunStatus.model_validate(wire).wire(), notes
+        except ValidationError as e:
+            errors = e.errors()
+            if any(err["type"] != "string_too_long" for err in errors):
+                raise
+            for err in errors:
+                *parent_path, key = err["loc"]
+                parent: Any = wire
+                for part in parent_path:
+                    parent = parent[part]
+                text, limit = parent[key], err["ctx"]["max_length"]
+                parent[key] = text[:limit // 4] + "…" + text[-(limit - limit // 4 - 1):]
+                notes.append((tuple(err["loc"]), f"{len(text)} characters cut to {limit}"))
+    raise ValueError("status kept strings too long")  # not reached: each pass shortens them
+
+
+def _drop_non_finite(obj: Any, path: Path, notes: list[tuple[Path, str]]) -> None:
+    items = list(obj.items()) if isinstance(obj, dict) else list(enumerate(obj)) if isinstance(obj, list) else []
+    for key, value in items:
+        if isinstance(value, float) and not math.isfinite(value):
+            notes.append(((*path, key), f"{value} is not a number JSON can carry: left out"))
+            if isinstance(obj, dict):
+                del obj[key]
+            else:
+                obj[key] = None
+        else:
+            _drop_non_finite(value, (*path, key), notes)

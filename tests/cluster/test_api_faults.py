@@ -1,0 +1,227 @@
+"""The operator under API faults, against the real control plane (the kubelet is played as in
+test_operator.py): an admission webhook that answers 500 for a minute, the API server killed for
+30 s mid-stage, and status the API server could not take (a NaN in an eval result, a retry
+annotation longer than status.retryRequest may be). Each ends with the run where it should be and
+saying what happened; none needs another event to get there.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import yaml
+from kubernetes import client
+
+from alignment_operator.progress_server import self_signed
+from kubelet import ROOT, get_run, play_kubelet, result_message, wait_for
+from operator_process import Operator
+
+pytestmark = pytest.mark.cluster
+WEBHOOK = "jobs.faults.alignment.dev"
+DOWN = "the policy service is restarting"
+
+
+@pytest.fixture
+def operator(cluster, crds, namespace, tmp_path):
+    op = Operator(cluster.kubeconfig, namespace, tmp_path / "operator.log").start()
+    yield op
+    op.stop()
+
+
+def apply_run(cluster, ns: str, **stage_fields) -> None:
+    """examples/tiny-run.yaml into `ns`, with {stage: {field: value}} changed."""
+    doc = yaml.safe_load((ROOT / "examples" / "tiny-run.yaml").read_text())
+    for stage in doc["spec"]["stages"]:
+        stage.update(stage_fields.get(stage["name"], {}))
+    cluster.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(doc))
+
+
+def stage_jobs(api, ns: str) -> dict[str, list[client.V1Job]]:
+    """The run's Jobs by stage label (their names carry a hash)."""
+    out: dict[str, list] = {}
+    for j in client.BatchV1Api(api).list_namespaced_job(ns, label_selector="alignment.dev/run=tiny").items:
+        out.setdefault(j.metadata.labels["alignment.dev/stage"], []).append(j)
+    return out
+
+
+def job_of(api, ns: str, stage: str, timeout: float = 60) -> client.V1Job:
+    return wait_for(f"the {stage} Job", lambda: (stage_jobs(api, ns).get(stage) or [None])[0], timeout=timeout)
+
+
+def status(api, ns: str) -> dict:
+    return get_run(api, ns, "tiny").get("status") or {}
+
+
+def condition(s: dict, kind: str) -> dict:
+    return next((c for c in s.get("conditions") or [] if c["type"] == kind), {})
+
+
+def run_events(api, ns: str) -> list:
+    return client.CoreV1Api(api).list_namespaced_event(ns, field_selector="involvedObject.kind=AlignmentRun").items
+
+
+# ---------------------------------------------------------------------------------- a failing webhook
+
+class Webhook:
+    """A validating admission webhook in the test process (HTTPS on 127.0.0.1): HTTP 500 while
+    `failing`, else it allows everything. Counts the Job creates it saw."""
+
+    def __init__(self, tmp_path):
+        cert, key, self.ca = self_signed(tmp_path, ["127.0.0.1"])
+        self.failing, self.calls, self.failed = True, 0, 0
+        hook = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's name
+                review = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                hook.calls += 1
+                if hook.failing:
+                    hook.failed += 1
+                    body, code = DOWN.encode(), 500
+                else:
+                    body, code = json.dumps({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+                                             "response": {"uid": review["request"]["uid"], "allowed": True}}).encode(), 200
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json" if code == 200 else "text/plain")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *_):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()
+
+
+@pytest.fixture
+def webhook(cluster, namespace, tmp_path):
+    hook = Webhook(tmp_path)
+    import base64
+    name = f"faults-{namespace}"
+    config = {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration",
+              "metadata": {"name": name},
+              "webhooks": [{"name": WEBHOOK, "admissionReviewVersions": ["v1"], "sideEffects": "None",
+                            "failurePolicy": "Fail", "timeoutSeconds": 5,
+                            "clientConfig": {"url": f"https://127.0.0.1:{hook.port}/validate",
+                                             "caBundle": base64.b64encode(hook.ca.encode()).decode()},
+                            "rules": [{"apiGroups": ["batch"], "apiVersions": ["v1"], "operations": ["CREATE"],
+                                       "resources": ["jobs"]}],
+                            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}}]}
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(config))
+    yield hook
+    cluster.kubectl("delete", "validatingwebhookconfiguration", name, "--ignore-not-found")
+    hook.stop()
+
+
+def test_a_webhook_answering_500_for_a_minute_delays_the_job_and_the_run_says_why(
+        cluster, operator, namespace, webhook):
+    ns, api = namespace, cluster.api_client()
+    started = time.monotonic()
+    apply_run(cluster, ns)
+    said = wait_for("a Reconciling message naming the webhook's error", lambda: (
+        (c := condition(status(api, ns), "Reconciling")).get("reason") == "ApiServerError" and c), timeout=30)
+    assert said["status"] == "True" and WEBHOOK in said["message"] and said["message"].startswith(
+        "waiting: creating Job tiny-sft"), said
+    assert status(api, ns)["phase"] == "Pending", "PHASE is not empty while it waits"
+    assert webhook.failed >= 1 and "tiny" not in str(stage_jobs(api, ns))
+    warned = [e for e in run_events(api, ns) if e.reason == "ApiServerError"]
+    assert len(warned) == 1 and WEBHOOK in warned[0].message
+
+    time.sleep(max(0.0, 60 - (time.monotonic() - started)))
+    tries_while_down = webhook.failed
+    assert tries_while_down >= 4, "it kept trying, with backoff"
+    assert tries_while_down <= 16, f"{tries_while_down} tries in a minute: not backing off"
+    still = condition(status(api, ns), "Reconciling")
+    assert WEBHOOK in still["message"] and not stage_jobs(api, ns)
+    webhook.failing = False
+    recovered = time.monotonic()
+    job = job_of(api, ns, "sft", timeout=40)
+    took = time.monotonic() - recovered
+    assert took <= 30, f"the Job came {took:.1f}s after the webhook recovered"
+    s = wait_for("sft Running", lambda: (s := status(api, ns)).get("stages", [{}])[0].get("phase") == "Running" and s)
+    assert condition(s, "Reconciling")["reason"] == "StageRunning" and s["stages"][0]["jobName"] == job.metadata.name
+    log = operator.log.read_text()
+    assert "Traceback" not in log, log[-3000:]
+    print(f"\n500s for {recovered - started:.0f}s, {tries_while_down} tries; Job {took:.1f}s after recovery")
+
+
+# ---------------------------------------------------------------------------------- the API server down
+
+def test_the_api_server_down_for_30s_mid_stage_creates_nothing_twice(cluster, operator, namespace):
+    ns, api = namespace, cluster.api_client()
+    apply_run(cluster, ns)
+    sft = job_of(api, ns, "sft")
+    # The sft pod finishes, and the API server dies while the operator acts on it (dpo's ConfigMap,
+    # Job, status write: whichever it had reached).
+    play_kubelet(api, ns, sft.metadata.name, 0, result_message("sft", train_loss=2.5))
+    cluster.restart_apiserver(downtime=30)
+    api = cluster.api_client()
+    dpo = job_of(api, ns, "dpo", timeout=90)
+    play_kubelet(api, ns, dpo.metadata.name, 0, result_message("dpo", train_loss=0.6))
+    ev = job_of(api, ns, "eval")
+    play_kubelet(api, ns, ev.metadata.name, 0, result_message("eval", preference_accuracy=0.75))
+    s = wait_for("Succeeded", lambda: (s := status(api, ns)).get("phase") == "Succeeded" and s, timeout=60)
+    jobs = stage_jobs(api, ns)
+    assert {k: len(v) for k, v in jobs.items()} == {"sft": 1, "dpo": 1, "eval": 1}, "one Job per stage attempt"
+    assert jobs["sft"][0].metadata.uid == sft.metadata.uid
+    assert [(x["name"], x["phase"], x["attempts"]) for x in s["stages"]] == [
+        ("sft", "Succeeded", 1), ("dpo", "Succeeded", 1), ("eval", "Succeeded", 1)]
+    assert s["progress"] == "3/3" and s["model"] == "/workspace/x/tiny/dpo/final"
+    assert s["evaluation"]["preference_accuracy"] == 0.75
+    assert condition(s, "Ready")["status"] == "True"
+
+
+# ---------------------------------------------------------------------------------- status it could not write
+
+def test_a_nan_result_and_a_too_long_retry_annotation_leave_status_writable(cluster, operator, namespace):
+    ns, api = namespace, cluster.api_client()
+    apply_run(cluster, ns, dpo={"backoffLimit": 0})
+    sft = job_of(api, ns, "sft")
+    play_kubelet(api, ns, sft.metadata.name, 0, result_message("sft", train_loss=2.5))
+    dpo = job_of(api, ns, "dpo")
+    play_kubelet(api, ns, dpo.metadata.name, 1, "Traceback ...\nRuntimeError: CUDA error: an illegal memory access")
+    wait_for("Failed", lambda: status(api, ns).get("phase") == "Failed", timeout=60)
+
+    # A retry value status.retryRequest cannot hold (maxLength 253): refused, said, never acted on.
+    cluster.kubectl("annotate", "alignmentrun", "tiny", "-n", ns, f"alignment.dev/retry={'r' * 300}")
+    refused = wait_for("RetryRefused", lambda: (c := condition(status(api, ns), "RetryRefused")) and c, timeout=30)
+    assert refused["status"] == "True" and "300 characters" in refused["message"] and "253" in refused["message"]
+    time.sleep(8)  # the old loop deleted and recreated the Job within seconds
+    assert [j.metadata.uid for j in stage_jobs(api, ns)["dpo"]] == [dpo.metadata.uid], "nothing deleted or made"
+    assert [e.reason for e in run_events(api, ns)].count("RetryRefused") == 1
+    s = status(api, ns)
+    assert s["phase"] == "Failed" and "retryRequest" not in s
+
+    # A value it can hold: retried (status was writable throughout).
+    cluster.kubectl("annotate", "--overwrite", "alignmentrun", "tiny", "-n", ns, "alignment.dev/retry=short")
+    dpo2 = wait_for("a new dpo Job", lambda: next((j for j in stage_jobs(api, ns).get("dpo", [])
+                                                   if j.metadata.uid != dpo.metadata.uid), None), timeout=60)
+    assert status(api, ns)["retryRequest"] == "short" and not condition(status(api, ns), "RetryRefused")
+    play_kubelet(api, ns, dpo2.metadata.name, 0, result_message("dpo", train_loss=0.6))
+
+    # The eval stage reports a NaN (and an Infinity): JSON cannot carry them; status can still be written.
+    ev = job_of(api, ns, "eval")
+    play_kubelet(api, ns, ev.metadata.name, 0, result_message("eval", preference_accuracy=0.75,
+                                                               eval_loss=float("nan"), win_rate=float("inf")))
+    s = wait_for("Succeeded", lambda: (s := status(api, ns)).get("phase") == "Succeeded" and s, timeout=60)
+    evaluated = s["stages"][2]
+    assert evaluated["metrics"].get("preference_accuracy") == 0.75
+    assert "eval_loss" not in evaluated["metrics"] and "win_rate" not in evaluated["metrics"]
+    assert "eval_loss" in evaluated["message"] and "nan" in evaluated["message"]
+    assert "eval_loss" not in s["evaluation"] and s["evaluation"]["preference_accuracy"] == 0.75
+    adjusted = [e for e in run_events(api, ns) if e.reason == "StatusAdjusted"]
+    assert len(adjusted) == 1 and "eval_loss" in adjusted[0].message
+    assert "Traceback" not in operator.log.read_text()
