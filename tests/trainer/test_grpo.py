@@ -22,7 +22,8 @@ def grpo_recipe(kit, sums, name: str, rewards: list[dict], **training) -> str:
         d / name, "grpo", sums["sft_final"], [str(d / "prompts.jsonl")], [str(d / "held_out.jsonl")],
         grpo={"rewards": rewards, "num_generations": 8, "max_completion_length": 24, "temperature": 0.7},
         training={"max_steps": 30, "learning_rate": 5e-4, "warmup_ratio": 0.0, "lr_scheduler_type": "constant",
-                  "per_device_train_batch_size": 16, "max_length": 48, "logging_steps": 5, "save_steps": 1000,
+                  # max_length holds a prompt (33 tokens) and max_completion_length 24: grpo cuts prompts to fit
+                  "per_device_train_batch_size": 16, "max_length": 64, "logging_steps": 5, "save_steps": 1000,
                   "gradient_checkpointing": False, "beta": 0.01, **training},
         tracking={"report_to": []})
 
