@@ -226,3 +226,50 @@ def test_a_recreated_job_and_a_restarted_group_run_the_recipe_their_attempt_star
     out = reconcile(parse_run(again), 2, {}, NOW)
     assert attempt_run(edited_run, out.status, 0).spec.stages[0].training.learning_rate == 0.5
     assert attempt_run(run, None, 0) is run
+
+
+# ------------------------------------------------------------------------------------ kube: a 409 on create
+
+def owned_cm(owner: list[dict] | None, **meta) -> dict:
+    return {"kind": "ConfigMap", "metadata": {"name": "tiny-sft-abc123-recipe", "namespace": "ns", "uid": "cm-1",
+                                              **({"ownerReferences": owner} if owner else {}), **meta},
+            "data": {"recipe.yaml": "old"}}
+
+
+@pytest.mark.parametrize("found, outcome", [
+    # the run's own, saying what the spec says: nothing to do
+    ({**owned_cm(ref("AlignmentRun", "tiny", RUN_UID)), "data": {"recipe.yaml": "new"}}, None),
+    # the run's own, from a try whose Job was refused: replaced (delete preconditioned on its UID, create)
+    (owned_cm(ref("AlignmentRun", "tiny", RUN_UID)), "replaced"),
+    # left by an earlier run of the same name, which the garbage collector is deleting: waited for
+    (owned_cm(ref("AlignmentRun", "tiny", "uid-of-the-deleted-run")), "going"),
+    # being deleted: waited for
+    (owned_cm(None, deletionTimestamp=NOW), "going"),
+    # someone else's (no controller, or another kind's): refused, never touched
+    (owned_cm(None), "refused"),
+    (owned_cm(ref("Deployment", "web", "d-1")), "refused"),
+    # gone since the 409: the next try creates it
+    (None, "going"),
+])
+def test_a_409_on_create_reads_the_object_and_refuses_what_the_run_does_not_control(monkeypatch, found, outcome):
+    from alignment_operator import kube
+
+    touched = []
+    monkeypatch.setattr(kube, "_read", lambda kind, ns, name: found)
+    monkeypatch.setattr(kube, "_ignore_gone", lambda fn, *a, **kw: touched.append(("delete", kw["body"].preconditions.uid)))
+    monkeypatch.setattr(kube, "_api", lambda cls: type("Api", (), {"delete_namespaced_config_map": None})())
+    monkeypatch.setattr(kube, "ensure_object", lambda obj: touched.append(("create", obj["metadata"]["name"])) or obj)
+    ours = {**owned_cm(ref("AlignmentRun", "tiny", RUN_UID)), "data": {"recipe.yaml": "new"}}
+    if outcome in (None, "replaced"):
+        assert (kube._exists(ours) is None) == (outcome is None)
+        assert touched == ([] if outcome is None else [("delete", "cm-1"), ("create", "tiny-sft-abc123-recipe")])
+        return
+    with pytest.raises(kube.ChildRefused) as refused:
+        kube._exists(ours)
+    r = refused.value.refusal
+    assert (r.code, r.reason, r.going) == (409, "AlreadyExists", outcome == "going")
+    assert touched == [], "never adopted, changed or deleted"
+    if outcome == "refused":
+        assert "is not this run's" in r.message and "never adopts, changes or deletes it" in r.message
+    # the run's volume is not owned by the run (checkpoints outlive it): reused whoever made it
+    assert kube._exists({"kind": "PersistentVolumeClaim", "metadata": {"name": "tiny-workspace", "namespace": "ns"}}) is None
