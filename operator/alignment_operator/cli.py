@@ -5,7 +5,10 @@
     alignctl tiny-model DIR            build a tiny random model for CPU runs (needs [trainer])
     alignctl run --local RUN.yaml      run every stage on this machine (needs [trainer]);
                                        [--set PATH=VALUE] [--from STAGE] [--redo STAGE]
+    alignctl inspect RUN.yaml          each stage's data before training: samples with the trained
+                                       tokens marked, lengths, what truncation cuts, invalid rows
     alignctl render RUN.yaml           print every object the operator would create
+    alignctl import handbook SFT.yaml DPO.yaml   an AlignmentRun from alignment-handbook recipes
     alignctl operator                  run the operator (kopf) against the current kubeconfig
 """
 
@@ -100,6 +103,79 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_local(args.file, args.workdir, overrides=args.set, redo=args.redo, from_stage=args.from_stage)
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Each stage's data as the stage will see it (the trainer's own tool, per rendered recipe)."""
+    import tempfile
+
+    from .local.runner import read_run
+    from .render.recipe import build_recipe
+
+    try:
+        run = read_run(args.file, args.set)
+    except RunInvalid as e:
+        print(f"ERR {e}", file=sys.stderr)
+        return 2
+    names = [s.name for s in run.spec.stages]
+    if args.stage and args.stage not in names:
+        print(f"ERR --stage {args.stage}: no such stage; the stages: {', '.join(names)}", file=sys.stderr)
+        return 2
+    root, worst = os.path.abspath(args.workdir), 0
+    with tempfile.TemporaryDirectory(prefix="alignctl-inspect-") as tmp:
+        for i, stage in enumerate(run.spec.stages):
+            if args.stage and stage.name != args.stage:
+                continue
+            print(f"=== stage {stage.name} ({stage.method})", flush=True)
+            waits = [d.stage for d in stage.datasets + stage.test_datasets if d.stage]
+            if waits:
+                print(f"reads what stage(s) {', '.join(waits)} will write: inspect it once they ran\n")
+                continue
+            recipe = build_recipe(run, i, root)
+            if not Path(recipe.model.model_name_or_path).exists() and recipe.model.model_name_or_path.startswith(root):
+                # An earlier stage's model, not trained yet: its tokenizer is the base model's.
+                recipe.model.model_name_or_path = run.spec.model.source
+            path = Path(tmp) / f"{stage.name}.yaml"
+            path.write_text(recipe.dump())
+            worst = max(worst, _trainer_tool("alignment_trainer.inspect_data", [str(path), "--samples", str(args.samples)]))
+            print()
+    return worst
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    """alignment-handbook recipes -> an AlignmentRun, validated; what it cannot carry, named."""
+    from .handbook import handbook_run
+
+    recipes = []
+    for name in args.files:
+        try:
+            recipe = yaml.safe_load(Path(name).read_text())
+        except (OSError, yaml.YAMLError) as e:
+            print(f"ERR {name}: cannot read: {e}", file=sys.stderr)
+            return 2
+        if not isinstance(recipe, dict) or "model_name_or_path" not in recipe:
+            print(f"ERR {name}: not an alignment-handbook recipe (no model_name_or_path)", file=sys.stderr)
+            return 2
+        recipes.append((name, recipe))
+    doc, notes = handbook_run(recipes, args.name, gpus=args.gpus, distributed=args.distributed)
+    try:
+        run = parse_run(doc, "the imported run")
+    except RunInvalid as e:
+        print(f"ERR {e}", file=sys.stderr)
+        return 2
+    head = [f"# Imported by `alignctl import handbook {' '.join(args.files)}`: {one_line(run)}.",
+            f"# Resources (not in a handbook recipe): {args.gpus} GPUs on one node, {args.distributed} (the handbook's "
+            "launch: recipes/accelerate_configs/deepspeed_zero3.yaml, 8 processes).",
+            "# Not carried, or carried differently:" if notes else "# Every value carried.", *(f"#   {n}" for n in notes)]
+    text = "\n".join(head) + "\n" + yaml.dump(doc, Dumper=_BlockDumper, sort_keys=False)
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output}: {one_line(run)}")
+    else:
+        sys.stdout.write(text)
+    for n in notes:
+        print(f"note: {n}", file=sys.stderr)
+    return 0
+
+
 def cmd_render(args: argparse.Namespace) -> int:
     from .render.manifests import RenderContext, build_all
 
@@ -185,6 +261,23 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--log-level", default=os.environ.get("ALIGNMENT_LOG_LEVEL", "info"))
     op.add_argument("--log-format", choices=("text", "json"), default=os.environ.get("ALIGNMENT_LOG_FORMAT", "text"))
     op.set_defaults(func=cmd_operator)
+
+    ins = sub.add_parser("inspect", help="each stage's data as it will train on it: samples, lengths, cuts, invalid rows")
+    ins.add_argument("file")
+    ins.add_argument("--stage", help="only this stage")
+    ins.add_argument("--samples", type=int, default=2, help="rows rendered per split, trained tokens marked (default 2)")
+    ins.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", help="as for run --local")
+    ins.add_argument("--workdir", default="runs", help="the run's outputs, as for run --local (default: runs/)")
+    ins.set_defaults(func=cmd_inspect)
+
+    im = sub.add_parser("import", help="write an AlignmentRun from other tools' recipes")
+    im.add_argument("kind", choices=["handbook"], help="handbook: alignment-handbook recipes (config_*.yaml)")
+    im.add_argument("files", nargs="+", help="the recipes in stage order, e.g. sft/config_full.yaml dpo/config_full.yaml")
+    im.add_argument("-o", "--output", help="write the run here (default: stdout)")
+    im.add_argument("--name", default="imported", help="metadata.name of the run (default: imported)")
+    im.add_argument("--gpus", type=int, default=8, help="GPUs per stage (default 8, the handbook's launch)")
+    im.add_argument("--distributed", default="deepspeed-zero3", help="strategy per stage (default deepspeed-zero3)")
+    im.set_defaults(func=cmd_import)
 
     r = sub.add_parser("run", help="run an AlignmentRun's stages on this machine")
     r.add_argument("--local", action="store_true", help="run here, stage after stage, as child processes")

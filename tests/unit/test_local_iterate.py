@@ -5,6 +5,7 @@ refusal of an edit to a stage that already succeeded; and the CPU threads each p
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -283,3 +284,21 @@ def test_a_progress_line_fits_the_terminal_and_keeps_the_eta():
         line = fit_line(*args, width)
         assert len(line) <= width and "40/150  26% ETA 12m54s" in line, (width, line)
     assert "loss 0.6931" in fit_line(*args, 100) and "loss" not in fit_line(*args, 80) and "[" in fit_line(*args, 60) and "[" not in fit_line(*args, 45)
+
+
+# ---------------------------------------------------------------------------- the GRPO examples
+
+@pytest.mark.parametrize("name, gpus", [("grpo-tiny-run.yaml", 0), ("grpo-run.yaml", 8)])
+def test_the_grpo_examples_render_a_math_task_with_rule_rewards(name, gpus):
+    from alignment_operator.api import load_run
+
+    run = load_run(ROOT / "examples" / name)
+    index = next(i for i, s in enumerate(run.spec.stages) if s.method == "grpo")
+    recipe = build_recipe(run, index, "/workspace")
+    kinds = [(r.kind, r.column) for r in recipe.grpo.rewards]
+    assert kinds[0][0] == "regex" and kinds[1][0] == "format" and kinds[0][1] in ("answer", "solution")
+    assert run.spec.stages[index].resources.gpus_per_node == gpus
+    pattern = re.compile(recipe.grpo.rewards[0].pattern)
+    answer = "The answer is 7." if gpus == 0 else "Adding them gives 7.\nAnswer: 7"
+    assert pattern.search(answer).group(1) == "7"  # the rule reads the number a right completion gives
+    assert run.spec.stages[-1].method == "eval" and run.spec.stages[-1].from_ == "grpo"
