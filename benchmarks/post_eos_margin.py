@@ -1,7 +1,7 @@
 """What the template's glue after the end-of-turn token did to DPO (issue 24, item 2), on the tiny
 ChatML pipeline (examples/tiny-run.yaml: SFT -> DPO -> eval, run in this process):
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/post_eos_margin.py [--workdir DIR]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/post_eos_margin.py [--workdir DIR] [--loss-types sigmoid cdpo ...]
 
 DPO is trained twice from the same SFT model: once scoring TRL's completions as TRL 1.16 cuts them
 from the rendered conversation ("... <|im_end|>\\n": `trl`), once through the end-of-turn token
@@ -89,6 +89,8 @@ def post_eos_share(trainer, reference_path: str, beta: float, max_length: int) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--loss-types", nargs="+", default=["sigmoid"],
+                        help="the dpo stage's lossType, each trained both ways (cdpo with labelSmoothing 0.1)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -105,8 +107,12 @@ def main() -> None:
     sft.run(recipe_of(doc, "sft", base))  # skipped when its final/ exists
 
     figures = {}
-    for way, trainer_cls in (("trl", losses.DPOTrainer), ("end_of_turn", dpo.DPOTrainer)):
-        root = work / way
+    ways = (("trl", losses.DPOTrainer), ("end_of_turn", dpo.DPOTrainer))
+    for loss_type, (way, trainer_cls) in ((loss, w) for loss in args.loss_types for w in ways):
+        training = next(st for st in doc["spec"]["stages"] if st["name"] == "dpo")["training"]
+        training.pop("labelSmoothing", None)
+        training.update(lossType=loss_type, **({"labelSmoothing": 0.1} if loss_type == "cdpo" else {}))
+        root = work / (way if loss_type == "sigmoid" else f"{loss_type}-{way}")
         if root != base and not (root / "default" / "tiny" / "sft").exists():
             shutil.copytree(base / "default" / "tiny" / "sft", root / "default" / "tiny" / "sft")
         recipe = recipe_of(doc, "dpo", root)
@@ -123,17 +129,20 @@ def main() -> None:
         ev_recipe = recipe_of(doc, "eval", root)
         shutil.rmtree(ev_recipe.output_dir, ignore_errors=True)
         ev = eval_stage.run(ev_recipe)
-        figures[way] = {**share, "dpo_eval_rewards/margins": result["eval_rewards/margins"],
+        figures[f"{loss_type}/{way}"] = {**share, "dpo_eval_rewards/margins": result["eval_rewards/margins"],
                         "eval_stage_reward_margin": ev["reward_margin"],
                         "eval_stage_minus_dpo": ev["reward_margin"] - result["eval_rewards/margins"],
                         "eval_stage_preference_accuracy": ev["preference_accuracy"],
+                        "eval_stage_logp_accuracy": ev["logp_accuracy"],
+                        "eval_stage_reference_logp_accuracy": ev["reference_logp_accuracy"],
                         "dpo_eval_rewards/accuracies": result.get("eval_rewards/accuracies")}
         del trainer
     print(json.dumps(figures, indent=1))
-    print(f"post-EOS share of the held-out margin: trl {figures['trl']['post_eos_share']:.1%}, "
-          f"end_of_turn {figures['end_of_turn']['post_eos_share']:.1%}; |eval stage - DPO| "
-          f"trl {abs(figures['trl']['eval_stage_minus_dpo']):.4f}, "
-          f"end_of_turn {abs(figures['end_of_turn']['eval_stage_minus_dpo']):.4f}")
+    for loss_type in args.loss_types:
+        before, after = figures[f"{loss_type}/trl"], figures[f"{loss_type}/end_of_turn"]
+        print(f"{loss_type}: post-EOS share of the held-out margin: trl {before['post_eos_share']:.1%}, "
+              f"end_of_turn {after['post_eos_share']:.1%}; |eval stage - DPO held-out margin| "
+              f"trl {abs(before['eval_stage_minus_dpo']):.4f}, end_of_turn {abs(after['eval_stage_minus_dpo']):.2e}")
 
 
 if __name__ == "__main__":
