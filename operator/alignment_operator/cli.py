@@ -44,10 +44,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 run = parse_run(doc, str(path))
                 # The local paths it names that are meant to be here (their directory is): a typo
                 # fails now, not a minute into a stage. `run --local` checks every local path.
-                problems = path_problems(run, strict=False)
+                notes: list[str] = []
+                problems = path_problems(run, strict=False, notes=notes)
                 if problems:
                     raise RunInvalid(problems, str(path))
                 print(f"ok  {path}: {one_line(run)}")
+                for note in notes:
+                    print(f"  note: {note}", file=sys.stderr)
         except RunInvalid as e:
             failed += 1
             print(f"ERR {e}", file=sys.stderr)

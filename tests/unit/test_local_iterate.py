@@ -130,6 +130,12 @@ def test_hub_ids_are_not_paths_and_validate_checks_only_what_is_meant_to_be_here
     out = capsys.readouterr()
     assert "spec.stages[1].testDatasets[0].source: " in out.err and "did you mean" in out.err and "prefs_test.jsonl" in out.err
     assert out.out.startswith(f"ok  {ROOT / 'examples' / 'zephyr-run.yaml'}")
+    # A model directory not built yet (beside one that is) could still be a Hub id: a note, not a failure.
+    doc = tiny_doc("runs/sums-model")
+    notes: list[str] = []
+    assert path_problems(parse_run(doc), base=tmp_path, strict=False, notes=notes) == []
+    assert len(notes) == 1 and "'runs/sums-model' does not exist" in notes[0] and "run --local refuses it" in notes[0]
+    assert path_problems(parse_run(doc), base=tmp_path)[0].startswith("spec.model.source: 'runs/sums-model'")
 
 
 # ---------------------------------------------------------------------------- the run lock

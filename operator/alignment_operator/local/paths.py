@@ -6,7 +6,8 @@ A source is read as a local path when it exists, when it cannot be a Hub id (abs
 more than one '/', a data file's extension) or when its first directory exists here (runs/tiny-modle
 beside runs/); anything else is a Hub id, which this does not check (no network is needed).
 `strict` (run --local): every such path must exist here. Otherwise (validate, a file that may be
-meant for a cluster's volume) only those whose parent directory is here: a typo in something that is.
+meant for a cluster's volume) only those that cannot be a Hub id and whose parent directory is here:
+a typo in something that is (a Hub-id-shaped one, such as a model directory not built yet, is a note).
 """
 
 from __future__ import annotations
@@ -43,12 +44,14 @@ def sources(run: AlignmentRun) -> Iterator[tuple[str, str, str]]:
         yield from walk(stage, f"spec.stages[{i}]")
 
 
+def unambiguous_path(source: str, kind: str) -> bool:
+    """Nothing but a local path can be meant (never a Hub id)."""
+    return (source.startswith(("/", "./", "../", "~")) or source.count("/") > 1 or not HUB_ID.match(source)
+            or kind == "dataset" and DATA_SUFFIXES.search(source) is not None)
+
+
 def reads_as_path(source: str, kind: str, base: Path) -> bool:
-    if source.startswith(("/", "./", "../", "~")) or source.count("/") > 1 or not HUB_ID.match(source):
-        return True
-    if kind == "dataset" and DATA_SUFFIXES.search(source):
-        return True
-    return "/" in source and (base / source.split("/")[0]).is_dir()
+    return unambiguous_path(source, kind) or "/" in source and (base / source.split("/")[0]).is_dir()
 
 
 def _near(path: Path) -> str:
@@ -63,8 +66,11 @@ def _near(path: Path) -> str:
     return f"{parent}/ holds: {', '.join(names[:8]) + (' ...' if len(names) > 8 else '') if names else 'nothing'}"
 
 
-def path_problems(run: AlignmentRun, base: Path | None = None, strict: bool = True) -> list[str]:
-    """One line per missing local path: the field, the value, where it looked and what to do."""
+def path_problems(run: AlignmentRun, base: Path | None = None, strict: bool = True,
+                  notes: list[str] | None = None) -> list[str]:
+    """One line per missing local path: the field, the value, where it looked and what to do. Not
+    strict, a missing one that could still be a Hub id or a directory not built yet (runs/sums-model
+    beside runs/tiny-model) goes to `notes` instead, when given."""
     base = Path.cwd() if base is None else Path(base)
     mount = run.spec.storage.mount_path.rstrip("/") + "/"
     problems = []
@@ -82,5 +88,10 @@ def path_problems(run: AlignmentRun, base: Path | None = None, strict: bool = Tr
         fix = (f"fix the path, give a Hub id (org/name), or build a tiny random model there for a CPU run "
                f"(`alignctl tiny-model {source}`)" if kind == "model"
                else "fix the path, or give a Hub dataset id (org/name)")
-        problems.append(f"{at}: {source!r} does not exist ({path}; {_near(path)}); {fix}")
+        line = f"{at}: {source!r} does not exist ({path}; {_near(path)}); {fix}"
+        if not strict and not unambiguous_path(source, kind):
+            if notes is not None:
+                notes.append(line + "; run --local refuses it until it exists")
+            continue
+        problems.append(line)
     return problems
