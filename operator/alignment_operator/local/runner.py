@@ -1,6 +1,6 @@
 """The local shell: a whole AlignmentRun on this machine, stage after stage, as child processes.
 
-    alignctl run --local examples/tiny-run.yaml [--workdir runs]
+    alignctl run --local examples/tiny-run.yaml [--workdir runs] [--set PATH=VALUE] [--from STAGE] [--redo STAGE]
 
 The workdir plays the run's volume: each stage's recipe is rendered exactly as the operator
 renders it (build_recipe) into <workdir>/<namespace>/<run>/<stage>/recipe.yaml and run as
@@ -14,7 +14,13 @@ Running the command again is a retry request (the run's alignment.dev/retry anno
 a cluster): succeeded stages are skipped, a failed or interrupted stage runs again and resumes
 from its newest checkpoint (the trainer does that by itself). Ctrl-C (or SIGTERM) stops the
 running stage; reconcile records it Pending, "interrupted".
-Exit status: 0 the run succeeded, 1 a stage failed, 2 the run is invalid, 130 interrupted.
+Before anything starts: --set overrides are applied and the run validated as the API server would,
+the local paths it names are checked (paths.py), the run directory is locked for this process
+(lock.py: a second run --local of the same run exits 2 naming the first), and --from/--redo or an
+edit to a stage that already succeeded are resolved (plan.py: the edit is refused unless redone).
+Each stage's processes get the CPU threads this machine has free when the stage starts.
+Exit status: 0 the run succeeded, 1 a stage failed, 2 fix the input (the run, a path, a request)
+or the run is in use, 130 interrupted.
 """
 
 from __future__ import annotations
