@@ -10,7 +10,9 @@ made from preference pairs come two by two (chosen, rejected) for one prompt, so
 given order half the KL pairs would be a real reply to their own prompt. `kl_order` shuffles the
 rows with the seed (a mixture's sources interleave) and then arranges each batch so that no
 row's KL completion comes from a row with the same prompt; each epoch then reads those batches
-in a new seeded order (KLBatchOrder). per_device_train_batch_size must be at least 2 (TRL refuses 1).
+in a new seeded order (KLBatchOrder). The held-out rows are arranged the same way: TRL pairs them
+in blocks of per_device_train_batch_size too, for the eval KL and loss. per_device_train_batch_size
+must be at least 2 (TRL refuses 1).
 """
 
 from __future__ import annotations
@@ -58,7 +60,9 @@ def build(recipe: Recipe):
     train_set = truncate_prompts(data["train"], tokenizer, t.max_prompt_length)
     test_set = truncate_prompts(data.get("test"), tokenizer, t.max_prompt_length)
     if recipe.effective_loss_type != "apo_zero_unpaired":  # the losses that estimate a KL term
+        # TRL pairs the held-out rows in blocks of per_device_train_batch_size too (its eval KL and loss)
         train_set = kl_order(train_set, tokenizer, t.per_device_train_batch_size, t.seed, t.max_length)
+        test_set = kl_order(test_set, tokenizer, t.per_device_train_batch_size, t.seed, t.max_length, "held-out")
     if t.precompute_ref_log_probs:  # one log-prob cache all processes share
         train_set = reference_cache(train_set, recipe, tokenizer, "train")
         test_set = reference_cache(test_set, recipe, tokenizer, "test")
@@ -123,29 +127,32 @@ class KLBatchKTOTrainer(CompletionEndsAtEndOfTurn, refcache.CachedReference, KTO
         return KLBatchOrder(len(dataset), self.args.per_device_train_batch_size, self.args.seed)
 
 
-def kl_order(dataset, tokenizer, batch_size: int, seed: int, max_length: int | None):
+def kl_order(dataset, tokenizer, batch_size: int, seed: int, max_length: int | None, split: str = "train"):
     """Rows shuffled with `seed`, then placed so that within each batch of `batch_size` no row
     follows one with the same prompt (nor the batch's first row its last): TRL's rotation then
-    gives every row a KL completion written for another prompt.
+    gives every row a KL completion written for another prompt. The held-out split too (`split`
+    names it in the warnings): TRL builds its KL pairs the same way, for its eval KL and loss.
 
     Rows TRL would drop (a prompt that alone fills max_length) are dropped here first, so its
     filter does not shift the batches this order was made for.
     """
+    if dataset is None:
+        return None
     prompts = dataset["prompt"]
     keep = list(range(len(prompts)))
     if max_length is not None:
         keep = [i for i in keep if _prompt_length(tokenizer, prompts[i]) < max_length]
         if len(keep) < len(prompts):
-            log.warning("kto: %d rows dropped, their prompt alone fills training.max_length %d",
-                        len(prompts) - len(keep), max_length)
+            log.warning("kto: %d %s rows dropped, their prompt alone fills training.max_length %d",
+                        len(prompts) - len(keep), split, max_length)
     keys = {i: json.dumps(prompts[i], sort_keys=True) for i in keep}
     random.Random(seed).shuffle(keep)
     order, clashes = arrange(keep, keys.__getitem__, batch_size)
     if len(order) < len(keep):
-        log.warning("kto: one row left out: a last batch of one row would be its own KL pair")
+        log.warning("kto: one %s row left out: a last batch of one row would be its own KL pair", split)
     if clashes:
-        log.warning("kto: %d of %d rows get a KL completion from their own prompt (one prompt holds too many rows "
-                    "to separate them within batches of %d)", clashes, len(order), batch_size)
+        log.warning("kto: %d of %d %s rows get a KL completion from their own prompt (one prompt holds too many "
+                    "rows to separate them within batches of %d)", clashes, len(order), split, batch_size)
     return dataset.select(order)
 
 
@@ -189,4 +196,34 @@ def arrange(pool: list, key, batch_size: int) -> tuple[list, int]:
         order += batch
     if len(order) > 1 and len(order) % batch_size == 1:
         order.pop()  # a last batch of one row would be its own KL pair: leave that row out
+    if clashes:  # the greedy pass ran into a corner near the end: swap rows between batches
+        clashes = separate(order, key, batch_size)
     return order, clashes
+
+
+def separate(order: list, key, batch_size: int) -> int:
+    """Swaps (in place) that remove rows taking their KL completion from their own key: each such
+    row is swapped with the first row elsewhere whose exchange lowers the clashes of both batches.
+    Returns the clashes left (rows whose key equals their predecessor's in the batch, cyclically)."""
+    def start(i: int) -> int:
+        return i - i % batch_size
+
+    def cost(first: int) -> int:
+        keys = [key(row) for row in order[first:first + batch_size]]
+        return sum(keys[i] == keys[i - 1] for i in range(len(keys))) if len(keys) > 1 else 0
+
+    for i in range(len(order)):
+        first = start(i)
+        block = order[first:first + batch_size]
+        if len(block) < 2 or key(order[i]) != key(block[(i - first) - 1]):
+            continue
+        for j in range(len(order)):
+            other = start(j)
+            if other == first:
+                continue
+            before = cost(first) + cost(other)
+            order[i], order[j] = order[j], order[i]
+            if cost(first) + cost(other) < before:
+                break
+            order[i], order[j] = order[j], order[i]
+    return sum(cost(first) for first in range(0, len(order), batch_size))

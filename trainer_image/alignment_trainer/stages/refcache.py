@@ -4,9 +4,18 @@ cache/reference-logps/ for a rendered stage).
 Training stages (DPO/IPO/KTO with precompute_ref_log_probs). TRL keys its own cache file by the
 fingerprint of the tokenized dataset, which changes with the trainer's config (beta, output_dir)
 and between processes, so no later stage finds it (trl#3985). CachedReference keys the log-probs
-itself: by the rows and what else determines them (common.reference_cache/reference_key) and by
-TRL's hash of the reference weights; a stage that asks for the same reads them back and runs no
-reference pass; any change of the key computes them anew.
+itself: by the rows and what else determines them (common.reference_cache/reference_key), by the
+reference's weights (weights_fingerprint), the truncation mode and the tokenizer's whole content
+(tokenizer_fingerprint); a stage that asks for the same reads them back and runs no reference
+pass; any change of the key computes them anew.
+
+The weights are hashed by their values, never by a path: a reference replaced at the same path (a
+rerun after its outputs were deleted, a directory overwritten in place, a Hub revision that moved)
+is a new key. TRL 1.16's hash (trl/trainer/utils.py hash_module, stored as _precompute_model_hash
+by DPOTrainer/KTOTrainer.__init__) hashes module.state_dict(), which under DeepSpeed ZeRO-3 holds
+the empty placeholders of partitioned parameters: every model of one architecture hashes the same.
+weights_fingerprint replaces it there (each partitioned parameter gathered in turn, hashed on rank 0)
+and is TRL's hash byte for byte where nothing is partitioned.
 
 The eval stage's reference scores.
 
@@ -92,17 +101,37 @@ class CachedReference:
         self.reference_reuse: dict[str, bool] = {}
         super().__init__(*args, **kwargs)
 
+    def reference_fingerprint(self) -> dict:
+        """The reference's weights, the truncation mode and the tokenizer, one value on every rank.
+
+        Computed once, at the first precompute (in __init__, before any step: the policy is the
+        reference then); TRL's _precompute_model_hash is replaced by the weights' hash, so TRL's own
+        cache file is keyed by the real weights too."""
+        if getattr(self, "_reference_fingerprint", None) is None:
+            from accelerate.utils import broadcast_object_list
+
+            model = self.ref_model or self.model
+            weights = weights_fingerprint(model) if zero3_partitioned(model) else self._precompute_model_hash
+            key = [{"weights": weights, "tokenizer": tokenizer_fingerprint(self.processing_class),
+                    # KTOConfig has no truncation_mode: KTO's collator keeps the start.
+                    "truncation_mode": getattr(self.args, "truncation_mode", "keep_start")}]
+            broadcast_object_list(key, from_process=0)  # one name on every rank: rank 0's
+            self._reference_fingerprint = key[0]
+            self._precompute_model_hash = key[0]["weights"]
+        return self._reference_fingerprint
+
     def _precompute_ref_logps(self, dataset, name, batch_size):
-        from accelerate.utils import broadcast_object_list
         from datasets import Dataset, concatenate_datasets
 
+        key = self.reference_fingerprint()  # also right for TRL's own cache file (no stem)
         stem = self.reference_keys.get(name)
         if stem is None:
             return super()._precompute_ref_logps(dataset, name, batch_size)
-        # One name on every rank: rank 0's weight hash (ZeRO-3 shards the weights each rank hashes).
-        weights = [self._precompute_model_hash]
-        broadcast_object_list(weights, from_process=0)
-        path = Path(self.reference_keys["dir"]) / f"{stem}-{weights[0][:16]}.logps.arrow"
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        path = Path(self.reference_keys["dir"]) / f"{stem}-{digest}.logps.arrow"
+        if self.accelerator.is_main_process and not path.with_suffix(".json").is_file():
+            # What decided these log-probs besides the rows' key, for a person reading the cache (not read back).
+            path.with_suffix(".json").write_text(json.dumps(key, indent=1, sort_keys=True))
         if path.is_file():
             cached = Dataset.from_file(str(path))
             if len(cached) == len(dataset):
@@ -122,6 +151,53 @@ class CachedReference:
             os.replace(tmp, path)
         self.accelerator.wait_for_everyone()
         return out
+
+
+def zero3_partitioned(module) -> bool:
+    """Whether DeepSpeed ZeRO-3 has partitioned any of the module's parameters (zero.Init at load)."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+def weights_fingerprint(module) -> str | None:
+    """TRL 1.16's hash_module (trl/trainer/utils.py) over module.state_dict(), with each ZeRO-3
+    partitioned parameter gathered whole first (deepspeed.zero.GatheredParameters, one at a time,
+    every rank taking part); rank 0 hashes, the other ranks return None (broadcast rank 0's).
+    Equal to hash_module(module) where nothing is partitioned."""
+    import torch
+
+    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    params = dict(module.named_parameters(remove_duplicate=False))
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        param = params.get(name)
+        if param is not None and hasattr(param, "ds_id"):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([param]):
+                tensor = param.detach().cpu() if rank0 else None
+        if not rank0:
+            continue
+        tensor = tensor.cpu()
+        digest.update(str(tensor.dtype).encode())
+        if tensor.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):
+            tensor = tensor.to(torch.float32)
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest() if rank0 else None
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of all that decides how the tokenizer maps text to ids: its vocabulary, merges,
+    normalizer and pre-tokenizer (the backend's whole serialization), added tokens, special tokens,
+    chat template and sides; not only its length and special tokens."""
+    tok = getattr(tokenizer, "tokenizer", tokenizer)  # a processor's tokenizer
+    backend = getattr(tok, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(sorted(tok.get_vocab().items()))
+    meta = {"class": type(tok).__name__, "chat_template": tok.chat_template,
+            "special": {k: str(v) for k, v in tok.special_tokens_map.items()},
+            "added": {str(i): str(t) for i, t in tok.added_tokens_decoder.items()},
+            "padding_side": tok.padding_side, "truncation_side": tok.truncation_side,
+            "bos": getattr(tok, "add_bos_token", None), "eos": getattr(tok, "add_eos_token", None)}
+    return hashlib.sha256((json.dumps(meta, sort_keys=True) + body).encode()).hexdigest()
 
 
 def reference_keys(recipe, train_set, test_set) -> dict[str, str]:

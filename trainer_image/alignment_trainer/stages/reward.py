@@ -9,17 +9,106 @@ test pairs whose chosen reply scores higher; ties count as wrong) and reward mar
 sequence-classification model with the stage's tokenizer and chat template:
 AutoModelForSequenceClassification.from_pretrained(final) scores a rendered conversation by the
 logit at its last token (the eval stage's reward_model does).
+
+Lengths as in DPO: prompts are cut to max_prompt_length keeping their end, then each conversation
+(prompt + reply) to max_length by training.extra_args.truncation_mode, keep_start (the default, TRL
+1.16's DPO default) or keep_end; TRL's RewardTrainer would drop every pair longer than max_length
+instead (TruncatingRewardTrainer). A pair whose two sides are cut to the same tokens (a prompt that
+fills max_length under keep_start) holds nothing to learn and is dropped with a warning; result.json
+counts the pairs read, kept, cut and dropped per split (train_pairs*, eval_pairs*).
 """
 
 from __future__ import annotations
 
+import copy
+import logging
+from dataclasses import dataclass, field
+
 import torch
-from trl import RewardConfig, RewardTrainer
+import trl
+from trl import RewardTrainer
 
 from ..data import load_stage_data
 from ..model import load_tokenizer, resolve_dtype, trainable_dtype
 from ..recipe import Recipe
+from ..results import emit
 from .common import build_config, finish_stage, setup_stage, train, truncate_prompts
+
+log = logging.getLogger("alignment_trainer")
+TRUNCATION_MODES = ("keep_start", "keep_end")
+
+
+@dataclass
+class RewardConfig(trl.RewardConfig):
+    """TRL's RewardConfig with DPOConfig's truncation_mode (TRL 1.16's RewardConfig has none: its trainer
+    filters long pairs out), so training.extra_args.truncation_mode means the same for reward as for dpo."""
+
+    truncation_mode: str = field(default="keep_start", metadata={
+        "help": "How a conversation longer than max_length is cut: keep_start (drop its end) or keep_end."})
+
+    def __post_init__(self):
+        if self.truncation_mode not in TRUNCATION_MODES:
+            raise ValueError(f"training.extra_args.truncation_mode: {self.truncation_mode!r} is not one of "
+                             f"{', '.join(TRUNCATION_MODES)}")
+        super().__post_init__()
+
+
+class TruncatingRewardTrainer(RewardTrainer):
+    """RewardTrainer that cuts long pairs (args.truncation_mode) where TRL 1.16's drops them
+    (trl/trainer/reward_trainer.py, RewardTrainer._prepare_dataset: "Filter samples that are longer than
+    max_length"); pair_counts holds, per split, the pairs read, kept, cut and dropped."""
+
+    def __init__(self, *args, **kwargs):
+        self.pair_counts: dict[str, dict[str, int]] = {}
+        super().__init__(*args, **kwargs)
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        from accelerate import PartialState
+
+        untruncated = copy.copy(args)
+        untruncated.max_length = None  # TRL tokenizes and filters nothing; the pairs are cut below
+        dataset = super()._prepare_dataset(dataset, processing_class, untruncated, dataset_name)
+        if args.max_length is None or "chosen_ids" not in dataset.column_names:
+            return dataset
+        dataset, counts = truncate_pairs(dataset, args.max_length, args.truncation_mode)
+        self.pair_counts[dataset_name] = counts
+        if counts["truncated"] and PartialState().is_main_process:
+            log.warning("reward: %d of %d %s pairs are longer than training.max_length %d and were cut (%s)",
+                        counts["truncated"], counts["read"], dataset_name, args.max_length, args.truncation_mode)
+        if counts["dropped"]:
+            message = (f"{counts['dropped']} of {counts['read']} {dataset_name} pairs dropped: cut to "
+                       f"training.max_length {args.max_length} ({args.truncation_mode}), chosen and rejected are the "
+                       "same tokens (the prompt fills max_length)")
+            if not counts["kept"]:
+                raise ValueError(f"training.max_length: {message}; raise max_length or set max_prompt_length")
+            if PartialState().is_main_process:
+                log.warning("reward: %s", message)
+        return dataset
+
+
+def truncate_pairs(dataset, max_length: int, mode: str):
+    """Each side's chosen_ids/rejected_ids (prompt + reply) cut to max_length as DPO's collator cuts
+    (keep_start: the first max_length tokens; keep_end: the last); pairs whose sides end up equal are
+    dropped. Returns (dataset, {read, kept, truncated, dropped})."""
+    from accelerate import PartialState
+
+    def cut(example):
+        chosen, rejected = example["chosen_ids"], example["rejected_ids"]
+        long = max(len(chosen), len(rejected)) > max_length
+        if long:
+            keep = slice(None, max_length) if mode == "keep_start" else slice(-max_length, None)
+            chosen, rejected = chosen[keep], rejected[keep]
+        return {"chosen_ids": chosen, "rejected_ids": rejected, "_cut": long}
+
+    read = len(dataset)
+    with PartialState().main_process_first():  # one process writes the map's cache file, the others read it
+        dataset = dataset.map(cut, desc=f"Truncating pairs to {max_length} tokens ({mode})")
+        truncated = sum(dataset["_cut"])
+        dataset = dataset.remove_columns("_cut")
+        if truncated:
+            dataset = dataset.filter(lambda example: example["chosen_ids"] != example["rejected_ids"],
+                                     desc="Dropping pairs cut to the same tokens")
+    return dataset, {"read": read, "kept": len(dataset), "truncated": truncated, "dropped": read - len(dataset)}
 
 
 def load_reward_model(recipe: Recipe, tokenizer, path: str | None = None, trainable: bool = True):
@@ -61,9 +150,19 @@ def build(recipe: Recipe):
     # Data: conversational prompt/chosen/rejected, prompts cut keeping their end as in DPO
     train_set = truncate_prompts(data["train"], tokenizer, t.max_prompt_length)
     test_set = truncate_prompts(data.get("test"), tokenizer, t.max_prompt_length)
-    trainer = RewardTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=test_set,
-                            processing_class=tokenizer)
+    trainer = TruncatingRewardTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=test_set,
+                                      processing_class=tokenizer)
     return trainer, tokenizer
+
+
+def pair_counts(trainer) -> dict:
+    """result.json fields: per split, the pairs read, kept (trained on / scored), cut and dropped."""
+    out = {}
+    for split, counts in trainer.pair_counts.items():
+        out.update({f"{split}_pairs{'' if k == 'kept' else '_' + k}": v for k, v in counts.items()})
+    if out and trainer.accelerator.is_main_process:
+        emit("reward_pairs", **out)
+    return out
 
 
 @torch.no_grad()
@@ -121,4 +220,4 @@ def run(recipe: Recipe) -> dict | None:
 
     # Held-out pairwise accuracy; final/ (a sequence-classification model) and the results
     held_out = pairwise_accuracy(trainer)
-    return finish_stage(trainer, recipe, tokenizer, train_output, extra=held_out)
+    return finish_stage(trainer, recipe, tokenizer, train_output, extra={**pair_counts(trainer), **held_out})

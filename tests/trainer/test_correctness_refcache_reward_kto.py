@@ -1,0 +1,210 @@
+"""The stages train what their recipe means, round 2 (issue 24, items 1, 3 and 8), each measured on the
+tiny model:
+
+- the cross-stage reference log-prob cache is keyed by the reference's weights (also under DeepSpeed
+  ZeRO-3, where TRL's hash sees only empty placeholders), the truncation mode and the whole tokenizer;
+- the reward stage cuts pairs longer than max_length as DPO does, where TRL's RewardTrainer dropped them;
+- KTO's held-out KL completions come from other prompts, as the training split's do.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.trainer
+
+
+def _head(source: Path, n: int, target: Path) -> str:
+    """The first n rows of a JSONL file (the conftest data: 64 train and 16 held-out pairs)."""
+    target.write_text("".join(source.read_text().splitlines(keepends=True)[:n]))
+    return str(target)
+
+
+def _recipe(method: str, model: str, train: str, test: str | None, out: Path, **training):
+    from alignment_trainer.recipe import Recipe
+
+    return Recipe.model_validate({
+        "method": method, "model": {"model_name_or_path": model, "torch_dtype": "float32"},
+        "datasets": [{"path": train}], "test_datasets": [{"path": test}] if test else [],
+        "output_dir": str(out),
+        "training": {"gradient_checkpointing": False, "per_device_train_batch_size": 4, "logging_steps": 1,
+                     "save_steps": 1000, **training}})
+
+
+# ---------------------------------------------------------------------------- 3: reward truncation
+
+def test_reward_stage_cuts_long_pairs_as_dpo_does_and_counts_them(tmp_path, tiny_model, data_dir):
+    """max_length 27 on 64 train / 16 held-out pairs: TRL's RewardTrainer kept 23 and 10 (the short
+    replies only); now all are kept, each side cut like DPO's collator cuts (keep_start: the first 27
+    tokens; keep_end: the last 27), and result.json counts the pairs read, kept and cut per split."""
+    from alignment_trainer.stages import reward
+
+    train = _head(data_dir / "prefs.jsonl", 64, tmp_path / "train.jsonl")
+    test = _head(data_dir / "prefs_test.jsonl", 16, tmp_path / "test.jsonl")
+    recipe = _recipe("reward", tiny_model, train, test, tmp_path / "start", max_length=27, max_prompt_length=13,
+                     max_steps=1, per_device_eval_batch_size=16, learning_rate=1e-3)
+    trainer, _ = reward.build(recipe)
+    assert (len(trainer.train_dataset), len(trainer.eval_dataset)) == (64, 16)
+    row = trainer.train_dataset[0]
+    assert max(len(row["chosen_ids"]), len(row["rejected_ids"])) <= 27
+
+    # The same pairs untruncated: keep_start kept their start, keep_end their end (the end-of-turn token)
+    untruncated = _recipe("reward", tiny_model, train, None, tmp_path / "full", max_length=4096,
+                          max_prompt_length=13, max_steps=1)
+    full = reward.build(untruncated)[0].train_dataset
+    long = [i for i, c in enumerate(full["chosen_ids"]) if len(c) > 27]
+    assert len(long) >= 30, "most chosen replies are longer than 27 tokens"
+    assert all(trainer.train_dataset[i]["chosen_ids"] == full[i]["chosen_ids"][:27] for i in long)
+    keep_end = _recipe("reward", tiny_model, train, None, tmp_path / "end", max_length=27, max_prompt_length=13,
+                       max_steps=1, extra_args={"truncation_mode": "keep_end"})
+    ends = reward.build(keep_end)[0].train_dataset
+    assert all(ends[i]["chosen_ids"] == full[i]["chosen_ids"][-27:] for i in long)
+
+    # The whole stage: the counts reach result.json
+    from alignment_trainer.__main__ import run_recipe
+
+    result = run_recipe(recipe)
+    assert result["train_pairs"] == 64 and result["train_pairs_read"] == 64 and result["train_pairs_dropped"] == 0
+    assert result["train_pairs_truncated"] == len({*long} | {i for i, r in enumerate(full["rejected_ids"])
+                                                              if len(r) > 27})
+    assert result["eval_pairs"] == 16 and result["eval_pairs_truncated"] > 0
+
+    with pytest.raises(ValueError, match="truncation_mode: 'keep_middle' is not one of keep_start, keep_end"):
+        reward.build(_recipe("reward", tiny_model, train, None, tmp_path / "bad", max_length=27,
+                             extra_args={"truncation_mode": "keep_middle"}))
+
+
+# ---------------------------------------------------------------------------- 8: KTO's held-out KL pairs
+
+def _own_prompt_kl_rows(dataset, block: int) -> int:
+    """Rows whose KL completion is from a row with the same prompt: TRL gives row i of each block of
+    `block` rows the completion of row i-1 (the first row the last one's)."""
+    prompts = [tuple(p) for p in dataset["prompt_ids"]]
+    own = 0
+    for start in range(0, len(prompts), block):
+        rows = prompts[start:start + block]
+        own += sum(rows[i] == rows[i - 1] for i in range(len(rows)))
+    return own
+
+
+def test_kto_held_out_kl_completions_come_from_other_prompts(tmp_path, tiny_model, data_dir):
+    """64 train / 16 held-out pairs (-> 128 / 32 unpaired rows), batch 4: 18 of the 32 held-out rows
+    took their KL completion from their own prompt's other reply (the held-out rows kept their given
+    order); now none, as in training."""
+    from alignment_trainer.stages import kto
+
+    train = _head(data_dir / "prefs.jsonl", 64, tmp_path / "train.jsonl")
+    test = _head(data_dir / "prefs_test.jsonl", 16, tmp_path / "test.jsonl")
+    trainer, _ = kto.build(_recipe("kto", tiny_model, train, test, tmp_path / "out", max_length=96, max_steps=1))
+    held_out = trainer.eval_dataset
+    assert len(held_out) == 32 and "KL_completion_ids" in held_out.column_names
+    assert _own_prompt_kl_rows(held_out, 4) == 0
+    # Training's rows: 1 of 128 before (the greedy order ran into a corner; kto.separate swaps it away)
+    assert _own_prompt_kl_rows(trainer.train_dataset, 4) == 0
+
+
+# ---------------------------------------------------------------------------- 1: the reference cache's key
+
+def _dpo_stage(kit, directory: Path, model: str, train: str, test: str, cache: Path, **training) -> dict:
+    path = kit.write_recipe(directory, "dpo", model, [train], [test], cache_dir=str(cache),
+                            training={"max_steps": 1, "learning_rate": 1e-4, "per_device_train_batch_size": 4,
+                                      "max_length": 64, "logging_steps": 1, "save_steps": 100,
+                                      "gradient_checkpointing": False, "precompute_ref_log_probs": True,
+                                      **training})
+    return kit.run_in_process(path)
+
+
+def test_reference_cache_key_holds_the_truncation_mode_and_the_whole_tokenizer(tmp_path, tiny_model, data_dir,
+                                                                               kit):
+    """One reference, one cache, max_length 24 (most pairs are cut): keep_end after keep_start computes
+    its own log-probs (it read keep_start's, so its step-0 loss was not ln 2), and so does a tokenizer
+    replaced in place by one of the same length and special tokens that maps the data's text to other
+    ids (it was reused). The weights' hash is TRL's own where nothing is partitioned."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl.trainer.utils import hash_module
+
+    reference = tmp_path / "reference"
+    shutil.copytree(tiny_model, reference)
+    train = _head(data_dir / "prefs.jsonl", 32, tmp_path / "train.jsonl")
+    test = _head(data_dir / "prefs_test.jsonl", 8, tmp_path / "test.jsonl")
+    cache = tmp_path / "cache"
+    stage = lambda name, **t: _dpo_stage(kit, tmp_path / name, str(reference), train, test, cache,  # noqa: E731
+                                         max_length=24, **t)
+    assert stage("start")["reference_logps"] == "computed"
+    assert stage("rerun")["reference_logps"] == "reused", "the same stage again reads its log-probs back"
+    assert stage("keep-end", extra_args={"truncation_mode": "keep_end"})["reference_logps"] == "computed"
+    assert kit.losses(tmp_path / "keep-end" / "out")[0] == pytest.approx(math.log(2), abs=1e-4)
+
+    # Swap the ids of the prompts' first two tokens in the tokenizer at the same path: same length and
+    # special tokens, other ids for the same text.
+    tokenizer = AutoTokenizer.from_pretrained(reference)
+    a, b = tokenizer.convert_ids_to_tokens(tokenizer("Tell me about", add_special_tokens=False)["input_ids"][:2])
+    doc = json.loads((reference / "tokenizer.json").read_text())
+    vocab = doc["model"]["vocab"]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (reference / "tokenizer.json").write_text(json.dumps(doc))
+    swapped = AutoTokenizer.from_pretrained(reference)
+    assert len(swapped) == len(tokenizer) and swapped("Tell")["input_ids"] != tokenizer("Tell")["input_ids"]
+    assert stage("tokenizer")["reference_logps"] == "computed"
+    assert kit.losses(tmp_path / "tokenizer" / "out")[0] == pytest.approx(math.log(2), abs=1e-4)
+    assert len(list(cache.glob("train-*.logps.arrow"))) == 3
+
+    from alignment_trainer.stages.refcache import weights_fingerprint
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert weights_fingerprint(model) == hash_module(model)
+    with torch.no_grad():
+        next(model.parameters())[0, 0] += 1e-3
+    assert weights_fingerprint(model) != hash_module(AutoModelForCausalLM.from_pretrained(tiny_model))
+
+
+@pytest.mark.slow
+def test_zero3_reference_replaced_at_the_same_path_is_recomputed(tmp_path, tiny_model, data_dir, kit):
+    """DPO with precomputed reference log-probs on 2 processes under DeepSpeed ZeRO-3, one shared cache:
+    the same stage rerun reads its log-probs back (issue 18's speed-up); after the reference's weights
+    are replaced at the same path, the log-probs are computed anew and the step-0 loss is ln 2 (policy =
+    reference). Before: 'reused' and 0.7844 (TRL's hash over ZeRO-3's empty placeholders)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from alignment_trainer.launch import build_launch_command, launch_env
+
+    reference = tmp_path / "reference"
+    shutil.copytree(tiny_model, reference)
+    train = _head(data_dir / "prefs.jsonl", 64, tmp_path / "train.jsonl")
+    test = _head(data_dir / "prefs_test.jsonl", 16, tmp_path / "test.jsonl")
+    cache = tmp_path / "cache"
+
+    def stage() -> tuple[str, float]:
+        directory = tmp_path / "stage"
+        shutil.rmtree(directory, ignore_errors=True)  # a rerun after the outputs were deleted
+        path = kit.write_recipe(directory, "dpo", str(reference), [train], [test], cache_dir=str(cache),
+                                training={"max_steps": 1, "learning_rate": 1e-4, "per_device_train_batch_size": 4,
+                                          "max_length": 64, "logging_steps": 1, "save_steps": 100,
+                                          "gradient_checkpointing": False, "precompute_ref_log_probs": True})
+        kit.run_subprocess(build_launch_command(path, "deepspeed-zero3", 2, cpu=True), env=launch_env(cpu=True),
+                           timeout=900)
+        result = json.loads((directory / "out" / "result.json").read_text())
+        return result["reference_logps"], kit.losses(directory / "out")[0]
+
+    logps, loss = stage()
+    assert logps == "computed" and loss == pytest.approx(math.log(2), abs=1e-4)
+    files = sorted(p.name for p in cache.glob("*.logps.arrow"))
+    assert len(files) == 2  # train and test
+    assert stage()[0] == "reused"
+    assert sorted(p.name for p in cache.glob("*.logps.arrow")) == files, "nothing new was written"
+
+    # Other weights written over the reference's file (its path, config and tokenizer unchanged)
+    weights = reference / "model.safetensors"
+    noise = torch.Generator().manual_seed(1)
+    save_file({name: t + 0.05 * torch.randn(t.shape, generator=noise) for name, t in load_file(weights).items()},
+              weights, metadata={"format": "pt"})
+    logps, loss = stage()
+    assert (logps, round(loss, 4)) == ("computed", round(math.log(2), 4)), "a policy scored against itself"
+    assert len(list(cache.glob("*.logps.arrow"))) == 4
