@@ -151,25 +151,42 @@ def test_a_webhook_answering_500_for_a_minute_delays_the_job_and_the_run_says_wh
     job = job_of(api, ns, "sft", timeout=40)
     took = time.monotonic() - recovered
     assert took <= 30, f"the Job came {took:.1f}s after the webhook recovered"
-    s = wait_for("sft Running", lambda: (s := status(api, ns)).get("stages", [{}])[0].get("phase") == "Running" and s)
+    s = wait_for("sft Running", lambda: ((s := status(api, ns)).get("stages") or [{}])[0].get("phase") == "Running"
+                  and s)
     assert condition(s, "Reconciling")["reason"] == "StageRunning" and s["stages"][0]["jobName"] == job.metadata.name
     log = operator.log.read_text()
     assert "Traceback" not in log, log[-3000:]
-    print(f"\n500s for {recovered - started:.0f}s, {tries_while_down} tries; Job {took:.1f}s after recovery")
+    print(f"\n500s for {recovered - started:.0f}s, {tries_while_down} tries; Job {took:.1f}s after recovery; "
+          f"it said: {said['message']}")
 
 
 # ---------------------------------------------------------------------------------- the API server down
 
-def test_the_api_server_down_for_30s_mid_stage_creates_nothing_twice(cluster, operator, namespace):
+@pytest.fixture
+def resyncing_operator(cluster, crds, namespace, tmp_path):
+    """An operator that looks at each active run every 5 s (a resync meets the outage for sure)."""
+    op = Operator(cluster.kubeconfig, namespace, tmp_path / "operator.log",
+                  extra_env={"ALIGNMENT_RESYNC_SECONDS": "5"}).start()
+    yield op
+    op.stop()
+
+
+def test_the_api_server_down_for_30s_mid_stage_creates_nothing_twice(cluster, resyncing_operator, namespace):
     ns, api = namespace, cluster.api_client()
     apply_run(cluster, ns)
     sft = job_of(api, ns, "sft")
     # The sft pod finishes, and the API server dies while the operator acts on it (dpo's ConfigMap,
-    # Job, status write: whichever it had reached).
+    # Job, status write: whichever it had reached); its resyncs meet the outage.
     play_kubelet(api, ns, sft.metadata.name, 0, result_message("sft", train_loss=2.5))
     cluster.restart_apiserver(downtime=30)
+    back = time.monotonic()
     api = cluster.api_client()
     dpo = job_of(api, ns, "dpo", timeout=90)
+    log = resyncing_operator.log.read_text()
+    met = [line for line in log.splitlines() if ": waiting: " in line and "no answer from the API server" in line]
+    assert met, log[-3000:]
+    print(f"\n{len(met)} reconciles met the outage, e.g. {met[0][:300]}; dpo's Job {time.monotonic() - back:.1f}s "
+          "after the API server was back")
     play_kubelet(api, ns, dpo.metadata.name, 0, result_message("dpo", train_loss=0.6))
     ev = job_of(api, ns, "eval")
     play_kubelet(api, ns, ev.metadata.name, 0, result_message("eval", preference_accuracy=0.75))
@@ -225,3 +242,4 @@ def test_a_nan_result_and_a_too_long_retry_annotation_leave_status_writable(clus
     adjusted = [e for e in run_events(api, ns) if e.reason == "StatusAdjusted"]
     assert len(adjusted) == 1 and "eval_loss" in adjusted[0].message
     assert "Traceback" not in operator.log.read_text()
+
