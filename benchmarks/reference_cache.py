@@ -13,6 +13,18 @@ Printed per stage: whether the log-probs were computed or reused, the time to bu
 (tokenizing, hashing the reference weights, and the pass when it runs) and the stage's wall time;
 then the ratios of stage 1 to stage 2. Every stage goes through the real stage entries on a random
 model from alignment_trainer.tiny; on CPU, one thread (OMP_NUM_THREADS=1) unless set.
+
+    .venv/bin/python benchmarks/reference_cache.py --zero3 [--rows 64] [--hidden 64]
+
+--zero3: one dpo stage on 2 processes under DeepSpeed ZeRO-3 (CPU: gloo), the reference being the
+policy (precomputed log-probs), run three times on one cache, its outputs deleted before each:
+  1. the cache is empty: computed, step-0 loss ln 2 (policy = reference);
+  2. the same stage again: reused (the speed-up above, kept under ZeRO-3);
+  3. other weights written over the reference's model.safetensors (same path, config, tokenizer):
+     computed, step-0 loss ln 2 (keyed by the gathered weights; TRL's hash of ZeRO-3's empty
+     placeholders reused run 1's log-probs: step-0 loss 0.7844 at 73214b4).
+Printed per run: computed/reused, the step-0 loss, the trainer build time and, of it, the key's
+hashing (the weights gathered and hashed); then the ratio of run 1's trainer build to run 2's.
 """
 
 from __future__ import annotations
@@ -53,12 +65,72 @@ def stage(work: Path, name: str, method: str, model: str, data: str, cache: Path
     return result, time.perf_counter() - start
 
 
+def zero3(work: Path, model: Path, prefs: Path) -> int:
+    """The --zero3 runs (module docstring); 0 when they compute, reuse and recompute as they should."""
+    import math
+    import shutil
+    import subprocess
+
+    import torch
+    import yaml
+    from safetensors.torch import load_file, save_file
+
+    from alignment_trainer.launch import build_launch_command, launch_env
+
+    reference, cache = work / "reference", work / "cache" / "reference-logps"
+    shutil.copytree(model, reference)
+    cpu = not torch.cuda.is_available()
+
+    def run() -> dict:
+        out = work / "dpo-zero3"
+        shutil.rmtree(out, ignore_errors=True)  # a rerun after the outputs were deleted
+        out.mkdir()
+        recipe = {"method": "dpo", "stage_name": "dpo", "model": {"model_name_or_path": str(reference),
+                                                                   "torch_dtype": "float32"},
+                  "datasets": [{"path": str(prefs)}], "output_dir": str(out / "out"), "cache_dir": str(cache),
+                  "training": {"max_steps": 1, "learning_rate": 1e-4, "per_device_train_batch_size": 4,
+                               "max_length": 64, "logging_steps": 1, "save_steps": 100,
+                               "gradient_checkpointing": False, "precompute_ref_log_probs": True}}
+        (out / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+        env = {**os.environ, **launch_env(cpu=cpu), "PYTHONPATH": str(ROOT / "trainer_image"),
+               "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+        start = time.perf_counter()
+        proc = subprocess.run(build_launch_command(str(out / "recipe.yaml"), "deepspeed-zero3", 2, cpu=cpu),
+                              env=env, cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode:
+            raise SystemExit(f"the stage failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+        result = json.loads((out / "out" / "result.json").read_text())
+        rows = [json.loads(line) for line in (out / "out" / "metrics.jsonl").read_text().splitlines()]
+        return {"reference_logps": result["reference_logps"], "step0_loss": round(next(r["loss"] for r in rows
+                                                                                       if "loss" in r), 4),
+                "trainer_build_s": result["reference_pass_s"], "hash_s": result.get("reference_hash_s"),
+                "stage_wall_s": round(time.perf_counter() - start, 2)}
+
+    runs = {"1 empty cache": run(), "2 same stage again": run()}
+    weights = reference / "model.safetensors"
+    noise = torch.Generator().manual_seed(1)
+    save_file({k: t + 0.05 * torch.randn(t.shape, generator=noise) for k, t in load_file(weights).items()},
+              weights, metadata={"format": "pt"})
+    runs["3 reference replaced in place"] = run()
+    for name, r in runs.items():
+        print(f"{name:32s} {r['reference_logps']:9s} step-0 loss {r['step0_loss']:.4f}   trainer build "
+              f"{r['trainer_build_s']:6.2f} s (key hashing {r['hash_s']} s)   stage {r['stage_wall_s']:7.2f} s")
+    first, second = runs["1 empty cache"], runs["2 same stage again"]
+    ratio = round(first["trainer_build_s"] / second["trainer_build_s"], 2)
+    print(f"run 1 / run 2: trainer build {ratio}x (ZeRO-3, 2 processes, {'CPU' if cpu else 'GPU'})")
+    print(json.dumps({**runs, "ratio_trainer_build": ratio}))
+    ln2 = round(math.log(2), 4)
+    expected = [("computed", ln2), ("reused", ln2), ("computed", ln2)]
+    return 0 if [(r["reference_logps"], r["step0_loss"]) for r in runs.values()] == expected else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=400, help="preference pairs (examples/data/prefs.jsonl, repeated)")
     parser.add_argument("--hidden", type=int, default=256, help="hidden size of the random model")
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps per preference stage")
     parser.add_argument("--keep", help="work in this directory and keep it")
+    parser.add_argument("--zero3", action="store_true", help="the ZeRO-3 runs (module docstring) instead")
     args = parser.parse_args(argv)
 
     import torch
@@ -73,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     prefs = work / "prefs.jsonl"
     prefs.write_text("\n".join((rows * (args.rows // len(rows) + 1))[:args.rows]) + "\n")
     model = make_tiny_model(work / "base", sorted(data.glob("*.jsonl")), hidden_size=args.hidden)
+    if args.zero3:
+        return zero3(work, model, prefs)
     sft, _ = stage(work, "sft", "sft", str(model), str(data / "sft.jsonl"), max_steps=10, learning_rate=2e-3)
     sft_model = sft["checkpoint"]
     cache = work / "cache" / "reference-logps"

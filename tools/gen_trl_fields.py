@@ -38,8 +38,10 @@ def config_classes() -> dict[str, type]:
             out[method] = trl.SFTConfig
         elif info.entry == "kto":
             out[method] = trl.KTOConfig
-        elif info.entry == "reward":
-            out[method] = trl.RewardConfig
+        elif info.entry == "reward":  # TRL's RewardConfig with DPO's truncation_mode
+            from alignment_trainer.stages.reward import RewardConfig
+
+            out[method] = RewardConfig
         elif info.entry == "dpo":
             out[method] = trainer_classes(method)[0]
         elif info.entry == "grpo":

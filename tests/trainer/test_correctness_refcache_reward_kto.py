@@ -208,3 +208,28 @@ def test_zero3_reference_replaced_at_the_same_path_is_recomputed(tmp_path, tiny_
     logps, loss = stage()
     assert (logps, round(loss, 4)) == ("computed", round(math.log(2), 4)), "a policy scored against itself"
     assert len(list(cache.glob("*.logps.arrow"))) == 4
+
+
+def test_eval_reference_scores_are_keyed_by_the_hub_snapshot_a_revision_resolved_to(tmp_path, monkeypatch):
+    """The eval stage's cached reference scores name a Hub reference by the snapshot its revision
+    resolved to: when main moves to another commit the key changes (it was the id and 'main' alone)."""
+    import huggingface_hub.constants
+
+    from alignment_trainer.stages.refcache import model_identity
+
+    repo = tmp_path / "models--org--tiny"
+    for commit, blob in (("a" * 40, "one"), ("c" * 40, "two")):
+        (repo / "blobs").mkdir(parents=True, exist_ok=True)
+        (repo / "blobs" / blob).write_text(json.dumps({"weights": blob}))
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "config.json").symlink_to(repo / "blobs" / blob)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+
+    before = model_identity("org/tiny", "main")
+    assert before["snapshot"] == "a" * 40 and list(before["files"]) == ["config.json"]
+    (repo / "refs" / "main").write_text("c" * 40)  # the revision moved
+    after = model_identity("org/tiny", "main")
+    assert before != after and after["snapshot"] == "c" * 40
+    assert model_identity("org/tiny", "main") == after, "the same snapshot names the same reference"

@@ -25,9 +25,11 @@ reference, or a rerun, score the same sequences again; here the scores are saved
 the reference's identity and the exact token sequences scored (which fix the data, the chat
 template, the truncation lengths and the tokenizer), and read back instead of a forward pass.
 
-The reference's identity is its path and revision and, for a local directory, the name, size and
-modification time of each weight and config file: a stage that rewrites its final/ (a rerun of
-SFT) changes it, so scores of an older model are never reused.
+The reference's identity is its path and revision and the name, size and modification time of each
+weight and config file of its local directory or, for a Hub id, of the snapshot the revision
+resolved to when the stage loaded it (its commit is in the snapshot's path; its files are links to
+content-named blobs): a stage that rewrites its final/ (a rerun of SFT) or a Hub revision that
+moved changes it, so scores of an older model are never reused.
 """
 
 from __future__ import annotations
@@ -46,13 +48,26 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".model")
 def model_identity(path: str, revision: str) -> dict:
     """What names the reference's weights (see the module docstring)."""
     files = {}
-    local = Path(path)
-    if local.is_dir():
+    local = Path(path) if Path(path).is_dir() else hub_snapshot(path, revision)
+    if local is not None:
         for f in sorted(local.rglob("*")):
             if f.is_file() and f.suffix in WEIGHT_SUFFIXES:
-                st = f.stat()
+                st = f.stat()  # a Hub snapshot's links: their blobs'
                 files[str(f.relative_to(local))] = [st.st_size, st.st_mtime_ns]
-    return {"path": path, "revision": revision, "files": files}
+    snapshot = None if local is None or Path(path).is_dir() else local.name
+    return {"path": path, "revision": revision, "snapshot": snapshot, "files": files}
+
+
+def hub_snapshot(repo_id: str, revision: str) -> Path | None:
+    """The local snapshot directory (named by its commit) a Hub id at `revision` resolves to in the
+    Hub cache, or None (not a Hub id, or not downloaded)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    except Exception:  # not a valid repo id: a path that does not exist
+        return None
+    return Path(found).parent if isinstance(found, str) else None
 
 
 def cache_key(identity: dict, seqs: list[tuple[list[int], list[int]]], dtype: str) -> str:
@@ -110,6 +125,7 @@ class CachedReference:
         if getattr(self, "_reference_fingerprint", None) is None:
             from accelerate.utils import broadcast_object_list
 
+            start = time.perf_counter()
             model = self.ref_model or self.model
             weights = weights_fingerprint(model) if zero3_partitioned(model) else self._precompute_model_hash
             key = [{"weights": weights, "tokenizer": tokenizer_fingerprint(self.processing_class),
@@ -118,6 +134,7 @@ class CachedReference:
             broadcast_object_list(key, from_process=0)  # one name on every rank: rank 0's
             self._reference_fingerprint = key[0]
             self._precompute_model_hash = key[0]["weights"]
+            self.reference_hash_s = round(time.perf_counter() - start, 3)
         return self._reference_fingerprint
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
@@ -211,13 +228,15 @@ def reference_keys(recipe, train_set, test_set) -> dict[str, str]:
 
 
 def reference_pass(trainer, seconds: float) -> dict:
-    """result.json fields: whether the stage's reference log-probs were computed or reused, and how
-    long building the trainer took (tokenizing, hashing the reference, and the pass when it ran)."""
+    """result.json fields: whether the stage's reference log-probs were computed or reused, how long
+    building the trainer took (tokenizing, hashing the reference, and the pass when it ran), and of
+    that the key's hashing (under ZeRO-3 the weights' gather and hash; else the tokenizer's, TRL having
+    hashed the weights in its __init__)."""
     reuse = getattr(trainer, "reference_reuse", {})
     if not reuse:
         return {}
     info = {"reference_logps": "reused" if all(reuse.values()) else "computed",
-            "reference_pass_s": round(seconds, 3)}
+            "reference_pass_s": round(seconds, 3), "reference_hash_s": getattr(trainer, "reference_hash_s", None)}
     if trainer.accelerator.is_main_process:
         emit("reference_logps", **info, splits=reuse)
     return info
