@@ -33,7 +33,8 @@ def test_sft_output_layout(sft_run, kit):
     rows = kit.metrics(out)  # one line per logging step (plus the end-of-training and eval summaries)
     assert [r["step"] for r in rows if "loss" in r] == [1, *range(5, 61, 5)]
     card = (final / "README.md").read_text()
-    assert "sft.jsonl" in card and "**sft**" in card and "base_model:" in card
+    assert "sft.jsonl (split train)" in card and "## Stage 1: sft (sft)" in card and "base_model_revision: main" in card
+    assert str(out) not in card and "[None]" not in (out / "README.md").read_text()  # TRL's card replaced
 
 
 def test_termination_message_is_compact(tmp_path, sft_run):
@@ -106,35 +107,3 @@ def test_known_extra_arg_reaches_the_trl_config(tmp_path, tiny_model, data_dir, 
     assert config.packing_strategy == "wrapped" and config.max_grad_norm == 0.5
     assert config.warmup_steps == 0.25  # transformers 5: a float below 1 is the warmup ratio
     assert config.report_to == ["tensorboard"]  # tracking's default; extraArgs cannot set report_to
-
-
-def test_push_to_hub_needs_a_token_and_never_prints_it(tmp_path, sft_run, monkeypatch, capsys):
-    import huggingface_hub
-
-    from alignment_trainer.recipe import load_recipe
-    from alignment_trainer.results import push_to_hub
-
-    recipe = load_recipe(sft_run["recipe"]).model_copy(update={"push_to_hub": True, "hub_model_id": "org/tiny"})
-    final = Path(sft_run["output_dir"]) / "final"
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    assert push_to_hub(recipe, final) is None
-    assert "HF_TOKEN is not set" in capsys.readouterr().err
-
-    calls = []
-
-    class FakeApi:
-        def __init__(self, token):
-            calls.append(("token", token))
-
-        def create_repo(self, repo_id, **kw):
-            calls.append(("create", repo_id))
-
-        def upload_folder(self, folder_path, repo_id, **kw):
-            calls.append(("upload", folder_path, repo_id))
-
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
-    monkeypatch.setenv("HF_TOKEN", "hf_secret_do_not_print")
-    assert push_to_hub(recipe, final) == "https://huggingface.co/org/tiny"
-    assert ("upload", str(final), "org/tiny") in calls and ("token", "hf_secret_do_not_print") in calls
-    out = capsys.readouterr()
-    assert "hf_secret_do_not_print" not in out.out + out.err

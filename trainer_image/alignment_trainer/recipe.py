@@ -496,10 +496,12 @@ class Recipe(_Strict):
         "Experiment tracking: TensorBoard event files in the output directory by default; W&B, MLflow."))
     push_to_hub: bool = Field(False, description="Upload final/ to the Hub (needs HF_TOKEN and hub_model_id).")
     hub_model_id: str | None = Field(None, description="Hub repository for push_to_hub.")
+    hub_private: bool = Field(True, description="Create the Hub repository private (an existing one keeps its setting).")
     # Provenance for the model card and result.json.
     run_name: str | None = Field(None, description="The AlignmentRun this stage belongs to (model card).")
     stage_name: str | None = Field(None, description="The stage's name in its run (model card, result.json).")
     base_model: str | None = Field(None, description="The run's base model (model card).")
+    base_model_revision: str | None = Field(None, description="The run's base model revision (model card).")
 
     @field_validator("method")
     @classmethod

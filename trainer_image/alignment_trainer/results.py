@@ -2,7 +2,7 @@
 
     <output_dir>/
       checkpoint-N/      TRL's; complete once trainer_state.json is in it (written last)
-      final/             model + tokenizer + generation_config + README.md; renamed into place whole
+      final/             model + tokenizer + generation_config + README.md (card.py); renamed into place whole
       metrics.jsonl      one JSON line per logging step (main process only)
       result.json        losses, reward metrics, runtime, tokens/s, global step, checkpoint path
 
@@ -17,13 +17,12 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
 from transformers import TrainerCallback
 
-from . import outcome, tracking
+from . import card, outcome, tracking
 from .checkpoints import checkpoints
 from .recipe import Recipe
 
@@ -111,30 +110,8 @@ def save_final(trainer, recipe: Recipe, tokenizer, merge=None) -> Path:
 
 
 def model_card(recipe: Recipe, trainer) -> str:
-    datasets = "\n".join(f"- `{d.path}`{f' ({d.name})' if d.name else ''}, split `{d.split}`, weight {d.weight}"
-                         for d in recipe.datasets)
-    t = recipe.training
-    lora = "full fine-tuning"
-    if recipe.lora:
-        lora = f"LoRA r={recipe.lora.r}, alpha={recipe.lora.lora_alpha}{' (merged)' if recipe.lora.merge else ''}"
-    return f"""---
-base_model: {recipe.base_model or recipe.model.model_name_or_path}
-tags: [alignment-operator, trl, {recipe.method}]
----
-# {recipe.hub_model_id or recipe.run_name or Path(recipe.output_dir).name}
-
-Trained with alignment-operator, stage `{recipe.stage_name or recipe.method}`
-(method **{recipe.method}**{f", loss `{recipe.effective_loss_type}`" if recipe.effective_loss_type else ""}, {lora}),
-starting from `{recipe.model.model_name_or_path}` (base model `{recipe.base_model or recipe.model.model_name_or_path}`).
-
-## Data
-{datasets}
-
-## Training
-learning rate {t.learning_rate}, {t.lr_scheduler_type} schedule, {t.num_train_epochs} epochs (max steps {t.max_steps}),
-per-device batch {t.per_device_train_batch_size} x {t.gradient_accumulation_steps} accumulation, max length {t.max_length},
-beta {t.beta}, seed {t.seed}; {trainer.state.global_step} optimizer steps.
-""" + tracking.card_section(tracking.links(trainer))
+    """final/README.md: card.stage_card (base model and revision, datasets, every stage's recipe)."""
+    return str(card.stage_card(recipe, trainer.state.global_step, tracking.links(trainer)))
 
 
 # ---------------------------------------------------------------------------- result.json
@@ -177,20 +154,8 @@ def write_result(recipe: Recipe, result: dict) -> None:
     outcome.write(recipe.termination_message_path, result)
 
 
-def push_to_hub(recipe: Recipe, final: Path) -> str | None:
-    """Upload final/ when the recipe asks and HF_TOKEN is set; the token is never printed."""
-    token = os.environ.get("HF_TOKEN")
+def push_to_hub(recipe: Recipe, final: Path, model_card=None) -> str | None:
+    """Upload final/ when the recipe asks (card.push: HF_TOKEN required, never printed)."""
     if not recipe.push_to_hub:
         return None
-    if not token:
-        print("push_to_hub: HF_TOKEN is not set; final/ was not pushed", file=sys.stderr)
-        return None
-    if not recipe.hub_model_id:
-        raise ValueError("hub_model_id: required with push_to_hub")
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token)
-    api.create_repo(recipe.hub_model_id, exist_ok=True, private=True)
-    api.upload_folder(folder_path=str(final), repo_id=recipe.hub_model_id,
-                      commit_message=f"{recipe.method} stage {recipe.stage_name or ''}".strip())
-    return f"https://huggingface.co/{recipe.hub_model_id}"
+    return card.push(recipe, final, model_card)

@@ -139,11 +139,3 @@ def links(trainer) -> dict[str, str]:
         if isinstance(cb, TrackedRun):
             return dict(cb.links)
     return {}
-
-
-def card_section(tracked: dict[str, str]) -> str:
-    """The model card's 'Tracking' section."""
-    if not tracked:
-        return ""
-    rows = [f"- {name}: {where}" for name, where in tracked.items() if name != "mlflow_run_id"]
-    return "\n## Tracking\n" + "\n".join(rows) + "\n"

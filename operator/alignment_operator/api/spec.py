@@ -587,8 +587,20 @@ class TrainerSpec(ApiModel):
     priority_class_name: str | None = Field(None, max_length=253, pattern=corev1.DNS_SUBDOMAIN, description="PriorityClass of the training pods.")
 
 
+class HubSpec(ApiModel):
+    repo_id: str = Field(min_length=3, max_length=96, pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", description=(
+        "Hub model repository the run's final model is pushed to (org/name), created if missing. The push "
+        "is done by the last stage that trains or evaluates: a training stage pushes its final/, an eval "
+        "stage the model it evaluated with a card carrying its results (model-index). The token comes "
+        "from trainer.hfTokenSecretRef."))
+    private: bool = Field(True, description="Create the repository private (an existing one keeps its setting).")
+
+
 class AlignmentRunSpec(ApiModel):
     model_config = {**ApiModel.model_config, "json_schema_extra": x_validations(
+        ("!has(self.hub) || has(self.trainer.hfTokenSecretRef)",
+         "hub: pushing needs trainer.hfTokenSecretRef (a Secret with a Hugging Face token with write access)",
+         ".hub"),
         ("self.stages.exists(s, " + " && ".join(f"s.method != '{m}'" for m, info in METHODS.items() if not info.trains)
          + ")",
          "at least one training stage (sft, dpo, ipo, kto, orpo, simpo) is required", ".stages"),
@@ -627,3 +639,13 @@ class AlignmentRunSpec(ApiModel):
         "Experiment tracking for every stage, through transformers' own integrations: TensorBoard (on by "
         "default), Weights & Biases, MLflow. Each stage is one tracked run named <run>/<stage>; its links "
         "go to status.stages[].tracking and the final model's card."))
+    hub: HubSpec | None = Field(None, description=(
+        "Push the final model and its card (base model, datasets, each stage's recipe, evaluation results) "
+        "to the Hugging Face Hub."))
+
+    @model_validator(mode="after")
+    def _hub_token(self) -> "AlignmentRunSpec":
+        if self.hub is not None and self.trainer.hf_token_secret_ref is None:
+            raise ValueError("hub: pushing needs trainer.hfTokenSecretRef (a Secret with a Hugging Face token "
+                             "with write access)")
+        return self

@@ -169,7 +169,16 @@ def build_recipe(run: AlignmentRun, index: int, root: str,
         run_name=run.metadata.name,
         stage_name=stage.name,
         base_model=m.source,
+        base_model_revision=m.revision,
+        push_to_hub=run.spec.hub is not None and index == pushing_stage(run),
+        hub_model_id=run.spec.hub.repo_id if run.spec.hub is not None else None,
+        hub_private=run.spec.hub.private if run.spec.hub is not None else True,
     )
+
+
+def pushing_stage(run: AlignmentRun) -> int:
+    """spec.hub's push is done by the last stage that trains or evaluates (it holds the final model)."""
+    return max(i for i, s in enumerate(run.spec.stages) if METHODS[s.method].trains or s.method == "eval")
 
 
 def reward_judge_env(section: str, index: int) -> str:

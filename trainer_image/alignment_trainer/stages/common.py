@@ -20,7 +20,7 @@ from ..live import DivergedError, DivergenceGuard, ProgressPush, use_own_callbac
 from ..model import (checkpoint_dtype, engine_keeps_fp32_masters, keep_fp32_masters, load_model, merge_adapter,
                      mixed_precision)
 from ..recipe import Recipe, TrainingArgs
-from ..results import (MetricsCallback, build_result, emit, finished_result, push_to_hub,
+from ..results import (MetricsCallback, build_result, emit, finished_result, model_card, push_to_hub,
                        remove_incomplete_checkpoints, save_final, write_result)
 
 log = logging.getLogger("alignment_trainer")
@@ -272,11 +272,19 @@ def train(trainer, recipe: Recipe):
         trainer.remove_callback(KubeflowCallback)
         trainer.add_callback(ProgressPush())
     keep_fp32_masters(trainer.model)  # QLoRA: TRL cast the adapters to bf16 (model.keep_fp32_masters)
+    # TRL writes <output_dir>/README.md at each checkpoint from the loaded model's config ("a fine-tuned
+    # version of [None]" for a local directory): the stage's own card (card.stage_card) instead.
+    trainer.create_model_card = lambda *args, **kwargs: _stage_card(trainer, recipe)
     resume = newest_checkpoint(recipe.output_dir)
     if trainer.is_world_process_zero():
         emit("start", method=recipe.method, stage=recipe.stage_name, resume_from=resume,
              world_size=trainer.args.world_size, device=str(trainer.args.device))
     return trainer.train(resume_from_checkpoint=resume)
+
+
+def _stage_card(trainer, recipe: Recipe) -> None:
+    if trainer.is_world_process_zero():
+        (Path(recipe.output_dir) / "README.md").write_text(model_card(recipe, trainer))
 
 
 def finish_stage(trainer, recipe: Recipe, tokenizer, train_output, extra: dict | None = None) -> dict | None:

@@ -40,10 +40,11 @@ from pathlib import Path
 
 import torch
 
+from .. import card as model_card
 from ..data import load_stage_data
 from ..model import load_model, load_tokenizer
 from ..recipe import Recipe
-from ..results import emit, write_result
+from ..results import emit, push_to_hub, write_result
 from . import eval_rows as rows_of
 from .refcache import model_identity, reference_scores
 
@@ -259,6 +260,12 @@ def run(recipe: Recipe) -> dict:
               "generation_config_ignored": ignored_generation_settings(model) or None,
               "curves": str(curves) if curves else None,
               "files": files or None, "provenance": {**provenance, "versions": _versions()} if provenance else None}
+    # The evaluated model's card with these results (model-index), beside them; pushed with that model
+    card = model_card.eval_card(recipe, result)
+    card.save(out / "README.md")
+    url = push_to_hub(recipe, Path(recipe.model.model_name_or_path), card)
+    if url:
+        result["hub_url"] = url
     write_result(recipe, result)
     emit("done", **{k: v for k, v in result.items() if v is not None})
     return result

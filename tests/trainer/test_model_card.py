@@ -1,0 +1,220 @@
+"""The final model's card and the Hub push (alignment_trainer.card), on the recipes the operator renders.
+
+The tiny run (examples/tiny-run.yaml: sft -> dpo -> eval) is rendered with spec.hub set; each stage's
+card is built from its recipe and written where the trainer writes it, and the eval stage's card
+from an eval result.json of the tiny run's shape. The push is exercised up to the upload: the real
+huggingface_hub HfApi with its two network calls (create_repo, create_commit) replaced by recorders
+whose arguments are asserted; nothing reaches a server.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+# examples/tiny-run.yaml's eval result.json, as a finished local run wrote it (numbers from one)
+EVAL_RESULT = {
+    "method": "eval", "stage": "eval", "checkpoint": "runs/default/tiny/dpo/final",
+    "reference_model": "runs/default/tiny/sft/final", "pairs": 60, "reference_logps_reused": False,
+    "reference_pass_s": 0.585, "preference_accuracy": 0.8667, "reward_margin": 0.3696, "reward_chosen": 0.1272,
+    "reward_rejected": -0.2424, "reward_beta": 0.1, "logp_accuracy": 0.4167, "reference_logp_accuracy": 0.3667,
+    "scored_pairs": 60, "unscored_pairs": 0, "eval_loss": 3.8088, "perplexity": 45.09,
+    "reference_perplexity": 54.74, "eval_tokens": 394, "generation_stop_rate": 0.375, "generations": "x.jsonl",
+    "files": None, "provenance": None, "nan_metric": float("nan"),
+}
+
+
+def tiny_run(**spec):
+    from alignment_operator.api.documents import parse_run
+
+    data = yaml.safe_load((REPO / "examples" / "tiny-run.yaml").read_text())
+    data["spec"].update(spec)
+    return parse_run(data)
+
+
+def recipes(run, root):
+    from alignment_operator.render.recipe import build_recipe
+
+    return [build_recipe(run, i, root) for i in range(len(run.spec.stages))]
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """The directory a local run works in: runs/tiny-model is a local model directory there."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "tiny-model").mkdir(parents=True)
+    return tmp_path
+
+
+HUB = {"hub": {"repoId": "my-org/tiny-zephyr"}, "trainer": {"hfTokenSecretRef": {"name": "hf-token"}}}
+
+
+def write_cards(root: Path, sft, dpo, ev):
+    """What the stages write: sft's and dpo's final/README.md, then the eval stage's card."""
+    from alignment_trainer import card
+
+    for recipe, steps in ((sft, 36), (dpo, 8)):
+        final = Path(recipe.output_dir) / "final"
+        final.mkdir(parents=True)
+        tracked = {"tensorboard": str(Path(recipe.output_dir) / "tensorboard"),
+                   "mlflow": "http://mlflow.example:5000/#/experiments/1/runs/abc"}
+        card.stage_card(recipe, steps, tracked).save(final / "README.md")
+    out = Path(ev.output_dir)
+    out.mkdir(parents=True)
+    card.eval_card(ev, EVAL_RESULT).save(out / "README.md")
+    return out / "README.md"
+
+
+def test_tiny_run_card_has_base_model_datasets_every_stage_and_eval_results(workdir):
+    from huggingface_hub import ModelCard
+    from huggingface_hub.repocard_data import model_index_to_eval_results
+
+    root = workdir / "volume"
+    sft, dpo, ev = recipes(tiny_run(**HUB), str(root))
+    path = write_cards(root, sft, dpo, ev)
+    text = path.read_text()
+    print(text)  # the rendered card (pytest -s shows it)
+
+    # every stage's recipe, in order, each with its method and key hyperparameters
+    assert "## Stage 1: sft (sft)" in text and "## Stage 2: dpo (dpo, loss sigmoid)" in text
+    assert "learning rate 0.002, cosine schedule, 6.0 epochs, 36 optimizer steps" in text
+    assert "learning rate 0.0005" in text and "beta 0.1" in text
+    assert "- data: sft.jsonl (split train)" in text and "- data: prefs.jsonl (split train)" in text
+    assert "Fine-tuned from `tiny-model` at revision `main` by alignment-operator (run `tiny`), in 2 stages." in text
+    assert "- mlflow: http://mlflow.example:5000/#/experiments/1/runs/abc" in text
+    # no machine paths: not the volume, not the working directory, not the tensorboard directory
+    assert str(workdir) not in text and "/tensorboard" not in text and "runs/default" not in text
+    assert "[None]" not in text
+
+    # the Hub parses it back: metadata and model-index
+    card = ModelCard.load(path)
+    meta = card.data.to_dict()
+    assert meta["tags"] == ["alignment-operator", "trl", "sft", "dpo"] and meta["library_name"] == "transformers"
+    assert "base_model" not in meta  # a local directory is no Hub id: named in alignment_operator only
+    ops = meta["alignment_operator"]
+    assert ops["base_model"] == "tiny-model" and ops["base_model_revision"] == "main" and ops["run"] == "tiny"
+    assert [(s["stage"], s["method"]) for s in ops["stages"]] == [("sft", "sft"), ("dpo", "dpo")]
+    assert ops["stages"][0]["per_device_batch_size"] == 16 and ops["stages"][1]["beta"] == 0.1
+    name, results = model_index_to_eval_results(meta["model-index"])
+    assert name == "my-org/tiny-zephyr"
+    values = {r.metric_type: r.metric_value for r in results}
+    assert values == {"preference_accuracy": 0.8667, "reward_margin": 0.3696, "reward_chosen": 0.1272,
+                      "reward_rejected": -0.2424, "logp_accuracy": 0.4167, "eval_loss": 3.8088,
+                      "perplexity": 45.09, "generation_stop_rate": 0.375}  # no counts, no reference, no NaN
+    assert {r.dataset_name for r in results} == {"prefs_test.jsonl"}
+    assert "| preference_accuracy | 0.8667 |" in text
+
+
+def test_hub_ids_are_named_with_the_base_revision(workdir):
+    """A Hub base model and Hub datasets are the card's base_model and datasets (the Hub links them)."""
+    from huggingface_hub import ModelCard
+
+    from alignment_trainer import card
+
+    run = tiny_run(model={"source": "HuggingFaceH4/mistral-7b-sft-beta", "revision": "3f2ca9b", "dtype": "float32"})
+    sft = recipes(run, str(workdir / "volume"))[0]
+    sft = sft.model_copy(update={"datasets": [sft.datasets[0].model_copy(
+        update={"path": "HuggingFaceH4/ultrachat_200k", "split": "train_sft"})]})
+    parsed = ModelCard(str(card.stage_card(sft, 10)))
+    assert parsed.data.base_model == "HuggingFaceH4/mistral-7b-sft-beta"
+    assert parsed.data.datasets == ["HuggingFaceH4/ultrachat_200k"]
+    assert parsed.data.to_dict()["alignment_operator"]["base_model_revision"] == "3f2ca9b"
+    assert "- data: HuggingFaceH4/ultrachat_200k (split train_sft)" in parsed.text
+
+
+def test_spec_hub_renders_the_push_on_the_last_stage_and_needs_a_token(workdir):
+    from alignment_operator.api.run import RunInvalid
+
+    sft, dpo, ev = recipes(tiny_run(**HUB), str(workdir))
+    assert [r.push_to_hub for r in (sft, dpo, ev)] == [False, False, True]  # eval holds the results
+    assert ev.hub_model_id == "my-org/tiny-zephyr" and ev.hub_private is True
+    assert sft.base_model_revision == "main"
+    without_eval = tiny_run(**HUB)
+    without_eval.spec.stages.pop()
+    assert [r.push_to_hub for r in recipes(without_eval, str(workdir))] == [False, True]
+    assert not any(r.push_to_hub for r in recipes(tiny_run(), str(workdir)))
+
+    with pytest.raises(RunInvalid, match=r"hub: pushing needs trainer.hfTokenSecretRef"):
+        tiny_run(hub={"repoId": "my-org/tiny-zephyr"})
+    with pytest.raises(RunInvalid, match="spec.hub.repoId"):
+        tiny_run(**{**HUB, "hub": {"repoId": "no-org"}})
+
+
+class Recorder:
+    """HfApi's create_repo and create_commit, recording their arguments instead of calling the Hub."""
+
+    def __init__(self, monkeypatch):
+        from huggingface_hub import HfApi
+        from huggingface_hub.hf_api import RepoUrl
+
+        self.calls = []
+
+        def create_repo(api, repo_id, **kw):
+            self.calls.append(("create_repo", api.token, repo_id, kw))
+            return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+        def create_commit(api, repo_id, operations, **kw):
+            self.calls.append(("create_commit", api.token, repo_id, operations, kw))
+
+        monkeypatch.setattr(HfApi, "create_repo", create_repo)
+        monkeypatch.setattr(HfApi, "create_commit", create_commit)
+
+
+def test_eval_stage_push_uploads_the_evaluated_model_with_its_results_card(workdir, monkeypatch, capsys):
+    from huggingface_hub import ModelCard
+
+    from alignment_trainer import card
+    from alignment_trainer.results import push_to_hub
+
+    root = workdir / "volume"
+    sft, dpo, ev = recipes(tiny_run(**HUB), str(root))
+    write_cards(root, sft, dpo, ev)
+    final = Path(dpo.output_dir) / "final"
+    (final / "model.safetensors").write_bytes(b"weights")
+    (final / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    eval_card = card.eval_card(ev, EVAL_RESULT)
+    recorder = Recorder(monkeypatch)
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with pytest.raises(ValueError, match="HF_TOKEN is not set"):
+        push_to_hub(ev, final, eval_card)
+    assert recorder.calls == []  # refused before any call
+    assert push_to_hub(sft, final) is None and recorder.calls == []  # a stage that does not push
+
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_do_not_print")
+    assert push_to_hub(ev, final, eval_card) == "https://huggingface.co/my-org/tiny-zephyr"
+    (create, token, repo, kw), (commit, token2, repo2, operations, kw2) = recorder.calls
+    assert (create, token, repo, kw) == ("create_repo", "hf_secret_do_not_print", "my-org/tiny-zephyr",
+                                         {"exist_ok": True, "private": True})
+    assert (commit, token2, repo2) == ("create_commit", "hf_secret_do_not_print", "my-org/tiny-zephyr")
+    assert kw2["commit_message"] == "alignment-operator: tiny stage eval"
+    uploaded = {op.path_in_repo: op.path_or_fileobj for op in operations}
+    assert sorted(uploaded) == ["README.md", "config.json", "model.safetensors"]  # one README: the eval card
+    assert uploaded["model.safetensors"] == str(final / "model.safetensors")
+    readme = ModelCard(uploaded["README.md"].decode())
+    assert {r.metric_type for r in readme.data.eval_results} >= {"preference_accuracy", "perplexity"}
+    assert (final / "README.md").read_text() != uploaded["README.md"].decode()  # dpo's final/ left as written
+    out = capsys.readouterr()
+    assert "hf_secret_do_not_print" not in out.out + out.err
+
+
+def test_training_stage_push_uploads_its_final_folder_as_written(workdir, monkeypatch):
+    from alignment_trainer.results import push_to_hub
+
+    run = tiny_run(**HUB)
+    run.spec.stages.pop()
+    sft, dpo = recipes(run, str(workdir / "volume"))
+    final = Path(dpo.output_dir) / "final"
+    (final / "sub").mkdir(parents=True)
+    (final / "README.md").write_text("the dpo card")
+    (final / "sub" / "tokenizer.json").write_text("{}")
+    recorder = Recorder(monkeypatch)
+    monkeypatch.setenv("HF_TOKEN", "hf_x")
+    assert push_to_hub(dpo, final) == "https://huggingface.co/my-org/tiny-zephyr"
+    operations = recorder.calls[1][3]
+    assert {op.path_in_repo: op.path_or_fileobj for op in operations} == {
+        "README.md": str(final / "README.md"), "sub/tokenizer.json": str(final / "sub" / "tokenizer.json")}

@@ -1,0 +1,192 @@
+"""The model card of a stage's final/ (README.md): what a reader of the Hub page needs, no machine paths.
+
+Built with huggingface_hub's ModelCard / ModelCardData / EvalResult, so the Hub reads its metadata:
+
+    base_model, datasets, tags, library_name
+    alignment_operator: {run, base_model, base_model_revision, stages: [{stage, method, loss_type,
+                         adapter, learning_rate, epochs, ...}, ...]}
+    model-index       (the eval stage's card): one EvalResult per metric it measured
+
+A training stage's card starts from the card of the model it trained from (an earlier stage's
+final/README.md), so the last stage's card lists every stage of the run. A local path (a model
+directory, a data file) is named by its last component, never by where it lies on a machine.
+The eval stage writes the card of the model it evaluated, with its results, to its own directory
+(the evaluated stage's final/ is left as written); a push from the eval stage uploads that card.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .recipe import DatasetArgs, Recipe
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+KEY = "alignment_operator"
+# result.json keys that describe the measurement rather than the model (counts, settings, timings)
+NOT_RESULTS = {"pairs", "scored_pairs", "unscored_pairs", "eval_tokens", "reward_beta", "reference_pass_s",
+               "reward_prompts", "global_step"}
+
+
+def public_name(path: str) -> str:
+    """A Hub id as it is; a local path (absolute, relative, or existing here) by its last component
+    (a stage's final/ by its stage directory's name)."""
+    p = Path(path)
+    if not (p.is_absolute() or path.startswith(".") or p.exists()) and HUB_ID.match(path):
+        return path
+    parts = [part for part in p.parts if part not in ("/", ".", "..")]
+    if parts and parts[-1] == "final" and len(parts) > 1:
+        return f"{parts[-2]} (an earlier stage)"
+    return parts[-1] if parts else path
+
+
+def is_hub_id(path: str) -> bool:
+    return public_name(path) == path
+
+
+def _dataset(d: DatasetArgs) -> str:
+    name = public_name(d.path)
+    extra = [f"config {d.name}"] if d.name else []
+    extra += [f"split {d.split}"] + ([f"weight {d.weight}"] if d.weight != 1.0 else [])
+    return f"{name} ({', '.join(extra)})"
+
+
+def stage_entry(recipe: Recipe, global_step: int) -> dict:
+    """One stage's recipe as the card lists it: method and the hyperparameters that define it."""
+    t = recipe.training
+    entry = {"stage": recipe.stage_name or recipe.method, "method": recipe.method}
+    if recipe.effective_loss_type:
+        entry["loss_type"] = recipe.effective_loss_type
+    entry["adapter"] = "full fine-tuning" if recipe.lora is None else (
+        f"LoRA r={recipe.lora.r} alpha={recipe.lora.lora_alpha}"
+        + (f" {recipe.lora.quantization}" if recipe.lora.quantization else "")
+        + (" (merged)" if recipe.lora.merge else ""))
+    entry.update({
+        "datasets": [_dataset(d) for d in recipe.datasets],
+        "learning_rate": t.learning_rate, "lr_scheduler": t.lr_scheduler_type, "epochs": t.num_train_epochs,
+        "max_steps": t.max_steps if t.max_steps > 0 else None, "optimizer_steps": global_step,
+        "per_device_batch_size": t.per_device_train_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "max_length": t.max_length, "seed": t.seed,
+    })
+    if recipe.info.preference or recipe.method in ("grpo", "kto"):
+        entry["beta"] = t.beta
+    return {k: v for k, v in entry.items() if v is not None}
+
+
+def earlier(model_path: str) -> dict:
+    """The alignment_operator metadata of the card in model_path (an earlier stage's final/), or {}."""
+    readme = Path(model_path) / "README.md"
+    if not readme.is_file():
+        return {}
+    data = ModelCard.load(readme).data.to_dict()
+    return data.get(KEY) or {}
+
+
+def _hub_datasets(stages: list[dict], recipes: list[Recipe]) -> list[str]:
+    ids = [public_name(d.path) for r in recipes for d in r.datasets if is_hub_id(d.path)]
+    for stage in stages:
+        ids += stage.get("hub_datasets", [])
+    return sorted(set(ids))
+
+
+def stage_card(recipe: Recipe, global_step: int, tracked: dict[str, str] | None = None) -> ModelCard:
+    """The card of a training stage's final/: the run's base model, every stage up to this one."""
+    before = earlier(recipe.model.model_name_or_path)
+    source = recipe.base_model or recipe.model.model_name_or_path
+    base = before.get("base_model") or public_name(source)
+    on_hub = before["base_model_on_hub"] if before else is_hub_id(source)
+    revision = before.get("base_model_revision") or recipe.base_model_revision or recipe.model.model_revision
+    entry = stage_entry(recipe, global_step)
+    entry["hub_datasets"] = [public_name(d.path) for d in recipe.datasets if is_hub_id(d.path)]
+    links = {k: v for k, v in (tracked or {}).items() if v.startswith(("http://", "https://"))}
+    if links:
+        entry["tracking"] = links
+    stages = [*before.get("stages", []), entry]
+    meta = {"run": recipe.run_name, "base_model": base, "base_model_on_hub": on_hub, "base_model_revision": revision,
+            "stages": stages}
+    return _card(recipe.hub_model_id or recipe.run_name or recipe.stage_name or recipe.method, meta, [])
+
+
+def eval_card(recipe: Recipe, result: dict) -> ModelCard:
+    """The card of the model an eval stage measured (recipe.model), with result's metrics as model-index."""
+    before = earlier(recipe.model.model_name_or_path)
+    source = recipe.base_model or recipe.model.model_name_or_path
+    meta = {"run": recipe.run_name or before.get("run"),
+            "base_model": before.get("base_model") or public_name(source),
+            "base_model_on_hub": before["base_model_on_hub"] if before else is_hub_id(source),
+            "base_model_revision": before.get("base_model_revision") or recipe.base_model_revision,
+            "stages": before.get("stages", [])}
+    held_out = ", ".join(public_name(d.path) for d in recipe.datasets) or "held-out data"
+    hub = len(recipe.datasets) == 1 and is_hub_id(recipe.datasets[0].path)
+    results = [EvalResult(task_type="text-generation", task_name=f"alignment-operator {recipe.stage_name or 'eval'}",
+                          dataset_type=held_out if hub else "json", dataset_name=held_out,
+                          metric_type=key, metric_name=key, metric_value=value)
+               for key, value in eval_metrics(result).items()]
+    return _card(recipe.hub_model_id or meta["run"] or "model", meta, results)
+
+
+def eval_metrics(result: dict) -> dict[str, float]:
+    """The finite numbers of an eval result.json that measure the model (not the reference model, not counts)."""
+    return {k: float(v) for k, v in result.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            and not k.startswith("reference_") and k not in NOT_RESULTS}
+
+
+def _card(title: str, meta: dict, results: list[EvalResult]) -> ModelCard:
+    stages = meta["stages"]
+    data = ModelCardData(
+        base_model=meta["base_model"] if meta["base_model_on_hub"] else None,
+        datasets=_hub_datasets(stages, []) or None,
+        library_name="transformers", tags=["alignment-operator", "trl", *dict.fromkeys(s["method"] for s in stages)],
+        model_name=title, eval_results=results or None, **{KEY: meta})
+    revision = f" at revision `{meta['base_model_revision']}`" if meta.get("base_model_revision") else ""
+    lines = [f"# {title}", "",
+             f"Fine-tuned from `{meta['base_model']}`{revision} by alignment-operator"
+             + (f" (run `{meta['run']}`)" if meta.get("run") else "")
+             + f", in {len(stages)} stage{'s' * (len(stages) != 1)}.", ""]
+    for i, s in enumerate(stages, 1):
+        lines.append(f"## Stage {i}: {s['stage']} ({s['method']}{', loss ' + s['loss_type'] if 'loss_type' in s else ''})")
+        lines.append("")
+        lines.append(f"- {s['adapter']}; learning rate {s.get('learning_rate')}, {s.get('lr_scheduler')} schedule, "
+                     f"{s.get('epochs')} epochs, {s.get('optimizer_steps')} optimizer steps")
+        lines.append(f"- batch {s.get('per_device_batch_size')} per device x {s.get('gradient_accumulation_steps')} "
+                     f"accumulation, max length {s.get('max_length')}"
+                     + (f", beta {s['beta']}" if "beta" in s else "") + f", seed {s.get('seed')}")
+        lines += [f"- data: {d}" for d in s.get("datasets", [])]
+        lines += [f"- {name}: {url}" for name, url in s.get("tracking", {}).items()]
+        lines.append("")
+    if results:
+        lines += ["## Evaluation", "", f"On {results[0].dataset_name}:", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {r.metric_type} | {r.metric_value:.4g} |" for r in results]
+        lines.append("")
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+
+
+# ---------------------------------------------------------------------------- the push
+
+def push(recipe: Recipe, folder: Path, card: ModelCard | None = None) -> str:
+    """Upload folder (a final/) to recipe.hub_model_id in one commit, README.md replaced by card when
+    given (the eval stage's card of the model it measured). HF_TOKEN is required and never printed."""
+    token = os.environ.get("HF_TOKEN")
+    if not token:
+        raise ValueError("push_to_hub: HF_TOKEN is not set (spec.trainer.hfTokenSecretRef, or the environment "
+                         "for a local run); nothing was pushed")
+    if not recipe.hub_model_id:
+        raise ValueError("hub_model_id: required with push_to_hub")
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    api = HfApi(token=token)
+    url = api.create_repo(recipe.hub_model_id, exist_ok=True, private=recipe.hub_private)
+    operations = [CommitOperationAdd(path_in_repo=str(f.relative_to(folder)), path_or_fileobj=str(f))
+                  for f in sorted(folder.rglob("*")) if f.is_file() and not (card and f.name == "README.md"
+                                                                             and f.parent == folder)]
+    if card is not None:
+        operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode()))
+    api.create_commit(repo_id=recipe.hub_model_id, operations=operations,
+                      commit_message=f"alignment-operator: {recipe.run_name or ''} stage {recipe.stage_name or recipe.method}")
+    return str(url)
