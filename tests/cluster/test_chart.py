@@ -105,8 +105,9 @@ def test_helm_lint_passes_and_the_schema_refuses_bad_values(helm):
         assert out.returncode != 0 and field in out.stderr, (bad, out.stderr)
     out = helm("template", RELEASE, str(CHART), "--set", "replicaCount=2", "--set", "peering.enabled=false", check=False)
     assert out.returncode != 0 and "needs peering.enabled=true" in out.stderr
-    out = helm("template", RELEASE, str(CHART), "--set", "replicaCount=2", check=False)  # one CA per replica
-    assert out.returncode != 0 and "needs progress.tlsSecretName" in out.stderr
+    # Two replicas without a TLS Secret of the user's share the installation's CA (a Secret the operator makes).
+    out = helm("template", RELEASE, str(CHART), "--set", "replicaCount=2")
+    assert "ALIGNMENT_PROGRESS_TLS_SECRET" in out.stdout
 
 
 def test_default_values_render_manifests_the_server_accepts(cluster, chart_crds, helm, namespace):
@@ -116,7 +117,9 @@ def test_default_values_render_manifests_the_server_accepts(cluster, chart_crds,
     assert sorted(d["kind"] for d in docs) == sorted([
         "ClusterRole", "ClusterRole",  # the users' aggregated edit and view roles (templates/user-roles.yaml)
         "ServiceAccount", "ClusterRole", "ClusterRole", "ClusterRole", "ClusterRoleBinding", "ClusterRoleBinding",
-        "ClusterRoleBinding", "Service", "Service", "Deployment", "ClusterKopfPeering"])
+        "ClusterRoleBinding", "Service", "Service", "Deployment", "ClusterKopfPeering",
+        "Role", "RoleBinding",  # the installation's progress CA: one Secret in the release namespace
+        "NetworkPolicy"])
     deployment = by_kind(docs, "Deployment")[0]
     pod = deployment["spec"]["template"]["spec"]
     container = pod["containers"][0]
@@ -130,7 +133,8 @@ def test_default_values_render_manifests_the_server_accepts(cluster, chart_crds,
         "ALIGNMENT_ACCELERATE_CONFIG_DIR": "/opt/alignment/accelerate", "ALIGNMENT_METRICS_PORT": "9090",
         "ALIGNMENT_PROGRESS_PORT": "8443", "ALIGNMENT_PROGRESS_URL": f"https://{RELEASE}-alignment-operator-progress.{namespace}.svc:8443",
         "ALIGNMENT_PROGRESS_HOSTNAMES": f"{RELEASE}-alignment-operator-progress.{namespace}.svc,"
-                                        f"{RELEASE}-alignment-operator-progress.{namespace}.svc.cluster.local"}
+                                        f"{RELEASE}-alignment-operator-progress.{namespace}.svc.cluster.local",
+        "ALIGNMENT_PROGRESS_TLS_SECRET": f"{namespace}/{RELEASE}-alignment-operator-progress-tls"}
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     service = by_kind(docs, "Service")[0]
@@ -323,8 +327,13 @@ def test_the_service_account_reads_no_secret_and_nothing_unlisted(cluster, chart
         rows = [line.split() for line in listed if line.strip() and not line.lstrip().startswith("[")]
         resources = {row[0]: row[-1] for row in rows}  # resource -> "[verbs]" (non-resource URL rows skipped)
         assert "jobs.batch" in resources and "alignmentruns.alignment.dev/status" in resources, listed
-        for resource, verbs in resources.items():
-            assert resource.split(".")[0] != "secrets" and "*" not in resource + verbs, (resource, verbs)
+        # The one Secret it may read: the installation's progress CA, by name, in the release namespace.
+        assert can("get", "secrets/ao-alignment-operator-progress-tls", "-n", ns) == "yes"
+        assert can("get", "secrets/another", "-n", ns) == "no"
+        for row in rows:
+            assert "*" not in row[0] + row[-1], row
+            assert row[0].split(".")[0] != "secrets" or row[-1] == "[create]" or (
+                "[ao-alignment-operator-progress-tls]" in row), row
     finally:
         delete_cluster_scoped(cluster, docs)
 

@@ -351,7 +351,9 @@ def test_helm_installed_operator_in_a_pod_runs_the_tiny_run_and_survives_its_pod
     """Scenario 6, the README's day one: `helm install` puts the operator (operator/Dockerfile's
     image) in a pod under the chart's ServiceAccount with peering on; `kubectl apply` of the tiny
     run reaches Succeeded with nothing else running the operator. The operator pod is deleted
-    mid-stage: its replacement picks the run up and creates nothing twice."""
+    mid-stage: its replacement picks the run up and creates nothing twice, and the running stage's
+    pod, which trusts the CA it was started with, keeps pushing progress to the replacement (one CA
+    per installation, in a Secret, issue 25)."""
     ns, plane, started = restricted_ns, real.plane, time.monotonic()
     prepare_volume(real, ns, "tiny")
     operator_repo, operator_tag = image_ref("operator").rsplit(":", 1)
@@ -368,6 +370,7 @@ def test_helm_installed_operator_in_a_pod_runs_the_tiny_run_and_survives_its_pod
         doc = yaml.safe_load((REPO / "examples/tiny-run.yaml").read_text())
         for stage in doc["spec"]["stages"]:
             stage["resources"] = one_core  # the operator's pod takes 100m of the node's 2 cores
+        doc["spec"]["stages"][0]["training"]["epochs"] = 30  # sft outlives the operator pod's replacement
         plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(doc))
         running_pod(real, ns, SFT)
         api = real.plane.api_client()
@@ -380,15 +383,23 @@ def test_helm_installed_operator_in_a_pod_runs_the_tiny_run_and_survives_its_pod
         new = [p for p in pods if p["metadata"]["name"] != old]
         assert new, "no replacement operator pod"
         log = plane.kubectl("logs", "-n", "alignment-system", new[0]["metadata"]["name"]).stdout
+        ready = next(c["lastTransitionTime"] for c in new[0]["status"]["conditions"] if c["type"] == "Ready")
         account = new[0]["spec"]["serviceAccountName"]
         peering = plane.kubectl("get", "clusterkopfpeerings", "-o", "name").stdout.split()
     finally:
         plane.helm("uninstall", "alignment-operator", "-n", "alignment-system", "--wait", check=False)
+        # the installation's CA outlives the release (the operator made it): gone with this test
+        plane.kubectl("delete", "secret", "-n", "alignment-system", "alignment-operator-progress-tls",
+                      "--ignore-not-found", check=False)
     assert run["status"]["phase"] == "Succeeded", json.dumps(run["status"], indent=1)
     after = jobs(api, ns)
     assert set(after) == {SFT, DPO, EVAL}, after
     assert all(after[j] == uid for j, uid in before.items()), "a Job was created twice"
     assert all(s["attempts"] == 1 for s in run["status"]["stages"]), run["status"]["stages"]
     assert "tiny" in log, log[-3000:]  # the replacement operator, in its pod, handled the run
+    assert "the installation's CA, read from Secret" in log, log[-3000:]  # the first pod's CA, not a new one
+    sft = run["status"]["stages"][0]["progress"]
+    # sft's pod started under the first operator; its last push (100%) landed after the replacement was Ready
+    assert sft["percent"] == 100 and sft["lastUpdated"][:19] >= ready[:19], (sft, ready)
     assert account == "alignment-operator" and peering, (account, peering)  # the chart's account; peering on
     print(f"\nscenario 6 (helm-installed operator in a pod; its pod deleted mid-stage): {time.monotonic() - started:.0f}s")
