@@ -481,7 +481,11 @@ def sign(ca_pem: bytes, ca_key_pem: bytes, hostnames: list[str], days: int = 365
 
 
 def _write_files(directory: Path, chain: bytes, key: bytes) -> tuple[Path, Path]:
+    """tls.crt and tls.key in `directory`; unchanged files are left alone (the watcher reloads on a change)."""
     directory.mkdir(parents=True, exist_ok=True)
+    crt_path, key_path = directory / "tls.crt", directory / "tls.key"
+    if crt_path.is_file() and key_path.is_file() and crt_path.read_bytes() == chain and key_path.read_bytes() == key:
+        return crt_path, key_path
     (directory / "tls.crt").write_bytes(chain)
     # The key is written to a new file made 0600 before a byte of it is written, then renamed into place.
     tmp = directory / ".tls.key.new"

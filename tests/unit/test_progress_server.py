@@ -328,6 +328,10 @@ def test_one_ca_per_installation_outlives_restarts_and_is_shared_by_replicas(tmp
     _, _, ca1 = installation_tls(tmp_path / "a", ["op.sys.svc"], store)
     _, _, ca2 = installation_tls(tmp_path / "b", ["op.sys.svc"], store)   # a restart, or a second replica
     assert ca1 == ca2 and store.writes == 1
+    cert, _, _ = installation_tls(tmp_path / "b", ["op.sys.svc"], store)  # the hourly refresh: nothing new
+    before = cert.stat().st_mtime_ns
+    installation_tls(tmp_path / "b", ["op.sys.svc"], store)
+    assert cert.stat().st_mtime_ns == before  # the files are not rewritten, so nothing is reloaded
     # Another replica created the Secret a moment before us: its CA is the one served.
     racing = Store(taken=store.data)
     _, _, ca3 = installation_tls(tmp_path / "c", ["op.sys.svc"], racing)
