@@ -3,7 +3,7 @@
     scripts/lock               # refresh: resolve pyproject's extras anew (newest allowed), write the lock
     scripts/lock --installed   # write what .venv has now (after tests passed with it)
 
-Both read the same roots: the project with its [trainer,dev] extras and
+Both read the same roots: the project with its [trainer,gpu,dev] extras and
 trainer_image/requirements.txt. The lock pins every package those pull in (exact versions), and
 records the CUDA version of the locked torch's wheels, which the trainer image's CUDA base must
 match (tests/unit/test_lock.py). flash-attn is pinned here (FLASH_ATTN): it has no wheel
@@ -29,8 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 LOCK = REPO / "constraints.txt"
 REQUIREMENTS = REPO / "trainer_image" / "requirements.txt"
 PROJECT = "alignment-operator"
-EXTRAS = ("trainer", "dev")
-# flash-attn for the GPU image: a version whose build supports the locked torch's CUDA major.
+EXTRAS = ("trainer", "gpu", "dev")
+# flash-attn for a GPU image built with FLASH_ATTN_VERSION (opt-in: the default uses torch's SDPA flash kernel
+# and transformers' hub kernels, trainer_image/Dockerfile): a version whose build supports the CUDA major.
 FLASH_ATTN = "2.8.3"
 
 
