@@ -48,8 +48,10 @@ class ModelSpec(ApiModel):
         "full-fine-tuning DPO/KTO; use ZeRO, LoRA or precomputeRefLogProbs for large models. Frozen "
         "models (a LoRA base, the eval stage's) load in this dtype. CPU stages compute in float32."))
     attention: Literal["flash_attention_2", "sdpa", "eager"] = Field("sdpa", description=(
-        "Attention kernel. flash_attention_2 needs a GPU and the flash-attn package (in the GPU "
-        "trainer image); sdpa works everywhere."))
+        "Attention kernel. sdpa works everywhere (on a GPU, bf16/fp16: torch's own FlashAttention-2 "
+        "kernel); flash_attention_2 (varlen attention, for packing) needs a GPU and loads transformers' hub "
+        "kernel kernels-community/flash-attn2 in the GPU trainer image (the [gpu] extra's kernels package; "
+        "fetched from the Hub at the first load), or flash-attn where installed."))
     chat_template: str | None = Field(None, max_length=65536, description=(
         "Jinja chat template. Default: the tokenizer's own; ChatML when it has none."))
     trust_remote_code: bool = Field(False, description="Allow modelling code from the model's Hub repository to run.")
