@@ -17,7 +17,7 @@ import yaml
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from kubelet import DPO, SFT, apply_tiny, get_run, jobs, play_kubelet, result_message, wait_for
+from kubelet import DPO, SFT, apply_tiny, child, get_run, jobs, play_kubelet, result_message, wait_for
 from operator_process import Operator
 
 pytestmark = pytest.mark.cluster
@@ -72,7 +72,7 @@ def dry_run(api, ns: str, stage: str) -> dict | None:
     """The Status (code, reason, message) the API server answers a create of the stage's Job with
     (None: accepted)."""
     try:
-        client.BatchV1Api(api).create_namespaced_job(ns, job(f"tiny-{stage}", stage), dry_run="All")
+        client.BatchV1Api(api).create_namespaced_job(ns, job(child("tiny", stage), stage), dry_run="All")
         return None
     except ApiException as e:
         return json.loads(e.body)
