@@ -1,6 +1,6 @@
 """Operator latency and scale against the real control plane (tools/k8s/build.sh builds it).
 
-    .venv/bin/python benchmarks/operator_scale.py [--runs 30] [--burst 100]
+    .venv/bin/python benchmarks/operator_scale.py [--runs 30] [--burst 100] [--no-floor] [--timeout 600]
 
 Measures, with one operator process watching one namespace:
   1. apply -> first Job: time from `create AlignmentRun` to its SFT Job existing (median, p95);
