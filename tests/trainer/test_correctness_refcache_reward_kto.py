@@ -122,9 +122,11 @@ def _dpo_stage(kit, directory: Path, model: str, train: str, test: str, cache: P
 def test_reference_cache_key_holds_the_truncation_mode_and_the_whole_tokenizer(tmp_path, tiny_model, data_dir,
                                                                                kit):
     """One reference, one cache, max_length 24 (most pairs are cut): keep_end after keep_start computes
-    its own log-probs (it read keep_start's, so its step-0 loss was not ln 2), and so does a tokenizer
-    replaced in place by one of the same length and special tokens that maps the data's text to other
-    ids (it was reused). The weights' hash is TRL's own where nothing is partitioned."""
+    its own log-probs (at 73214b4 it read keep_start's: step-0 loss 2.286, not ln 2), and so does a
+    tokenizer replaced in place by one of the same length and special tokens that maps the data's text
+    to other ids (at 73214b4 only by accident: the rows' key held the datasets fingerprint of the
+    prompt-cutting map, which hashes the pickled tokenizer; now refcache.tokenizer_fingerprint). The
+    weights' hash is TRL's own where nothing is partitioned."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl.trainer.utils import hash_module
@@ -135,7 +137,7 @@ def test_reference_cache_key_holds_the_truncation_mode_and_the_whole_tokenizer(t
     test = _head(data_dir / "prefs_test.jsonl", 8, tmp_path / "test.jsonl")
     cache = tmp_path / "cache"
     stage = lambda name, **t: _dpo_stage(kit, tmp_path / name, str(reference), train, test, cache,  # noqa: E731
-                                         max_length=24, **t)
+                                         max_length=24, max_prompt_length=16, **t)
     assert stage("start")["reference_logps"] == "computed"
     assert stage("rerun")["reference_logps"] == "reused", "the same stage again reads its log-probs back"
     assert stage("keep-end", extra_args={"truncation_mode": "keep_end"})["reference_logps"] == "computed"
