@@ -218,3 +218,17 @@ def test_training_stage_push_uploads_its_final_folder_as_written(workdir, monkey
     operations = recorder.calls[1][3]
     assert {op.path_in_repo: op.path_or_fileobj for op in operations} == {
         "README.md": str(final / "README.md"), "sub/tokenizer.json": str(final / "sub" / "tokenizer.json")}
+
+
+def test_a_starting_model_with_someone_elses_card_starts_the_list(workdir):
+    """A downloaded model's own card (or one whose metadata does not parse) names no earlier stages."""
+    from alignment_trainer import card
+
+    sft = recipes(tiny_run(), str(workdir / "volume"))[0]
+    model = workdir / "runs" / "tiny-model"
+    for readme in ("---\nlicense: apache-2.0\nbase_model: meta-llama/Llama-2-7b\n---\n# Llama\n",
+                   "---\nlicense: [unclosed\n---\n# broken\n"):
+        (model / "README.md").write_text(readme)
+        meta = card.stage_card(sft, 5).data.to_dict()
+        assert [s["stage"] for s in meta["alignment_operator"]["stages"]] == ["sft"]
+        assert meta["alignment_operator"]["base_model"] == "tiny-model" and "base_model" not in meta

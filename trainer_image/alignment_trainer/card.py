@@ -16,6 +16,7 @@ The eval stage writes the card of the model it evaluated, with its results, to i
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -25,6 +26,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .recipe import DatasetArgs, Recipe
 
+log = logging.getLogger("alignment_trainer")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 KEY = "alignment_operator"
 # result.json keys that describe the measurement rather than the model (counts, settings, timings)
@@ -83,8 +85,13 @@ def earlier(model_path: str) -> dict:
     readme = Path(model_path) / "README.md"
     if not readme.is_file():
         return {}
-    data = ModelCard.load(readme).data.to_dict()
-    return data.get(KEY) or {}
+    try:  # a model directory from elsewhere may carry any card: only ours is read
+        data = ModelCard.load(readme, ignore_metadata_errors=True).data.to_dict()
+    except Exception as e:  # noqa: BLE001 - a card that does not parse names no earlier stages
+        log.warning("%s: not read (%s); the card lists this run's stages from here", readme.name, e)
+        return {}
+    meta = data.get(KEY)
+    return meta if isinstance(meta, dict) and isinstance(meta.get("stages"), list) else {}
 
 
 def _hub_datasets(stages: list[dict], recipes: list[Recipe]) -> list[str]:
@@ -99,7 +106,7 @@ def stage_card(recipe: Recipe, global_step: int, tracked: dict[str, str] | None 
     before = earlier(recipe.model.model_name_or_path)
     source = recipe.base_model or recipe.model.model_name_or_path
     base = before.get("base_model") or public_name(source)
-    on_hub = before["base_model_on_hub"] if before else is_hub_id(source)
+    on_hub = before.get("base_model_on_hub", is_hub_id(source))
     revision = before.get("base_model_revision") or recipe.base_model_revision or recipe.model.model_revision
     entry = stage_entry(recipe, global_step)
     entry["hub_datasets"] = [public_name(d.path) for d in recipe.datasets if is_hub_id(d.path)]
@@ -118,7 +125,7 @@ def eval_card(recipe: Recipe, result: dict) -> ModelCard:
     source = recipe.base_model or recipe.model.model_name_or_path
     meta = {"run": recipe.run_name or before.get("run"),
             "base_model": before.get("base_model") or public_name(source),
-            "base_model_on_hub": before["base_model_on_hub"] if before else is_hub_id(source),
+            "base_model_on_hub": before.get("base_model_on_hub", is_hub_id(source)),
             "base_model_revision": before.get("base_model_revision") or recipe.base_model_revision,
             "stages": before.get("stages", [])}
     held_out = ", ".join(public_name(d.path) for d in recipe.datasets) or "held-out data"
