@@ -74,6 +74,14 @@ def test_reward_stage_cuts_long_pairs_as_dpo_does_and_counts_them(tmp_path, tiny
                                                               if len(r) > 27})
     assert result["eval_pairs"] == 16 and result["eval_pairs_truncated"] > 0
 
+    # A pair cut to the same tokens on both sides holds nothing to learn: dropped, and counted
+    from datasets import Dataset
+
+    pairs = Dataset.from_dict({"chosen_ids": [[1, 2, 3, 4, 5], [1, 2]], "rejected_ids": [[1, 2, 3, 9], [1, 3]]})
+    kept, counts = reward.truncate_pairs(pairs, 3, "keep_start")
+    assert counts == {"read": 2, "kept": 1, "truncated": 1, "dropped": 1} and list(kept["chosen_ids"]) == [[1, 2]]
+    assert reward.truncate_pairs(pairs, 3, "keep_end")[1]["dropped"] == 0
+
     with pytest.raises(ValueError, match="truncation_mode: 'keep_middle' is not one of keep_start, keep_end"):
         reward.build(_recipe("reward", tiny_model, train, None, tmp_path / "bad", max_length=27,
                              extra_args={"truncation_mode": "keep_middle"}))

@@ -78,7 +78,7 @@ class TruncatingRewardTrainer(RewardTrainer):
         if counts["dropped"]:
             message = (f"{counts['dropped']} of {counts['read']} {dataset_name} pairs dropped: cut to "
                        f"training.max_length {args.max_length} ({args.truncation_mode}), chosen and rejected are the "
-                       "same tokens (the prompt fills max_length)")
+                       "same tokens (nothing to learn)")
             if not counts["kept"]:
                 raise ValueError(f"training.max_length: {message}; raise max_length or set max_prompt_length")
             if PartialState().is_main_process:
