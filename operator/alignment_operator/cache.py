@@ -16,6 +16,7 @@ from .observe import slim
 from .render.manifests import LABEL_RUN
 
 Key = tuple[str, str]  # (namespace, run name)
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
 
 
 class Cache:
@@ -33,11 +34,16 @@ class Cache:
 
     def put_run(self, obj: dict[str, Any]) -> bool:
         """Keep the newest version seen (a watch event can arrive after our own write's reply),
-        without its managedFields (as large as the spec, and never read). False when this version
-        (or a newer one) is held already: the event of our own write is no news."""
+        without its managedFields nor kubectl's last-applied-configuration annotation (each as large
+        as the spec, and never read). False when this version (or a newer one) is held already: the
+        event of our own write is no news."""
         meta = obj["metadata"]
-        if "managedFields" in meta:
-            obj = {**obj, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
+        annotations = meta.get("annotations") or {}
+        if "managedFields" in meta or LAST_APPLIED in annotations:
+            meta = {k: v for k, v in meta.items() if k != "managedFields"}
+            if LAST_APPLIED in annotations:
+                meta["annotations"] = {k: v for k, v in annotations.items() if k != LAST_APPLIED}
+            obj = {**obj, "metadata": meta}
         key = (meta["namespace"], meta["name"])
         with self._lock:
             old = self._runs.get(key)

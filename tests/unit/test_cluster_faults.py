@@ -398,3 +398,16 @@ def test_every_request_has_a_timeout_unless_it_names_one(monkeypatch):
     api.rest_client.GET("https://127.0.0.1:1/api")
     api.rest_client.GET("https://127.0.0.1:1/api", _request_timeout=5)
     assert seen == [kube.REQUEST_TIMEOUT, 5]
+
+
+def test_the_cache_keeps_a_run_without_what_nothing_reads():
+    from alignment_operator.cache import LAST_APPLIED
+    cache = Cache()
+    spec = {"stages": [{"name": "sft"}]}
+    body = {"spec": spec, "metadata": {
+        "name": "tiny", "namespace": "ns", "resourceVersion": "3", "managedFields": [{"manager": "kubectl"}],
+        "annotations": {LAST_APPLIED: '{"spec": ' + "x" * 4000 + "}", RETRY_ANNOTATION: "1"}}}
+    assert cache.put_run(body)
+    kept = cache.run("ns", "tiny")["metadata"]
+    assert kept["annotations"] == {RETRY_ANNOTATION: "1"} and "managedFields" not in kept
+    assert body["metadata"]["annotations"][LAST_APPLIED], "the watch's own dict is not changed"
