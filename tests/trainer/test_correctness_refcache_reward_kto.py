@@ -175,6 +175,7 @@ def test_reference_cache_key_holds_the_truncation_mode_and_the_whole_tokenizer(t
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # three two-process ZeRO-3 stages: 654 s on a busy 2-core machine
 def test_zero3_reference_replaced_at_the_same_path_is_recomputed(tmp_path, tiny_model, data_dir, kit):
     """DPO with precomputed reference log-probs on 2 processes under DeepSpeed ZeRO-3, one shared cache:
     the same stage rerun reads its log-probs back (issue 18's speed-up); after the reference's weights
