@@ -2,9 +2,11 @@
 
 The tiny run (examples/tiny-run.yaml: sft -> dpo -> eval) is rendered with spec.hub set; each stage's
 card is built from its recipe and written where the trainer writes it, and the eval stage's card
-from an eval result.json of the tiny run's shape. The push is exercised up to the upload: the real
-huggingface_hub HfApi with its two network calls (create_repo, create_commit) replaced by recorders
-whose arguments are asserted; nothing reaches a server.
+from an eval result.json of the tiny run's shape. The push is exercised twice: with HfApi's two
+network calls (create_repo, create_commit) replaced by recorders whose arguments are asserted, and
+over HTTP against HubStandIn, a real local server (stdlib http.server) answering the four Hub API
+endpoints huggingface_hub's client calls for it (repo create, validate-yaml, preupload, ndjson
+commit; every file 'regular', so no LFS/Xet upload path is exercised).
 """
 
 from __future__ import annotations
@@ -232,3 +234,105 @@ def test_a_starting_model_with_someone_elses_card_starts_the_list(workdir):
         meta = card.stage_card(sft, 5).data.to_dict()
         assert [s["stage"] for s in meta["alignment_operator"]["stages"]] == ["sft"]
         assert meta["alignment_operator"]["base_model"] == "tiny-model" and "base_model" not in meta
+
+
+class HubStandIn:
+    """A real HTTP server (stdlib) answering the Hub API calls a push makes: repo creation, preupload
+    (every file 'regular': sent inline in the commit) and the ndjson commit. It keeps what it got."""
+
+    def __init__(self):
+        import base64
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.requests, self.files, self.repos = [], {}, []
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                hub.requests.append((self.path.split("?")[0], self.headers.get("Authorization")))
+                if self.path == "/api/validate-yaml":  # the Hub checks a README's metadata before a commit
+                    from huggingface_hub import ModelCard
+                    from huggingface_hub.repocard_data import model_index_to_eval_results
+
+                    try:
+                        data = ModelCard(json.loads(body)["content"]).data.to_dict()
+                        hub.validated = model_index_to_eval_results(data["model-index"])
+                    except Exception as e:  # noqa: BLE001 - the answer names it
+                        return self.answer(400, {"error": str(e)})
+                    return self.answer(200, {})
+                if self.headers.get("Authorization") != "Bearer hf_stand_in":
+                    return self.answer(401, {"error": "Invalid credentials"})
+                parts = self.path.split("?")[0].strip("/").split("/")
+                if parts[:3] == ["api", "repos", "create"]:
+                    request = json.loads(body)
+                    repo = f"{request.get('organization')}/{request['name']}"
+                    hub.repos.append((repo, request.get("visibility")))
+                    return self.answer(200, {"url": f"{hub.url}/{repo}"})
+                if parts[0] == "api" and parts[1] == "models" and parts[4] == "preupload":
+                    files = json.loads(body)["files"]
+                    return self.answer(200, {"files": [{"path": f["path"], "uploadMode": "regular",
+                                                        "shouldIgnore": False} for f in files]})
+                if parts[0] == "api" and parts[1] == "models" and parts[4] == "commit":
+                    for line in body.splitlines():
+                        item = json.loads(line)
+                        if item["key"] == "file":
+                            hub.files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+                        elif item["key"] == "header":
+                            hub.summary = item["value"]["summary"]
+                    return self.answer(200, {"commitUrl": f"{hub.url}/{parts[2]}/{parts[3]}/commit/1",
+                                             "commitOid": "1" * 40, "pullRequestUrl": None})
+                return self.answer(404, {"error": f"not served: {self.path}"})
+
+            def answer(self, code, data):
+                raw = json.dumps(data).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_push_reaches_a_hub_stand_in_server(workdir, monkeypatch):
+    """The push over HTTP to a local server speaking the Hub's API (huggingface_hub's own client, no
+    recorder): the repository created private, final/ committed with the eval card as README.md."""
+    from huggingface_hub import ModelCard, constants
+
+    from alignment_trainer import card
+    from alignment_trainer.results import push_to_hub
+
+    hub = HubStandIn()
+    try:
+        monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the trainer tests' default is offline
+        root = workdir / "volume"
+        sft, dpo, ev = recipes(tiny_run(**HUB), str(root))
+        write_cards(root, sft, dpo, ev)
+        final = Path(dpo.output_dir) / "final"
+        (final / "model.safetensors").write_bytes(b"weights")
+        monkeypatch.setenv("HF_TOKEN", "hf_wrong")
+        with pytest.raises(Exception, match="401"):
+            push_to_hub(ev, final, card.eval_card(ev, EVAL_RESULT))
+        assert hub.files == {} and hub.requests  # the server answered and refused
+
+        monkeypatch.setenv("HF_TOKEN", "hf_stand_in")
+        url = push_to_hub(ev, final, card.eval_card(ev, EVAL_RESULT))
+        assert url == f"{hub.url}/my-org/tiny-zephyr" and hub.repos[-1] == ("my-org/tiny-zephyr", "private")
+        assert sorted(hub.files) == ["README.md", "model.safetensors"] and hub.files["model.safetensors"] == b"weights"
+        assert hub.summary == "alignment-operator: tiny stage eval"
+        pushed = ModelCard(hub.files["README.md"].decode())
+        assert {r.metric_type for r in pushed.data.eval_results} >= {"preference_accuracy", "reward_margin"}
+        assert hub.validated[0] == "my-org/tiny-zephyr" and len(hub.validated[1]) == 8  # model-index checked
+        assert [p for p, _ in hub.requests[-4:]] == [
+            "/api/repos/create", "/api/validate-yaml", "/api/models/my-org/tiny-zephyr/preupload/main",
+            "/api/models/my-org/tiny-zephyr/commit/main"]
+    finally:
+        hub.server.shutdown()
