@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_local_run import ALIGNCTL, DATA, ENV, events, start, status_of, wait, write_run
+from test_local_run import ALIGNCTL, DATA, ENV, REPO, events, start, status_of, wait, write_run
 
 
 def shorten(stages):
@@ -116,3 +116,18 @@ def test_lock_edit_refusal_set_redo_and_from(tmp_path, model):
     last = mtimes(run_dir)
     assert (last["sft"], last["dpo"]) == (after["sft"], after["dpo"]) and last["eval"] > after["eval"]
     assert "stage sft succeeded earlier" in tail.stdout and "stage dpo succeeded earlier" in tail.stdout
+
+
+@pytest.mark.trainer
+def test_inspect_shows_a_grpo_stages_prompts_with_their_reference_answers(tmp_path, model):
+    doc = yaml.safe_load((REPO / "examples" / "grpo-tiny-run.yaml").read_text())
+    doc["spec"]["model"]["source"] = str(model)  # the data paths as the example has them, from the repository root
+    run = tmp_path / "grpo.yaml"
+    run.write_text(yaml.safe_dump(doc, sort_keys=False))
+    proc = alignctl("inspect", str(run), "--stage", "grpo", "--samples", "1", "--workdir", str(tmp_path / "runs"),
+                    "--set", "stages.grpo.training.maxPromptLength=12", cwd=REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "reference column(s) the rules read: answer" in out and "train: 72 prompts" in out and "test: 14 prompts" in out
+    assert "prompts cut to 12 tokens" in out and "keeping the end): 72" in out  # every prompt (15 tokens) is cut
+    assert "--- train sample 1 (answer = '4') ---" in out

@@ -13,6 +13,8 @@ covers; stages.common.truncate_prompt: prompts kept at their end to max_prompt_l
   turns, then the start of the last user message; sequences longer than max_length keep their start
   (TRL's truncation), so a reply loses its end, and an SFT row left with no trained token is dropped;
 - a few rows rendered through the chat template, the trained tokens between ⟦ and ⟧.
+A grpo stage: its prompts with the reference columns its rule rewards read, their token lengths, how
+many its prompt limit cuts, a few rendered with their reference answers.
 Exit 0, or 2 with the data's error (the stage would fail the same way).
 """
 
@@ -136,6 +138,34 @@ def inspect(recipe, samples: int):
         yield from out
 
 
+def inspect_prompts(recipe, samples: int):
+    """A grpo stage: its prompts read as the stage reads them (with the reference columns its rule
+    rewards compare against), their lengths, how many its prompt limit cuts, a few rendered."""
+    from .model import load_tokenizer
+    from .stages.common import _prompt_length, truncate_prompt
+    from .stages.grpo import load_prompts, prompt_limit
+
+    columns = {r.column for r in recipe.grpo.rewards if r.kind not in ("format", "reward_model", "judge")}
+    yield f"stage prompts ({recipe.method}; reference column(s) the rules read: {', '.join(sorted(columns)) or 'none'}):"
+    tokenizer = load_tokenizer(recipe.model)
+    limit = prompt_limit(recipe)
+    for split, sources in (("train", recipe.datasets), ("test", recipe.test_datasets)):
+        if not sources:
+            continue
+        rows = load_prompts(recipe, sources, columns)
+        lengths = [_prompt_length(tokenizer, r["prompt"]) for r in rows]
+        yield f"{split}: {len(rows)} prompts"
+        yield f"  prompt tokens:         {percentiles(lengths)}"
+        yield (f"  prompts cut to {limit} tokens (max_prompt_length, and max_length less max_completion_length; "
+               f"oldest turns first, keeping the end): {sum(n > limit for n in lengths)}")
+        for i, row in enumerate(rows[:samples]):
+            text = tokenizer.apply_chat_template(truncate_prompt(row["prompt"], tokenizer, limit), tokenize=False,
+                                                 add_generation_prompt=True)
+            refs = "; ".join(f"{c} = {row[c]!r}" for c in sorted(columns))
+            yield f"  --- {split} sample {i + 1}{f' ({refs})' if refs else ''} ---"
+            yield from ("    " + line for line in text.splitlines())
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m alignment_trainer.inspect_data", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -144,12 +174,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
     recipe = load_recipe(args.recipe)
-    if METHODS[recipe.method].data not in ("chat", "pairwise", "unpaired"):
+    if recipe.method == "grpo":
+        lines = inspect_prompts(recipe, args.samples)
+    elif METHODS[recipe.method].data in ("chat", "pairwise", "unpaired"):
+        lines = inspect(recipe, args.samples)
+    else:
         print(f"method {recipe.method} reads {METHODS[recipe.method].data}: not inspected (its data is made "
               "or read by the stage itself)")
         return 0
     try:
-        for line in inspect(recipe, args.samples):
+        for line in lines:
             print(line, flush=True)
     except (DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
