@@ -22,7 +22,7 @@ policy (precomputed log-probs), run three times on one cache, its outputs delete
   2. the same stage again: reused (the speed-up above, kept under ZeRO-3);
   3. other weights written over the reference's model.safetensors (same path, config, tokenizer):
      computed, step-0 loss ln 2 (keyed by the gathered weights; TRL's hash of ZeRO-3's empty
-     placeholders reused run 1's log-probs: step-0 loss 0.7844 at 73214b4).
+     placeholders reused run 1's log-probs at 73214b4: 'reused', step-0 loss 0.7480).
 Printed per run: computed/reused, the step-0 loss, the trainer build time and, of it, the key's
 hashing (the weights gathered and hashed); then the ratio of run 1's trainer build to run 2's.
 """

@@ -180,7 +180,7 @@ def test_zero3_reference_replaced_at_the_same_path_is_recomputed(tmp_path, tiny_
     """DPO with precomputed reference log-probs on 2 processes under DeepSpeed ZeRO-3, one shared cache:
     the same stage rerun reads its log-probs back (issue 18's speed-up); after the reference's weights
     are replaced at the same path, the log-probs are computed anew and the step-0 loss is ln 2 (policy =
-    reference). Before: 'reused' and 0.7844 (TRL's hash over ZeRO-3's empty placeholders)."""
+    reference). At 73214b4: 'reused' and 0.7318 (TRL's hash over ZeRO-3's empty placeholders)."""
     import torch
     from safetensors.torch import load_file, save_file
 
