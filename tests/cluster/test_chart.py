@@ -20,7 +20,7 @@ import yaml
 from kubernetes import client
 
 from controlplane import BUILD_COMMAND, binaries_dir, free_port
-from kubelet import SFT, apply_tiny, get_run, jobs, play_kubelet, result_message, wait_for
+from kubelet import SFT, apply_tiny, child, get_run, jobs, play_kubelet, result_message, wait_for
 from operator_process import Operator
 
 pytestmark = pytest.mark.cluster
@@ -240,8 +240,8 @@ def chart_operator(cluster, docs: list[dict], watched: str, log: Path, pod_id: s
 def drive_to_succeeded(cluster, api, ns: str) -> dict:
     apply_tiny(cluster, ns)
     for stage in ("sft", "dpo", "eval"):
-        wait_for(f"the {stage} Job", lambda: f"tiny-{stage}" in jobs(api, ns), timeout=60)
-        play_kubelet(api, ns, f"tiny-{stage}", 0, result_message(stage, train_loss=1.0))
+        wait_for(f"the {stage} Job", lambda: child("tiny", stage) in jobs(api, ns), timeout=60)
+        play_kubelet(api, ns, child("tiny", stage), 0, result_message(stage, train_loss=1.0))
     return wait_for("Succeeded", lambda: (r := get_run(api, ns, "tiny")).get("status", {}).get("phase") == "Succeeded" and r)
 
 
