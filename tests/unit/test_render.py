@@ -191,6 +191,10 @@ def test_multi_node_with_jobset_crd_renders_a_jobset_that_restarts_every_rank():
     assert js["apiVersion"] == "jobset.x-k8s.io/v1alpha2"
     name = js["metadata"]["name"]
     assert name == child_name(run, "sft", limit=63 - 16) and js["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    # Its Jobs carry the run's labels: the operator's Job watch selects on them, and the ranks' pods
+    # (their controller is such a Job) reach the stage only through them (the result is rank 0's).
+    (replicated,) = js["spec"]["replicatedJobs"]
+    assert replicated["template"]["metadata"]["labels"] == js["metadata"]["labels"]
     policy = js["spec"]["failurePolicy"]
     assert policy["maxRestarts"] == 3, "other failures count up to the stage's backoffLimit"
     actions = [(r["action"], r.get("onJobFailureReasons")) for r in policy["rules"]]

@@ -48,6 +48,7 @@ def test_a_key_added_while_it_is_processed_waits_for_done_then_runs_once_more():
 
 
 def test_delayed_adds_wait_in_one_heap_and_the_earliest_wins():
+    threads = threading.active_count()  # (other tests in this process may have left threads running)
     clock = Clock()
     q = WorkQueue(clock=clock)
     q.add_after("a", 30)
@@ -60,7 +61,7 @@ def test_delayed_adds_wait_in_one_heap_and_the_earliest_wins():
     assert drain(q) == ["a"]
     clock.t += 100
     assert drain(q) == [], "the superseded entries never fire"
-    assert q.sizes()["heap"] == 0 and threading.active_count() < 5  # no thread per requeue
+    assert q.sizes()["heap"] == 0 and threading.active_count() <= threads  # no thread per requeue
 
 
 def test_many_requeues_of_one_key_keep_the_heap_small():

@@ -345,7 +345,10 @@ def _jobset(run: AlignmentRun, index: int, ctx: RenderContext, meta: dict[str, A
         "suspend": suspend,
         "network": {"enableDNSHostnames": True, "publishNotReadyAddresses": True},
         "failurePolicy": _jobset_failure_policy(stage.backoff_limit),
-        "replicatedJobs": [{"name": JOBSET_REPLICATED_JOB, "replicas": 1, "template": {"spec": job}}]}}
+        # The run's labels on the JobSet's Jobs too: the operator watches Jobs by its run label, and a
+        # stage's pods (whose controller is such a Job) are the JobSet's only through them.
+        "replicatedJobs": [{"name": JOBSET_REPLICATED_JOB, "replicas": 1,
+                            "template": {"metadata": {"labels": dict(meta["labels"])}, "spec": job}}]}}
 
 
 def build_stage(run: AlignmentRun, index: int, ctx: RenderContext, stage_hash: str,
