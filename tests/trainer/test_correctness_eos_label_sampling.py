@@ -228,3 +228,27 @@ def test_vllm_gets_token_prompts_and_stops_at_the_end_of_turn(tmp_path, tiny_mod
     assert seen["prompts"][0]["prompt_token_ids"].count(tokenizer.convert_tokens_to_ids("<|endoftext|>")) == 1
     assert seen["params"]["stop_token_ids"] == [tokenizer.eos_token_id]
     assert (seen["params"]["repetition_penalty"], seen["params"]["top_k"], seen["params"]["min_p"]) == (1.0, -1, 0.0)
+
+
+def test_grpo_held_out_reward_samples_with_its_own_settings_not_the_checkpoints(tiny_model):
+    """grpo's held-out reward samples at grpo.temperature as in training: a checkpoint whose
+    generation_config carries a repetition_penalty (as Instruct models ship one) draws the same
+    seeded samples as one without it."""
+    from types import SimpleNamespace
+
+    from alignment_trainer.model import load_model, load_tokenizer
+    from alignment_trainer.recipe import ModelArgs
+    from alignment_trainer.stages import grpo
+
+    args = ModelArgs(model_name_or_path=tiny_model, torch_dtype="float32")
+    tokenizer = load_tokenizer(args)
+    model = load_model(args, tokenizer)
+    rows = [{"prompt": [{"role": "user", "content": f"What is {i} plus {i}?"}]} for i in range(3)]
+    g = SimpleNamespace(max_completion_length=16, temperature=1.0, num_generations=2)
+    length = lambda prompts, completions, **_: [float(len(c[0]["content"])) for c in completions]  # noqa: E731
+    plain = grpo.held_out_reward(model, tokenizer, rows, [length], [1.0], g, seed=3)
+    model.generation_config.repetition_penalty = 5.0
+    with_penalty = grpo.held_out_reward(model, tokenizer, rows, [length], [1.0], g, seed=3)
+    assert len(plain[1]) == 6 and any(s["completion"] for s in plain[1]), "it sampled something"
+    assert [s["completion"] for s in with_penalty[1]] == [s["completion"] for s in plain[1]]
+    assert model.generation_config.repetition_penalty == 5.0, "the checkpoint's config is restored"

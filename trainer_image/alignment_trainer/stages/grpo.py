@@ -212,10 +212,16 @@ def held_out_reward(model, tokenizer, rows: list[dict], funcs, weights, g, seed:
                     batch_size: int = 8) -> tuple[float, list[dict]]:
     """The policy's expected reward on the held-out prompts: num_generations answers to each, sampled
     at grpo.temperature (seeded) as in training, their mean total reward; and the samples."""
+    from transformers import GenerationConfig
+
     torch.manual_seed(seed)
-    was_training, side = model.training, tokenizer.padding_side
+    was_training, side, own = model.training, tokenizer.padding_side, model.generation_config
     model.eval()
     tokenizer.padding_side = "left"
+    # Exactly the settings below: transformers fills what a call leaves unset from the checkpoint's
+    # generation_config (an Instruct model's repetition_penalty, min_p, ...), as eval.generate avoids.
+    model.generation_config = GenerationConfig(eos_token_id=own.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                               bos_token_id=own.bos_token_id)
     samples = []
     try:
         for start in range(0, len(rows), batch_size):
@@ -235,6 +241,7 @@ def held_out_reward(model, tokenizer, rows: list[dict], funcs, weights, g, seed:
     finally:
         model.train(was_training)
         tokenizer.padding_side = side
+        model.generation_config = own
     return sum(s["reward"] for s in samples) / max(len(samples), 1), samples
 
 
