@@ -20,7 +20,7 @@ import yaml
 from kubernetes import client
 
 from controlplane import BUILD_COMMAND, binaries_dir, free_port
-from kubelet import SFT, apply_tiny, child, get_run, jobs, play_kubelet, result_message, wait_for
+from kubelet import SFT, apply_tiny, get_run, jobs, play_tiny_stages, wait_for
 from operator_process import Operator
 
 pytestmark = pytest.mark.cluster
@@ -239,9 +239,7 @@ def chart_operator(cluster, docs: list[dict], watched: str, log: Path, pod_id: s
 
 def drive_to_succeeded(cluster, api, ns: str) -> dict:
     apply_tiny(cluster, ns)
-    for stage in ("sft", "dpo", "eval"):
-        wait_for(f"the {stage} Job", lambda: child("tiny", stage) in jobs(api, ns), timeout=60)
-        play_kubelet(api, ns, child("tiny", stage), 0, result_message(stage, train_loss=1.0))
+    play_tiny_stages(api, ns)
     return wait_for("Succeeded", lambda: (r := get_run(api, ns, "tiny")).get("status", {}).get("phase") == "Succeeded" and r)
 
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from kubernetes import client
 
-from kubelet import DPO, EVAL, SFT, apply_tiny, get_run, jobs, play_kubelet, result_message, wait_for
+from kubelet import DPO, SFT, apply_tiny, get_run, jobs, play_tiny_stages, wait_for
 from operator_process import Operator
 
 pytestmark = pytest.mark.cluster
@@ -26,9 +26,7 @@ def operator(cluster, crds, namespace, tmp_path):
 def test_a_run_deleted_and_applied_again_never_adopts_the_old_runs_jobs(cluster, operator, namespace):
     ns, api, started = namespace, cluster.api_client(), time.monotonic()
     doc = apply_tiny(cluster, ns)
-    for job, stage in ((SFT, "sft"), (DPO, "dpo"), (EVAL, "eval")):
-        wait_for(f"the {stage} Job", lambda: job in jobs(api, ns))
-        play_kubelet(api, ns, job, 0, result_message(stage, train_loss=1.0))
+    play_tiny_stages(api, ns)
     first = wait_for("Succeeded", lambda: (r := get_run(api, ns, "tiny")).get("status", {}).get("phase") == "Succeeded"
                      and r, timeout=60)
     old = jobs(api, ns)
