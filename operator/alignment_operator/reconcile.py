@@ -325,6 +325,10 @@ def _fold_child(st: StageStatus, child: ObservedChild, run: AlignmentRun, now: s
         st.tracking = {k: str(v) for k, v in ((child.result or {}).get("tracking") or {}).items()
                        if k in ("tensorboard", "wandb", "mlflow")}
         st.message, st.reason = None, None
+        if child.result is None:  # its Job says done, but no pod of it was seen saying what it made
+            st.message = (f"{child.kind} {child.name} succeeded, but no trainer result was read from its pods: "
+                          "the stage's metrics and checkpoint are not recorded")
+            events.append(Event("Warning", "StageResultMissing", st.message))
         events.append(Event("Normal", "StageSucceeded", f"stage {st.name} succeeded: {_brief(st.metrics)}"))
         return
     if child.disruptions > st.disruptions:  # a pod disrupted and replaced by its Job: counted here, traced

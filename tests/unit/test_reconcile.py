@@ -91,6 +91,19 @@ def test_success_records_checkpoint_and_metrics_and_starts_dpo():
     assert CreateStage(1, suspend=False) in out.actions and dpo.phase == "Running"
     assert out.status.progress == "1/3" and out.status.current_stage == "dpo"
     assert out.status.model == SFT_RESULT["checkpoint"]
+    assert sft.message is None and "StageResultMissing" not in events(out.actions)
+
+
+def test_a_success_whose_result_was_never_read_says_so():
+    """A child done whose pods were never seen (a JobSet's pods through Jobs the operator did not
+    watch): the stage still succeeds, as its Job says, but not silently without metrics."""
+    run = make_run()
+    run = make_run(status=sft_running(run))
+    out = reconcile(run, 1, {"sft": child("sft", "Succeeded", attempts=1, finished=NOW)}, NOW)
+    sft = out.status.stages[0]
+    assert sft.phase == "Succeeded" and sft.metrics in (None, {})
+    assert "no trainer result was read" in sft.message
+    assert events(out.actions)[:2] == ["StageResultMissing", "StageSucceeded"]
 
 
 def test_failure_message_reaches_stage_and_condition():
