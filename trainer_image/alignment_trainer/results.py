@@ -17,6 +17,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -27,8 +28,22 @@ from .checkpoints import checkpoints
 from .recipe import Recipe
 
 def emit(event: str, **fields) -> None:
-    """One machine-readable line on stdout (the local runner parses these)."""
-    print(json.dumps({"event": event, **fields}, default=_jsonable), flush=True)
+    """One machine-readable line on stdout (the local runner parses these).
+
+    Written with one write(2) of the whole line: ranks of one launch share the pipe, and under
+    PYTHONUNBUFFERED print() issues the text and its newline as two writes, so two ranks' events
+    could land as `{...}{...}\n\n`. A single write below PIPE_BUF (4096) is atomic on a pipe.
+    """
+    line = (json.dumps({"event": event, **fields}, default=_jsonable) + "\n").encode()
+    sys.stdout.flush()
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # captured stdout (pytest, notebooks): no fd
+        sys.stdout.write(line.decode())
+        sys.stdout.flush()
+        return
+    while line:
+        line = line[os.write(fd, line):]
 
 
 def _jsonable(value):
