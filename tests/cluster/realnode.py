@@ -9,6 +9,7 @@ The fixtures are re-exported by conftest.py; import the helpers from here.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -28,6 +29,7 @@ from node import Node, host_ip, image_ref, missing_requirements
 from operator_process import Operator
 
 CRDS = [REPO / "crds/alignmentrun.yaml"]
+NODE_LOCK = Path(os.environ.get("TMPDIR", "/tmp")) / "alignment-real-node.lock"
 
 
 @pytest.fixture(scope="session")
@@ -40,6 +42,12 @@ def real(tmp_path_factory):
     if missing:
         pytest.fail("the real node cannot start; missing: " + "; ".join(missing)
                     + " (or set ALIGNMENT_SKIP_NODE=1 to skip these tests)", pytrace=False)
+    # One real node per machine: two would share the CNI bridge, the pod subnet, port 53 of the
+    # node's IP and containerd's store. A second pytest session (a developer's beside CI's) waits.
+    lock = open(NODE_LOCK, "w")
+    if not _try_lock(lock):
+        print(f"\nwaiting for the real node of another pytest session ({NODE_LOCK})")
+        fcntl.flock(lock, fcntl.LOCK_EX)
     workdir = tmp_path_factory.mktemp("real-node")
     started = time.monotonic()
     plane = node = None
@@ -55,11 +63,23 @@ def real(tmp_path_factory):
     if failure:
         if plane:
             plane.stop()
+        lock.close()
         pytest.fail(failure, pytrace=False)
     print(f"\nreal node ready in {time.monotonic() - started:.1f}s (logs: {workdir})")
-    yield SimpleNamespace(plane=plane, node=node, workdir=workdir)
-    node.stop()
-    plane.stop()
+    try:
+        yield SimpleNamespace(plane=plane, node=node, workdir=workdir)
+    finally:
+        node.stop()
+        plane.stop()
+        lock.close()  # releases the flock
+
+
+def _try_lock(f) -> bool:
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
 
 
 @pytest.fixture
