@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
+from alignment_trainer import outcome
 from alignment_trainer.recipe import METHODS
 
 from .api import RETRY_ANNOTATION, AlignmentRun, AlignmentRunStatus, Condition, StageStatus
@@ -360,7 +361,8 @@ def _fold_child(st: StageStatus, child: ObservedChild, run: AlignmentRun, now: s
     if child.state == "Failed":
         st.phase = "Failed"
         st.completion_time = child.finished or now
-        st.message, st.reason = child.message or "the stage's Job failed", None
+        st.message = child.message or "the stage's Job failed"
+        st.reason = outcome.reason_of(st.message)  # the trainer's kind of failure (DataError, WorldSizeMismatch, ...)
         events.append(Event("Warning", "StageFailed", f"stage {st.name} failed: {st.message}"))
         return
     if child.state == "Interrupted":

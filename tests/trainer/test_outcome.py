@@ -74,8 +74,29 @@ def test_exit_2_survives_accelerate_launch(tmp_path, tiny_model, data_dir, kit):
     broken.write_text('{"prompt": "hi", "chosen": "hello"}\n')
     recipe = kit.write_recipe(tmp_path, "dpo", tiny_model, [str(broken)], training={"max_steps": 1},
                               termination_message_path=str(tmp_path / "termination-log"))
-    proc = subprocess.run(build_launch_command(recipe, "ddp", 2, cpu=True), env=kit.trainer_env(launch_env(cpu=True)),
+    # world_size 2: the two processes form the world rendered, so the world check lets them go on to the data
+    proc = subprocess.run(build_launch_command(recipe, "ddp", 2, cpu=True),
+                          env=kit.trainer_env(launch_env(cpu=True, world_size=2)),
                           capture_output=True, text=True, timeout=300, cwd=kit.repo)
     message = json.loads((tmp_path / "termination-log").read_text())
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert message["reason"] == "DataError" and "'rejected'" in message["error"]
+
+
+def test_a_world_smaller_than_rendered_fails_at_once_with_both_numbers(tmp_path, tiny_model, data_dir, kit):
+    """A stage rendered for 2 processes whose launch formed a world of 1 (one rank launched alone) fails
+    before it reads data or trains a step: WorldSizeMismatch, exit 2 (the podFailurePolicy fails it at once)."""
+    from alignment_trainer.launch import WORLD_ENV
+
+    recipe = kit.write_recipe(tmp_path, "sft", tiny_model, [str(data_dir / "sft.jsonl")],
+                              training={"max_steps": 2, "save_steps": 1},
+                              termination_message_path=str(tmp_path / "termination-log"))
+    proc = subprocess.run([sys.executable, "-m", "alignment_trainer", recipe], env=kit.trainer_env({WORLD_ENV: "2"}),
+                          capture_output=True, text=True, timeout=300, cwd=kit.repo)
+    message = json.loads((tmp_path / "termination-log").read_text())
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert message["reason"] == "WorldSizeMismatch"
+    assert "rendered for 2 processes" in message["error"] and "formed a world of 1" in message["error"]
+    out = Path(recipe).parent / "out"
+    assert not list(out.glob("checkpoint-*")) and not (out / "metrics.jsonl").exists(), "no step was trained"
+    assert '"event": "start"' not in proc.stdout

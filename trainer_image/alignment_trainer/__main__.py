@@ -47,6 +47,8 @@ def classify(exc: BaseException) -> dict:
         return outcome.failure(text, "OutOfMemory")
     if type(exc).__name__ == "DivergedError":
         return outcome.failure(text, "Diverged")
+    if type(exc).__name__ == "WorldSizeMismatch":
+        return outcome.failure(text, "WorldSizeMismatch")
     if isinstance(exc, ValueError):  # the recipe asks for something that cannot work
         return outcome.failure(text, "RecipeError")
     return outcome.failure(f"{type(exc).__name__}: {text}", "Error")

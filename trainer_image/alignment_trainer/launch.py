@@ -37,6 +37,9 @@ STRATEGIES = {
     "ddp": "ddp.yaml",
 }
 DEFAULT_PORT = 29500
+# The world a stage is rendered for (nodes x processes per node), set in its pods' (and local
+# processes') environment; each process compares the world it formed against it (check_world).
+WORLD_ENV = "ALIGNMENT_WORLD_SIZE"
 
 
 def accelerate_config_dir() -> Path:
@@ -99,10 +102,11 @@ def visible_gpus() -> int:
     return len(list(gpus.iterdir())) if gpus.is_dir() else 0
 
 
-def launch_env(cpu: bool = False, threads: int | None = None) -> dict[str, str]:
+def launch_env(cpu: bool = False, threads: int | None = None, world_size: int | None = None) -> dict[str, str]:
     """Environment the launched command needs on top of the pod's/process's own. threads: the
     intra-op threads each process may use (thread_env); None leaves it to the trainer, which
-    bounds itself by its cgroup's CPUs at start (bound_threads)."""
+    bounds itself by its cgroup's CPUs at start (bound_threads). world_size: the processes the
+    stage is rendered for, over all its nodes (WORLD_ENV; the trainer fails a different world)."""
     env = {
         "PYTHONUNBUFFERED": "1",          # progress lines reach the parent as they are printed
         "TOKENIZERS_PARALLELISM": "false",  # no fork warnings from dataset.map workers
@@ -112,6 +116,8 @@ def launch_env(cpu: bool = False, threads: int | None = None) -> dict[str, str]:
         env["DS_ACCELERATOR"] = "cpu"     # DeepSpeed's accelerator; it otherwise probes and warns
     if threads is not None:
         env.update(thread_env(threads))
+    if world_size is not None:
+        env[WORLD_ENV] = str(world_size)
     return env
 
 
@@ -224,6 +230,38 @@ def init_distributed() -> bool:
     else:
         PartialState(cpu=True, backend="gloo")  # DDP on CPU, even without `accelerate launch --cpu`
     return True
+
+
+class WorldSizeMismatch(Exception):
+    """The processes formed a world of another size than the stage was rendered for: a rank launched
+    alone, or nodes x processes that the launch did not honour. Training on it would be a silent
+    wrong result (another batch size, another data split, ranks that never join)."""
+
+
+def formed_world() -> int:
+    """The world this process is in: torch.distributed's group when formed, else accelerate's state when
+    built, else what the launcher (torchrun, via accelerate launch) told it (WORLD_SIZE; 1 when alone)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    from accelerate import PartialState
+
+    if PartialState._shared_state:
+        return PartialState().num_processes
+    return int(os.environ.get("WORLD_SIZE") or 1)
+
+
+def check_world(formed: int) -> None:
+    """Raise WorldSizeMismatch when `formed` is not the world rendered for the stage (WORLD_ENV; unset:
+    nothing to compare, e.g. a recipe run by hand)."""
+    rendered = os.environ.get(WORLD_ENV, "").strip()
+    if not rendered.isdigit() or int(rendered) == formed:
+        return
+    where = f"process {os.environ.get('RANK', '0')} on {os.uname().nodename}"  # a pod's hostname is its name
+    raise WorldSizeMismatch(
+        f"world size mismatch: the stage is rendered for {rendered} processes (nodes x processes per node) but "
+        f"{where} formed a world of {formed}; no step was trained")
 
 
 def configured_state_args() -> dict:

@@ -35,6 +35,8 @@ REASONS: dict[str, tuple[int, str]] = {
     "OutOfMemory": (FIX_INPUT, "lower perDeviceBatchSize or maxLength, turn on gradientCheckpointing, or use "
                                "more GPUs / deepspeed-zero3, then retry"),
     "Diverged": (FIX_INPUT, "the loss or gradient is not finite: lower the learning rate or check the data"),
+    "WorldSizeMismatch": (FIX_INPUT, "the stage's processes formed another world than rendered (nodes x processes "
+                                     "per node): check its launch command and that every node joined"),
     "Interrupted": (INTERRUPTED, "the stage was stopped; a retry resumes from the newest checkpoint"),
     "Error": (RETRYABLE, "see the stage's log; a retry resumes from the newest checkpoint"),
 }
@@ -44,6 +46,12 @@ def failure(error: str, reason: str = "Error", **extra: Any) -> dict[str, Any]:
     """The failure outcome; `error` is one line saying what is wrong."""
     code, fix = REASONS[reason]
     return {"error": " ".join(error.split()), "reason": reason, "exit_code": code, "fix": fix, **extra}
+
+
+def reason_of(message: str | None) -> str | None:
+    """The failure reason a `describe` message starts with ("DataError (exit code 2; ...): ..."), or None."""
+    head = (message or "").split(" (exit code", 1)[0]
+    return head if head in REASONS and head != "Error" else None
 
 
 def encode(outcome: dict[str, Any]) -> str:

@@ -138,7 +138,9 @@ def stage_command(run: AlignmentRun, index: int, recipe_path: Path) -> tuple[lis
     if r.nodes > 1:
         print(f"  note: the stage asks for {r.nodes} nodes; running it on this machine only")
     processes = r.processes_per_node or gpus or 1
-    env = {**os.environ, **launch_env(cpu=gpus == 0, threads=local_threads(processes)), "PYTHONUNBUFFERED": "1"}
+    # The world is this machine's processes: a stage of several nodes runs here on one.
+    env = {**os.environ, **launch_env(cpu=gpus == 0, threads=local_threads(processes), world_size=processes),
+           "PYTHONUNBUFFERED": "1"}
     for var in run.spec.trainer.env:  # the run's own variables, as its pods get them (plain values only)
         if "value" in var:
             env[var["name"]] = str(var["value"])

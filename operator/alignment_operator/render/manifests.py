@@ -172,7 +172,8 @@ def _env(run: AlignmentRun, stage: StageSpec) -> list[dict[str, Any]]:
     cpus = cpu_quantity(stage.resources.cpu)
     threads = threads_per_process(_processes(stage), cpus) if cpus else None
     env = [{"name": k, "value": v}
-           for k, v in launch_env(cpu=stage.resources.gpus_per_node == 0, threads=threads).items()]
+           for k, v in launch_env(cpu=stage.resources.gpus_per_node == 0, threads=threads,
+                                  world_size=stage.resources.nodes * _processes(stage)).items()]
     env += [{"name": "HF_HOME", "value": f"{mount}/.cache/huggingface"},  # models downloaded once per volume
             {"name": "HOME", "value": "/tmp"}]
     token = run.spec.trainer.hf_token_secret_ref

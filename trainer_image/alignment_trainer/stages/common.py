@@ -15,7 +15,7 @@ import torch
 
 from .. import tracking
 from ..checkpoints import newest_checkpoint
-from ..launch import configured_state_args, init_distributed
+from ..launch import check_world, configured_state_args, formed_world, init_distributed
 from ..live import DivergedError, DivergenceGuard, ProgressPush, use_own_callback
 from ..model import (checkpoint_dtype, engine_keeps_fp32_masters, keep_fp32_masters, load_model, merge_adapter,
                      mixed_precision)
@@ -43,6 +43,7 @@ def setup_stage(recipe: Recipe) -> dict | None:
                  checkpoint=done.get("checkpoint"))
         return done
     init_distributed()
+    check_world(formed_world())  # before any data, model or step: a wrong world fails at once
     if main:
         Path(recipe.output_dir).mkdir(parents=True, exist_ok=True)
         for path in remove_incomplete_checkpoints(recipe.output_dir):
@@ -275,6 +276,7 @@ def train(trainer, recipe: Recipe):
     # TRL writes <output_dir>/README.md at each checkpoint from the loaded model's config ("a fine-tuned
     # version of [None]" for a local directory): the stage's own card (card.stage_card) instead.
     trainer.create_model_card = lambda *args, **kwargs: _stage_card(trainer, recipe)
+    check_world(trainer.accelerator.num_processes)  # accelerate's state, as the steps will use it
     resume = newest_checkpoint(recipe.output_dir)
     if trainer.is_world_process_zero():
         emit("start", method=recipe.method, stage=recipe.stage_name, resume_from=resume,

@@ -1,0 +1,62 @@
+"""Health guards (issue 31): a stage that trains on fewer ranks than rendered, hangs, or learns nothing says
+so and acts; status shows the work at risk. Pure tables: rendering and the reconcile state machine."""
+
+from __future__ import annotations
+
+import pytest
+
+from alignment_operator.reconcile import Event, reconcile
+from alignment_operator.render.manifests import RenderContext, build_stage
+from alignment_trainer import outcome
+from alignment_trainer.launch import WORLD_ENV
+
+from test_reconcile import NOW, child, make_run, sft_running
+from test_render import zephyr
+
+
+def _containers(obj):
+    """Every container template of a Job, JobSet or PyTorchJob."""
+    if obj["kind"] == "Job":
+        return obj["spec"]["template"]["spec"]["containers"]
+    if obj["kind"] == "JobSet":
+        return [c for r in obj["spec"]["replicatedJobs"] for c in r["template"]["spec"]["template"]["spec"]["containers"]]
+    return [c for r in obj["spec"]["pytorchReplicaSpecs"].values() for c in r["template"]["spec"]["containers"]]
+
+
+@pytest.mark.parametrize("nodes, gpus, ctx, kind", [
+    (1, 8, {}, "Job"),
+    (2, 8, {}, "Job"),                                      # Indexed Job + headless Service
+    (3, 4, {"jobset_available": True}, "JobSet"),
+    (2, 2, {"pytorchjob_available": True}, "PyTorchJob"),
+])
+def test_every_backend_tells_its_processes_the_world_rendered(nodes, gpus, ctx, kind):
+    run = zephyr()
+    run.spec.stages[0].resources.nodes, run.spec.stages[0].resources.gpus_per_node = nodes, gpus
+    child_obj = next(o for o in build_stage(run, 0, RenderContext(**ctx), "h") if o["kind"] == kind)
+    containers = _containers(child_obj)
+    assert containers
+    for c in containers:
+        assert {"name": WORLD_ENV, "value": str(nodes * gpus)} in c["env"], c["env"]
+
+
+def test_a_world_size_mismatch_fails_the_stage_with_that_reason_naming_both_numbers():
+    said = outcome.failure("world size mismatch: the stage is rendered for 2 processes (nodes x processes per node) "
+                           "but process 0 on tiny-sft-1 formed a world of 1; no step was trained", "WorldSizeMismatch")
+    assert said["exit_code"] == outcome.FIX_INPUT, "the podFailurePolicy fails the stage at once, no retry"
+    run = make_run()
+    run = make_run(status=sft_running(run))
+    out = reconcile(run, 1, {"sft": child("sft", "Failed", attempts=2, group=True, failure="input",
+                                          message=outcome.describe(said, 2))}, NOW)
+    sft = out.status.stages[0]
+    assert sft.phase == "Failed" and sft.reason == "WorldSizeMismatch"
+    assert "rendered for 2 processes" in sft.message and "formed a world of 1" in sft.message
+    failed = next(c for c in out.status.conditions if c.type == "Failed")
+    assert (failed.status, failed.reason) == ("True", "WorldSizeMismatch")
+    assert sft.restarts == 0, "not restarted: a retry meets the same world"
+    assert [a.reason for a in out.actions if isinstance(a, Event)] == ["StageFailed", "RunFailed"]
+
+
+def test_a_plain_error_keeps_no_reason():
+    assert outcome.reason_of("Error (exit code 1): boom") is None
+    assert outcome.reason_of("DataError (exit code 2; fix it): x.jsonl line 3") == "DataError"
+    assert outcome.reason_of(None) is None
