@@ -17,7 +17,9 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import re
+import signal
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -190,6 +192,7 @@ def ensure_object(obj: dict[str, Any]) -> dict[str, Any] | None:
             raise ChildRefused(_refusal(kind, obj["metadata"]["name"], e)) from None
         raise
     log.info("created %s %s/%s", kind, ns, obj["metadata"]["name"])
+    _after(f"create:{kind}")
     return created
 
 
@@ -357,7 +360,7 @@ def replace_status(body: dict[str, Any], status: dict[str, Any]) -> dict[str, An
                         "resourceVersion": meta["resourceVersion"]},
            "spec": body["spec"], "status": status}
     try:
-        return _api(client.CustomObjectsApi).replace_namespaced_custom_object_status(
+        written = _api(client.CustomObjectsApi).replace_namespaced_custom_object_status(
             GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], obj)
     except ApiException as e:
         if e.status == 409:
@@ -365,6 +368,8 @@ def replace_status(body: dict[str, Any], status: dict[str, Any]) -> dict[str, An
         if e.status in (400, 422):
             raise StatusRefused(e.status, _server_words(e)) from None
         raise
+    _after("write:status")
+    return written
 
 
 def emit_event(body: dict[str, Any], type_: str, reason: str, message: str) -> None:
@@ -393,6 +398,38 @@ def event_message(message: str, limit: int = EVENT_LIMIT) -> str:
         return message
     head = min(200, limit // 4)
     return message[:head] + " … " + message[-(limit - head - 3):]
+
+
+# ------------------------------------------------------------------------------------ fault injection
+
+FAULT_ENV = "ALIGNMENT_FAULT"
+FAULT_POINTS = ("create:PersistentVolumeClaim", "create:ConfigMap", "create:Service", "create:Job", "create:JobSet",
+                "create:PyTorchJob", "write:status")
+
+
+def _fault(value: str) -> str:
+    """The write named by ALIGNMENT_FAULT=after:<point> ('' when unset); any other value is refused."""
+    if not value:
+        return ""
+    point = value.removeprefix("after:")
+    if point == value or point not in FAULT_POINTS:
+        raise ValueError(f"{FAULT_ENV}={value!r}: expected after:<point>, a point one of {', '.join(FAULT_POINTS)}")
+    return point
+
+
+_FAULT = _fault(os.environ.get(FAULT_ENV, ""))
+
+
+def _after(point: str) -> None:
+    """For the tests of a killed operator (tests/cluster/test_api_faults.py): with
+    ALIGNMENT_FAULT=after:<point>, this process kills itself with SIGKILL right after that write
+    succeeded (the first one: an object that existed already is not a create), as an OOM kill or a
+    lost node would. Inert unless set; the chart never sets it."""
+    if point == _FAULT:
+        log.critical("%s=after:%s: killing this process (SIGKILL)", FAULT_ENV, point)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ------------------------------------------------------------------------------------ errors
@@ -495,6 +532,20 @@ def patch_stage_progress(namespace: str, run: str, index: int, stage: str, progr
 
 
 # ------------------------------------------------------------------------------------ the progress endpoint's
+
+def secret_keys(namespace: str, name: str) -> set[str] | None:
+    """The key names of a Secret a run names (None: there is none of that name); its values are dropped
+    unread. PermissionError when the operator may not read Secrets (the chart's rbac.checkSecrets: false)."""
+    try:
+        secret = _json(_api(client.CoreV1Api).read_namespaced_secret(name, namespace, _preload_content=False))
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        if e.status == 403:
+            raise PermissionError(f"may not get Secret {namespace}/{name}") from None
+        raise
+    return set(secret.get("data") or {}) | set(secret.get("stringData") or {})
+
 
 def get_pod(namespace: str, name: str) -> dict[str, Any] | None:
     """One pod's metadata as a plain dict, or None (a list by name: the operator may list pods, not get them)."""

@@ -20,7 +20,9 @@ class Operator:
         self.proc: subprocess.Popen | None = None
         self.extra_env = extra_env or {}
 
-    def start(self) -> "Operator":
+    def start(self, live: bool = True) -> "Operator":
+        """The process started; with `live`, once its /healthz answers (one that kills itself early,
+        ALIGNMENT_FAULT, may never get there)."""
         port, self.metrics_port = free_port(), free_port()
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "ALIGNMENT_TRAINER_IMAGE": "trainer:test",
                "ALIGNMENT_METRICS_PORT": str(self.metrics_port), **self.extra_env}
@@ -28,6 +30,8 @@ class Operator:
             [sys.executable, "-m", "alignment_operator.cli", "operator", "--namespaces", self.namespace,
              "--liveness", f"http://127.0.0.1:{port}/healthz"],
             env=env, stdout=self.log.open("a"), stderr=subprocess.STDOUT)
+        if not live:
+            return self
         deadline = time.monotonic() + 60
         while True:
             try:

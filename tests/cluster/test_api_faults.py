@@ -1,14 +1,17 @@
 """The operator under API faults, against the real control plane (the kubelet is played as in
 test_operator.py): an admission webhook that answers 500 for a minute, the API server killed for
-30 s mid-stage, and status the API server could not take (a NaN in an eval result, a retry
-annotation longer than status.retryRequest may be). Each ends with the run where it should be and
-saying what happened; none needs another event to get there.
+30 s mid-stage, the operator itself killed (SIGKILL) right after each kind of write it makes, and
+status the API server could not take (a NaN in an eval result, a retry annotation longer than
+status.retryRequest may be). Each ends with the run where it should be and saying what happened;
+none needs another event to get there.
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import ssl
+import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,7 +21,7 @@ import yaml
 from kubernetes import client
 
 from alignment_operator.progress_server import self_signed
-from kubelet import ROOT, get_run, play_kubelet, result_message, wait_for
+from kubelet import DPO, EVAL, ROOT, SFT, child, get_run, play_kubelet, result_message, wait_for
 from operator_process import Operator
 
 pytestmark = pytest.mark.cluster
@@ -199,6 +202,81 @@ def test_the_api_server_down_for_30s_mid_stage_creates_nothing_twice(cluster, re
     assert s["progress"] == "3/3" and s["model"] == "/workspace/x/tiny/dpo/final"
     assert s["evaluation"]["preference_accuracy"] == 0.75
     assert condition(s, "Ready")["status"] == "True"
+
+
+# ---------------------------------------------------------------------------------- the operator killed
+
+def killed_after(cluster, ns: str, log, point: str) -> float:
+    """A fresh operator process with ALIGNMENT_FAULT=after:<point>: it kills itself with SIGKILL
+    right after its first such write. Returns how long it lived."""
+    started = time.monotonic()
+    op = Operator(cluster.kubeconfig, ns, log, extra_env={"ALIGNMENT_FAULT": f"after:{point}"}).start(live=False)
+    try:
+        code = op.proc.wait(90)
+    except subprocess.TimeoutExpired:
+        op.stop()
+        raise AssertionError(f"no {point} within 90 s:\n{log.read_text()[-3000:]}") from None
+    assert code == -signal.SIGKILL, f"exit {code}, not killed after {point}:\n{log.read_text()[-3000:]}"
+    return time.monotonic() - started
+
+
+def made(api, ns: str) -> dict[str, list[str]]:
+    """What exists of the run's: its volume claim, recipe ConfigMaps and Jobs, by name."""
+    core, selector = client.CoreV1Api(api), "alignment.dev/run=tiny"
+    return {"PersistentVolumeClaim": sorted(p.metadata.name for p in core.list_namespaced_persistent_volume_claim(ns).items),
+            "ConfigMap": sorted(c.metadata.name for c in core.list_namespaced_config_map(ns, label_selector=selector).items),
+            "Job": sorted(j.metadata.name for j in client.BatchV1Api(api).list_namespaced_job(ns).items)}
+
+
+def stage_phases(api, ns: str) -> list[tuple[str, str, str | None, int]]:
+    return [(x["name"], x.get("phase"), x.get("jobName"), x.get("attempts", 0)) for x in status(api, ns).get("stages") or []]
+
+
+def test_the_operator_killed_right_after_each_write_creates_nothing_twice(cluster, crds, namespace, tmp_path):
+    """SIGKILL right after the volume claim's create, the recipe ConfigMap's, the Job's and the status
+    write (sft's, then dpo's Job and status after sft finished), each followed by a fresh process."""
+    ns, api, log = namespace, cluster.api_client(), tmp_path / "operator.log"
+    started = time.monotonic()
+    apply_run(cluster, ns)
+    pvc, recipes = ["tiny-workspace"], sorted(child("tiny", s, "-recipe") for s in ("sft", "dpo", "eval"))
+    sft_cm, dpo_cm = child("tiny", "sft", "-recipe"), child("tiny", "dpo", "-recipe")
+    lived = {"create:PersistentVolumeClaim": killed_after(cluster, ns, log, "create:PersistentVolumeClaim")}
+    assert made(api, ns) == {"PersistentVolumeClaim": pvc, "ConfigMap": [], "Job": []}
+    lived["create:ConfigMap"] = killed_after(cluster, ns, log, "create:ConfigMap")
+    assert made(api, ns) == {"PersistentVolumeClaim": pvc, "ConfigMap": [sft_cm], "Job": []}
+    lived["create:Job"] = killed_after(cluster, ns, log, "create:Job")
+    assert made(api, ns) == {"PersistentVolumeClaim": pvc, "ConfigMap": [sft_cm], "Job": [SFT]}
+    assert ("sft", "Running", SFT, 1) not in stage_phases(api, ns), "killed before its status write"
+    sft_uid = job_of(api, ns, "sft").metadata.uid
+    lived["write:status"] = killed_after(cluster, ns, log, "write:status")
+    assert stage_phases(api, ns)[0] == ("sft", "Running", SFT, 1)
+    assert made(api, ns) == {"PersistentVolumeClaim": pvc, "ConfigMap": [sft_cm], "Job": [SFT]}
+
+    # sft finishes while no operator runs; the next one dies right after creating dpo's Job (sft's
+    # success not yet written), the one after that right after writing it.
+    play_kubelet(api, ns, SFT, 0, result_message("sft", train_loss=2.5))
+    lived["create:Job (dpo)"] = killed_after(cluster, ns, log, "create:Job")
+    assert made(api, ns) == {"PersistentVolumeClaim": pvc, "ConfigMap": sorted([sft_cm, dpo_cm]), "Job": sorted([SFT, DPO])}
+    assert stage_phases(api, ns)[0] == ("sft", "Running", SFT, 1), "killed before its status write"
+    lived["write:status (dpo)"] = killed_after(cluster, ns, log, "write:status")
+    assert stage_phases(api, ns)[:2] == [("sft", "Succeeded", SFT, 1), ("dpo", "Running", DPO, 1)]
+
+    op = Operator(cluster.kubeconfig, ns, log).start()
+    try:
+        play_kubelet(api, ns, DPO, 0, result_message("dpo", train_loss=0.6))
+        ev = job_of(api, ns, "eval")
+        play_kubelet(api, ns, ev.metadata.name, 0, result_message("eval", preference_accuracy=0.75))
+        s = wait_for("Succeeded", lambda: (s := status(api, ns)).get("phase") == "Succeeded" and s, timeout=60)
+    finally:
+        op.stop()
+    assert made(api, ns) == {"PersistentVolumeClaim": pvc, "ConfigMap": recipes, "Job": sorted([SFT, DPO, EVAL])}
+    assert job_of(api, ns, "sft").metadata.uid == sft_uid, "one Job per stage attempt: sft's never recreated"
+    assert [(x["name"], x["phase"], x["attempts"]) for x in s["stages"]] == [
+        ("sft", "Succeeded", 1), ("dpo", "Succeeded", 1), ("eval", "Succeeded", 1)]
+    assert s["model"] == "/workspace/x/tiny/dpo/final" and condition(s, "Ready")["status"] == "True"
+    assert log.read_text().count("killing this process (SIGKILL)") == len(lived)
+    print(f"\nkilled after: " + ", ".join(f"{p} ({t:.1f}s)" for p, t in lived.items()) +
+          f"; Succeeded {time.monotonic() - started:.0f}s after the apply")
 
 
 # ---------------------------------------------------------------------------------- status it could not write

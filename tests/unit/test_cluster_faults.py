@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import urllib3
@@ -411,3 +412,17 @@ def test_the_cache_keeps_a_run_without_what_nothing_reads():
     kept = cache.run("ns", "tiny")["metadata"]
     assert kept["annotations"] == {RETRY_ANNOTATION: "1"} and "managedFields" not in kept
     assert body["metadata"]["annotations"][LAST_APPLIED], "the watch's own dict is not changed"
+
+
+def test_the_fault_hook_is_inert_unless_named_and_refuses_what_it_does_not_know():
+    """ALIGNMENT_FAULT (tests/cluster/test_api_faults.py kills the operator with it) names one write;
+    unset it does nothing, a typo fails the start instead of a test that silently kills nothing,
+    and the chart never sets it."""
+    assert kube._fault("") == "" and kube._fault("after:create:Job") == "create:Job"
+    assert kube._fault("after:write:status") == "write:status"
+    for bad in ("create:Job", "after:create:Pod", "after:write:spec"):
+        with pytest.raises(ValueError, match="after:<point>"):
+            kube._fault(bad)
+    kube._after("create:Job")  # unset in this process: still alive
+    chart = Path(__file__).resolve().parents[2] / "charts" / "alignment-operator"
+    assert not [p for p in chart.rglob("*") if p.is_file() and kube.FAULT_ENV in p.read_text(errors="replace")]
