@@ -205,7 +205,22 @@ def jobset(obj: dict[str, Any], pods: list[dict[str, Any]], events: list[dict[st
     else:
         state = "Running" if any(r.get("active") for r in s.get("replicatedJobsStatus") or []) else "Pending"
     attempts = (s.get("restarts") or 0) + (1 if s else 0)  # every rank restarts together: one attempt each time
-    return _child(obj, "JobSet", state, attempts, finished, message, pods, suspended, events)
+    count, last = jobset_disrupted(obj, pods)
+    return _child(obj, "JobSet", state, attempts, finished, message, pods, suspended, events,
+                  disruptions=count, disruption=last)
+
+
+def jobset_disrupted(obj: dict[str, Any], pods: list[dict[str, Any]]) -> tuple[int, str | None]:
+    """A JobSet restarts every rank itself after a disruption (render's failurePolicy rule
+    RestartJobSetAndIgnoreMaxRestarts), without counting it towards maxRestarts: its restarts less
+    those that count are the disruptions, counted and capped by the operator as a Job's disrupted
+    pods are. The words: the disrupted pod's, when it is still there (the restart deletes it)."""
+    s = obj.get("status") or {}
+    count = max(0, (s.get("restarts") or 0) - (s.get("restartsCountTowardsMax") or 0))
+    if not count:
+        return 0, None
+    words = disrupted(pods)[1] or "a rank was disrupted (preempted, evicted or drained)"
+    return count, f"JobSet {obj['metadata']['name']} restarted every rank ({words})"
 
 
 def pytorchjob(obj: dict[str, Any], pods: list[dict[str, Any]], events: list[dict[str, Any]] = ()) -> ObservedChild:

@@ -426,3 +426,28 @@ def test_the_fault_hook_is_inert_unless_named_and_refuses_what_it_does_not_know(
     kube._after("create:Job")  # unset in this process: still alive
     chart = Path(__file__).resolve().parents[2] / "charts" / "alignment-operator"
     assert not [p for p in chart.rglob("*") if p.is_file() and kube.FAULT_ENV in p.read_text(errors="replace")]
+
+
+def test_a_jobsets_disruptions_are_counted_traced_and_capped_as_a_jobs_are():
+    """JobSet restarts every rank after a disruption without counting it (RestartJobSetAndIgnoreMaxRestarts):
+    its restarts that do not count towards maxRestarts are the stage's disruptions."""
+    from alignment_operator import observe
+    from alignment_operator.reconcile import DeleteChild, reconcile
+
+    def jobset(restarts, counted, pods=()):
+        return observe.jobset({"metadata": {"name": "tiny-sft", "uid": "j1", "labels": {LABEL_STAGE: "sft"}},
+                               "status": {"restarts": restarts, "restartsCountTowardsMax": counted,
+                                          "replicatedJobsStatus": [{"name": "ranks", "active": 2}]}}, list(pods))
+    evicted = {"metadata": {"name": "tiny-sft-ranks-0-1"}, "status": {"phase": "Failed", "conditions": [
+        {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI", "message": "evicted"}]}}
+    assert (jobset(1, 1).disruptions, jobset(0, 0).disruptions) == (0, 0)  # a counted restart is a failure
+    out = reconcile(_disrupted_run(limit=2), 1, {"sft": jobset(2, 1, [evicted])}, NOW)
+    sft = out.status.stages[0]
+    assert (sft.phase, sft.disruptions) == ("Running", 1)
+    traced, = [a for a in out.actions if getattr(a, "reason", None) == "StageDisrupted"]
+    assert "JobSet tiny-sft restarted every rank (pod tiny-sft-ranks-0-1: EvictionByEvictionAPI: evicted)" \
+        in traced.message and "disruption 1 of at most 2" in traced.message
+    out = reconcile(_disrupted_run(limit=2), 1, {"sft": jobset(4, 1)}, NOW)
+    sft = out.status.stages[0]
+    assert (sft.phase, sft.reason, sft.disruptions) == ("Failed", "TooManyDisruptions", 3)
+    assert DeleteChild("sft", "tiny-sft", "JobSet", "j1") in out.actions
