@@ -50,8 +50,12 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "reward_margin": ("rewards/margins",),
     "reward_accuracy": ("rewards/accuracies",),
     "tokens_per_second": ("tokens_per_second", "train_tokens_per_second"),
+    "checkpoint_step": ("checkpoint_step",),
+    "checkpoint_time": ("checkpoint_time",),
+    "work_at_risk_seconds": ("work_at_risk_seconds",),
 }
-INTEGER_FIELDS = {"step", "total_steps"}
+INTEGER_FIELDS = {"step", "total_steps", "checkpoint_step"}
+TIME_FIELDS = {"checkpoint_time"}  # unix seconds in a report, RFC 3339 in status
 
 
 class Refused(Exception):
@@ -163,7 +167,9 @@ def stage_progress(report: Report, previous: StageProgress | None = None) -> Sta
     values: dict[str, Any] = previous.model_dump(exclude={"last_updated", "percent", "eta_seconds"}) if previous else {}
     for name, keys in FIELDS.items():
         found = next((report.metrics[k] for k in keys if k in report.metrics), None)
-        if found is not None:
+        if found is not None and name in TIME_FIELDS:
+            values[name] = _rfc3339(datetime.fromtimestamp(found, timezone.utc)) if 0 <= found < 1e11 else None
+        elif found is not None:
             values[name] = int(found) if name in INTEGER_FIELDS else float(f"{found:.7g}")  # bounded, relative
     percent = report.percent
     if percent == 100 and values.get("total_steps") and not any(k in report.metrics for k in FIELDS["step"]):

@@ -42,6 +42,8 @@ from alignment_trainer.recipe import METHODS
 
 from .api import RETRY_ANNOTATION, AlignmentRun, AlignmentRunStatus, Condition, StageStatus
 from .render.manifests import child_name
+from .render.recipe import stage_dir
+from .health import lost_work, note_checkpoint
 from .api.spec import ModelSpec, StageSpec
 from .progress import summary as progress_summary
 
@@ -334,13 +336,15 @@ def _fold_child(st: StageStatus, child: ObservedChild, run: AlignmentRun, now: s
         return
     if child.disruptions > st.disruptions:  # a pod disrupted and replaced by its Job: counted here, traced
         st.disruptions = child.disruptions
+        lost, cost = lost_work(st)
+        st.lost_steps += lost
         if _too_disrupted(st, run, child.disruption, events):
             st.completion_time = now
             actions.append(DeleteChild(st.name, child.name, child.kind, child.uid))  # its new pod runs on
             return
         events.append(Event("Warning", "StageDisrupted", f"stage {st.name}: {child.disruption}; disruption "
                             f"{st.disruptions} of at most {_max_disruptions(run, st.name)}, not counted against "
-                            "backoffLimit: the new pod resumes from the newest checkpoint"))
+                            f"backoffLimit: the new pod resumes from the newest checkpoint ({cost})"))
     if child.state == "Failed" and child.group and child.failure == "disruption":
         st.disruptions += 1
         if _too_disrupted(st, run, child.message, events):
@@ -352,10 +356,12 @@ def _fold_child(st: StageStatus, child: ObservedChild, run: AlignmentRun, now: s
             # Every rank again from the newest checkpoint, never one rank alone: the failed child
             # goes first (the retry path below), then a new one starts.
             st.restarts += counted
+            lost, cost = lost_work(st)
+            st.lost_steps += lost
             st.phase, st.previous_attempts = "Pending", st.attempts
             why = f"restart {st.restarts} of {spec_backoff(run, st.name)}" if counted else \
                 f"disruption {st.disruptions} of at most {_max_disruptions(run, st.name)}, not counted"
-            st.message = f"restarting every rank ({why}): {child.message}"
+            st.message = f"restarting every rank ({why}; {cost}): {child.message}"
             events.append(Event("Warning", "GroupRestart", f"stage {st.name}: {st.message}"))
             return
     if child.state == "Failed":
@@ -379,6 +385,7 @@ def _fold_child(st: StageStatus, child: ObservedChild, run: AlignmentRun, now: s
                             f"stage {st.name} {'suspended' if suspend else 'resumed'}"))
     waiting_for_queue = child.suspended and queued and not suspend
     st.phase = "Suspended" if suspend or waiting_for_queue else "Running"
+    note_checkpoint(st, stage_dir(run.spec.storage.mount_path, run, st.name))
     st.message = f"waiting for Kueue to admit it (queue {run.spec.queue_name})" if waiting_for_queue else None
     said, st.reason = st.reason, None
     if st.phase == "Running" and not child.suspended and (not child.started or child.waiting):

@@ -37,6 +37,16 @@ def test_sft_output_layout(sft_run, kit):
     assert str(out) not in card and "[None]" not in (out / "README.md").read_text()  # TRL's card replaced
 
 
+def test_each_row_says_the_newest_checkpoint_and_the_work_at_risk(sft_run, kit):
+    """save_steps 30 of 60, logging every 5: rows before the save name no checkpoint and their work at risk
+    grows; from step 35 they name checkpoint 30 and the work at risk started again from its save."""
+    rows = {r["step"]: r for r in kit.metrics(sft_run["output_dir"]) if "loss" in r}
+    assert "checkpoint_step" not in rows[25] and rows[5]["work_at_risk_seconds"] <= rows[25]["work_at_risk_seconds"]
+    assert rows[35]["checkpoint_step"] == 30 and rows[60]["checkpoint_step"] == 30  # 60's save comes after its log
+    assert rows[35]["work_at_risk_seconds"] < rows[30]["work_at_risk_seconds"]
+    assert rows[35]["checkpoint_time"] <= rows[35]["time"]
+
+
 def test_termination_message_is_compact(tmp_path, sft_run):
     from alignment_trainer.outcome import TERMINATION_MESSAGE_LIMIT, encode
 

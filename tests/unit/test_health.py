@@ -60,3 +60,60 @@ def test_a_plain_error_keeps_no_reason():
     assert outcome.reason_of("Error (exit code 1): boom") is None
     assert outcome.reason_of("DataError (exit code 2; fix it): x.jsonl line 3") == "DataError"
     assert outcome.reason_of(None) is None
+
+
+# ---------------------------------------------------------------- the work at risk
+
+def _running_with_progress(**progress):
+    from alignment_operator.api import StageProgress
+
+    run = make_run()
+    status = sft_running(run)
+    status["stages"][0]["progress"] = StageProgress(percent=42, step=42, total_steps=100, last_updated=NOW,
+                                                    **progress).wire()
+    return make_run(status=status)
+
+
+def test_a_push_carries_the_newest_checkpoint_and_the_work_at_risk_into_status():
+    from datetime import datetime, timezone
+
+    from alignment_operator.progress import Report, stage_progress
+
+    saved = datetime(2026, 11, 21, 11, 58, tzinfo=timezone.utc)
+    p = stage_progress(Report(percent=42, eta_seconds=60, sent=datetime(2026, 11, 21, 12, tzinfo=timezone.utc),
+                              metrics={"current_step": 42, "total_steps": 100, "checkpoint_step": 30,
+                                       "checkpoint_time": saved.timestamp(), "work_at_risk_seconds": 118.0}))
+    assert (p.checkpoint_step, p.checkpoint_time, p.work_at_risk_seconds) == (30, "2026-11-21T11:58:00Z", 118.0)
+    run = make_run()
+    run = _running_with_progress(**p.model_dump(include={"checkpoint_step", "checkpoint_time", "work_at_risk_seconds"}))
+    assert run.status.stages[0].latest_checkpoint is None
+    sft = reconcile(run, 1, {"sft": child("sft", "Running", attempts=1)}, NOW).status.stages[0]
+    assert sft.latest_checkpoint.model_dump() == {
+        "step": 30, "path": "/workspace/default/tiny/u-1/sft/checkpoint-30", "time": "2026-11-21T11:58:00Z",
+        "complete": True}
+    assert sft.wire()["progress"]["workAtRiskSeconds"] == 118.0
+
+
+def test_a_disruption_says_what_it_cost_and_is_not_a_failure():
+    run = _running_with_progress(checkpoint_step=30, work_at_risk_seconds=118.0)
+    out = reconcile(run, 1, {"sft": child("sft", "Running", attempts=2, disruptions=1,
+                                          disruption="pod tiny-sft-0 evicted")}, NOW)
+    sft = out.status.stages[0]
+    assert (sft.phase, sft.disruptions, sft.restarts, sft.lost_steps) == ("Running", 1, 0, 12)
+    (said,) = [a.message for a in out.actions if isinstance(a, Event) and a.reason == "StageDisrupted"]
+    assert "cost 12 step(s), 118s of training: step 42 back to checkpoint-30" in said
+
+
+def test_the_local_runner_records_the_trainers_checkpoint_path(tmp_path):
+    import json
+
+    from alignment_operator.local.runner import LiveStatus
+
+    run = make_run()
+    run = make_run(status=sft_running(run))
+    live = LiveStatus(run, 0, tmp_path)
+    live.event({"event": "checkpoint", "step": 5, "path": "/w/runs/default/tiny/sft/checkpoint-5",
+                "time": "2026-11-21T11:58:00+00:00", "complete": True})
+    stage = json.loads((tmp_path / "status.json").read_text())["stages"][0]
+    assert stage["latestCheckpoint"] == {"step": 5, "path": "/w/runs/default/tiny/sft/checkpoint-5",
+                                         "time": "2026-11-21T11:58:00+00:00", "complete": True}

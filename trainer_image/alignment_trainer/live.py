@@ -60,6 +60,45 @@ class DivergenceGuard(TrainerCallback):
                                 f"(learning rate {logs.get('learning_rate', args.learning_rate):g})")
 
 
+class CheckpointClock(TrainerCallback):
+    """The newest complete checkpoint (step, wall time) and the seconds trained since it: the work a
+    preemption would lose. The checkpoint a run resumes from counts from the moment training resumed.
+    Announces each save as a `checkpoint` line (the local runner reads it); fields() is what progress
+    reports carry."""
+
+    def __init__(self):
+        self.step: int | None = None
+        self.saved: float | None = None   # unix time the newest complete checkpoint was written
+        self.since: float | None = None   # unix time from which training is at risk
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from .checkpoints import newest_checkpoint
+
+        self.since = time.time()
+        resumed = newest_checkpoint(args.output_dir)
+        if resumed:
+            done = os.path.join(resumed, "trainer_state.json")
+            self.step, self.saved = int(resumed.rsplit("-", 1)[1]), os.path.getmtime(done)
+
+    def on_save(self, args, state, control, **kwargs):
+        # transformers calls on_save once the checkpoint is whole (trainer_state.json written last).
+        self.step, self.saved = state.global_step, time.time()
+        self.since = self.saved
+        if state.is_world_process_zero:
+            from .results import emit
+
+            emit("checkpoint", step=self.step, path=os.path.join(args.output_dir, f"checkpoint-{self.step}"),
+                 time=datetime.fromtimestamp(self.saved, timezone.utc).isoformat(), complete=True)
+
+    def fields(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        if self.since is not None:
+            out["work_at_risk_seconds"] = round(time.time() - self.since, 1)
+        if self.step is not None:
+            out.update(checkpoint_step=self.step, checkpoint_time=round(self.saved, 3))
+        return out
+
+
 def use_own_callback() -> bool:
     """Our callback pushes, unless there is nowhere to push or the stock one is asked for."""
     return bool(os.environ.get(URL_ENV)) and os.environ.get(CHOICE_ENV, "alignment") != "transformers"
@@ -68,8 +107,9 @@ def use_own_callback() -> bool:
 class ProgressPush(TrainerCallback):
     """Pushes progress to the operator (see the module doc)."""
 
-    def __init__(self, url: str | None = None, interval: float = MIN_INTERVAL_S):
+    def __init__(self, url: str | None = None, interval: float = MIN_INTERVAL_S, clock: CheckpointClock | None = None):
         self.url = url or os.environ[URL_ENV]
+        self.clock = clock
         self.interval = interval
         self.metrics: dict[str, float] = {}
         self.started = self.start_step = None
@@ -112,6 +152,10 @@ class ProgressPush(TrainerCallback):
         if state.is_world_process_zero and self.started is not None and not control.should_log:
             self._queue(state)
 
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and self.started is not None:
+            self._queue(state, force=True)  # the work at risk drops: say so now
+
     def on_train_end(self, args, state, control, **kwargs):
         if not state.is_world_process_zero or self.started is None:
             return
@@ -130,7 +174,8 @@ class ProgressPush(TrainerCallback):
         ran = step - (self.start_step or 0)
         if not done and ran > 0 and total:
             eta = int((time.monotonic() - self.started) / ran * (total - step))
-        metrics = {**self.metrics, "current_step": step, "total_steps": total}
+        metrics = {**self.metrics, **(self.clock.fields() if self.clock else {}), "current_step": step,
+                   "total_steps": total}
         if state.epoch is not None:
             metrics["current_epoch"] = round(state.epoch, 4)
         status = {"progressPercentage": percent, "lastUpdatedTime": datetime.now(timezone.utc).isoformat(),

@@ -77,14 +77,15 @@ def finished_result(output_dir: str | Path) -> dict | None:
 class MetricsCallback(TrainerCallback):
     """metrics.jsonl + a progress line per logging step, from the main process only."""
 
-    def __init__(self, output_dir: str | Path):
+    def __init__(self, output_dir: str | Path, clock=None):
         self.path = Path(output_dir) / "metrics.jsonl"
+        self.clock = clock  # live.CheckpointClock: the newest checkpoint and the work at risk, in each row
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
         row = {"step": state.global_step, "total": state.max_steps, "time": round(time.time(), 3),
-               **{k: v for k, v in logs.items() if k != "total_flos"}}
+               **{k: v for k, v in logs.items() if k != "total_flos"}, **(self.clock.fields() if self.clock else {})}
         with self.path.open("a") as f:
             f.write(json.dumps(row, default=_jsonable) + "\n")
         emit("progress", **row)

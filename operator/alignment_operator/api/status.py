@@ -43,7 +43,21 @@ class StageProgress(ApiModel):
     reward_margin: float | None = Field(None, description="Preference stages: latest rewards/margins.")
     reward_accuracy: float | None = Field(None, description="Preference stages: latest rewards/accuracies.")
     tokens_per_second: float | None = Field(None, description="Training throughput over the last logging interval.")
+    checkpoint_step: int | None = Field(None, ge=0, description="Step of the newest complete checkpoint.")
+    checkpoint_time: str | None = Field(None, description="When the newest complete checkpoint was written (RFC 3339).")
+    work_at_risk_seconds: float | None = Field(None, ge=0, description=(
+        "Seconds trained since the newest complete checkpoint (or since training resumed from it): the work a "
+        "preemption or restart now would lose."))
     last_updated: str = Field(description="When the trainer sent this (RFC 3339).")
+
+
+class CheckpointRef(ApiModel):
+    """A checkpoint a stage wrote on the run's volume."""
+
+    step: int = Field(ge=0, description="Optimizer steps it holds.")
+    path: str = Field(description="Its directory (checkpoint-N) on the run's volume.")
+    time: str | None = Field(None, description="When it was written (RFC 3339).")
+    complete: bool = Field(True, description="Whole (trainer_state.json written last): a restart resumes from it.")
 
 
 class StageStatus(ApiModel):
@@ -82,6 +96,12 @@ class StageStatus(ApiModel):
         "Where the stage's tracked run is: tensorboard (event files' directory on the volume), wandb (run URL, "
         "or the offline run's directory), mlflow (run URL)."))
     progress: StageProgress | None = Field(None, description="Live progress while the stage trains (its last report).")
+    latest_checkpoint: CheckpointRef | None = Field(None, description=(
+        "The stage's newest complete checkpoint while it trains (from its progress): where a restart resumes; "
+        "progress.workAtRiskSeconds is the training since it."))
+    lost_steps: int = Field(0, ge=0, description=(
+        "Steps trained past the newest complete checkpoint when a disruption or restart struck, summed: work "
+        "done again."))
 
 
 class AlignmentRunStatus(ApiModel):

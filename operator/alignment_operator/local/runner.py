@@ -44,6 +44,7 @@ from alignment_trainer.launch import (build_launch_command, busy_cpus, launch_en
 
 from .. import progress
 from ..api import RETRY_ANNOTATION, AlignmentRun, AlignmentRunStatus, RunInvalid, parse_run, run_documents
+from ..api.status import CheckpointRef
 from ..reconcile import CreateStage, DeleteChild, Event, ObservedChild, attempt_run, reconcile
 from ..render.manifests import child_name
 from ..render.recipe import build_recipe, stage_dir
@@ -104,6 +105,12 @@ class LiveStatus:
         self.written = -float("inf")
 
     def event(self, ev: dict | None) -> None:
+        if ev and ev.get("event") == "checkpoint" and self.run.status is not None and isinstance(ev.get("step"), int):
+            # The trainer's own path of its newest complete checkpoint (the operator derives it from progress)
+            self.run.status.stages[self.index].latest_checkpoint = CheckpointRef(
+                step=ev["step"], path=str(ev.get("path")), time=ev.get("time"), complete=bool(ev.get("complete")))
+            write_status(self.run_dir, self.run.status)
+            return
         if not ev or ev.get("event") != "progress" or ev.get("task") or self.run.status is None:
             return  # evaluation tasks report their own steps, not training progress
         step, total, now = ev.get("step"), ev.get("total"), time.monotonic()

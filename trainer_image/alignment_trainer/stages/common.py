@@ -16,7 +16,7 @@ import torch
 from .. import tracking
 from ..checkpoints import newest_checkpoint
 from ..launch import check_world, configured_state_args, formed_world, init_distributed
-from ..live import DivergedError, DivergenceGuard, ProgressPush, use_own_callback
+from ..live import CheckpointClock, DivergedError, DivergenceGuard, ProgressPush, use_own_callback
 from ..model import (checkpoint_dtype, engine_keeps_fp32_masters, keep_fp32_masters, load_model, merge_adapter,
                      mixed_precision)
 from ..recipe import Recipe, TrainingArgs
@@ -262,7 +262,9 @@ def train(trainer, recipe: Recipe):
     from transformers import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # MetricsCallback prints JSON progress lines instead
-    trainer.add_callback(MetricsCallback(recipe.output_dir))
+    clock = CheckpointClock()  # first: the others read it after each save
+    trainer.add_callback(clock)
+    trainer.add_callback(MetricsCallback(recipe.output_dir, clock))
     trainer.add_callback(tracking.TrackedRun(recipe))  # after transformers' tracker callbacks
     trainer.add_callback(DivergenceGuard())  # after MetricsCallback: the NaN row is in metrics.jsonl
     if use_own_callback():
@@ -271,7 +273,7 @@ def train(trainer, recipe: Recipe):
         from transformers.integrations import KubeflowCallback
 
         trainer.remove_callback(KubeflowCallback)
-        trainer.add_callback(ProgressPush())
+        trainer.add_callback(ProgressPush(clock=clock))
     keep_fp32_masters(trainer.model)  # QLoRA: TRL cast the adapters to bf16 (model.keep_fp32_masters)
     # TRL writes <output_dir>/README.md at each checkpoint from the loaded model's config ("a fine-tuned
     # version of [None]" for a local directory): the stage's own card (card.stage_card) instead.
