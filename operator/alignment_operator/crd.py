@@ -26,6 +26,8 @@ PRINTER_COLUMNS = [
     {"name": "Progress", "type": "string", "jsonPath": ".status.progressSummary",
      "description": "The running stage's live progress (dpo 43% ETA 2h10m), else stages finished out of all."},
     {"name": "Model", "type": "string", "jsonPath": ".status.model", "description": "Final model."},
+    {"name": "GPU-H", "type": "number", "jsonPath": ".status.gpuHours",
+     "description": "GPU-hours the run's stages held, every attempt counted (0 for CPU-only stages)."},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 

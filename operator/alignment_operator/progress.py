@@ -221,7 +221,13 @@ def eta_text(seconds: int | None) -> str:
 
 
 def summary(stages: list[StageStatus], done: int) -> str:
-    """The PROGRESS column: the running stage's live progress, else stages done out of all."""
+    """The PROGRESS column: the running stage's live progress, else stages done out of all; with several
+    running, stages done, how many run and the least advanced one's percent (`2/6, 3 running, dpo-0-1 40%`)."""
+    several = [s for s in stages if s.phase == "Running"]
+    if len(several) > 1:  # siblings side by side: how many, and the one furthest behind
+        behind = min((s for s in several if s.progress is not None), key=lambda s: s.progress.percent, default=None)
+        return f"{done}/{len(stages)}, {len(several)} running" + (
+            f", {behind.name} {behind.progress.percent}%" if behind is not None else "")
     running = next((s for s in stages if s.phase == "Running"), None)
     if running is not None and running.progress is not None:
         p = running.progress

@@ -41,10 +41,12 @@ from alignment_trainer import outcome
 from alignment_trainer.recipe import METHODS
 
 from .api import RETRY_ANNOTATION, AlignmentRun, AlignmentRunStatus, Condition, StageStatus
+from .api.status import ComparisonRow
 from .render.manifests import child_name
 from .render.recipe import stage_dir
 from .health import lost_work, note_checkpoint
 from .api.spec import ModelSpec, StageSpec
+from .graph import inputs
 from .progress import summary as progress_summary
 
 # Interrupted: the child was stopped by a signal and is gone (the local shell's Ctrl-C).
@@ -98,6 +100,7 @@ class ObservedChild:
     spec_hash: str | None = None
     suspended: bool = False
     group: bool = False                 # several ranks that restart together (an Indexed Job's ranks)
+    gpus: int | None = None             # accelerators it held (None: the stage's nodes x gpusPerNode)
     failure: str | None = None          # a failed group: 'input', 'disruption' or 'failure' (counted)
     refusal: Refusal | None = None      # state Refused: what the API server said
     uid: str | None = None              # the object's UID: a delete is made only if it is still this object
@@ -210,8 +213,11 @@ def condition(old: list[Condition], type_: str, status: str, reason: str, messag
 
 
 def reconcile(run: AlignmentRun, generation: int | None, children: dict[str, ObservedChild],
-              now: str) -> Outcome:
-    """Everything the operator decides, from what it can see."""
+              now: str, slots: int | None = None) -> Outcome:
+    """Everything the operator decides, from what it can see. Stages form a graph by what they read
+    (graph.inputs): a stage starts once its inputs succeeded, siblings side by side, at most
+    spec.parallelism (and `slots`, what the shell can hold: the local shell's cores) running at once. A
+    failed stage's readers wait, reason InputFailed; the run is Failed once nothing else can run."""
     old = run.status or AlignmentRunStatus()
     prior = {s.name: s for s in old.stages}
     events: list[Action] = []
@@ -220,7 +226,9 @@ def reconcile(run: AlignmentRun, generation: int | None, children: dict[str, Obs
     edited: list[str] = []
     failed: StageStatus | None = None
     interrupted: StageStatus | None = None
-    blocked = False  # an earlier stage has not succeeded: later ones wait
+    phases: dict[str, str] = {}  # this pass's phase of each stage so far (inputs come first in spec order)
+    doomed: set[str] = set()     # stages that failed, and those that read one: they cannot run now
+    startable: list[tuple[int, StageStatus]] = []  # Pending stages whose inputs succeeded, no child yet
     retry = run.metadata.annotations.get(RETRY_ANNOTATION)
     retrying = retry is not None and retry != old.retry_request
 
@@ -229,6 +237,9 @@ def reconcile(run: AlignmentRun, generation: int | None, children: dict[str, Obs
         st = was.model_copy(deep=True)
         child = children.get(spec.name)
         current_hash = stage_hash(run, i)
+        needs = inputs(run, i)
+        blocked = any(phases.get(n) != "Succeeded" for n in needs)  # an input has not succeeded: it waits
+        lost = [n for n in needs if n in doomed]
         if st.spec_hash and st.spec_hash != current_hash and st.phase != "Pending":
             edited.append(spec.name)
         if retrying and st.phase == "Failed" and not blocked:
@@ -250,8 +261,14 @@ def reconcile(run: AlignmentRun, generation: int | None, children: dict[str, Obs
                 st.attempt_spec = None  # nothing of it ran: it starts with the spec as it is now
 
         create = CreateStage(i, suspend=run.spec.suspend or bool(run.spec.queue_name))
-        if st.phase in ("Succeeded", "Failed") or blocked:
-            pass  # finished for good, or waiting behind an earlier stage (failed or not done)
+        if st.phase in ("Succeeded", "Failed"):
+            pass  # finished for good
+        elif blocked and st.phase == "Pending" and child is None:
+            # waiting for what it reads; an input that failed (or waits on a failed one) stops it here
+            st.message, st.reason = (f"not started: stage {', '.join(lost)} it reads failed", "InputFailed") \
+                if lost else (None, None)
+        elif blocked:
+            pass
         elif child is not None and child.state == "Deleting":
             # Whatever it says, it finishes nothing: the stage waits for it to go, then goes on (a
             # Running stage gets a new child, a retried one its first).
@@ -269,19 +286,13 @@ def reconcile(run: AlignmentRun, generation: int | None, children: dict[str, Obs
             actions.append(DeleteChild(spec.name, child.name, child.kind, child.uid))
             st.message = f"retrying: deleting the {child.state.lower()} {child.kind} {child.name} first"
         elif child is None and st.phase == "Pending":
-            actions.append(create)
-            st.phase = "Suspended" if run.spec.suspend else "Running"
-            st.start_time, st.message, st.reason = now, None, None
-            if not st.attempt_spec:  # a restarted group or an interrupted stage goes on with what it ran
-                st.attempt_spec = attempt_spec(run, i)
-            st.spec_hash = _hash(st.attempt_spec)
-            # Recorded now, not when the child is first seen: one status write per transition.
-            st.job_name, st.attempts = child_name(run, spec.name), st.previous_attempts + 1
-            events.append(Event("Normal", "StageStarted", f"stage {spec.name} ({spec.method}) started"))
+            startable.append((i, st))  # started below, within parallelism
         elif child is None:
             # The child vanished (deleted by hand, or the watch missed it): a new one, counted as an
             # attempt, runs what the attempt ran; the trainer resumes from its newest checkpoint.
             actions.append(create)
+            _end_attempt(st, run, None, now)  # the vanished child's time counts; the new one's starts now
+            st.start_time = now
             st.previous_attempts = st.attempts
             st.attempts += 1
             st.message, st.reason = f"{st.job_name} was gone while the stage ran; recreated it", "ChildRecreated"
@@ -291,13 +302,17 @@ def reconcile(run: AlignmentRun, generation: int | None, children: dict[str, Obs
         else:
             _fold_child(st, child, run, now, actions, events)
         if st.phase == "Failed":
-            failed = st
+            failed = failed or st
+            doomed.add(st.name)
+        elif lost and st.phase == "Pending":
+            doomed.add(st.name)
         if child is not None and child.state == "Interrupted" and st.phase == "Pending":
             interrupted = st
-        if st.phase != "Succeeded":
-            blocked = True
+        _variant(st, run)
+        phases[st.name] = st.phase
         stages.append(st)
 
+    _start(run, startable, stages, slots, now, actions, events)
     status = _run_status(run, old, stages, failed, interrupted, edited, generation, now)
     if retrying:
         status.retry_request = retry
@@ -312,6 +327,65 @@ def reconcile(run: AlignmentRun, generation: int | None, children: dict[str, Obs
     return Outcome(status=status, actions=actions + events)
 
 
+def _variant(st: StageStatus, run: AlignmentRun) -> None:
+    """A stage expanded from a matrix (or an eval of several stages) says what it is a variant of."""
+    of = run.expansion.get(st.name)
+    st.variant_of, st.matrix = (of.of, dict(of.values) or None) if of is not None else (None, None)
+
+
+def limit(run: AlignmentRun, slots: int | None) -> int | None:
+    """How many stages may run at once: spec.parallelism and the shell's slots, whichever is less."""
+    bounds = [n for n in (run.spec.parallelism, slots) if n is not None]
+    return min(bounds) if bounds else None
+
+
+def _start(run: AlignmentRun, startable: list[tuple[int, StageStatus]], stages: list[StageStatus],
+           slots: int | None, now: str, actions: list[Action], events: list[Action]) -> None:
+    """Start the stages whose inputs succeeded, in spec order, while fewer than the limit run; the
+    others wait for a free slot (reason WaitingForSlot)."""
+    cap = limit(run, slots)
+    running = [s.name for s in stages if s.phase in ("Running", "Suspended")]
+    suspend = run.spec.suspend or bool(run.spec.queue_name)
+    for i, st in startable:
+        if cap is not None and len(running) >= cap:
+            st.message = (f"waiting for a free slot: {len(running)} of at most {cap} stages run at once "
+                          f"({', '.join(running)})")
+            st.reason = "WaitingForSlot"
+            continue
+        spec = run.spec.stages[i]
+        actions.append(CreateStage(i, suspend=suspend))
+        st.phase = "Suspended" if run.spec.suspend else "Running"
+        st.start_time, st.message, st.reason = now, None, None
+        if not st.attempt_spec:  # a restarted group or an interrupted stage goes on with what it ran
+            st.attempt_spec = attempt_spec(run, i)
+        st.spec_hash = _hash(st.attempt_spec)
+        # Recorded now, not when the child is first seen: one status write per transition.
+        st.job_name, st.attempts = child_name(run, spec.name), st.previous_attempts + 1
+        st.gpus = stage_gpus(run, spec.name)
+        running.append(st.name)
+        events.append(Event("Normal", "StageStarted", f"stage {spec.name} ({spec.method}) started"))
+
+
+def stage_gpus(run: AlignmentRun, stage: str) -> int:
+    """The accelerators a stage's attempt holds: nodes x gpusPerNode (0: CPU only)."""
+    r = next(s.resources for s in run.spec.stages if s.name == stage)
+    return r.nodes * r.gpus_per_node
+
+
+def _end_attempt(st: StageStatus, run: AlignmentRun, child: ObservedChild | None, now: str) -> None:
+    """An attempt ended (finished, failed, interrupted, restarted as a group, or its child vanished):
+    its wall time, and GPUs x that, are added to the stage's."""
+    if not st.start_time:
+        return
+    end = (child.finished if child is not None else None) or now
+    wall = max(0.0, (_ts(end) - _ts(st.start_time)).total_seconds())
+    gpus = child.gpus if child is not None and child.gpus is not None else \
+        st.gpus if st.gpus is not None else stage_gpus(run, st.name)
+    st.gpus = gpus
+    st.wall_seconds = round(st.wall_seconds + wall, 3)
+    st.gpu_seconds = round(st.gpu_seconds + wall * gpus, 3)
+
+
 def _fold_child(st: StageStatus, child: ObservedChild, run: AlignmentRun, now: str,
                 actions: list[Action], events: list[Action]) -> None:
     """Fold what a running stage's child says into the stage's status."""
@@ -320,6 +394,8 @@ def _fold_child(st: StageStatus, child: ObservedChild, run: AlignmentRun, now: s
     st.attempts = max(st.attempts, st.previous_attempts + child.attempts)
     st.start_time = st.start_time or child.created or now
     st.spec_hash = st.spec_hash or child.spec_hash
+    if child.state in ("Succeeded", "Failed", "Interrupted"):  # the attempt ended (a restart below too)
+        _end_attempt(st, run, child, now)
     if child.state == "Succeeded":
         st.phase = "Succeeded"
         st.completion_time = child.finished or now
@@ -340,6 +416,7 @@ def _fold_child(st: StageStatus, child: ObservedChild, run: AlignmentRun, now: s
         st.lost_steps += lost
         if _too_disrupted(st, run, child.disruption, events):
             st.completion_time = now
+            _end_attempt(st, run, None, now)
             actions.append(DeleteChild(st.name, child.name, child.kind, child.uid))  # its new pod runs on
             return
         events.append(Event("Warning", "StageDisrupted", f"stage {st.name}: {child.disruption}; disruption "
@@ -411,6 +488,7 @@ def _not_started(st: StageStatus, child: ObservedChild, run: AlignmentRun, now: 
     if deadline is not None and waited >= deadline:
         why = cause.message if cause else "no pod of it started, and none said why"
         st.phase, st.completion_time, st.reason = "Failed", now, "StartDeadlineExceeded"
+        _end_attempt(st, run, None, now)  # what it held while it could not start
         st.message = f"not started within startDeadlineSeconds ({deadline}s): {why}"
         actions.append(DeleteChild(st.name, child.name, child.kind, child.uid))
         events.append(Event("Warning", "StartDeadlineExceeded", f"stage {st.name}: {st.message}"))
@@ -507,9 +585,16 @@ def _run_status(run: AlignmentRun, old: AlignmentRunStatus, stages: list[StageSt
                 generation: int | None, now: str) -> AlignmentRunStatus:
     """The run's status from its stages' (phase, conditions, model, evaluation)."""
     done = sum(s.phase == "Succeeded" for s in stages)
-    current = next((s for s in stages if s.phase != "Succeeded"), stages[-1])
-    if failed is not None:
-        phase = "Failed"
+    active = [s for s in stages if s.phase in ("Running", "Suspended")]
+    # What can still run: a running stage, or a pending one not stopped by a failed input.
+    going = active or any(s.phase == "Pending" and s.reason != "InputFailed" for s in stages)
+    current = next((s for s in stages if s.phase in ("Running", "Suspended")), None) \
+        or (failed if failed is not None and not going else None) \
+        or next((s for s in stages if s.phase != "Succeeded"), stages[-1])
+    if failed is not None and not going:
+        phase = "Failed"  # its siblings finished: nothing else can run until it is fixed and retried
+    elif failed is not None:
+        phase = "Suspended" if run.spec.suspend and all(s.phase == "Suspended" for s in active) else "Running"
     elif done == len(stages):
         phase = "Succeeded"
     elif current.phase == "Suspended":
@@ -525,6 +610,8 @@ def _run_status(run: AlignmentRun, old: AlignmentRunStatus, stages: list[StageSt
         if spec.method == "eval" and s.phase == "Succeeded":
             evaluation = {"stage": s.name, **s.metrics}
     finished = phase in ("Succeeded", "Failed")
+    if failed is not None:  # every failed stage, named
+        failed = failed.model_copy(update={"name": ", ".join(s.name for s in stages if s.phase == "Failed")})
     why = failed and (failed.reason or ("ChildRefused" if failed.create_refusals >= CREATE_TRIES else "StageFailed"))
     # A stage that waits on something the user must see (pods that cannot start, a refused or blocked
     # create, a child being deleted) names it in Reconciling, reason and words.
@@ -543,9 +630,10 @@ def _run_status(run: AlignmentRun, old: AlignmentRunStatus, stages: list[StageSt
                    f"stage {interrupted.name}: {interrupted.message}" if interrupted
                    else f"stage {current.name} is {current.phase.lower()}" + (f": {current.message}" if waits else ""),
                    now, generation),
-        condition(old.conditions, "Stalled", "True" if failed else "False",
-                   why if failed else "NotStalled",
-                   f"stage {failed.name} failed; fix it and retry (alignment.dev/retry)" if failed else "",
+        condition(old.conditions, "Stalled", "True" if failed and finished else "False",
+                   why if failed and finished else "NotStalled",
+                   f"stage {failed.name} failed; fix it and retry (alignment.dev/retry)" if failed and finished
+                   else f"stage {failed.name} failed; stages that do not read it go on" if failed else "",
                    now, generation),
         condition(old.conditions, "Failed", "True" if failed else "False",
                    why if failed else "NoFailure",
@@ -570,4 +658,45 @@ def _run_status(run: AlignmentRun, old: AlignmentRunStatus, stages: list[StageSt
         retry_request=old.retry_request,
         start_time=old.start_time or next((s.start_time for s in stages if s.start_time), None),
         completion_time=(old.completion_time or now) if finished else None,
+        gpu_seconds=round(sum(s.gpu_seconds for s in stages), 3),
+        gpu_hours=round(sum(s.gpu_seconds for s in stages) / 3600, 2),
+        comparison=comparison(run, stages),
     )
+
+
+def _lower_is_better(metric: str) -> bool:
+    return any(w in metric for w in ("loss", "perplexity", "ppl", "seconds"))
+
+
+def compare_metric(run: AlignmentRun, eval_stage: str) -> str:
+    """The metric an eval of several stages sorts them by (eval.compareBy)."""
+    spec = next(s for s in run.spec.stages if s.name == eval_stage)
+    return (spec.eval.compare_by if spec.eval is not None and spec.eval.compare_by else None) or DEFAULT_COMPARE
+
+
+DEFAULT_COMPARE = "preference_accuracy"
+
+
+def comparison(run: AlignmentRun, stages: list[StageStatus]) -> list[ComparisonRow]:
+    """status.comparison: one row per stage an eval of several evaluated (the expanded eval entries),
+    each eval's rows best first by its compareBy metric (rows without it last), the best marked."""
+    by_name = {s.name: s for s in stages}
+    groups: dict[str, list[ComparisonRow]] = {}
+    for st, spec in zip(stages, run.spec.stages):
+        of = run.expansion.get(st.name)
+        if spec.method != "eval" or of is None or not of.evaluates:
+            continue
+        trained = by_name.get(of.evaluates)
+        groups.setdefault(of.of, []).append(ComparisonRow(
+            stage=of.evaluates, eval_stage=st.name, matrix=dict(trained.matrix or {}) if trained else {},
+            metrics=dict(st.metrics) if st.phase == "Succeeded" else {},
+            gpu_seconds=trained.gpu_seconds if trained else 0.0, gpus=trained.gpus if trained else None))
+    rows: list[ComparisonRow] = []
+    for eval_name, group in groups.items():
+        metric = compare_metric(run, group[0].eval_stage)
+        sign = 1 if _lower_is_better(metric) else -1
+        group.sort(key=lambda r: (metric not in r.metrics, sign * r.metrics.get(metric, 0.0)))
+        if group and metric in group[0].metrics:
+            group[0].best = True
+        rows += group
+    return rows

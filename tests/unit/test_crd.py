@@ -92,7 +92,7 @@ def test_status_subresource_and_printer_columns():
     assert version["subresources"] == {"status": {}}
     cols = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
     assert cols == {"Phase": ".status.phase", "Stage": ".status.currentStage", "Progress": ".status.progressSummary",
-                    "Model": ".status.model", "Age": ".metadata.creationTimestamp"}
+                    "Model": ".status.model", "GPU-H": ".status.gpuHours", "Age": ".metadata.creationTimestamp"}
 
 
 def test_a_fractional_exclusive_maximum_is_a_cel_rule():

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from .checks import cross_field_problems
+from .matrix import expand
 from .corev1 import FORMATS
 from .spec import AlignmentRunSpec
 from .status import AlignmentRunStatus
@@ -41,6 +43,12 @@ class AlignmentRun(BaseModel):
     metadata: ObjectMeta
     spec: AlignmentRunSpec
     status: AlignmentRunStatus | None = None
+    # Stages expanded from a matrix or an eval of several stages: name -> matrix.Variant (parse_run fills it).
+    _expansion: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @property
+    def expansion(self) -> dict[str, Any]:
+        return self._expansion
 
 
 class RunInvalid(ValueError):
@@ -85,7 +93,21 @@ def parse_run(data: Any, source: str = "") -> AlignmentRun:
         run = AlignmentRun.model_validate(data)
     except ValidationError as e:
         raise RunInvalid([_describe(err) for err in e.errors()], source) from None
-    problems = cross_field_problems(run.spec)
+    expanded, variants, problems, where = expand(run.spec)
     if problems:
         raise RunInvalid(problems, source)
+    problems = cross_field_problems(expanded)
+    if problems:  # a stage's index in the file, and which of its variants (entries) it is about
+        raise RunInvalid([_original_index(p, expanded, where, variants) for p in problems], source)
+    if variants:
+        run.spec = expanded
+        run._expansion = variants
     return run
+
+
+def _original_index(problem: str, expanded: AlignmentRunSpec, where: list[int], variants: dict) -> str:
+    def at(m: re.Match) -> str:
+        k = int(m.group(1))
+        name = expanded.stages[k].name
+        return f"spec.stages[{where[k]}]" + (f" (its variant {name})" if name in variants else "")
+    return re.sub(r"spec\.stages\[(\d+)\]", at, problem)

@@ -159,6 +159,53 @@ class TrainingSpec(ApiModel):
         return value
 
 
+MATRIX_MAX_VARIANTS = 16  # a matrix's variants (the product of its value lists' sizes), at most
+MATRIX_MAX_VALUES = 8     # values of one field, at most
+# Training fields only some methods read (the rest every training method reads): a matrix over one of
+# these on another method is refused, as it would train the same thing N times.
+MATRIX_METHOD_FIELDS: dict[str, list[str]] = {
+    "beta": [m for m, i in METHODS.items() if i.trains and i.beta is not None],
+    "loss_type": [m for m, i in METHODS.items() if i.trains and len(i.loss_types) > 1],
+    "label_smoothing": ["dpo"],
+    "slic_lambda": ["slic"],
+    "packing": ["sft"],
+    "completion_only_loss": ["sft"],
+    "precompute_ref_log_probs": [m for m, i in METHODS.items() if i.trains and i.reference],
+    "max_prompt_length": [m for m, i in METHODS.items() if i.trains and m != "sft"],
+}
+
+
+def _loss_type_items(schema: dict) -> None:
+    for branch in schema.get("anyOf", [schema]):
+        if branch.get("type") == "array":
+            branch["items"]["enum"] = all_loss_types()
+
+
+def _matrix_model() -> type:
+    """stages[].matrix: each training field (but extraArgs) as a list of its values, each value checked
+    as the field itself is."""
+    from typing import Annotated, get_args
+
+    from pydantic import create_model
+
+    fields = {}
+    for name, f in TrainingSpec.model_fields.items():
+        if name == "extra_args":
+            continue
+        ann = f.annotation
+        if type(None) in get_args(ann):  # a value in the list is never null
+            ann = next(a for a in get_args(ann) if a is not type(None))
+        item = Annotated[(ann, *f.metadata)] if f.metadata else ann
+        extra = _loss_type_items if name == "loss_type" else None
+        fields[name] = (list[item] | None, Field(None, min_length=1, max_length=MATRIX_MAX_VALUES,
+                                                 json_schema_extra=extra, description=f"Values of training.{f.alias}."))
+    rules = [(" * ".join(f"(has(self.{TrainingSpec.model_fields[n].alias}) ? "
+                         f"size(self.{TrainingSpec.model_fields[n].alias}) : 1)" for n in fields)
+              + f" <= {MATRIX_MAX_VARIANTS}",
+              f"a matrix expands into at most {MATRIX_MAX_VARIANTS} variants (the product of its lists' sizes)")]
+    return create_model("MatrixSpec", __base__=ApiModel, __config__=None, **fields), rules
+
+
 class LoraSpec(ApiModel):
     r: int = Field(16, gt=0, description="Adapter rank.")
     alpha: int = Field(32, gt=0, description="Adapter scaling, lora_alpha.")
@@ -331,6 +378,14 @@ class EvalSpec(ApiModel):
         "AlpacaEval 2: win rate, length-controlled win rate and standard errors, computed by alpaca-eval."))
     mt_bench: MtBenchSpec | None = Field(None, description=(
         "MT-Bench: two-turn answers graded 1-10 per turn by the judge; per-category and overall means."))
+    stages: list[str] = Field([], max_length=16, description=(
+        "Evaluate several stages on the same held-out data against the same reference and compare them "
+        "(status.comparison, `alignctl compare`): stage names, a matrix stage meaning all its variants. The eval "
+        "expands into one entry per evaluated stage, <name>-<stage>. Default: the stage it starts from (all of a "
+        "matrix's variants when that is a matrix stage)."))
+    compare_by: str | None = Field(None, max_length=128, description=(
+        "The metric status.comparison sorts the evaluated stages by, best first (lower is better for loss, "
+        "perplexity, seconds; higher for the rest). Default: preference_accuracy."))
     rewards: list["RewardSpec"] = Field([], max_length=16, description=(
         "Rewards (grpo's kinds: rules against a reference column, a format rule, an earlier reward stage) "
         "scoring both models' greedy answers to prompts, which must carry the reference columns: mean_reward "
@@ -458,6 +513,23 @@ def _label_smoothing_rules() -> list[tuple[str, str, str]]:
     ]
 
 
+def _matrix_rules() -> list[tuple[str, str, str]]:
+    """A matrix only on a training stage, over fields its method reads, with losses its method has."""
+    trains = [m for m, i in METHODS.items() if i.trains]
+    out = [(f"!has(self.matrix) || self.method in {trains}",
+            f"matrix: only a training stage ({', '.join(trains)}) sweeps its training fields", ".matrix")]
+    for name, methods in MATRIX_METHOD_FIELDS.items():
+        alias = TrainingSpec.model_fields[name].alias
+        out.append((f"!has(self.matrix) || !has(self.matrix.{alias}) || self.method in {methods}",
+                    f"matrix.{alias}: only methods {', '.join(methods)} read training.{alias}", f".matrix.{alias}"))
+    with_losses = {m: info.loss_types for m, info in METHODS.items() if len(info.loss_types) > 1}
+    out.append(("!has(self.matrix) || !has(self.matrix.lossType) || self.matrix.lossType.all(x, "
+                + " || ".join(f"(self.method == '{m}' && x in {list(t)})" for m, t in with_losses.items()) + ")",
+                "matrix.lossType holds a loss that is not one of this method's: " + "; ".join(
+                    f"{m}: {', '.join(t)}" for m, t in with_losses.items()), ".matrix.lossType"))
+    return out
+
+
 def _stage_rules(schema: dict, cls: type) -> None:
     """The stage's CEL rules, built when the schema is (so they follow the method table)."""
     with_losses = {m: info.loss_types for m, info in METHODS.items() if info.loss_types}
@@ -474,6 +546,7 @@ def _stage_rules(schema: dict, cls: type) -> None:
          "lossType is not one of this method's losses: " + "; ".join(
              f"{m}: {', '.join(t)}" for m, t in with_losses.items()), ".training.lossType"),
         *_label_smoothing_rules(),
+        *_matrix_rules(),
         ("!has(self.lora) || self.lora.quantization == 'none' || self.resources.gpusPerNode > 0",
          "lora.quantization 4bit/8bit needs GPUs (resources.gpusPerNode > 0)", ".lora.quantization"),
         ("self.method != 'grpo' || has(self.grpo)", "method grpo needs a grpo section with rewards", ".grpo"),
@@ -488,6 +561,10 @@ def _stage_rules(schema: dict, cls: type) -> None:
         ("!has(self.eval) || !(has(self.eval.alpacaEval) || has(self.eval.mtBench)) || has(self.eval.judge)",
          "eval.alpacaEval and eval.mtBench are graded by an LLM judge: set eval.judge", ".eval.judge"),
     ))
+
+
+MatrixSpec, _MATRIX_RULES = _matrix_model()
+MatrixSpec.model_config["json_schema_extra"] = x_validations(*_MATRIX_RULES)
 
 
 class StageSpec(ApiModel):
@@ -541,6 +618,13 @@ class StageSpec(ApiModel):
     tracking: TrackingSpec | None = Field(None, description=(
         "This stage's experiment tracking, replacing spec.tracking for it (e.g. a stage logging to W&B "
         "while the others do not)."))
+    matrix: MatrixSpec | None = Field(None, description=(
+        "A sweep: training fields, each with a list of values (e.g. {beta: [0.01, 0.1], lossType: [sigmoid, ipo]}). "
+        f"The stage expands into one stage per combination (at most {MATRIX_MAX_VARIANTS}), named <name>-<values> "
+        "(DNS-safe: dpo-0-01-sigmoid; a hash where that is too long), each with training plus its values, run side "
+        "by side; status.stages[] shows each with its values. An eval stage starting from the matrix stage (by from, "
+        "or as the next stage) or naming it in eval.stages evaluates every variant and compares them "
+        "(status.comparison). Other stages name one variant."))
 
     @field_validator("method")
     @classmethod
@@ -622,7 +706,8 @@ class AlignmentRunSpec(ApiModel):
     stages: list[StageSpec] = Field(min_length=1, max_length=16, json_schema_extra={
         # The API server itself refuses two stages with one name.
         "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]}, description=(
-        "Ordered stages, run one after the other: e.g. sft, then dpo, then eval."))
+        "Stages, e.g. sft, then dpo, then eval: each starts once the stages it reads succeeded (a stage reads "
+        "its from, by default the previous model-making stage), so stages that read the same one run side by side."))
     storage: StorageSpec = Field(
         default_factory=lambda: StorageSpec(volume_claim_template=VolumeClaimTemplate()),
         json_schema_extra={"default": {"volumeClaimTemplate": {}}}, description=(
@@ -637,6 +722,10 @@ class AlignmentRunSpec(ApiModel):
         "Delete the run's Jobs this long after it finishes; checkpoints on the volume stay."))
     start_deadline_seconds: int | None = Field(None, ge=1, description=(
         "stages[].startDeadlineSeconds for every stage that does not set its own."))
+    parallelism: int | None = Field(None, ge=1, le=64, description=(
+        "Stages run as a graph by what they read (from, datasets[].stage, eval's stages and reference): every "
+        "stage whose inputs succeeded starts, siblings (a matrix's variants) side by side, each its own Job. "
+        "At most this many run at once; default: all that can."))
     tracking: TrackingSpec = Field(default_factory=TrackingSpec, json_schema_extra={"default": {}}, description=(
         "Experiment tracking for every stage, through transformers' own integrations: TensorBoard (on by "
         "default), Weights & Biases, MLflow. Each stage is one tracked run named <run>/<stage>; its links "

@@ -102,6 +102,28 @@ class StageStatus(ApiModel):
     lost_steps: int = Field(0, ge=0, description=(
         "Steps trained past the newest complete checkpoint when a disruption or restart struck, summed: work "
         "done again."))
+    variant_of: str | None = Field(None, description=(
+        "The stage of the spec this one was expanded from: a matrix stage (one entry per variant) or an eval "
+        "stage that evaluates several stages (one entry per evaluated stage)."))
+    matrix: KubeObject | None = Field(None, description="The matrix values this variant trains with, e.g. {beta: 0.1}.")
+    gpus: int | None = Field(None, ge=0, description=(
+        "Accelerators the stage holds while it runs (nodes x gpusPerNode); 0: a CPU-only stage, its gpuSeconds 0."))
+    gpu_seconds: float = Field(0.0, ge=0, description=(
+        "GPUs x wall time of each of the stage's attempts (restarts, recreated Jobs and retries included), added "
+        "when an attempt ends."))
+    wall_seconds: float = Field(0.0, ge=0, description="Wall time of the stage's ended attempts, summed.")
+
+
+class ComparisonRow(ApiModel):
+    """One evaluated stage of an eval that compares several, on the same held-out data and reference."""
+
+    stage: str = Field(description="The evaluated stage.")
+    eval_stage: str = Field(description="The eval stage's entry that evaluated it.")
+    matrix: KubeObject = Field({}, description="The evaluated stage's matrix values.")
+    metrics: dict[str, float] = Field({}, description="The eval's metrics for it.")
+    gpu_seconds: float = Field(0.0, ge=0, description="The evaluated stage's gpuSeconds (its training).")
+    gpus: int | None = Field(None, ge=0, description="Its GPUs (0: CPU only).")
+    best: bool = Field(False, description="Best by the compared metric.")
 
 
 class AlignmentRunStatus(ApiModel):
@@ -122,6 +144,11 @@ class AlignmentRunStatus(ApiModel):
         "The alignment.dev/retry annotation value last acted upon (failed stages were retried once for it)."))
     start_time: str | None = Field(None, description="When the first stage started (RFC 3339).")
     completion_time: str | None = Field(None, description="When the run finished (RFC 3339).")
+    gpu_seconds: float = Field(0.0, ge=0, description="The stages' gpuSeconds, summed.")
+    gpu_hours: float = Field(0.0, ge=0, description="gpuSeconds / 3600, rounded to 0.01 (the GPU-H column).")
+    comparison: list[ComparisonRow] = Field([], description=(
+        "An eval stage that evaluates several stages (a matrix's variants, or eval.stages): one row per evaluated "
+        "stage, best first by eval.compareBy."))
 
 
 Path = tuple[str | int, ...]
