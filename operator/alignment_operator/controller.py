@@ -28,7 +28,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -55,6 +55,10 @@ RESYNC_SECONDS = float(os.environ.get("ALIGNMENT_RESYNC_SECONDS", "300"))  # per
 FINISHED = ("Succeeded", "Failed")
 _listed: dict[Key, float] = {}  # active runs: when (monotonic) their children were last listed
 _workers: list[threading.Thread] = []
+# kopf peering: while any of these says True another replica acts, and this one's workers take no key
+# (kopf stops delivering events then; requeues and resyncs come from the queue, not from kopf).
+_pauses: list[Callable[[], bool]] = []
+PAUSED_POLL = 1.0  # seconds between looks at a key while paused
 
 
 def configure(context: RenderContext | None = None, progress_url: str = "", progress_ca: str = "") -> RenderContext:
@@ -86,10 +90,18 @@ def stop() -> None:
     queue.shut_down()
 
 
+def pause_when(paused: Callable[[], bool]) -> None:
+    """Take no key while `paused()` says so (handlers.py registers kopf's peering toggles)."""
+    _pauses.append(paused)
+
+
 def _work() -> None:
     while (key := queue.get()) is not None:
         try:
-            process(key)
+            if any(paused() for paused in _pauses):
+                queue.add_after(key, PAUSED_POLL)  # kept, not acted on: reconciled once resumed
+            else:
+                process(key)
         finally:
             queue.done(key)
 

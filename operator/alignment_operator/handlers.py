@@ -11,6 +11,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import kopf
+from kopf._core.engines import peering as kopf_peering  # kopf 1.45 (constraints.txt): no public pause state
 
 from . import controller, metrics, progress_server
 from .api import GROUP, PLURAL, VERSION
@@ -57,6 +58,24 @@ def _serve_progress() -> progress_server.Endpoint | None:
     endpoint, _ = progress_server.serve(port, url, os.environ.get("ALIGNMENT_PROGRESS_TLS_DIR") or None,
                                         hostnames or [urlparse(url).hostname or "localhost"])
     return endpoint
+
+
+# kopf pauses a replica while one of higher priority lives (peering) by stopping its watch streams,
+# with a toggle per peering object that its peering handler turns on and off. The controller's
+# workers read those toggles: a paused replica's requeues and resyncs wait instead of acting beside
+# the replica that acts. The handler is kopf's own, wrapped (it is looked up when peering starts).
+_kopf_peering_event = kopf_peering.process_peering_event
+_toggles: set[int] = set()
+
+
+async def _peering_event(*args: Any, conflicts_found: Any = None, **kwargs: Any) -> None:
+    if conflicts_found is not None and id(conflicts_found) not in _toggles:
+        _toggles.add(id(conflicts_found))
+        controller.pause_when(conflicts_found.is_on)
+    await _kopf_peering_event(*args, conflicts_found=conflicts_found, **kwargs)
+
+
+kopf_peering.process_peering_event = _peering_event
 
 
 @kopf.on.cleanup()

@@ -9,6 +9,7 @@ none needs another event to get there.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import ssl
 import subprocess
@@ -277,6 +278,49 @@ def test_the_operator_killed_right_after_each_write_creates_nothing_twice(cluste
     assert log.read_text().count("killing this process (SIGKILL)") == len(lived)
     print(f"\nkilled after: " + ", ".join(f"{p} ({t:.1f}s)" for p, t in lived.items()) +
           f"; Succeeded {time.monotonic() - started:.0f}s after the apply")
+
+
+# ---------------------------------------------------------------------------------- two replicas, one acts
+
+def reconciles(op: Operator) -> float:
+    """How many reconciles the operator process has made (its metrics)."""
+    found = re.search(r"^alignment_reconcile_duration_seconds_count (\S+)$", op.metrics(), re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_a_replica_paused_by_peering_reconciles_nothing_until_the_other_is_gone(cluster, crds, namespace, tmp_path):
+    """Two replicas sharing a kopf peering object: the one of lower priority pauses while the other
+    lives, its resyncs (every second here) included, and acts again once the other is gone."""
+    ns, api = namespace, cluster.api_client()
+    cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "charts/alignment-operator/crds/kopf-peering.yaml"))
+    cluster.wait_established("kopfpeerings.kopf.dev")
+    cluster.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(
+        {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "alignment"}}))
+
+    def replica(priority: int) -> Operator:
+        return Operator(cluster.kubeconfig, ns, tmp_path / f"operator-{priority}.log", extra_env={
+            "ALIGNMENT_PEERING": "alignment", "ALIGNMENT_PEERING_PRIORITY": str(priority),
+            "ALIGNMENT_RESYNC_SECONDS": "1"}).start()
+
+    low = replica(1)
+    try:
+        apply_run(cluster, ns)
+        job_of(api, ns, "sft")
+        wait_for("the replica's resyncs", lambda: reconciles(low) >= 3, timeout=30)
+        high = replica(100)
+        try:
+            wait_for("the replica paused", lambda: "Pausing operations in favour of" in low.log.read_text(), timeout=60)
+            time.sleep(1.5)  # a reconcile under way when kopf paused it ends
+            paused = reconciles(low)
+            time.sleep(6)  # six resyncs come due
+            assert reconciles(low) == paused, "a paused replica reconciled"
+            assert reconciles(high) >= 1, "the replica of higher priority acts"
+        finally:
+            high.stop()
+        wait_for("the replica resumed", lambda: reconciles(low) > paused, timeout=60)
+    finally:
+        low.stop()
+    assert [j.metadata.name for j in stage_jobs(api, ns)["sft"]] == [SFT]
 
 
 # ---------------------------------------------------------------------------------- status it could not write

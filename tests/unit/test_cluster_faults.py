@@ -451,3 +451,47 @@ def test_a_jobsets_disruptions_are_counted_traced_and_capped_as_a_jobs_are():
     sft = out.status.stages[0]
     assert (sft.phase, sft.reason, sft.disruptions) == ("Failed", "TooManyDisruptions", 3)
     assert DeleteChild("sft", "tiny-sft", "JobSet", "j1") in out.actions
+
+
+def test_a_replica_kopf_peering_paused_reconciles_nothing_until_resumed(monkeypatch):
+    """kopf stops a paused replica's watch streams, not the controller's requeues and resyncs: its
+    workers read kopf's peering toggle (handlers.py wraps kopf's peering handler, where kopf's
+    orchestration looks it up) and keep their keys until it is off."""
+    import asyncio
+    import threading
+    import time
+
+    from kopf._cogs.aiokits.aiotoggles import Toggle
+    from kopf._core.engines import peering as kopf_peering
+
+    from alignment_operator import handlers
+
+    assert kopf_peering.process_peering_event is handlers._peering_event
+    seen = []
+
+    async def kopf_handler(**kwargs):
+        seen.append(kwargs)
+    monkeypatch.setattr(handlers, "_kopf_peering_event", kopf_handler)
+    monkeypatch.setattr(handlers, "_toggles", set())
+    monkeypatch.setattr(controller, "_pauses", [])
+    toggle = Toggle(True)  # kopf's: on while a replica of higher priority lives
+    for _ in range(2):
+        asyncio.run(handlers._peering_event(raw_event={}, conflicts_found=toggle))
+    assert len(seen) == 2 and seen[0]["conflicts_found"] is toggle and len(controller._pauses) == 1
+
+    done = []
+    monkeypatch.setattr(controller, "queue", WorkQueue())
+    monkeypatch.setattr(controller, "process", lambda key: done.append(key))
+    monkeypatch.setattr(controller, "PAUSED_POLL", 0.1)
+    worker = threading.Thread(target=controller._work, daemon=True)
+    worker.start()
+    controller.queue.add(KEY)  # a resync come due
+    time.sleep(0.5)
+    assert done == [] and controller.queue.sizes()["delayed"] == 1, "paused: kept, not reconciled"
+    asyncio.run(toggle.turn_to(False))  # the other replica is gone: kopf resumes this one
+    deadline = time.monotonic() + 5
+    while not done and time.monotonic() < deadline:
+        time.sleep(0.05)
+    controller.queue.shut_down()
+    worker.join(5)
+    assert done == [KEY]
