@@ -8,7 +8,9 @@
 # and Kueue (tools/k8s/kueue/). An engine's install manifests (CRDs, webhook configurations,
 # RBAC, its Deployment) are rendered with `kubectl kustomize` from that same module's files into
 # <name>.yaml beside its binary; scripts/build-images puts the binary in an image and
-# tests/cluster/engines.py installs both on the real node.
+# tests/cluster/engines.py installs both on the real node. And the S3-compatible server the tests
+# read models and datasets from and export to: Versity's S3 gateway (posix backend), from its own
+# module (tools/k8s/versitygw/); tests/s3server.py starts it on loopback.
 #
 #   tools/k8s/build.sh                    # CI calls exactly this; safe to rerun
 #   ALIGNMENT_K8S_BIN=/some/dir tools/k8s/build.sh
@@ -31,13 +33,13 @@ coredns_version=$(awk 'NF >= 2 && $(NF-1) == "github.com/coredns/coredns" { prin
 out=${ALIGNMENT_K8S_BIN:-$HOME/.cache/alignment-operator/k8s/$k8s_version}
 k8s_binaries=(etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy)
 engines=(jobset training-operator kueue)
-binaries=("${k8s_binaries[@]}" coredns helm "${engines[@]}")
+binaries=("${k8s_binaries[@]}" coredns helm "${engines[@]}" versitygw)
 
 common="$(go version) recipe $RECIPE"
 stamp_of() {  # what a binary is built from
     case $1 in
         helm) echo "$common $HELM_VERSION" ;;
-        coredns) cat coredns/go.mod coredns/go.sum <(echo "$common") | sha256sum | cut -d' ' -f1 ;;
+        coredns|versitygw) cat "$1/go.mod" "$1/go.sum" <(echo "$common") | sha256sum | cut -d' ' -f1 ;;
         jobset|training-operator|kueue)  # (and how its manifests are rendered)
             cat "$1/go.mod" "$1/go.sum" <(echo "$common") <(declare -f engine_manifests) | sha256sum | cut -d' ' -f1 ;;
         *) cat go.mod go.sum gen-gomod.sh <(echo "$common $1") | sha256sum | cut -d' ' -f1 ;;
@@ -131,6 +133,14 @@ if wanted coredns; then
     echo "building CoreDNS $coredns_version ..."
     timed "module download" go -C coredns mod download
     build coredns github.com/coredns/coredns "-s -w -X github.com/coredns/coredns/coremain.GitCommit=$coredns_version" coredns
+fi
+
+# The tests' S3 server from its own module (its AWS SDK and other versions are its own).
+if wanted versitygw; then
+    version=$(awk 'NF >= 2 && $(NF-1) == "github.com/versity/versitygw" { print $NF; exit }' versitygw/go.mod)
+    echo "building versitygw $version ..."
+    timed "module download" go -C versitygw mod download
+    build versitygw github.com/versity/versitygw/cmd/versitygw "-s -w" versitygw
 fi
 
 # The engines, each from its own module (their k8s.io/* and controller-runtime versions differ).

@@ -35,12 +35,15 @@ def run_recipe(recipe) -> dict | None:
 def classify(exc: BaseException) -> dict:
     """The failure outcome for an exception: its reason, and the one line that says what is wrong."""
     from .data import DataError
+    from .objectstore import ObjectStoreError, ObjectStoreUnreachable
 
     text = str(exc) or type(exc).__name__
     if isinstance(exc, (Interrupted, KeyboardInterrupt)):
         return outcome.failure(f"stopped by {text or 'a signal'}", "Interrupted")
     if isinstance(exc, DataError):
         return outcome.failure(text, "DataError")
+    if isinstance(exc, (ObjectStoreError, ObjectStoreUnreachable)):
+        return outcome.failure(text, type(exc).__name__)
     if _is_disk_full(exc):
         return outcome.failure(f"no space left on the device: {text}", "DiskFull")
     if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in text.lower():
@@ -89,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         threads = bound_threads()
         print(f"cpu threads per process: {threads}", file=sys.stderr, flush=True)
-        run_recipe(recipe)
+        from .objectstore import fetch_sources
+
+        run_recipe(fetch_sources(recipe))
         return 0
     except (Exception, Interrupted, KeyboardInterrupt) as e:  # noqa: BLE001 - every failure gets its outcome
         result = classify(e)

@@ -37,6 +37,10 @@ REASONS: dict[str, tuple[int, str]] = {
     "Diverged": (FIX_INPUT, "the loss or gradient is not finite: lower the learning rate or check the data"),
     "WorldSizeMismatch": (FIX_INPUT, "the stage's processes formed another world than rendered (nodes x processes "
                                      "per node): check its launch command and that every node joined"),
+    "ObjectStoreError": (FIX_INPUT, "fix the s3:// URI, the bucket's contents or the credentials (objectStore."
+                                    "credentialsSecretName, or the service account's access); retrying will not help"),
+    "ObjectStoreUnreachable": (RETRYABLE, "the object store did not answer: check objectStore.endpointUrl and that "
+                                          "the store is up; a retry fetches or exports again"),
     "Interrupted": (INTERRUPTED, "the stage was stopped; a retry resumes from the newest checkpoint"),
     "Error": (RETRYABLE, "see the stage's log; a retry resumes from the newest checkpoint"),
 }

@@ -468,6 +468,22 @@ class LabelArgs(_Strict):
         "(0: all but ties; HALOs' online DPO labels with 0.01)."))
 
 
+class ObjectStoreArgs(_Strict):
+    """Where s3:// sources are read from and exports written to (credentials: the environment only)."""
+
+    endpoint_url: str | None = Field(None, description=(
+        "An S3-compatible store's URL (https://minio.example:9000); default: AWS_ENDPOINT_URL, else AWS S3."))
+    region: str | None = Field(None, description="The bucket's region; default: AWS_REGION, else us-east-1.")
+    sources_dir: str | None = Field(None, description=(
+        "Where s3:// sources are fetched to (once; later stages reuse them); default: <output_dir>/../sources."))
+
+
+class ExportArgs(_Strict):
+    """One export of the stage's model (promote.exports[]): written, verified, then marked complete."""
+
+    uri: str = Field(description="s3://bucket/prefix the model's files go under.")
+
+
 class Recipe(_Strict):
     """One stage, everything the trainer needs and nothing it does not."""
 
@@ -494,6 +510,10 @@ class Recipe(_Strict):
         None, description="Where to write the compact JSON outcome (result or failure; Kubernetes' termination message).")
     tracking: TrackingArgs = Field(default_factory=TrackingArgs, description=(
         "Experiment tracking: TensorBoard event files in the output directory by default; W&B, MLflow."))
+    object_store: ObjectStoreArgs | None = Field(None, description=(
+        "s3:// sources and exports: the store's endpoint and region (credentials from the environment only)."))
+    exports: list[ExportArgs] = Field(default_factory=list, description=(
+        "Object-store exports of the model this stage leaves (its final/, an eval stage's evaluated model)."))
     push_to_hub: bool = Field(False, description="Upload final/ to the Hub (needs HF_TOKEN and hub_model_id).")
     hub_model_id: str | None = Field(None, description="Hub repository for push_to_hub.")
     hub_private: bool = Field(True, description="Create the Hub repository private (an existing one keeps its setting).")
