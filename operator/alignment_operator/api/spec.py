@@ -34,7 +34,32 @@ def all_loss_types() -> list[str]:
     return sorted({lt for info in METHODS.values() for lt in info.loss_types})
 
 
+# An s3:// source or export: s3://bucket[/prefix], the bucket an S3 bucket name (3-63 lowercase letters,
+# digits, '.', '-'); never credentials in it (they come from objectStore.credentialsSecretName).
+S3_URI = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^@\s]*)?$"
+S3_URI_MESSAGE = ("an s3:// URI is s3://bucket/prefix: a bucket of 3-63 lowercase letters, digits, '.' and '-', "
+                  "no credentials (objectStore.credentialsSecretName holds them)")
+
+
+def s3_rule(field: str) -> tuple[str, str, str]:
+    """The CEL twin of check_s3: an s3:// value of `field` must be s3://bucket/prefix."""
+    return (f"!has(self.{field}) || !self.{field}.startsWith('s3://') || self.{field}.matches('{S3_URI}')",
+            S3_URI_MESSAGE, f".{field}")
+
+
+def check_s3(data):
+    """A model_validator(mode="before"): on the whole mapping, so a refused URI that holds credentials is
+    never echoed (errors show a mapping's type only); a bad bucket name is."""
+    value = data.get("source") if isinstance(data, dict) else None
+    if isinstance(value, str) and value.startswith("s3://") and not re.match(S3_URI, value):
+        shown = "an s3:// URI with credentials (user:key@)" if "@" in value else repr(value)
+        raise ValueError(f"source: {shown}: {S3_URI_MESSAGE}")
+    return data
+
+
 class ModelSpec(ApiModel):
+    model_config = {**ApiModel.model_config, "json_schema_extra": x_validations(s3_rule("source"))}
+
     source: str = Field(min_length=1, max_length=512, description=(
         "Base model: a Hugging Face Hub id (mistralai/Mistral-7B-v0.1), a local directory, or a "
         "path on the run's volume."))
@@ -56,10 +81,13 @@ class ModelSpec(ApiModel):
         "Jinja chat template. Default: the tokenizer's own; ChatML when it has none."))
     trust_remote_code: bool = Field(False, description="Allow modelling code from the model's Hub repository to run.")
 
+    _s3_source = model_validator(mode="before")(classmethod(lambda cls, data: check_s3(data)))
+
 
 class DatasetSpec(ApiModel):
     model_config = {**ApiModel.model_config, "json_schema_extra": x_validations(
         ("has(self.source) != has(self.stage)", "a dataset gives exactly one of source or stage"),
+        s3_rule("source"),
     )}
 
     source: str | None = Field(None, min_length=1, max_length=512, description=(
@@ -81,6 +109,8 @@ class DatasetSpec(ApiModel):
         "Fraction of rows that may be malformed (missing column, roles out of order, empty "
         "reply) and are skipped with a warning; above it the stage fails naming the first bad "
         "row. Default 0: every row must be valid. Scraped Hub sets such as HH-RLHF may need 0.01."))
+
+    _s3_source = model_validator(mode="before")(classmethod(lambda cls, data: check_s3(data)))
 
     @model_validator(mode="after")
     def _source_or_stage(self) -> "DatasetSpec":
@@ -682,6 +712,18 @@ class HubSpec(ApiModel):
     private: bool = Field(True, description="Create the repository private (an existing one keeps its setting).")
 
 
+class ObjectStoreSpec(ApiModel):
+    endpoint_url: str | None = Field(None, max_length=1024, pattern=r"^https?://[^\s/@]+(/\S*)?$", description=(
+        "An S3-compatible store (MinIO, Ceph RGW, versitygw, R2, GCS's XML API ...), e.g. "
+        "http://minio.storage.svc:9000. Default: AWS S3 (or the pods' AWS_ENDPOINT_URL)."))
+    region: str | None = Field(None, max_length=64, pattern=r"^[a-z0-9-]+$", description=(
+        "The buckets' region. Default: the pods' AWS_REGION, else us-east-1."))
+    credentials_secret_name: str | None = Field(None, max_length=253, pattern=corev1.DNS_SUBDOMAIN, description=(
+        "A Secret in the run's namespace with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, exposed to the stages "
+        "through secretKeyRef (never copied). Unset: the stages' service account's identity (IRSA / EKS Pod "
+        "Identity / GKE or Azure workload identity, through the AWS SDK's credential chain)."))
+
+
 class AlignmentRunSpec(ApiModel):
     model_config = {**ApiModel.model_config, "json_schema_extra": x_validations(
         ("!has(self.hub) || has(self.trainer.hfTokenSecretRef)",
@@ -730,6 +772,12 @@ class AlignmentRunSpec(ApiModel):
         "Experiment tracking for every stage, through transformers' own integrations: TensorBoard (on by "
         "default), Weights & Biases, MLflow. Each stage is one tracked run named <run>/<stage>; its links "
         "go to status.stages[].tracking and the final model's card."))
+    object_store: ObjectStoreSpec | None = Field(None, description=(
+        "The S3-compatible store that s3://bucket/prefix sources (spec.model.source, datasets[].source) are read "
+        "from: fetched once into the run's directory on the volume (<run>/sources/<bucket>/<prefix>), checked, and "
+        "reused by every later stage. A missing object or refused credentials fail the stage (exit 2, "
+        "ObjectStoreError), an endpoint that does not answer is retried (ObjectStoreUnreachable); both name the "
+        "URI, never a key."))
     hub: HubSpec | None = Field(None, description=(
         "Push the final model and its card (base model, datasets, each stage's recipe, evaluation results) "
         "to the Hugging Face Hub."))

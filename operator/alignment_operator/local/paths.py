@@ -75,8 +75,8 @@ def path_problems(run: AlignmentRun, base: Path | None = None, strict: bool = Tr
     mount = run.spec.storage.mount_path.rstrip("/") + "/"
     problems = []
     for at, source, kind in sources(run):
-        if not reads_as_path(source, kind, base):
-            continue
+        if source.startswith("s3://") or not reads_as_path(source, kind, base):
+            continue  # an object store's (fetched by the stage) or a Hub id
         path = (base / Path(source).expanduser()).resolve()
         if path.exists():
             if kind == "model" and path.is_file():

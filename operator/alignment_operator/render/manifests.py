@@ -187,7 +187,17 @@ def _env(run: AlignmentRun, stage: StageSpec) -> list[dict[str, Any]]:
         ref = reward_judge.api_key_secret_ref
         env.append({"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
     env += _tracking_env(stage.tracking or run.spec.tracking)
+    env += object_store_env(run)
     return env + [dict(e) for e in run.spec.trainer.env]
+
+
+def object_store_env(run: AlignmentRun) -> list[dict[str, Any]]:
+    """spec.objectStore's key pair, each only through a secretKeyRef (unset: the service account's identity)."""
+    store = run.spec.object_store
+    if store is None or not store.credentials_secret_name:
+        return []
+    return [{"name": key, "valueFrom": {"secretKeyRef": {"name": store.credentials_secret_name, "key": key}}}
+            for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]
 
 
 def _tracking_env(tracking) -> list[dict[str, Any]]:

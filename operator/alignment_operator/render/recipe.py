@@ -8,6 +8,7 @@ so a rendered stage and a hand-written recipe get the same defaults.
 
 from __future__ import annotations
 
+import json
 import posixpath
 
 from alignment_trainer.recipe import (
@@ -165,6 +166,7 @@ def build_recipe(run: AlignmentRun, index: int, root: str,
         # a rerun or another run on the same volume that asks for the same reuses them.
         cache_dir=posixpath.join(root, "cache", "reference-logps") if METHODS[stage.method].reference else None,
         termination_message_path=termination_message_path,
+        object_store=object_store_args(run, root),
         tracking=render_tracking(run, stage),
         run_name=run.metadata.name,
         stage_name=stage.name,
@@ -174,6 +176,18 @@ def build_recipe(run: AlignmentRun, index: int, root: str,
         hub_model_id=run.spec.hub.repo_id if run.spec.hub is not None else None,
         hub_private=run.spec.hub.private if run.spec.hub is not None else True,
     )
+
+
+def object_store_args(run: AlignmentRun, root: str):
+    """recipe.object_store when the run reads from or writes to a store: its endpoint and region, and the
+    run's sources/ directory (beside its stages': each s3:// source fetched once, reused by every stage)."""
+    from alignment_trainer.recipe import ObjectStoreArgs
+
+    store = run.spec.object_store
+    if store is None and '"s3://' not in json.dumps(run.spec.wire()):
+        return None
+    return ObjectStoreArgs(endpoint_url=store.endpoint_url if store else None, region=store.region if store else None,
+                           sources_dir=posixpath.join(posixpath.dirname(stage_dir(root, run, "_")), "sources"))
 
 
 def pushing_stage(run: AlignmentRun) -> int:
