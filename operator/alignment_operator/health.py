@@ -4,13 +4,20 @@
   newest complete checkpoint and the seconds trained since (alignment_trainer.live.CheckpointClock);
   `note_checkpoint` turns that into status.stages[].latestCheckpoint {step, path, time, complete}.
 - What a disruption or a restart cost: the steps trained past that checkpoint (`lost_work`).
+- Learning nothing: the trainer's LearningGuard reports `degraded/<what>` figures with its progress;
+  `warnings` words them (the stage's warnings, the run's Degraded condition, a Warning Event).
 """
 
 from __future__ import annotations
 
 import posixpath
 
-from .api.status import CheckpointRef, StageStatus
+from alignment_trainer.recipe import GuardArgs
+
+from .api.status import CheckpointRef, StageProgress, StageStatus
+
+DEGRADED = {"degraded_reward_ties": "degraded/reward_ties", "degraded_reward_failures": "degraded/reward_failures",
+            "degraded_preference_accuracy": "degraded/preference_accuracy"}  # StageProgress field -> trainer's key
 
 
 def note_checkpoint(st: StageStatus, stage_dir: str) -> None:
@@ -36,3 +43,11 @@ def lost_work(st: StageStatus) -> tuple[int, str]:
     where = f"checkpoint-{base}" if p.checkpoint_step is not None else "the start"
     seconds = f", {p.work_at_risk_seconds:.0f}s of training" if p.work_at_risk_seconds is not None else ""
     return steps, f"cost {steps} step(s){seconds}: step {p.step} back to {where}"
+
+
+def warnings(progress: StageProgress | None, guards: GuardArgs | None) -> list[str]:
+    """What the stage's last progress says it fails to learn, each with its figure."""
+    if progress is None:
+        return []
+    return [(guards or GuardArgs()).describe(key, value) for field, key in DEGRADED.items()
+            if (value := getattr(progress, field)) is not None]

@@ -53,6 +53,9 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "checkpoint_step": ("checkpoint_step",),
     "checkpoint_time": ("checkpoint_time",),
     "work_at_risk_seconds": ("work_at_risk_seconds",),
+    "degraded_reward_ties": ("degraded/reward_ties",),
+    "degraded_reward_failures": ("degraded/reward_failures",),
+    "degraded_preference_accuracy": ("degraded/preference_accuracy",),
 }
 INTEGER_FIELDS = {"step", "total_steps", "checkpoint_step"}
 TIME_FIELDS = {"checkpoint_time"}  # unix seconds in a report, RFC 3339 in status

@@ -44,7 +44,7 @@ from .api import RETRY_ANNOTATION, AlignmentRun, AlignmentRunStatus, Condition, 
 from .api.status import ComparisonRow
 from .render.manifests import child_name
 from .render.recipe import stage_dir
-from .health import lost_work, note_checkpoint
+from .health import lost_work, note_checkpoint, warnings as learning_warnings
 from .api.spec import ModelSpec, StageSpec
 from .graph import inputs
 from .progress import summary as progress_summary
@@ -316,6 +316,11 @@ def reconcile(run: AlignmentRun, generation: int | None, children: dict[str, Obs
     status = _run_status(run, old, stages, failed, interrupted, edited, generation, now)
     if retrying:
         status.retry_request = retry
+    degraded = [f"stage {s.name}: {w}" for s in status.stages for w in s.warnings]
+    if degraded or any(c.type == "Degraded" for c in old.conditions):
+        status.conditions.append(condition(
+            old.conditions, "Degraded", "True" if degraded else "False", "LearningNothing" if degraded else "Learning",
+            "; ".join(degraded), now, generation))
     if status.phase != old.phase and status.phase in ("Succeeded", "Failed"):
         events.append(Event("Normal" if status.phase == "Succeeded" else "Warning", f"Run{status.phase}",
                             f"run {status.phase.lower()}: {status.progress} stages succeeded"
@@ -463,6 +468,11 @@ def _fold_child(st: StageStatus, child: ObservedChild, run: AlignmentRun, now: s
     waiting_for_queue = child.suspended and queued and not suspend
     st.phase = "Suspended" if suspend or waiting_for_queue else "Running"
     note_checkpoint(st, stage_dir(run.spec.storage.mount_path, run, st.name))
+    guards = next((s.guards for s in run.spec.stages if s.name == st.name), None)
+    learning = learning_warnings(st.progress, guards)
+    if [w for w in learning if w not in st.warnings]:
+        events.append(Event("Warning", "Degraded", f"stage {st.name}: {'; '.join(learning)}"))
+    st.warnings = learning
     st.message = f"waiting for Kueue to admit it (queue {run.spec.queue_name})" if waiting_for_queue else None
     said, st.reason = st.reason, None
     if st.phase == "Running" and not child.suspended and (not child.started or child.waiting):

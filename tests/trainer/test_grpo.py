@@ -79,3 +79,20 @@ def test_no_prompts_and_bad_batch_are_refused(kit, sums, tmp_path):
                             training={"per_device_train_batch_size": 8}, tracking={"report_to": []})
     with pytest.raises(ValueError, match="num_generations: 3 must divide"):
         kit.run_in_process(path)
+
+
+def test_a_reward_that_never_varies_is_degraded_with_its_figure(kit, sums, tmp_path):
+    """A rule reward that matches nothing gives every completion 0: every group's rewards tie
+    (frac_reward_zero_std 1.0), nothing to learn. With guards.steps 2 the second logging step says so,
+    with the figure (metrics.jsonl, the progress line, the push); not fatal by default: the stage ends."""
+    never = {"kind": "regex", "column": "answer", "pattern": r"NEVER SAID (\d+)"}
+    path = kit.write_recipe(tmp_path / "ties", "grpo", sums["sft_final"], [str(sums["dir"] / "prompts.jsonl")],
+                            grpo={"rewards": [never], "num_generations": 4, "max_completion_length": 8},
+                            training={"max_steps": 3, "per_device_train_batch_size": 8, "max_length": 48,
+                                      "logging_steps": 1, "gradient_checkpointing": False},
+                            guards={"steps": 2}, stage_name="ties", tracking={"report_to": []})
+    kit.run_in_process(path)
+    rows = {r["step"]: r for r in kit.metrics(tmp_path / "ties" / "out") if "frac_reward_zero_std" in r}
+    assert [rows[s]["frac_reward_zero_std"] for s in (1, 2, 3)] == [1.0, 1.0, 1.0]
+    assert "degraded/reward_ties" not in rows[1], "one logging step is not yet N"
+    assert rows[2]["degraded/reward_ties"] == 1.0 and rows[3]["degraded/reward_ties"] == 1.0

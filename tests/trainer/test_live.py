@@ -149,3 +149,26 @@ def test_under_fp16_an_overflowed_gradient_is_the_scalers_business_a_nan_loss_is
     for args, logs in ((fp16, {"loss": float("nan")}), (bf16, {"loss": 1.2, "grad_norm": float("nan")})):
         with pytest.raises(DivergedError, match="at step 7/10"):
             guard.on_log(args, state, None, logs=logs)
+
+
+def test_the_learning_guard_counts_steps_in_a_row_and_fails_only_when_fatal():
+    from types import SimpleNamespace
+
+    from alignment_trainer.live import REWARD_SAMPLES, LearningGuard, NotLearningError, note_reward_samples
+    from alignment_trainer.recipe import GuardArgs
+
+    args = SimpleNamespace(get_warmup_steps=lambda total: 2)
+    state = lambda step: SimpleNamespace(global_step=step, max_steps=20)  # noqa: E731
+    guard = LearningGuard(GuardArgs(steps=2))
+    rows = [{"loss": 0.7, "rewards/accuracies": a} for a in (0.0, 0.5, 0.5, 0.9, 0.5, 0.5)]
+    for step, row in enumerate(rows, 1):
+        guard.on_log(args, state(step), None, logs=row)
+    # steps 1-2 are warmup; 3 is the first at chance, 4 learns, 5-6 are at chance again: 6 says so
+    assert [r.get("degraded/preference_accuracy") for r in rows] == [None] * 5 + [0.5]
+    REWARD_SAMPLES[:] = [0, 0]
+    note_reward_samples(3, 8)  # a judge that gave no grade for 3 of 8 answers
+    row = {"loss": 0.1}
+    fatal = LearningGuard(GuardArgs(fatal=True))
+    with pytest.raises(NotLearningError, match=r"step 7: the reward failed on 38% of samples \(more than 20%\)"):
+        fatal.on_log(args, state(7), None, logs=row)
+    assert row["degraded/reward_failures"] == 0.375 and REWARD_SAMPLES == [0, 0]

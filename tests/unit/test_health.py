@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import pytest
 
+import yaml
+
+from alignment_operator.api import parse_run
 from alignment_operator.reconcile import Event, reconcile
 from alignment_operator.render.manifests import RenderContext, build_stage
 from alignment_trainer import outcome
 from alignment_trainer.launch import WORLD_ENV
 
-from test_reconcile import NOW, child, make_run, sft_running
+from test_reconcile import NOW, ROOT, child, make_run, sft_running
 from test_render import zephyr
 
 
@@ -117,3 +120,46 @@ def test_the_local_runner_records_the_trainers_checkpoint_path(tmp_path):
     stage = json.loads((tmp_path / "status.json").read_text())["stages"][0]
     assert stage["latestCheckpoint"] == {"step": 5, "path": "/w/runs/default/tiny/sft/checkpoint-5",
                                          "time": "2026-11-21T11:58:00+00:00", "complete": True}
+
+
+# ---------------------------------------------------------------- learning nothing
+
+def test_a_stage_learning_nothing_makes_the_run_degraded_with_the_figure_once():
+    from alignment_operator.progress import from_event
+
+    p = from_event({"event": "progress", "step": 10, "total": 100, "loss": 0.0, "frac_reward_zero_std": 1.0,
+                    "degraded/reward_ties": 1.0}, None, __import__("datetime").datetime(2026, 11, 21, 12))
+    assert p.degraded_reward_ties == 1.0
+    run = make_run()
+    run = _running_with_progress(degraded_reward_ties=1.0)
+    out = reconcile(run, 1, {"sft": child("sft", "Running", attempts=1)}, NOW)
+    figure = "100% of GRPO groups' rewards tie (frac_reward_zero_std 1.00 above 0.9 for 5 logging steps)"
+    sft = out.status.stages[0]
+    assert sft.phase == "Running" and len(sft.warnings) == 1 and figure in sft.warnings[0]
+    degraded = next(c for c in out.status.conditions if c.type == "Degraded")
+    assert (degraded.status, degraded.reason) == ("True", "LearningNothing") and figure in degraded.message
+    (said,) = [a.message for a in out.actions if isinstance(a, Event) and a.reason == "Degraded"]
+    assert said.startswith("stage sft: ") and figure in said
+    again = reconcile(make_run(status=out.status.wire()), 1, {"sft": child("sft", "Running", attempts=1)}, NOW)
+    assert "Degraded" not in [a.reason for a in again.actions if isinstance(a, Event)], "said once"
+
+
+def test_a_healthy_run_has_no_degraded_condition():
+    out = reconcile(_running_with_progress(), 1, {"sft": child("sft", "Running", attempts=1)}, NOW)
+    assert "Degraded" not in [c.type for c in out.status.conditions] and out.status.stages[0].warnings == []
+
+
+def test_guards_reach_the_recipe_and_bad_ones_are_refused_naming_the_field():
+    from alignment_operator.api import RunInvalid
+    from alignment_operator.api.spec import GuardsSpec
+    from alignment_operator.render.recipe import build_recipe
+
+    run = make_run()
+    run.spec.stages[1].guards = GuardsSpec(fatal=True, steps=3)
+    recipe = build_recipe(run, 1, "/workspace")
+    assert (recipe.guards.fatal, recipe.guards.steps, recipe.guards.reward_ties_fraction) == (True, 3, 0.9)
+    assert build_recipe(run, 0, "/workspace").guards.fatal is False, "off by default"
+    doc = yaml.safe_load((ROOT / "examples" / "tiny-run.yaml").read_text())
+    doc["spec"]["stages"][1]["guards"] = {"rewardTiesFraction": 1.5}
+    with pytest.raises(RunInvalid, match=r"spec.stages\[1\].guards.rewardTiesFraction"):
+        parse_run(doc)

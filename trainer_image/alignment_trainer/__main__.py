@@ -52,6 +52,8 @@ def classify(exc: BaseException) -> dict:
         return outcome.failure(text, "Diverged")
     if type(exc).__name__ == "WorldSizeMismatch":
         return outcome.failure(text, "WorldSizeMismatch")
+    if type(exc).__name__ == "NotLearningError":
+        return outcome.failure(text, "NotLearning")
     if isinstance(exc, ValueError):  # the recipe asks for something that cannot work
         return outcome.failure(text, "RecipeError")
     return outcome.failure(f"{type(exc).__name__}: {text}", "Error")

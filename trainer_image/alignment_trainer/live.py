@@ -37,7 +37,8 @@ CHOICE_ENV = "ALIGNMENT_PROGRESS_CALLBACK"  # "alignment" (default) or "transfor
 MIN_INTERVAL_S = 5.0
 # Logged metrics worth pushing (the rest of a log row stays in metrics.jsonl).
 PUSHED = ("loss", "grad_norm", "learning_rate", "rewards/margins", "rewards/accuracies", "rewards/chosen",
-          "rewards/rejected", "kl", "eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")
+          "rewards/rejected", "kl", "eval_loss", "eval_rewards/accuracies", "eval_rewards/margins",
+          "degraded/reward_ties", "degraded/reward_failures", "degraded/preference_accuracy")
 
 
 class DivergedError(Exception):
@@ -97,6 +98,59 @@ class CheckpointClock(TrainerCallback):
         if self.step is not None:
             out.update(checkpoint_step=self.step, checkpoint_time=round(self.saved, 3))
         return out
+
+
+class NotLearningError(Exception):
+    """Training learns nothing (LearningGuard) and the stage's guards make that fatal."""
+
+
+# Samples a reward or judge could not score since the last logging step, per process: [failed, total].
+REWARD_SAMPLES = [0, 0]
+
+
+def note_reward_samples(failed: int, total: int) -> None:
+    """A reward function scored `total` samples, `failed` of them not really (a judge that gave no grade)."""
+    REWARD_SAMPLES[0] += failed
+    REWARD_SAMPLES[1] += total
+
+
+class LearningGuard(TrainerCallback):
+    """Learning nothing, from the logged metrics of each training logging step:
+    - GRPO groups whose rewards all tie (frac_reward_zero_std) above guards.reward_ties_fraction for
+      guards.steps logging steps in a row: no advantage, no gradient;
+    - a reward or judge failing on more than guards.reward_failure_fraction of the interval's samples;
+    - preference accuracy on the training batches (rewards/accuracies) at or below guards.chance_accuracy
+      for guards.steps logging steps in a row after warmup.
+    Each adds `degraded/<what>` with its figure to that step's logs (metrics.jsonl, progress lines, the
+    push: the operator's Degraded condition), and, with guards.fatal, raises NotLearningError."""
+
+    def __init__(self, guards):
+        self.guards = guards
+        self.ties = self.chance = 0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or not any(k in logs for k in ("loss", "frac_reward_zero_std", "rewards/accuracies")):
+            return
+        g, said = self.guards, {}
+        ties = logs.get("frac_reward_zero_std")
+        if isinstance(ties, (int, float)):
+            self.ties = self.ties + 1 if ties > g.reward_ties_fraction else 0
+            if self.ties >= g.steps:
+                said["degraded/reward_ties"] = float(ties)
+        failed, total = REWARD_SAMPLES
+        REWARD_SAMPLES[:] = [0, 0]
+        if total and failed / total > g.reward_failure_fraction:
+            said["degraded/reward_failures"] = round(failed / total, 4)
+        accuracy = logs.get("rewards/accuracies")
+        warmup = args.get_warmup_steps(state.max_steps) if state.max_steps else 0
+        if isinstance(accuracy, (int, float)) and state.global_step > max(warmup, 1):
+            self.chance = self.chance + 1 if accuracy <= g.chance_accuracy else 0
+            if self.chance >= g.steps:
+                said["degraded/preference_accuracy"] = float(accuracy)
+        logs.update(said)
+        if said and g.fatal:
+            raise NotLearningError(f"training learns nothing at step {state.global_step}: " + "; ".join(
+                g.describe(k, v) for k, v in said.items()))
 
 
 def use_own_callback() -> bool:

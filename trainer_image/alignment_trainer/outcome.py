@@ -41,6 +41,8 @@ REASONS: dict[str, tuple[int, str]] = {
                                     "credentialsSecretName, or the service account's access); retrying will not help"),
     "ObjectStoreUnreachable": (RETRYABLE, "the object store did not answer: check objectStore.endpointUrl and that "
                                           "the store is up; a retry fetches or exports again"),
+    "NotLearning": (FIX_INPUT, "training learns nothing (the stage's guards make that fatal): check the reward, "
+                               "the data and the learning rate"),
     "Interrupted": (INTERRUPTED, "the stage was stopped; a retry resumes from the newest checkpoint"),
     "Error": (RETRYABLE, "see the stage's log; a retry resumes from the newest checkpoint"),
 }

@@ -484,6 +484,34 @@ class ExportArgs(_Strict):
     uri: str = Field(description="s3://bucket/prefix the model's files go under.")
 
 
+class GuardArgs(_Strict):
+    """When a stage learns nothing (live.LearningGuard): what counts, and whether it fails the stage."""
+
+    reward_ties_fraction: float = Field(0.9, ge=0, le=1, description=(
+        "GRPO: the share of groups whose rewards all tie (TRL's frac_reward_zero_std: nothing to learn from them) "
+        "above which a logging step counts as learning nothing."))
+    reward_failure_fraction: float = Field(0.2, ge=0, le=1, description=(
+        "A reward or judge that fails (a judge that gives no grade) on more than this share of a logging "
+        "interval's samples: Degraded at once."))
+    chance_accuracy: float = Field(0.55, ge=0, le=1, description=(
+        "Preference stages: training-batch rewards/accuracies at or below this after warmup counts as chance."))
+    steps: int = Field(5, ge=1, description="Logging steps in a row that must count as learning nothing.")
+    fatal: bool = Field(False, description=(
+        "Fail the stage (reason NotLearning, exit 2) instead of only warning (status condition Degraded)."))
+
+    def describe(self, key: str, value: float) -> str:
+        """One line for a `degraded/<what>` figure the guard reported (the trainer's error, the operator's warning)."""
+        what = key.removeprefix("degraded/")
+        if what == "reward_ties":
+            return (f"{value:.0%} of GRPO groups' rewards tie (frac_reward_zero_std {value:.2f} above "
+                    f"{self.reward_ties_fraction} for {self.steps} logging steps): the reward cannot tell completions "
+                    "apart")
+        if what == "reward_failures":
+            return f"the reward failed on {value:.0%} of samples (more than {self.reward_failure_fraction:.0%})"
+        return (f"preference accuracy on training batches {value:.2f}, at chance (at most {self.chance_accuracy}) "
+                f"for {self.steps} logging steps after warmup")
+
+
 class Recipe(_Strict):
     """One stage, everything the trainer needs and nothing it does not."""
 
@@ -502,6 +530,7 @@ class Recipe(_Strict):
     grpo: GrpoArgs | None = Field(None, description="For method grpo: generations and rewards.")
     generate: GenerateArgs | None = Field(None, description="For method generate: what is sampled (default: GenerateArgs()).")
     label: LabelArgs | None = Field(None, description="For method label: the rewards and the kind of feedback written.")
+    guards: GuardArgs = Field(default_factory=GuardArgs, description="When training learns nothing, and what then.")
     output_dir: str = Field(description="Where checkpoint-N/, final/, metrics.jsonl and result.json go.")
     cache_dir: str | None = Field(None, description=(
         "Where precomputed reference log-probs are kept, keyed by what determines them, so a later stage, a "

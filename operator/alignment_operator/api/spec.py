@@ -14,8 +14,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from alignment_trainer.recipe import (LABEL_SMOOTHING_LOSSES, LABEL_SMOOTHING_NEEDED, METHODS, check_method,
-                                      method_names, reads_outputs)
+from alignment_trainer.recipe import (LABEL_SMOOTHING_LOSSES, LABEL_SMOOTHING_NEEDED, METHODS, GuardArgs,
+                                      check_method, method_names, reads_outputs)
 
 from . import corev1
 from .admission import ExtraArgs, ImageRef, MountPath, NodeSelector
@@ -597,6 +597,11 @@ MatrixSpec, _MATRIX_RULES = _matrix_model()
 MatrixSpec.model_config["json_schema_extra"] = x_validations(*_MATRIX_RULES)
 
 
+class GuardsSpec(ApiModel, GuardArgs):
+    """When a stage learns nothing (the trainer's contract, alignment_trainer.recipe.GuardArgs): a Degraded
+    condition and a warning with the figure, or with fatal a failed stage (reason NotLearning)."""
+
+
 class StageSpec(ApiModel):
     model_config = {**ApiModel.model_config, "json_schema_extra": _stage_rules}
 
@@ -640,6 +645,10 @@ class StageSpec(ApiModel):
         "Disruptions (preemption, eviction, node drain: a pod's DisruptionTarget condition) the stage may meet. "
         "They are not counted against backoffLimit: each one resumes from the newest checkpoint, is counted in "
         "status.stages[].disruptions and traced in an Event; one more than this fails the stage."))
+    guards: GuardsSpec | None = Field(None, description=(
+        "When training learns nothing (GRPO rewards that all tie, a reward or judge failing on many samples, "
+        "preference accuracy at chance after warmup): thresholds, and fatal to fail the stage instead of only "
+        "warning (the Degraded condition). Default: warn with the defaults below."))
     start_deadline_seconds: int | None = Field(None, ge=1, description=(
         "Fail the stage when its pods have not started training this long after its Job was created (or "
         "resumed), naming the cause: an image that cannot be pulled, a missing Secret or ConfigMap, pods "

@@ -48,6 +48,14 @@ class StageProgress(ApiModel):
     work_at_risk_seconds: float | None = Field(None, ge=0, description=(
         "Seconds trained since the newest complete checkpoint (or since training resumed from it): the work a "
         "preemption or restart now would lose."))
+    degraded_reward_ties: float | None = Field(None, description=(
+        "Set once GRPO groups' rewards all tie on more than stages[].guards.rewardTiesFraction of them for "
+        "guards.steps logging steps (frac_reward_zero_std): the figure. It stays until the stage ends."))
+    degraded_reward_failures: float | None = Field(None, description=(
+        "Set once a reward or judge failed on more than guards.rewardFailureFraction of an interval's samples: the share."))
+    degraded_preference_accuracy: float | None = Field(None, description=(
+        "Set once training-batch preference accuracy stayed at chance (at most guards.chanceAccuracy) for "
+        "guards.steps logging steps after warmup: the accuracy."))
     last_updated: str = Field(description="When the trainer sent this (RFC 3339).")
 
 
@@ -102,6 +110,9 @@ class StageStatus(ApiModel):
     lost_steps: int = Field(0, ge=0, description=(
         "Steps trained past the newest complete checkpoint when a disruption or restart struck, summed: work "
         "done again."))
+    warnings: list[str] = Field([], description=(
+        "What the stage fails to learn, each with its figure (the run's Degraded condition): rewards that all tie, "
+        "a reward failing on many samples, preference accuracy at chance."))
     variant_of: str | None = Field(None, description=(
         "The stage of the spec this one was expanded from: a matrix stage (one entry per variant) or an eval "
         "stage that evaluates several stages (one entry per evaluated stage)."))

@@ -42,7 +42,7 @@ from alignment_trainer.checkpoints import newest_checkpoint
 from alignment_trainer.launch import (build_launch_command, busy_cpus, launch_env, threads_per_process, usable_cpus,
                                       visible_gpus)
 
-from .. import progress
+from .. import health, progress
 from ..api import RETRY_ANNOTATION, AlignmentRun, AlignmentRunStatus, RunInvalid, parse_run, run_documents
 from ..api.status import CheckpointRef
 from ..reconcile import CreateStage, DeleteChild, Event, ObservedChild, attempt_run, reconcile
@@ -127,6 +127,10 @@ class LiveStatus:
             self.tokens = (now, seen)
         st = self.run.status.stages[self.index]
         st.progress = progress.from_event(ev, eta, datetime.now(timezone.utc), st.progress)
+        learning = health.warnings(st.progress, self.run.spec.stages[self.index].guards)
+        for line in (w for w in learning if w not in st.warnings):  # learning nothing: said once, with the figure
+            print(f"\n! stage {st.name}: {line}", flush=True)
+        st.warnings = learning
         self.run.status.progress_summary = progress.summary(
             self.run.status.stages, sum(s.phase == "Succeeded" for s in self.run.status.stages))
         if now - self.written >= progress.MIN_WRITE_INTERVAL_S or step >= total:

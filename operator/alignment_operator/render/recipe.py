@@ -15,7 +15,7 @@ from alignment_trainer.recipe import (
     METHODS, AlpacaEvalArgs, DatasetArgs, EvalArgs, GenerateArgs, JudgeArgs, LabelArgs, LmEvalArgs, LoraArgs,
     ModelArgs, MtBenchArgs, Recipe, RewardArgs, TrainingArgs,
 )
-from alignment_trainer.recipe import TrackingArgs
+from alignment_trainer.recipe import GuardArgs, TrackingArgs
 
 from ..api import AlignmentRun, DatasetSpec, StageSpec
 from ..api.spec import GenerateSpec
@@ -162,6 +162,7 @@ def build_recipe(run: AlignmentRun, index: int, root: str,
         generate=_generate_args(stage) if stage.method == "generate" else None,
         label=None if stage.label is None else _label_args(run, stage, root),
         output_dir=stage_dir(root, run, stage.name),
+        guards=GuardArgs.model_validate(stage.guards.model_dump()) if stage.guards else GuardArgs(),
         # Reference log-probs are kept once per volume, keyed by what determines them: a later stage,
         # a rerun or another run on the same volume that asks for the same reuses them.
         cache_dir=posixpath.join(root, "cache", "reference-logps") if METHODS[stage.method].reference else None,

@@ -16,7 +16,7 @@ import torch
 from .. import tracking
 from ..checkpoints import newest_checkpoint
 from ..launch import check_world, configured_state_args, formed_world, init_distributed
-from ..live import CheckpointClock, DivergedError, DivergenceGuard, ProgressPush, use_own_callback
+from ..live import CheckpointClock, DivergedError, DivergenceGuard, LearningGuard, ProgressPush, use_own_callback
 from ..model import (checkpoint_dtype, engine_keeps_fp32_masters, keep_fp32_masters, load_model, merge_adapter,
                      mixed_precision)
 from ..recipe import Recipe, TrainingArgs
@@ -264,6 +264,7 @@ def train(trainer, recipe: Recipe):
     trainer.remove_callback(PrinterCallback)  # MetricsCallback prints JSON progress lines instead
     clock = CheckpointClock()  # first: the others read it after each save
     trainer.add_callback(clock)
+    trainer.add_callback(LearningGuard(recipe.guards))  # before the rows are written: it adds its figures to them
     trainer.add_callback(MetricsCallback(recipe.output_dir, clock))
     trainer.add_callback(tracking.TrackedRun(recipe))  # after transformers' tracker callbacks
     trainer.add_callback(DivergenceGuard())  # after MetricsCallback: the NaN row is in metrics.jsonl

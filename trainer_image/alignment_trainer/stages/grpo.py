@@ -153,17 +153,21 @@ def _judge(args: RewardArgs, where: str):
                          "on a cluster give the reward's judge an apiKeySecretRef, locally export the variable")
     judge = Judge(args.judge)
 
-    def grade(p, c) -> float:
+    def grade(p, c) -> float | None:
         rating = parse_rating(judge.complete(SINGLE[0], SINGLE[1].format(question_1=question(p), answer_1=_text(c))))
         if rating is None:
             log.warning("%s: the judge gave no [[rating]] for an answer; it scores 0", where)
-        return 0.0 if rating is None else rating / 10
+        return None if rating is None else rating / 10
 
     def reward(prompts, completions, **kwargs):
         from concurrent.futures import ThreadPoolExecutor
 
+        from ..live import note_reward_samples
+
         with ThreadPoolExecutor(max_workers=JUDGE_CONCURRENCY) as pool:
-            return list(pool.map(grade, prompts, completions))
+            graded = list(pool.map(grade, prompts, completions))
+        note_reward_samples(sum(g is None for g in graded), len(graded))  # live.LearningGuard reads the share
+        return [0.0 if g is None else g for g in graded]
 
     return reward
 
