@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from . import kube, metrics, observe
+from . import kube, metrics, observe, secret_refs
 from .api import RETRY_ANNOTATION, AlignmentRunStatus, RunInvalid, parse_run
 from .api.status import RETRY_REQUEST_MAX, writable
 from .cache import Cache, Key
@@ -40,7 +40,7 @@ from .reconcile import (
     CreateStage, DeleteChild, DeleteChildren, Event, ObservedChild, RequeueAfter, SetSuspend, attempt_run, condition,
     reconcile, stage_hash,
 )
-from .render.manifests import RenderContext, build_pvc, build_stage
+from .render.manifests import RenderContext, build_pod_template, build_pvc, build_stage
 from .workqueue import Backoff, WorkQueue
 
 log = logging.getLogger("alignment_operator")
@@ -52,7 +52,8 @@ BACKOFF_CAP = float(os.environ.get("ALIGNMENT_BACKOFF_CAP_SECONDS", "20"))
 queue = WorkQueue(Backoff(base=1.0, cap=BACKOFF_CAP))
 STATUS_TRIES = 3  # a conflicting status write means the run changed: recompute, this many times
 RESYNC_SECONDS = float(os.environ.get("ALIGNMENT_RESYNC_SECONDS", "300"))  # per active run, +-10%
-FINISHED = ("Succeeded", "Failed")
+FINISHED = ("Succeeded", "Failed", "Held")  # Held: spec.promote's gates failed
+_secrets_unreadable = False  # the operator may not read Secrets: said once in the log
 _listed: dict[Key, float] = {}  # active runs: when (monotonic) their children were last listed
 _workers: list[threading.Thread] = []
 # kopf peering: while any of these says True another replica acts, and this one's workers take no key
@@ -209,6 +210,9 @@ def _reconcile_once(namespace: str, name: str) -> float | None:
     refused_retry = _refuse_long_retry(run)
     children, now = _children(body, old_status), kube.now()
     outcome = reconcile(run, generation, children, now)
+    lacking = _lacking_secrets(run, outcome)
+    if lacking:  # no stage starts: the run waits, naming them
+        outcome = reconcile(run, generation, children, now, lacking=lacking)
     try:
         for action in outcome.actions:
             _apply(action, run, body, outcome.status)
@@ -241,6 +245,34 @@ def _reconcile_once(namespace: str, name: str) -> float | None:
             kube.emit_event(body, "Warning", "RetryRefused", refused_retry)
     metrics.observe_phase(namespace, name, status.phase)
     return _next_look(namespace, name, status.phase, outcome.actions)
+
+
+def _lacking_secrets(run: Any, outcome: Any) -> dict[str, list[str]]:
+    """When a stage is about to start: the Secrets it and every stage still to start would read, and what
+    of them is missing (their key names are read, never a value). {} when nothing is, or when the operator
+    may not read Secrets (the chart's rbac.checkSecrets: false; the kubelet says it when a pod starts)."""
+    global _secrets_unreadable
+    starts = {a.index for a in outcome.actions if isinstance(a, CreateStage)}
+    if not starts:
+        return {}
+    later = {i for i, st in enumerate(outcome.status.stages) if st.phase == "Pending"}
+    ns = run.metadata.namespace or "default"
+    uses = {run.spec.stages[i].name: secret_refs.secret_uses(
+        build_pod_template(attempt_run(run, outcome.status, i), i, _context, [])["spec"])
+        for i in sorted(starts | later)}
+    keys: dict[str, set[str] | None] = {}
+    try:
+        for name in sorted({u.secret for used in uses.values() for u in used}):
+            with _step(f"reading the key names of Secret {name}"):
+                keys[name] = kube.secret_keys(ns, name)
+    except PermissionError as e:
+        if not _secrets_unreadable:
+            log.warning("Secrets a run names are not checked before its stages start (%s): a missing one shows "
+                        "when its pod cannot start (CreateContainerConfigError)", e)
+        _secrets_unreadable = True
+        return {}
+    lacking = {stage: secret_refs.missing(used, keys, ns) for stage, used in uses.items()}
+    return {stage: lines for stage, lines in lacking.items() if lines}
 
 
 def _next_look(namespace: str, name: str, phase: str, actions: list[Any]) -> float | None:

@@ -28,10 +28,11 @@ TRAINING = {"num_train_epochs": "epochs", "max_steps": "maxSteps", "learning_rat
             "seed": "seed", "save_steps": "saveSteps", "save_total_limit": "saveTotalLimit",
             "logging_steps": "loggingSteps", "eval_steps": "evalSteps"}
 # Not training values: where the stage writes, pushes and reports is the run's (its volume, status, tracking).
+# spec.hub pushes the last stage's model with its card, once (a handbook recipe pushes each stage's).
+HUB = "the final model stays on the run's volume; to push it, set spec.hub.repoId (<org>/<name>)"
 NOT_CARRIED = {
     "output_dir": "each stage writes to the run's volume", "overwrite_output_dir": "each stage writes to the run's volume",
-    "hub_model_id": "the final model stays on the run's volume", "hub_strategy": "the final model stays on the run's volume",
-    "push_to_hub": "the final model stays on the run's volume", "hub_private_repo": "the final model stays on the run's volume",
+    "hub_model_id": HUB, "hub_strategy": HUB, "push_to_hub": HUB, "hub_private_repo": HUB,
     "report_to": "metrics go to metrics.jsonl and the status; set spec.tracking (wandb, mlflow) for a tracker",
     "log_level": "the trainer's own", "logging_strategy": "steps, by training.loggingSteps",
     "save_strategy": "steps, by training.saveSteps", "per_device_eval_batch_size": "the run uses perDeviceBatchSize for both",

@@ -59,6 +59,7 @@ REFUSAL_BACKOFF = 5.0     # seconds before the second try; doubled before each l
 SERVER_MESSAGE_LIMIT = 800  # of the server's words in status (an Event holds 1024 characters)
 NOT_STARTED_POLL = 15.0   # seconds between looks at a stage whose pods have not started and say nothing yet
 DELETING_POLL = 5.0       # seconds between looks at a child that is being deleted (its DELETED event may be missed)
+SECRET_POLL = 10.0        # seconds between looks at the Secrets a run waits for (nothing watches Secrets)
 
 
 @dataclass(frozen=True)
@@ -213,7 +214,7 @@ def condition(old: list[Condition], type_: str, status: str, reason: str, messag
 
 
 def reconcile(run: AlignmentRun, generation: int | None, children: dict[str, ObservedChild],
-              now: str, slots: int | None = None) -> Outcome:
+              now: str, slots: int | None = None, lacking: dict[str, list[str]] | None = None) -> Outcome:
     """Everything the operator decides, from what it can see. Stages form a graph by what they read
     (graph.inputs): a stage starts once its inputs succeeded, siblings side by side, at most
     spec.parallelism (and `slots`, what the shell can hold: the local shell's cores) running at once. A
@@ -312,7 +313,10 @@ def reconcile(run: AlignmentRun, generation: int | None, children: dict[str, Obs
         phases[st.name] = st.phase
         stages.append(st)
 
-    _start(run, startable, stages, slots, now, actions, events)
+    if lacking:  # the Secrets stages would read, read by the shell before it starts any (secret_refs.missing)
+        _hold(startable, stages, lacking, prior, actions, events)
+    else:
+        _start(run, startable, stages, slots, now, actions, events)
     status = _run_status(run, old, stages, failed, interrupted, edited, generation, now)
     if retrying:
         status.retry_request = retry
@@ -369,6 +373,27 @@ def _start(run: AlignmentRun, startable: list[tuple[int, StageStatus]], stages: 
         st.gpus = stage_gpus(run, spec.name)
         running.append(st.name)
         events.append(Event("Normal", "StageStarted", f"stage {spec.name} ({spec.method}) started"))
+
+
+def _hold(startable: list[tuple[int, StageStatus]], stages: list[StageStatus], lacking: dict[str, list[str]],
+          prior: dict[str, StageStatus], actions: list[Action], events: list[Action]) -> None:
+    """A Secret a stage of the run reads is missing: no stage starts (no GPU is spent on stages whose
+    successor could not start), the ones that could start say what is missing for the whole run, each
+    lacking stage what it lacks; looked at again in SECRET_POLL seconds, as nothing watches Secrets."""
+    readers: dict[str, list[str]] = {}  # each missing thing once, with the stages that read it
+    for name, lines in lacking.items():
+        for line in lines:
+            readers.setdefault(line, []).append(name)
+    everything = "; ".join(f"stage{'s' * (len(n) > 1)} {', '.join(n)}: {line}" for line, n in readers.items())
+    holding = {st.name for _, st in startable}
+    for _, st in startable:
+        st.reason, st.message = "SecretMissing", f"waiting for Secrets before any stage starts: {everything}"
+        if st.message != getattr(prior.get(st.name), "message", None):  # one Event per change
+            events.append(Event("Warning", "SecretMissing", f"stage {st.name}: {st.message}"))
+    for st in stages:
+        if st.name in lacking and st.name not in holding and st.phase == "Pending":
+            st.reason, st.message = "SecretMissing", "waiting: " + "; ".join(lacking[st.name])
+    actions.append(RequeueAfter(SECRET_POLL))
 
 
 def stage_gpus(run: AlignmentRun, stage: str) -> int:

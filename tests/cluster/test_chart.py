@@ -20,7 +20,7 @@ import yaml
 from kubernetes import client
 
 from controlplane import BUILD_COMMAND, binaries_dir, free_port
-from kubelet import SFT, apply_tiny, get_run, jobs, play_tiny_stages, wait_for
+from kubelet import SFT, apply_tiny, child, get_run, jobs, play_tiny_stages, wait_for
 from operator_process import Operator
 
 pytestmark = pytest.mark.cluster
@@ -298,17 +298,23 @@ def test_one_rule_less_and_the_run_gets_no_job(cluster, chart_crds, helm, namesp
 
 @pytest.mark.parametrize("mode", ["namespaced", "cluster-wide"])
 def test_the_service_account_reads_no_secret_and_nothing_unlisted(cluster, chart_crds, helm, namespace, mode, tmp_path):
+    """Namespaced with the defaults (the run's Secrets' key names: get by name, never list or watch);
+    cluster-wide with rbac.checkSecrets false (no Secret of a run at all)."""
     ns = namespace
-    docs = render(helm, ns, {"watchNamespaces": [ns]} if mode == "namespaced" else None, tmp_path)
+    docs = render(helm, ns, {"watchNamespaces": [ns]} if mode == "namespaced" else {"rbac": {"checkSecrets": False}},
+                  tmp_path)
+    gets = "yes" if mode == "namespaced" else "no"
     install_rbac(cluster, docs)
     sa = f"system:serviceaccount:{ns}:{by_kind(docs, 'ServiceAccount')[0]['metadata']['name']}"
     try:
         def can(*args: str) -> str:
             return cluster.kubectl("auth", "can-i", *args, "--as", sa, check=False).stdout.strip()
 
-        for verb in ("get", "list", "watch"):
+        for verb in ("list", "watch"):
             assert can(verb, "secrets", "-n", ns) == "no"
             assert can(verb, "secrets", "-A") == "no"
+        assert can("get", "secrets/judge-api-key", "-n", ns) == gets
+        assert can("get", "secrets/judge-api-key", "-n", "default") == "no"  # namespaced: only where it watches
         assert can("create", "pods", "-n", ns) == "no"            # the Job controller makes pods, not the operator
         assert can("delete", "persistentvolumeclaims", "-n", ns) == "no"  # checkpoints outlive runs
         assert can("patch", "alignmentruns.alignment.dev", "-n", ns) == "no"  # only the status subresource
@@ -327,11 +333,11 @@ def test_the_service_account_reads_no_secret_and_nothing_unlisted(cluster, chart
         assert "jobs.batch" in resources and "alignmentruns.alignment.dev/status" in resources, listed
         # The one Secret it may read: the installation's progress CA, by name, in the release namespace.
         assert can("get", "secrets/ao-alignment-operator-progress-tls", "-n", ns) == "yes"
-        assert can("get", "secrets/another", "-n", ns) == "no"
         for row in rows:
             assert "*" not in row[0] + row[-1], row
             assert row[0].split(".")[0] != "secrets" or row[-1] == "[create]" or (
-                "[ao-alignment-operator-progress-tls]" in row), row
+                "[ao-alignment-operator-progress-tls]" in row) or (  # with the run's Secrets' `get`, merged
+                gets == "yes" and set(" ".join(row).rsplit("[", 1)[1].strip("]").split()) <= {"get", "create"}), row
     finally:
         delete_cluster_scoped(cluster, docs)
 
@@ -357,3 +363,48 @@ def test_two_replicas_peer_and_exactly_one_acts(cluster, chart_crds, helm, names
         for op in ops:
             op.stop()
         delete_cluster_scoped(cluster, docs)
+
+
+def test_zephyr_run_without_its_secrets_says_so_at_once_and_starts_once_created(cluster, chart_crds, helm, namespace,
+                                                                                 tmp_path):
+    """examples/zephyr-run.yaml (its hfTokenSecretRef uncommented, as the README says) applied before the
+    Secrets it names, under the chart's RBAC: admitted, and its first status says what is missing (each
+    Secret and key, the stages that read them, the command), Pending, no Job; once the README's two
+    `kubectl create secret` ran, sft starts. No Secret value anywhere in status, Events or the log."""
+    ns, api = namespace, cluster.api_client()
+    docs = render(helm, ns, {"watchNamespaces": [ns]}, tmp_path)
+    install_rbac(cluster, docs)
+    op = chart_operator(cluster, docs, ns, tmp_path / "operator.log")
+    text = (ROOT / "examples" / "zephyr-run.yaml").read_text()
+    assert "    # hfTokenSecretRef: {name: hf-token, key: token}" in text
+    try:
+        op.start()
+        applied = time.monotonic()
+        cluster.kubectl("apply", "-n", ns, "-f", "-", input=text.replace("# hfTokenSecretRef:", "hfTokenSecretRef:"))
+        first = wait_for("the run's first status", lambda: get_run(api, ns, "zephyr-7b-beta").get("status"), timeout=30)
+        print(f"first status {time.monotonic() - applied:.1f}s after kubectl apply: {first['phase']}")
+        assert first["phase"] == "Pending" and not jobs(api, ns), first
+        stages = {s["name"]: s for s in first["stages"]}
+        assert stages["eval"]["reason"] == "SecretMissing", stages["eval"]
+        assert "Secret judge-api-key (env JUDGE_API_KEY, key api-key) is not in namespace " + ns in stages["eval"]["message"]
+        for secret, key in (("judge-api-key", "api-key"), ("hf-token", "token")):
+            assert f"kubectl create secret generic {secret} -n {ns} --from-literal={key}=..." in stages["sft"]["message"]
+        reconciling = next(c for c in first["conditions"] if c["type"] == "Reconciling")
+        assert reconciling["reason"] == "SecretMissing" and "judge-api-key" in reconciling["message"], reconciling
+        assert "SecretMissing" in [e.reason for e in client.CoreV1Api(api).list_namespaced_event(ns).items]
+
+        for secret, key in (("judge-api-key", "api-key"), ("hf-token", "token")):  # README's "On a cluster"
+            cluster.kubectl("create", "secret", "generic", secret, f"--from-literal={key}=value-{secret}-x7q", "-n", ns)
+        sft = child("zephyr-7b-beta", "sft")
+        wait_for("the sft Job once the Secrets exist", lambda: sft in jobs(api, ns), timeout=45)
+        run = wait_for("sft Running", lambda: (r := get_run(api, ns, "zephyr-7b-beta"))["status"]["phase"] == "Running"
+                       and r, timeout=20)
+        assert [s.get("reason") for s in run["status"]["stages"]] == [None, None, None], run["status"]["stages"]
+    finally:
+        op.stop()
+        delete_cluster_scoped(cluster, docs)
+    said = [yaml.safe_dump(run), (tmp_path / "operator.log").read_text(),
+            " ".join(e.message or "" for e in client.CoreV1Api(api).list_namespaced_event(ns).items)]
+    assert not [s for s in said if "value-judge-api-key-x7q" in s or "value-hf-token-x7q" in s]
+    forbidden = unexpected_forbidden((tmp_path / "operator.log").read_text())
+    assert not forbidden, forbidden[:5]

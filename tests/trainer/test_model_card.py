@@ -181,8 +181,11 @@ def test_eval_stage_push_uploads_the_evaluated_model_with_its_results_card(workd
     eval_card = card.eval_card(ev, EVAL_RESULT)
     recorder = Recorder(monkeypatch)
 
+    from huggingface_hub import constants
+
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    with pytest.raises(ValueError, match="HF_TOKEN is not set"):
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(workdir / "no-login" / "token"))  # nor a stored login
+    with pytest.raises(ValueError, match="HF_TOKEN is not set and no `hf auth login` token is stored"):
         push_to_hub(ev, final, eval_card)
     assert recorder.calls == []  # refused before any call
     assert push_to_hub(sft, final) is None and recorder.calls == []  # a stage that does not push
@@ -336,3 +339,37 @@ def test_push_reaches_a_hub_stand_in_server(workdir, monkeypatch):
             "/api/models/my-org/tiny-zephyr/commit/main"]
     finally:
         hub.server.shutdown()
+
+
+def test_a_push_refused_after_training_fails_the_stage_with_why_and_keeps_final(tmp_path, monkeypatch, kit, tiny_model,
+                                                                                data_dir):
+    """A real (3-step) sft stage whose push the Hub stand-in refuses (a token without write access): the stage
+    fails, exit 2 (retrying with that token cannot help), saying the push failed, why (401) and where the
+    trained model is; final/ is there, nothing reached the Hub, the token is in no word of it."""
+    from huggingface_hub import constants
+
+    from alignment_trainer import outcome
+    from alignment_trainer.__main__ import main
+
+    hub = HubStandIn()
+    try:
+        monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setenv("HF_TOKEN", "hf_read_only_token")
+        path = kit.write_recipe(tmp_path, "sft", tiny_model, [str(data_dir / "sft.jsonl")],
+                                training={"max_steps": 3, "per_device_train_batch_size": 8, "max_length": 48,
+                                          "logging_steps": 1, "save_steps": 100},
+                                push_to_hub=True, hub_model_id="my-org/tiny-push",
+                                termination_message_path=str(tmp_path / "termination-log"))
+        code = main([path])
+    finally:
+        hub.server.shutdown()
+    said = outcome.decode((tmp_path / "termination-log").read_text())
+    final = tmp_path / "out" / "final"
+    assert (code, said["reason"], said["exit_code"]) == (2, "RecipeError", 2), said
+    assert said["error"].startswith("push to the Hub repository my-org/tiny-push failed (HTTP 401: Invalid "
+                                    "credentials); the trained model is kept in "), said
+    assert f"the trained model is kept in {final}" in said["error"]
+    assert (final / "model.safetensors").is_file() and (final / "config.json").is_file()
+    assert hub.requests and hub.files == {}  # the server was asked, and refused
+    assert "hf_read_only_token" not in json.dumps(said)

@@ -77,7 +77,7 @@ def test_rbac_rules_name_no_wildcard_and_no_secret():
     for rule in rules:
         for field in ("apiGroups", "resources", "verbs"):
             assert "*" not in rule[field], rule
-        assert "secrets" not in rule["resources"], "the operator references Secrets by name only; it never reads them"
+        assert "secrets" not in rule["resources"], "the one Secret rule is secretKeysRule's, behind rbac.checkSecrets"
     rule_lines = [line for line in rbac.splitlines()  # the peering and CRD rules written in rbac.yaml itself
                   if re.match(r"\s*-? ?(apiGroups|resources|verbs|resourceNames):", line)]
     assert len(rule_lines) >= 10
@@ -87,6 +87,12 @@ def test_rbac_rules_name_no_wildcard_and_no_secret():
     assert 'resourceNames: [{{ include "alignment-operator.progressTLSSecret" . }}]' in tls_role
     assert "verbs: [get, update]" in tls_role and "verbs: [create]" in tls_role
     assert rbac.count("secrets") == tls_role.count("secrets") == 2, "a Secret rule outside the progress CA's Role"
+    # The run's own Secrets: get by name only (their key names, before a stage starts), and only with
+    # rbac.checkSecrets; never list or watch (which would bring every Secret of the namespace).
+    keys_rule = re.search(r'define "alignment-operator.secretKeysRule" -}}\n\{\{- if .Values.rbac.checkSecrets -}}\n'
+                          r'(.*?)\{\{- end }}', text, re.S).group(1)
+    assert yaml.safe_load(keys_rule) == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]
+    assert rbac.count('include "alignment-operator.secretKeysRule"') == 2, "the Role and the ClusterRole"
     for line in rule_lines:
         assert "*" not in line, line
     granted = {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
 from pathlib import Path
 
@@ -178,22 +177,49 @@ def _card(title: str, meta: dict, results: list[EvalResult]) -> ModelCard:
 
 def push(recipe: Recipe, folder: Path, card: ModelCard | None = None) -> str:
     """Upload folder (a final/) to recipe.hub_model_id in one commit, README.md replaced by card when
-    given (the eval stage's card of the model it measured). HF_TOKEN is required and never printed."""
-    token = os.environ.get("HF_TOKEN")
+    given (the eval stage's card of the model it measured). The token is huggingface_hub's: HF_TOKEN (a pod
+    gets it from spec.trainer.hfTokenSecretRef), else the one `hf auth login` stored; never printed."""
+    from huggingface_hub import CommitOperationAdd, HfApi, get_token
+
+    token = get_token()
     if not token:
-        raise ValueError("push_to_hub: HF_TOKEN is not set (spec.trainer.hfTokenSecretRef, or the environment "
-                         "for a local run); nothing was pushed")
+        raise ValueError("push_to_hub: no Hugging Face token: HF_TOKEN is not set and no `hf auth login` token is "
+                         "stored (on a cluster: spec.trainer.hfTokenSecretRef); nothing was pushed")
     if not recipe.hub_model_id:
         raise ValueError("hub_model_id: required with push_to_hub")
-    from huggingface_hub import CommitOperationAdd, HfApi
 
     api = HfApi(token=token)
-    url = api.create_repo(recipe.hub_model_id, exist_ok=True, private=recipe.hub_private)
     operations = [CommitOperationAdd(path_in_repo=str(f.relative_to(folder)), path_or_fileobj=str(f))
                   for f in sorted(folder.rglob("*")) if f.is_file() and not (card and f.name == "README.md"
                                                                              and f.parent == folder)]
     if card is not None:
         operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode()))
-    api.create_commit(repo_id=recipe.hub_model_id, operations=operations,
-                      commit_message=f"alignment-operator: {recipe.run_name or ''} stage {recipe.stage_name or recipe.method}")
+    try:
+        url = api.create_repo(recipe.hub_model_id, exist_ok=True, private=recipe.hub_private)
+        api.create_commit(repo_id=recipe.hub_model_id, operations=operations,
+                          commit_message=f"alignment-operator: {recipe.run_name or ''} stage "
+                                         f"{recipe.stage_name or recipe.method}")
+    except Exception as e:  # noqa: BLE001 - whatever the Hub or the network said, the stage fails saying it
+        raise _push_failed(recipe, folder, e) from e
     return str(url)
+
+
+class HubPushRefused(ValueError):
+    """The Hub refused the push (401, 403, 404: the token, its rights, the repository): retrying will not help."""
+
+
+class HubPushFailed(RuntimeError):
+    """The push did not get through (the Hub or the network failed): a retry pushes again."""
+
+
+def _push_failed(recipe: Recipe, folder: Path, e: Exception) -> Exception:
+    """The stage's error: the push (not the training) failed, why, and that what it trained is kept."""
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    server = " ".join((getattr(e, "server_message", None) or "").split())[:300]  # the Hub's own words
+    said = (f"HTTP {status}" + (f": {server}" if server else "") if status else
+            f"{type(e).__name__}: " + " ".join((str(e) or "no message").split())[:300])
+    words = f"push to the Hub repository {recipe.hub_model_id} failed ({said}); the trained model is kept in {folder}"
+    if status in (401, 403, 404):
+        return HubPushRefused(f"{words}; check that the token (HF_TOKEN: spec.trainer.hfTokenSecretRef's Secret, "
+                              "or your Hugging Face login locally) may write to the repository, then retry")
+    return HubPushFailed(f"{words}; a retry pushes it again")

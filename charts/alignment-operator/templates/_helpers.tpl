@@ -101,3 +101,14 @@ No wildcards, no secrets: stage pods reference Secrets by name, which needs no p
   resources: [events]
   verbs: [list, create]
 {{- end }}
+
+{{- /* controller._lacking_secrets: before a stage starts, the key names of the Secrets the run names, each
+       read by name (get; never list or watch), none of their values kept, logged or written anywhere.
+       rbac.checkSecrets: false leaves it out: a missing Secret then shows only when a pod cannot start. */}}
+{{- define "alignment-operator.secretKeysRule" -}}
+{{- if .Values.rbac.checkSecrets -}}
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [get]
+{{- end }}
+{{- end }}

@@ -85,12 +85,14 @@ def _describe(err: dict[str, Any]) -> str:
     return f"{path}: {err['msg']} (got {shown})"
 
 
-def parse_run(data: Any, source: str = "") -> AlignmentRun:
-    """Validate a manifest as the API server and the operator would; RunInvalid names each field."""
+def parse_run(data: Any, source: str = "", local: bool = False) -> AlignmentRun:
+    """Validate a manifest as the API server and the operator would; RunInvalid names each field. `local`:
+    as `alignctl run --local` runs it, where spec.hub needs no trainer.hfTokenSecretRef (the trainer takes
+    HF_TOKEN or the Hugging Face login, as huggingface_hub does)."""
     if not isinstance(data, dict):
         raise RunInvalid([f"expected a mapping, got {type(data).__name__}"], source)
     try:
-        run = AlignmentRun.model_validate(data)
+        run = AlignmentRun.model_validate(data, context={"local": local})
     except ValidationError as e:
         raise RunInvalid([_describe(err) for err in e.errors()], source) from None
     expanded, variants, problems, where = expand(run.spec)

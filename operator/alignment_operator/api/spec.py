@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from alignment_trainer.recipe import (LABEL_SMOOTHING_LOSSES, LABEL_SMOOTHING_NEEDED, METHODS, GuardArgs,
                                       check_method, method_names, reads_outputs)
@@ -792,8 +792,9 @@ class AlignmentRunSpec(ApiModel):
         "to the Hugging Face Hub."))
 
     @model_validator(mode="after")
-    def _hub_token(self) -> "AlignmentRunSpec":
-        if self.hub is not None and self.trainer.hf_token_secret_ref is None:
+    def _hub_token(self, info: ValidationInfo) -> "AlignmentRunSpec":
+        # A pod has only the Secret's token; `alignctl run --local` (context local) has HF_TOKEN or the HF login.
+        if self.hub is not None and self.trainer.hf_token_secret_ref is None and not (info.context or {}).get("local"):
             raise ValueError("hub: pushing needs trainer.hfTokenSecretRef (a Secret with a Hugging Face token "
                              "with write access)")
         return self

@@ -231,7 +231,8 @@ def run_stage(run: AlignmentRun, index: int, root: str, started: str) -> Observe
         # stays in log.txt, for a bug report).
         return child("Failed", message=outcome.describe(said, code))
     view.show_tail(text, out / "log.txt")  # it died without a word (killed, a crash): its last lines
-    why = "exited 0 without writing its outcome" if code == 0 else view.last_words(text)
+    why = ("exited 0 without writing its result (result.json and the outcome written with it): what it made "
+           "and its metrics are unknown, so the stage failed" if code == 0 else view.last_words(text))
     return child("Failed", message=f"Error (exit code {code}): {why}")
 
 
@@ -307,13 +308,35 @@ def read_run(file: str, overrides: list[str] = (), strict_paths: bool = True) ->
         raise RunInvalid([f"expected one AlignmentRun document, found {len(docs)}"], file)
     doc = docs[0]
     shown = apply_overrides(doc, list(overrides))
-    run = parse_run(doc, f"{file} with --set {', '.join(shown)}" if shown else file)
-    problems = path_problems(run, strict=strict_paths)
+    run = parse_run(doc, f"{file} with --set {', '.join(shown)}" if shown else file, local=True)
+    problems = path_problems(run, strict=strict_paths) + hub_token_problems(run)
     if problems:
         raise RunInvalid(problems, file)
     for line in shown:
         print(f"- set {line}")
     return run
+
+
+def hub_token_problems(run: AlignmentRun) -> list[str]:
+    """spec.hub locally: the push at the end needs a token where huggingface_hub looks for one (HF_TOKEN, else
+    the token `hf auth login` stored), checked before any stage trains rather than after the last one."""
+    if run.spec.hub is None or hf_token_found():
+        return []
+    return [f"spec.hub: pushing to {run.spec.hub.repo_id} needs a Hugging Face token with write access, and there "
+            "is none: set HF_TOKEN or run `hf auth login` (on a cluster it comes from spec.trainer.hfTokenSecretRef)"]
+
+
+def hf_token_found() -> bool:
+    """Whether the trainer's huggingface_hub.get_token() will find a token: HF_TOKEN (or the older
+    HUGGING_FACE_HUB_TOKEN), else the file at HF_TOKEN_PATH, default $HF_HOME/token, HF_HOME defaulting to
+    $XDG_CACHE_HOME/huggingface or ~/.cache/huggingface (huggingface_hub.constants; the operator has no
+    huggingface_hub)."""
+    if os.environ.get("HF_TOKEN", "").strip() or os.environ.get("HUGGING_FACE_HUB_TOKEN", "").strip():
+        return True
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface")
+    path = Path(os.path.expanduser(os.environ.get("HF_TOKEN_PATH") or os.path.join(home, "token")))
+    return path.is_file() and bool(path.read_text(errors="replace").strip())
 
 
 def run_local(file: str, workdir: str = "runs", overrides: list[str] = (), redo: list[str] = (),
