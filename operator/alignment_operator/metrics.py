@@ -21,7 +21,7 @@ PROGRESS_WRITES = Counter("alignment_progress_status_writes_total",
 PROGRESS_REFUSED = Counter("alignment_progress_refused_total", "Progress pushes refused, by HTTP status", ["code"])
 PROGRESS_REVIEWS = Counter("alignment_progress_token_reviews_total",
                            "TokenReviews the progress endpoint asked for (cache misses of well-formed tokens)")
-PHASES = ("Pending", "Running", "Succeeded", "Failed", "Suspended")
+PHASES = ("Pending", "Running", "Succeeded", "Failed", "Suspended", "Held")
 
 _phase_of: dict[tuple[str, str], str] = {}
 

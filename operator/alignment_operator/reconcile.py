@@ -47,11 +47,13 @@ from .render.recipe import stage_dir
 from .health import lost_work, note_checkpoint, warnings as learning_warnings
 from .api.spec import ModelSpec, StageSpec
 from .graph import inputs
+from . import promotion
 from .progress import summary as progress_summary
 
 # Interrupted: the child was stopped by a signal and is gone (the local shell's Ctrl-C).
 # Refused: the API server refused to create it just now (the cluster shell's create failed; see Refusal).
 # Deleting: it has a deletionTimestamp; whatever it says, it finishes nothing (the stage waits for it to go).
+FINISHED = ("Succeeded", "Failed", "Held")  # run phases after which nothing runs (Held: promote's gates failed)
 ChildState = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended", "Interrupted", "Refused", "Deleting"]
 STOPPED = ("Failed", "Interrupted")  # a Pending stage with such a child is to run again (a retry)
 CREATE_TRIES = 3          # refused creates in a row before the stage fails
@@ -317,7 +319,8 @@ def reconcile(run: AlignmentRun, generation: int | None, children: dict[str, Obs
         _hold(startable, stages, lacking, prior, actions, events)
     else:
         _start(run, startable, stages, slots, now, actions, events)
-    status = _run_status(run, old, stages, failed, interrupted, edited, generation, now)
+    status = promotion.apply(run, _run_status(run, old, stages, failed, interrupted, edited, generation, now), old,
+                             now, generation)  # spec.promote: the decision once every stage succeeded
     if retrying:
         status.retry_request = retry
     degraded = [f"stage {s.name}: {w}" for s in status.stages for w in s.warnings]
@@ -325,12 +328,13 @@ def reconcile(run: AlignmentRun, generation: int | None, children: dict[str, Obs
         status.conditions.append(condition(
             old.conditions, "Degraded", "True" if degraded else "False", "LearningNothing" if degraded else "Learning",
             "; ".join(degraded), now, generation))
-    if status.phase != old.phase and status.phase in ("Succeeded", "Failed"):
+    if status.phase != old.phase and status.phase in FINISHED:
         events.append(Event("Normal" if status.phase == "Succeeded" else "Warning", f"Run{status.phase}",
                             f"run {status.phase.lower()}: {status.progress} stages succeeded"
+                            + (f"; {status.promotion.message}" if status.promotion else "")
                             + (f"; model {status.model}" if status.phase == "Succeeded" and status.model else "")))
     ttl = run.spec.ttl_seconds_after_finished
-    if status.phase in ("Succeeded", "Failed") and ttl is not None and status.completion_time:
+    if status.phase in FINISHED and ttl is not None and status.completion_time:
         left = (_ts(status.completion_time) + timedelta(seconds=ttl) - _ts(now)).total_seconds()
         actions.append(DeleteChildren() if left <= 0 else RequeueAfter(left))
     return Outcome(status=status, actions=actions + events)

@@ -733,6 +733,70 @@ class ObjectStoreSpec(ApiModel):
         "Identity / GKE or Azure workload identity, through the AWS SDK's credential chain)."))
 
 
+class GateSpec(ApiModel):
+    model_config = {**ApiModel.model_config, "json_schema_extra": x_validations(
+        ("(has(self.min) ? 1 : 0) + (has(self.max) ? 1 : 0) + (has(self.atLeastAsGoodAs) ? 1 : 0) == 1",
+         "a gate gives exactly one of min, max or atLeastAsGoodAs"),
+    )}
+
+    metric: str = Field(min_length=1, max_length=128, description=(
+        "A metric of the eval stage's results (status.stages[].metrics), e.g. preference_accuracy, "
+        "reward_margin, eval_loss, ifeval/prompt_level_strict_acc, alpaca_eval/length_controlled_winrate."))
+    min: float | None = Field(None, description="Passes when the metric is at least this.")
+    max: float | None = Field(None, description="Passes when the metric is at most this (losses, perplexity).")
+    at_least_as_good_as: str | None = Field(None, max_length=40, description=(
+        "Another eval stage (e.g. one that evaluates the SFT model): passes when the candidate's metric is at "
+        "least as good as that stage's (higher, or lower for a loss, perplexity or seconds)."))
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> "GateSpec":
+        if sum(x is not None for x in (self.min, self.max, self.at_least_as_good_as)) != 1:
+            raise ValueError(f"gate on {self.metric}: give exactly one of min, max or atLeastAsGoodAs")
+        return self
+
+
+class PromoteSpec(ApiModel):
+    eval: str | None = Field(None, max_length=40, description=(
+        "The eval stage whose results decide. An eval of several stages (a matrix's variants, eval.stages) "
+        "makes each evaluated stage a candidate. Default: the last eval stage."))
+    gates: list[GateSpec] = Field([], max_length=16, description=(
+        "What the model must meet to ship; all must pass. None: the eval's (best) candidate is promoted."))
+    choose_by: str | None = Field(None, max_length=128, description=(
+        "Among candidates that pass every gate, the best by this metric (higher is better unless it names a loss, "
+        "perplexity or seconds). Default: the eval's compareBy, else preference_accuracy."))
+
+
+def _promote_rules() -> list[tuple[str, str, str]]:
+    """promote names eval stages (CEL; promote_problems is the Python twin)."""
+    return [
+        ("!has(self.promote) || self.stages.exists(s, s.method == 'eval')",
+         "promote decides on an eval stage's results: add a stage with method eval", ".promote"),
+        ("!has(self.promote) || !has(self.promote.eval) || "
+         "self.stages.exists(s, s.name == self.promote.eval && s.method == 'eval')",
+         "promote.eval must name an eval stage", ".promote.eval"),
+        ("!has(self.promote) || self.promote.gates.all(g, !has(g.atLeastAsGoodAs) || "
+         "self.stages.exists(s, s.name == g.atLeastAsGoodAs && s.method == 'eval'))",
+         "promote.gates[].atLeastAsGoodAs must name an eval stage", ".promote.gates"),
+    ]
+
+
+def promote_problems(spec: "AlignmentRunSpec") -> list[str]:
+    p = spec.promote
+    if p is None:
+        return []
+    evals = [s.name for s in spec.stages if s.method == "eval"]
+    if not evals:
+        return ["spec.promote: promote decides on an eval stage's results: add a stage with method eval"]
+    out = []
+    if p.eval is not None and p.eval not in evals:
+        out.append(f"spec.promote.eval: {p.eval!r} is not an eval stage; accepted: {', '.join(evals)}")
+    for k, g in enumerate(p.gates):
+        if g.at_least_as_good_as is not None and g.at_least_as_good_as not in evals:
+            out.append(f"spec.promote.gates[{k}].atLeastAsGoodAs: {g.at_least_as_good_as!r} is not an eval stage; "
+                       f"accepted: {', '.join(evals)}")
+    return out
+
+
 class AlignmentRunSpec(ApiModel):
     model_config = {**ApiModel.model_config, "json_schema_extra": x_validations(
         ("!has(self.hub) || has(self.trainer.hfTokenSecretRef)",
@@ -751,6 +815,7 @@ class AlignmentRunSpec(ApiModel):
          "self.stages.exists(j, t, j < i && t.name == s.eval.rewardModel && t.method == 'reward'))",
          "stages[].eval.rewardModel must name an earlier reward stage", ".stages"),
         _stage_dataset_rule(),
+        *_promote_rules(),
     )}
 
     model: ModelSpec = Field(description="The base model the first stage starts from.")
@@ -787,6 +852,10 @@ class AlignmentRunSpec(ApiModel):
         "reused by every later stage. A missing object or refused credentials fail the stage (exit 2, "
         "ObjectStoreError), an endpoint that does not answer is retried (ObjectStoreUnreachable); both name the "
         "URI, never a key."))
+    promote: PromoteSpec | None = Field(None, description=(
+        "Ship only what the run's own evaluation passes: gates on an eval stage's results, the best candidate "
+        "among several, status.promotion (chosen stage, model, each gate's value and verdict) and the Promoted "
+        "condition. A run whose gates fail ends in phase Held (Ready=False, Stalled=True), not Succeeded."))
     hub: HubSpec | None = Field(None, description=(
         "Push the final model and its card (base model, datasets, each stage's recipe, evaluation results) "
         "to the Hugging Face Hub."))
@@ -797,4 +866,11 @@ class AlignmentRunSpec(ApiModel):
         if self.hub is not None and self.trainer.hf_token_secret_ref is None and not (info.context or {}).get("local"):
             raise ValueError("hub: pushing needs trainer.hfTokenSecretRef (a Secret with a Hugging Face token "
                              "with write access)")
+        return self
+
+    @model_validator(mode="after")
+    def _promote_names_eval_stages(self) -> "AlignmentRunSpec":
+        problems = promote_problems(self)
+        if problems:
+            raise ValueError("; ".join(p.removeprefix("spec.") for p in problems))
         return self

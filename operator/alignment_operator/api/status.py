@@ -13,7 +13,7 @@ from pydantic import Field, ValidationError
 
 from .base import ApiModel, KubeObject
 
-RunPhase = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"]
+RunPhase = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended", "Held"]
 StagePhase = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"]
 RETRY_REQUEST_MAX = 253  # status.retryRequest's maxLength: a longer alignment.dev/retry value is refused
 
@@ -137,6 +137,30 @@ class ComparisonRow(ApiModel):
     best: bool = Field(False, description="Best by the compared metric.")
 
 
+class GateResult(ApiModel):
+    """One gate of spec.promote, measured on one candidate."""
+
+    metric: str = Field(description="The metric gated on.")
+    stage: str = Field(description="The eval stage (entry) whose result it is: the candidate's.")
+    value: float | None = Field(None, description="The candidate's value; unset: the eval reported no such metric.")
+    threshold: float | None = Field(None, description="What it had to meet: min or max, or the other stage's value.")
+    rule: str = Field(description="min, max, or atLeastAsGoodAs:<eval stage>.")
+    passed: bool = Field(description="Whether the candidate met it.")
+
+
+class PromotionStatus(ApiModel):
+    """What spec.promote decided once every stage finished."""
+
+    verdict: Literal["Promoted", "Held"] = Field(description="Promoted: a candidate passed every gate; Held: none did.")
+    eval_stage: str = Field(description="The eval stage whose results decided.")
+    stage: str | None = Field(None, description="The promoted (trained) stage; when held, the best candidate's.")
+    model: str | None = Field(None, description="The promoted model on the run's volume (that stage's final/).")
+    chosen_by: str | None = Field(None, description="The metric candidates were ranked by (several candidates).")
+    candidates: int = Field(0, ge=0, description="Candidates the eval measured.")
+    gates: list[GateResult] = Field([], description="Each gate on the chosen (or, when held, the best) candidate.")
+    message: str = Field("", max_length=4096, description="The decision in one line: the gates that failed, or passed.")
+
+
 class AlignmentRunStatus(ApiModel):
     phase: RunPhase = Field("Pending", description="Pending, Running, Succeeded, Failed or Suspended.")
     current_stage: str | None = Field(None, description="The stage running now, or the last one.")
@@ -157,6 +181,8 @@ class AlignmentRunStatus(ApiModel):
     completion_time: str | None = Field(None, description="When the run finished (RFC 3339).")
     gpu_seconds: float = Field(0.0, ge=0, description="The stages' gpuSeconds, summed.")
     gpu_hours: float = Field(0.0, ge=0, description="gpuSeconds / 3600, rounded to 0.01 (the GPU-H column).")
+    promotion: PromotionStatus | None = Field(None, description=(
+        "spec.promote's decision: Promoted (chosen stage, model path, each gate's value and verdict) or Held."))
     comparison: list[ComparisonRow] = Field([], description=(
         "An eval stage that evaluates several stages (a matrix's variants, or eval.stages): one row per evaluated "
         "stage, best first by eval.compareBy."))

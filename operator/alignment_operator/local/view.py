@@ -229,6 +229,8 @@ def summary(run, status, run_dir: Path, curves: Path | None) -> None:
               f"{ev.get('preference_accuracy', float('nan')):.0%})")
         if models.get("generations"):
             print(f"generations: {rel(models['generations'])}")
+    if status.promotion is not None:
+        print("\n" + promotion_table(status.promotion) + "\n")
     if curves:
         print(f"curves: {rel(curves)}")
     print(f"status: {rel(run_dir / 'status.json')}")
@@ -240,3 +242,15 @@ def summary(run, status, run_dir: Path, curves: Path | None) -> None:
         log = run_dir / failed.name / "log.txt"
         print(f"\nstage {failed.name} failed: {failed.message}"
               + (f"\n  its output: {rel(log)}" if log.is_file() else ""), file=sys.stderr)
+
+
+def promotion_table(p) -> str:
+    """spec.promote's decision: the verdict, then one row per gate (value, rule, threshold, verdict)."""
+    head = f"PROMOTION: {p.verdict} {p.stage or ''}" + (f" ({rel(p.model)})" if p.model else "")
+    if p.candidates > 1:
+        head += f", best of {p.candidates} by {p.chosen_by}"
+    rows = [["GATE", "STAGE", "VALUE", "RULE", "THRESHOLD", "VERDICT"]]
+    for g in p.gates:
+        rows.append([g.metric, g.stage, "missing" if g.value is None else _fmt(g.value), g.rule,
+                     "missing" if g.threshold is None else _fmt(g.threshold), "passed" if g.passed else "FAILED"])
+    return head + ("\n" + _table(rows) if p.gates else "")

@@ -1,0 +1,121 @@
+"""spec.promote as tables: the tiny pipeline (sft -> dpo -> eval, plus an eval of the SFT model) passes a
+gate it meets and is held by one it misses (phase Held, Ready False, Stalled True, Promoted False, the
+failing gate's value in status.promotion); a sweep's best passing variant is the one promoted; bad
+promote specs are refused naming the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from alignment_operator.api import RunInvalid, parse_run
+from alignment_operator.local.view import promotion_table
+from alignment_operator.reconcile import CreateStage, Event, ObservedChild, reconcile
+
+ROOT = Path(__file__).resolve().parents[2]
+NOW = "2026-12-06T10:00:00Z"
+EVAL_SFT = {"name": "eval-sft", "method": "eval", "from": "sft",
+            "datasets": [{"source": "examples/data/prefs_test.jsonl"}], "resources": {"gpusPerNode": 0}}
+
+
+def tiny(promote: dict, extra_stages=(), matrix: dict | None = None, status: dict | None = None):
+    doc = yaml.safe_load((ROOT / "examples" / "tiny-run.yaml").read_text())
+    doc["metadata"].update(namespace="default", uid="u-1", generation=1)
+    stages = doc["spec"]["stages"]
+    if matrix:
+        stages[1]["matrix"] = matrix
+    doc["spec"]["stages"] = [stages[0], *extra_stages, *stages[1:]]
+    doc["spec"]["promote"] = promote
+    if status is not None:
+        doc["status"] = status
+    return doc
+
+
+def drive(doc: dict, metrics: dict[str, dict]):
+    """Play every stage to success with `metrics` per stage (an eval entry's or a trained stage's)."""
+    observed, status, out = {}, None, None
+    for _ in range(20):
+        run = parse_run({**doc, **({"status": status} if status else {})})
+        out = reconcile(run, 1, observed, NOW)
+        status = out.status.wire()
+        for a in out.actions:
+            if isinstance(a, CreateStage):
+                name = run.spec.stages[a.index].name
+                observed[name] = ObservedChild(stage=name, name=f"tiny-{name}", state="Succeeded", finished=NOW, result={
+                    "checkpoint": f"/w/{name}/final", "metrics": metrics.get(name, {"train_loss": 1.0})})
+        if out.status.phase in ("Succeeded", "Failed", "Held"):
+            break
+    return out
+
+
+GATES = [{"metric": "preference_accuracy", "min": 0.6},
+         {"metric": "preference_accuracy", "atLeastAsGoodAs": "eval-sft"}]
+
+
+def test_the_tiny_pipeline_passes_gates_it_meets_and_is_promoted():
+    out = drive(tiny({"gates": GATES}, [EVAL_SFT]), {"eval-sft": {"preference_accuracy": 0.30},
+                                                     "eval": {"preference_accuracy": 0.85}})
+    s = out.status
+    p = s.promotion
+    assert (s.phase, p.verdict, p.stage, p.model, p.eval_stage) == ("Succeeded", "Promoted", "dpo", "/w/dpo/final",
+                                                                     "eval")
+    assert [(g.rule, g.value, g.threshold, g.passed) for g in p.gates] == [
+        ("min", 0.85, 0.6, True), ("atLeastAsGoodAs:eval-sft", 0.85, 0.30, True)]
+    conditions = {c.type: (c.status, c.reason) for c in s.conditions}
+    assert conditions["Promoted"] == ("True", "GatesPassed") and conditions["Ready"][0] == "True"
+    assert "PROMOTION: Promoted dpo" in promotion_table(p) and "FAILED" not in promotion_table(p)
+
+
+def test_a_gate_it_misses_holds_the_run_with_the_value_that_failed():
+    out = drive(tiny({"gates": [{"metric": "preference_accuracy", "min": 0.9}, GATES[1]]}, [EVAL_SFT]),
+                {"eval-sft": {"preference_accuracy": 0.30}, "eval": {"preference_accuracy": 0.85}})
+    s = out.status
+    assert s.phase == "Held" and s.completion_time == NOW
+    assert [(g.value, g.threshold, g.passed) for g in s.promotion.gates] == [(0.85, 0.9, False), (0.85, 0.30, True)]
+    conditions = {c.type: (c.status, c.reason) for c in s.conditions}
+    assert conditions["Promoted"] == ("False", "GatesNotMet")
+    assert conditions["Ready"] == ("False", "GatesNotMet") and conditions["Stalled"] == ("True", "GatesNotMet")
+    assert conditions["Reconciling"][0] == "False"  # nothing left to do: a GitOps wait fails, never hangs
+    assert "preference_accuracy 0.85 >= 0.9: failed" in s.promotion.message
+    assert [a.reason for a in out.actions if isinstance(a, Event)][-1] == "RunHeld"
+    assert "FAILED" in promotion_table(s.promotion)
+    # Held is final: the next pass (a restarted operator) does nothing and keeps it.
+    again = reconcile(parse_run(tiny({"gates": [{"metric": "preference_accuracy", "min": 0.9}, GATES[1]]},
+                                     [EVAL_SFT], status=s.wire())), 1, {}, NOW)
+    assert again.status.phase == "Held" and not [a for a in again.actions if isinstance(a, CreateStage)]
+
+
+def test_a_missing_metric_fails_its_gate_rather_than_passing():
+    out = drive(tiny({"gates": [{"metric": "ifeval/prompt_level_strict_acc", "min": 0.1}]}),
+                {"eval": {"preference_accuracy": 0.85}})
+    assert out.status.phase == "Held"
+    assert out.status.promotion.gates[0].value is None and "missing" in out.status.promotion.message
+
+
+def test_a_sweeps_best_passing_variant_is_promoted():
+    doc = tiny({"gates": [{"metric": "preference_accuracy", "min": 0.6}], "chooseBy": "preference_accuracy"},
+               matrix={"beta": [0.05, 0.1, 0.5]})
+    doc["spec"]["stages"][-1]["eval"] = {"stages": ["dpo"]}
+    doc["spec"]["stages"][-1].pop("from", None)
+    run = parse_run(doc)
+    evals = [s.name for s in run.spec.stages if s.method == "eval"]
+    assert len(evals) == 3
+    scores = dict(zip(evals, (0.7, 0.9, 0.5)))
+    out = drive(doc, {e: {"preference_accuracy": v} for e, v in scores.items()})
+    p = out.status.promotion
+    best_eval = max(scores, key=scores.get)
+    assert (p.verdict, p.candidates, p.chosen_by) == ("Promoted", 3, "preference_accuracy")
+    assert p.stage == run.expansion[best_eval].evaluates and p.stage.startswith("dpo-")
+    assert out.status.model == f"/w/{p.stage}/final" and p.gates[0].value == 0.9
+
+
+@pytest.mark.parametrize("promote, field", [
+    ({"eval": "dpo"}, "promote.eval"),
+    ({"gates": [{"metric": "m", "atLeastAsGoodAs": "sft"}]}, "atLeastAsGoodAs"),
+    ({"gates": [{"metric": "m", "min": 0.1, "max": 0.9}]}, "exactly one of min, max or atLeastAsGoodAs"),
+])
+def test_bad_promote_specs_are_refused_naming_the_field(promote, field):
+    with pytest.raises(RunInvalid, match=field):
+        parse_run(tiny(promote))
