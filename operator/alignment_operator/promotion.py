@@ -106,6 +106,30 @@ def decide(run: AlignmentRun, stages: list[StageStatus]) -> PromotionStatus | No
                            message=message)
 
 
+def pending_exports(run: AlignmentRun, promotion: PromotionStatus | None) -> list[str]:
+    """The promote.exports URIs a promoted model still needs (none done, or one that failed)."""
+    if promotion is None or promotion.verdict != "Promoted" or run.spec.promote is None:
+        return []
+    done = {e.uri.rstrip("/") for e in promotion.exports if e.digest and not e.error}
+    return [x.uri for x in run.spec.promote.exports if x.uri.rstrip("/") not in done]
+
+
+def exported_condition(run: AlignmentRun, decision: PromotionStatus, old: AlignmentRunStatus, now: str,
+                       generation: int | None):
+    from .reconcile import condition
+
+    failed = [e for e in decision.exports if e.error]
+    left = pending_exports(run, decision)
+    if failed:
+        return condition(old.conditions, "Exported", "False", "ExportFailed",
+                         "; ".join(f"{e.uri}: {e.error}" for e in failed), now, generation)
+    if left:
+        return condition(old.conditions, "Exported", "Unknown", "ExportPending", f"exporting {decision.stage} to "
+                         + ", ".join(left), now, generation)
+    return condition(old.conditions, "Exported", "True", "ExportsComplete", "; ".join(
+        f"{e.uri} {e.digest} ({e.bytes} bytes)" for e in decision.exports), now, generation)
+
+
 def _compare_by(run: AlignmentRun, entry: str) -> str:
     from .reconcile import compare_metric
 
@@ -137,6 +161,10 @@ def apply(run: AlignmentRun, status: AlignmentRunStatus, old: AlignmentRunStatus
     conditions = [*conditions, condition(old.conditions, "Promoted", "True" if promoted else "False",
                                          "GatesPassed" if promoted else "GatesNotMet", decision.message, now,
                                          generation)]
+    if promoted and run.spec.promote.exports:
+        kept = old.promotion.exports if old.promotion is not None and old.promotion.model == decision.model else []
+        decision.exports = [e for e in kept if e.uri.rstrip("/") in {x.uri.rstrip("/") for x in run.spec.promote.exports}]
+        conditions.append(exported_condition(run, decision, old, now, generation))
     update = {"promotion": decision, "conditions": conditions}
     if promoted and decision.model:
         update["model"] = decision.model

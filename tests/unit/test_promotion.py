@@ -119,3 +119,37 @@ def test_a_sweeps_best_passing_variant_is_promoted():
 def test_bad_promote_specs_are_refused_naming_the_field(promote, field):
     with pytest.raises(RunInvalid, match=field):
         parse_run(tiny(promote))
+
+
+def test_exports_of_the_promoted_model_are_pending_then_complete_or_failed_in_the_exported_condition():
+    from alignment_operator.api.status import ExportResult
+    from alignment_operator.promotion import pending_exports
+
+    promote = {"gates": [{"metric": "preference_accuracy", "min": 0.6}],
+               "exports": [{"uri": "s3://exports/tiny"}, {"uri": "s3://backup/tiny/"}]}
+    doc = tiny(promote)
+    out = drive(doc, {"eval": {"preference_accuracy": 0.85}})
+    s = out.status
+    assert pending_exports(parse_run(doc), s.promotion) == ["s3://exports/tiny", "s3://backup/tiny/"]
+    assert {c.type: c.reason for c in s.conditions}["Exported"] == "ExportPending"
+    # The shell records what it wrote (objectstore.export's result); the next pass words it.
+    s.promotion.exports = [ExportResult(uri="s3://exports/tiny", digest="sha256:ab", bytes=10, files=2),
+                           ExportResult(uri="s3://backup/tiny", error="exporting to s3://backup/tiny/: no such bucket")]
+    again = reconcile(parse_run(tiny(promote, status=s.wire())), 1, {}, NOW).status
+    exported = {c.type: c for c in again.conditions}["Exported"]
+    assert (exported.status, exported.reason) == ("False", "ExportFailed") and "no such bucket" in exported.message
+    assert pending_exports(parse_run(doc), again.promotion) == ["s3://backup/tiny/"]  # tried again, the other kept
+    again.promotion.exports[1] = ExportResult(uri="s3://backup/tiny", digest="sha256:ab", bytes=10, files=2)
+    done = reconcile(parse_run(tiny(promote, status=again.wire())), 1, {}, NOW).status
+    assert {c.type: c.status for c in done.conditions}["Exported"] == "True" and done.phase == "Succeeded"
+    held = drive(tiny({**promote, "gates": [{"metric": "preference_accuracy", "min": 0.9}]}),
+                 {"eval": {"preference_accuracy": 0.85}}).status
+    assert "Exported" not in {c.type for c in held.conditions} and pending_exports(parse_run(doc), held.promotion) == []
+
+
+def test_an_export_uri_is_an_s3_uri_without_credentials():
+    for uri, words in (("https://example.com/x", "not an s3://bucket/prefix URI"),
+                       ("s3://key:secret@bucket/x", "an s3:// URI with credentials")):
+        with pytest.raises(RunInvalid, match=words) as err:
+            parse_run(tiny({"exports": [{"uri": uri}]}))
+        assert "secret@" not in str(err.value)

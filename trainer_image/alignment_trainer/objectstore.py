@@ -289,24 +289,32 @@ def export(folder: str | Path, uri: str, endpoint_url: str | None = None, region
     if not files:
         raise ObjectStoreError(f"exporting {folder} to {uri}: nothing to export (no files)")
     total = sum(f[2] for f in files)
+    digest = hashlib.sha256("".join(f"{d}  {r}\n" for r, _, _, d in files).encode()).hexdigest()
     s3 = client(endpoint_url, region)
     started, verified, attempt = time.monotonic(), set(), 0
+    try:
+        done = exported(uri, endpoint_url, region)
+    except (ObjectStoreError, ObjectStoreUnreachable):  # the writes below say what is wrong, and retry
+        done = None
+    if done is not None and done.get("sha256") == digest:  # the same files, complete: nothing to write
+        log(f"{uri}: already exported (sha256:{digest[:12]}...)")
+        return {"uri": str(u).rstrip("/"), "digest": f"sha256:{digest}", "bytes": total, "files": len(files),
+                "seconds": 0.0, "attempts": 0}
     while True:
         attempt += 1
         try:
-            for rel, path, size, digest in files:
+            for rel, path, size, file_digest in files:
                 if rel in verified:
                     continue
                 key = u.child(rel)
-                s3.upload_file(str(path), u.bucket, key.key, ExtraArgs={"Metadata": {DIGEST_KEY: digest}})
+                s3.upload_file(str(path), u.bucket, key.key, ExtraArgs={"Metadata": {DIGEST_KEY: file_digest}})
                 head = s3.head_object(Bucket=u.bucket, Key=key.key)
-                if head["ContentLength"] != size or head.get("Metadata", {}).get(DIGEST_KEY) != digest:
+                if head["ContentLength"] != size or head.get("Metadata", {}).get(DIGEST_KEY) != file_digest:
                     raise ObjectStoreUnreachable(f"exporting {_where(key, s3)}: read back {head['ContentLength']} "
                                                  f"bytes, digest {head.get('Metadata', {}).get(DIGEST_KEY)}; "
-                                                 f"wrote {size}, {digest}")
+                                                 f"wrote {size}, {file_digest}")
                 verified.add(rel)
                 log(f"exporting to {uri}: {len(verified)}/{len(files)} files verified")
-            digest = hashlib.sha256("".join(f"{d}  {r}\n" for r, _, _, d in files).encode()).hexdigest()
             manifest = {"files": [{"path": r, "bytes": s, "sha256": d} for r, _, s, d in files],
                         "bytes": total, "sha256": digest}
             body = json.dumps(manifest, indent=1).encode()

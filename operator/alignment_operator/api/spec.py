@@ -47,13 +47,13 @@ def s3_rule(field: str) -> tuple[str, str, str]:
             S3_URI_MESSAGE, f".{field}")
 
 
-def check_s3(data):
+def check_s3(data, field: str = "source"):
     """A model_validator(mode="before"): on the whole mapping, so a refused URI that holds credentials is
     never echoed (errors show a mapping's type only); a bad bucket name is."""
-    value = data.get("source") if isinstance(data, dict) else None
+    value = data.get(field) if isinstance(data, dict) else None
     if isinstance(value, str) and value.startswith("s3://") and not re.match(S3_URI, value):
         shown = "an s3:// URI with credentials (user:key@)" if "@" in value else repr(value)
-        raise ValueError(f"source: {shown}: {S3_URI_MESSAGE}")
+        raise ValueError(f"{field}: {shown}: {S3_URI_MESSAGE}")
     return data
 
 
@@ -755,6 +755,27 @@ class GateSpec(ApiModel):
         return self
 
 
+class ExportSpec(ApiModel):
+    model_config = {**ApiModel.model_config, "json_schema_extra": x_validations(
+        ("self.uri.startsWith('s3://') && self.uri.matches('" + S3_URI + "')", S3_URI_MESSAGE, ".uri"),
+    )}
+
+    uri: str = Field(min_length=6, max_length=1024, description=(
+        "s3://bucket/prefix (spec.objectStore's store) the promoted model's files are written under. Each object is "
+        "read back and checked (size, SHA-256) before <prefix>/_EXPORT_COMPLETE.json (files, bytes, digest) is "
+        "written: a reader that waits for it never sees a partial model. A failed export is retried; its result "
+        "(URI, digest, bytes, time) goes to status.promotion.exports."))
+
+    _s3_uri = model_validator(mode="before")(classmethod(lambda cls, data: check_s3(data, "uri")))
+
+    @field_validator("uri")
+    @classmethod
+    def _is_s3(cls, value: str) -> str:
+        if not value.startswith("s3://"):
+            raise ValueError(f"uri: {value!r} is not an s3://bucket/prefix URI (the Hub push is spec.hub)")
+        return value
+
+
 class PromoteSpec(ApiModel):
     eval: str | None = Field(None, max_length=40, description=(
         "The eval stage whose results decide. An eval of several stages (a matrix's variants, eval.stages) "
@@ -764,6 +785,8 @@ class PromoteSpec(ApiModel):
     choose_by: str | None = Field(None, max_length=128, description=(
         "Among candidates that pass every gate, the best by this metric (higher is better unless it names a loss, "
         "perplexity or seconds). Default: the eval's compareBy, else preference_accuracy."))
+    exports: list[ExportSpec] = Field([], max_length=8, description=(
+        "Where the promoted model (only a promoted one) is written once the gates pass: object-store URIs."))
 
 
 def _promote_rules() -> list[tuple[str, str, str]]:

@@ -148,6 +148,19 @@ class GateResult(ApiModel):
     passed: bool = Field(description="Whether the candidate met it.")
 
 
+class ExportResult(ApiModel):
+    """One promote.exports[] entry's outcome."""
+
+    uri: str = Field(description="Where the model was written (s3://bucket/prefix).")
+    digest: str | None = Field(None, description="sha256 of the exported files' SHA-256 list (_EXPORT_COMPLETE.json).")
+    bytes: int | None = Field(None, ge=0, description="Bytes written.")
+    files: int | None = Field(None, ge=0, description="Files written.")
+    seconds: float | None = Field(None, ge=0, description="Time the export took (0: already there, the same files).")
+    attempts: int | None = Field(None, ge=0, description="Tries it took (retries after a store that did not answer).")
+    completed: str | None = Field(None, description="When it was marked complete (RFC 3339).")
+    error: str | None = Field(None, max_length=4096, description="Why it failed (never a credential).")
+
+
 class PromotionStatus(ApiModel):
     """What spec.promote decided once every stage finished."""
 
@@ -159,6 +172,8 @@ class PromotionStatus(ApiModel):
     candidates: int = Field(0, ge=0, description="Candidates the eval measured.")
     gates: list[GateResult] = Field([], description="Each gate on the chosen (or, when held, the best) candidate.")
     message: str = Field("", max_length=4096, description="The decision in one line: the gates that failed, or passed.")
+    exports: list[ExportResult] = Field([], description=(
+        "promote.exports' results: each URI with its digest, bytes and time, or its error."))
 
 
 class AlignmentRunStatus(ApiModel):

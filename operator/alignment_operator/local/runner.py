@@ -48,7 +48,7 @@ from ..api.status import CheckpointRef
 from ..reconcile import CreateStage, DeleteChild, Event, ObservedChild, attempt_run, reconcile
 from ..render.manifests import child_name
 from ..render.recipe import build_recipe, stage_dir
-from . import plan, view
+from . import exports, plan, view
 from .lock import RunLock, RunLocked
 from .overrides import apply_overrides
 from .paths import path_problems
@@ -409,5 +409,10 @@ def _run(run: AlignmentRun, root: str, run_dir: Path, command: str, redo: list[s
         for s, handler in previous.items():
             signal.signal(s, handler)
 
+    if exports.export_promoted(run, run_dir):  # spec.promote.exports: the promoted model leaves the run
+        run.status = reconcile(run, None, observed, now(), slots=slots).status
+        write_status(run_dir, run.status)
     view.summary(run, run.status, run_dir, write_curves(run, run_dir))
+    if any(c.type == "Exported" and c.status == "False" for c in run.status.conditions):
+        return 1  # trained and promoted, but not where it had to go
     return 0 if run.status.phase == "Succeeded" else 1

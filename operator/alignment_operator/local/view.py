@@ -253,4 +253,6 @@ def promotion_table(p) -> str:
     for g in p.gates:
         rows.append([g.metric, g.stage, "missing" if g.value is None else _fmt(g.value), g.rule,
                      "missing" if g.threshold is None else _fmt(g.threshold), "passed" if g.passed else "FAILED"])
-    return head + ("\n" + _table(rows) if p.gates else "")
+    lines = [f"export {e.uri}: " + (f"{e.digest}, {e.bytes} bytes, {e.files} files, {e.seconds} s" if not e.error
+                                    else f"FAILED: {e.error}") for e in p.exports]
+    return "\n".join([head + ("\n" + _table(rows) if p.gates else ""), *lines])
