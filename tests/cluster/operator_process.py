@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -15,10 +16,12 @@ from controlplane import free_port
 class Operator:
     """`alignctl operator` as a child process, watching one namespace."""
 
-    def __init__(self, kubeconfig: Path, namespace: str, log: Path, extra_env: dict | None = None):
+    def __init__(self, kubeconfig: Path, namespace: str, log: Path, extra_env: dict | None = None,
+                 nofile: int | None = None):
+        """nofile: the process's open-file limit (a pod's container often has 1024), else this one's."""
         self.kubeconfig, self.namespace, self.log = kubeconfig, namespace, log
         self.proc: subprocess.Popen | None = None
-        self.extra_env = extra_env or {}
+        self.extra_env, self.nofile = extra_env or {}, nofile
 
     def start(self, live: bool = True) -> "Operator":
         """The process started; with `live`, once its /healthz answers (one that kills itself early,
@@ -29,7 +32,9 @@ class Operator:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "alignment_operator.cli", "operator", "--namespaces", self.namespace,
              "--liveness", f"http://127.0.0.1:{port}/healthz"],
-            env=env, stdout=self.log.open("a"), stderr=subprocess.STDOUT)
+            env=env, stdout=self.log.open("a"), stderr=subprocess.STDOUT,
+            preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile)))
+            if self.nofile else None)
         if not live:
             return self
         deadline = time.monotonic() + 60
