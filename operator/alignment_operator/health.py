@@ -4,6 +4,8 @@
   newest complete checkpoint and the seconds trained since (alignment_trainer.live.CheckpointClock);
   `note_checkpoint` turns that into status.stages[].latestCheckpoint {step, path, time, complete}.
 - What a disruption or a restart cost: the steps trained past that checkpoint (`lost_work`).
+- Hangs: no progress report and no heartbeat for the stage's hang timeout once its attempt reported
+  (`silent_for`, `hang_timeout`); reconcile restarts it as a group from its newest checkpoint.
 - Learning nothing: the trainer's LearningGuard reports `degraded/<what>` figures with its progress;
   `warnings` words them (the stage's warnings, the run's Degraded condition, a Warning Event).
 """
@@ -11,6 +13,7 @@
 from __future__ import annotations
 
 import posixpath
+from datetime import datetime
 
 from alignment_trainer.recipe import GuardArgs
 
@@ -38,9 +41,11 @@ def lost_work(st: StageStatus) -> tuple[int, str]:
     p = st.progress
     if p is None or p.step is None:
         return 0, "no progress reported yet"
-    base = p.checkpoint_step or 0
-    steps = max(0, p.step - base)
-    where = f"checkpoint-{base}" if p.checkpoint_step is not None else "the start"
+    saved = [s for s in (p.checkpoint_step, st.latest_checkpoint.step if st.latest_checkpoint else None)
+             if s is not None and s <= p.step]
+    base = max(saved, default=0)
+    steps = p.step - base
+    where = f"checkpoint-{base}" if saved else "the start"
     seconds = f", {p.work_at_risk_seconds:.0f}s of training" if p.work_at_risk_seconds is not None else ""
     return steps, f"cost {steps} step(s){seconds}: step {p.step} back to {where}"
 
@@ -51,3 +56,41 @@ def warnings(progress: StageProgress | None, guards: GuardArgs | None) -> list[s
         return []
     return [(guards or GuardArgs()).describe(key, value) for field, key in DEGRADED.items()
             if (value := getattr(progress, field)) is not None]
+
+
+# ---------------------------------------------------------------------------- hangs
+
+HANG_FLOOR_S = 300        # the default hang timeout is never shorter than this
+HANG_STEPS = 10           # ... nor than this many of the stage's measured steps
+
+
+def hang_timeout(st: StageStatus, own: int | None) -> int:
+    """stages[].hangTimeoutSeconds, else HANG_STEPS of the stage's measured step time, at least HANG_FLOOR_S."""
+    if own is not None:
+        return own
+    step = st.progress.step_seconds if st.progress is not None and st.progress.step_seconds else 0.0
+    return max(HANG_FLOOR_S, int(HANG_STEPS * step + 0.5))
+
+
+def silent_for(st: StageStatus, now: datetime) -> float | None:
+    """Seconds since the stage's current attempt last reported progress or a heartbeat; None before its first
+    report (loading, reference precompute: nothing to compare yet) or when the report is an earlier attempt's."""
+    p = st.progress
+    if p is None or not st.start_time:
+        return None
+    try:
+        last, started = _ts(p.last_updated), _ts(st.start_time)
+        return None if last < started else (now - last).total_seconds()
+    except (ValueError, TypeError):  # not a time (or one without its zone): nothing to measure from
+        return None
+
+
+def hang_words(st: StageStatus, waited: float, timeout: int, ranks: list[str]) -> str:
+    p = st.progress
+    at = f"step {p.step}/{p.total_steps}" if p is not None and p.step is not None else "its last report"
+    who = f"; stopped: {', '.join(ranks)}" if ranks else "; which rank stopped is not known"
+    return (f"Hang: no progress or heartbeat for {waited:.0f}s (hangTimeoutSeconds {timeout}) at {at}{who}")
+
+
+def _ts(s: str) -> datetime:
+    return datetime.fromisoformat(s.replace("Z", "+00:00"))

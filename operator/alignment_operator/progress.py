@@ -50,6 +50,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "reward_margin": ("rewards/margins",),
     "reward_accuracy": ("rewards/accuracies",),
     "tokens_per_second": ("tokens_per_second", "train_tokens_per_second"),
+    "step_seconds": ("step_seconds",),
     "checkpoint_step": ("checkpoint_step",),
     "checkpoint_time": ("checkpoint_time",),
     "work_at_risk_seconds": ("work_at_risk_seconds",),

@@ -44,7 +44,7 @@ from .api import RETRY_ANNOTATION, AlignmentRun, AlignmentRunStatus, Condition, 
 from .api.status import ComparisonRow
 from .render.manifests import child_name
 from .render.recipe import stage_dir
-from .health import lost_work, note_checkpoint, warnings as learning_warnings
+from .health import hang_timeout, hang_words, lost_work, note_checkpoint, silent_for, warnings as learning_warnings
 from .api.spec import ModelSpec, StageSpec
 from .graph import inputs
 from . import promotion
@@ -112,6 +112,7 @@ class ObservedChild:
     since: str | None = None            # when it could start: the Job's startTime (reset on resume), else created
     disruptions: int = 0                # its pods disrupted (preempted, evicted, drained), replaced uncounted
     disruption: str | None = None       # the last such pod's words
+    stopped: tuple[str, ...] = ()       # its ranks seen stopped (the local shell reads their process states)
 
 
 @dataclass(frozen=True)
@@ -283,11 +284,13 @@ def reconcile(run: AlignmentRun, generation: int | None, children: dict[str, Obs
                      now, actions, events)
         elif child is None and st.phase == "Pending" and (wait := refusal_wait(st, now)) > 0:
             actions.append(RequeueAfter(wait))  # refused before: the backoff has not passed yet
-        elif child is not None and st.phase == "Pending" and child.state in STOPPED:
+        elif child is not None and st.phase == "Pending" and (child.state in STOPPED or (
+                st.reason == "Hang" and child.state != "Succeeded")):  # a hung group: every rank goes
             # The stopped child of a stage that is to run again (a retry): gone first, then a new one.
             # (A succeeded child is never deleted: it folds in below, whatever status says.)
             actions.append(DeleteChild(spec.name, child.name, child.kind, child.uid))
-            st.message = f"retrying: deleting the {child.state.lower()} {child.kind} {child.name} first"
+            if st.reason != "Hang":  # a hang's words (which rank stopped) stay until the new child starts
+                st.message = f"retrying: deleting the {child.state.lower()} {child.kind} {child.name} first"
         elif child is None and st.phase == "Pending":
             startable.append((i, st))  # started below, within parallelism
         elif child is None:
@@ -323,6 +326,9 @@ def reconcile(run: AlignmentRun, generation: int | None, children: dict[str, Obs
                              now, generation)  # spec.promote: the decision once every stage succeeded
     if retrying:
         status.retry_request = retry
+    hung = [f"stage {s.name}: {s.last_restart}" for s in status.stages if s.last_restart]
+    if hung:  # the last restart for a hang, naming the rank(s) that stopped when known
+        status.conditions.append(condition(old.conditions, "Restarted", "True", "Hang", "; ".join(hung), now, generation))
     degraded = [f"stage {s.name}: {w}" for s in status.stages for w in s.warnings]
     if degraded or any(c.type == "Degraded" for c in old.conditions):
         status.conditions.append(condition(
@@ -456,6 +462,9 @@ def _fold_child(st: StageStatus, child: ObservedChild, run: AlignmentRun, now: s
         events.append(Event("Warning", "StageDisrupted", f"stage {st.name}: {child.disruption}; disruption "
                             f"{st.disruptions} of at most {_max_disruptions(run, st.name)}, not counted against "
                             f"backoffLimit: the new pod resumes from the newest checkpoint ({cost})"))
+    if child.state == "Failed" and child.failure == "hang":  # the local shell stopped a hung stage
+        _hung(st, child, run, now, actions, events, child.message or "Hang")
+        return
     if child.state == "Failed" and child.group and child.failure == "disruption":
         st.disruptions += 1
         if _too_disrupted(st, run, child.message, events):
@@ -506,6 +515,44 @@ def _fold_child(st: StageStatus, child: ObservedChild, run: AlignmentRun, now: s
     said, st.reason = st.reason, None
     if st.phase == "Running" and not child.suspended and (not child.started or child.waiting):
         _not_started(st, child, run, now, actions, events, said)
+    elif st.phase == "Running" and child.state == "Running" and not child.suspended:
+        _watch_hang(st, child, run, now, actions, events)
+
+
+def _watch_hang(st: StageStatus, child: ObservedChild, run: AlignmentRun, now: str,
+                actions: list[Action], events: list[Action]) -> None:
+    """A running stage whose attempt reported before but no step and no heartbeat since its hang timeout
+    is hung (health.silent_for): restarted as a group; otherwise looked at again when the timeout is due."""
+    waited = silent_for(st, _ts(now))
+    if waited is None:
+        return  # nothing reported yet: loading, reference precompute (startDeadlineSeconds covers not starting)
+    own = next((s.hang_timeout_seconds for s in run.spec.stages if s.name == st.name), None)
+    timeout = hang_timeout(st, own)
+    if waited < timeout:
+        actions.append(RequeueAfter(timeout - waited + 1))
+        return
+    _hung(st, child, run, now, actions, events, hang_words(st, waited, timeout, list(child.stopped)))
+
+
+def _hung(st: StageStatus, child: ObservedChild, run: AlignmentRun, now: str,
+          actions: list[Action], events: list[Action], words: str) -> None:
+    """A hung stage: every rank again from the newest complete checkpoint (its child deleted first, counted in
+    restarts against backoffLimit), reason Hang and a Warning Event Hang; past backoffLimit it fails, reason Hang."""
+    limit = spec_backoff(run, st.name)
+    lost, cost = lost_work(st)
+    st.lost_steps += lost
+    actions.append(DeleteChild(st.name, child.name, child.kind, child.uid))  # (a stopped one too: gone first)
+    if st.restarts >= limit:
+        st.phase, st.completion_time, st.reason = "Failed", now, "Hang"
+        st.message = f"{words}; not restarted: {st.restarts} restart(s) already (backoffLimit {limit})"
+        events.append(Event("Warning", "StageFailed", f"stage {st.name} failed: {st.message}"))
+        return
+    st.restarts += 1
+    st.restart_reasons["Hang"] = st.restart_reasons.get("Hang", 0) + 1
+    st.phase, st.previous_attempts, st.reason = "Pending", st.attempts, "Hang"
+    st.message = f"{words}; restarting every rank from the newest checkpoint (restart {st.restarts} of {limit}; {cost})"
+    st.last_restart = st.message
+    events.append(Event("Warning", "Hang", f"stage {st.name}: {st.message}"))
 
 
 def start_deadline(run: AlignmentRun, stage: str) -> int | None:

@@ -215,3 +215,50 @@ def test_stage_command_one_process_or_accelerate_launch(tmp_path):
     assert env["OMP_NUM_THREADS"] == "1" and env["PYTHONUNBUFFERED"] == "1"
     cmd, _ = stage_command(run, 1, recipe)
     assert cmd == [sys.executable, "-m", "alignment_trainer", str(recipe)]
+
+
+def _trainer_pid(recipe: Path) -> int | None:
+    """The process running `python -m alignment_trainer <recipe>`."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"alignment_trainer" in args and str(recipe).encode() in args:
+            return int(cmdline.parent.name)
+    return None
+
+
+@pytest.mark.trainer
+def test_a_stopped_stage_is_restarted_from_its_checkpoint_and_the_run_succeeds(tmp_path, tiny_model):
+    """Issue 31: the SFT stage's trainer is frozen (SIGSTOP) once checkpoint-5 is written. With
+    hangTimeoutSeconds 20 the local runner sees no step and no heartbeat, names the stopped process, kills
+    it, and reconcile restarts the stage from its newest checkpoint (restarts 1, reason Hang): the run succeeds."""
+    def sft_only(stages):
+        del stages[1:]
+        stages[0]["hangTimeoutSeconds"] = 20
+        stages[0]["training"].update(epochs=None, maxSteps=40, saveSteps=5, loggingSteps=5)
+        stages[0]["training"] = {k: v for k, v in stages[0]["training"].items() if v is not None}
+
+    run = write_run(tmp_path, tiny_model, sft_only)
+    workdir = tmp_path / "runs"
+    t0 = time.monotonic()
+    proc, log = start(run, workdir)
+    sft = workdir / "default" / "tiny" / "sft"
+    while not (sft / "checkpoint-5" / "trainer_state.json").is_file():
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() - t0 < 600, "no checkpoint-5"
+        time.sleep(0.2)
+    pid = _trainer_pid(sft / "recipe.yaml")
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    stopped = time.monotonic()
+    code, out = wait((proc, log))
+    assert code == 0, out[-3000:]
+    st = stage(status_of(workdir / "default" / "tiny"), "sft")
+    assert st["phase"] == "Succeeded" and st["restarts"] == 1 and st["restartReasons"] == {"Hang": 1}
+    assert f"stopped: rank 0 (pid {pid})" in st["lastRestart"] and "hangTimeoutSeconds 20" in st["lastRestart"]
+    assert f"! stage sft: Hang: no progress or heartbeat for" in out
+    resumed = [e["resume_from"] for e in events(sft / "log.txt") if e["event"] == "start"]
+    assert resumed[0] is None and resumed[-1] is not None and int(resumed[-1].rsplit("-", 1)[1]) >= 5, resumed
+    print(f"stopped {stopped - t0:.0f}s after the start; the run succeeded {time.monotonic() - stopped:.0f}s later")

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from alignment_operator.api import parse_run
-from alignment_operator.reconcile import Event, reconcile
+from alignment_operator.reconcile import Event, ObservedChild, reconcile
 from alignment_operator.render.manifests import RenderContext, build_stage
 from alignment_trainer import outcome
 from alignment_trainer.launch import WORLD_ENV
@@ -163,3 +163,88 @@ def test_guards_reach_the_recipe_and_bad_ones_are_refused_naming_the_field():
     doc["spec"]["stages"][1]["guards"] = {"rewardTiesFraction": 1.5}
     with pytest.raises(RunInvalid, match=r"spec.stages\[1\].guards.rewardTiesFraction"):
         parse_run(doc)
+
+
+# ---------------------------------------------------------------- hangs
+
+def _silent(seconds_ago: int, hang: int | None = 60, restarts: int = 0, **progress):
+    from datetime import datetime, timedelta
+
+    from alignment_operator.api import StageProgress
+
+    run = make_run()
+    status = sft_running(run)
+    sent = datetime.fromisoformat(NOW.replace("Z", "+00:00")) - timedelta(seconds=seconds_ago)
+    status["stages"][0].update(startTime="2026-11-21T11:00:00Z", restarts=restarts, progress=StageProgress(
+        percent=42, step=42, total_steps=100, checkpoint_step=40, last_updated=sent.isoformat(), **progress).wire())
+    run = make_run(status=status)
+    run.spec.stages[0].hang_timeout_seconds = hang
+    return run
+
+
+def _reasons(out):
+    return [a.reason for a in out.actions if isinstance(a, Event)]
+
+
+def test_a_stage_silent_past_its_hang_timeout_is_restarted_as_a_group_with_reason_hang():
+    from alignment_operator.reconcile import CreateStage, DeleteChild
+
+    run = _silent(100)
+    out = reconcile(run, 1, {"sft": child("sft", "Running", attempts=2, group=True, uid="j1")}, NOW)
+    sft = out.status.stages[0]
+    assert (sft.phase, sft.reason, sft.restarts, sft.restart_reasons, sft.lost_steps) == ("Pending", "Hang", 1,
+                                                                                            {"Hang": 1}, 2)
+    assert DeleteChild("sft", "tiny-sft", "Job", "j1") in out.actions
+    assert "no progress or heartbeat for 100s (hangTimeoutSeconds 60) at step 42/100" in sft.message
+    assert "restart 1 of 2" in sft.message and "back to checkpoint-40" in sft.message
+    assert _reasons(out) == ["Hang"]
+    restarted = next(c for c in out.status.conditions if c.type == "Restarted")
+    assert (restarted.status, restarted.reason) == ("True", "Hang") and "at step 42/100" in restarted.message
+    # the Job is still there (its deletion takes a while): deleted again, the words stay; once gone, a new one
+    again = reconcile(make_run(status=out.status.wire()), 1, {"sft": child("sft", "Running", attempts=2, uid="j1")}, NOW)
+    assert DeleteChild("sft", "tiny-sft", "Job", "j1") in again.actions and "at step 42/100" in again.status.stages[0].message
+    fresh = reconcile(make_run(status=again.status.wire()), 1, {}, NOW)
+    assert CreateStage(0, suspend=False) in fresh.actions and fresh.status.stages[0].phase == "Running"
+    assert fresh.status.stages[0].restarts == 1 and "at step 42/100" in fresh.status.stages[0].last_restart
+
+
+def test_a_stage_within_its_hang_timeout_is_looked_at_again_when_it_is_due():
+    from alignment_operator.reconcile import DeleteChild, RequeueAfter
+
+    out = reconcile(_silent(30), 1, {"sft": child("sft", "Running", attempts=1)}, NOW)
+    assert out.status.stages[0].phase == "Running" and RequeueAfter(31) in out.actions
+    assert not [a for a in out.actions if isinstance(a, DeleteChild)] and "Hang" not in _reasons(out)
+
+
+def test_the_default_hang_timeout_is_ten_measured_steps_with_a_floor():
+    # 40 s steps: 400 s; silent 350 s is no hang yet. 2 s steps: the floor, 300 s.
+    assert reconcile(_silent(350, hang=None, step_seconds=40.0), 1,
+                     {"sft": child("sft", "Running")}, NOW).status.stages[0].phase == "Running"
+    assert reconcile(_silent(350, hang=None, step_seconds=2.0), 1,
+                     {"sft": child("sft", "Running")}, NOW).status.stages[0].reason == "Hang"
+
+
+def test_an_earlier_attempts_report_starts_no_hang_clock():
+    run = _silent(100)
+    run.status.stages[0].start_time = NOW  # this attempt started after the report (a restart): nothing yet
+    out = reconcile(run, 1, {"sft": child("sft", "Running")}, NOW)
+    assert out.status.stages[0].phase == "Running" and "Hang" not in _reasons(out)
+
+
+def test_past_backoff_limit_a_hung_stage_fails_with_reason_hang():
+    out = reconcile(_silent(100, restarts=2), 1, {"sft": child("sft", "Running", uid="j1")}, NOW)
+    sft = out.status.stages[0]
+    assert (sft.phase, sft.reason) == ("Failed", "Hang") and "2 restart(s) already (backoffLimit 2)" in sft.message
+    failed = next(c for c in out.status.conditions if c.type == "Failed")
+    assert (failed.status, failed.reason) == ("True", "Hang")
+
+
+def test_a_hung_local_stage_names_the_stopped_rank_and_restarts():
+    run = _silent(0)
+    words = "Hang: no progress or heartbeat for 61s (hangTimeoutSeconds 60) at step 5/20; stopped: rank 1 (pid 4321)"
+    out = reconcile(run, 1, {"sft": ObservedChild("sft", "tiny-sft", "Failed", 1, kind="process", failure="hang",
+                                                  message=words)}, NOW)
+    sft = out.status.stages[0]
+    assert (sft.phase, sft.reason, sft.restarts) == ("Pending", "Hang", 1) and "stopped: rank 1 (pid 4321)" in sft.message
+    (said,) = [a.message for a in out.actions if isinstance(a, Event) and a.reason == "Hang"]
+    assert "rank 1 (pid 4321)" in said

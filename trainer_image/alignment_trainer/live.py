@@ -153,6 +153,48 @@ class LearningGuard(TrainerCallback):
                 g.describe(k, v) for k, v in said.items()))
 
 
+HEARTBEAT_S = 5.0  # between steps, one heartbeat this often
+
+
+class Heartbeat(TrainerCallback):
+    """Says the stage is alive while it is busy between optimizer steps (logging, evaluation, a checkpoint
+    write, fetching the next batch): a `heartbeat` line every HEARTBEAT_S (the local runner reads it) and a
+    progress push (the operator's hang clock). Inside a step nothing beats: a step that never ends (a rank
+    stopped, a collective that never returns) is a hang. A stopped process beats nothing either. Main process."""
+
+    def __init__(self, push: "ProgressPush | None" = None, interval: float = HEARTBEAT_S):
+        self.push, self.interval = push, interval
+        self.between = False
+        self.state = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        self.state, self.between = state, True
+        self._thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
+        self._thread.start()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.between = False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.between = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._stop.set()
+
+    def _beat(self) -> None:
+        from .results import emit
+
+        while not self._stop.wait(self.interval):
+            if self.between and self.state is not None:
+                emit("heartbeat", step=self.state.global_step)
+                if self.push is not None:
+                    self.push.beat(self.state)
+
+
 def use_own_callback() -> bool:
     """Our callback pushes, unless there is nowhere to push or the stock one is asked for."""
     return bool(os.environ.get(URL_ENV)) and os.environ.get(CHOICE_ENV, "alignment") != "transformers"
@@ -210,6 +252,11 @@ class ProgressPush(TrainerCallback):
         if state.is_world_process_zero and self.started is not None:
             self._queue(state, force=True)  # the work at risk drops: say so now
 
+    def beat(self, state) -> None:
+        """Heartbeat: alive between steps (a report dated now, at most every interval)."""
+        if self.started is not None and not self._closing:
+            self._queue(state)
+
     def on_train_end(self, args, state, control, **kwargs):
         if not state.is_world_process_zero or self.started is None:
             return
@@ -228,6 +275,8 @@ class ProgressPush(TrainerCallback):
         ran = step - (self.start_step or 0)
         if not done and ran > 0 and total:
             eta = int((time.monotonic() - self.started) / ran * (total - step))
+        if ran > 0:  # the operator derives the default hang timeout from it
+            self.metrics["step_seconds"] = round((time.monotonic() - self.started) / ran, 3)
         metrics = {**self.metrics, **(self.clock.fields() if self.clock else {}), "current_step": step,
                    "total_steps": total}
         if state.epoch is not None:

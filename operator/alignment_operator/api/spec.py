@@ -645,6 +645,12 @@ class StageSpec(ApiModel):
         "Disruptions (preemption, eviction, node drain: a pod's DisruptionTarget condition) the stage may meet. "
         "They are not counted against backoffLimit: each one resumes from the newest checkpoint, is counted in "
         "status.stages[].disruptions and traced in an Event; one more than this fails the stage."))
+    hang_timeout_seconds: int | None = Field(None, ge=1, description=(
+        "Restart the stage (every rank, from its newest complete checkpoint; counted in status.stages[].restarts "
+        "against backoffLimit, then it fails with reason Hang) when it has reported no step and no heartbeat "
+        "for this long once training started. The trainer beats between steps (logging, evaluation, checkpoint "
+        "writes, the next batch); loading and reference precompute come before its first report. Default: 10 "
+        "of the stage's measured steps, at least 300."))
     guards: GuardsSpec | None = Field(None, description=(
         "When training learns nothing (GRPO rewards that all tie, a reward or judge failing on many samples, "
         "preference accuracy at chance after warmup): thresholds, and fatal to fail the stage instead of only "

@@ -43,6 +43,7 @@ class StageProgress(ApiModel):
     reward_margin: float | None = Field(None, description="Preference stages: latest rewards/margins.")
     reward_accuracy: float | None = Field(None, description="Preference stages: latest rewards/accuracies.")
     tokens_per_second: float | None = Field(None, description="Training throughput over the last logging interval.")
+    step_seconds: float | None = Field(None, ge=0, description="Mean seconds per optimizer step of this attempt.")
     checkpoint_step: int | None = Field(None, ge=0, description="Step of the newest complete checkpoint.")
     checkpoint_time: str | None = Field(None, description="When the newest complete checkpoint was written (RFC 3339).")
     work_at_risk_seconds: float | None = Field(None, ge=0, description=(
@@ -110,6 +111,10 @@ class StageStatus(ApiModel):
     lost_steps: int = Field(0, ge=0, description=(
         "Steps trained past the newest complete checkpoint when a disruption or restart struck, summed: work "
         "done again."))
+    restart_reasons: dict[str, int] = Field({}, description="Restarts counted in restarts, by reason (Hang: ...).")
+    last_restart: str | None = Field(None, description=(
+        "The words of the stage's last restart for a hang: how long nothing moved, at which step, the rank(s) that "
+        "stopped when known."))
     warnings: list[str] = Field([], description=(
         "What the stage fails to learn, each with its figure (the run's Degraded condition): rewards that all tie, "
         "a reward failing on many samples, preference accuracy at chance."))

@@ -103,8 +103,11 @@ class LiveStatus:
         self.run, self.index, self.run_dir = run, index, run_dir
         self.t0 = self.s0 = self.tokens = None
         self.written = -float("inf")
+        self.active: float | None = None  # when training last reported a step, a heartbeat or a checkpoint
 
     def event(self, ev: dict | None) -> None:
+        if ev and ev.get("event") in ("progress", "heartbeat", "checkpoint") and not ev.get("task"):
+            self.active = time.monotonic()  # training moves (HangWatch); evaluation tasks have no hang clock
         if ev and ev.get("event") == "checkpoint" and self.run.status is not None and isinstance(ev.get("step"), int):
             # The trainer's own path of its newest complete checkpoint (the operator derives it from progress)
             self.run.status.stages[self.index].latest_checkpoint = CheckpointRef(
@@ -126,6 +129,8 @@ class LiveStatus:
         if isinstance(seen, (int, float)):
             self.tokens = (now, seen)
         st = self.run.status.stages[self.index]
+        if step > self.s0:  # the default hang timeout is derived from it, as on a cluster
+            ev["step_seconds"] = round((now - self.t0) / (step - self.s0), 3)
         st.progress = progress.from_event(ev, eta, datetime.now(timezone.utc), st.progress)
         learning = health.warnings(st.progress, self.run.spec.stages[self.index].guards)
         for line in (w for w in learning if w not in st.warnings):  # learning nothing: said once, with the figure
@@ -206,6 +211,8 @@ def run_stage(run: AlignmentRun, index: int, root: str, started: str) -> Observe
                                 env=env, start_new_session=True)  # own process group: we forward signals
         lines: queue.Queue = queue.Queue()
         threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
+        watch = HangWatch(run, index, live, proc)
+        threading.Thread(target=watch.watch, daemon=True).start()
         try:
             _follow(lines, log, bar, live)
             code = proc.wait()
@@ -221,6 +228,9 @@ def run_stage(run: AlignmentRun, index: int, root: str, started: str) -> Observe
                                                 + (f" from {Path(resume).name}" if resume else ""))
         bar.close()
 
+    watch.done.set()
+    if watch.words:  # hung: its processes were killed; reconcile restarts it from the newest checkpoint
+        return child("Failed", failure="hang", message=watch.words, stopped=tuple(watch.stopped))
     said = outcome.decode(message_path.read_text(errors="replace")) if message_path.is_file() else None
     if code == 0 and said is not None and "error" not in said:
         return child("Succeeded", result=said)
@@ -234,6 +244,63 @@ def run_stage(run: AlignmentRun, index: int, root: str, started: str) -> Observe
     why = ("exited 0 without writing its result (result.json and the outcome written with it): what it made "
            "and its metrics are unknown, so the stage failed" if code == 0 else view.last_words(text))
     return child("Failed", message=f"Error (exit code {code}): {why}")
+
+
+class HangWatch:
+    """The local hang clock: once a stage's training reported, no step, heartbeat or checkpoint line for its
+    hang timeout (stages[].hangTimeoutSeconds, else health.hang_timeout) means hung. Then it names the stage's
+    processes that are stopped (state T: SIGSTOP, a debugger) with their RANK, kills them all (SIGKILL), and
+    the stage's child reports Failed, failure 'hang'."""
+
+    def __init__(self, run: AlignmentRun, index: int, live: LiveStatus, proc: subprocess.Popen):
+        self.run, self.index, self.live, self.proc = run, index, live, proc
+        self.done = threading.Event()
+        self.words: str | None = None
+        self.stopped: list[str] = []
+
+    def watch(self) -> None:
+        st = lambda: self.run.status.stages[self.index] if self.run.status else None  # noqa: E731
+        while not self.done.wait(1.0) and self.proc.poll() is None:
+            if self.live.active is None or st() is None:
+                continue
+            waited = time.monotonic() - self.live.active
+            timeout = health.hang_timeout(st(), self.run.spec.stages[self.index].hang_timeout_seconds)
+            if waited >= timeout:
+                tree = _descendants(self.proc.pid)
+                self.stopped = [f"rank {rank} (pid {pid})" for pid, state, rank in tree if state in "Tt"]
+                self.words = health.hang_words(st(), waited, timeout, self.stopped)
+                print(f"\n! stage {st().name}: {self.words}; stopping it", flush=True)
+                for pid, _, _ in tree:
+                    try:
+                        os.kill(pid, signal.SIGKILL)  # a stopped process dies of SIGKILL too
+                    except ProcessLookupError:
+                        pass
+                return
+
+
+def _descendants(root: int) -> list[tuple[int, str, str]]:
+    """(pid, state, RANK) of a process and everything under it, from /proc (Linux)."""
+    parent: dict[int, list[int]] = {}
+    states: dict[int, str] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        pid, rest = int(stat.parent.name), text[text.rindex(")") + 2:].split()
+        states[pid] = rest[0]
+        parent.setdefault(int(rest[1]), []).append(pid)
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        if pid in states:
+            try:
+                env = dict(v.split("=", 1) for v in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in v)
+            except OSError:
+                env = {}
+            found.append((pid, states[pid], env.get("RANK", "0")))
+        todo += parent.get(pid, [])
+    return found
 
 
 def _pump(stream, lines: queue.Queue) -> None:

@@ -16,7 +16,8 @@ import torch
 from .. import tracking
 from ..checkpoints import newest_checkpoint
 from ..launch import check_world, configured_state_args, formed_world, init_distributed
-from ..live import CheckpointClock, DivergedError, DivergenceGuard, LearningGuard, ProgressPush, use_own_callback
+from ..live import (CheckpointClock, DivergedError, DivergenceGuard, Heartbeat, LearningGuard, ProgressPush,
+                    use_own_callback)
 from ..model import (checkpoint_dtype, engine_keeps_fp32_masters, keep_fp32_masters, load_model, merge_adapter,
                      mixed_precision)
 from ..recipe import Recipe, TrainingArgs
@@ -268,13 +269,16 @@ def train(trainer, recipe: Recipe):
     trainer.add_callback(MetricsCallback(recipe.output_dir, clock))
     trainer.add_callback(tracking.TrackedRun(recipe))  # after transformers' tracker callbacks
     trainer.add_callback(DivergenceGuard())  # after MetricsCallback: the NaN row is in metrics.jsonl
+    push = None
     if use_own_callback():
         # transformers adds its KubeflowCallback whenever KUBEFLOW_TRAINER_SERVER_URL is set; ours
         # speaks the same contract with more in it (ALIGNMENT_PROGRESS_CALLBACK=transformers keeps theirs).
         from transformers.integrations import KubeflowCallback
 
         trainer.remove_callback(KubeflowCallback)
-        trainer.add_callback(ProgressPush(clock=clock))
+        push = ProgressPush(clock=clock)
+        trainer.add_callback(push)
+    trainer.add_callback(Heartbeat(push))
     keep_fp32_masters(trainer.model)  # QLoRA: TRL cast the adapters to bf16 (model.keep_fp32_masters)
     # TRL writes <output_dir>/README.md at each checkpoint from the loaded model's config ("a fine-tuned
     # version of [None]" for a local directory): the stage's own card (card.stage_card) instead.
