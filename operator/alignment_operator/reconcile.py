@@ -302,6 +302,7 @@ def reconcile(run: AlignmentRun, generation: int | None, children: dict[str, Obs
             st.previous_attempts = st.attempts
             st.attempts += 1
             st.message, st.reason = f"{st.job_name} was gone while the stage ran; recreated it", "ChildRecreated"
+            st.progress = None  # the new child loads and resumes before it reports: no hang clock until it does
             events.append(Event("Warning", "JobRecreated",
                                 f"stage {spec.name}: {st.job_name} is gone; recreating it (attempt {st.attempts}, "
                                 f"resuming from the newest checkpoint)"))
@@ -454,6 +455,7 @@ def _fold_child(st: StageStatus, child: ObservedChild, run: AlignmentRun, now: s
         st.disruptions = child.disruptions
         lost, cost = lost_work(st)
         st.lost_steps += lost
+        st.progress = None  # the new pod loads and resumes before it reports: no hang clock until it does
         if _too_disrupted(st, run, child.disruption, events):
             st.completion_time = now
             _end_attempt(st, run, None, now)

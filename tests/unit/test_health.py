@@ -248,3 +248,12 @@ def test_a_hung_local_stage_names_the_stopped_rank_and_restarts():
     assert (sft.phase, sft.reason, sft.restarts) == ("Pending", "Hang", 1) and "stopped: rank 1 (pid 4321)" in sft.message
     (said,) = [a.message for a in out.actions if isinstance(a, Event) and a.reason == "Hang"]
     assert "rank 1 (pid 4321)" in said
+
+
+def test_a_disrupted_pods_replacement_gets_a_fresh_hang_clock():
+    """An evicted pod's replacement loads and resumes before it reports: the silence before is no hang."""
+    out = reconcile(_silent(100), 1, {"sft": child("sft", "Running", attempts=2, disruptions=1,
+                                                    disruption="pod tiny-sft-0 evicted")}, NOW)
+    sft = out.status.stages[0]
+    assert (sft.phase, sft.restarts, sft.disruptions, sft.progress) == ("Running", 0, 1, None)
+    assert "Hang" not in _reasons(out) and "StageDisrupted" in _reasons(out)
