@@ -72,11 +72,18 @@ def hang_timeout(st: StageStatus, own: int | None) -> int:
     return max(HANG_FLOOR_S, int(HANG_STEPS * step + 0.5))
 
 
+def finishing(st: StageStatus) -> bool:
+    """The stage reported its last step: what is left (final evaluation, final/ written, the push to the Hub)
+    reports nothing more, and is no hang."""
+    p = st.progress
+    return p is not None and bool(p.total_steps) and p.step is not None and p.step >= p.total_steps
+
+
 def silent_for(st: StageStatus, now: datetime) -> float | None:
     """Seconds since the stage's current attempt last reported progress or a heartbeat; None before its first
     report (loading, reference precompute: nothing to compare yet) or when the report is an earlier attempt's."""
     p = st.progress
-    if p is None or not st.start_time:
+    if p is None or not st.start_time or finishing(st):
         return None
     try:
         last, started = _ts(p.last_updated), _ts(st.start_time)

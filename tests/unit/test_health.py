@@ -257,3 +257,10 @@ def test_a_disrupted_pods_replacement_gets_a_fresh_hang_clock():
     sft = out.status.stages[0]
     assert (sft.phase, sft.restarts, sft.disruptions, sft.progress) == ("Running", 0, 1, None)
     assert "Hang" not in _reasons(out) and "StageDisrupted" in _reasons(out)
+
+
+def test_after_its_last_step_a_stage_writing_its_final_model_is_no_hang():
+    run = _silent(1000)
+    run.status.stages[0].progress.step = 100  # of 100: evaluation and final/ are being written
+    out = reconcile(run, 1, {"sft": child("sft", "Running")}, NOW)
+    assert out.status.stages[0].phase == "Running" and "Hang" not in _reasons(out)

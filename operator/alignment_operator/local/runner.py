@@ -261,7 +261,7 @@ class HangWatch:
     def watch(self) -> None:
         st = lambda: self.run.status.stages[self.index] if self.run.status else None  # noqa: E731
         while not self.done.wait(1.0) and self.proc.poll() is None:
-            if self.live.active is None or st() is None:
+            if self.live.active is None or st() is None or health.finishing(st()):
                 continue
             waited = time.monotonic() - self.live.active
             timeout = health.hang_timeout(st(), self.run.spec.stages[self.index].hang_timeout_seconds)
