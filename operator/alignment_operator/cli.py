@@ -27,7 +27,9 @@ from .api import RunInvalid, parse_run, run_documents
 
 def one_line(run) -> str:
     """A run in one line: model, stages, where it runs."""
-    stages = " -> ".join(f"{s.name}({s.method})" for s in run.spec.stages)
+    from .graph import describe
+
+    stages = describe(run)
     r = run.spec.stages[0].resources
     where = f"{r.nodes} node(s) x {r.gpus_per_node} GPU" if r.gpus_per_node else f"{r.nodes} node(s), CPU"
     return f"{run.metadata.name}: {run.spec.model.source}; {stages}; {where}"
@@ -228,6 +230,41 @@ def cmd_operator(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    """An eval of several stages as a table (status.comparison), from a local run's status.json (the run file
+    and --workdir) or an AlignmentRun as JSON/YAML (`kubectl get alignmentrun NAME -o json | alignctl compare -`)."""
+    import json
+
+    from .local.view import compare_table, compared_rows, rel
+
+    text = sys.stdin.read() if args.run == "-" else Path(args.run).read_text()
+    doc = yaml.safe_load(text)
+    if isinstance(doc, dict) and doc.get("kind") == "AlignmentRun" and "status" not in doc:  # a run file: run here
+        from .render.recipe import stage_dir
+
+        run = parse_run(doc, args.run)
+        status_path = Path(stage_dir(os.path.abspath(args.workdir), run, "-")).parent / "status.json"
+        if not status_path.is_file():
+            print(f"alignctl compare: {rel(status_path)} does not exist: run it first (alignctl run --local "
+                  f"{args.run})", file=sys.stderr)
+            return 2
+        doc = json.loads(status_path.read_text())
+    status = doc.get("status", doc) if isinstance(doc, dict) else {}
+    table = compare_table(status, args.sort)
+    if not table:
+        print("no comparison: the run has no eval of several stages (a matrix's variants or eval.stages), "
+              "or it has not run yet", file=sys.stderr)
+        return 1
+    print(table)
+    if args.plot:  # the rows as the table shows them, for the trainer's plotting tool
+        source = Path(args.plot).with_suffix(".json")
+        source.write_text(json.dumps({"comparison": compared_rows(status, args.sort)}))
+        metrics = [args.sort] if args.sort else []
+        return _trainer_tool("alignment_trainer.plots", ["--compare", str(source), args.plot, *metrics,
+                                                         "preference_accuracy", "reward_margin", "eval_loss"])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="alignctl", description="Align language models on Kubernetes.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -281,6 +318,14 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--gpus", type=int, default=8, help="GPUs per stage (default 8, the handbook's launch)")
     im.add_argument("--distributed", default="deepspeed-zero3", help="strategy per stage (default deepspeed-zero3)")
     im.set_defaults(func=cmd_import)
+
+    cmp = sub.add_parser("compare", help="a sweep's comparison table: each evaluated stage, its values and metrics")
+    cmp.add_argument("run", help="the run file (its local status.json under --workdir), or an AlignmentRun as JSON/YAML "
+                                 "('-': stdin, e.g. kubectl get alignmentrun NAME -o json)")
+    cmp.add_argument("--workdir", default="runs", help="where run --local wrote it (default: runs/)")
+    cmp.add_argument("--sort", metavar="METRIC", help="sort by this metric, best first (default: the eval's compareBy)")
+    cmp.add_argument("--plot", metavar="OUT.png", help="also draw the metrics side by side (matplotlib)")
+    cmp.set_defaults(func=cmd_compare)
 
     r = sub.add_parser("run", help="run an AlignmentRun's stages on this machine")
     r.add_argument("--local", action="store_true", help="run here, stage after stage, as child processes")

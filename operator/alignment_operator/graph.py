@@ -49,3 +49,21 @@ def dependants(run: "AlignmentRun", name: str) -> list[str]:
             hit.add(s.name)
             out.append(s.name)
     return out
+
+
+def levels(run: "AlignmentRun") -> list[list[str]]:
+    """The stages by how far they are from the start: stages of one level may run side by side."""
+    depth: dict[str, int] = {}
+    for i, s in enumerate(run.spec.stages):
+        depth[s.name] = 1 + max((depth[n] for n in inputs(run, i)), default=-1)
+    out: list[list[str]] = [[] for _ in range(max(depth.values(), default=-1) + 1)]
+    for name, d in depth.items():
+        out[d].append(name)
+    return out
+
+
+def describe(run: "AlignmentRun") -> str:
+    """`sft(sft) -> {dpo-0-01(dpo), dpo-0-1(dpo)} -> ...`: the graph in one line, by level."""
+    method = {s.name: s.method for s in run.spec.stages}
+    parts = [", ".join(f"{n}({method[n]})" for n in level) for level in levels(run)]
+    return " -> ".join(p if "," not in p else "{" + p + "}" for p in parts)

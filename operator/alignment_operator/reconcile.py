@@ -697,6 +697,11 @@ def _run_status(run: AlignmentRun, old: AlignmentRunStatus, stages: list[StageSt
     for s, spec in zip(stages, run.spec.stages):
         if spec.method == "eval" and s.phase == "Succeeded":
             evaluation = {"stage": s.name, **s.metrics}
+    rows = comparison(run, stages)
+    best = next((r for r in rows if r.best), None)
+    if best is not None:  # a sweep's model is its best variant's, its evaluation that variant's
+        model = next((s.checkpoint for s in stages if s.name == best.stage and s.checkpoint), model)
+        evaluation = {"stage": best.eval_stage, **best.metrics}
     finished = phase in ("Succeeded", "Failed")
     if failed is not None:  # every failed stage, named
         failed = failed.model_copy(update={"name": ", ".join(s.name for s in stages if s.phase == "Failed")})
@@ -748,7 +753,7 @@ def _run_status(run: AlignmentRun, old: AlignmentRunStatus, stages: list[StageSt
         completion_time=(old.completion_time or now) if finished else None,
         gpu_seconds=round(sum(s.gpu_seconds for s in stages), 3),
         gpu_hours=round(sum(s.gpu_seconds for s in stages) / 3600, 2),
-        comparison=comparison(run, stages),
+        comparison=rows,
     )
 
 

@@ -84,6 +84,9 @@ def test_bad_manifest_is_refused_naming_the_field(cluster, crds, namespace, path
     assert expected, f"{path.name} has no `# expect:` header"
 
     result = cluster.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", str(path), check=False)
+    if fields.get("server", "").startswith("accepts"):  # only the operator can tell (it refuses the run when read)
+        assert result.returncode == 0, result.stderr
+        return
     assert result.returncode != 0, f"the API server accepted {path.name}"
     # Refused by the API server, naming what is wrong: 422 Invalid (schema, CEL) prints
     # `The AlignmentRun "x" is invalid: ...`; strict field decoding `Error from server (BadRequest)`.

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from alignment_operator.local.view import compare_table
 from alignment_operator.api import RETRY_ANNOTATION, AlignmentRunStatus, StageStatus, parse_run
 from alignment_operator.progress import summary
 from alignment_operator.reconcile import CreateStage, DeleteChild, Event, ObservedChild, reconcile
@@ -215,6 +216,15 @@ def test_the_eval_of_several_stages_compares_them_best_first():
     doc["spec"]["stages"][2]["eval"]["compareBy"] = "eval_loss"
     by_loss = reconcile(sweep(shell.status, stages=doc["spec"]["stages"]), 1, shell.children, at(41)).status
     assert by_loss.comparison[0].stage == "dpo-0-1" and by_loss.comparison[-1].stage == "dpo-0-01"
+    # the run's model and evaluation are the best variant's, not the last stage's in spec order
+    assert out.status.model.endswith("/w/final") and out.status.evaluation["stage"] == "eval-dpo-0-1"
+    # the local summary's and `alignctl compare`'s table: best first, marked, values and CPU-only shown
+    table = compare_table(out.status.wire()).splitlines()
+    assert table[0].split()[:3] == ["STAGE", "beta", "preference_accuracy"]
+    assert table[1].split()[:4] == ["*", "dpo-0-1", "0.1", "0.85"] and table[1].split()[-1] == "cpu"
+    resorted = compare_table(out.status.wire(), sort="eval_loss").splitlines()
+    assert resorted[0].split()[2] == "eval_loss" and resorted[1].split()[:2] == ["*", "dpo-0-1"]
+    assert [line.split()[0] for line in resorted[2:]] == ["dpo-0-5", "dpo-0-01"]  # lower loss first
 
 
 def test_progress_summarises_several_running_stages():

@@ -2,6 +2,7 @@
 
     plot_run_curves("runs/default/tiny", "runs/default/tiny/curves.png")
     python -m alignment_trainer.plots RUN_DIR OUT.png [STAGE ...]     # what `alignctl run --local` runs
+    python -m alignment_trainer.plots --compare STATUS.json OUT.png [METRIC ...]   # a sweep's comparison
 
 Reads each stage's metrics.jsonl (one JSON row per logging step, see results.py) and draws
 the stages one after the other on a shared step axis, a dashed line where a stage starts;
@@ -98,6 +99,12 @@ def plot_run_curves(run_dir: str | Path, out: str | Path, stages: list[str] | No
             ax.legend(fontsize=8, loc="best")
     axes[-1, 0].set_xlabel("optimizer step (stages one after the other)")
     fig.suptitle(f"training curves: {Path(run_dir).name}", fontsize=11)
+    return _save(fig, out)
+
+
+def _save(fig, out: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -106,10 +113,44 @@ def plot_run_curves(run_dir: str | Path, out: str | Path, stages: list[str] | No
     return out
 
 
+def plot_comparison(rows: list[dict], out: str | Path, metrics: list[str], title: str = "") -> Path | None:
+    """An eval of several stages side by side: one panel per metric, one bar per evaluated stage (its
+    matrix values in its label), in the rows' order (best first), the best bar outlined. `rows`: a run
+    status's comparison ({stage, matrix, metrics, best}). None (and no file) when no row has a metric."""
+    metrics = [m for m in dict.fromkeys(metrics) if any(m in r.get("metrics", {}) for r in rows)]
+    if not metrics:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [r["stage"] + ("".join(f"\n{k}={v}" for k, v in (r.get("matrix") or {}).items())) for r in rows]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics) + 1, 0.6 * len(rows) + 1.6), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        values = [r.get("metrics", {}).get(metric, float("nan")) for r in rows]
+        bars = ax.barh(range(len(rows)), values, color=["tab:green" if r.get("best") else "tab:blue" for r in rows])
+        for bar, r in zip(bars, rows):
+            if r.get("best"):
+                bar.set_edgecolor("black")
+                bar.set_linewidth(1.5)
+        ax.set_yticks(range(len(rows)), labels if ax is axes[0][0] else [""] * len(rows), fontsize=8)
+        ax.invert_yaxis()  # best (first) on top
+        ax.set_title(metric, fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(title or "comparison (best in green)", fontsize=11)
+    return _save(fig, out)
+
+
 def main(argv: list[str] | None = None) -> int:
     import sys
 
     args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["--compare"] and len(args) >= 3:  # --compare STATUS.json OUT.png [METRIC ...]
+        rows = json.loads(Path(args[1]).read_text()).get("comparison") or []
+        written = plot_comparison(rows, args[2], args[3:] or ["preference_accuracy", "reward_margin", "eval_loss"])
+        print(written or "no comparison to plot")
+        return 0
     if len(args) < 2:
         print("usage: python -m alignment_trainer.plots RUN_DIR OUT.png [STAGE ...]", file=sys.stderr)
         return 2

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from alignment_trainer.recipe import METHODS
+from alignment_trainer.recipe import METHODS, loss_type_problem
 
 from .spec import MATRIX_MAX_VARIANTS, MATRIX_METHOD_FIELDS, AlignmentRunSpec, StageSpec, TrainingSpec
 
@@ -78,6 +78,11 @@ def _matrix_problems(i: int, stage: StageSpec, taken: set[str]) -> list[str]:
                        f"{', '.join(methods)} do); accepted fields for {stage.method}: "
                        + ", ".join(TrainingSpec.model_fields[n].alias for n, v in stage.matrix
                                    if n not in MATRIX_METHOD_FIELDS or stage.method in MATRIX_METHOD_FIELDS[n]))
+        if name == "loss_type" and values is not None:
+            for v in values:
+                problem = loss_type_problem(stage.method, v)
+                if problem:
+                    out.append(f"{at}.{alias}: {v!r}: {problem}")
         if values is not None and len(set(map(repr, values))) < len(values):
             out.append(f"{at}.{alias}: {values} repeats a value (its variants would be the same stage)")
     combos = combinations(stage)

@@ -45,10 +45,11 @@ from alignment_trainer.launch import (build_launch_command, busy_cpus, launch_en
 from .. import health, progress
 from ..api import RETRY_ANNOTATION, AlignmentRun, AlignmentRunStatus, RunInvalid, parse_run, run_documents
 from ..api.status import CheckpointRef
+from ..graph import inputs
 from ..reconcile import CreateStage, DeleteChild, Event, ObservedChild, attempt_run, reconcile
 from ..render.manifests import child_name
 from ..render.recipe import build_recipe, stage_dir
-from . import exports, plan, view
+from . import plan, view
 from .lock import RunLock, RunLocked
 from .overrides import apply_overrides
 from .paths import path_problems
@@ -79,11 +80,15 @@ def read_status(run_dir: Path) -> AlignmentRunStatus | None:
     return AlignmentRunStatus.model_validate_json(path.read_text()) if path.is_file() else None
 
 
+STATUS_LOCK = threading.RLock()  # status.json and run.status: the main loop and each running stage's progress
+
+
 def write_status(run_dir: Path, status: AlignmentRunStatus) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / "status.json.tmp"
-    tmp.write_text(json.dumps(status.wire(), indent=2) + "\n")
-    os.replace(tmp, run_dir / "status.json")
+    with STATUS_LOCK:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = run_dir / "status.json.tmp"
+        tmp.write_text(json.dumps(status.wire(), indent=2) + "\n")
+        os.replace(tmp, run_dir / "status.json")
 
 
 def warn_missing_outputs(run: AlignmentRun, root: str) -> None:
@@ -128,6 +133,10 @@ class LiveStatus:
             ev["tokens_per_second"] = round((seen - self.tokens[1]) / (now - self.tokens[0]), 2)
         if isinstance(seen, (int, float)):
             self.tokens = (now, seen)
+        with STATUS_LOCK:
+            self._record(ev, eta, step, total, now)
+
+    def _record(self, ev: dict, eta, step: int, total: int, now: float) -> None:
         st = self.run.status.stages[self.index]
         if step > self.s0:  # the default hang timeout is derived from it, as on a cluster
             ev["step_seconds"] = round((now - self.t0) / (step - self.s0), 3)
@@ -145,8 +154,9 @@ class LiveStatus:
 
 # ---------------------------------------------------------------------------- one stage
 
-def stage_command(run: AlignmentRun, index: int, recipe_path: Path) -> tuple[list[str], dict[str, str]]:
-    """The child's argv and environment: one process, or accelerate launch for several."""
+def stage_command(run: AlignmentRun, index: int, recipe_path: Path, share: int = 1) -> tuple[list[str], dict[str, str]]:
+    """The child's argv and environment: one process, or accelerate launch for several; `share`: stages running
+    side by side, which divide the free cores between them."""
     r = run.spec.stages[index].resources
     gpus = min(r.gpus_per_node, visible_gpus()) if r.gpus_per_node else 0
     if gpus < r.gpus_per_node:
@@ -155,7 +165,7 @@ def stage_command(run: AlignmentRun, index: int, recipe_path: Path) -> tuple[lis
         print(f"  note: the stage asks for {r.nodes} nodes; running it on this machine only")
     processes = r.processes_per_node or gpus or 1
     # The world is this machine's processes: a stage of several nodes runs here on one.
-    env = {**os.environ, **launch_env(cpu=gpus == 0, threads=local_threads(processes), world_size=processes),
+    env = {**os.environ, **launch_env(cpu=gpus == 0, threads=local_threads(processes, share=share), world_size=processes),
            "PYTHONUNBUFFERED": "1"}
     for var in run.spec.trainer.env:  # the run's own variables, as its pods get them (plain values only)
         if "value" in var:
@@ -168,9 +178,10 @@ def stage_command(run: AlignmentRun, index: int, recipe_path: Path) -> tuple[lis
     return [sys.executable, *cmd[1:]], env  # this environment's python, as the pods use the image's
 
 
-def local_threads(processes: int, quiet: bool = False) -> int:
+def local_threads(processes: int, quiet: bool = False, share: int = 1) -> int:
     """CPU threads per process for a stage here: the cores this process may use, less those other
-    work keeps busy right now, divided by the stage's processes; OMP_NUM_THREADS when you set it."""
+    work keeps busy right now, divided by the stage's processes (and by `share`, the stages running side
+    by side); OMP_NUM_THREADS when you set it."""
     if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
         threads = int(os.environ["OMP_NUM_THREADS"])
         if not quiet:
@@ -178,15 +189,29 @@ def local_threads(processes: int, quiet: bool = False) -> int:
         return threads
     usable, busy = usable_cpus(), busy_cpus()
     free = max(1.0, min(usable, (os.cpu_count() or 1) - busy))
-    threads = threads_per_process(processes, free)
+    threads = threads_per_process(processes, max(1.0, free / max(1, share)))
     if not quiet:
         print(f"  cpu: {threads} thread(s) per process ({usable:g} usable cores, {busy:.1f} busy with other work, "
-              f"{processes} process(es))")
+              f"{processes} process(es)" + (f", {share} stages side by side" if share > 1 else "") + ")")
     return threads
 
 
-def run_stage(run: AlignmentRun, index: int, root: str, started: str) -> ObservedChild:
-    """Render the recipe, run the stage to its end, and report it as the cluster shell reports a Job."""
+class Stop:
+    """Asks a stage running in a thread to stop (the signal the main thread got), as Ctrl-C stops one."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def check(self) -> None:
+        if self.signum is not None:
+            raise Interrupted(self.signum)
+
+
+def run_stage(run: AlignmentRun, index: int, root: str, started: str, stop: Stop | None = None,
+              share: int = 1, tty: bool | None = None, on_start=None) -> ObservedChild:
+    """Render the recipe, run the stage to its end, and report it as the cluster shell reports a Job.
+    In a thread beside others: `stop` asks it to stop, `share` divides the cores, `tty` False prints lines
+    instead of redrawing a bar, `on_start(pid)` is told its process."""
     stage = run.spec.stages[index]
     out = Path(stage_dir(root, run, stage.name))
     out.mkdir(parents=True, exist_ok=True)
@@ -198,23 +223,25 @@ def run_stage(run: AlignmentRun, index: int, root: str, started: str) -> Observe
     child = lambda state, **kw: ObservedChild(stage.name, name, state, 1, kind="process",  # noqa: E731
                                               created=started, finished=now(), **kw)
     try:
-        cmd, env = stage_command(run, index, recipe_path)
+        cmd, env = stage_command(run, index, recipe_path, share)
     except ValueError as e:
         return child("Failed", message=f"RecipeError: {e}")
 
-    bar = view.ProgressBar(stage.name)
+    bar = view.ProgressBar(stage.name, tty=tty)
     live = LiveStatus(run, index, out.parent)
     with (out / "log.txt").open("a") as log:
         log.write(f"=== {now()} {' '.join(cmd)}\n")
         log.flush()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                                 env=env, start_new_session=True)  # own process group: we forward signals
+        if on_start is not None:
+            on_start(proc.pid)
         lines: queue.Queue = queue.Queue()
         threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
         watch = HangWatch(run, index, live, proc)
         threading.Thread(target=watch.watch, daemon=True).start()
         try:
-            _follow(lines, log, bar, live)
+            _follow(lines, log, bar, live, stop)
             code = proc.wait()
         except Interrupted as e:
             bar.close()
@@ -309,9 +336,12 @@ def _pump(stream, lines: queue.Queue) -> None:
     lines.put(None)
 
 
-def _follow(lines: queue.Queue, log, bar: view.ProgressBar, live: LiveStatus | None = None) -> None:
+def _follow(lines: queue.Queue, log, bar: view.ProgressBar, live: LiveStatus | None = None,
+            stop: Stop | None = None) -> None:
     """Every line to log.txt; JSON event lines to status.json and the progress bar; returns at end of output."""
     while True:
+        if stop is not None:
+            stop.check()
         try:
             line = lines.get(timeout=0.5)  # short waits keep Ctrl-C responsive
         except queue.Empty:
@@ -430,6 +460,63 @@ def run_local(file: str, workdir: str = "runs", overrides: list[str] = (), redo:
         return 2
 
 
+def local_slots(run: AlignmentRun) -> int:
+    """How many stages run here side by side at most: the cores this process may use, each stage holding
+    as many as its processes (spec.parallelism bounds it further, in reconcile)."""
+    procs = max((s.resources.processes_per_node or 1) for s in run.spec.stages)
+    return max(1, int(usable_cpus()) // procs)
+
+
+def may_overlap(run: AlignmentRun) -> bool:
+    """Whether two stages of the run can run at once: one read by several, or several reading nothing."""
+    readers: dict[str, int] = {}
+    roots = 0
+    for i in range(len(run.spec.stages)):
+        needs = inputs(run, i)
+        roots += not needs
+        for n in needs:
+            readers[n] = readers.get(n, 0) + 1
+    return roots > 1 or any(n > 1 for n in readers.values())
+
+
+def _worker(done: queue.Queue, name: str, run: AlignmentRun, index: int, root: str, started: str, stop: Stop,
+            share: int, tty: bool, on_start) -> None:
+    try:
+        ended = run_stage(run, index, root, started, stop=stop, share=share, tty=tty, on_start=on_start)
+    except Exception as e:  # noqa: BLE001  (a bug here must end the stage, not hang the run)
+        ended = ObservedChild(name, child_name(run, name), "Failed", 1, kind="process", created=started,
+                              finished=now(), message=f"the local runner failed: {type(e).__name__}: {e}")
+    done.put((name, ended))
+
+
+def _next_done(done: queue.Queue) -> tuple[str, ObservedChild]:
+    while True:
+        try:
+            return done.get(timeout=0.5)
+        except queue.Empty:
+            continue
+
+
+def _stop_all(workers: dict, done: queue.Queue, observed: dict[str, ObservedChild], signum: int) -> None:
+    """Stop every running stage (each forwards the signal to its process group and records where it
+    stopped); asked again meanwhile: kill them."""
+    for _, stop, _ in workers.values():
+        stop.signum = signum
+    while workers:
+        try:
+            name, ended = _next_done(done)
+        except Interrupted:
+            for _, _, pid in workers.values():
+                for p in pid:
+                    try:
+                        os.killpg(p, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+            continue
+        workers.pop(name)[0].join()
+        observed[name] = ended
+
+
 def _run(run: AlignmentRun, root: str, run_dir: Path, command: str, redo: list[str], from_stage: str | None) -> int:
     run.status = read_status(run_dir)
     again = to_redo(run, root, redo, from_stage)
@@ -446,40 +533,62 @@ def _run(run: AlignmentRun, root: str, run_dir: Path, command: str, redo: list[s
 
     previous = {s: signal.signal(s, _raise) for s in (signal.SIGINT, signal.SIGTERM)}
     observed: dict[str, ObservedChild] = {}
+    slots = local_slots(run)
+    side_by_side = slots > 1 and may_overlap(run)
+    workers: dict[str, tuple[threading.Thread, Stop, list]] = {}  # stage -> (thread, stop, [pid])
+    done: queue.Queue = queue.Queue()  # (stage, ObservedChild) of each stage that ended
     try:
         while True:
-            result = reconcile(run, None, observed, now())
-            run.status = result.status
-            write_status(run_dir, run.status)
+            with STATUS_LOCK:
+                result = reconcile(run, None, observed, now(), slots=slots)
+                run.status = result.status
+                write_status(run_dir, run.status)
             for action in result.actions:
                 if isinstance(action, Event) and action.reason != "StageFailed":  # the summary says it, once
                     print(f"{'!' if action.type == 'Warning' else '-'} {view.clip(action.message)}", flush=True)
                 elif isinstance(action, DeleteChild):
                     observed.pop(action.stage, None)
-            if not any(isinstance(a, (DeleteChild, CreateStage)) for a in result.actions):
+            starts = [a for a in result.actions if isinstance(a, CreateStage)]
+            for start in starts:
+                st = run.status.stages[start.index]
+                # The spec the stage's attempt started with (an interrupted stage resumes under it, as on a cluster).
+                attempt = attempt_run(run, run.status, start.index)
+                stop, pid = Stop(), []
+                share = len(workers) + len(starts) if side_by_side else 1
+                thread = threading.Thread(target=_worker, daemon=True, args=(
+                    done, st.name, attempt, start.index, root, st.start_time or now(), stop, share,
+                    not side_by_side, pid.append))
+                workers[st.name] = (thread, stop, pid)
+                observed[st.name] = ObservedChild(st.name, child_name(run, st.name), "Running", 1, kind="process",
+                                                  created=st.start_time or now())
+                thread.start()
+            if not workers and not any(isinstance(a, (DeleteChild, CreateStage)) for a in result.actions):
                 break
-            start = next((a for a in result.actions if isinstance(a, CreateStage)), None)
-            if start is None:
+            if not workers:
                 continue  # a stale child was dropped: reconcile again
-            st = run.status.stages[start.index]
-            # The spec the stage's attempt started with (an interrupted stage resumes under it, as on a cluster).
-            observed[st.name] = run_stage(attempt_run(run, run.status, start.index), start.index, root,
-                                          st.start_time or now())
-            if observed[st.name].state == "Interrupted":
-                run.status = reconcile(run, None, observed, now()).status
-                write_status(run_dir, run.status)
-                print(f"stage {st.name}: {run.status.stages[start.index].message}")
-                return 130
-    except Interrupted:
+            name, ended = _next_done(done)  # short waits: Ctrl-C stays responsive
+            workers.pop(name)[0].join()
+            observed[name] = ended
+            if ended.state == "Interrupted":  # stopped from outside (a signal to its process group)
+                raise Interrupted(signal.SIGTERM)
+    except Interrupted as e:
+        _stop_all(workers, done, observed, e.signum)
+        with STATUS_LOCK:
+            run.status = reconcile(run, None, observed, now(), slots=slots).status
+            write_status(run_dir, run.status)
+        for st in run.status.stages:
+            if st.message and st.message.startswith("interrupted"):
+                print(f"stage {st.name}: {st.message}")
         return 130
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
 
-    if exports.export_promoted(run, run_dir):  # spec.promote.exports: the promoted model leaves the run
-        run.status = reconcile(run, None, observed, now(), slots=slots).status
-        write_status(run_dir, run.status)
     view.summary(run, run.status, run_dir, write_curves(run, run_dir))
-    if any(c.type == "Exported" and c.status == "False" for c in run.status.conditions):
-        return 1  # trained and promoted, but not where it had to go
+    if run.status.comparison:
+        plot = run_dir / "comparison.png"
+        subprocess.run([sys.executable, "-m", "alignment_trainer.plots", "--compare", str(run_dir / "status.json"),
+                        str(plot)], capture_output=True, text=True)
+        if plot.is_file():
+            print(f"comparison plot: {view.rel(plot)}")
     return 0 if run.status.phase == "Succeeded" else 1

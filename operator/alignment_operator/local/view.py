@@ -87,8 +87,9 @@ class ProgressBar:
     """One line per stage (redrawn on a terminal; otherwise printed every ~10% of training and
     at the end of each evaluation task)."""
 
-    def __init__(self, label: str):
-        self.label, self.tty = label, sys.stdout.isatty()
+    def __init__(self, label: str, tty: bool | None = None):
+        # tty False: lines, never a redrawn bar (stages side by side share the terminal)
+        self.label, self.tty = label, sys.stdout.isatty() if tty is None else tty and sys.stdout.isatty()
         self.last: dict = {}
         self.live = None
         self.task, self.t0, self.s0, self.shown_step, self.shown_at, self.drawn = None, 0.0, 0, -1, 0.0, False
@@ -187,8 +188,9 @@ def show_tail(lines: list[str], path: Path, n: int = 20) -> None:
 
 
 def announce(run, run_dir: Path) -> None:
-    stages = " -> ".join(f"{s.name}({s.method})" for s in run.spec.stages)
-    print(f"run {run.metadata.name}: {stages}; outputs in {rel(run_dir)}/")
+    from ..graph import describe
+
+    print(f"run {run.metadata.name}: {describe(run)}; outputs in {rel(run_dir)}/")
     for st in (run.status.stages if run.status else []):
         if st.phase == "Succeeded":
             print(f"- stage {st.name} succeeded earlier ({rel(st.checkpoint)}): skipped")
@@ -201,6 +203,42 @@ def _table(rows: list[list[str]]) -> str:
 
 def _fmt(v: float) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def compared_rows(status: dict, sort: str | None = None) -> list[dict]:
+    """status.comparison's rows, sorted best first by `sort` when given (lower is better for losses,
+    perplexity and seconds), the best marked; as status has them otherwise."""
+    rows = [dict(r) for r in status.get("comparison") or []]
+    if sort and rows:
+        lower = any(w in sort for w in ("loss", "perplexity", "ppl", "seconds"))
+        rows.sort(key=lambda r: (sort not in r.get("metrics", {}),
+                                 (1 if lower else -1) * r.get("metrics", {}).get(sort, 0.0)))
+        for r in rows:
+            r["best"] = False
+        if sort in rows[0].get("metrics", {}):
+            rows[0]["best"] = True
+    return rows
+
+
+COMPARED = ("preference_accuracy", "reward_margin", "eval_loss", "perplexity", "logp_accuracy", "mean_reward")
+
+
+def compare_table(status: dict, sort: str | None = None) -> str:
+    """status.comparison (status as on the wire) as a table: one row per evaluated stage, its matrix values,
+    the metric it is sorted by first, then the usual eval metrics, its GPU-hours (cpu: a CPU-only stage);
+    sorted best first by `sort` (default: the eval's compareBy, as status holds it), the best marked *."""
+    rows = compared_rows(status, sort)
+    if not rows:
+        return ""
+    keys = list(dict.fromkeys(k for r in rows for k in (r.get("matrix") or {})))
+    shown = [m for m in dict.fromkeys([*([sort] if sort else []), *COMPARED])
+             if any(m in r.get("metrics", {}) for r in rows)]
+    table = [["", "STAGE", *keys, *shown, "GPU-H"]]
+    for r in rows:
+        gpu = "cpu" if r.get("gpus") == 0 else f"{r.get('gpuSeconds', 0.0) / 3600:.2f}"
+        table.append(["*" if r.get("best") else "", r["stage"], *(str((r.get("matrix") or {}).get(k, "")) for k in keys),
+                      *(_fmt(r["metrics"][m]) if m in r.get("metrics", {}) else "-" for m in shown), gpu])
+    return _table(table)
 
 
 def summary(run, status, run_dir: Path, curves: Path | None) -> None:
@@ -219,6 +257,9 @@ def summary(run, status, run_dir: Path, curves: Path | None) -> None:
         said = "(below)" if st.phase == "Failed" else (st.message or "")[:100]
         rows.append([st.name, spec.method, st.phase, took, "  ".join(shown) or said])
     print(_table(rows))
+    compared = compare_table(status.wire())
+    if compared:
+        print(f"\ncomparison (best first, * best; `alignctl compare` sorts by another metric):\n{compared}")
     ev = status.evaluation
     if "logp_accuracy" in ev and "reference_logp_accuracy" in ev:
         result = run_dir / str(ev.get("stage", "")) / "result.json"

@@ -138,14 +138,25 @@ class CachedReference:
         return self._reference_fingerprint
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
-        from datasets import Dataset, concatenate_datasets
-
         key = self.reference_fingerprint()  # also right for TRL's own cache file (no stem)
         stem = self.reference_keys.get(name)
         if stem is None:
             return super()._precompute_ref_logps(dataset, name, batch_size)
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         path = Path(self.reference_keys["dir"]) / f"{stem}-{digest}.logps.arrow"
+        # Stages side by side that need the same log-probs (a sweep's variants) take turns: the first
+        # computes them, the others wait here and read them back. Every rank waits for its rank 0.
+        lock = KeyLock(path) if self.accelerator.is_main_process else None
+        self.accelerator.wait_for_everyone()
+        try:
+            return self._cached_ref_logps(dataset, name, batch_size, key, path)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _cached_ref_logps(self, dataset, name, batch_size, key, path):
+        from datasets import Dataset, concatenate_datasets
+
         if self.accelerator.is_main_process and not path.with_suffix(".json").is_file():
             # What decided these log-probs besides the rows' key, for a person reading the cache (not read back).
             path.with_suffix(".json").write_text(json.dumps(key, indent=1, sort_keys=True))
@@ -168,6 +179,28 @@ class CachedReference:
             os.replace(tmp, path)
         self.accelerator.wait_for_everyone()
         return out
+
+
+class KeyLock:
+    """An exclusive flock on <cache file>.lock while one process computes (or reads) that entry; another
+    stage that asks for the same entry blocks until it is there. Held by the stage's rank 0 only."""
+
+    def __init__(self, path: Path):
+        import fcntl
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(path.with_name(path.name + ".lock"), "a")
+        start = time.perf_counter()
+        fcntl.flock(self.file, fcntl.LOCK_EX)
+        self.waited_s = round(time.perf_counter() - start, 3)
+        if self.waited_s > 1:
+            emit("reference_logps", waited_for_another_stage_s=self.waited_s, cache=str(path))
+
+    def release(self) -> None:
+        import fcntl
+
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
 
 
 def zero3_partitioned(module) -> bool:
