@@ -1,0 +1,56 @@
+"""spec.promote under the operator, against a real API server (the kubelet played, as in test_operator.py):
+the tiny run's eval reports preference_accuracy 0.85; a gate at 0.9 holds it (phase Held in `kubectl get`,
+Promoted False, the gate's value in status.promotion), and the same run with the gate lowered to 0.6 (an
+edit of spec.promote, no stage run again) is promoted: Succeeded, Promoted True, status.model the dpo model."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from kubelet import DPO, EVAL, SFT, apply_tiny, get_run, jobs, play_kubelet, result_message, wait_for
+from operator_process import Operator
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture
+def operator(cluster, crds, namespace, tmp_path):
+    op = Operator(cluster.kubeconfig, namespace, tmp_path / "operator.log").start()
+    yield op
+    op.stop()
+
+
+def test_the_tiny_run_is_held_by_a_gate_it_misses_then_promoted_when_the_gate_is_met(cluster, operator, namespace):
+    ns, api, started = namespace, cluster.api_client(), time.monotonic()
+    apply_tiny(cluster, ns, promote={"gates": [{"metric": "preference_accuracy", "min": 0.9}]})
+    for job, stage, metrics in ((SFT, "sft", {"train_loss": 1.0}), (DPO, "dpo", {"train_loss": 0.6}),
+                                (EVAL, "eval", {"preference_accuracy": 0.85, "reward_margin": 0.4})):
+        wait_for(f"the {stage} Job", lambda: job in jobs(api, ns), timeout=60)
+        play_kubelet(api, ns, job, 0, result_message(stage, **metrics))
+    run = wait_for("Held", lambda: (r := get_run(api, ns, "tiny")).get("status", {}).get("phase") == "Held" and r,
+                   timeout=60)
+    p = run["status"]["promotion"]
+    assert (p["verdict"], p["stage"], p["evalStage"]) == ("Held", "dpo", "eval"), p
+    assert [(g["value"], g["threshold"], g["passed"]) for g in p["gates"]] == [(0.85, 0.9, False)]
+    conditions = {c["type"]: (c["status"], c["reason"]) for c in run["status"]["conditions"]}
+    assert conditions["Promoted"] == ("False", "GatesNotMet") and conditions["Stalled"] == ("True", "GatesNotMet")
+    assert conditions["Ready"][0] == "False"
+    table = cluster.kubectl("get", "alignmentruns", "-n", ns).stdout
+    assert "Held" in table.splitlines()[1], table
+    held_jobs = jobs(api, ns)
+
+    cluster.kubectl("patch", "alignmentrun", "tiny", "-n", ns, "--type=merge",
+                    "-p", json.dumps({"spec": {"promote": {"gates": [{"metric": "preference_accuracy", "min": 0.6}]}}}))
+    run = wait_for("Succeeded", lambda: (r := get_run(api, ns, "tiny")).get("status", {}).get("phase") == "Succeeded"
+                   and r, timeout=60)
+    p = run["status"]["promotion"]
+    assert (p["verdict"], p["gates"][0]["passed"]) == ("Promoted", True), p
+    conditions = {c["type"]: (c["status"], c["reason"]) for c in run["status"]["conditions"]}
+    assert conditions["Promoted"] == ("True", "GatesPassed") and conditions["Ready"][0] == "True"
+    assert run["status"]["model"] == p["model"] and p["model"].endswith("/dpo/final")
+    assert jobs(api, ns) == held_jobs  # decided again from the eval's results: no stage ran again
+    assert "Succeeded" in cluster.kubectl("get", "alignmentruns", "-n", ns).stdout
+    print(f"\nissue 27 (gates under the operator, control plane): {time.monotonic() - started:.0f}s")
