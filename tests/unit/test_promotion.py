@@ -33,11 +33,11 @@ def tiny(promote: dict, extra_stages=(), matrix: dict | None = None, status: dic
     return doc
 
 
-def drive(doc: dict, metrics: dict[str, dict]):
+def drive(doc: dict, metrics: dict[str, dict], local: bool = False):
     """Play every stage to success with `metrics` per stage (an eval entry's or a trained stage's)."""
     observed, status, out = {}, None, None
     for _ in range(20):
-        run = parse_run({**doc, **({"status": status} if status else {})})
+        run = parse_run({**doc, **({"status": status} if status else {})}, local=local)
         out = reconcile(run, 1, observed, NOW)
         status = out.status.wire()
         for a in out.actions:
@@ -128,28 +128,35 @@ def test_exports_of_the_promoted_model_are_pending_then_complete_or_failed_in_th
     promote = {"gates": [{"metric": "preference_accuracy", "min": 0.6}],
                "exports": [{"uri": "s3://exports/tiny"}, {"uri": "s3://backup/tiny/"}]}
     doc = tiny(promote)
-    out = drive(doc, {"eval": {"preference_accuracy": 0.85}})
+    out = drive(doc, {"eval": {"preference_accuracy": 0.85}}, local=True)
     s = out.status
-    assert pending_exports(parse_run(doc), s.promotion) == ["s3://exports/tiny", "s3://backup/tiny/"]
+    assert pending_exports(parse_run(doc, local=True), s.promotion) == ["s3://exports/tiny", "s3://backup/tiny/"]
     assert {c.type: c.reason for c in s.conditions}["Exported"] == "ExportPending"
     # The shell records what it wrote (objectstore.export's result); the next pass words it.
     s.promotion.exports = [ExportResult(uri="s3://exports/tiny", digest="sha256:ab", bytes=10, files=2),
                            ExportResult(uri="s3://backup/tiny", error="exporting to s3://backup/tiny/: no such bucket")]
-    again = reconcile(parse_run(tiny(promote, status=s.wire())), 1, {}, NOW).status
+    again = reconcile(parse_run(tiny(promote, status=s.wire()), local=True), 1, {}, NOW).status
     exported = {c.type: c for c in again.conditions}["Exported"]
     assert (exported.status, exported.reason) == ("False", "ExportFailed") and "no such bucket" in exported.message
-    assert pending_exports(parse_run(doc), again.promotion) == ["s3://backup/tiny/"]  # tried again, the other kept
+    assert pending_exports(parse_run(doc, local=True), again.promotion) == ["s3://backup/tiny/"]  # tried again, the other kept
     again.promotion.exports[1] = ExportResult(uri="s3://backup/tiny", digest="sha256:ab", bytes=10, files=2)
-    done = reconcile(parse_run(tiny(promote, status=again.wire())), 1, {}, NOW).status
+    done = reconcile(parse_run(tiny(promote, status=again.wire()), local=True), 1, {}, NOW).status
     assert {c.type: c.status for c in done.conditions}["Exported"] == "True" and done.phase == "Succeeded"
     held = drive(tiny({**promote, "gates": [{"metric": "preference_accuracy", "min": 0.9}]}),
-                 {"eval": {"preference_accuracy": 0.85}}).status
-    assert "Exported" not in {c.type for c in held.conditions} and pending_exports(parse_run(doc), held.promotion) == []
+                 {"eval": {"preference_accuracy": 0.85}}, local=True).status
+    assert "Exported" not in {c.type for c in held.conditions} and pending_exports(parse_run(doc, local=True), held.promotion) == []
 
 
 def test_an_export_uri_is_an_s3_uri_without_credentials():
     for uri, words in (("https://example.com/x", "not an s3://bucket/prefix URI"),
                        ("s3://key:secret@bucket/x", "an s3:// URI with credentials")):
         with pytest.raises(RunInvalid, match=words) as err:
-            parse_run(tiny({"exports": [{"uri": uri}]}))
+            parse_run(tiny({"exports": [{"uri": uri}]}), local=True)
         assert "secret@" not in str(err.value)
+
+
+def test_exports_are_refused_on_a_cluster_until_the_operator_runs_them():
+    doc = tiny({"exports": [{"uri": "s3://exports/tiny"}]})
+    with pytest.raises(RunInvalid, match="promote.exports are run by `alignctl run --local` only"):
+        parse_run(doc)  # as the API server (CEL) and alignctl validate see it: refused, never left pending
+    assert parse_run(doc, local=True).spec.promote.exports[0].uri == "s3://exports/tiny"
