@@ -184,6 +184,20 @@ def test_gpu_seconds_of_a_stage_with_a_restart_is_the_sum_of_its_attempts():
     assert out.status.gpu_seconds == 2400.0 and out.status.gpu_hours == round(2400 / 3600, 2)
 
 
+def test_gpu_seconds_count_the_gpus_the_shell_says_the_attempt_held():
+    """`run --local` on a machine without the GPUs a stage asks for runs it on what there is (CPU here):
+    its gpuSeconds count what it held, not what the spec asked."""
+    doc = yaml.safe_load((ROOT / "examples" / "tiny-sweep.yaml").read_text())
+    doc["spec"]["stages"][0]["resources"]["gpusPerNode"] = 8
+    shell = Shell(stages=doc["spec"]["stages"])
+    out = shell.step()
+    assert out.status.stages[0].gpus == 8  # what it asks for, while it runs
+    shell.children["sft"] = ObservedChild("sft", "job-sft", "Succeeded", 1, created=T0, finished=at(50), gpus=0,
+                                          result=ok())
+    st = shell.step(at(50)).status.stages[0]
+    assert (st.gpus, st.gpu_seconds, st.wall_seconds) == (0, 0.0, 50.0)
+
+
 def test_a_cpu_only_stage_says_so():
     shell = Shell()
     shell.step()

@@ -220,8 +220,9 @@ def run_stage(run: AlignmentRun, index: int, root: str, started: str, stop: Stop
     message_path.unlink(missing_ok=True)  # only this attempt's outcome counts
     recipe_path = out / "recipe.yaml"
     recipe_path.write_text(build_recipe(run, index, root, termination_message_path=str(message_path)).dump())
+    held = min(stage.resources.gpus_per_node, visible_gpus())  # this machine's, for gpuSeconds (one node here)
     child = lambda state, **kw: ObservedChild(stage.name, name, state, 1, kind="process",  # noqa: E731
-                                              created=started, finished=now(), **kw)
+                                              created=started, finished=now(), gpus=held, **kw)
     try:
         cmd, env = stage_command(run, index, recipe_path, share)
     except ValueError as e:
