@@ -350,9 +350,10 @@ def test_a_killed_rank_restarts_both_ranks_from_the_checkpoint(real, restricted_
 def test_helm_installed_operator_in_a_pod_runs_the_tiny_run_and_survives_its_pod_deleted(real, restricted_ns, tmp_path):
     """Scenario 6, the README's day one: `helm install` puts the operator (operator/Dockerfile's
     image) in a pod under the chart's ServiceAccount with peering on; `kubectl apply` of the tiny
-    run reaches Succeeded with nothing else running the operator. The operator pod is deleted
-    mid-stage: its replacement picks the run up and creates nothing twice, and the running stage's
-    pod, which trusts the CA it was started with, keeps pushing progress to the replacement (one CA
+    run reaches Succeeded with nothing else running the operator. Two replicas behind the progress
+    Service: an operator pod is deleted mid-stage, then a rolling update replaces both; the
+    replacements pick the run up and create nothing twice, and the running stage's pod, which
+    trusts the CA it was started with, keeps pushing progress to them after the rollout (one CA
     per installation, in a Secret, issue 25)."""
     ns, plane, started = restricted_ns, real.plane, time.monotonic()
     prepare_volume(real, ns, "tiny")
@@ -364,13 +365,13 @@ def test_helm_installed_operator_in_a_pod_runs_the_tiny_run_and_survives_its_pod
     plane.helm("install", "alignment-operator", str(REPO / "charts/alignment-operator"), "-n", "alignment-system",
                "--create-namespace", "--set", f"image.repository={operator_repo}", "--set", f"image.tag={operator_tag}",
                "--set", f"trainer.image.repository={trainer_repo}", "--set", f"trainer.image.tag={trainer_tag}",
-               "--wait", "--timeout=180s")
+               "--set", "replicaCount=2", "--wait", "--timeout=180s")
     try:
         one_core = {"gpusPerNode": 0, "processesPerNode": 1, "cpu": 1, "memory": "4Gi", "sharedMemory": "256Mi"}
         doc = yaml.safe_load((REPO / "examples/tiny-run.yaml").read_text())
         for stage in doc["spec"]["stages"]:
             stage["resources"] = one_core  # the operator's pod takes 100m of the node's 2 cores
-        doc["spec"]["stages"][0]["training"]["epochs"] = 30  # sft outlives the operator pod's replacement
+        doc["spec"]["stages"][0]["training"]["epochs"] = 10  # 250 steps: sft outlives the rolling update (over at 4% of 30 epochs)
         plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(doc))
         running_pod(real, ns, SFT)
         api = real.plane.api_client()
@@ -378,12 +379,23 @@ def test_helm_installed_operator_in_a_pod_runs_the_tiny_run_and_survives_its_pod
         old = plane.kubectl("get", "pods", "-n", "alignment-system", "-o", "jsonpath={.items[0].metadata.name}").stdout
         assert old
         plane.kubectl("delete", "pod", "-n", "alignment-system", old, "--wait=false")
+        # A rolling update (maxSurge 1, maxUnavailable 0) while the stage trains: every pod replaced.
+        rolling = time.monotonic()
+        plane.kubectl("rollout", "restart", "deployment/alignment-operator", "-n", "alignment-system")
+        plane.kubectl("rollout", "status", "deployment/alignment-operator", "-n", "alignment-system", "--timeout=300s")
+        rolled = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+        rollout_s = time.monotonic() - rolling
+        training = next((s for s in get_run(api, ns, "tiny")["status"]["stages"] if s.get("phase") == "Running"), None)
+        assert training, f"no stage trained across the rollout ({rollout_s:.0f}s): give sft more epochs"
+        pushed = wait_for(f"a push of {training['name']} landing after the rollout", timeout=120, interval=1, fn=lambda: (
+            lambda p: p if p.get("lastUpdated", "")[:19] >= rolled else None)(
+            next(s for s in get_run(api, ns, "tiny")["status"]["stages"] if s["name"] == training["name"]).get(
+                "progress") or {}))
         run = wait_phase(real, ns, "tiny", {"Succeeded", "Failed"}, timeout=1200)
         pods = json.loads(plane.kubectl("get", "pods", "-n", "alignment-system", "-o", "json").stdout)["items"]
-        new = [p for p in pods if p["metadata"]["name"] != old]
-        assert new, "no replacement operator pod"
-        log = plane.kubectl("logs", "-n", "alignment-system", new[0]["metadata"]["name"]).stdout
-        ready = next(c["lastTransitionTime"] for c in new[0]["status"]["conditions"] if c["type"] == "Ready")
+        new = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+        assert len(new) == 2 and old not in [p["metadata"]["name"] for p in new], "not two replacement operator pods"
+        logs = [plane.kubectl("logs", "-n", "alignment-system", p["metadata"]["name"]).stdout for p in new]
         account = new[0]["spec"]["serviceAccountName"]
         peering = plane.kubectl("get", "clusterkopfpeerings", "-o", "name").stdout.split()
     finally:
@@ -396,10 +408,12 @@ def test_helm_installed_operator_in_a_pod_runs_the_tiny_run_and_survives_its_pod
     assert set(after) == {SFT, DPO, EVAL}, after
     assert all(after[j] == uid for j, uid in before.items()), "a Job was created twice"
     assert all(s["attempts"] == 1 for s in run["status"]["stages"]), run["status"]["stages"]
-    assert "tiny" in log, log[-3000:]  # the replacement operator, in its pod, handled the run
-    assert "the installation's CA, read from Secret" in log, log[-3000:]  # the first pod's CA, not a new one
-    sft = run["status"]["stages"][0]["progress"]
-    # sft's pod started under the first operator; its last push (100%) landed after the replacement was Ready
-    assert sft["percent"] == 100 and sft["lastUpdated"][:19] >= ready[:19], (sft, ready)
+    assert any("tiny" in log for log in logs), logs[0][-3000:]  # a replacement operator, in its pod, handled the run
+    for log in logs:  # the first pod's CA, not a new one, in every replica
+        assert "the installation's CA, read from Secret" in log, log[-3000:]
+    # The stage whose pod started before the rollout pushed to the replacements after it, and on to 100%.
+    assert training["name"] == "sft" and pushed["lastUpdated"][:19] >= rolled, (training, pushed, rolled)
+    assert run["status"]["stages"][0]["progress"]["percent"] == 100, run["status"]["stages"][0]
     assert account == "alignment-operator" and peering, (account, peering)  # the chart's account; peering on
-    print(f"\nscenario 6 (helm-installed operator in a pod; its pod deleted mid-stage): {time.monotonic() - started:.0f}s")
+    print(f"\nscenario 6 (helm-installed operator, two replicas; a pod deleted mid-stage, then a rolling update of "
+          f"{rollout_s:.0f}s, sft's push at {pushed.get('percent')}% landed after it): {time.monotonic() - started:.0f}s")
