@@ -36,7 +36,8 @@ def all_loss_types() -> list[str]:
 
 # An s3:// source or export: s3://bucket[/prefix], the bucket an S3 bucket name (3-63 lowercase letters,
 # digits, '.', '-'); never credentials in it (they come from objectStore.credentialsSecretName).
-S3_URI = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^@\s]*)?$"
+# No \s in it: CEL string literals refuse that escape (the CRD would not compile); \t \n \r are CEL's too.
+S3_URI = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^@ \t\n\r]*)?$"
 S3_URI_MESSAGE = ("an s3:// URI is s3://bucket/prefix: a bucket of 3-63 lowercase letters, digits, '.' and '-', "
                   "no credentials (objectStore.credentialsSecretName holds them)")
 
