@@ -172,3 +172,20 @@ def test_the_learning_guard_counts_steps_in_a_row_and_fails_only_when_fatal():
     with pytest.raises(NotLearningError, match=r"step 7: the reward failed on 38% of samples \(more than 20%\)"):
         fatal.on_log(args, state(7), None, logs=row)
     assert row["degraded/reward_failures"] == 0.375 and REWARD_SAMPLES == [0, 0]
+
+
+def test_a_push_carries_the_checkpoints_time_to_the_second():
+    """A push formats floats with 6 significant digits: a unix time as a float would be hours off."""
+    import time as clock
+    from types import SimpleNamespace
+
+    from alignment_trainer.live import CheckpointClock, ProgressPush
+
+    saved = CheckpointClock()
+    saved.on_save(SimpleNamespace(output_dir="/tmp/x"), SimpleNamespace(global_step=5, is_world_process_zero=False),
+                  None)
+    push = ProgressPush(url="https://operator.invalid/status", clock=saved)
+    push.started, push.start_step = clock.monotonic(), 0
+    body = push.body(SimpleNamespace(global_step=6, max_steps=20, epoch=None))
+    sent = {m["name"]: m["value"] for m in body["trainerStatus"]["metrics"]}
+    assert sent["checkpoint_step"] == "5" and abs(float(sent["checkpoint_time"]) - clock.time()) < 5, sent

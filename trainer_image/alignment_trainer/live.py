@@ -96,7 +96,8 @@ class CheckpointClock(TrainerCallback):
         if self.since is not None:
             out["work_at_risk_seconds"] = round(time.time() - self.since, 1)
         if self.step is not None:
-            out.update(checkpoint_step=self.step, checkpoint_time=round(self.saved, 3))
+            # whole seconds: a push carries floats with 6 significant digits (1.76501e+09 is 10^4 s off)
+            out.update(checkpoint_step=self.step, checkpoint_time=int(self.saved))
         return out
 
 
