@@ -248,3 +248,50 @@ def test_progress_summarises_several_running_stages():
               StageStatus(name="eval")]
     assert summary(stages, 1) == "1/4, 2 running, a 40%"
     assert AlignmentRunStatus(progress_summary=summary(stages, 1))  # within its maxLength
+
+
+def _sweep_doc(edit) -> dict:
+    doc = yaml.safe_load((ROOT / "examples" / "tiny-sweep.yaml").read_text())
+    edit(doc["spec"]["stages"])
+    return doc
+
+
+def _refusal(doc) -> str:
+    import pytest as _pytest
+
+    from alignment_operator.api import RunInvalid
+
+    with _pytest.raises(RunInvalid) as err:
+        parse_run(doc)
+    return str(err.value)
+
+
+def test_stages_that_read_a_matrix_stage_by_name_are_refused_naming_the_field():
+    after = {"name": "kto", "method": "kto", "datasets": [{"source": "examples/data/kto.jsonl"}],
+             "resources": {"gpusPerNode": 0}}
+    # a training stage after the matrix with no from would start from one variant, silently
+    said = _refusal(_sweep_doc(lambda s: s.insert(2, dict(after))))
+    assert "spec.stages[2].from: unset" in said and "'dpo', a matrix stage of 3 variants" in said
+    said = _refusal(_sweep_doc(lambda s: s.insert(2, {**after, "from": "dpo"})))
+    assert "spec.stages[2].from: 'dpo' is a matrix stage of 3 variants; name one of them (dpo-0-01, dpo-0-1, dpo-0-5)" \
+        in said
+    said = _refusal(_sweep_doc(lambda s: s[2]["eval"].update(reference="dpo")))
+    assert "spec.stages[2].eval.reference: 'dpo' is a matrix stage" in said
+    # one variant by name is fine
+    run = parse_run(_sweep_doc(lambda s: s.insert(2, {**after, "from": "dpo-0-1"})))
+    assert next(s for s in run.spec.stages if s.name == "kto").from_ == "dpo-0-1"
+
+
+def test_an_eval_of_a_list_of_stages_compares_them_against_one_reference():
+    simpo = {"name": "simpo", "method": "simpo", "from": "sft", "datasets": [{"source": "examples/data/prefs.jsonl"}],
+             "resources": {"gpusPerNode": 0}}
+    run = parse_run(_sweep_doc(lambda s: (s.insert(2, simpo), s[3]["eval"].update(stages=["dpo", "simpo"]))))
+    evals = [s for s in run.spec.stages if s.method == "eval"]
+    assert [(s.name, s.from_) for s in evals] == [(f"eval-{v}", v) for v in VARIANTS] + [("eval-simpo", "simpo")]
+    assert run.expansion["eval-simpo"].evaluates == "simpo" and run.expansion["eval-simpo"].of == "eval"
+    # sft starts from the base model, the variants from sft: no one reference unless named
+    said = _refusal(_sweep_doc(lambda s: s[2]["eval"].update(stages=["sft", "dpo"])))
+    assert "spec.stages[2].eval.reference: the stages eval evaluates start from different models (sft, spec.model)" \
+        in said
+    assert "eval.stages: 'nope' is not an earlier stage" in _refusal(
+        _sweep_doc(lambda s: s[2]["eval"].update(stages=["dpo", "nope"])))

@@ -232,7 +232,8 @@ def expand(spec: AlignmentRunSpec) -> tuple[AlignmentRunSpec, dict[str, Variant]
     if len(out) > MAX_STAGES:
         problems.append(f"spec.stages: the matrices expand the run into {len(out)} stages, more than {MAX_STAGES}")
     expanded = spec.model_copy(update={"stages": out})
-    problems += _same_reference(expanded, info)
+    problems += [re.sub(r"spec\.stages\[(\d+)\]", lambda m: f"spec.stages[{where[int(m.group(1))]}]", p)
+                 for p in _same_reference(expanded, info)]  # the index in the file
     return expanded, info, problems, where
 
 
