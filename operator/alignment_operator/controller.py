@@ -228,6 +228,7 @@ def _reconcile_once(namespace: str, name: str) -> float | None:
         for action in outcome.actions:
             _apply(action, run, body, outcome.status)
     status = outcome.status
+    _serve(run, status)
     if refused_retry:
         status.conditions.append(condition(old_status.conditions, "RetryRefused", "True", "RetryValueTooLong",
                                            refused_retry, now, generation))
@@ -273,6 +274,37 @@ def _lacking_secrets(run: Any, outcome: Any) -> dict[str, list[str]]:
         return {}
     lacking = {stage: secret_refs.missing(used, keys, ns) for stage, used in uses.items()}
     return {stage: lines for stage, lines in lacking.items() if lines}
+
+
+def _serve(run: Any, status: AlignmentRunStatus) -> None:
+    """promote.serve: once promoted, the promoted model's InferenceService (created once, owned by the run),
+    its name and, once KServe reports it, its URL in status.promotion; condition Serving says what is missing."""
+    from .render.serving import KSERVE, inference_service
+
+    p = status.promotion
+    if run.spec.promote is None or run.spec.promote.serve is None or p is None or p.verdict != "Promoted" \
+            or not p.model:
+        return
+    obj = inference_service(run, p.model)
+    prior = next((c for c in (run.status.conditions if run.status else []) if c.type == "Serving"), None)
+    try:
+        with _step(f"creating InferenceService {obj['metadata']['name']}"):
+            found = kube.ensure_serving(obj, *KSERVE)
+    except kube.ApiException as e:
+        why = "KServe's InferenceService CRD is not installed" if e.status == 404 else f"HTTP {e.status}: {e.reason}"
+        status.conditions.append(condition([prior] if prior else [], "Serving", "False", "ServingRefused",
+                                           f"InferenceService {obj['metadata']['name']}: {why}", kube.now(),
+                                           (run.metadata.model_extra or {}).get("generation")))
+        return
+    p.serving = obj["metadata"]["name"]
+    p.url = (found.get("status") or {}).get("url")
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True"
+                for c in (found.get("status") or {}).get("conditions") or [])
+    status.conditions.append(condition(
+        [prior] if prior else [], "Serving", "True" if ready and p.url else "Unknown",
+        "InferenceServiceReady" if ready and p.url else "InferenceServiceNotReady",
+        f"InferenceService {p.serving}" + (f" at {p.url}" if p.url else ": waiting for KServe"),
+        kube.now(), (run.metadata.model_extra or {}).get("generation")))
 
 
 def _next_look(namespace: str, name: str, phase: str, actions: list[Any]) -> float | None:

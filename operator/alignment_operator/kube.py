@@ -595,3 +595,17 @@ class SecretStore:
             raise
         self._version = sent.metadata.resource_version
         return data
+
+
+def ensure_serving(obj: dict[str, Any], group: str, version: str, plural: str) -> dict[str, Any]:
+    """promote.serve's object (a KServe InferenceService): created unless there; the object as it is now.
+    Raises ApiException as the server answered (404: KServe's CRD is not installed)."""
+    api, meta = _api(client.CustomObjectsApi), obj["metadata"]
+    try:
+        created = api.create_namespaced_custom_object(group, version, meta["namespace"], plural, obj)
+        log.info("created %s %s/%s", obj["kind"], meta["namespace"], meta["name"])
+        return created
+    except ApiException as e:
+        if e.status != 409:
+            raise
+    return api.get_namespaced_custom_object(group, version, meta["namespace"], plural, meta["name"])

@@ -54,3 +54,44 @@ def test_the_tiny_run_is_held_by_a_gate_it_misses_then_promoted_when_the_gate_is
     assert jobs(api, ns) == held_jobs  # decided again from the eval's results: no stage ran again
     assert "Succeeded" in cluster.kubectl("get", "alignmentruns", "-n", ns).stdout
     print(f"\nissue 27 (gates under the operator, control plane): {time.monotonic() - started:.0f}s")
+
+
+def test_a_promoted_run_gets_its_inference_service_checked_by_kserves_crd_owned_and_gone_with_it(
+        cluster, crds, operator, namespace):
+    from controlplane import binaries_dir
+    from kubernetes import client
+
+    crd = binaries_dir() / "kserve-crd.yaml"
+    if not crd.is_file():
+        pytest.fail(f"{crd} is missing: run tools/k8s/build.sh (KServe's CRD from its module)")
+    cluster.kubectl("apply", "--server-side", "-f", str(crd))
+    cluster.wait_established("inferenceservices.serving.kserve.io")
+    ns, api, started = namespace, cluster.api_client(), time.monotonic()
+    apply_tiny(cluster, ns, promote={"gates": [{"metric": "preference_accuracy", "min": 0.6}],
+                                     "serve": {"cpu": "2", "memory": "4Gi"}})
+    for job, stage, metrics in ((SFT, "sft", {"train_loss": 1.0}), (DPO, "dpo", {"train_loss": 0.6}),
+                                (EVAL, "eval", {"preference_accuracy": 0.85})):
+        wait_for(f"the {stage} Job", lambda: job in jobs(api, ns), timeout=60)
+        play_kubelet(api, ns, job, 0, result_message(stage, **metrics))
+    custom = client.CustomObjectsApi(api)
+    isvc = wait_for("the InferenceService", lambda: next(iter(custom.list_namespaced_custom_object(
+        "serving.kserve.io", "v1beta1", ns, "inferenceservices")["items"]), None), timeout=60)
+    run = get_run(api, ns, "tiny")
+    assert [(o["uid"], o["controller"]) for o in isvc["metadata"]["ownerReferences"]] == [(run["metadata"]["uid"], True)]
+    model = isvc["spec"]["predictor"]["model"]
+    assert model["modelFormat"]["name"] == "huggingface" and "--backend=huggingface" in model["args"]
+    assert model["storageUri"].endswith("/dpo/final") and model["storageUri"].startswith("pvc://tiny-workspace/")
+    assert run["status"]["promotion"]["serving"] == "tiny"
+    # KServe reports it ready (played, as the kubelet is): the URL reaches status at the next reconcile.
+    custom.patch_namespaced_custom_object_status("serving.kserve.io", "v1beta1", ns, "inferenceservices", "tiny", {
+        "status": {"url": "http://tiny.test.example.com", "conditions": [
+            {"type": "Ready", "status": "True", "lastTransitionTime": "2026-12-06T10:00:00Z"}]}})
+    cluster.kubectl("annotate", "alignmentrun", "tiny", "-n", ns, "example.com/touch=1")
+    run = wait_for("the URL in status", lambda: (r := get_run(api, ns, "tiny"))["status"]["promotion"].get("url") and r,
+                   timeout=60)
+    assert run["status"]["promotion"]["url"] == "http://tiny.test.example.com"
+    assert {c["type"]: c["status"] for c in run["status"]["conditions"]}["Serving"] == "True"
+    cluster.kubectl("delete", "alignmentrun", "tiny", "-n", ns)
+    wait_for("the InferenceService gone with the run", lambda: not custom.list_namespaced_custom_object(
+        "serving.kserve.io", "v1beta1", ns, "inferenceservices")["items"], timeout=60)
+    print(f"\nissue 27 (promote.serve, KServe's CRD, control plane): {time.monotonic() - started:.0f}s")

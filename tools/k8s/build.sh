@@ -24,6 +24,8 @@
 set -euo pipefail
 export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-mod=readonly
 HELM_VERSION=v4.3.1
+# KServe's InferenceService CRD (promote.serve renders one), taken from its own module's config/crd/full/.
+KSERVE_VERSION=v0.15.2
 RECIPE=2
 cd "$(dirname "$0")"
 
@@ -33,12 +35,13 @@ coredns_version=$(awk 'NF >= 2 && $(NF-1) == "github.com/coredns/coredns" { prin
 out=${ALIGNMENT_K8S_BIN:-$HOME/.cache/alignment-operator/k8s/$k8s_version}
 k8s_binaries=(etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy)
 engines=(jobset training-operator kueue)
-binaries=("${k8s_binaries[@]}" coredns helm "${engines[@]}" versitygw)
+binaries=("${k8s_binaries[@]}" coredns helm "${engines[@]}" versitygw kserve-crd)
 
 common="$(go version) recipe $RECIPE"
 stamp_of() {  # what a binary is built from
     case $1 in
         helm) echo "$common $HELM_VERSION" ;;
+        kserve-crd) echo "$common $KSERVE_VERSION" ;;
         coredns|versitygw) cat "$1/go.mod" "$1/go.sum" <(echo "$common") | sha256sum | cut -d' ' -f1 ;;
         jobset|training-operator|kueue)  # (and how its manifests are rendered)
             cat "$1/go.mod" "$1/go.sum" <(echo "$common") <(declare -f engine_manifests) | sha256sum | cut -d' ' -f1 ;;
@@ -75,7 +78,7 @@ engine_manifests() {  # engine_manifests NAME OUT: its install manifests, from i
     kubectl kustomize "$tmp/$kustomization" 2>/dev/null > "$2"
     rm -rf "$tmp"
 }
-current() { [[ -x $out/$1 && "$(cat "$out/.stamp-$1" 2>/dev/null)" == "$(stamp_of "$1")" ]]; }
+current() { [[ ( -x $out/$1 || $1 == kserve-crd && -s $out/$1.yaml ) && "$(cat "$out/.stamp-$1" 2>/dev/null)" == "$(stamp_of "$1")" ]]; }
 todo=()
 for b in "${binaries[@]}"; do current "$b" || todo+=("$b"); done
 if [[ ${#todo[@]} -eq 0 ]]; then
@@ -141,6 +144,15 @@ if wanted versitygw; then
     echo "building versitygw $version ..."
     timed "module download" go -C versitygw mod download
     build versitygw github.com/versity/versitygw/cmd/versitygw "-s -w" versitygw
+fi
+
+# KServe's InferenceService CRD, from its module (downloaded, never built: only the manifest is used).
+if wanted kserve-crd; then
+    rm -f "$out/.stamp-kserve-crd"
+    dir=$(go mod download -json "github.com/kserve/kserve@$KSERVE_VERSION" | awk -F'"' '$2 == "Dir" { print $4 }')
+    cp "$dir/config/crd/full/serving.kserve.io_inferenceservices.yaml" "$out/kserve-crd.yaml.partial"
+    mv "$out/kserve-crd.yaml.partial" "$out/kserve-crd.yaml"
+    stamp_of kserve-crd > "$out/.stamp-kserve-crd"
 fi
 
 # The engines, each from its own module (their k8s.io/* and controller-runtime versions differ).

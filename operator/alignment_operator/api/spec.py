@@ -783,6 +783,16 @@ class ExportSpec(ApiModel):
         return value
 
 
+class ServeSpec(ApiModel):
+    gpus: int = Field(0, ge=0, le=8, description=(
+        "GPUs of the predictor: above 0, KServe's Hugging Face runtime serves with its vLLM backend; 0 with its "
+        "huggingface (transformers) backend on CPU."))
+    gpu_resource: str = Field("nvidia.com/gpu", max_length=317, pattern=corev1.EXTENDED_RESOURCE, description=(
+        "Extended resource name of the GPUs."))
+    cpu: Quantity | None = Field(None, description="CPU request and limit of the predictor.")
+    memory: Quantity | None = Field(None, description="Memory request and limit of the predictor.")
+
+
 class PromoteSpec(ApiModel):
     eval: str | None = Field(None, max_length=40, description=(
         "The eval stage whose results decide. An eval of several stages (a matrix's variants, eval.stages) "
@@ -792,6 +802,10 @@ class PromoteSpec(ApiModel):
     choose_by: str | None = Field(None, max_length=128, description=(
         "Among candidates that pass every gate, the best by this metric (higher is better unless it names a loss, "
         "perplexity or seconds). Default: the eval's compareBy, else preference_accuracy."))
+    serve: ServeSpec | None = Field(None, description=(
+        "Once promoted, a KServe InferenceService (serving.kserve.io/v1beta1, the Hugging Face runtime; vLLM on GPUs) "
+        "named after the run, owned by it (deleted with it), serving the promoted model from the run's volume "
+        "(pvc://<claim>/<path>); its URL goes to status.promotion.url once KServe reports it. Needs KServe installed."))
     exports: list[ExportSpec] = Field([], max_length=8, description=(
         "Where the promoted model (only a promoted one) is written once the gates pass: object-store URIs."))
 

@@ -177,6 +177,8 @@ class PromotionStatus(ApiModel):
     candidates: int = Field(0, ge=0, description="Candidates the eval measured.")
     gates: list[GateResult] = Field([], description="Each gate on the chosen (or, when held, the best) candidate.")
     message: str = Field("", max_length=4096, description="The decision in one line: the gates that failed, or passed.")
+    serving: str | None = Field(None, description="promote.serve's InferenceService (its name).")
+    url: str | None = Field(None, description="The InferenceService's URL, once KServe reports it ready.")
     exports: list[ExportResult] = Field([], description=(
         "promote.exports' results: each URI with its digest, bytes and time, or its error."))
 
