@@ -373,3 +373,32 @@ def test_a_push_refused_after_training_fails_the_stage_with_why_and_keeps_final(
     assert (final / "model.safetensors").is_file() and (final / "config.json").is_file()
     assert hub.requests and hub.files == {}  # the server was asked, and refused
     assert "hf_read_only_token" not in json.dumps(said)
+
+
+def test_the_card_carries_each_stages_gpu_hours_as_the_operator_counted_them(tmp_path):
+    """Issue 26: the card lists each earlier stage's GPU-hours (every attempt, from the run's status when
+    the stage was rendered) and their sum; a CPU-only stage says so."""
+    from alignment_operator.api.documents import parse_run
+    from alignment_operator.render.recipe import build_recipe, final_dir
+    from alignment_trainer import card
+
+    def at(status: list[dict]):
+        data = yaml.safe_load((REPO / "examples" / "tiny-run.yaml").read_text())
+        data["status"] = {"stages": status}
+        return parse_run(data)
+
+    sft_done = {"name": "sft", "phase": "Succeeded", "gpus": 8, "gpuSeconds": 2 * 3600.0}
+    for index, stages in ((0, []), (1, [sft_done]), (2, [sft_done, {"name": "dpo", "phase": "Succeeded", "gpus": 0}])):
+        run = at(stages)
+        recipe = build_recipe(run, index, str(tmp_path))
+        if index < 2:
+            final = Path(final_dir(str(tmp_path), run, run.spec.stages[index].name))
+            final.mkdir(parents=True)
+            card.stage_card(recipe, 10).save(final / "README.md")
+    assert build_recipe(at([]), 0, str(tmp_path)).gpu_seconds is None  # nothing finished yet
+    text = str(card.eval_card(recipe, {"preference_accuracy": 0.9}))
+    body = text[text.index("## Stage 1"):]
+    sft_part, dpo_part = body.split("## Stage 2")
+    assert "- accelerator time: 2 GPU-hours, every attempt" in sft_part
+    assert "- accelerator time: CPU only" in dpo_part
+    assert "GPU-hours of the stages listed: 2" in text

@@ -112,7 +112,7 @@ def stage_card(recipe: Recipe, global_step: int, tracked: dict[str, str] | None 
     links = {k: v for k, v in (tracked or {}).items() if v.startswith(("http://", "https://"))}
     if links:
         entry["tracking"] = links
-    stages = [*before.get("stages", []), entry]
+    stages = _accelerator([*before.get("stages", []), entry], recipe)
     meta = {"run": recipe.run_name, "base_model": base, "base_model_on_hub": on_hub, "base_model_revision": revision,
             "stages": stages}
     return _card(recipe.hub_model_id or recipe.run_name or recipe.stage_name or recipe.method, meta, [])
@@ -126,7 +126,7 @@ def eval_card(recipe: Recipe, result: dict) -> ModelCard:
             "base_model": before.get("base_model") or public_name(source),
             "base_model_on_hub": before.get("base_model_on_hub", is_hub_id(source)),
             "base_model_revision": before.get("base_model_revision") or recipe.base_model_revision,
-            "stages": before.get("stages", [])}
+            "stages": _accelerator(before.get("stages", []), recipe)}
     held_out = ", ".join(public_name(d.path) for d in recipe.datasets) or "held-out data"
     hub = len(recipe.datasets) == 1 and is_hub_id(recipe.datasets[0].path)
     results = [EvalResult(task_type="text-generation", task_name=f"alignment-operator {recipe.stage_name or 'eval'}",
@@ -134,6 +134,13 @@ def eval_card(recipe: Recipe, result: dict) -> ModelCard:
                           metric_type=key, metric_name=key, metric_value=value)
                for key, value in eval_metrics(result).items()]
     return _card(recipe.hub_model_id or meta["run"] or "model", meta, results)
+
+
+def _accelerator(stages: list[dict], recipe: Recipe) -> list[dict]:
+    """Each listed stage with its GPU-hours as the operator counted them (every attempt), where known."""
+    seconds = recipe.gpu_seconds or {}
+    return [{**s, "gpu_hours": round(seconds[s["stage"]] / 3600, 4)} if s.get("stage") in seconds else s
+            for s in stages]
 
 
 def eval_metrics(result: dict) -> dict[str, float]:
@@ -164,8 +171,13 @@ def _card(title: str, meta: dict, results: list[EvalResult]) -> ModelCard:
                      f"accumulation, max length {s.get('max_length')}"
                      + (f", beta {s['beta']}" if "beta" in s else "") + f", seed {s.get('seed')}")
         lines += [f"- data: {d}" for d in s.get("datasets", [])]
+        if "gpu_hours" in s:
+            lines.append(f"- accelerator time: {s['gpu_hours']:.4g} GPU-hours, every attempt"
+                         if s["gpu_hours"] else "- accelerator time: CPU only")
         lines += [f"- {name}: {url}" for name, url in s.get("tracking", {}).items()]
         lines.append("")
+    if any("gpu_hours" in s for s in stages):
+        lines += [f"GPU-hours of the stages listed: {sum(s.get('gpu_hours', 0.0) for s in stages):.4g}", ""]
     if results:
         lines += ["## Evaluation", "", f"On {results[0].dataset_name}:", "", "| metric | value |", "|---|---|"]
         lines += [f"| {r.metric_type} | {r.metric_value:.4g} |" for r in results]

@@ -551,6 +551,9 @@ class Recipe(_Strict):
     stage_name: str | None = Field(None, description="The stage's name in its run (model card, result.json).")
     base_model: str | None = Field(None, description="The run's base model (model card).")
     base_model_revision: str | None = Field(None, description="The run's base model revision (model card).")
+    gpu_seconds: dict[str, float] | None = Field(None, description=(
+        "GPU-seconds of the run's stages that finished before this one (GPUs x wall time of every attempt, "
+        "as the operator counted them; 0: CPU only), for the model card."))
 
     @field_validator("method")
     @classmethod

@@ -73,7 +73,7 @@ def recipe_changes(old_recipe: Path, new_text: str) -> list[str]:
     new = _flat(yaml.safe_load(new_text) or {})
     skip = ("termination_message_path",)
     return [f"{k}: {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}" for k in sorted(old.keys() | new.keys())
-            if old.get(k) != new.get(k) and not k.endswith(skip)]
+            if old.get(k) != new.get(k) and not k.endswith(skip) and not k.startswith("gpu_seconds")]
 
 
 def edited_finished(run: AlignmentRun, status: AlignmentRunStatus | None, root: str, redo: list[str],

@@ -173,6 +173,8 @@ def build_recipe(run: AlignmentRun, index: int, root: str,
         stage_name=stage.name,
         base_model=m.source,
         base_model_revision=m.revision,
+        gpu_seconds={s.name: s.gpu_seconds for s in run.status.stages if s.phase == "Succeeded"}
+        if run.status is not None and any(s.phase == "Succeeded" for s in run.status.stages) else None,
         push_to_hub=run.spec.hub is not None and index == pushing_stage(run),
         hub_model_id=run.spec.hub.repo_id if run.spec.hub is not None else None,
         hub_private=run.spec.hub.private if run.spec.hub is not None else True,
