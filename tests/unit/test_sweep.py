@@ -12,7 +12,7 @@ import yaml
 from alignment_operator.local.view import compare_table
 from alignment_operator.api import RETRY_ANNOTATION, AlignmentRunStatus, StageStatus, parse_run
 from alignment_operator.progress import summary
-from alignment_operator.reconcile import CreateStage, DeleteChild, Event, ObservedChild, reconcile
+from alignment_operator.reconcile import CreateStage, DeleteChild, Event, ObservedChild, SetSuspend, reconcile
 
 ROOT = Path(__file__).resolve().parents[2]
 T0 = "2026-11-21T12:00:00Z"
@@ -295,3 +295,22 @@ def test_an_eval_of_a_list_of_stages_compares_them_against_one_reference():
         in said
     assert "eval.stages: 'nope' is not an earlier stage" in _refusal(
         _sweep_doc(lambda s: s[2]["eval"].update(stages=["dpo", "nope"])))
+
+
+def test_suspend_stops_every_running_sibling_and_resume_restarts_them():
+    shell = Shell()
+    shell.step()
+    shell.end("sft", "Succeeded", at(10), result=ok())
+    shell.step(at(10))
+    shell.spec = {"suspend": True}
+    out = shell.step(at(20))
+    suspended = sorted(a.stage for a in out.actions if isinstance(a, SetSuspend) and a.suspend)
+    assert suspended == VARIANTS and out.status.phase == "Suspended"
+    assert {s.name for s in out.status.stages if s.phase == "Suspended"} == set(VARIANTS)
+    for v in VARIANTS:  # the Jobs say they are suspended now
+        c = shell.children[v]
+        shell.children[v] = ObservedChild(v, c.name, "Running", 1, created=c.created, suspended=True)
+    shell.spec = {}
+    out = shell.step(at(30))
+    assert sorted(a.stage for a in out.actions if isinstance(a, SetSuspend) and not a.suspend) == VARIANTS
+    assert out.status.phase == "Running" and out.status.progress_summary == "1/7, 3 running"
