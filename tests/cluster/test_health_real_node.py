@@ -1,0 +1,110 @@
+"""Health guards on the real node (issue 31), one operator with live progress (the pods push to its
+endpoint), one namespace, two runs side by side:
+
+- a one-pod stage told it is rendered for 2 processes (ALIGNMENT_WORLD_SIZE through spec.trainer.env,
+  after the rendered value: the pod's process forms a world of 1) fails within a minute with
+  WorldSizeMismatch naming both numbers, no step trained;
+- a two-pod ZeRO-3 stage (an Indexed Job + headless Service) whose rank 1 trainer process is frozen
+  from the node (SIGSTOP) after checkpoint-5: no step and no heartbeat for hangTimeoutSeconds (30), so
+  the operator restarts both ranks from the newest checkpoint (restarts 1, reason Hang, an Event Hang)
+  and the stage succeeds; its latestCheckpoint and workAtRisk were in status while it ran.
+
+Needs what tests/cluster/test_real_node.py needs (the node, the images); ALIGNMENT_SKIP_NODE=1 skips it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from controlplane import REPO, free_port, wait_for
+from kubelet import get_run, stage_output
+from node import host_ip, image_ref
+from operator_process import Operator
+from realnode import assert_resumed, prepare_volume, two_rank_run, wait_phase
+
+pytestmark = [pytest.mark.cluster, pytest.mark.node, pytest.mark.timeout(1200)]
+HANG_S = 30
+
+
+def frozen_rank(run_dir_marker: str, rank: str) -> int | None:
+    """The pid, seen from the node, of the trainer process of `rank` whose pod's recipe names the run."""
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            env = dict(v.split("=", 1) for v in environ.read_text(errors="replace").split("\0") if "=" in v)
+            cmd = (environ.parent / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if env.get("RANK") == rank and run_dir_marker in env.get("HOSTNAME", "") and b"alignment_trainer" in cmd:
+            return int(environ.parent.name)
+    return None
+
+
+def test_a_wrong_world_fails_at_once_and_a_frozen_rank_restarts_both_from_the_checkpoint(real, restricted_ns, tmp_path):
+    plane, ns = real.plane, restricted_ns
+    t0 = time.monotonic()
+    port, ip = free_port(), host_ip()
+    op = Operator(plane.kubeconfig, ns, tmp_path / "operator.log", nofile=1024, extra_env={
+        "ALIGNMENT_TRAINER_IMAGE": image_ref("trainer"), "ALIGNMENT_PROGRESS_PORT": str(port),
+        "ALIGNMENT_PROGRESS_URL": f"https://{ip}:{port}", "ALIGNMENT_PROGRESS_HOSTNAMES": ip}).start()
+    try:
+        # the world: one pod, told 2
+        wrong = yaml.safe_load((REPO / "examples/tiny-run.yaml").read_text())
+        wrong["metadata"]["name"] = "world"
+        wrong["spec"]["stages"] = wrong["spec"]["stages"][:1]
+        wrong["spec"]["trainer"] = {"env": [{"name": "ALIGNMENT_WORLD_SIZE", "value": "2"}]}
+        volume_w = prepare_volume(real, ns, "world")
+        # the hang: two pods, ZeRO-3, a checkpoint every 5 steps
+        hung = two_rank_run("hang", epochs=2, save_steps=5)
+        hung["spec"]["stages"][0]["hangTimeoutSeconds"] = HANG_S
+        volume = prepare_volume(real, ns, "hang")
+        applied = time.monotonic()
+        plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump_all([wrong, hung]))
+
+        failed = wait_phase(real, ns, "world", {"Succeeded", "Failed"}, timeout=300)
+        world_s = time.monotonic() - applied
+        st = failed["status"]["stages"][0]
+        assert failed["status"]["phase"] == "Failed" and st["reason"] == "WorldSizeMismatch", st
+        assert "rendered for 2 processes" in st["message"] and "formed a world of 1" in st["message"], st
+        out_w = stage_output(plane, volume_w, ns, "world", "sft")
+        assert not list(out_w.glob("checkpoint-*")) and not (out_w / "metrics.jsonl").exists(), "no step trained"
+
+        out = stage_output(plane, volume, ns, "hang", "sft")
+        wait_for("hang's checkpoint-5", timeout=600, interval=0.2,
+                 fn=lambda: (out / "checkpoint-5" / "trainer_state.json").is_file())
+        pid = wait_for("rank 1's trainer process on the node", timeout=30, interval=0.5,
+                       fn=lambda: frozen_rank("hang-", "1"))
+        api = plane.api_client()
+        frozen_after = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")
+                           if (p / "trainer_state.json").is_file())
+        os.kill(pid, signal.SIGSTOP)
+        frozen = time.monotonic()
+        restarted = wait_for("the Hang restart", timeout=HANG_S + 120, interval=1, fn=lambda: (
+            lambda s: s if s.get("restarts") else None)(get_run(api, ns, "hang")["status"]["stages"][0]))
+        detected_s = time.monotonic() - frozen
+        done = wait_phase(real, ns, "hang", {"Succeeded", "Failed"}, timeout=600)
+    finally:
+        op.stop()
+    stage = done["status"]["stages"][0]
+    assert done["status"]["phase"] == "Succeeded", stage
+    assert restarted["restartReasons"] == {"Hang": 1} and restarted["lastRestart"].startswith("Hang: "), restarted
+    # what the restart would cost was in status: the newest complete checkpoint when rank 1 froze
+    assert restarted["latestCheckpoint"]["step"] == frozen_after and restarted["latestCheckpoint"]["complete"], restarted
+    assert detected_s <= HANG_S + 30, detected_s
+    assert stage["restarts"] == 1 and "no progress or heartbeat" in stage["lastRestart"], stage
+    events = json.loads(plane.kubectl("get", "events", "-n", ns, "--field-selector", "reason=Hang", "-o", "json").stdout)
+    assert any("stage sft: Hang" in e["message"] for e in events["items"]), events["items"]
+    assert stage["latestCheckpoint"]["step"] > frozen_after, stage  # it moved on after the restart
+    logs = plane.kubectl("logs", "-n", ns, "-l", "batch.kubernetes.io/job-completion-index=0,alignment.dev/run=hang",
+                         "--tail=-1").stdout
+    resumed = assert_resumed(logs, killed_after=frozen_after, stage=stage)
+    print(f"\nissue 31: WorldSizeMismatch {world_s:.0f}s after apply; rank 1 frozen after checkpoint-{frozen_after}, "
+          f"both ranks resumed from checkpoint-{resumed}; Hang "
+          f"restart {detected_s:.0f}s later (hangTimeoutSeconds {HANG_S}), run Succeeded; lastRestart: "
+          f"{stage['lastRestart']}; test {time.monotonic() - t0:.0f}s")
