@@ -189,3 +189,31 @@ def test_a_push_carries_the_checkpoints_time_to_the_second():
     body = push.body(SimpleNamespace(global_step=6, max_steps=20, epoch=None))
     sent = {m["name"]: m["value"] for m in body["trainerStatus"]["metrics"]}
     assert sent["checkpoint_step"] == "5" and abs(float(sent["checkpoint_time"]) - clock.time()) < 5, sent
+
+
+def test_the_heartbeat_beats_between_steps_only(capfd):
+    """Logging, evaluation, a checkpoint write, the next batch (between on_step_end and on_step_begin) beat; the
+    step itself does not: a step that never ends is the hang the operator restarts."""
+    import time as clock
+    from types import SimpleNamespace
+
+    from alignment_trainer.live import Heartbeat
+
+    beats = []
+    push = SimpleNamespace(beat=lambda state: beats.append(state.global_step))
+    heart = Heartbeat(push, interval=0.05)
+    state = SimpleNamespace(is_world_process_zero=True, global_step=4)
+    heart.on_train_begin(None, state, None)
+    clock.sleep(0.3)
+    assert beats, "before the first step: alive"
+    heart.on_step_begin(None, state, None)
+    clock.sleep(0.1)
+    during = len(beats)
+    clock.sleep(0.3)
+    assert len(beats) == during, "inside a step nothing beats"
+    state.global_step = 5
+    heart.on_step_end(None, state, None)  # then the checkpoint write, however slow
+    clock.sleep(0.3)
+    heart.on_train_end(None, state, None)
+    assert beats[-1] == 5 and len(beats) > during
+    assert '{"event": "heartbeat", "step": 5}' in capfd.readouterr().out
