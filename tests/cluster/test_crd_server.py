@@ -54,7 +54,7 @@ def test_get_prints_phase_stage_progress_and_model(cluster, crds, namespace):
                     "--type=merge", "-p", json.dumps({"status": status}))
 
     lines = cluster.kubectl("get", "alignmentruns", "-n", namespace).stdout.splitlines()
-    assert lines[0].split() == ["NAME", "PHASE", "STAGE", "PROGRESS", "MODEL", "AGE"]
+    assert lines[0].split() == ["NAME", "PHASE", "STAGE", "PROGRESS", "MODEL", "GPU-H", "AGE"]
     assert lines[1].split()[:8] == ["tiny", "Running", "dpo", "dpo", "43%", "ETA", "2h10m", "/workspace/tiny/sft/final"]
     # The short names reach the same resource.
     assert cluster.kubectl("get", "ar", "-n", namespace, "-o", "name").stdout.strip() == "alignmentrun.alignment.dev/tiny"

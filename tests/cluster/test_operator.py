@@ -75,7 +75,7 @@ def test_run_goes_through_every_stage_to_succeeded(cluster, operator, restricted
     assert s["evaluation"]["preference_accuracy"] == 0.9
     assert s["observedGeneration"] == run["metadata"]["generation"]
     table = cluster.kubectl("get", "alignmentruns", "-n", ns).stdout
-    assert table.split()[:6] == ["NAME", "PHASE", "STAGE", "PROGRESS", "MODEL", "AGE"]
+    assert table.split()[:7] == ["NAME", "PHASE", "STAGE", "PROGRESS", "MODEL", "GPU-H", "AGE"]
     assert "Succeeded" in table and "3/3" in table and "/workspace/x/tiny/dpo/final" in table
     reasons = [e.reason for e in client.CoreV1Api(api).list_namespaced_event(
         ns, field_selector="involvedObject.kind=AlignmentRun").items]
