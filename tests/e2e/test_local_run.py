@@ -230,14 +230,15 @@ def _trainer_pid(recipe: Path) -> int | None:
 
 
 @pytest.mark.trainer
+@pytest.mark.slow
 def test_a_stopped_stage_is_restarted_from_its_checkpoint_and_the_run_succeeds(tmp_path, tiny_model):
     """Issue 31: the SFT stage's trainer is frozen (SIGSTOP) once checkpoint-5 is written. With
-    hangTimeoutSeconds 20 the local runner sees no step and no heartbeat, names the stopped process, kills
+    hangTimeoutSeconds 15 the local runner sees no step and no heartbeat, names the stopped process, kills
     it, and reconcile restarts the stage from its newest checkpoint (restarts 1, reason Hang): the run succeeds."""
     def sft_only(stages):
         del stages[1:]
-        stages[0]["hangTimeoutSeconds"] = 20
-        stages[0]["training"].update(epochs=None, maxSteps=40, saveSteps=5, loggingSteps=5)
+        stages[0]["hangTimeoutSeconds"] = 15
+        stages[0]["training"].update(epochs=None, maxSteps=20, saveSteps=5, loggingSteps=5)
         stages[0]["training"] = {k: v for k, v in stages[0]["training"].items() if v is not None}
 
     run = write_run(tmp_path, tiny_model, sft_only)
@@ -257,7 +258,7 @@ def test_a_stopped_stage_is_restarted_from_its_checkpoint_and_the_run_succeeds(t
     assert code == 0, out[-3000:]
     st = stage(status_of(workdir / "default" / "tiny"), "sft")
     assert st["phase"] == "Succeeded" and st["restarts"] == 1 and st["restartReasons"] == {"Hang": 1}
-    assert f"stopped: rank 0 (pid {pid})" in st["lastRestart"] and "hangTimeoutSeconds 20" in st["lastRestart"]
+    assert f"stopped: rank 0 (pid {pid})" in st["lastRestart"] and "hangTimeoutSeconds 15" in st["lastRestart"]
     assert f"! stage sft: Hang: no progress or heartbeat for" in out
     resumed = [e["resume_from"] for e in events(sft / "log.txt") if e["event"] == "start"]
     assert resumed[0] is None and resumed[-1] is not None and int(resumed[-1].rsplit("-", 1)[1]) >= 5, resumed
