@@ -229,6 +229,7 @@ def _reconcile_once(namespace: str, name: str) -> float | None:
             _apply(action, run, body, outcome.status)
     status = outcome.status
     _serve(run, status)
+    _export(run, status, children, old_status)
     if refused_retry:
         status.conditions.append(condition(old_status.conditions, "RetryRefused", "True", "RetryValueTooLong",
                                            refused_retry, now, generation))
@@ -274,6 +275,38 @@ def _lacking_secrets(run: Any, outcome: Any) -> dict[str, list[str]]:
         return {}
     lacking = {stage: secret_refs.missing(used, keys, ns) for stage, used in uses.items()}
     return {stage: lines for stage, lines in lacking.items() if lines}
+
+
+def _export(run: Any, status: AlignmentRunStatus, children: dict[str, Any], old: AlignmentRunStatus) -> None:
+    """promote.exports: once promoted, one Job (render.exporting, owned by the run) exports the promoted model;
+    its result (termination message) or failure goes to status.promotion.exports, and Exported is worded
+    again from them (promotion.exported_condition)."""
+    from .promotion import exported_condition, pending_exports
+    from .render.exporting import EXPORT_STAGE, export_job
+    from .api.status import ExportResult
+
+    p = status.promotion
+    pending = pending_exports(run, p)
+    if not pending or not p.model:
+        return
+    child = children.get(EXPORT_STAGE)
+    if child is None:
+        obj = export_job(run, p.model, pending, _context)
+        with _step(f"creating Job {obj['metadata']['name']}"):
+            kube.ensure_object(obj)
+        return
+    if child.state == "Succeeded":
+        results = [ExportResult.model_validate(r) for r in (child.result or {}).get("exports", [])]
+    elif child.state == "Failed":
+        error = (child.result or {}).get("error") or child.message or "the export Job failed"
+        results = [ExportResult(uri=u, error=error) for u in pending]
+    else:
+        return
+    done = {r.uri.rstrip("/") for r in results}
+    p.exports = [e for e in p.exports if e.uri.rstrip("/") not in done] + results
+    generation = (run.metadata.model_extra or {}).get("generation")
+    status.conditions = [exported_condition(run, p, old, kube.now(), generation) if c.type == "Exported" else c
+                         for c in status.conditions]
 
 
 def _serve(run: Any, status: AlignmentRunStatus) -> None:

@@ -95,3 +95,34 @@ def test_a_promoted_run_gets_its_inference_service_checked_by_kserves_crd_owned_
     wait_for("the InferenceService gone with the run", lambda: not custom.list_namespaced_custom_object(
         "serving.kserve.io", "v1beta1", ns, "inferenceservices")["items"], timeout=60)
     print(f"\nissue 27 (promote.serve, KServe's CRD, control plane): {time.monotonic() - started:.0f}s")
+
+
+def test_a_promoted_runs_export_job_is_created_owned_and_its_result_reaches_status(cluster, operator, namespace):
+    from kubernetes import client
+
+    from alignment_operator.render.manifests import stage_child_name
+
+    ns, api, started = namespace, cluster.api_client(), time.monotonic()
+    cluster.kubectl("create", "secret", "generic", "s3", "-n", ns, "--from-literal=AWS_ACCESS_KEY_ID=test-key",
+                    "--from-literal=AWS_SECRET_ACCESS_KEY=test-secret")
+    apply_tiny(cluster, ns, objectStore={"endpointUrl": "http://minio.storage:9000", "credentialsSecretName": "s3"},
+               promote={"gates": [{"metric": "preference_accuracy", "min": 0.6}],
+                        "exports": [{"uri": "s3://exports/tiny"}]})
+    for job, stage, metrics in ((SFT, "sft", {"train_loss": 1.0}), (DPO, "dpo", {"train_loss": 0.6}),
+                                (EVAL, "eval", {"preference_accuracy": 0.85})):
+        wait_for(f"the {stage} Job", lambda: job in jobs(api, ns), timeout=60)
+        play_kubelet(api, ns, job, 0, result_message(stage, **metrics))
+    export = stage_child_name("tiny", "promote", "-export")
+    wait_for("the export Job", lambda: export in jobs(api, ns), timeout=60)
+    run = wait_for("Exported pending", lambda: (r := get_run(api, ns, "tiny")) and any(
+        c["type"] == "Exported" and c["reason"] == "ExportPending" for c in r["status"]["conditions"]) and r, timeout=30)
+    body = client.BatchV1Api(api).read_namespaced_job(export, ns)
+    assert [(o.uid, o.controller) for o in body.metadata.owner_references] == [(run["metadata"]["uid"], True)]
+    result = {"uri": "s3://exports/tiny", "digest": "sha256:" + "ab" * 32, "bytes": 1234, "files": 5,
+              "seconds": 1.5, "attempts": 1, "completed": "2026-12-06T10:00:00Z"}
+    play_kubelet(api, ns, export, 0, json.dumps({"exports": [result]}))
+    run = wait_for("Exported", lambda: (r := get_run(api, ns, "tiny")) and any(
+        c["type"] == "Exported" and c["status"] == "True" for c in r["status"]["conditions"]) and r, timeout=60)
+    assert run["status"]["promotion"]["exports"] == [result] and run["status"]["phase"] == "Succeeded"
+    assert "test-secret" not in json.dumps(body.to_dict(), default=str)  # the key pair only through secretKeyRef
+    print(f"\nissue 27 (promote.exports' Job, control plane): {time.monotonic() - started:.0f}s")

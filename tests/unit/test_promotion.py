@@ -5,6 +5,7 @@ promote specs are refused naming the field."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -155,8 +156,20 @@ def test_an_export_uri_is_an_s3_uri_without_credentials():
         assert "secret@" not in str(err.value)
 
 
-def test_exports_are_refused_on_a_cluster_until_the_operator_runs_them():
+def test_the_export_job_runs_the_trainers_export_tool_on_the_volume_with_the_key_pair_from_the_secret():
+    from alignment_operator.render.exporting import EXPORT_STAGE, export_job
+    from alignment_operator.render.manifests import RenderContext
+
     doc = tiny({"exports": [{"uri": "s3://exports/tiny"}]})
-    with pytest.raises(RunInvalid, match="promote.exports are run by `alignctl run --local` only"):
-        parse_run(doc)  # as the API server (CEL) and alignctl validate see it: refused, never left pending
-    assert parse_run(doc, local=True).spec.promote.exports[0].uri == "s3://exports/tiny"
+    doc["spec"]["objectStore"] = {"endpointUrl": "http://minio.storage:9000", "credentialsSecretName": "s3-creds"}
+    job = export_job(parse_run(doc), "/workspace/default/tiny/u-1/dpo/final", ["s3://exports/tiny"], RenderContext())
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["command"][:3] == ["python", "-m", "alignment_trainer.export"]
+    spec = json.loads(container["command"][3])
+    assert spec["model"] == "/workspace/default/tiny/u-1/dpo/final" and spec["exports"] == [{"uri": "s3://exports/tiny"}]
+    assert spec["object_store"]["endpoint_url"] == "http://minio.storage:9000"
+    env = {e["name"]: e.get("valueFrom") for e in container["env"]}
+    assert env["AWS_SECRET_ACCESS_KEY"] == {"secretKeyRef": {"name": "s3-creds", "key": "AWS_SECRET_ACCESS_KEY"}}
+    assert job["metadata"]["labels"]["alignment.dev/stage"] == EXPORT_STAGE and "." in EXPORT_STAGE  # never a stage
+    assert job["metadata"]["ownerReferences"][0]["controller"] is True

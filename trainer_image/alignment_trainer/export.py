@@ -1,6 +1,6 @@
 """Export a promoted model to object storage: write, verify, then mark complete (objectstore.export).
 
-    python -m alignment_trainer.export SPEC.json
+    python -m alignment_trainer.export SPEC.json      # or the JSON itself (the operator's export Job)
 
 SPEC: {"model": "<dir>", "exports": [{"uri": "s3://bucket/prefix"}], "object_store": {"endpoint_url", "region"},
 "termination_message_path": optional}. Credentials: the environment only (AWS_ACCESS_KEY_ID /
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print(__doc__, file=sys.stderr)
         return outcome.FIX_INPUT
-    spec = json.loads(Path(argv[0]).read_text())
+    spec = json.loads(argv[0] if argv[0].lstrip().startswith("{") else Path(argv[0]).read_text())
     store = spec.get("object_store") or {}
     done = []
     try:

@@ -810,13 +810,6 @@ class PromoteSpec(ApiModel):
         "Where the promoted model (only a promoted one) is written once the gates pass: object-store URIs."))
 
 
-# The operator decides promotion but runs no export Job yet: a run that asks for exports on a cluster is refused
-# (CEL and the Python twin) rather than left waiting; `alignctl run --local` (context local) exports.
-EXPORTS_NOT_ON_A_CLUSTER = ("promote.exports are run by `alignctl run --local` only in this version; on a cluster the "
-                            "operator decides promotion (status.promotion) but does not export yet: leave exports out and "
-                            "copy status.promotion.model yourself")
-
-
 def _promote_rules() -> list[tuple[str, str, str]]:
     """promote names eval stages (CEL; promote_problems is the Python twin)."""
     return [
@@ -825,7 +818,6 @@ def _promote_rules() -> list[tuple[str, str, str]]:
         ("!has(self.promote) || !has(self.promote.eval) || "
          "self.stages.exists(s, s.name == self.promote.eval && s.method == 'eval')",
          "promote.eval must name an eval stage", ".promote.eval"),
-        ("!has(self.promote) || size(self.promote.exports) == 0", EXPORTS_NOT_ON_A_CLUSTER, ".promote.exports"),
         ("!has(self.promote) || self.promote.gates.all(g, !has(g.atLeastAsGoodAs) || "
          "self.stages.exists(s, s.name == g.atLeastAsGoodAs && s.method == 'eval'))",
          "promote.gates[].atLeastAsGoodAs must name an eval stage", ".promote.gates"),
@@ -921,10 +913,8 @@ class AlignmentRunSpec(ApiModel):
         return self
 
     @model_validator(mode="after")
-    def _promote_names_eval_stages(self, info: ValidationInfo) -> "AlignmentRunSpec":
+    def _promote_names_eval_stages(self) -> "AlignmentRunSpec":
         problems = promote_problems(self)
-        if self.promote is not None and self.promote.exports and not (info.context or {}).get("local"):
-            problems.append(f"spec.promote.exports: {EXPORTS_NOT_ON_A_CLUSTER}")
         if problems:
             raise ValueError("; ".join(p.removeprefix("spec.") for p in problems))
         return self

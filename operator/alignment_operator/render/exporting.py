@@ -1,0 +1,54 @@
+"""promote.exports on a cluster: the Job that writes the promoted model to object storage. Pure (no I/O).
+
+One Job per promoted model, owned by the run, running the trainer image's own export tool
+(`python -m alignment_trainer.export SPEC`: write, verify, then mark complete, retrying a store that
+stops answering) with the run's volume mounted and spec.objectStore's key pair through secretKeyRef
+(or the service account's identity). Its result (each URI, digest, bytes, time) comes back as its
+pod's termination message; the cluster shell puts it in status.promotion.exports.
+Its stage label, promote.export, is no DNS label, so it is never a stage's name.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ..api import AlignmentRun
+from .manifests import (LABEL_STAGE, TERMINATION_LOG, RenderContext, child_name, labels, object_store_env,
+                        owner_reference, workspace_claim)
+
+EXPORT_STAGE = "promote.export"
+
+
+def export_job_name(run: AlignmentRun) -> str:
+    return child_name(run, "promote", "-export")
+
+
+def export_job(run: AlignmentRun, model: str, uris: list[str], ctx: RenderContext) -> dict[str, Any]:
+    store = run.spec.object_store
+    spec = {"model": model, "exports": [{"uri": u} for u in uris], "termination_message_path": TERMINATION_LOG,
+            "object_store": {"endpoint_url": store.endpoint_url, "region": store.region} if store else {}}
+    t = run.spec.trainer
+    container = {
+        "name": "export", "image": t.image or ctx.trainer_image, "imagePullPolicy": t.image_pull_policy,
+        "command": ["python", "-m", "alignment_trainer.export", json.dumps(spec)],
+        "env": [{"name": "HOME", "value": "/tmp"}, {"name": "PYTHONUNBUFFERED", "value": "1"}, *object_store_env(run)],
+        "volumeMounts": [{"name": "workspace", "mountPath": run.spec.storage.mount_path, "readOnly": True}],
+        "terminationMessagePath": TERMINATION_LOG, "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                            "runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+    }
+    pod: dict[str, Any] = {
+        "restartPolicy": "Never", "automountServiceAccountToken": False, "containers": [container],
+        "securityContext": {"runAsNonRoot": True, "runAsUser": ctx.run_as_user, "runAsGroup": ctx.run_as_user,
+                            "fsGroup": ctx.run_as_user, "seccompProfile": {"type": "RuntimeDefault"}},
+        "volumes": [{"name": "workspace", "persistentVolumeClaim": {"claimName": workspace_claim(run)}}],
+    }
+    for key, value in (("serviceAccountName", t.service_account_name), ("priorityClassName", t.priority_class_name)):
+        if value:
+            pod[key] = value
+    meta_labels = {**labels(run), LABEL_STAGE: EXPORT_STAGE}
+    return {"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": {"name": export_job_name(run), "namespace": run.metadata.namespace or "default",
+                         "labels": meta_labels, "ownerReferences": [owner_reference(run)]},
+            "spec": {"backoffLimit": 2, "template": {"metadata": {"labels": meta_labels}, "spec": pod}}}
