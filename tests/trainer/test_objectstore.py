@@ -172,3 +172,28 @@ def test_an_export_whose_server_stops_midway_is_retried_and_never_marked_complet
     assert done["attempts"] >= 2, seen
     manifest = objectstore.exported("s3://exports/retried", endpoint_url=s3.endpoint)
     assert manifest is not None and len(manifest["files"]) == done["files"]
+
+
+def test_the_export_tool_the_operators_job_runs_exports_and_says_why_it_cannot(s3, tmp_path, monkeypatch, capsys):
+    from alignment_trainer import export
+
+    model = tmp_path / "final"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    (model / "model.safetensors").write_bytes(bytes(range(256)) * 64)
+    log = tmp_path / "termination-log"
+    spec = {"model": str(model), "exports": [{"uri": "s3://exports/tool"}], "termination_message_path": str(log),
+            "object_store": {"endpoint_url": s3.endpoint}}
+    for key, value in s3.env().items():
+        monkeypatch.setenv(key, value)
+    assert export.main([json.dumps(spec)]) == 0  # the spec inline, as the Job passes it
+    done = json.loads(log.read_text())["exports"][0]
+    assert (done["uri"], done["files"], done["bytes"]) == ("s3://exports/tool", 2, 16384 + 23)
+    assert s3.client().get_object(Bucket="exports", Key="tool/model.safetensors")["Body"].read() == \
+        (model / "model.safetensors").read_bytes()
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    spec["exports"] = [{"uri": "s3://exports/refused"}]
+    assert export.main([json.dumps(spec)]) == 2
+    failure = json.loads(log.read_text())
+    assert failure["reason"] == "ObjectStoreError" and "s3://exports/refused" in failure["error"]
+    assert "wrong" not in failure["error"] and s3.secret_key not in capsys.readouterr().out

@@ -98,6 +98,12 @@ def explain(exc: BaseException, uri: S3Uri | str, s3, doing: str) -> Exception:
     where = _where(uri, s3)
     if isinstance(exc, (ObjectStoreError, ObjectStoreUnreachable)):
         return exc
+    # boto3's transfers wrap the client's error (S3UploadFailedError): judge by what the store answered.
+    inner = exc.__cause__ or exc.__context__
+    while inner is not None and not isinstance(inner, (ClientError, EndpointConnectionError, NoCredentialsError)):
+        inner = inner.__cause__ or inner.__context__
+    if inner is not None and not isinstance(exc, (ClientError, EndpointConnectionError, NoCredentialsError)):
+        exc = inner
     if isinstance(exc, NoCredentialsError):
         return ObjectStoreError(f"{doing} {where}: no credentials: give objectStore.credentialsSecretName (keys "
                                 "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or a service account with access")
