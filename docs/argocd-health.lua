@@ -21,7 +21,9 @@ for _, c in ipairs(obj.status.conditions or {}) do
 end
 if conditions.Stalled ~= nil and conditions.Stalled.status == "True" then
   hs.status = "Degraded"
-  hs.message = (conditions.Failed and conditions.Failed.message) or conditions.Stalled.message
+  -- a failed stage's words, else why it stalled (a run whose promote gates failed: Held, GatesNotMet)
+  hs.message = (conditions.Failed and conditions.Failed.status == "True" and conditions.Failed.message)
+    or conditions.Stalled.message
 elseif conditions.Ready ~= nil and conditions.Ready.status == "True" then
   hs.status = "Healthy"
   hs.message = "run succeeded; model " .. (obj.status.model or "")

@@ -173,3 +173,15 @@ def test_the_export_job_runs_the_trainers_export_tool_on_the_volume_with_the_key
     assert env["AWS_SECRET_ACCESS_KEY"] == {"secretKeyRef": {"name": "s3-creds", "key": "AWS_SECRET_ACCESS_KEY"}}
     assert job["metadata"]["labels"]["alignment.dev/stage"] == EXPORT_STAGE and "." in EXPORT_STAGE  # never a stage
     assert job["metadata"]["ownerReferences"][0]["controller"] is True
+
+
+def test_argo_cd_shows_a_held_run_degraded_with_the_gate_that_failed():
+    import lupa
+
+    out = drive(tiny({"gates": [{"metric": "preference_accuracy", "min": 0.9}]}), {"eval": {"preference_accuracy": 0.85}})
+    obj = {**tiny({}), "status": out.status.wire()}
+    obj["metadata"]["generation"] = 1
+    lua = lupa.LuaRuntime()
+    check = lua.eval("function(obj) " + (ROOT / "docs" / "argocd-health.lua").read_text() + " end")
+    health = dict(check(lua.table_from(obj, recursive=True)).items())
+    assert health["status"] == "Degraded" and "preference_accuracy 0.85 >= 0.9: failed" in health["message"]
