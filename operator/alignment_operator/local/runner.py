@@ -49,7 +49,7 @@ from ..graph import inputs
 from ..reconcile import CreateStage, DeleteChild, Event, ObservedChild, attempt_run, reconcile
 from ..render.manifests import child_name
 from ..render.recipe import build_recipe, stage_dir
-from . import plan, view
+from . import exports, plan, view
 from .lock import RunLock, RunLocked
 from .overrides import apply_overrides
 from .paths import path_problems
@@ -585,6 +585,9 @@ def _run(run: AlignmentRun, root: str, run_dir: Path, command: str, redo: list[s
         for s, handler in previous.items():
             signal.signal(s, handler)
 
+    if exports.export_promoted(run, run_dir):  # spec.promote.exports: the promoted model leaves the run
+        run.status = reconcile(run, None, observed, now(), slots=slots).status
+        write_status(run_dir, run.status)
     view.summary(run, run.status, run_dir, write_curves(run, run_dir))
     if run.status.comparison:
         plot = run_dir / "comparison.png"
@@ -592,4 +595,6 @@ def _run(run: AlignmentRun, root: str, run_dir: Path, command: str, redo: list[s
                         str(plot)], capture_output=True, text=True)
         if plot.is_file():
             print(f"comparison plot: {view.rel(plot)}")
+    if any(c.type == "Exported" and c.status == "False" for c in run.status.conditions):
+        return 1  # trained and promoted, but not where it had to go
     return 0 if run.status.phase == "Succeeded" else 1
