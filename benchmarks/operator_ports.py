@@ -62,7 +62,7 @@ def serve(way: str, probe_port: int, stats_path: str) -> None:
 
     from alignment_operator.api import parse_run
     from alignment_operator.progress import audience
-    from alignment_operator.render.manifests import LABEL_RUN, LABEL_STAGE, child_name
+    from alignment_operator.identity import LABEL_RUN, LABEL_STAGE, child_name
 
     doc = yaml.safe_load((ROOT / "examples" / "tiny-run.yaml").read_text())
     doc["metadata"].update(namespace="ns", uid="u1")

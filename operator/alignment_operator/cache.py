@@ -13,7 +13,7 @@ import threading
 from typing import Any
 
 from .observe import slim
-from .render.manifests import LABEL_RUN
+from .identity import LABEL_RUN
 
 Key = tuple[str, str]  # (namespace, run name)
 LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"

@@ -15,7 +15,7 @@ from kopf._core.engines import peering as kopf_peering  # kopf 1.45 (constraints
 
 from . import controller, metrics, progress_server
 from .api import GROUP, PLURAL, VERSION
-from .render.manifests import LABEL_RUN
+from .identity import LABEL_RUN
 
 log = logging.getLogger("alignment_operator")
 

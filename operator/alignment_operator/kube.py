@@ -30,7 +30,7 @@ from kubernetes.client.rest import ApiException
 
 from .api import GROUP, PLURAL, VERSION
 from .reconcile import Refusal
-from .render.manifests import LABEL_RUN, LABEL_STAGE
+from .identity import LABEL_RUN, LABEL_STAGE
 
 log = logging.getLogger(__name__)
 PYTORCHJOB = ("kubeflow.org", "v1", "pytorchjobs")

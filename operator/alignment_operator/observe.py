@@ -26,7 +26,8 @@ from typing import Any
 from alignment_trainer import outcome
 
 from .reconcile import Cause, ObservedChild
-from .render.manifests import ANNOTATION_HASH, LABEL_STAGE, failure_kind
+from .identity import ANNOTATION_HASH, LABEL_STAGE
+from .render.failure import failure_kind
 
 log = logging.getLogger(__name__)
 MESSAGE_LIMIT = 2000

@@ -10,7 +10,7 @@ Pure: no I/O, no clock (callers pass `now`). The endpoint (progress_server.py) s
 
 the body of Kubeflow Trainer's TrainJob status endpoint (KEP-2779, trainer.kubeflow.org
 v1alpha1), which transformers' KubeflowCallback sends whenever KUBEFLOW_TRAINER_SERVER_URL is
-set. {name} is the stage's Job name, `<run>-<stage>-<hash>` (render.manifests.child_name): one token
+set. {name} is the stage's Job name, `<run>-<stage>-<hash>` (identity.child_name): one token
 audience per stage, so a token minted for one stage moves no other. Metric names are the
 callback's (current_step, total_steps, current_epoch, loss, grad_norm, learning_rate, ...)
 plus the trainer's own (rewards/margins, rewards/accuracies, tokens_per_second).

@@ -47,7 +47,7 @@ from .bounded import Recent
 from .listener import Limits, Listener, Loop, Pool, RateLimiter, client_of, reply, shared_loop
 from .progress import (API_PATH, MAX_BODY_BYTES, Refused, Throttle, audience, parse_path, parse_report,
                        stage_progress, summary)
-from .render.manifests import LABEL_RUN, LABEL_STAGE, child_name
+from .identity import LABEL_RUN, LABEL_STAGE, child_name
 
 log = logging.getLogger("alignment_operator.progress")
 TOKEN_CACHE_S = 60.0     # a token the API server accepted is trusted this long (never past its expiry)

@@ -31,8 +31,6 @@ Reconciling condition; with startDeadlineSeconds it fails with that cause when t
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -41,8 +39,8 @@ from alignment_trainer import outcome
 from alignment_trainer.recipe import METHODS
 
 from .api import RETRY_ANNOTATION, AlignmentRun, AlignmentRunStatus, Condition, StageStatus
-from .api.status import ComparisonRow
-from .render.manifests import child_name
+from .api.status import ComparisonRow, condition
+from .identity import attempt_spec, child_name, spec_hash, stage_hash
 from .render.recipe import stage_dir
 from .health import hang_timeout, hang_words, lost_work, note_checkpoint, silent_for, warnings as learning_warnings
 from .api.spec import ModelSpec, StageSpec
@@ -166,21 +164,6 @@ class Outcome:
     actions: list[Action] = field(default_factory=list)
 
 
-def attempt_spec(run: AlignmentRun, index: int) -> dict[str, Any]:
-    """What a stage runs, as its attempt pins it (status.stages[].attemptSpec): its own spec and the
-    model it starts from."""
-    return {"stage": run.spec.stages[index].wire(), "model": run.spec.model.wire() if index == 0 else None}
-
-
-def stage_hash(run: AlignmentRun, index: int) -> str:
-    """Fingerprint of what a stage runs: its own spec and the model it starts from."""
-    return _hash(attempt_spec(run, index))
-
-
-def _hash(pinned: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(pinned, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def attempt_run(run: AlignmentRun, status: AlignmentRunStatus | None, index: int) -> AlignmentRun:
     """The run as stage `index`'s current attempt renders it: with the spec the attempt pinned when it
     started (status.stages[].attemptSpec), so a recreated Job or a restarted group runs what it ran,
@@ -205,15 +188,6 @@ def _metrics(result: dict[str, Any] | None) -> dict[str, float]:
     result = result or {}
     raw = {**result, **(result.get("metrics") if isinstance(result.get("metrics"), dict) else {})}
     return {k: float(v) for k, v in raw.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
-def condition(old: list[Condition], type_: str, status: str, reason: str, message: str,
-               now: str, generation: int | None) -> Condition:
-    """A metav1.Condition whose lastTransitionTime moves only when its status flips."""
-    prev = next((c for c in old if c.type == type_), None)
-    since = prev.last_transition_time if prev is not None and prev.status == status else now
-    return Condition(type=type_, status=status, reason=reason, message=message,
-                     last_transition_time=since, observed_generation=generation)
 
 
 def reconcile(run: AlignmentRun, generation: int | None, children: dict[str, ObservedChild],
@@ -378,7 +352,7 @@ def _start(run: AlignmentRun, startable: list[tuple[int, StageStatus]], stages: 
         st.start_time, st.message, st.reason = now, None, None
         if not st.attempt_spec:  # a restarted group or an interrupted stage goes on with what it ran
             st.attempt_spec = attempt_spec(run, i)
-        st.spec_hash = _hash(st.attempt_spec)
+        st.spec_hash = spec_hash(st.attempt_spec)
         # Recorded now, not when the child is first seen: one status write per transition.
         st.job_name, st.attempts = child_name(run, spec.name), st.previous_attempts + 1
         st.gpus = stage_gpus(run, spec.name)
@@ -761,15 +735,6 @@ def _lower_is_better(metric: str) -> bool:
     return any(w in metric for w in ("loss", "perplexity", "ppl", "seconds"))
 
 
-def compare_metric(run: AlignmentRun, eval_stage: str) -> str:
-    """The metric an eval of several stages sorts them by (eval.compareBy)."""
-    spec = next(s for s in run.spec.stages if s.name == eval_stage)
-    return (spec.eval.compare_by if spec.eval is not None and spec.eval.compare_by else None) or DEFAULT_COMPARE
-
-
-DEFAULT_COMPARE = "preference_accuracy"
-
-
 def comparison(run: AlignmentRun, stages: list[StageStatus]) -> list[ComparisonRow]:
     """status.comparison: one row per stage an eval of several evaluated (the expanded eval entries),
     each eval's rows best first by its compareBy metric (rows without it last), the best marked."""
@@ -786,7 +751,7 @@ def comparison(run: AlignmentRun, stages: list[StageStatus]) -> list[ComparisonR
             gpu_seconds=trained.gpu_seconds if trained else 0.0, gpus=trained.gpus if trained else None))
     rows: list[ComparisonRow] = []
     for eval_name, group in groups.items():
-        metric = compare_metric(run, group[0].eval_stage)
+        metric = promotion.compare_metric(run, group[0].eval_stage)
         sign = 1 if _lower_is_better(metric) else -1
         group.sort(key=lambda r: (metric not in r.metrics, sign * r.metrics.get(metric, 0.0)))
         if group and metric in group[0].metrics:

@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 from kubernetes import client
 
-from alignment_operator.render.manifests import stage_child_name
+from alignment_operator.identity import stage_child_name
 from controlplane import wait_for
 
 __all__ = ["DPO", "EVAL", "SFT", "apply_tiny", "child", "stage_output", "get_run", "jobs", "play_kubelet", "play_tiny_stages", "result_message", "wait_for"]

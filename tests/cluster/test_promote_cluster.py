@@ -100,7 +100,7 @@ def test_a_promoted_run_gets_its_inference_service_checked_by_kserves_crd_owned_
 def test_a_promoted_runs_export_job_is_created_owned_and_its_result_reaches_status(cluster, operator, namespace):
     from kubernetes import client
 
-    from alignment_operator.render.manifests import stage_child_name
+    from alignment_operator.identity import stage_child_name
 
     ns, api, started = namespace, cluster.api_client(), time.monotonic()
     cluster.kubectl("create", "secret", "generic", "s3", "-n", ns, "--from-literal=AWS_ACCESS_KEY_ID=test-key",

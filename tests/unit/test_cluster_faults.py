@@ -15,7 +15,8 @@ from kubernetes.client.rest import ApiException
 from alignment_operator import controller, kube
 from alignment_operator.api import RETRY_ANNOTATION, AlignmentRunStatus
 from alignment_operator.cache import Cache
-from alignment_operator.render.manifests import LABEL_RUN, LABEL_STAGE, RenderContext
+from alignment_operator.identity import LABEL_RUN, LABEL_STAGE
+from alignment_operator.render.manifests import RenderContext
 from alignment_operator.workqueue import Backoff, WorkQueue
 
 from test_reconcile import NOW, make_run

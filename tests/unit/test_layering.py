@@ -1,5 +1,6 @@
 """DESIGN.md's layering, enforced: two packages, one direction; one module talks to the API
-server, one registers with kopf; the operator never imports torch."""
+server, one registers with kopf; the operator never imports torch; no import circle inside a package
+(a lazy import inside a function counts: it is a circle all the same, only hidden)."""
 
 from __future__ import annotations
 
@@ -33,8 +34,69 @@ def imports(path: Path) -> set[str]:
     return names
 
 
+def module_name(package: str, directory: Path, path: Path) -> str:
+    parts = [package, *path.relative_to(directory).with_suffix("").parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def internal_imports(package: str, directory: Path) -> dict[str, set[str]]:
+    """Module -> the modules of the same package it imports, anywhere in the file (relative or absolute;
+    `from . import x` and `from .m import x` count the submodule x or the module m)."""
+    modules = {module_name(package, directory, p): p for p in directory.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        base = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                target = node.module or ""
+                if node.level:
+                    head = base.split(".")[:len(base.split(".")) - node.level + 1]
+                    target = ".".join(head + ([node.module] if node.module else []))
+                deps |= {f"{target}.{a.name}" if f"{target}.{a.name}" in modules else target for a in node.names}
+        graph[name] = {d for d in deps if d in modules and d != name}
+    return graph
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import graph's strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    out = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
 def violations(packages: dict[str, Path]) -> list[str]:
     found = []
+    for package, directory in packages.items():
+        for circle in circles(internal_imports(package, directory)):
+            found.append(f"import circle: {' <-> '.join(circle)}")
     for package, directory in packages.items():
         for path in sorted(directory.rglob("*.py")):
             rel = f"{package}/{path.relative_to(directory).as_posix()}"
@@ -72,11 +134,15 @@ def test_the_check_fails_on_a_deliberate_import_in_either_direction(tmp_path):
         f.write("\nfrom alignment_trainer.stages import dpo  # deliberate\n")
     with (copies[OPERATOR] / "reconcile.py").open("a") as f:
         f.write("\nimport torch  # deliberate\n")
+    with (copies[OPERATOR] / "identity.py").open("a") as f:  # lazily, as render.manifests once took stage_hash
+        f.write("\ndef deliberate():\n    from .reconcile import reconcile\n")
     found = violations(copies)
     assert "alignment_trainer/data.py imports alignment_operator: the trainer never imports the operator" in found
     assert any(v.startswith("alignment_operator/render/recipe.py imports ['alignment_trainer.stages'") for v in found)
     assert "alignment_operator/reconcile.py imports ['torch']: the operator image has no training stack" in found
-    assert len(found) == 3, found
+    assert any(v.startswith("import circle: ") and "alignment_operator.identity" in v
+               and "alignment_operator.reconcile" in v for v in found), found
+    assert len(found) == 4, found
 
 
 def missing_dependencies(directory: Path, dependencies: list[str]) -> list[str]:

@@ -14,7 +14,8 @@ from alignment_operator.api import AlignmentRunStatus, StageStatus, parse_run
 from alignment_operator.reconcile import (
     CreateStage, DeleteChild, Event, ObservedChild, Refusal, RequeueAfter, attempt_run, reconcile, stage_hash,
 )
-from alignment_operator.render.manifests import RenderContext, build_stage, child_name
+from alignment_operator.identity import child_name
+from alignment_operator.render.manifests import RenderContext, build_stage
 from alignment_operator.render.recipe import stage_dir
 from alignment_trainer import outcome
 

@@ -16,7 +16,8 @@ from alignment_operator.progress import (MAX_BODY_BYTES, Refused, Throttle, audi
                                          parse_report, stage_progress, status_path, summary)
 from alignment_operator.progress_server import POD_NAME, POD_UID, Progress
 from alignment_operator.reconcile import ObservedChild, reconcile, stage_hash
-from alignment_operator.render.manifests import LABEL_RUN, LABEL_STAGE, RenderContext, build_stage, child_name
+from alignment_operator.identity import LABEL_RUN, LABEL_STAGE, child_name
+from alignment_operator.render.manifests import RenderContext, build_stage
 
 ROOT = Path(__file__).resolve().parents[2]
 DPO = child_name(parse_run(yaml.safe_load((ROOT / "examples" / "tiny-run.yaml").read_text())), "dpo")  # its Job

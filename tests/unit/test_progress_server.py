@@ -28,7 +28,7 @@ from alignment_operator.listener import Limits, Listener, Loop, RateLimiter
 from alignment_operator.progress import Refused, audience, status_path
 from alignment_operator.progress_server import (POD_NAME, POD_UID, CertWatcher, Progress, installation_tls,
                                                 needs_renewal, self_signed, serve, sign)
-from alignment_operator.render.manifests import LABEL_RUN, LABEL_STAGE, child_name
+from alignment_operator.identity import LABEL_RUN, LABEL_STAGE, child_name
 
 ROOT = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"   # loopback only: nothing here reaches another address

@@ -9,8 +9,9 @@ import yaml
 
 from alignment_operator.api import parse_run
 from alignment_operator.cli import main as alignctl
-from alignment_operator.render.manifests import (RenderContext, build_all, build_pvc, build_stage, child_name,
-                                                 failure_kind)
+from alignment_operator.identity import child_name
+from alignment_operator.render.failure import failure_kind
+from alignment_operator.render.manifests import RenderContext, build_all, build_pvc, build_stage
 from alignment_trainer.recipe import Recipe
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -113,26 +113,19 @@ def _matrix_problems(i: int, stage: StageSpec, taken: set[str]) -> list[str]:
 
 
 def _start_name(spec: AlignmentRunSpec, i: int) -> str | None:
-    from ..render.recipe import start_stage
-    from .run import AlignmentRun, ObjectMeta
-
-    start = start_stage(AlignmentRun.model_construct(metadata=ObjectMeta(name="x"), spec=spec), i)
+    start = spec.start_stage(i)
     return start.name if start is not None else None
 
 
 def _evaluated(spec: AlignmentRunSpec, i: int, variants: dict[str, list[str]]) -> list[str] | None:
     """The stages eval stage `i` evaluates when several (None: one, as any stage)."""
-    from ..render.recipe import start_stage
-    from .run import AlignmentRun, ObjectMeta
-
     stage = spec.stages[i]
     if stage.method != "eval":
         return None
     if stage.eval is not None and stage.eval.stages:
         named = stage.eval.stages
     else:
-        run = AlignmentRun.model_construct(metadata=ObjectMeta(name="x"), spec=spec)
-        start = start_stage(run, i)
+        start = spec.start_stage(i)
         if start is None or start.name not in variants:
             return None
         named = [start.name]
@@ -144,9 +137,6 @@ def _evaluated(spec: AlignmentRunSpec, i: int, variants: dict[str, list[str]]) -
 
 def _reads_matrix(spec: AlignmentRunSpec, i: int, variants: dict[str, list[str]]) -> list[str]:
     """A stage other than an eval of several that reads a matrix stage: which variant does it mean?"""
-    from ..render.recipe import start_stage
-    from .run import AlignmentRun, ObjectMeta
-
     stage = spec.stages[i]
     at = f"spec.stages[{i}]"
     out = []
@@ -160,8 +150,7 @@ def _reads_matrix(spec: AlignmentRunSpec, i: int, variants: dict[str, list[str]]
         if stage.from_ is not None:
             name("from", stage.from_)
         else:
-            run = AlignmentRun.model_construct(metadata=ObjectMeta(name="x"), spec=spec)
-            start = start_stage(run, i)
+            start = spec.start_stage(i)
             if start is not None and start.name in variants:
                 out.append(f"{at}.from: unset, so the stage would start from the previous one, {start.name!r}, a "
                            f"matrix stage of {len(variants[start.name])} variants; set from (e.g. to the stage the "
@@ -240,17 +229,13 @@ def expand(spec: AlignmentRunSpec) -> tuple[AlignmentRunSpec, dict[str, Variant]
 def _same_reference(spec: AlignmentRunSpec, info: dict[str, Variant]) -> list[str]:
     """An eval of several stages compares them against one reference: unless eval.reference names it, the
     evaluated stages must start from the same model."""
-    from ..render.recipe import start_stage
-    from .run import AlignmentRun, ObjectMeta
-
-    run = AlignmentRun.model_construct(metadata=ObjectMeta(name="x"), spec=spec)
     index = {s.name: k for k, s in enumerate(spec.stages)}
     groups: dict[str, set[str]] = {}
     for s in spec.stages:
         v = info.get(s.name)
         if v is None or v.evaluates is None or (s.eval is not None and s.eval.reference) or v.evaluates not in index:
             continue
-        start = start_stage(run, index[v.evaluates])
+        start = spec.start_stage(index[v.evaluates])
         groups.setdefault(v.of, set()).add(start.name if start else "spec.model")
     return [f"spec.stages[{next(k for k, s in enumerate(spec.stages) if info.get(s.name) and info[s.name].of == of)}]"
             f".eval.reference: the stages {of} evaluates start from different models ({', '.join(sorted(starts))}); "

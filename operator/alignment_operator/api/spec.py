@@ -904,6 +904,14 @@ class AlignmentRunSpec(ApiModel):
         "Push the final model and its card (base model, datasets, each stage's recipe, evaluation results) "
         "to the Hugging Face Hub."))
 
+    def start_stage(self, index: int) -> StageSpec | None:
+        """The stage whose final model stage `index` starts from; None means the base model (render.recipe.start_stage)."""
+        stage = self.stages[index]
+        earlier = self.stages[:index]
+        if stage.from_ is not None:
+            return next(s for s in earlier if s.name == stage.from_)
+        return next((s for s in reversed(earlier) if METHODS[s.method].trains and METHODS[s.method].policy), None)
+
     @model_validator(mode="after")
     def _hub_token(self, info: ValidationInfo) -> "AlignmentRunSpec":
         # A pod has only the Secret's token; `alignctl run --local` (context local) has HF_TOKEN or the HF login.

@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from ..api import AlignmentRun, AlignmentRunStatus, StageStatus
-from ..reconcile import stage_hash
+from ..identity import stage_hash
 from ..render.recipe import build_recipe, stage_dir
 
 

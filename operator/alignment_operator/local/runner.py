@@ -47,7 +47,7 @@ from ..api import RETRY_ANNOTATION, AlignmentRun, AlignmentRunStatus, RunInvalid
 from ..api.status import CheckpointRef
 from ..graph import inputs
 from ..reconcile import CreateStage, DeleteChild, Event, ObservedChild, attempt_run, reconcile
-from ..render.manifests import child_name
+from ..identity import child_name
 from ..render.recipe import build_recipe, stage_dir
 from . import exports, plan, view
 from .lock import RunLock, RunLocked

@@ -6,32 +6,21 @@ Service for rendezvous (MASTER_ADDR = pod 0, NODE_RANK = the completion index). 
 the restricted Pod Security level, mounts the run's volume, the stage's recipe and a
 memory-backed /dev/shm, and gets the HF token only through a secretKeyRef.
 
-Failure semantics (Kubernetes' "Pod failure policy" and JobSet's failure-policy recipes):
-pods never restart in place (restartPolicy Never) and a replacement starts only once the old
-pod is gone (podReplacementPolicy Failed: two pods never hold one stage's GPUs and checkpoint
-directory). The trainer's exit code 2 (outcome.FIX_INPUT: fix the input, a retry cannot help)
-fails the stage at once. A disruption (the pod's DisruptionTarget condition: preemption,
-Eviction API, node drain, taint eviction) never counts against backoffLimit:
-- one node: the Job ignores it and starts a new pod, which resumes from the newest checkpoint;
-- JobSet: the Job fails at once and the JobSet restarts every rank without counting
-  (RestartJobSetAndIgnoreMaxRestarts); other failures restart every rank, counted up to
-  maxRestarts = backoffLimit;
-- Indexed Job: one rank alone can never rejoin the others' rendezvous, so the Job fails on
-  any rank's failure (backoffLimit 0, disruption included) and the operator restarts the
-  whole group; `failure_kind` tells it from the Job's Failed condition whether to count it.
+Failure semantics: render/failure.py (the failure policies every stage's Job or JobSet carries, and
+what a Failed condition under them means).
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any
 
 from alignment_trainer.launch import build_launch_command, cpu_quantity, launch_env, threads_per_process
-from alignment_trainer.outcome import FIX_INPUT
 
 from ..api import AlignmentRun, StageSpec
+from ..identity import ANNOTATION_HASH, child_name, labels, owner_reference, stage_hash, workspace_claim
 from ..progress import audience, status_path
+from .failure import job_failure_fields, jobset_failure_policy
 from .recipe import JUDGE_API_KEY_ENV, build_recipe, reward_judges
 
 RECIPE_DIR = "/etc/alignment"
@@ -39,11 +28,6 @@ PROGRESS_DIR = "/var/run/alignment/progress"  # the stage's progress token and t
 PROGRESS_TOKEN_SECONDS = 3600  # the kubelet renews the projected token before it expires
 TERMINATION_LOG = "/dev/termination-log"
 RENDEZVOUS_PORT = 29500
-MANAGED_BY = "alignment-operator"
-LABEL_RUN = "alignment.dev/run"
-LABEL_STAGE = "alignment.dev/stage"
-ANNOTATION_HASH = "alignment.dev/stage-hash"
-KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
 JOBSET_API_VERSION = "jobset.x-k8s.io/v1alpha2"
 JOBSET_REPLICATED_JOB = "node"  # pods are <jobset>-node-0-<rank>, reachable as such in the JobSet's subdomain
 COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
@@ -60,44 +44,6 @@ class RenderContext:
     run_as_user: int = 1000
     progress_url: str = ""  # the operator's progress endpoint (progress_server); "": pods push nothing
     progress_ca: str = ""   # PEM of the CA its certificate chains to
-
-
-NAME_HASH_LENGTH = 6
-
-
-def child_name(run: AlignmentRun, stage: str, suffix: str = "", limit: int = 63) -> str:
-    """The name of a stage's child: see stage_child_name."""
-    return stage_child_name(run.metadata.name, stage, suffix, limit)
-
-
-def stage_child_name(run: str, stage: str, suffix: str = "", limit: int = 63) -> str:
-    """<run>-<stage>-<hash>[suffix]: readable, and injective across runs: the hash is of the pair
-    (run, stage), so run `a-b` with stage `x-sft` and run `a-b-x` with stage `sft` get different
-    names (`<run>-<stage>` alone is the same for both). The readable part is cut to stay within
-    `limit` (a DNS label: 63); the hash still tells any two pairs apart."""
-    digest = hashlib.sha256(f"{run}\0{stage}".encode()).hexdigest()[:NAME_HASH_LENGTH]
-    room = limit - len(suffix) - NAME_HASH_LENGTH - 1
-    readable = f"{run}-{stage}"[:room].rstrip("-.")
-    return f"{readable}-{digest}{suffix}"
-
-
-def workspace_claim(run: AlignmentRun) -> str:
-    return run.spec.storage.claim_name or f"{run.metadata.name}-workspace"
-
-
-def labels(run: AlignmentRun, stage: str | None = None) -> dict[str, str]:
-    out = {LABEL_RUN: run.metadata.name, "app.kubernetes.io/managed-by": MANAGED_BY}
-    if stage is not None:
-        out[LABEL_STAGE] = stage
-    if run.spec.queue_name:
-        out[KUEUE_QUEUE] = run.spec.queue_name
-    return out
-
-
-def owner_reference(run: AlignmentRun) -> dict[str, Any]:
-    return {"apiVersion": run.api_version, "kind": run.kind, "name": run.metadata.name,
-            "uid": (run.metadata.model_extra or {}).get("uid", ""), "controller": True,
-            "blockOwnerDeletion": True}
 
 
 def _meta(run: AlignmentRun, name: str, stage: str | None, owned: bool = True, **annotations: str) -> dict[str, Any]:
@@ -278,58 +224,6 @@ def build_pod_template(run: AlignmentRun, index: int, ctx: RenderContext, comman
     return {"metadata": {"labels": labels(run, stage.name)}, "spec": pod}
 
 
-# ---------------------------------------------------------------------------- failure policy
-
-def pod_failure_policy(container: str, disruption: str) -> dict[str, Any]:
-    """batch/v1 podFailurePolicy: exit code FIX_INPUT fails the Job at once; a disruption is
-    `disruption` (Ignore: not counted, the pod is replaced; FailJob: the Job fails at once so
-    the whole group restarts). Rule order matters: `failure_kind` reads the rule index."""
-    return {"rules": [
-        {"action": "FailJob", "onExitCodes": {"containerName": container, "operator": "In", "values": [FIX_INPUT]}},
-        {"action": disruption, "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-    ]}
-
-
-def failure_kind(reason: str | None, message: str | None) -> str:
-    """What a stage Job's Failed condition means, by the policy above:
-    'input' (exit code FIX_INPUT: fail the stage, never retry), 'disruption' (restart without
-    counting an attempt) or 'failure' (counts against backoffLimit).
-
-    The Job controller writes reason PodFailurePolicy and a message naming the matched rule,
-    "... matching FailJob rule at index N" (kubernetes pkg/controller/job/pod_failure_policy.go)."""
-    if reason == "PodFailurePolicy" and message:
-        if "has condition DisruptionTarget matching" in message:
-            return "disruption"
-        if f"failed with exit code {FIX_INPUT} matching FailJob rule at index 0" in message:
-            return "input"
-    return "failure"
-
-
-def _job_failure_fields(container: str, backoff_limit: int, disruption: str) -> dict[str, Any]:
-    return {"backoffLimit": backoff_limit, "podReplacementPolicy": "Failed",
-            "podFailurePolicy": pod_failure_policy(container, disruption)}
-
-
-def _jobset_failure_policy(backoff_limit: int) -> dict[str, Any]:
-    """JobSet's failurePolicy over child Jobs that fail at once (backoffLimit 0, the podFailurePolicy
-    above with FailJob on disruption). Rules are tried in order; the first match acts."""
-    return {
-        "maxRestarts": backoff_limit,
-        # Every old pod is gone before the new ranks start: no rank of the previous attempt can
-        # join the new rendezvous or write to the checkpoint directory.
-        "restartStrategy": "BlockingRecreate",
-        "rules": [
-            {"name": "Disruption", "action": "RestartJobSetAndIgnoreMaxRestarts",
-             "onJobFailureReasons": ["PodFailurePolicy"],
-             "onJobFailureMessagePatterns": ["has condition DisruptionTarget matching FailJob rule"]},
-            {"name": "FixInput", "action": "FailJobSet",
-             "onJobFailureReasons": ["PodFailurePolicy"],
-             "onJobFailureMessagePatterns": [f"failed with exit code {FIX_INPUT} matching FailJob rule"]},
-            {"name": "Failure", "action": "RestartJobSet"},  # counted against maxRestarts
-        ],
-    }
-
-
 # ---------------------------------------------------------------------------- stages
 
 def _rendezvous_env(master: str, nodes: int) -> list[dict[str, Any]]:
@@ -351,11 +245,11 @@ def _jobset(run: AlignmentRun, index: int, ctx: RenderContext, meta: dict[str, A
     template = build_pod_template(run, index, ctx, _command(stage, ctx, "$(NODE_RANK)", master),
                                   _rendezvous_env(master, nodes))
     job = {"completionMode": "Indexed", "completions": nodes, "parallelism": nodes,
-           **_job_failure_fields("trainer", 0, "FailJob"), "template": template}
+           **job_failure_fields("trainer", 0, "FailJob"), "template": template}
     return {"apiVersion": JOBSET_API_VERSION, "kind": "JobSet", "metadata": meta, "spec": {
         "suspend": suspend,
         "network": {"enableDNSHostnames": True, "publishNotReadyAddresses": True},
-        "failurePolicy": _jobset_failure_policy(stage.backoff_limit),
+        "failurePolicy": jobset_failure_policy(stage.backoff_limit),
         # The run's labels on the JobSet's Jobs too: the operator watches Jobs by its run label, and a
         # stage's pods (whose controller is such a Job) are the JobSet's only through them.
         "replicatedJobs": [{"name": JOBSET_REPLICATED_JOB, "replicas": 1,
@@ -386,7 +280,7 @@ def build_stage(run: AlignmentRun, index: int, ctx: RenderContext, stage_hash: s
         return objects
     if nodes == 1:
         template = build_pod_template(run, index, ctx, _command(stage, ctx, "0", None))
-        job_spec: dict[str, Any] = _job_failure_fields("trainer", stage.backoff_limit, "Ignore")
+        job_spec: dict[str, Any] = job_failure_fields("trainer", stage.backoff_limit, "Ignore")
     else:
         service = child_name(run, stage.name, "-rdzv")
         master = f"{name}-0.{service}"
@@ -394,7 +288,7 @@ def build_stage(run: AlignmentRun, index: int, ctx: RenderContext, stage_hash: s
                                       _rendezvous_env(master, nodes))
         template["spec"]["subdomain"] = service
         # Any rank's failure fails the Job; the operator restarts the group (see the module doc).
-        job_spec = {**_job_failure_fields("trainer", 0, "FailJob"),
+        job_spec = {**job_failure_fields("trainer", 0, "FailJob"),
                     "completionMode": "Indexed", "completions": nodes, "parallelism": nodes}
         objects.append({"apiVersion": "v1", "kind": "Service", "metadata": _meta(run, service, stage.name), "spec": {
             "clusterIP": "None", "publishNotReadyAddresses": True,
@@ -408,8 +302,6 @@ def build_stage(run: AlignmentRun, index: int, ctx: RenderContext, stage_hash: s
 
 def build_all(run: AlignmentRun, ctx: RenderContext) -> list[dict[str, Any]]:
     """What `alignctl render` prints: the volume and every stage's objects, as the operator creates them."""
-    from ..reconcile import stage_hash
-
     pvc = build_pvc(run)
     out = [pvc] if pvc else []
     for i in range(len(run.spec.stages)):

@@ -44,11 +44,7 @@ def start_stage(run: AlignmentRun, index: int) -> StageSpec | None:
     label stages make no model and a reward stage's is a reward model: a dpo stage after
     generate -> label starts from the model that generated).
     """
-    stage = run.spec.stages[index]
-    earlier = run.spec.stages[:index]
-    if stage.from_ is not None:
-        return next(s for s in earlier if s.name == stage.from_)
-    return next((s for s in reversed(earlier) if METHODS[s.method].trains and METHODS[s.method].policy), None)
+    return run.spec.start_stage(index)
 
 
 def start_model(run: AlignmentRun, index: int, root: str) -> str:

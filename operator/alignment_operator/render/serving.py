@@ -13,7 +13,7 @@ import posixpath
 from typing import Any
 
 from ..api import AlignmentRun
-from .manifests import labels, owner_reference, workspace_claim
+from ..identity import labels, owner_reference, workspace_claim
 
 KSERVE = ("serving.kserve.io", "v1beta1", "inferenceservices")
 
