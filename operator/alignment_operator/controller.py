@@ -291,7 +291,7 @@ def _export(run: Any, status: AlignmentRunStatus, children: dict[str, Any], old:
         return
     child = children.get(EXPORT_STAGE)
     if child is None:
-        obj = export_job(run, p.model, pending, _context)
+        obj = export_job(run, p.model, pending, _context, evaluated_by=p.evaluated_by)
         with _step(f"creating Job {obj['metadata']['name']}"):
             kube.ensure_object(obj)
         return

@@ -4,8 +4,10 @@ Once every stage succeeded, the eval stage `promote.eval` (default: the last one
 candidate, or several (an eval of a matrix's variants or of eval.stages: one entry each). Each
 candidate's metrics meet each gate or not (min, max, or at least as good as another eval stage's
 value); among the candidates that pass every gate the best by `chooseBy` is promoted, its stage's
-final/ the model. None passing: the run is Held (phase Held, Ready=False, Stalled=True: a GitOps
-wait fails instead of shipping), and status.promotion says which gates failed with which values.
+final/ the model (for a sweep, one variant: named with its matrix values in status.promotion, marked
+promoted in status.comparison; the one exports write and serving points at). None passing: the run
+is Held (phase Held, Ready=False, Stalled=True: a GitOps wait fails instead of shipping), and
+status.promotion says which gates failed with which values.
 """
 
 from __future__ import annotations
@@ -96,14 +98,18 @@ def decide(run: AlignmentRun, stages: list[StageStatus]) -> PromotionStatus | No
     stage = _evaluated(run, chosen.name)
     by = {s.name: s for s in stages}
     model = by[stage].checkpoint if stage in by else None
+    matrix = dict(by[stage].matrix) if stage in by and by[stage].matrix else None
     verdict = "Promoted" if passing else HELD
     shown = "; ".join(_words(g) for g in results)
-    several = f" (best of {len(entries)} by {metric})" if len(entries) > 1 else ""
+    which = ", ".join(f"{k} {v}" for k, v in (matrix or {}).items())
+    value = f" {metric} {chosen.metrics[metric]:.4g}" if metric in chosen.metrics else ""
+    several = (f" ({which + '; ' if which else ''}best of {len(entries)} by {metric}:{value or ' missing'})"
+               if len(entries) > 1 else "")
     message = (f"promoted {stage}{several}" + (f": {shown}" if shown else "") if passing else
                f"held: no candidate of {eval_name} passes every gate; best {stage}{several}: {shown}")
-    return PromotionStatus(verdict=verdict, eval_stage=eval_name, stage=stage, model=model,
-                           chosen_by=metric if len(entries) > 1 else None, candidates=len(entries), gates=results,
-                           message=message)
+    return PromotionStatus(verdict=verdict, eval_stage=eval_name, stage=stage, matrix=matrix,
+                           evaluated_by=chosen.name, model=model, chosen_by=metric if len(entries) > 1 else None,
+                           candidates=len(entries), gates=results, message=message)
 
 
 def pending_exports(run: AlignmentRun, promotion: PromotionStatus | None) -> list[str]:
@@ -165,8 +171,13 @@ def apply(run: AlignmentRun, status: AlignmentRunStatus, old: AlignmentRunStatus
         decision.exports = [e for e in kept if e.uri.rstrip("/") in {x.uri.rstrip("/") for x in run.spec.promote.exports}]
         conditions.append(exported_condition(run, decision, old, now, generation))
     update = {"promotion": decision, "conditions": conditions}
-    if promoted and decision.model:
+    if promoted and decision.model:  # a sweep's: the promoted variant's model and evaluation, marked in the comparison
         update["model"] = decision.model
+        chosen = next((s for s in status.stages if s.name == decision.evaluated_by), None)
+        if chosen is not None:
+            update["evaluation"] = {"stage": chosen.name, **chosen.metrics}
+        update["comparison"] = [r.model_copy(update={"promoted": r.eval_stage == decision.evaluated_by})
+                                for r in status.comparison]
     if not promoted:
         update.update(phase=HELD, completion_time=old.completion_time or status.completion_time or now)
     return status.model_copy(update=update)

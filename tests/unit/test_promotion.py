@@ -112,6 +112,36 @@ def test_a_sweeps_best_passing_variant_is_promoted():
     assert out.status.model == f"/w/{p.stage}/final" and p.gates[0].value == 0.9
 
 
+def test_a_sweeps_promoted_variant_is_named_marked_in_the_comparison_and_the_one_exported():
+    from alignment_operator.local.view import compare_table
+    from alignment_operator.render.exporting import export_job
+    from alignment_operator.render.manifests import RenderContext
+
+    # The best by preference_accuracy (beta 0.1) misses the reward_margin gate: the best that passes ships.
+    doc = tiny({"gates": [{"metric": "reward_margin", "min": 0.1}], "exports": [{"uri": "s3://exports/sweep"}]},
+               matrix={"beta": [0.05, 0.1, 0.5]})
+    doc["spec"]["stages"][-1]["eval"] = {"stages": ["dpo"], "compareBy": "preference_accuracy"}
+    doc["spec"]["stages"][-1].pop("from", None)
+    scores = {"eval-dpo-0-05": (0.7, 0.3), "eval-dpo-0-1": (0.9, 0.05), "eval-dpo-0-5": (0.8, 0.2)}
+    out = drive(doc, {e: {"preference_accuracy": a, "reward_margin": m} for e, (a, m) in scores.items()})
+    s, p = out.status, out.status.promotion
+    assert (p.verdict, p.stage, p.matrix, p.evaluated_by) == ("Promoted", "dpo-0-5", {"beta": 0.5}, "eval-dpo-0-5")
+    assert "promoted dpo-0-5 (beta 0.5; best of 3 by preference_accuracy: preference_accuracy 0.8)" in p.message
+    assert (s.model, s.evaluation["stage"], s.evaluation["preference_accuracy"]) == ("/w/dpo-0-5/final",
+                                                                                     "eval-dpo-0-5", 0.8)
+    rows = {r.stage: (r.best, r.promoted) for r in s.comparison}
+    assert rows == {"dpo-0-1": (True, False), "dpo-0-5": (False, True), "dpo-0-05": (False, False)}
+    table = compare_table(s.wire()).splitlines()
+    assert "PROMOTE" in table[0] and [line.split()[0] for line in table if line.endswith("promoted")] == ["dpo-0-5"]
+    assert "PROMOTION: Promoted dpo-0-5 (beta 0.5)" in promotion_table(p)
+    # The export Job writes that variant's final/ with the card its eval wrote, listing the URI.
+    run = parse_run({**doc, "status": s.wire()})
+    spec = json.loads(export_job(run, p.model, ["s3://exports/sweep"], RenderContext(),
+                                 evaluated_by=p.evaluated_by)["spec"]["template"]["spec"]["containers"][0]["command"][3])
+    assert spec["model"] == "/w/dpo-0-5/final" and spec["card"]["uris"] == ["s3://exports/sweep"]
+    assert spec["card"]["from"].endswith("/tiny/u-1/eval-dpo-0-5/README.md")
+
+
 @pytest.mark.parametrize("promote, field", [
     ({"eval": "dpo"}, "promote.eval"),
     ({"gates": [{"metric": "m", "atLeastAsGoodAs": "sft"}]}, "atLeastAsGoodAs"),

@@ -149,6 +149,9 @@ class ComparisonRow(ApiModel):
     gpu_seconds: float = Field(0.0, ge=0, description="The evaluated stage's gpuSeconds (its training).")
     gpus: int | None = Field(None, ge=0, description="Its GPUs (0: CPU only).")
     best: bool = Field(False, description="Best by the compared metric.")
+    promoted: bool = Field(False, description=(
+        "spec.promote promoted this stage (the best by promote.chooseBy among those that pass every gate): the model "
+        "exported and served. It may differ from best when the best misses a gate or chooseBy is another metric."))
 
 
 class GateResult(ApiModel):
@@ -181,6 +184,9 @@ class PromotionStatus(ApiModel):
     verdict: Literal["Promoted", "Held"] = Field(description="Promoted: a candidate passed every gate; Held: none did.")
     eval_stage: str = Field(description="The eval stage whose results decided.")
     stage: str | None = Field(None, description="The promoted (trained) stage; when held, the best candidate's.")
+    matrix: KubeObject | None = Field(None, description=(
+        "That stage's matrix values when it is a sweep's variant (e.g. {beta: 0.1}): which variant ships."))
+    evaluated_by: str | None = Field(None, description="The eval stage (entry) whose results chose it.")
     model: str | None = Field(None, description="The promoted model on the run's volume (that stage's final/).")
     chosen_by: str | None = Field(None, description="The metric candidates were ranked by (several candidates).")
     candidates: int = Field(0, ge=0, description="Candidates the eval measured.")

@@ -1,7 +1,8 @@
 """The local shell's promote.exports: once promote decided (status.promotion Promoted), the promoted
 model is exported by the trainer's own tool (`python -m alignment_trainer.export`, a child process:
 objectstore.export writes, verifies, then marks complete, retrying a store that does not answer).
-Each result (URI, digest, bytes, time, attempts) or error goes to status.promotion.exports; the pure
+The exported README.md is the card the eval that chose the model wrote, listing every promote.exports
+URI. Each result (URI, digest, bytes, time, attempts) or error goes to status.promotion.exports; the pure
 promotion.apply words the Exported condition from them. Credentials: this environment's AWS_* (as
 the pods get spec.objectStore.credentialsSecretName's); never printed."""
 
@@ -26,7 +27,9 @@ def export_promoted(run: AlignmentRun, run_dir: Path, echo=print) -> bool:
         return False
     store = run.spec.object_store
     spec = {"model": p.model, "exports": [{"uri": u} for u in pending],
-            "object_store": {"endpoint_url": store.endpoint_url, "region": store.region} if store else {}}
+            "object_store": {"endpoint_url": store.endpoint_url, "region": store.region} if store else {},
+            "card": {"from": str(run_dir / p.evaluated_by / "README.md") if p.evaluated_by else None,
+                     "uris": [x.uri for x in run.spec.promote.exports]}}
     spec_path = run_dir / "export.json"
     spec_path.write_text(json.dumps(spec, indent=1))
     echo(f"exporting {p.stage} ({p.model}) to {', '.join(pending)} ...")

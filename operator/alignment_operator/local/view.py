@@ -226,18 +226,21 @@ COMPARED = ("preference_accuracy", "reward_margin", "eval_loss", "perplexity", "
 def compare_table(status: dict, sort: str | None = None) -> str:
     """status.comparison (status as on the wire) as a table: one row per evaluated stage, its matrix values,
     the metric it is sorted by first, then the usual eval metrics, its GPU-hours (cpu: a CPU-only stage);
-    sorted best first by `sort` (default: the eval's compareBy, as status holds it), the best marked *."""
+    sorted best first by `sort` (default: the eval's compareBy, as status holds it), the best marked *, and the
+    one spec.promote promoted (a gate or promote.chooseBy may pick another) in a PROMOTE column."""
     rows = compared_rows(status, sort)
     if not rows:
         return ""
     keys = list(dict.fromkeys(k for r in rows for k in (r.get("matrix") or {})))
     shown = [m for m in dict.fromkeys([*([sort] if sort else []), *COMPARED])
              if any(m in r.get("metrics", {}) for r in rows)]
-    table = [["", "STAGE", *keys, *shown, "GPU-H"]]
+    promoted = any(r.get("promoted") for r in rows)
+    table = [["", "STAGE", *keys, *shown, "GPU-H", *(["PROMOTE"] if promoted else [])]]
     for r in rows:
         gpu = "cpu" if r.get("gpus") == 0 else f"{r.get('gpuSeconds', 0.0) / 3600:.2f}"
         table.append(["*" if r.get("best") else "", r["stage"], *(str((r.get("matrix") or {}).get(k, "")) for k in keys),
-                      *(_fmt(r["metrics"][m]) if m in r.get("metrics", {}) else "-" for m in shown), gpu])
+                      *(_fmt(r["metrics"][m]) if m in r.get("metrics", {}) else "-" for m in shown), gpu,
+                      *((["promoted" if r.get("promoted") else ""]) if promoted else [])])
     return _table(table)
 
 
@@ -287,7 +290,9 @@ def summary(run, status, run_dir: Path, curves: Path | None) -> None:
 
 def promotion_table(p) -> str:
     """spec.promote's decision: the verdict, then one row per gate (value, rule, threshold, verdict)."""
-    head = f"PROMOTION: {p.verdict} {p.stage or ''}" + (f" ({rel(p.model)})" if p.model else "")
+    head = f"PROMOTION: {p.verdict} {p.stage or ''}" + (
+        f" ({', '.join(f'{k} {v}' for k, v in p.matrix.items())})" if p.matrix else "") + (
+        f" ({rel(p.model)})" if p.model else "")
     if p.candidates > 1:
         head += f", best of {p.candidates} by {p.chosen_by}"
     rows = [["GATE", "STAGE", "VALUE", "RULE", "THRESHOLD", "VERDICT"]]

@@ -11,11 +11,13 @@ Its stage label, promote.export, is no DNS label, so it is never a stage's name.
 from __future__ import annotations
 
 import json
+import posixpath
 from typing import Any
 
 from ..api import AlignmentRun
 from ..identity import LABEL_STAGE, child_name, labels, owner_reference, workspace_claim
 from .manifests import TERMINATION_LOG, RenderContext, object_store_env
+from .recipe import stage_dir
 
 EXPORT_STAGE = "promote.export"
 
@@ -24,10 +26,16 @@ def export_job_name(run: AlignmentRun) -> str:
     return child_name(run, "promote", "-export")
 
 
-def export_job(run: AlignmentRun, model: str, uris: list[str], ctx: RenderContext) -> dict[str, Any]:
+def export_job(run: AlignmentRun, model: str, uris: list[str], ctx: RenderContext,
+               evaluated_by: str | None = None) -> dict[str, Any]:
+    """`evaluated_by`: the eval stage (entry) that chose the model; its card (README.md, with the results)
+    is the one exported, listing every promote.exports URI."""
     store = run.spec.object_store
+    card = (posixpath.join(stage_dir(run.spec.storage.mount_path, run, evaluated_by), "README.md")
+            if evaluated_by else None)
     spec = {"model": model, "exports": [{"uri": u} for u in uris], "termination_message_path": TERMINATION_LOG,
-            "object_store": {"endpoint_url": store.endpoint_url, "region": store.region} if store else {}}
+            "object_store": {"endpoint_url": store.endpoint_url, "region": store.region} if store else {},
+            "card": {"from": card, "uris": [x.uri for x in run.spec.promote.exports] if run.spec.promote else uris}}
     t = run.spec.trainer
     container = {
         "name": "export", "image": t.image or ctx.trainer_image, "imagePullPolicy": t.image_pull_policy,
