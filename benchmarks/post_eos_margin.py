@@ -96,8 +96,8 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="post-eos-"))
 
-    from alignment_trainer import tiny
-    from alignment_trainer.stages import common, dpo, eval as eval_stage, losses, sft
+    from alignment_trainer import losses, tiny, training
+    from alignment_trainer.stages import dpo, eval as eval_stage, sft
 
     model = work / "tiny-model"
     if not model.exists():
@@ -109,9 +109,9 @@ def main() -> None:
     figures = {}
     ways = (("trl", losses.DPOTrainer), ("end_of_turn", dpo.DPOTrainer))
     for loss_type, (way, trainer_cls) in ((loss, w) for loss in args.loss_types for w in ways):
-        training = next(st for st in doc["spec"]["stages"] if st["name"] == "dpo")["training"]
-        training.pop("labelSmoothing", None)
-        training.update(lossType=loss_type, **({"labelSmoothing": 0.1} if loss_type == "cdpo" else {}))
+        section = next(st for st in doc["spec"]["stages"] if st["name"] == "dpo")["training"]
+        section.pop("labelSmoothing", None)
+        section.update(lossType=loss_type, **({"labelSmoothing": 0.1} if loss_type == "cdpo" else {}))
         root = work / (way if loss_type == "sigmoid" else f"{loss_type}-{way}")
         if root != base and not (root / "default" / "tiny" / "sft").exists():
             shutil.copytree(base / "default" / "tiny" / "sft", root / "default" / "tiny" / "sft")
@@ -119,10 +119,10 @@ def main() -> None:
         shutil.rmtree(recipe.output_dir, ignore_errors=True)
         saved, dpo.DPOTrainer = dpo.DPOTrainer, trainer_cls  # dpo.trainer_classes picks it up
         try:
-            common.setup_stage(recipe)
+            training.setup_stage(recipe)
             trainer, tokenizer = dpo.build(recipe)
-            output = common.train(trainer, recipe)
-            result = common.finish_stage(trainer, recipe, tokenizer, output)
+            output = training.train(trainer, recipe)
+            result = training.finish_stage(trainer, recipe, tokenizer, output)
         finally:
             dpo.DPOTrainer = saved
         share = post_eos_share(trainer, recipe.ref_model, recipe.training.beta, recipe.training.max_length)

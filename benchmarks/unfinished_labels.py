@@ -65,6 +65,8 @@ def main() -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="unfinished-"))
 
     from alignment_trainer import tiny
+    from alignment_trainer.prompts import load_generations
+    from alignment_trainer.rewards import build_rewards, reference_columns
     from alignment_trainer.stages import generate, label, sft
 
     model = work / "sums-model"
@@ -86,9 +88,9 @@ def main() -> None:
         gen = recipe_of(doc, "generate-1", work)
         shutil.rmtree(gen.output_dir, ignore_errors=True)
         generated = generate.run(gen)
-        columns = {r.column for r in lab.label.rewards if r.kind not in ("format", "reward_model", "judge")}
-        rows = label.load_generations(lab, columns)
-        funcs = label.build_rewards(lab, lab.label.rewards, section="label")
+        columns = reference_columns(lab.label.rewards)
+        rows = load_generations(lab, columns)
+        funcs = build_rewards(lab, lab.label.rewards, section="label")
         scores, _ = label.score_rows(rows, funcs, [r.weight for r in lab.label.rewards], columns)
         figures[length] = {"completions": generated["completions"],
                            "unfinished": sum(s is False for r in rows for s in r["stopped"]),

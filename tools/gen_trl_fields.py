@@ -55,7 +55,7 @@ def generate() -> str:
     import transformers
     import trl
 
-    from alignment_trainer.stages.common import OWNED_FIELDS
+    from alignment_trainer.training import OWNED_FIELDS
 
     classes = config_classes()
     fields = {cls.__name__: {f.name for f in dataclasses.fields(cls) if f.init} for cls in classes.values()}

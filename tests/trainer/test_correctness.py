@@ -46,7 +46,8 @@ def test_bf16_full_finetuning_steps_fp32_masters_and_saves_bf16(tmp_path, tiny_m
     from safetensors import safe_open
     from transformers import TrainerCallback
 
-    from alignment_trainer.stages import common, sft
+    from alignment_trainer import training
+    from alignment_trainer.stages import sft
 
     class Stepped(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kw):
@@ -67,7 +68,7 @@ def test_bf16_full_finetuning_steps_fp32_masters_and_saves_bf16(tmp_path, tiny_m
     assert stepped.dtypes == {torch.float32}, "the optimizer steps float32 master weights"
     assert stepped.fraction > 0.99, f"only {stepped.fraction:.2%} of the weights changed in 10 steps"
 
-    common.finish_stage(trainer, recipe, tokenizer, output)
+    training.finish_stage(trainer, recipe, tokenizer, output)
     final = tmp_path / "out" / "final"
     with safe_open(str(final / "model.safetensors"), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
@@ -254,12 +255,12 @@ def test_eval_reports_pairs_without_response_tokens_apart():
 
 
 def test_eval_cuts_prompts_as_training_does(tiny_model):
-    """A prompt longer than max_prompt_length loses whole early turns (common.truncate_prompt), as in
+    """A prompt longer than max_prompt_length loses whole early turns (training.truncate_prompt), as in
     the training stages, and the reply is still scored."""
     from alignment_trainer.model import load_tokenizer
     from alignment_trainer.recipe import ModelArgs
-    from alignment_trainer.stages.common import truncate_prompt
-    from alignment_trainer.stages.eval_rows import Encoder
+    from alignment_trainer.training import truncate_prompt
+    from alignment_trainer.eval_rows import Encoder
 
     tokenizer = load_tokenizer(ModelArgs(model_name_or_path=tiny_model))
     prompt = [{"role": "user", "content": "Tell me about cats. " * 6}, {"role": "assistant", "content": "Cats."},

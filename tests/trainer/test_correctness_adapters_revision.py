@@ -52,7 +52,8 @@ def qlora_steps(tmp_path, tiny_model, data_dir, monkeypatch, lr: float, steps: i
     that changed."""
     from transformers import TrainerCallback
 
-    from alignment_trainer.stages import common, sft
+    from alignment_trainer import training
+    from alignment_trainer.stages import sft
 
     class Stepped(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kw):
@@ -74,7 +75,7 @@ def qlora_steps(tmp_path, tiny_model, data_dir, monkeypatch, lr: float, steps: i
     del base.is_loaded_in_4bit  # past TRL's cast; transformers' FLOP count would import bitsandbytes
     stepped = Stepped()
     trainer.add_callback(stepped)
-    common.train(trainer, recipe)
+    training.train(trainer, recipe)
     assert stepped.before, "the adapters have lora_A weights"
     return stepped.dtypes, stepped.fraction
 

@@ -141,8 +141,8 @@ def test_generation_uses_the_recipes_settings_not_the_checkpoints(tiny_model):
     import torch
 
     from alignment_trainer.model import load_model, load_tokenizer
+    from alignment_trainer import sampling
     from alignment_trainer.recipe import ModelArgs
-    from alignment_trainer.stages import eval as eval_stage
 
     args = ModelArgs(model_name_or_path=tiny_model, torch_dtype="float32")
     tokenizer = load_tokenizer(args)
@@ -161,9 +161,9 @@ def test_generation_uses_the_recipes_settings_not_the_checkpoints(tiny_model):
 
     model.generation_config.repetition_penalty = 5.0
     model.generation_config.no_repeat_ngram_size = 1
-    answer = eval_stage.generate(model, tokenizer, [prompt], 16, 1, "test")[0]
+    answer = sampling.generate(model, tokenizer, [prompt], 16, 1, "test")[0]
     assert answer["text"] == tokenizer.decode(argmax, skip_special_tokens=True).strip()
-    assert eval_stage.ignored_generation_settings(model) == {"repetition_penalty": 5.0, "no_repeat_ngram_size": 1}
+    assert sampling.ignored_generation_settings(model) == {"repetition_penalty": 5.0, "no_repeat_ngram_size": 1}
     assert model.generation_config.repetition_penalty == 5.0, "the checkpoint's config is restored"
 
 
@@ -172,7 +172,7 @@ def test_grpo_applies_max_length_and_max_prompt_length(tmp_path, tiny_model):
     max_length - max_completion_length; a max_length with no room for a prompt is refused."""
     from alignment_trainer.model import load_tokenizer
     from alignment_trainer.stages import grpo
-    from alignment_trainer.stages.common import _prompt_length
+    from alignment_trainer.training import _prompt_length
 
     long = [{"role": "user", "content": "Tell me about cats. " * 4}, {"role": "assistant", "content": "Cats purr."},
             {"role": "user", "content": "And dogs?"}]

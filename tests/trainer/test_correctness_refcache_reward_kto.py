@@ -165,7 +165,7 @@ def test_reference_cache_key_holds_the_truncation_mode_and_the_whole_tokenizer(t
     assert kit.losses(tmp_path / "tokenizer" / "out")[0] == pytest.approx(math.log(2), abs=1e-4)
     assert len(list(cache.glob("train-*.logps.arrow"))) == 3
 
-    from alignment_trainer.stages.refcache import weights_fingerprint
+    from alignment_trainer.refcache import weights_fingerprint
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     assert weights_fingerprint(model) == hash_module(model)
@@ -226,7 +226,7 @@ def test_eval_reference_scores_are_keyed_by_the_hub_snapshot_a_revision_resolved
     resolved to: when main moves to another commit the key changes (it was the id and 'main' alone)."""
     import huggingface_hub.constants
 
-    from alignment_trainer.stages.refcache import model_identity
+    from alignment_trainer.refcache import model_identity
 
     repo = tmp_path / "models--org--tiny"
     for commit, blob in (("a" * 40, "one"), ("c" * 40, "two")):

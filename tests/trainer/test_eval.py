@@ -78,7 +78,7 @@ def test_preference_metrics_arithmetic():
 def test_completion_mask_covers_only_the_answer(tiny_model):
     from alignment_trainer.model import load_tokenizer
     from alignment_trainer.recipe import ModelArgs
-    from alignment_trainer.stages.eval_rows import Encoder
+    from alignment_trainer.eval_rows import Encoder
 
     tok = load_tokenizer(ModelArgs(model_name_or_path=tiny_model))
     chat = [{"role": "user", "content": "Tell me about snow."}, {"role": "assistant", "content": "Snow is cold."},
@@ -88,7 +88,7 @@ def test_completion_mask_covers_only_the_answer(tiny_model):
     assert tok.decode([i for i, m in zip(ids, mask) if m]) == "Maps are flat.<|im_end|>"
     ids, mask = Encoder(tok, 256)(chat, scored_from=0)
     assert tok.decode([i for i, m in zip(ids, mask) if m]) == "Snow is cold.<|im_end|>Maps are flat.<|im_end|>"
-    # a prompt over max_prompt_length loses whole early turns, as training cuts it (common.truncate_prompt)
+    # a prompt over max_prompt_length loses whole early turns, as training cuts it (training.truncate_prompt)
     ids, mask = Encoder(tok, 256, max_prompt_length=16)(chat, scored_from=3)
     assert tok.decode(ids[:mask.index(1)]) == "<|im_start|>user\nAnd maps?<|im_end|>\n<|im_start|>assistant\n"
     assert tok.decode([i for i, m in zip(ids, mask) if m]) == "Maps are flat.<|im_end|>"
@@ -158,7 +158,8 @@ def test_judge_win_rate_both_orders_and_key_never_written(tmp_path, sft_run, tin
 
 
 def test_judge_rejects_a_wrong_key_without_echoing_it(judge_url, monkeypatch):
-    from alignment_trainer.judge import Judge, JudgeError, parse_verdict
+    from alignment_trainer.judge import Judge, JudgeError
+    from alignment_trainer.judge_prompts import parse_verdict
     from alignment_trainer.recipe import JudgeArgs
 
     monkeypatch.setenv("MY_JUDGE_KEY", "sk-wrong-key-42")

@@ -75,7 +75,7 @@ def test_lm_eval_custom_task_and_ifeval_on_local_files(tmp_path, sft_run, tiny_m
 
 def test_lm_eval_refuses_what_it_cannot_run(tmp_path, tiny_model, kit):
     from alignment_trainer.recipe import LmEvalArgs
-    from alignment_trainer.stages.lm_eval_task import task_names
+    from alignment_trainer.lm_eval_task import task_names
 
     with pytest.raises(ValueError, match="data_files: \\['gsm8k'\\] are not among"):
         task_names(LmEvalArgs(tasks=["ifeval"], data_files={"gsm8k": "x.jsonl"}), tmp_path)
@@ -182,7 +182,7 @@ def judged_recipe(kit, tmp_path, model, judge_url, **judge):
 def alpaca_hub_cache(tmp_path, monkeypatch):
     """alpaca-eval's GLM reads df_gamed.csv (instruction difficulty by index) from the Hub; offline, a
     cache holding one for our six instructions (the minimal GLM does not use the difficulty)."""
-    from alignment_trainer.stages.alpaca_eval import _pkg_resources
+    from alignment_trainer.alpaca_eval import _pkg_resources
 
     _pkg_resources()
     import alpaca_eval.constants

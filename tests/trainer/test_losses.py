@@ -64,7 +64,7 @@ def logsig(x):
 def dpo_pairs(trainer, batch):
     """The stage's loss, and per pair (policy chosen, policy rejected, ref chosen, ref rejected, chosen
     tokens, rejected tokens) as its forward passes computed them (checked against a plain forward)."""
-    from alignment_trainer.stages.losses import recording
+    from alignment_trainer.losses import recording
 
     with recording(trainer.model) as policy, recording(trainer.ref_model) as reference:
         loss = trainer.compute_loss(trainer.model, batch).item()
@@ -167,7 +167,7 @@ def test_slic_loss_equals_halos_formula(tmp_path, tiny_model, data_dir):
 def test_kto_loss_equals_its_formula(tmp_path, tiny_model, data_dir):
     r = recipe(tmp_path, tiny_model, data_dir, "kto", beta=0.5)
     trainer, batch = build(r, perturb="ref_model")  # a noisier reference: the KL estimate is above 0
-    from alignment_trainer.stages.losses import recording
+    from alignment_trainer.losses import recording
 
     with recording(trainer.model) as policy, recording(trainer.ref_model) as reference:
         stage_loss = trainer.compute_loss(trainer.model, batch).item()

@@ -99,7 +99,7 @@ def test_lora_run_merges_into_a_standalone_model(tmp_path, tiny_model, data_dir,
 
 def test_prompt_truncation_keeps_the_end(tiny_model):
     from alignment_trainer.model import load_tokenizer
-    from alignment_trainer.stages.common import _prompt_length, truncate_prompt
+    from alignment_trainer.training import _prompt_length, truncate_prompt
 
     tokenizer = load_tokenizer(_model_args(tiny_model))
     chat = [{"role": "system", "content": "Be brief."},

@@ -108,7 +108,7 @@ def test_known_extra_arg_reaches_the_trl_config(tmp_path, tiny_model, data_dir, 
     from trl import SFTConfig
 
     from alignment_trainer.recipe import load_recipe
-    from alignment_trainer.stages.common import build_config
+    from alignment_trainer.training import build_config
 
     path = kit.write_recipe(tmp_path, "sft", tiny_model, [str(data_dir / "sft.jsonl")],
                             training={"warmup_ratio": 0.25, "extra_args": {"packing_strategy": "wrapped",

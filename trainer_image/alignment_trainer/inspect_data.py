@@ -4,8 +4,8 @@
 
 The data is read exactly as the stage reads it (data.load_stage_data: layouts, checks, mixture
 weights, the test split), with the stage's tokenizer (model.load_tokenizer: its chat template and
-end-of-turn token) and the stage's own tokenization (stages.tokens.ChatEncoder: the tokens a loss
-covers; stages.common.truncate_prompt: prompts kept at their end to max_prompt_length). It prints:
+end-of-turn token) and the stage's own tokenization (tokens.ChatEncoder: the tokens a loss
+covers; training.truncate_prompt: prompts kept at their end to max_prompt_length). It prints:
 - rows per source, and the invalid ones (skipped within datasets[].maxInvalidFraction, else the
   stage fails on the first);
 - token-length percentiles of what the stage trains on;
@@ -92,8 +92,8 @@ def invalid_rows(recipe) -> list[str]:
 def inspect(recipe, samples: int):
     """The report's lines, as they are known (what was read before a failing step is printed)."""
     from .model import load_tokenizer
-    from .stages.common import _prompt_length, truncate_prompt
-    from .stages.tokens import ChatEncoder
+    from .tokens import ChatEncoder
+    from .training import _prompt_length, truncate_prompt
 
     t = recipe.training
     yield f"stage data ({recipe.method}):"
@@ -142,10 +142,11 @@ def inspect_prompts(recipe, samples: int):
     """A grpo stage: its prompts read as the stage reads them (with the reference columns its rule
     rewards compare against), their lengths, how many its prompt limit cuts, a few rendered."""
     from .model import load_tokenizer
-    from .stages.common import _prompt_length, truncate_prompt
-    from .stages.grpo import load_prompts, prompt_limit
+    from .prompts import load_prompts, prompt_limit
+    from .rewards import reference_columns
+    from .training import _prompt_length, truncate_prompt
 
-    columns = {r.column for r in recipe.grpo.rewards if r.kind not in ("format", "reward_model", "judge")}
+    columns = reference_columns(recipe.grpo.rewards)
     yield f"stage prompts ({recipe.method}; reference column(s) the rules read: {', '.join(sorted(columns)) or 'none'}):"
     tokenizer = load_tokenizer(recipe.model)
     limit = prompt_limit(recipe)

@@ -10,40 +10,15 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 import urllib.error
 import urllib.request
 
+from .judge_prompts import SYSTEM, USER, parse_verdict
 from .recipe import JudgeArgs
-
-# MT-Bench's pairwise judge prompt (Zheng et al. 2023), shortened.
-SYSTEM = (
-    "Please act as an impartial judge and evaluate the quality of the responses provided by two AI "
-    "assistants to the user question displayed below. Choose the assistant that follows the user's "
-    "instructions and answers the user's question better, considering helpfulness, relevance, accuracy, "
-    "depth and level of detail. Avoid any position bias: the order in which the responses were presented "
-    "must not influence your decision, nor their length, nor the assistants' names. Be as objective as "
-    "possible. After a short explanation, output your final verdict by strictly following this format: "
-    '"[[A]]" if assistant A is better, "[[B]]" if assistant B is better, and "[[C]]" for a tie.'
-)
-USER = ("[User Question]\n{question}\n\n[The Start of Assistant A's Answer]\n{a}\n[The End of Assistant A's Answer]"
-        "\n\n[The Start of Assistant B's Answer]\n{b}\n[The End of Assistant B's Answer]")
-_VERDICT = re.compile(r"\[\[\s*(A|B|C|tie)\s*\]\]", re.IGNORECASE)
-_BARE = re.compile(r"\b(A|B|tie)\b\W*$", re.IGNORECASE)
-
 
 class JudgeError(RuntimeError):
     """The judge endpoint could not be used (its message never contains the API key)."""
-
-
-def parse_verdict(text: str) -> str | None:
-    """'A', 'B' or 'tie' from a judge's answer; None when it gives no verdict."""
-    found = _VERDICT.findall(text) or _BARE.findall(text.strip())
-    if not found:
-        return None
-    v = found[-1].upper()
-    return "tie" if v in ("C", "TIE") else v
 
 
 class Judge:

@@ -14,7 +14,7 @@ tokens/s. ALIGNMENT_PROGRESS_CALLBACK=transformers keeps transformers' own callb
 
 DivergenceGuard raises DivergedError (reason Diverged, exit 2) at the first logging step whose
 loss or gradient norm is NaN or inf, naming the step. transformers' logging_nan_inf_filter would
-hide a NaN loss behind the running average, so the trainer turns it off (common.build_config).
+hide a NaN loss behind the running average, so the trainer turns it off (training.build_config).
 """
 
 from __future__ import annotations

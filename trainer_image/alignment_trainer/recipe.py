@@ -64,7 +64,7 @@ class MethodInfo:
 # its method's full fine-tuning rate: the handbook's zephyr QLoRA recipes (sft 2e-4, dpo 5e-6) and
 # TRL 1.16's sft/dpo scripts' LoRA commands use exactly that ratio; TRL's kto script calls KTO's best
 # settings "similar to DPO's", and the other methods keep the same ratio.
-# Beyond TRL (stages/losses.py, on TRL's DPOTrainer): cdpo, the original DPO code's conservative loss
+# Beyond TRL (losses.py, on TRL's DPOTrainer): cdpo, the original DPO code's conservative loss
 # (label_smoothing epsilon), and ipo_sum, that code's IPO on summed log-probs (TRL's ipo is per-token
 # averaged). slic is HALOs' SLiC on TRL's CPOTrainer (no reference model).
 _DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
@@ -157,7 +157,7 @@ def _method_enum(schema: dict) -> None:
 
 # The losses that read training.label_smoothing (epsilon, the assumed fraction of flipped labels):
 # TRL 1.16's DPOTrainer reads it in robust, exo_pair, aot and aot_unpaired only (trl/trainer/
-# dpo_trainer.py, _compute_loss), ours in cdpo (stages/losses.py). Every other loss and method
+# dpo_trainer.py, _compute_loss), ours in cdpo (losses.py). Every other loss and method
 # ignores it (sigmoid, ipo, KTO, and SimPO, SLiC, ORPO, whose configs the stage never gives it).
 LABEL_SMOOTHING_LOSSES = ("cdpo", "robust", "exo_pair", "aot", "aot_unpaired")
 # Of those, the ones that mean nothing without it: cdpo is plain DPO at 0, TRL's exo_pair raises.

@@ -170,6 +170,26 @@ def write_result(recipe: Recipe, result: dict) -> None:
     outcome.write(recipe.termination_message_path, result)
 
 
+def write_data_stage(recipe: Recipe, rows: list[dict], result: dict) -> dict:
+    """final/<METHODS[method].writes> and result.json, final/ renamed into place whole (a stage
+    killed while writing leaves final.tmp-*, which the rerun removes, never a half dataset)."""
+    out = Path(recipe.output_dir)
+    tmp, final = out / f"final.tmp-{os.getpid()}", out / "final"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with open(tmp / recipe.info.writes, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    result = {"method": recipe.method, "stage": recipe.stage_name, "checkpoint": str(final),
+              "dataset": str(final / recipe.info.writes), **result}
+    write_result(recipe, result)
+    emit("done", **{k: v for k, v in result.items() if v is not None})
+    return result
+
+
 def push_to_hub(recipe: Recipe, final: Path, model_card=None) -> str | None:
     """Upload final/ when the recipe asks (card.push: HF_TOKEN required, never printed)."""
     if not recipe.push_to_hub:

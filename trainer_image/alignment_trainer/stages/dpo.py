@@ -16,13 +16,13 @@ import time
 
 import trl
 
+from .. import losses, refcache
 from ..data import load_stage_data
 from ..model import added_tokens, load_model, load_tokenizer, lora_config
 from ..recipe import Recipe
-from . import losses, refcache
-from .common import (build_config, finish_stage, free_reference, load_reference, reference_cache,
-                     setup_stage, train, truncate_prompts)
-from .tokens import CompletionEndsAtEndOfTurn
+from ..tokens import CompletionEndsAtEndOfTurn
+from ..training import (build_config, finish_stage, free_reference, load_reference, reference_cache,
+                        setup_stage, train, truncate_prompts)
 
 
 # The experimental trainers' batches hold chosen_input_ids/rejected_input_ids (no input_ids to count
@@ -80,7 +80,7 @@ def build(recipe: Recipe):
         trainer_kwargs["slic_lambda"] = t.slic_lambda
     args = build_config(config_cls, recipe, beta=t.beta, **fields)
 
-    # Model & tokenizer. The reference (common.load_reference): none under LoRA (the adapter-disabled
+    # Model & tokenizer. The reference (training.load_reference): none under LoRA (the adapter-disabled
     # base) or with precomputed log-probs; for full fine-tuning a copy loaded exactly like the policy.
     tokenizer = load_tokenizer(recipe.model)
     model = load_model(recipe.model, tokenizer, lora=recipe.lora, trainable=True)

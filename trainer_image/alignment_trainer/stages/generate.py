@@ -26,63 +26,21 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from ..data import DataError, describe, read_rows, subsample
+from ..data import DataError, describe
 from ..model import load_model, load_tokenizer
+from ..prompts import load_prompt_rows
 from ..recipe import Recipe
-from ..results import emit, write_result
-from .common import setup_stage, truncate_prompt
-from .eval import generate as sample
-from .eval import ignored_generation_settings
-from .grpo import prompt_turns, stage_label
+from ..results import emit, write_data_stage
+from ..sampling import generate as sample
+from ..sampling import ignored_generation_settings
+from ..training import setup_stage, stage_label, truncate_prompt
 
 log = logging.getLogger("alignment_trainer")
-
-# Columns of a prompt row that are the prompt itself (the rest travels with the completions).
-PROMPT_COLUMNS = {"prompt", "messages", "completions", "stopped"}
-
-
-def load_prompt_rows(recipe: Recipe) -> list[dict]:
-    """{prompt: turns, <other columns>} for every prompt of the mixture (weights applied, in order)."""
-    rows: list[dict] = []
-    for k, args in enumerate(recipe.datasets):
-        where = describe(args)
-        read, _ = read_rows(args)
-        for row in subsample(read, args.weight, recipe.training.seed + k):
-            if args.columns:  # datasets[].columns: only these travel with the completions
-                missing = [c for c in args.columns if c not in row]
-                if missing:
-                    raise DataError(f"dataset {where}: columns {missing} selected but not found; columns: {sorted(row)}")
-                row = {c: row[c] for c in args.columns}
-            rows.append({**{c: v for c, v in row.items() if c not in PROMPT_COLUMNS},
-                         "prompt": prompt_turns(row, where)})
-    return rows[:recipe.generate.max_prompts] if recipe.generate.max_prompts else rows
-
-
-def write_data_stage(recipe: Recipe, rows: list[dict], result: dict) -> dict:
-    """final/<METHODS[method].writes> and result.json, final/ renamed into place whole (a stage
-    killed while writing leaves final.tmp-*, which the rerun removes, never a half dataset)."""
-    out = Path(recipe.output_dir)
-    tmp, final = out / f"final.tmp-{os.getpid()}", out / "final"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    with open(tmp / recipe.info.writes, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    result = {"method": recipe.method, "stage": recipe.stage_name, "checkpoint": str(final),
-              "dataset": str(final / recipe.info.writes), **result}
-    write_result(recipe, result)
-    emit("done", **{k: v for k, v in result.items() if v is not None})
-    return result
-
 
 def check_vllm() -> None:
     import importlib.util
@@ -132,7 +90,7 @@ def sample_vllm(recipe: Recipe, tokenizer, prompts: list[list[dict]]) -> list[di
 def sample_share(recipe: Recipe, tokenizer, prompts: list[list[dict]], rank: int, world: int,
                  device) -> tuple[list[dict], dict]:
     """This process's prompts (every world-th from rank), sampled with transformers on `device`; and
-    the checkpoint's generation settings it did not sample with (eval.ignored_generation_settings)."""
+    the checkpoint's generation settings it did not sample with (sampling.ignored_generation_settings)."""
     from transformers import set_seed
 
     g = recipe.generate

@@ -15,7 +15,7 @@ result.json reports eval_mean_reward_start and eval_mean_reward, and samples.jso
 
 Lengths: TRL's GRPOConfig has no max_length or max_prompt_length (it generates
 grpo.max_completion_length tokens after whatever prompt it is given), so they are applied here:
-prompts, training and held-out, are cut keeping their end (common.truncate_prompt) to
+prompts, training and held-out, are cut keeping their end (training.truncate_prompt) to
 training.max_prompt_length and to training.max_length - grpo.max_completion_length, the smaller,
 so that every prompt and its longest completion fit max_length.
 
@@ -27,186 +27,20 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from pathlib import Path
 
 import torch
 from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
-from ..data import DataError, describe, read_rows, subsample
+from ..data import DataError, describe
 from ..model import added_tokens, load_model, load_tokenizer, lora_config
-from ..recipe import Recipe, RewardArgs
-from .common import build_config, finish_stage, setup_stage, train, truncate_prompt
+from ..prompts import cut_prompts, load_prompts, prompt_limit
+from ..recipe import Recipe
+from ..rewards import build_rewards, reference_columns, total_reward
+from ..training import build_config, finish_stage, setup_stage, stage_label, train
 
 log = logging.getLogger("alignment_trainer")
-
-
-class RewardError(ValueError):
-    """A reward function raised: the recipe (its rewards or the prompts' reference column) must be fixed."""
-
-
-def stage_label(recipe: Recipe) -> str:
-    return f"stage {recipe.stage_name or recipe.output_dir}"
-
-
-# ---------------------------------------------------------------------------- prompts
-
-def prompt_turns(row: dict, where: str) -> list[dict]:
-    """The conversation a row asks the policy to continue."""
-    if isinstance(row.get("prompt"), str):
-        return [{"role": "user", "content": row["prompt"]}]
-    if isinstance(row.get("prompt"), list):
-        return [{"role": m["role"], "content": m["content"]} for m in row["prompt"]]
-    if isinstance(row.get("messages"), list):
-        turns = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
-        while turns and turns[-1]["role"] == "assistant":
-            turns.pop()
-        if turns:
-            return turns
-    raise DataError(f"dataset {where}: a grpo row needs a `prompt` (text or turns) or `messages` with a user turn; "
-                    f"got columns {sorted(row)}")
-
-
-def load_prompts(recipe: Recipe, sources, columns: set[str]) -> list[dict]:
-    """Rows {prompt: turns, <reference columns as text>} of every source (weights applied)."""
-    out: list[dict] = []
-    for k, args in enumerate(sources):
-        where = describe(args)
-        rows, _ = read_rows(args)
-        for i, row in enumerate(subsample(rows, args.weight, recipe.training.seed + k)):
-            missing = [c for c in sorted(columns) if c not in row]
-            if missing:
-                raise DataError(f"dataset {where}: row {i} lacks the reference column(s) {missing} a reward of "
-                                f"{stage_label(recipe)} reads (grpo.rewards[].column); columns: {sorted(row)}")
-            out.append({"prompt": prompt_turns(row, where),
-                        **{c: None if row[c] is None else str(row[c]) for c in columns}})
-    return out
-
-
-# ---------------------------------------------------------------------------- rewards
-
-def _text(completion) -> str:
-    return completion[-1]["content"] if isinstance(completion, list) else str(completion)
-
-
-def _rule(args: RewardArgs):
-    pattern = re.compile(args.pattern) if args.pattern else None
-
-    def score(text: str, ref: str | None) -> float:
-        if args.kind == "format":
-            return float(pattern.search(text) is not None)
-        if ref is None:
-            raise ValueError(f"the row's {args.column!r} is empty (null); every prompt needs a reference answer")
-        if args.kind == "exact_match":
-            return float(text.strip() == ref.strip())
-        if args.kind == "contains":
-            return float(ref.strip() in text)
-        match = pattern.search(text)  # regex
-        if match is None:
-            return 0.0
-        return float((match.group(1) if match.groups() else match.group(0)).strip() == ref.strip())
-
-    def reward(prompts, completions, **kwargs):
-        refs = kwargs.get(args.column) if args.kind != "format" else [None] * len(completions)
-        if refs is None:
-            raise ValueError(f"no column {args.column!r} reaches the reward (columns: {sorted(kwargs)})")
-        return [score(_text(c), r) for c, r in zip(completions, refs)]
-
-    return reward
-
-
-def _reward_model(args: RewardArgs):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForSequenceClassification.from_pretrained(args.model).to(device).eval()
-    if model.config.num_labels != 1:
-        raise ValueError(f"rewards[].model: {args.model} has {model.config.num_labels} labels, not a reward "
-                         "model (a reward stage's final/ has one)")
-
-    @torch.no_grad()
-    def reward(prompts, completions, **kwargs):
-        texts = [tokenizer.apply_chat_template(p + [{"role": "assistant", "content": _text(c)}], tokenize=False)
-                 for p, c in zip(prompts, completions)]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        return model(**enc).logits.squeeze(-1).float().tolist()
-
-    return reward
-
-
-JUDGE_CONCURRENCY = 8  # judge requests in flight at once (an OpenAI-compatible server batches them)
-
-
-def _judge(args: RewardArgs, where: str):
-    """An LLM judge's 1-10 grade of each answer (FastChat's single-answer prompt), divided by 10,
-    JUDGE_CONCURRENCY requests at a time; an answer without a grade scores 0 (logged)."""
-    import os
-
-    from ..judge import Judge
-    from .eval_rows import question
-    from .mt_bench import SINGLE, parse_rating
-
-    if not os.environ.get(args.judge.api_key_env):
-        raise ValueError(f"{where}: environment variable {args.judge.api_key_env} (the judge's API key) is not set; "
-                         "on a cluster give the reward's judge an apiKeySecretRef, locally export the variable")
-    judge = Judge(args.judge)
-
-    def grade(p, c) -> float | None:
-        rating = parse_rating(judge.complete(SINGLE[0], SINGLE[1].format(question_1=question(p), answer_1=_text(c))))
-        if rating is None:
-            log.warning("%s: the judge gave no [[rating]] for an answer; it scores 0", where)
-        return None if rating is None else rating / 10
-
-    def reward(prompts, completions, **kwargs):
-        from concurrent.futures import ThreadPoolExecutor
-
-        from ..live import note_reward_samples
-
-        with ThreadPoolExecutor(max_workers=JUDGE_CONCURRENCY) as pool:
-            graded = list(pool.map(grade, prompts, completions))
-        note_reward_samples(sum(g is None for g in graded), len(graded))  # live.LearningGuard reads the share
-        return [0.0 if g is None else g for g in graded]
-
-    return reward
-
-
-def build_rewards(recipe: Recipe, rewards: list[RewardArgs] | None = None, section: str = "grpo") -> list:
-    """One callable per reward (recipe.grpo.rewards, or `rewards` of recipe.<section>: the label
-    stage's), named for TRL's metrics (rewards/<name>/mean); an exception inside becomes a
-    RewardError naming the stage and <section>.rewards[i]."""
-    funcs = []
-    from ..judge import JudgeError
-
-    for i, args in enumerate(recipe.grpo.rewards if rewards is None else rewards):
-        where = f"{stage_label(recipe)}: {section}.rewards[{i}] ({args.kind})"
-        inner = (_reward_model(args) if args.kind == "reward_model" else _judge(args, where) if args.kind == "judge"
-                 else _rule(args))
-        name = args.kind if args.kind in ("format", "reward_model", "judge") else f"{args.kind}_{args.column}"
-        if any(f.__name__ == name for f in funcs):
-            name = f"{name}_{i}"
-
-        def wrapped(prompts, completions, _inner=inner, _i=i, _args=args, _where=where, **kwargs):
-            try:
-                return _inner(prompts=prompts, completions=completions, **kwargs)
-            except JudgeError as e:  # unreachable, timing out, refusing: retryable once the endpoint is fixed
-                raise JudgeError(f"{_where}: {str(e).removeprefix('eval.judge: ')}; check {section}.rewards[{_i}]"
-                                 ".judge (baseUrl, model, its API key) and that the endpoint answers") from e
-            except Exception as e:  # noqa: BLE001 - any failure of a reward is the recipe's to fix
-                fix = (f"check the model {_args.model}" if _args.kind == "reward_model"
-                       else f"check its pattern/column and the prompts' {_args.column!r} values")
-                raise RewardError(f"{stage_label(recipe)}: {section}.rewards[{_i}] ({_args.kind}) raised "
-                                  f"{type(e).__name__}: {e}; {fix}") from e
-
-        wrapped.__name__ = name
-        funcs.append(wrapped)
-    return funcs
-
-
-def total_reward(funcs, weights, prompts, completions, columns: dict) -> list[float]:
-    parts = [f(prompts=prompts, completions=completions, **columns) for f in funcs]
-    return [sum(w * p[j] for w, p in zip(weights, parts)) for j in range(len(completions))]
 
 
 # ---------------------------------------------------------------------------- held-out reward
@@ -223,7 +57,7 @@ def held_out_reward(model, tokenizer, rows: list[dict], funcs, weights, g, seed:
     model.eval()
     tokenizer.padding_side = "left"
     # Exactly the settings below: transformers fills what a call leaves unset from the checkpoint's
-    # generation_config (an Instruct model's repetition_penalty, min_p, ...), as eval.generate avoids.
+    # generation_config (an Instruct model's repetition_penalty, min_p, ...), as sampling.generate avoids.
     model.generation_config = GenerationConfig(eos_token_id=own.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                                                bos_token_id=own.bos_token_id)
     samples = []
@@ -253,7 +87,7 @@ def held_out_reward(model, tokenizer, rows: list[dict], funcs, weights, g, seed:
 
 def build(recipe: Recipe):
     t, g = recipe.training, recipe.grpo
-    columns = {r.column for r in g.rewards if r.kind not in ("format", "reward_model", "judge")}
+    columns = reference_columns(g.rewards)
 
     # Prompts first: a bad dataset fails in seconds, before a model loads.
     train_rows = load_prompts(recipe, recipe.datasets, columns)
@@ -300,21 +134,6 @@ def build(recipe: Recipe):
     trainer = GRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=Dataset.from_list(train_rows),
                           processing_class=tokenizer, peft_config=peft_config)
     return trainer, tokenizer, funcs, test_rows
-
-
-def prompt_limit(recipe: Recipe) -> int:
-    """The most prompt tokens: training.max_prompt_length, and room for the longest completion in max_length."""
-    t, g = recipe.training, recipe.grpo
-    room = t.max_length - g.max_completion_length
-    if room <= 0:
-        raise ValueError(f"training.max_length: {t.max_length} leaves no room for a prompt before "
-                         f"grpo.max_completion_length {g.max_completion_length} tokens; raise max_length above it or "
-                         "lower max_completion_length")
-    return min(room, t.max_prompt_length or room)
-
-
-def cut_prompts(rows: list[dict], tokenizer, limit: int) -> list[dict]:
-    return [{**r, "prompt": truncate_prompt(r["prompt"], tokenizer, limit)} for r in rows]
 
 
 def run(recipe: Recipe) -> dict | None:

@@ -27,13 +27,13 @@ from collections import Counter
 import torch
 from trl import KTOConfig, KTOTrainer
 
+from .. import refcache
 from ..data import load_stage_data
 from ..model import added_tokens, load_model, load_tokenizer, lora_config
 from ..recipe import Recipe
-from . import refcache
-from .common import (_prompt_length, build_config, finish_stage, free_reference, load_reference, reference_cache,
-                     setup_stage, train, truncate_prompts)
-from .tokens import CompletionEndsAtEndOfTurn
+from ..tokens import CompletionEndsAtEndOfTurn
+from ..training import (_prompt_length, build_config, finish_stage, free_reference, load_reference, reference_cache,
+                        setup_stage, train, truncate_prompts)
 
 log = logging.getLogger("alignment_trainer")
 LOOKAHEAD = 4096  # rows searched for one that fits a batch slot before accepting a same-prompt KL pair
@@ -50,7 +50,7 @@ def build(recipe: Recipe):
     args = build_config(KTOConfig, recipe, beta=t.beta, loss_type=recipe.effective_loss_type,
                         precompute_ref_log_probs=t.precompute_ref_log_probs)
 
-    # Model & tokenizer; the reference as in DPO (common.load_reference)
+    # Model & tokenizer; the reference as in DPO (training.load_reference)
     tokenizer = load_tokenizer(recipe.model)
     model = load_model(recipe.model, tokenizer, lora=recipe.lora, trainable=True)
     peft_config = lora_config(recipe.lora, added_tokens(recipe.model, tokenizer)) if recipe.lora else None

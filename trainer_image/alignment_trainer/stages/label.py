@@ -4,7 +4,7 @@
 
 recipe.datasets hold generate output (one row per prompt: `prompt`, `completions`, and the prompt
 row's other columns, e.g. the reference `answer`). Each completion's score is the weighted sum of
-recipe.label.rewards, built by grpo's reward builders (rules against a reference column, a format
+recipe.label.rewards (rewards.py, as grpo's) (rules against a reference column, a format
 rule, a reward stage's final/). Written, as HALOs' label step writes them, in the layouts the
 preference stages read:
 
@@ -25,7 +25,7 @@ reply of a pair or an undesirable one. A prompt none of whose completions finish
 result.json: the mean score of
 all completions (mean_reward: the policy's mean reward on these prompts) and of each reward
 (rewards/<name>/mean), the mean best-of-n score, how many pairs or labels were written and how many
-prompts were ties. A reward that raises fails the stage naming it (grpo.RewardError);
+prompts were ties. A reward that raises fails the stage naming it (rewards.RewardError);
 feedback with no row at all fails as a DataError saying what to change.
 """
 
@@ -35,42 +35,14 @@ import logging
 import os
 import time
 
-from ..data import DataError, describe, read_rows, subsample
+from ..data import DataError, describe
+from ..prompts import load_generations
 from ..recipe import Recipe
-from ..results import emit
-from .common import setup_stage
-from .generate import write_data_stage
-from .grpo import build_rewards, prompt_turns, stage_label
+from ..results import emit, write_data_stage
+from ..rewards import build_rewards, reference_columns
+from ..training import setup_stage, stage_label
 
 log = logging.getLogger("alignment_trainer")
-
-
-def load_generations(recipe: Recipe, columns: set[str]) -> list[dict]:
-    """{prompt: turns, completions: [text], stopped: [bool | None], <reference columns as text>} per
-    generate row (stopped None: the row says nothing about it)."""
-    rows: list[dict] = []
-    for k, args in enumerate(recipe.datasets):
-        where = describe(args)
-        read, _ = read_rows(args)
-        for i, row in enumerate(subsample(read, args.weight, recipe.training.seed + k)):
-            done = row.get("completions")
-            if not isinstance(done, list) or not all(isinstance(c, str) for c in done):
-                raise DataError(f"dataset {where}: row {i}: column 'completions' must be a list of texts (a generate "
-                                f"stage's output: name it in datasets[].stage); columns: {sorted(row)}")
-            missing = sorted(c for c in columns if c not in row)
-            if missing:
-                raise DataError(f"dataset {where}: row {i} lacks the reference column(s) {missing} a reward of "
-                                f"{stage_label(recipe)} reads (label.rewards[].column); columns: {sorted(row)}")
-            stopped = row.get("stopped")
-            if stopped is None:
-                stopped = [None] * len(done)
-            elif (not isinstance(stopped, list) or len(stopped) != len(done)
-                  or not all(isinstance(x, bool) for x in stopped)):
-                raise DataError(f"dataset {where}: row {i}: column 'stopped' must be a list of booleans, one per "
-                                f"completion ({len(done)}), as a generate stage writes it; got {stopped!r}")
-            rows.append({"prompt": prompt_turns(row, where), "completions": done, "stopped": stopped,
-                         **{c: None if row[c] is None else str(row[c]) for c in columns}})
-    return rows
 
 
 def score_rows(rows: list[dict], funcs, weights, columns: set[str],
@@ -159,7 +131,7 @@ def run(recipe: Recipe) -> dict | None:
     if int(os.environ.get("RANK", "0")) != 0:  # one process scores; the others have nothing to do
         return None
     lab = recipe.label
-    columns = {r.column for r in lab.rewards if r.kind not in ("format", "reward_model", "judge")}
+    columns = reference_columns(lab.rewards)
 
     # Completions first: bad input fails in seconds, before a reward model loads.
     rows = load_generations(recipe, columns)

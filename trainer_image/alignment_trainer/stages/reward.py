@@ -8,7 +8,7 @@ BradleyTerryTrainer and TRL's. result.json reports the held-out pairwise accurac
 test pairs whose chosen reply scores higher; ties count as wrong) and reward margin. final/ is a
 sequence-classification model with the stage's tokenizer and chat template:
 AutoModelForSequenceClassification.from_pretrained(final) scores a rendered conversation by the
-logit at its last token (the eval stage's reward_model does).
+logit at its last token (reward_model.RewardModel: how grpo, label and eval score with it).
 
 Lengths as in DPO: prompts are cut to max_prompt_length keeping their end, then each conversation
 (prompt + reply) to max_length by training.extra_args.truncation_mode, keep_start (the default, TRL
@@ -32,7 +32,7 @@ from ..data import load_stage_data
 from ..model import load_tokenizer, resolve_dtype, trainable_dtype
 from ..recipe import Recipe
 from ..results import emit
-from .common import build_config, finish_stage, setup_stage, train, truncate_prompts
+from ..training import build_config, finish_stage, setup_stage, train, truncate_prompts
 
 log = logging.getLogger("alignment_trainer")
 TRUNCATION_MODES = ("keep_start", "keep_end")
@@ -187,25 +187,6 @@ def pairwise_accuracy(trainer) -> dict:
     model.train(was_training)
     return {"eval_pairwise_accuracy": correct / max(total, 1), "eval_reward_margin": margin / max(total, 1),
             "eval_pairs": total}
-
-
-@torch.no_grad()
-def score_conversations(model_dir: str, conversations: list[list[dict]], batch_size: int = 8) -> list[float]:
-    """A reward stage's final/ scores each conversation (rendered with the chat template saved with it)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir).to(device).eval()
-    if model.config.num_labels != 1:
-        raise ValueError(f"eval.reward_model: {model_dir} has {model.config.num_labels} labels, not a reward model "
-                         "(a reward stage's final/ has one)")
-    scores: list[float] = []
-    for start in range(0, len(conversations), batch_size):
-        texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations[start:start + batch_size]]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        scores += model(**enc).logits.squeeze(-1).float().tolist()
-    return scores
 
 
 def run(recipe: Recipe) -> dict | None:

@@ -17,8 +17,8 @@ from trl import SFTConfig, SFTTrainer
 from ..data import load_stage_data
 from ..model import added_tokens, load_model, load_tokenizer, lora_config
 from ..recipe import Recipe
-from .common import build_config, finish_stage, setup_stage, train, truncate_prompts
-from .tokens import tokenize_chats, tokenize_prompt_completions
+from ..tokens import tokenize_chats, tokenize_prompt_completions
+from ..training import build_config, finish_stage, setup_stage, train, truncate_prompts
 
 log = logging.getLogger("alignment_trainer")
 

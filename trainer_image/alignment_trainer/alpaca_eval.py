@@ -27,9 +27,9 @@ from pathlib import Path
 
 import yaml
 
-from .. import data
-from ..judge import Judge, JudgeError
-from ..recipe import AlpacaEvalArgs, JudgeArgs
+from . import data
+from .judge import Judge, JudgeError
+from .recipe import AlpacaEvalArgs, JudgeArgs
 
 log = logging.getLogger("alignment_trainer")
 GENERATOR = "model"

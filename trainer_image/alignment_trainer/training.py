@@ -13,16 +13,16 @@ from pathlib import Path
 
 import torch
 
-from .. import tracking
-from ..checkpoints import newest_checkpoint
-from ..launch import check_world, configured_state_args, formed_world, init_distributed
-from ..live import (CheckpointClock, DivergedError, DivergenceGuard, Heartbeat, LearningGuard, ProgressPush,
-                    use_own_callback)
-from ..model import (checkpoint_dtype, engine_keeps_fp32_masters, keep_fp32_masters, load_model, merge_adapter,
-                     mixed_precision)
-from ..recipe import Recipe, TrainingArgs
-from ..results import (MetricsCallback, build_result, emit, finished_result, model_card, push_to_hub,
-                       remove_incomplete_checkpoints, save_final, write_result)
+from . import tracking
+from .checkpoints import newest_checkpoint
+from .launch import check_world, configured_state_args, formed_world, init_distributed
+from .live import (CheckpointClock, DivergedError, DivergenceGuard, Heartbeat, LearningGuard, ProgressPush,
+                   use_own_callback)
+from .model import (checkpoint_dtype, engine_keeps_fp32_masters, keep_fp32_masters, load_model, merge_adapter,
+                    mixed_precision)
+from .recipe import Recipe, TrainingArgs
+from .results import (MetricsCallback, build_result, emit, finished_result, model_card, push_to_hub,
+                      remove_incomplete_checkpoints, save_final, write_result)
 
 log = logging.getLogger("alignment_trainer")
 
@@ -54,6 +54,11 @@ def setup_stage(recipe: Recipe) -> dict | None:
 
 def has_test_split(recipe: Recipe) -> bool:
     return bool(recipe.test_datasets) or recipe.test_split_size is not None
+
+
+def stage_label(recipe: Recipe) -> str:
+    """How messages name the stage: its name in the run, else its output directory."""
+    return f"stage {recipe.stage_name or recipe.output_dir}"
 
 
 # ---------------------------------------------------------------------------- TRL config

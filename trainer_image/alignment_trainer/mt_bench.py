@@ -17,62 +17,16 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from pathlib import Path
 
-from ..judge import Judge, JudgeError
-from ..recipe import MtBenchArgs
-from ..results import emit
+from .judge import Judge, JudgeError
+from .judge_prompts import MULTI, MULTI_MATH, SINGLE, SINGLE_MATH, parse_rating
+from .recipe import MtBenchArgs
+from .results import emit
 
 log = logging.getLogger("alignment_trainer")
 
 NEED_REFERENCE = ("math", "reasoning", "coding")
-_RATE = ("After providing your explanation, you must rate the response on a scale of 1 to 10 by strictly following "
-         'this format: "[[rating]]", for example: "Rating: [[5]]".')
-# FastChat's llm_judge/data/judge_prompts.jsonl: single-v1, single-math-v1 and their multi-turn forms.
-SINGLE = ("You are a helpful assistant.",
-          "[Instruction]\nPlease act as an impartial judge and evaluate the quality of the response provided by an AI "
-          "assistant to the user question displayed below. Your evaluation should consider factors such as the "
-          "helpfulness, relevance, accuracy, depth, creativity, and level of detail of the response. Begin your "
-          "evaluation by providing a short explanation. Be as objective as possible. " + _RATE +
-          "\n\n[Question]\n{question_1}\n\n[The Start of Assistant's Answer]\n{answer_1}\n[The End of Assistant's Answer]")
-SINGLE_MATH = ("You are a helpful assistant.",
-               "[Instruction]\nPlease act as an impartial judge and evaluate the quality of the response provided by an "
-               "AI assistant to the user question displayed below. Your evaluation should consider correctness and "
-               "helpfulness. You will be given a reference answer and the assistant's answer. Begin your evaluation by "
-               "comparing the assistant's answer with the reference answer. Identify and correct any mistakes. Be as "
-               "objective as possible. " + _RATE + "\n\n[Question]\n{question_1}\n\n[The Start of Reference Answer]\n"
-               "{ref_answer_1}\n[The End of Reference Answer]\n\n[The Start of Assistant's Answer]\n{answer_1}\n"
-               "[The End of Assistant's Answer]")
-_CONVERSATION = ("<|The Start of Assistant A's Conversation with User|>\n\n### User:\n{question_1}\n\n### Assistant A:\n"
-                 "{answer_1}\n\n### User:\n{question_2}\n\n### Assistant A:\n{answer_2}\n\n"
-                 "<|The End of Assistant A's Conversation with User|>")
-MULTI = ("Please act as an impartial judge and evaluate the quality of the response provided by an AI assistant to the "
-         "user question displayed below. Your evaluation should consider factors such as the helpfulness, relevance, "
-         "accuracy, depth, creativity, and level of detail of the response. You evaluation should focus on the "
-         "assistant's answer to the second user question. Begin your evaluation by providing a short explanation. Be "
-         "as objective as possible. " + _RATE + "\n\n", _CONVERSATION)
-MULTI_MATH = ("Please act as an impartial judge and evaluate the quality of the response provided by an AI assistant to "
-              "the user question. Your evaluation should consider correctness and helpfulness. You will be given a "
-              "reference answer and the assistant's answer. You evaluation should focus on the assistant's answer to "
-              "the second question. Begin your evaluation by comparing the assistant's answer with the reference "
-              "answer. Identify and correct any mistakes. Be as objective as possible. " + _RATE + "\n\n",
-              "<|The Start of Reference Answer|>\n\n### User:\n{question_1}\n\n### Reference answer:\n{ref_answer_1}"
-              "\n\n### User:\n{question_2}\n\n### Reference answer:\n{ref_answer_2}\n\n<|The End of Reference Answer|>"
-              "\n\n\n" + _CONVERSATION)
-_RATING = re.compile(r"\[\[(\d+\.?\d*)\]\]")
-_RATING_BACKUP = re.compile(r"\[(\d+\.?\d*)\]")
-
-
-def parse_rating(text: str) -> float | None:
-    """FastChat's parse: the first [[N]], else the first [N]; None when absent or outside 1-10."""
-    found = _RATING.search(text) or _RATING_BACKUP.search(text)
-    if not found:
-        return None
-    value = float(found.group(1))
-    return value if 1 <= value <= 10 else None
-
-
 def questions_of(rows: list[dict], where: str, limit: int | None) -> list[dict]:
     """{id, category, turns [2], reference [0 or 2]} from HuggingFaceH4/mt_bench_prompts-shaped rows
     (prompt or turns: the user turns; reference: answers; prompt_id or question_id)."""

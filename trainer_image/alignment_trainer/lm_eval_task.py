@@ -20,8 +20,8 @@ from pathlib import Path
 
 import yaml
 
-from ..recipe import LmEvalArgs
-from ..results import emit
+from .recipe import LmEvalArgs
+from .results import emit
 
 log = logging.getLogger("alignment_trainer")
 

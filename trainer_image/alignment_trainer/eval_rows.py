@@ -9,15 +9,9 @@ rejected as message lists) when every source is pairwise, else chats (`messages`
 
 from __future__ import annotations
 
-from .. import data, formats
-from ..recipe import DatasetArgs
-from .common import truncate_prompt
+from .prompts import until_last_answer
 from .tokens import ChatEncoder
-
-
-def _until_last_answer(messages: list[dict]) -> list[dict]:
-    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
-    return messages[:last]
+from .training import truncate_prompt
 
 
 def split_rows(dataset) -> tuple[list[dict], list[tuple[list[dict], int]], list[list[dict]]]:
@@ -30,43 +24,15 @@ def split_rows(dataset) -> tuple[list[dict], list[tuple[list[dict], int]], list[
             prompts.append(row["prompt"])
         else:
             texts.append((row["messages"], 0))
-            prompts.append(_until_last_answer(row["messages"]))
+            prompts.append(until_last_answer(row["messages"]))
     return pairs, texts, [p for p in prompts if p]
-
-
-def load_prompts(args: DatasetArgs, seed: int) -> list[list[dict]]:
-    """A prompt set: a `prompt` column (text or turns ending with a user turn), or any layout
-    data.py reads (chats are cut before their last reply, pairs give their prompt)."""
-    where = data.describe(args)
-    rows, lines = data.read_rows(args)
-    if not rows:
-        raise data.DataError(f"dataset {where}: is empty (no rows)")
-    if "prompt" in rows[0] and not {"chosen", "completion", "output"} & set(rows[0]):
-        prompts = []
-        for i, row in enumerate(rows):
-            try:
-                prompts.append(formats.prompt(formats.field(row, "prompt")))
-            except formats.RowError as e:
-                at = f"line {lines[i]}" if lines else f"row {i}"
-                raise data.DataError(f"dataset {where}: {at}: column 'prompt': {e.problem}") from None
-    else:
-        examples = data.parse_rows(rows, where, lines, split=args.split)
-        prompts = [_until_last_answer(ex["messages"]) if "messages" in ex else ex["prompt"] for ex in examples]
-    return data.subsample([p for p in prompts if p], args.weight, seed)
-
-
-def question(prompt: list[dict]) -> str:
-    """A prompt as the judge reads it: the user's text, or the conversation so far."""
-    if len(prompt) == 1:
-        return prompt[0]["content"]
-    return "\n\n".join(f"{m['role']}: {m['content']}" for m in prompt)
 
 
 class Encoder:
     """messages -> (token ids, scored mask), cut the way the training stages cut them.
 
     The prompt (the turns before `scored_from`) is cut to max_prompt_length by
-    common.truncate_prompt, as every training stage does, keeping its end; then the sequence is
+    training.truncate_prompt, as every training stage does, keeping its end; then the sequence is
     cut to max_length keeping its start (TRL's keep_start). Scoring is tokens.ChatEncoder's:
     the assistant replies from `scored_from` on, through their end-of-turn token.
     """

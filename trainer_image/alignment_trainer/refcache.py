@@ -4,7 +4,7 @@ cache/reference-logps/ for a rendered stage).
 Training stages (DPO/IPO/KTO with precompute_ref_log_probs). TRL keys its own cache file by the
 fingerprint of the tokenized dataset, which changes with the trainer's config (beta, output_dir)
 and between processes, so no later stage finds it (trl#3985). CachedReference keys the log-probs
-itself: by the rows and what else determines them (common.reference_cache/reference_key), by the
+itself: by the rows and what else determines them (training.reference_cache/reference_key), by the
 reference's weights (weights_fingerprint), the truncation mode and the tokenizer's whole content
 (tokenizer_fingerprint); a stage that asks for the same reads them back and runs no reference
 pass; any change of the key computes them anew.
@@ -40,7 +40,7 @@ import os
 import time
 from pathlib import Path
 
-from ..results import emit
+from .results import emit
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".model")
 
@@ -108,7 +108,7 @@ class CachedReference:
     the shared cache when they are there, and writes them there when it computes them.
 
     reference_keys: the trainer's split name (train, eval) -> the key of its rows
-    (common.reference_cache's file stem); reference_reuse records what happened per split.
+    (training.reference_cache's file stem); reference_reuse records what happened per split.
     """
 
     def __init__(self, *args, reference_keys: dict[str, str] | None = None, **kwargs):
@@ -251,7 +251,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def reference_keys(recipe, train_set, test_set) -> dict[str, str]:
-    """The `reference_keys` of CachedReference for a stage's datasets from common.reference_cache."""
+    """The `reference_keys` of CachedReference for a stage's datasets from training.reference_cache."""
     keys = {}
     for name, dataset in (("train", train_set), ("eval", test_set)):
         if dataset is not None and dataset.cache_files:
