@@ -65,6 +65,8 @@ def test_secret_looking_plain_values_are_refused_without_echoing_them(capsys):
     ("workspace", False), ("/", False), ("/workspace/", False), ("/a/../etc", False), ("/a/./b", False),
     ("/etc", False), ("/etc/alignment", False), ("/etc/alignment/x", False), ("/dev", False),
     ("/dev/shm", False), ("/dev/shm/data", False), ("/dev/termination-log", False),
+    ("/var/run/alignment/progress", False), ("/var/run", False), ("/opt/alignment", False),
+    ("/opt/alignment/accelerate/zero3", False), ("/opt/models", True), ("/var/run/alignment-data", True),
 ])
 def test_mount_path_is_absolute_and_clear_of_the_pods_own_mounts(path, ok):
     doc = good()
@@ -76,10 +78,11 @@ def test_mount_path_is_absolute_and_clear_of_the_pods_own_mounts(path, ok):
 
 
 def test_reserved_mounts_are_the_renderers_own():
-    pod = build_stage(parse_run(good()), 0, RenderContext(), "h")[-1]["spec"]["template"]["spec"]
+    ctx = RenderContext(progress_url="https://operator:8443", progress_ca="PEM")  # the progress token mounted too
+    pod = build_stage(parse_run(good()), 0, ctx, "h")[-1]["spec"]["template"]["spec"]
     container = pod["containers"][0]
     mounts = {m["mountPath"] for m in container["volumeMounts"]} - {"/mnt/checkpoints"}
-    assert mounts | {container["terminationMessagePath"]} == set(admission.RESERVED_MOUNTS)
+    assert mounts | {container["terminationMessagePath"], ctx.accelerate_config_dir} == set(admission.RESERVED_MOUNTS)
 
 
 @pytest.mark.parametrize("image,ok", [

@@ -110,3 +110,31 @@ def test_a_fractional_exclusive_maximum_is_a_cel_rule():
     assert "maximum" not in props["eps"] and props["eps"]["minimum"] == 0
     assert props["eps"]["x-kubernetes-validations"] == [{"rule": "self < 0.5", "message": "must be less than 0.5"}]
     assert (props["share"]["maximum"], props["share"]["exclusiveMaximum"]) == (1, True), "whole bounds stay schema"
+
+
+def test_text_that_lists_methods_losses_or_engines_names_every_one_the_tables_hold():
+    """The CEL message and the descriptions `kubectl explain` shows are built from the method table
+    (they named 6 of the 9 training methods, left out SLiC's, GRPO's and the reward model's losses,
+    betas and TRL configs, and JobSet where a stage's child is named)."""
+    from alignment_trainer.recipe import METHODS, training_methods
+
+    from alignment_operator.api.admission import trl_fields
+    from alignment_operator.api.spec import BETA_MEANINGS
+
+    spec = schema()["properties"]["spec"]
+    messages = [r["message"] for r in spec["x-kubernetes-validations"]]
+    message = next(m for m in messages if m.startswith("at least one training stage"))
+    assert len(training_methods()) == 9 and all(f"{m}," in message or f"{m})" in message for m in training_methods())
+    training = spec["properties"]["stages"]["items"]["properties"]["training"]["properties"]
+    for m, info in METHODS.items():
+        if info.loss_types:
+            assert f"{m}: {', '.join(info.loss_types)}" in training["lossType"]["description"], m
+        if info.beta is not None:
+            assert f"{m} {info.beta:g} (" in training["beta"]["description"], m
+    assert set(BETA_MEANINGS) == {m for m, info in METHODS.items() if info.beta is not None}
+    for config in set(trl_fields()["methods"].values()):
+        assert config in training["extraArgs"]["description"], config
+    nodes = spec["properties"]["stages"]["items"]["properties"]["resources"]["properties"]["nodes"]["description"]
+    job_name = schema()["properties"]["status"]["properties"]["stages"]["items"]["properties"]["jobName"]["description"]
+    for engine in ("JobSet", "PyTorchJob", "Indexed Job"):
+        assert engine in nodes and engine in job_name, engine

@@ -39,11 +39,14 @@ def test_a_grpo_stage_renders_rewards_generations_and_loss():
 @pytest.mark.parametrize("grpo, reward_stage, message", [
     (None, True, "spec.stages[2].grpo: method grpo needs a grpo section with rewards"),
     ({"rewards": [{"kind": "regex"}]}, True, "grpo.rewards[0].pattern: a regex reward needs a pattern"),
-    ({"rewards": [{"kind": "format", "pattern": "(unclosed"}]}, True, "is not a Python regex"),
+    ({"rewards": [{"kind": "format", "pattern": "(unclosed"}]}, True, "must be a regular expression that both"),
+    ({"rewards": [{"kind": "regex", "pattern": "(?<=#### )(\\d+)"}]}, True,  # Python reads it, RE2 (the API server) not
+     "grpo.rewards[0].pattern: '(?<=#### )(\\\\d+)' must be a regular expression that both Python's re (the trainer's) "
+     "and RE2 (the API server's) read: no lookaround, backreferences or possessive quantifiers (RE2 has no '(?<=')"),
     ({"rewards": [{"kind": "reward_model", "rewardModel": "sft"}]}, True,
-     "grpo.rewards[0].rewardModel: 'sft' is not an earlier reward stage; accepted: rm"),
+     "grpo.rewards[0].rewardModel: 'sft' must name an earlier reward stage; accepted: rm"),
     ({"rewards": [{"kind": "reward_model", "rewardModel": "rm"}]}, False,
-     "'rm' is not an earlier reward stage; accepted: none (add a stage with method reward)"),
+     "'rm' must name an earlier reward stage; accepted: none (add a stage with method reward)"),
 ])
 def test_a_bad_grpo_section_is_refused_naming_the_field(grpo, reward_stage, message):
     with pytest.raises(RunInvalid) as refused:

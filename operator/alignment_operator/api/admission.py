@@ -23,9 +23,13 @@ from alignment_trainer.recipe import TrainingArgs
 
 from . import corev1
 
-# The pod's own mounts besides the run's volume (render.manifests mounts exactly these).
+# The pod's own mounts besides the run's volume (render.manifests mounts exactly these, the progress token
+# when the operator serves progress), and the trainer image's accelerate configs (RenderContext's default
+# accelerate_config_dir, the chart's trainer.accelerateConfigDir), which the volume must not hide.
 RESERVED_MOUNTS = {"/etc/alignment": "the stage's recipe", "/dev/shm": "shared memory",
-                   "/dev/termination-log": "the trainer's result"}
+                   "/dev/termination-log": "the trainer's result",
+                   "/var/run/alignment/progress": "the stage's progress token",
+                   "/opt/alignment/accelerate": "the trainer image's accelerate configs"}
 MOUNT_PATH = r"^(/[^/]+)+$"
 DOT_SEGMENT = r"(^|/)\.\.?(/|$)"
 

@@ -11,24 +11,22 @@ from alignment_trainer.recipe import (METHODS, label_smoothing_problem, loss_typ
                                       training_methods)
 
 from . import admission
-from .spec import AlignmentRunSpec, StageSpec
+from .spec import REWARD_STAGE_MESSAGE, AlignmentRunSpec, StageSpec, data_stage_message, regex_problem
 
 
 def _reward_problems(at: str, section: str, rewards, reward_stages: list[str]) -> list[str]:
     out = []
     for k, r in enumerate(rewards):
+        problem = regex_problem(r.pattern) if r.pattern is not None else None
+        if problem:
+            out.append(f"{at}.{section}.rewards[{k}].pattern: {r.pattern!r} {problem}")
         if r.kind in ("regex", "format"):
-            import re
-            try:
-                re.compile(r.pattern or "")
-            except re.error as e:
-                out.append(f"{at}.{section}.rewards[{k}].pattern: {r.pattern!r} is not a Python regex: {e}")
             if not r.pattern:
                 out.append(f"{at}.{section}.rewards[{k}].pattern: a {r.kind} reward needs a pattern (a Python regex)")
         if r.kind == "judge" and r.judge is None:
             out.append(f"{at}.{section}.rewards[{k}].judge: a judge reward needs judge (baseUrl, model, apiKeySecretRef)")
-        if r.kind == "reward_model" and r.reward_model not in reward_stages:
-            out.append(f"{at}.{section}.rewards[{k}].rewardModel: {r.reward_model!r} is not an earlier reward stage; "
+        if r.reward_model is not None and r.reward_model not in reward_stages:
+            out.append(f"{at}.{section}.rewards[{k}].rewardModel: {r.reward_model!r} {REWARD_STAGE_MESSAGE}; "
                        f"accepted: {', '.join(reward_stages) or 'none (add a stage with method reward)'}")
     return out
 
@@ -63,7 +61,7 @@ def _dataset_stage_problems(at: str, stage: StageSpec, earlier_stages: list[Stag
             named.append(("eval.mtBench.questions", e.mt_bench.questions))
         for field, d in named:
             if d is not None and d.stage is not None and d.stage not in data_stages:
-                out.append(f"{at}.{field}.stage: {d.stage!r} is not an earlier generate or label stage; accepted: "
+                out.append(f"{at}.{field}.stage: {d.stage!r} {data_stage_message()}; accepted: "
                            f"{', '.join(data_stages) or 'none'}")
     return out
 
@@ -115,7 +113,7 @@ def _stage_problems(i: int, stage: StageSpec, earlier: list[str], reward_stages:
         rm = stage.eval.reward_model
         rewards = list(reward_stages)
         if rm is not None and rm not in rewards:
-            out.append(f"{at}.eval.rewardModel: {rm!r} is not an earlier reward stage; accepted: "
+            out.append(f"{at}.eval.rewardModel: {rm!r} {REWARD_STAGE_MESSAGE}; accepted: "
                        f"{', '.join(rewards) or 'none (add a stage with method reward)'}")
         graded = [name for name, section in (("alpacaEval", stage.eval.alpaca_eval), ("mtBench", stage.eval.mt_bench))
                   if section is not None]

@@ -5,12 +5,12 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from .checks import cross_field_problems
 from .matrix import expand
 from .corev1 import FORMATS
-from .spec import AlignmentRunSpec
+from .spec import DNS_LABEL, AlignmentRunSpec
 from .status import AlignmentRunStatus
 
 GROUP = "alignment.dev"
@@ -26,13 +26,28 @@ SHORT_NAMES = ["ar", "arun"]
 RETRY_ANNOTATION = f"{GROUP}/retry"
 
 
+# A run's name names its Jobs and is the value of their alignment.dev/run label: a DNS label, which the API
+# server's own check of a custom resource's name (a DNS subdomain: dots, 253 characters) is not.
+RUN_NAME_MESSAGE = ("must be a DNS label: at most 63 lowercase letters, digits or '-', starting and ending with a "
+                    "letter or digit (it names the run's Jobs and labels)")
+RUN_NAME_RULE = (f"!has(self.metadata.name) || (size(self.metadata.name) <= 63 && "
+                 f"self.metadata.name.matches('{DNS_LABEL}'))", f"metadata.name {RUN_NAME_MESSAGE}", ".metadata.name")
+
+
 class ObjectMeta(BaseModel):
     """The few metadata fields we read; the rest passes through untouched."""
 
     model_config = ConfigDict(extra="allow")
-    name: str = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    name: str = Field(min_length=1)
     namespace: str | None = None
     annotations: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _dns_label(cls, value: str) -> str:
+        if len(value) > 63 or not re.match(DNS_LABEL, value):
+            raise ValueError(RUN_NAME_MESSAGE)
+        return value
 
 
 class AlignmentRun(BaseModel):

@@ -15,10 +15,10 @@ from typing import Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from alignment_trainer.recipe import (LABEL_SMOOTHING_LOSSES, LABEL_SMOOTHING_NEEDED, METHODS, GuardArgs,
-                                      check_method, method_names, reads_outputs)
+                                      check_method, method_names, reads_outputs, training_methods)
 
 from . import corev1
-from .admission import ExtraArgs, ImageRef, MountPath, NodeSelector
+from .admission import ExtraArgs, ImageRef, MountPath, NodeSelector, trl_fields
 from .base import ApiModel, Quantity, x_validations
 
 Strategy = Literal["ddp", "deepspeed-zero2", "deepspeed-zero3", "fsdp"]
@@ -27,6 +27,43 @@ Scheduler = Literal[
     "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay",
 ]
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+
+def _grouped(pairs) -> str:
+    """'a, b: X; c: Y' from (method, text) pairs, methods with the same text joined."""
+    groups: dict[str, list[str]] = {}
+    for method, text in pairs:
+        groups.setdefault(text, []).append(method)
+    return "; ".join(f"{', '.join(ms)}: {text}" for text, ms in groups.items())
+
+
+# What beta means per method (the defaults come from the table; a test keeps the keys the table's).
+BETA_MEANINGS = {"dpo": "the KL penalty; zephyr uses 0.01", "ipo": "the KL penalty", "kto": "the KL penalty",
+                 "orpo": "the odds-ratio weight lambda", "simpo": "the reward scale", "slic": "the hinge margin",
+                 "grpo": "the KL coefficient", "eval": "scores a model trained without one"}
+# Where a multi-node stage runs, in the order render chooses (render.manifests.build_stage).
+MULTI_NODE_ENGINES = ("a JobSet when that CRD is installed, else a Kubeflow PyTorchJob when that one is, else an "
+                      "Indexed Job with a headless Service")
+
+
+def beta_description() -> str:
+    return ("Preference strength; per method, its default and meaning: " + "; ".join(
+        f"{m} {info.beta:g} ({BETA_MEANINGS[m]})" for m, info in METHODS.items() if info.beta is not None)
+        + ". An eval stage scores with the evaluated stage's beta.")
+
+
+def loss_type_description() -> str:
+    return ("TRL loss_type, per method (the first its default): "
+            + _grouped((m, ", ".join(info.loss_types)) for m, info in METHODS.items() if info.loss_types)
+            + ". Beyond TRL: cdpo (the original DPO code's conservative DPO, with labelSmoothing) and ipo_sum (that "
+            "code's IPO on summed log-probs; TRL's ipo averages each reply's log-ratio over its tokens). "
+            + ", ".join(m for m, info in METHODS.items() if info.trains and not info.loss_types) + " take none.")
+
+
+def extra_args_description() -> str:
+    return ("Further fields of the method's TRL config by their TRL names (" + _grouped(trl_fields()["methods"].items())
+            + "). Keys that are no such field, that the trainer sets itself (output_dir, deepspeed ...) or that have a "
+            "typed field here are refused.")
 
 
 def all_loss_types() -> list[str]:
@@ -85,6 +122,21 @@ class ModelSpec(ApiModel):
     _s3_source = model_validator(mode="before")(classmethod(lambda cls, data: check_s3(data)))
 
 
+def _readers_description() -> str:
+    """Which methods read which data stage's output (recipe.reads_outputs), for datasets[].stage."""
+    what = {"completions": "a generate stage's completions", "pairwise": "pairwise", "unpaired": "binary"}
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for m in METHODS:
+        if reads_outputs(m):
+            groups.setdefault(reads_outputs(m), []).append(m)
+
+    def read(kinds: tuple[str, ...]) -> str:
+        label = [what[k] for k in kinds if k != "completions"]
+        return " or ".join(([what["completions"]] if "completions" in kinds else [])
+                           + ([f"a label stage's {' or '.join(label)} feedback"] if label else []))
+    return "; ".join(f"{', '.join(ms)} read {read(kinds)}" for kinds, ms in groups.items())
+
+
 class DatasetSpec(ApiModel):
     model_config = {**ApiModel.model_config, "json_schema_extra": x_validations(
         ("has(self.source) != has(self.stage)", "a dataset gives exactly one of source or stage"),
@@ -97,8 +149,7 @@ class DatasetSpec(ApiModel):
         "(local, or on the run's volume). Exclusive with stage."))
     stage: str | None = Field(None, min_length=1, max_length=40, description=(
         "Instead of a source: an earlier data stage whose dataset (its final/ on the run's volume) this reads. "
-        "A label stage reads a generate stage's completions; dpo, ipo, orpo, simpo, slic, reward and eval read a "
-        "label stage's pairwise feedback; kto and sft read a label stage's pairwise or binary feedback."))
+        + _readers_description() + "."))
     config: str | None = Field(None, max_length=256, description="Dataset configuration name, if it has several.")
     split: str = Field("train", max_length=256, description="Split to read, e.g. train_sft or train_prefs.")
     columns: list[str] | None = Field(None, max_length=64, description=(
@@ -145,15 +196,9 @@ class TrainingSpec(ApiModel):
     max_prompt_length: int | None = Field(None, gt=0, description=(
         "Preference methods and generate: prompts are cut to this many tokens, keeping their end. Default: "
         "half of maxLength (generate: no cut). Must be below maxLength."))
-    beta: float | None = Field(None, gt=0, description=(
-        "Preference strength. DPO/IPO/KTO: the KL penalty (default 0.1; zephyr uses 0.01); "
-        "SimPO: the reward scale (default 2.0); ORPO: the odds-ratio weight lambda (default 0.1)."))
-    loss_type: str | None = Field(None, json_schema_extra=lambda schema: schema.update(enum=all_loss_types()), description=(
-        "TRL loss_type. dpo: sigmoid (default), hinge, ipo, robust, exo_pair, nca_pair, bco_pair, "
-        "sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sft, sigmoid_norm, and two TRL "
-        "lacks: cdpo (the original DPO code's conservative DPO, with labelSmoothing) and ipo_sum (that "
-        "code's IPO on summed log-probs; TRL's ipo averages each reply's log-ratio over its tokens); "
-        "ipo: ipo (default), ipo_sum; kto: kto (default), apo_zero_unpaired; simpo and slic fix their own."))
+    beta: float | None = Field(None, gt=0, description=beta_description())
+    loss_type: str | None = Field(None, json_schema_extra=lambda schema: schema.update(enum=all_loss_types()),
+                                  description=loss_type_description())
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description=(
         "Epsilon, the assumed fraction of flipped preference labels, 0 <= epsilon < 0.5, read only by the "
         f"lossTypes {', '.join(LABEL_SMOOTHING_LOSSES)} (cdpo: the original DPO code's label_smoothing, HALOs "
@@ -177,10 +222,7 @@ class TrainingSpec(ApiModel):
     save_total_limit: int = Field(2, gt=0, description="Checkpoints kept on the volume (oldest deleted first).")
     logging_steps: int = Field(10, gt=0, description="Log loss and metrics every N steps (metrics.jsonl, status).")
     eval_steps: int | None = Field(None, gt=0, description="Evaluate on the test split every N steps; default: at the end.")
-    extra_args: ExtraArgs = Field(default_factory=dict, description=(
-        "Further fields of the method's TRL config (SFTConfig, DPOConfig, KTOConfig, CPOConfig for "
-        "simpo, ORPOConfig) by their TRL names. Keys that are no such field, that the trainer sets "
-        "itself (output_dir, deepspeed ...) or that have a typed field here are refused."))
+    extra_args: ExtraArgs = Field(default_factory=dict, description=extra_args_description())
 
     @field_validator("loss_type")
     @classmethod
@@ -251,7 +293,7 @@ class LoraSpec(ApiModel):
 
 
 class ResourcesSpec(ApiModel):
-    nodes: int = Field(1, gt=0, description="Machines; more than one runs a PyTorchJob or an indexed Job.")
+    nodes: int = Field(1, gt=0, description=f"Machines; more than one runs {MULTI_NODE_ENGINES}.")
     gpus_per_node: int = Field(8, ge=0, description="GPUs per machine, one training process each; 0 runs on CPU.")
     processes_per_node: int | None = Field(None, gt=0, description=(
         "Training processes per machine. Default: gpusPerNode, or 1 on CPU."))
@@ -335,8 +377,58 @@ class TrackingSpec(ApiModel):
     mlflow: MlflowSpec | None = Field(None, description="Log to an MLflow tracking server.")
 
 
+# Admission rules stated once: the CEL rule's message and the Python check's words (`alignctl validate`).
+JUDGE_URL_MESSAGE = "judge.baseUrl must not hold credentials (user:password@); the key comes from apiKeySecretRef"
+REGEX_MESSAGE = ("must be a regular expression that both Python's re (the trainer's) and RE2 (the API server's) "
+                 "read: no lookaround, backreferences or possessive quantifiers")
+REWARD_STAGE_MESSAGE = "must name an earlier reward stage"
+
+
+def _python_only(pattern: str) -> str | None:
+    """The first construct of `pattern` that Python's re reads and RE2 refuses (lookaround, backreferences,
+    atomic groups, conditionals, possessive quantifiers, \\Z); escapes and character classes skipped."""
+    i, in_class = 0, False
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            if pattern[i + 1:i + 2] in set("123456789Z"):
+                return pattern[i:i + 2]
+            i += 2
+            continue
+        if in_class:
+            in_class = c != "]"
+        elif c == "[":
+            in_class = True
+            i += 2 if pattern[i + 1:i + 2] == "]" else 1  # a leading ] is a member
+            continue
+        elif c == "(":
+            for head in ("(?=", "(?!", "(?<=", "(?<!", "(?P=", "(?>", "(?("):
+                if pattern.startswith(head, i):
+                    return head
+        elif c in "*+?}" and pattern[i + 1:i + 2] == "+" and not (c == "?" and pattern[i - 1:i] == "("):
+            return pattern[i:i + 2]
+        i += 1
+    return None
+
+
+def regex_problem(pattern: str) -> str | None:
+    """Why a reward's pattern is refused (REGEX_MESSAGE and the reason), None when both engines read it."""
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        return f"{REGEX_MESSAGE} ({e})"
+    found = _python_only(pattern)
+    return f"{REGEX_MESSAGE} (RE2 has no {found!r})" if found else None
+
+
 class JudgeSpec(ApiModel):
-    base_url: str = Field(min_length=1, max_length=1024, description="OpenAI-compatible API base URL, e.g. https://api.openai.com/v1.")
+    model_config = {**ApiModel.model_config, "json_schema_extra": x_validations(
+        (f"!self.baseUrl.matches('{URI_CREDENTIALS}')", JUDGE_URL_MESSAGE, ".baseUrl"),
+    )}
+
+    base_url: str = Field(min_length=1, max_length=1024, description=(
+        "OpenAI-compatible API base URL, e.g. https://api.openai.com/v1. No credentials in it: the key comes "
+        "from apiKeySecretRef."))
     model: str = Field(min_length=1, max_length=256, description="Judge model name.")
     api_key_secret_ref: SecretKeyRef = Field(description="Secret holding the judge's API key.")
     max_prompts: int = Field(50, gt=0, description="Prompts judged, each once per order (position-swapped).")
@@ -344,6 +436,15 @@ class JudgeSpec(ApiModel):
     max_retries: int = Field(3, ge=1, le=20, description=(
         "Tries per judge request (timeouts, 5xx, unparseable answers), with backoff; then the stage fails "
         "(retryable), keeping the answers already generated for the next attempt."))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_credentials(cls, data):
+        """On the whole mapping, so the refusal never echoes the URL (errors show a mapping's type only)."""
+        url = data.get("baseUrl", data.get("base_url")) if isinstance(data, dict) else None
+        if isinstance(url, str) and re.match(URI_CREDENTIALS, url):
+            raise ValueError(JUDGE_URL_MESSAGE)
+        return data
 
 
 class LmEvalSpec(ApiModel):
@@ -426,6 +527,11 @@ class EvalSpec(ApiModel):
 class RewardSpec(ApiModel):
     """One reward of a grpo stage: a rule on the completion's text, or an earlier reward stage's model."""
 
+    # RE2 compiles the pattern when the rule runs: a pattern it cannot read fails the rule with its reason.
+    model_config = {**ApiModel.model_config, "json_schema_extra": x_validations(
+        ("!has(self.pattern) || (''.matches(self.pattern) ? true : true)", f"pattern {REGEX_MESSAGE}", ".pattern"),
+    )}
+
     kind: Literal["exact_match", "contains", "regex", "format", "reward_model", "judge"] = Field(description=(
         "exact_match: the completion equals the prompt row's `column` value (1, else 0); contains: the completion "
         "contains it; regex: `pattern`'s first group (or whole match) equals it; format: the completion matches "
@@ -433,7 +539,9 @@ class RewardSpec(ApiModel):
         "of the answer (MT-Bench's single-answer prompt) / 10."))
     column: str = Field("answer", min_length=1, max_length=128, description=(
         "The prompts' reference-answer column the rules compare with."))
-    pattern: str | None = Field(None, max_length=1024, description="A Python regex; required for regex and format.")
+    pattern: str | None = Field(None, max_length=1024, description=(
+        "A regular expression (Python's re, in the syntax RE2 shares: no lookaround or backreferences); required "
+        "for regex and format."))
     reward_model: str | None = Field(None, max_length=40, description=(
         "An earlier stage with method reward whose model scores prompt + completion; required for reward_model."))
     judge: JudgeSpec | None = Field(None, description=(
@@ -512,6 +620,38 @@ def _stage_dataset_rule() -> tuple[str, str, str]:
             "stages[].datasets[].stage must name an earlier stage whose output the method reads: " + "; ".join(
                 f"{', '.join(ms)}: {' or '.join(OUTPUT_KIND_NAMES[k] for k in kinds)}"
                 for kinds, ms in _grouped_readers().items()), ".stages")
+
+
+def _rewards_model_rule() -> tuple[str, str, str]:
+    """grpo's, label's and eval's rewards[].rewardModel name an earlier reward stage (checks._reward_problems)."""
+    names = ("r.rewardModel", "self.stages.exists(j, t, j < i && t.name == r.rewardModel && t.method == 'reward')")
+    each = " && ".join(f"(!has(s.{x}) || s.{x}.rewards.all(r, !has({names[0]}) || {names[1]}))" for x in REWARD_SECTIONS)
+    return (f"self.stages.all(i, s, {each})",
+            f"stages[].{{{','.join(REWARD_SECTIONS)}}}.rewards[].rewardModel {REWARD_STAGE_MESSAGE}", ".stages")
+
+
+REWARD_SECTIONS = ("grpo", "label", "eval")
+
+
+def data_stage_message() -> str:
+    """eval's prompt sets read a data stage's dataset: any method of the table that writes one."""
+    return "must name an earlier " + " or ".join(m for m, info in METHODS.items() if info.writes) + " stage"
+
+
+# eval's datasets that may name a data stage instead of a source (checks._dataset_stage_problems).
+EVAL_DATA_FIELDS = ("prompts", "alpacaEval.referenceOutputs", "alpacaEval.prompts", "mtBench.questions")
+
+
+def _eval_data_stage_rule() -> tuple[str, str, str]:
+    writers = [m for m, info in METHODS.items() if info.writes]
+    checks = []
+    for field in EVAL_DATA_FIELDS:
+        d = f"s.eval.{field}"
+        names = f"(!has({d}.stage) || self.stages.exists(j, t, j < i && t.name == {d}.stage && t.method in {writers}))"
+        guard = " && ".join(f"has(s.eval.{'.'.join(field.split('.')[:k + 1])})" for k in range(field.count(".") + 1))
+        checks.append(f"(!({guard}) || {names})")
+    return (f"self.stages.all(i, s, !has(s.eval) || ({' && '.join(checks)}))",
+            f"stages[].eval.{{{','.join(EVAL_DATA_FIELDS)}}}.stage {data_stage_message()}", ".stages")
 
 
 OUTPUT_KIND_NAMES = {"completions": "a generate stage", "pairwise": "a label stage with feedback pairwise",
@@ -609,7 +749,7 @@ class StageSpec(ApiModel):
     name: str = Field(min_length=1, max_length=40, pattern=DNS_LABEL, description=(
         "Stage name, a DNS label unique in the run (names the Job: <run>-<name>-<hash of both>)."))
     method: str = Field(json_schema_extra=lambda schema: schema.update(enum=method_names()), description=(
-        "sft | dpo | ipo | kto | orpo | simpo | slic | reward | grpo | generate | label | eval. Preference methods "
+        f"{' | '.join(method_names())}. Preference methods "
         "start from the previous stage's model and use it as the reference; reward trains a Bradley-Terry reward "
         "model (a sequence-classification final/) on pairs; grpo samples from the policy and trains on rewards; "
         "generate samples completions from the previous model and label scores them into pairwise or binary "
@@ -691,7 +831,8 @@ class StorageSpec(ApiModel):
          "storage: set exactly one of claimName or volumeClaimTemplate"),
     )}
 
-    claim_name: str | None = Field(None, max_length=253, description="An existing PersistentVolumeClaim.")
+    claim_name: str | None = Field(None, max_length=253, pattern=corev1.DNS_SUBDOMAIN, description=(
+        "An existing PersistentVolumeClaim in the run's namespace."))
     volume_claim_template: VolumeClaimTemplate | None = Field(None, description=(
         "A PersistentVolumeClaim the operator creates for the run (kept when the run is deleted)."))
     mount_path: MountPath = Field("/workspace", description=(
@@ -762,24 +903,35 @@ class GateSpec(ApiModel):
         return self
 
 
+# A Hub export: hf://org/name (a model repository, HubSpec.repo_id's form).
+HF_URI = r"^hf://[A-Za-z0-9][-_.A-Za-z0-9]*/[-_.A-Za-z0-9]+$"
+
+
 class ExportSpec(ApiModel):
     model_config = {**ApiModel.model_config, "json_schema_extra": x_validations(
-        ("self.uri.startsWith('s3://') && self.uri.matches('" + S3_URI + "')", S3_URI_MESSAGE, ".uri"),
+        ("!self.uri.startsWith('s3://') || self.uri.matches('" + S3_URI + "')", S3_URI_MESSAGE, ".uri"),
+        ("self.uri.startsWith('s3://') || self.uri.matches('" + HF_URI + "')",
+         "uri is s3://bucket/prefix (an object store) or hf://org/name (a Hugging Face Hub model repository)", ".uri"),
     )}
 
     uri: str = Field(min_length=6, max_length=1024, description=(
-        "s3://bucket/prefix (spec.objectStore's store) the promoted model's files are written under. Each object is "
-        "read back and checked (size, SHA-256) before <prefix>/_EXPORT_COMPLETE.json (files, bytes, digest) is "
-        "written: a reader that waits for it never sees a partial model. A failed export is retried; its result "
-        "(URI, digest, bytes, time) goes to status.promotion.exports."))
+        "Where the promoted model goes. s3://bucket/prefix (spec.objectStore's store): each object is read back and "
+        "checked (size, SHA-256) before <prefix>/_EXPORT_COMPLETE.json (files, bytes, digest) is written, so a reader "
+        "that waits for it never sees a partial model. hf://org/name: a Hugging Face Hub model repository (created "
+        "if missing), pushed in one commit with trainer.hfTokenSecretRef's token. The exported README.md is the card "
+        "of the eval that promoted the model, listing every export. A failed export is retried; its result (URI, "
+        "digest, bytes, time) goes to status.promotion.exports."))
+    private: bool = Field(True, description="hf:// only: create the repository private (an existing one keeps its "
+                                            "setting).")
 
     _s3_uri = model_validator(mode="before")(classmethod(lambda cls, data: check_s3(data, "uri")))
 
     @field_validator("uri")
     @classmethod
-    def _is_s3(cls, value: str) -> str:
-        if not value.startswith("s3://"):
-            raise ValueError(f"uri: {value!r} is not an s3://bucket/prefix URI (the Hub push is spec.hub)")
+    def _is_s3_or_hub(cls, value: str) -> str:
+        if not value.startswith("s3://") and not re.match(HF_URI, value):
+            raise ValueError(f"uri: {value!r} is neither s3://bucket/prefix (an object store) nor hf://org/name "
+                             "(a Hugging Face Hub model repository)")
         return value
 
 
@@ -807,7 +959,8 @@ class PromoteSpec(ApiModel):
         "named after the run, owned by it (deleted with it), serving the promoted model from the run's volume "
         "(pvc://<claim>/<path>); its URL goes to status.promotion.url once KServe reports it. Needs KServe installed."))
     exports: list[ExportSpec] = Field([], max_length=8, description=(
-        "Where the promoted model (only a promoted one) is written once the gates pass: object-store URIs."))
+        "Where the promoted model (only a promoted one) is written once the gates pass: object-store (s3://) and "
+        "Hugging Face Hub (hf://) URIs."))
 
 
 def _promote_rules() -> list[tuple[str, str, str]]:
@@ -841,14 +994,23 @@ def promote_problems(spec: "AlignmentRunSpec") -> list[str]:
     return out
 
 
+HUB_WITH_PROMOTE = ("hub pushes the last stage's model whatever promote decides; with promote, push the promoted "
+                    "model only: promote.exports: [{uri: hf://<repoId>}]")
+HF_EXPORT_TOKEN = ("an hf:// export needs trainer.hfTokenSecretRef (a Secret with a Hugging Face token with write "
+                   "access)")
+
+
 class AlignmentRunSpec(ApiModel):
     model_config = {**ApiModel.model_config, "json_schema_extra": x_validations(
         ("!has(self.hub) || has(self.trainer.hfTokenSecretRef)",
          "hub: pushing needs trainer.hfTokenSecretRef (a Secret with a Hugging Face token with write access)",
          ".hub"),
+        ("!has(self.hub) || !has(self.promote)", HUB_WITH_PROMOTE, ".hub"),
+        ("!has(self.promote) || !self.promote.exports.exists(e, e.uri.startsWith('hf://')) || "
+         "has(self.trainer.hfTokenSecretRef)", HF_EXPORT_TOKEN, ".promote.exports"),
         ("self.stages.exists(s, " + " && ".join(f"s.method != '{m}'" for m, info in METHODS.items() if not info.trains)
          + ")",
-         "at least one training stage (sft, dpo, ipo, kto, orpo, simpo) is required", ".stages"),
+         f"at least one training stage ({', '.join(training_methods())}) is required", ".stages"),
         # Two-variable comprehensions (index, value) keep the cost bounded; map() would not.
         ("self.stages.all(i, s, !has(s.from) || self.stages.exists(j, t, j < i && t.name == s.from))",
          "stages[].from must name an earlier stage", ".stages"),
@@ -857,7 +1019,9 @@ class AlignmentRunSpec(ApiModel):
          "stages[].eval.reference must name an earlier stage", ".stages"),
         ("self.stages.all(i, s, !has(s.eval) || !has(s.eval.rewardModel) || "
          "self.stages.exists(j, t, j < i && t.name == s.eval.rewardModel && t.method == 'reward'))",
-         "stages[].eval.rewardModel must name an earlier reward stage", ".stages"),
+         f"stages[].eval.rewardModel {REWARD_STAGE_MESSAGE}", ".stages"),
+        _rewards_model_rule(),
+        _eval_data_stage_rule(),
         _stage_dataset_rule(),
         *_promote_rules(),
     )}
@@ -902,7 +1066,8 @@ class AlignmentRunSpec(ApiModel):
         "condition. A run whose gates fail ends in phase Held (Ready=False, Stalled=True), not Succeeded."))
     hub: HubSpec | None = Field(None, description=(
         "Push the final model and its card (base model, datasets, each stage's recipe, evaluation results) "
-        "to the Hugging Face Hub."))
+        "to the Hugging Face Hub. Not with promote: there promote.exports' hf://org/name pushes the promoted model "
+        "only."))
 
     def start_stage(self, index: int) -> StageSpec | None:
         """The stage whose final model stage `index` starts from; None means the base model (render.recipe.start_stage)."""
@@ -918,6 +1083,11 @@ class AlignmentRunSpec(ApiModel):
         if self.hub is not None and self.trainer.hf_token_secret_ref is None and not (info.context or {}).get("local"):
             raise ValueError("hub: pushing needs trainer.hfTokenSecretRef (a Secret with a Hugging Face token "
                              "with write access)")
+        if self.hub is not None and self.promote is not None:
+            raise ValueError(f"hub: {HUB_WITH_PROMOTE}")
+        hub_exports = self.promote is not None and any(x.uri.startswith("hf://") for x in self.promote.exports)
+        if hub_exports and self.trainer.hf_token_secret_ref is None and not (info.context or {}).get("local"):
+            raise ValueError(f"promote.exports: {HF_EXPORT_TOKEN}")
         return self
 
     @model_validator(mode="after")

@@ -81,7 +81,9 @@ class CheckpointRef(ApiModel):
 class StageStatus(ApiModel):
     name: str = Field(description="Stage name.")
     phase: StagePhase = Field("Pending", description="Pending, Running, Succeeded, Failed or Suspended.")
-    job_name: str | None = Field(None, description="The stage's Job or PyTorchJob.")
+    job_name: str | None = Field(None, description=(
+        "The stage's child that runs it: a Job, or for several nodes a JobSet, PyTorchJob or Indexed Job "
+        "(spec.stages[].resources.nodes)."))
     attempts: int = Field(0, ge=0, description=(
         "Pods started for the stage, over every Job it had (retries resume from the checkpoint)."))
     restarts: int = Field(0, ge=0, description=(
