@@ -3,7 +3,8 @@
 - The newest complete checkpoint and the work at risk: the trainer reports the step and time of its
   newest complete checkpoint and the seconds trained since (alignment_trainer.live.CheckpointClock);
   `note_checkpoint` turns that into status.stages[].latestCheckpoint {step, path, time, complete}.
-- What a disruption or a restart cost: the steps trained past that checkpoint (`lost_work`).
+- What a disruption or a restart cost: the steps and seconds trained past that checkpoint (`lost_work`,
+  `charge_lost_work`: status.stages[].lostSteps, lostSeconds, lastDisruption).
 - Hangs: no progress report and no heartbeat for the stage's hang timeout once its attempt reported
   (`silent_for`, `hang_timeout`); reconcile restarts it as a group from its newest checkpoint.
 - Learning nothing: the trainer's LearningGuard reports `degraded/<what>` figures with its progress;
@@ -48,6 +49,16 @@ def lost_work(st: StageStatus) -> tuple[int, str]:
     where = f"checkpoint-{base}" if saved else "the start"
     seconds = f", {p.work_at_risk_seconds:.0f}s of training" if p.work_at_risk_seconds is not None else ""
     return steps, f"cost {steps} step(s){seconds}: step {p.step} back to {where}"
+
+
+def charge_lost_work(st: StageStatus) -> str:
+    """A stop of the stage now (a disruption, a restart): its lost steps and seconds added to
+    status.stages[].lostSteps and lostSeconds; the words that say what it cost."""
+    steps, words = lost_work(st)
+    st.lost_steps += steps
+    if st.progress is not None and st.progress.work_at_risk_seconds is not None and steps:
+        st.lost_seconds = round(st.lost_seconds + st.progress.work_at_risk_seconds, 1)
+    return words
 
 
 def warnings(progress: StageProgress | None, guards: GuardArgs | None) -> list[str]:

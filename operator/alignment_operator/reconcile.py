@@ -42,7 +42,8 @@ from .api import RETRY_ANNOTATION, AlignmentRun, AlignmentRunStatus, Condition, 
 from .api.status import ComparisonRow, condition
 from .identity import attempt_spec, child_name, spec_hash, stage_hash
 from .render.recipe import stage_dir
-from .health import hang_timeout, hang_words, lost_work, note_checkpoint, silent_for, warnings as learning_warnings
+from .health import (charge_lost_work, hang_timeout, hang_words, note_checkpoint, silent_for,
+                     warnings as learning_warnings)
 from .api.spec import ModelSpec, StageSpec
 from .graph import inputs
 from . import promotion
@@ -427,8 +428,8 @@ def _fold_child(st: StageStatus, child: ObservedChild, run: AlignmentRun, now: s
         return
     if child.disruptions > st.disruptions:  # a pod disrupted and replaced by its Job: counted here, traced
         st.disruptions = child.disruptions
-        lost, cost = lost_work(st)
-        st.lost_steps += lost
+        cost = charge_lost_work(st)
+        st.last_disruption = f"{child.disruption}; {cost}"
         st.progress = None  # the new pod loads and resumes before it reports: no hang clock until it does
         if _too_disrupted(st, run, child.disruption, events):
             st.completion_time = now
@@ -452,8 +453,9 @@ def _fold_child(st: StageStatus, child: ObservedChild, run: AlignmentRun, now: s
             # Every rank again from the newest checkpoint, never one rank alone: the failed child
             # goes first (the retry path below), then a new one starts.
             st.restarts += counted
-            lost, cost = lost_work(st)
-            st.lost_steps += lost
+            cost = charge_lost_work(st)
+            if not counted:
+                st.last_disruption = f"{child.message}; {cost}"
             st.phase, st.previous_attempts = "Pending", st.attempts
             why = f"restart {st.restarts} of {spec_backoff(run, st.name)}" if counted else \
                 f"disruption {st.disruptions} of at most {_max_disruptions(run, st.name)}, not counted"
@@ -515,8 +517,7 @@ def _hung(st: StageStatus, child: ObservedChild, run: AlignmentRun, now: str,
     """A hung stage: every rank again from the newest complete checkpoint (its child deleted first, counted in
     restarts against backoffLimit), reason Hang and a Warning Event Hang; past backoffLimit it fails, reason Hang."""
     limit = spec_backoff(run, st.name)
-    lost, cost = lost_work(st)
-    st.lost_steps += lost
+    cost = charge_lost_work(st)
     actions.append(DeleteChild(st.name, child.name, child.kind, child.uid))  # (a stopped one too: gone first)
     if st.restarts >= limit:
         st.phase, st.completion_time, st.reason = "Failed", now, "Hang"

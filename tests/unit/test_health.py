@@ -107,6 +107,20 @@ def test_a_disruption_says_what_it_cost_and_is_not_a_failure():
     assert "cost 12 step(s), 118s of training: step 42 back to checkpoint-30" in said
 
 
+@pytest.mark.parametrize("observed, phase", [
+    (dict(state="Running", attempts=2, disruptions=1, disruption="pod tiny-sft-0 evicted"), "Running"),  # its Job replaced it
+    (dict(state="Failed", group=True, failure="disruption", message="pod tiny-sft-0 evicted"), "Pending"),  # a group restarts
+], ids=["one-pod", "group"])
+def test_what_an_eviction_cost_stays_in_status(observed, phase):
+    """Issue 31: after an eviction status says what it cost, in steps and seconds of training back to the newest
+    complete checkpoint (lostSteps, lostSeconds, lastDisruption), counted apart from failures (restarts 0)."""
+    run = _running_with_progress(checkpoint_step=30, work_at_risk_seconds=118.0)
+    sft = reconcile(run, 1, {"sft": child("sft", **observed)}, NOW).status.stages[0]
+    assert (sft.phase, sft.disruptions, sft.restarts, sft.lost_steps, sft.lost_seconds) == (phase, 1, 0, 12, 118.0)
+    assert sft.last_disruption == "pod tiny-sft-0 evicted; cost 12 step(s), 118s of training: step 42 back to checkpoint-30"
+    assert sft.wire()["lostSeconds"] == 118.0 and "lastDisruption" in sft.wire()
+
+
 def test_the_local_runner_records_the_trainers_checkpoint_path(tmp_path):
     import json
 

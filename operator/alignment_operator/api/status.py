@@ -122,6 +122,12 @@ class StageStatus(ApiModel):
     lost_steps: int = Field(0, ge=0, description=(
         "Steps trained past the newest complete checkpoint when a disruption or restart struck, summed: work "
         "done again."))
+    lost_seconds: float = Field(0.0, ge=0, description=(
+        "Seconds of training past the newest complete checkpoint when a disruption or restart struck "
+        "(progress.workAtRiskSeconds then), summed: the time it cost."))
+    last_disruption: str | None = Field(None, description=(
+        "The words of the stage's last disruption (a pod preempted, evicted or drained): what happened and what "
+        "it cost, the steps and seconds of training back to the newest complete checkpoint."))
     restart_reasons: dict[str, int] = Field({}, description="Restarts counted in restarts, by reason (Hang: ...).")
     last_restart: str | None = Field(None, description=(
         "The words of the stage's last restart for a hang: how long nothing moved, at which step, the rank(s) that "
