@@ -21,6 +21,7 @@ import pytest
 
 import engines
 from controlplane import BUILD_COMMAND, REPO, ControlPlane, StartupError, binaries_dir, missing_binaries, wait_for
+from operator_process import Operator
 from realnode import real, restricted_ns  # noqa: F401 - the one real node every `node` test shares
 
 CRD_FILE = REPO / "crds/alignmentrun.yaml"
@@ -90,3 +91,12 @@ def namespace(cluster, request):
              fn=lambda: cluster.kubectl("get", "serviceaccount", "default", "-n", name, check=False).returncode == 0)
     yield name
     cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture
+def operator(cluster, crds, namespace, tmp_path):
+    """An operator process watching `namespace`; a file that needs other settings (live progress, a
+    restricted namespace) defines its own."""
+    op = Operator(cluster.kubeconfig, namespace, tmp_path / "operator.log").start()
+    yield op
+    op.stop()

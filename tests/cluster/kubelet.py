@@ -13,7 +13,8 @@ from kubernetes import client
 from alignment_operator.identity import stage_child_name
 from controlplane import wait_for
 
-__all__ = ["DPO", "EVAL", "SFT", "apply_tiny", "child", "stage_output", "get_run", "jobs", "play_kubelet", "play_tiny_stages", "result_message", "wait_for"]
+__all__ = ["DPO", "EVAL", "SFT", "apply_tiny", "child", "column_of", "stage", "stage_output", "get_run", "jobs",
+           "play_kubelet", "play_tiny_stages", "result_message", "wait_for", "wait_phase"]
 ROOT = Path(__file__).resolve().parents[2]
 SFT, DPO, EVAL = (stage_child_name("tiny", stage) for stage in ("sft", "dpo", "eval"))  # the tiny run's Jobs
 child = stage_child_name  # child(run, stage[, "-recipe" | "-rdzv"]): a stage's Job (ConfigMap, Service) name
@@ -36,6 +37,28 @@ def apply_tiny(cluster, ns: str, **spec) -> dict:
 
 def get_run(api: client.ApiClient, ns: str, name: str) -> dict:
     return client.CustomObjectsApi(api).get_namespaced_custom_object("alignment.dev", "v1alpha1", ns, "alignmentruns", name)
+
+
+def wait_phase(api: client.ApiClient, ns: str, phases: str | set[str], run: str = "tiny", timeout: float = 60,
+               interval: float = 0.2) -> dict:
+    """The run once its status.phase is `phases` (one phase, or any of a set)."""
+    wanted = {phases} if isinstance(phases, str) else phases
+    return wait_for(" or ".join(sorted(wanted)), timeout=timeout, interval=interval, fn=lambda: (
+        lambda r: r if r.get("status", {}).get("phase") in wanted else None)(get_run(api, ns, run)))
+
+
+def stage(run: dict, name: str) -> dict:
+    """The named stage's status; {} until the operator has written it (it creates the Job first and
+    patches status when its handler returns, so a poll can fall between the two)."""
+    return next((s for s in (run.get("status") or {}).get("stages", []) if s["name"] == name), {})
+
+
+def column_of(table: str, name: str) -> str:
+    """One column of `kubectl get`'s first row, cut where the header puts it."""
+    header, row = table.splitlines()[:2]
+    start = header.index(name)
+    end = min((header.index(h, start + 1) for h in header[start + len(name):].split()[:1]), default=len(row))
+    return row[start:end].strip()
 
 
 def jobs(api: client.ApiClient, ns: str) -> dict[str, str]:

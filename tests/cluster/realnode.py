@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from controlplane import REPO, ControlPlane, StartupError, binaries_dir, missing_binaries, wait_for
+import kubelet
 from kubelet import get_run
 from node import Node, host_ip, image_ref, missing_requirements
 from operator_process import Operator
@@ -113,10 +114,10 @@ def start_operator(real, ns: str, tmp_path: Path) -> Operator:
 
 
 def wait_phase(real, ns: str, run: str, phases: set[str], timeout: float) -> dict:
+    """kubelet.wait_phase, every 2 s; on a timeout the assertion shows the run's status and the pods."""
     api = real.plane.api_client()
     try:
-        return wait_for(f"run {run} to reach {phases}", timeout=timeout, interval=2, fn=lambda: (
-            lambda r: r if r.get("status", {}).get("phase") in phases else None)(get_run(api, ns, run)))
+        return kubelet.wait_phase(api, ns, phases, run, timeout=timeout, interval=2)
     except AssertionError:
         status = get_run(api, ns, run).get("status")
         pods = real.plane.kubectl("get", "pods", "-n", ns, "-o", "wide", check=False).stdout

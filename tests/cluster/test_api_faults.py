@@ -30,13 +30,6 @@ WEBHOOK = "jobs.faults.alignment.dev"
 DOWN = "the policy service is restarting"
 
 
-@pytest.fixture
-def operator(cluster, crds, namespace, tmp_path):
-    op = Operator(cluster.kubeconfig, namespace, tmp_path / "operator.log").start()
-    yield op
-    op.stop()
-
-
 def apply_run(cluster, ns: str, **stage_fields) -> None:
     """examples/tiny-run.yaml into `ns`, with {stage: {field: value}} changed."""
     doc = yaml.safe_load((ROOT / "examples" / "tiny-run.yaml").read_text())

@@ -20,7 +20,7 @@ import yaml
 from kubernetes import client
 
 from controlplane import BUILD_COMMAND, binaries_dir, free_port
-from kubelet import SFT, apply_tiny, child, get_run, jobs, play_tiny_stages, wait_for
+from kubelet import SFT, apply_tiny, child, get_run, jobs, play_tiny_stages, wait_for, wait_phase
 from operator_process import Operator
 
 pytestmark = pytest.mark.cluster
@@ -240,7 +240,7 @@ def chart_operator(cluster, docs: list[dict], watched: str, log: Path, pod_id: s
 def drive_to_succeeded(cluster, api, ns: str) -> dict:
     apply_tiny(cluster, ns)
     play_tiny_stages(api, ns)
-    return wait_for("Succeeded", lambda: (r := get_run(api, ns, "tiny")).get("status", {}).get("phase") == "Succeeded" and r)
+    return wait_phase(api, ns, "Succeeded")
 
 
 @pytest.mark.parametrize("mode", ["namespaced", "cluster-wide"])

@@ -18,19 +18,11 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from kubelet import DPO, SFT, apply_tiny, child, get_run, jobs, play_kubelet, result_message, wait_for
-from operator_process import Operator
 
 pytestmark = pytest.mark.cluster
 RULE = "dpo Jobs need a reviewed GPU budget in this namespace; ask the platform team"
 REFUSED_LINE = re.compile(  # the operator's warning line for one refused try (kopf's log format)
     r"^\[(?P<ts>[\d-]+ [\d:,]+)\].*stage dpo: the API server refused to create Job " + DPO, re.M)
-
-
-@pytest.fixture
-def operator(cluster, crds, namespace, tmp_path):
-    op = Operator(cluster.kubeconfig, namespace, tmp_path / "operator.log").start()
-    yield op
-    op.stop()
 
 
 def job(name: str, stage: str) -> dict:

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from kubernetes import client
 
-from kubelet import DPO, EVAL, SFT, apply_tiny, get_run, jobs, play_kubelet, result_message, wait_for
+from kubelet import DPO, EVAL, SFT, apply_tiny, get_run, jobs, play_kubelet, result_message, wait_for, wait_phase
 from operator_process import Operator
 
 pytestmark = pytest.mark.cluster
@@ -43,7 +43,7 @@ def test_run_goes_through_every_stage_to_succeeded(cluster, operator, restricted
     ns, api = restricted, cluster.api_client()
     apply_tiny(cluster, ns)
     wait_for("the sft Job", lambda: SFT in jobs(api, ns))
-    run = wait_for("status Running", lambda: (r := get_run(api, ns, "tiny")).get("status", {}).get("phase") == "Running" and r)
+    run = wait_phase(api, ns, "Running")
     assert run["status"]["currentStage"] == "sft" and run["status"]["progress"] == "0/3"
     pvc = client.CoreV1Api(api).read_namespaced_persistent_volume_claim("tiny-workspace", ns)
     assert not pvc.metadata.owner_references, "the volume outlives the run"
@@ -66,7 +66,7 @@ def test_run_goes_through_every_stage_to_succeeded(cluster, operator, restricted
     play_kubelet(api, ns, DPO, 0, result_message("dpo", train_loss=0.4, **{"rewards/accuracies": 0.875}))
     wait_for("the eval Job", lambda: EVAL in jobs(api, ns))
     play_kubelet(api, ns, EVAL, 0, result_message("eval", preference_accuracy=0.9, perplexity=3.5))
-    run = wait_for("Succeeded", lambda: (r := get_run(api, ns, "tiny")).get("status", {}).get("phase") == "Succeeded" and r)
+    run = wait_phase(api, ns, "Succeeded")
 
     s = run["status"]
     assert s["progress"] == "3/3" and s["model"] == "/workspace/x/tiny/dpo/final"
@@ -102,10 +102,6 @@ def trainer_failure_message(tmp_path: Path) -> str:
                           timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 2, proc.stderr[-3000:]
     return message.read_text()
-
-
-def wait_phase(api, ns: str, phase: str) -> dict:
-    return wait_for(phase, lambda: (r := get_run(api, ns, "tiny")).get("status", {}).get("phase") == phase and r)
 
 
 def test_failed_stage_fails_the_run_with_the_trainers_own_message(cluster, operator, restricted, tmp_path):
@@ -190,10 +186,10 @@ def test_suspend_suspends_the_job_and_resume_unsuspends_it(cluster, operator, re
     cluster.kubectl("patch", "alignmentrun", "tiny", "-n", ns, "--type=merge", "-p", '{"spec":{"suspend":true}}')
     batch = client.BatchV1Api(api)
     wait_for("Job suspended", lambda: batch.read_namespaced_job(SFT, ns).spec.suspend)
-    wait_for("run Suspended", lambda: get_run(api, ns, "tiny").get("status", {}).get("phase") == "Suspended")
+    wait_phase(api, ns, "Suspended")
     cluster.kubectl("patch", "alignmentrun", "tiny", "-n", ns, "--type=merge", "-p", '{"spec":{"suspend":false}}')
     wait_for("Job resumed", lambda: not batch.read_namespaced_job(SFT, ns).spec.suspend)
-    wait_for("run Running", lambda: get_run(api, ns, "tiny").get("status", {}).get("phase") == "Running")
+    wait_phase(api, ns, "Running")
 
 
 def test_rendered_objects_pass_server_validation_and_restricted_pod_security(cluster, crds, restricted, tmp_path):
@@ -221,7 +217,7 @@ def test_ttl_after_finished_deletes_the_jobs_but_keeps_status_and_volume(cluster
     cluster.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(doc))
     wait_for("the sft Job", lambda: SFT in jobs(api, ns))
     play_kubelet(api, ns, SFT, 0, result_message("sft", train_loss=1.0))
-    wait_for("Succeeded", lambda: get_run(api, ns, "tiny").get("status", {}).get("phase") == "Succeeded")
+    wait_phase(api, ns, "Succeeded")
     wait_for("Jobs deleted after the ttl", lambda: not jobs(api, ns), timeout=30)
     run = get_run(api, ns, "tiny")
     assert run["status"]["stages"][0]["checkpoint"] == "/workspace/x/tiny/sft/final", "status keeps the results"

@@ -10,25 +10,16 @@ import pytest
 import yaml
 from kubernetes import client
 
-from kubelet import DPO, SFT, apply_tiny, get_run, jobs, play_tiny_stages, wait_for
-from operator_process import Operator
+from kubelet import DPO, SFT, apply_tiny, get_run, jobs, play_tiny_stages, wait_for, wait_phase
 
 pytestmark = pytest.mark.cluster
-
-
-@pytest.fixture
-def operator(cluster, crds, namespace, tmp_path):
-    op = Operator(cluster.kubeconfig, namespace, tmp_path / "operator.log").start()
-    yield op
-    op.stop()
 
 
 def test_a_run_deleted_and_applied_again_never_adopts_the_old_runs_jobs(cluster, operator, namespace):
     ns, api, started = namespace, cluster.api_client(), time.monotonic()
     doc = apply_tiny(cluster, ns)
     play_tiny_stages(api, ns)
-    first = wait_for("Succeeded", lambda: (r := get_run(api, ns, "tiny")).get("status", {}).get("phase") == "Succeeded"
-                     and r, timeout=60)
+    first = wait_phase(api, ns, "Succeeded")
     old = jobs(api, ns)
     # `kubectl delete -f tiny.yaml && kubectl apply -f tiny.yaml`
     cluster.kubectl("delete", "-n", ns, "-f", "-", input=yaml.safe_dump(doc))
@@ -53,8 +44,7 @@ def test_an_object_of_a_childs_name_that_is_not_the_runs_is_never_touched(cluste
     theirs = core.create_namespaced_config_map(ns, client.V1ConfigMap(
         metadata=client.V1ObjectMeta(name=f"{SFT}-recipe"), data={"someone": "else's"}))
     apply_tiny(cluster, ns)
-    run = wait_for("Failed", lambda: (r := get_run(api, ns, "tiny")).get("status", {}).get("phase") == "Failed" and r,
-                   timeout=60)
+    run = wait_phase(api, ns, "Failed")
     sft = run["status"]["stages"][0]
     assert sft["createRefusals"] == 3 and sft["reason"] == "ChildRefused", sft
     assert f"ConfigMap {SFT}-recipe already exists and is not this run's (its controller: no controller)" in \

@@ -16,9 +16,9 @@ from kubernetes import client
 
 from alignment_operator.api import parse_run
 from alignment_operator.render.manifests import RenderContext, build_stage
-from kubelet import apply_tiny, get_run, wait_for
+from kubelet import apply_tiny, get_run, stage, wait_for
 from test_chart import by_kind, helm, render  # noqa: F401 - helm is a fixture
-from test_progress_cluster import AUDIENCE, operator, post, report, stage, stage_wiring  # noqa: F401 - a fixture
+from test_progress_cluster import AUDIENCE, operator, post, report, stage_wiring  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.cluster
 ROOT = Path(__file__).resolve().parents[2]

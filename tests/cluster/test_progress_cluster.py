@@ -27,7 +27,7 @@ import yaml
 from kubernetes import client, watch
 
 from controlplane import free_port
-from kubelet import DPO, SFT, apply_tiny, get_run, jobs, play_kubelet, result_message, wait_for
+from kubelet import DPO, SFT, apply_tiny, column_of, get_run, jobs, play_kubelet, result_message, stage, wait_for
 from operator_process import Operator
 
 pytestmark = pytest.mark.cluster
@@ -109,12 +109,6 @@ def metrics_rows(tmp_path: Path, method: str) -> list[dict]:
     return [json.loads(line) for line in (tmp_path / method / "out" / "metrics.jsonl").read_text().splitlines()]
 
 
-def stage(run: dict, name: str) -> dict:
-    """The named stage's status; {} until the operator has written it (it creates the Job first and
-    patches status when its handler returns, so a poll can fall between the two)."""
-    return next((s for s in run.get("status", {}).get("stages", []) if s["name"] == name), {})
-
-
 def post(url: str, ca: Path, token_text: str | None, data: bytes) -> tuple[int, str]:
     request = urllib.request.Request(url, data=data, method="POST", headers={
         "Content-Type": "application/json", **({"Authorization": f"Bearer {token_text}"} if token_text else {})})
@@ -142,14 +136,6 @@ def jwt(claims: dict, key) -> str:
     head = b64(json.dumps({"alg": "ES256", "typ": "JWT"}).encode()) + "." + b64(json.dumps(claims).encode())
     r, s = decode_dss_signature(key.sign(head.encode(), ec.ECDSA(hashes.SHA256())))
     return head + "." + b64(r.to_bytes(32, "big") + s.to_bytes(32, "big"))
-
-
-def column_of(table: str, name: str) -> str:
-    """One column of `kubectl get`'s first row, cut where the header puts it."""
-    header, row = table.splitlines()[:2]
-    start = header.index(name)
-    end = min((header.index(h, start + 1) for h in header[start + len(name):].split()[:1]), default=len(row))
-    return row[start:end].strip()
 
 
 class Writes:

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from controlplane import REPO, free_port
-from kubelet import DPO, SFT, apply_tiny, child, get_run, jobs, stage_output
+from kubelet import DPO, SFT, apply_tiny, child, column_of, get_run, jobs, stage, stage_output
 from node import host_ip, image_ref
 from operator_process import Operator
 from realnode import prepare_volume, running_pod, wait_phase
@@ -96,17 +96,6 @@ def start_flood(plane, ns: str, operator: Operator) -> Flood:
     flood = Flood(operator, ca, urlparse(url).path, f"progress.alignment.dev/{ns}/{DPO}")
     flood.start()
     return flood
-
-
-def column_of(table: str, name: str) -> str:
-    header, row = table.splitlines()[:2]
-    start = header.index(name)
-    end = min((header.index(h, start + 1) for h in header[start + len(name):].split()[:1]), default=len(row))
-    return row[start:end].strip()
-
-
-def stage(run: dict, name: str) -> dict:
-    return next(s for s in run["status"]["stages"] if s["name"] == name)
 
 
 def test_kubectl_get_shows_the_dpo_pods_progress_rising(real, restricted_ns, tmp_path):

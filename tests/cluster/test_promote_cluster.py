@@ -10,17 +10,9 @@ import time
 
 import pytest
 
-from kubelet import DPO, EVAL, SFT, apply_tiny, get_run, jobs, play_kubelet, result_message, wait_for
-from operator_process import Operator
+from kubelet import DPO, EVAL, SFT, apply_tiny, get_run, jobs, play_kubelet, result_message, wait_for, wait_phase
 
 pytestmark = pytest.mark.cluster
-
-
-@pytest.fixture
-def operator(cluster, crds, namespace, tmp_path):
-    op = Operator(cluster.kubeconfig, namespace, tmp_path / "operator.log").start()
-    yield op
-    op.stop()
 
 
 def test_the_tiny_run_is_held_by_a_gate_it_misses_then_promoted_when_the_gate_is_met(cluster, operator, namespace):
@@ -30,8 +22,7 @@ def test_the_tiny_run_is_held_by_a_gate_it_misses_then_promoted_when_the_gate_is
                                 (EVAL, "eval", {"preference_accuracy": 0.85, "reward_margin": 0.4})):
         wait_for(f"the {stage} Job", lambda: job in jobs(api, ns), timeout=60)
         play_kubelet(api, ns, job, 0, result_message(stage, **metrics))
-    run = wait_for("Held", lambda: (r := get_run(api, ns, "tiny")).get("status", {}).get("phase") == "Held" and r,
-                   timeout=60)
+    run = wait_phase(api, ns, "Held")
     p = run["status"]["promotion"]
     assert (p["verdict"], p["stage"], p["evalStage"]) == ("Held", "dpo", "eval"), p
     assert [(g["value"], g["threshold"], g["passed"]) for g in p["gates"]] == [(0.85, 0.9, False)]
@@ -44,8 +35,7 @@ def test_the_tiny_run_is_held_by_a_gate_it_misses_then_promoted_when_the_gate_is
 
     cluster.kubectl("patch", "alignmentrun", "tiny", "-n", ns, "--type=merge",
                     "-p", json.dumps({"spec": {"promote": {"gates": [{"metric": "preference_accuracy", "min": 0.6}]}}}))
-    run = wait_for("Succeeded", lambda: (r := get_run(api, ns, "tiny")).get("status", {}).get("phase") == "Succeeded"
-                   and r, timeout=60)
+    run = wait_phase(api, ns, "Succeeded")
     p = run["status"]["promotion"]
     assert (p["verdict"], p["gates"][0]["passed"]) == ("Promoted", True), p
     conditions = {c["type"]: (c["status"], c["reason"]) for c in run["status"]["conditions"]}

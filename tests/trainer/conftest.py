@@ -15,6 +15,9 @@ import os
 import random
 import subprocess
 import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -211,3 +214,65 @@ def kit():
     return SimpleNamespace(write_recipe=write_recipe, run_in_process=run_in_process, trainer_env=trainer_env,
                            run_subprocess=run_subprocess, events=events, metrics=metrics, losses=losses,
                            repo=REPO, test_subjects=TEST_SUBJECTS)
+
+
+class FakeJudge:
+    """An OpenAI-compatible chat completions endpoint on localhost: the judge of the eval stage, the
+    judged benchmarks and judge rewards. `grade(body)` gives the answer's content, or (content,
+    logprobs). A request without `Bearer api_key` (when one is given), or off `path` (when given), is
+    refused with 401; every other body is kept in .requests. mode "garbage": 200 with a body that is
+    not JSON; mode "slow": answers after 2 s. `reported`: the model it says answered (default: the one
+    asked for)."""
+
+    def __init__(self, grade, api_key: str | None = None, reported: str | None = None, path: str | None = None):
+        self.requests: list[dict] = []
+        self.mode = "ok"
+        judge = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's naming
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if (path is not None and self.path != path) or (
+                        api_key is not None and self.headers.get("Authorization") != f"Bearer {api_key}"):
+                    return self._send(401, {"error": {"message": "invalid api key", "type": "invalid_request_error"}})
+                judge.requests.append(body)
+                if judge.mode == "slow":
+                    time.sleep(2)
+                if judge.mode == "garbage":
+                    return self._send(200, b"<html>upstream overloaded</html>")
+                answer = grade(body)
+                content, logprobs = answer if isinstance(answer, tuple) else (answer, None)
+                choice = {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content},
+                          "logprobs": logprobs}
+                self._send(200, {"id": "c", "object": "chat.completion", "created": 0,
+                                 "model": reported or body["model"], "choices": [choice],
+                                 "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+
+            def _send(self, code, payload):
+                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+
+@pytest.fixture
+def fake_judge():
+    """Starts FakeJudge(grade, ...) endpoints for a test; each is shut down after it."""
+    started: list[FakeJudge] = []
+
+    def start(grade, **options) -> FakeJudge:
+        started.append(FakeJudge(grade, **options))
+        return started[-1]
+
+    yield start
+    for judge in started:
+        judge.server.shutdown()

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -96,56 +94,32 @@ def test_completion_mask_covers_only_the_answer(tiny_model):
 
 # ---------------------------------------------------------------------------- LLM judge
 
-class JudgeServer(BaseHTTPRequestHandler):
-    """OpenAI chat completions, deterministic: the longer answer wins, equal lengths tie."""
-
-    requests: list[dict] = []
-
-    def do_POST(self):  # noqa: N802 - http.server's naming
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        if self.path != "/v1/chat/completions" or self.headers.get("Authorization") != f"Bearer {API_KEY}":
-            return self._send(401, {"error": {"message": "invalid api key", "type": "invalid_request_error"}})
-        type(self).requests.append(body)
-        text = body["messages"][-1]["content"]
-        a = text.split("[The Start of Assistant A's Answer]\n")[1].split("\n[The End of Assistant A's Answer]")[0]
-        b = text.split("[The Start of Assistant B's Answer]\n")[1].split("\n[The End of Assistant B's Answer]")[0]
-        verdict = "[[A]]" if len(a) > len(b) else "[[B]]" if len(b) > len(a) else "[[C]]"
-        self._send(200, {"id": "x", "object": "chat.completion", "model": body["model"], "choices": [
-            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": f"Fine. {verdict}"}}]})
-
-    def _send(self, code, payload):
-        data = json.dumps(payload).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+def longer_answer_wins(body: dict) -> str:
+    """Deterministic pairwise verdicts: the longer answer wins, equal lengths tie."""
+    text = body["messages"][-1]["content"]
+    a = text.split("[The Start of Assistant A's Answer]\n")[1].split("\n[The End of Assistant A's Answer]")[0]
+    b = text.split("[The Start of Assistant B's Answer]\n")[1].split("\n[The End of Assistant B's Answer]")[0]
+    verdict = "[[A]]" if len(a) > len(b) else "[[B]]" if len(b) > len(a) else "[[C]]"
+    return f"Fine. {verdict}"
 
 
 @pytest.fixture
-def judge_url():
-    JudgeServer.requests = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), JudgeServer)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
+def judge(fake_judge):
+    return fake_judge(longer_answer_wins, api_key=API_KEY, path="/v1/chat/completions")
 
 
 def test_judge_win_rate_both_orders_and_key_never_written(tmp_path, sft_run, tiny_model, data_dir, kit,
-                                                          judge_url, monkeypatch, capfd):
+                                                          judge, monkeypatch, capfd):
     monkeypatch.setenv("JUDGE_API_KEY", API_KEY)
     sft = str(Path(sft_run["output_dir"]) / "final")
     path = eval_recipe(kit, tmp_path, sft, tiny_model, [str(data_dir / "prefs_test.jsonl")],
-                       metrics=["judge"], judge={"base_url": judge_url, "model": "judge-1", "max_prompts": 5})
+                       metrics=["judge"], judge={"base_url": judge.url, "model": "judge-1", "max_prompts": 5})
     result = kit.run_in_process(path)
     gens = read_jsonl(tmp_path / "out" / "generations.jsonl")
     judged = gens[:5]
     # Every prompt judged twice, the answers swapped; the server saw the model's answers in both slots.
-    assert len(JudgeServer.requests) == 10 and result["judge_prompts"] == 5
-    assert {r["model"] for r in JudgeServer.requests} == {"judge-1"}
+    assert len(judge.requests) == 10 and result["judge_prompts"] == 5
+    assert {r["model"] for r in judge.requests} == {"judge-1"}
     # A length-preferring judge is consistent across orders, so the win rate follows the lengths.
     expected = sum(1.0 if len(g["model"]) > len(g["reference"]) else 0.0 if len(g["model"]) < len(g["reference"])
                    else 0.5 for g in judged) / 5
@@ -157,18 +131,18 @@ def test_judge_win_rate_both_orders_and_key_never_written(tmp_path, sft_run, tin
     assert API_KEY not in written + captured.out + captured.err
 
 
-def test_judge_rejects_a_wrong_key_without_echoing_it(judge_url, monkeypatch):
+def test_judge_rejects_a_wrong_key_without_echoing_it(judge, monkeypatch):
     from alignment_trainer.judge import Judge, JudgeError
     from alignment_trainer.judge_prompts import parse_verdict
     from alignment_trainer.recipe import JudgeArgs
 
     monkeypatch.setenv("MY_JUDGE_KEY", "sk-wrong-key-42")
-    judge = Judge(JudgeArgs(base_url=judge_url, model="judge-1", api_key_env="MY_JUDGE_KEY"), retries=1)
+    client = Judge(JudgeArgs(base_url=judge.url, model="judge-1", api_key_env="MY_JUDGE_KEY"), retries=1)
     with pytest.raises(JudgeError, match="HTTP 401") as err:
-        judge.verdict("q", "a", "b")
+        client.verdict("q", "a", "b")
     assert "sk-wrong-key-42" not in str(err.value)
     monkeypatch.delenv("MY_JUDGE_KEY")
     with pytest.raises(ValueError, match="MY_JUDGE_KEY"):
-        Judge(JudgeArgs(base_url=judge_url, model="judge-1", api_key_env="MY_JUDGE_KEY"))
+        Judge(JudgeArgs(base_url=judge.url, model="judge-1", api_key_env="MY_JUDGE_KEY"))
     assert [parse_verdict(t) for t in ("so [[A]]", "[[B]].", "[[C]]", "Verdict: tie", "B", "hmm")] == \
         ["A", "B", "tie", "tie", "B", None]

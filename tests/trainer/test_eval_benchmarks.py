@@ -7,9 +7,6 @@ bounded retries and the generated answers stay for the next attempt."""
 from __future__ import annotations
 
 import json
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -92,65 +89,29 @@ def between(text: str, start: str, end: str) -> str:
     return text.split(start, 1)[1].split(end, 1)[0]
 
 
-class FakeJudge(BaseHTTPRequestHandler):
-    """OpenAI chat completions. MT-Bench: a turn graded against a reference gets 7, any other
-    1 + len(answer) % 10. AlpacaEval: all probability on the longer output. mode garbage: 200 with a
-    body that is not JSON; mode slow: answers after 2 s."""
-
-    requests: list[dict] = []
-    mode = "ok"
-
-    def do_POST(self):  # noqa: N802
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        if self.headers.get("Authorization") != f"Bearer {API_KEY}":
-            return self._send(401, {"error": {"message": "invalid api key"}})
-        type(self).requests.append(body)
-        if self.mode == "slow":
-            time.sleep(2)
-        if self.mode == "garbage":
-            return self._send(200, b"<html>upstream overloaded</html>")
-        text = "\n".join(m["content"] for m in body["messages"])
-        logprobs = None
-        if "## Best Model Identifier" in text:  # AlpacaEval 2's prompt: outputs "m" then "M"
-            m = between(text, '"model_identifier": "m",\n        "output": """', '"""')
-            big_m = between(text, '"model_identifier": "M",\n        "output": """', '"""')
-            best = "m" if len(m) > len(big_m) else "M"
-            tops = [{"token": t, "logprob": 0.0 if t == best else -30.0, "bytes": None} for t in ("m", "M")]
-            logprobs = {"content": [{"token": best, "logprob": 0.0, "bytes": None, "top_logprobs": tops}]}
-            content = best
-        elif "[[rating]]" in text:  # MT-Bench
-            if "[The Start of Assistant's Answer]" in text:
-                answer = between(text, "[The Start of Assistant's Answer]\n", "\n[The End of Assistant's Answer]")
-            else:
-                answer = text.rsplit("### Assistant A:\n", 1)[1].split("\n\n<|The End of Assistant A's", 1)[0]
-            rating = 7 if "Reference Answer" in text else 1 + len(answer) % 10
-            content = f"The answer is fine. Rating: [[{rating}]]"
+def grade(body: dict) -> str | tuple[str, dict]:
+    """MT-Bench: a turn graded against a reference gets 7, any other 1 + len(answer) % 10. AlpacaEval:
+    all probability on the longer output."""
+    text = "\n".join(m["content"] for m in body["messages"])
+    if "## Best Model Identifier" in text:  # AlpacaEval 2's prompt: outputs "m" then "M"
+        m = between(text, '"model_identifier": "m",\n        "output": """', '"""')
+        big_m = between(text, '"model_identifier": "M",\n        "output": """', '"""')
+        best = "m" if len(m) > len(big_m) else "M"
+        tops = [{"token": t, "logprob": 0.0 if t == best else -30.0, "bytes": None} for t in ("m", "M")]
+        return best, {"content": [{"token": best, "logprob": 0.0, "bytes": None, "top_logprobs": tops}]}
+    if "[[rating]]" in text:  # MT-Bench
+        if "[The Start of Assistant's Answer]" in text:
+            answer = between(text, "[The Start of Assistant's Answer]\n", "\n[The End of Assistant's Answer]")
         else:
-            content = "m"
-        choice = {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content},
-                  "logprobs": logprobs}
-        self._send(200, {"id": "c", "object": "chat.completion", "created": 0, "model": REPORTED,
-                         "choices": [choice], "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
-
-    def _send(self, code, payload):
-        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+            answer = text.rsplit("### Assistant A:\n", 1)[1].split("\n\n<|The End of Assistant A's", 1)[0]
+        rating = 7 if "Reference Answer" in text else 1 + len(answer) % 10
+        return f"The answer is fine. Rating: [[{rating}]]"
+    return "m"
 
 
 @pytest.fixture
-def judge_url():
-    FakeJudge.requests, FakeJudge.mode = [], "ok"
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeJudge)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
+def judge(fake_judge):
+    return fake_judge(grade, api_key=API_KEY, reported=REPORTED)
 
 
 QUESTIONS = [
@@ -197,10 +158,10 @@ def alpaca_hub_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(alpaca_eval.constants, "DEFAULT_CACHE_DIR", str(tmp_path / "hub"))
 
 
-def test_mt_bench_and_alpaca_eval_give_the_fake_judges_numbers(tmp_path, sft_run, kit, judge_url, monkeypatch,
+def test_mt_bench_and_alpaca_eval_give_the_fake_judges_numbers(tmp_path, sft_run, kit, judge, monkeypatch,
                                                                  capfd, alpaca_hub_cache):
     monkeypatch.setenv("JUDGE_API_KEY", API_KEY)
-    result = kit.run_in_process(judged_recipe(kit, tmp_path, sft_model(sft_run), judge_url))
+    result = kit.run_in_process(judged_recipe(kit, tmp_path, sft_model(sft_run), judge.url))
     out = tmp_path / "out"
 
     # MT-Bench: both turns of each question answered with the chat template, each graded.
@@ -254,22 +215,22 @@ def test_mt_bench_and_alpaca_eval_give_the_fake_judges_numbers(tmp_path, sft_run
 
 
 @pytest.mark.parametrize("mode,message", [("garbage", "unexpected answer from"), ("slow", "no answer from .* within")])
-def test_a_broken_judge_fails_after_bounded_retries_keeping_the_answers(tmp_path, sft_run, kit, judge_url,
+def test_a_broken_judge_fails_after_bounded_retries_keeping_the_answers(tmp_path, sft_run, kit, judge,
                                                                          monkeypatch, mode, message, alpaca_hub_cache):
     from alignment_trainer.__main__ import classify
     from alignment_trainer.judge import JudgeError
 
     monkeypatch.setenv("JUDGE_API_KEY", API_KEY)
-    FakeJudge.mode = mode
-    path = judged_recipe(kit, tmp_path, sft_model(sft_run), judge_url, timeout_seconds=0.5, max_retries=2)
+    judge.mode = mode
+    path = judged_recipe(kit, tmp_path, sft_model(sft_run), judge.url, timeout_seconds=0.5, max_retries=2)
     with pytest.raises(JudgeError, match=message) as err:
         kit.run_in_process(path)
     assert "after 2 tries" in str(err.value) and API_KEY not in str(err.value)
-    assert len(FakeJudge.requests) == 2  # bounded: the first grading, tried twice, then the stage stops
+    assert len(judge.requests) == 2  # bounded: the first grading, tried twice, then the stage stops
     assert classify(err.value)["reason"] == "Error"  # retryable: the next attempt reuses the answers
     answers = tmp_path / "out" / "mt_bench" / "answers.jsonl"
     assert len(answers.read_text().splitlines()) == 3
     kept = answers.stat().st_mtime_ns
-    FakeJudge.mode, FakeJudge.requests = "ok", []
+    judge.mode, judge.requests = "ok", []
     result = kit.run_in_process(path)
     assert answers.stat().st_mtime_ns == kept and result["mt_bench/questions"] == 3

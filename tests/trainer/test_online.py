@@ -140,33 +140,14 @@ def test_the_example_sums_files_are_what_their_generator_writes(sums):
         assert (sums["dir"] / name).read_bytes() == (sums["committed"] / name).read_bytes(), f"{name} drifted"
 
 
-def _fake_judge():
-    """An OpenAI-compatible endpoint on localhost that grades 9 an answer giving a number, else 2."""
-    import http.server
-    import threading
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 - http.server's name
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            answer = body["messages"][1]["content"].split("[The Start of Assistant's Answer]\n")[1]
-            grade = 9 if re.match(r"The answer is \d", answer) else 2
-            reply = {"model": "fake-judge", "choices": [{"message": {"content": f"Fine. Rating: [[{grade}]]"}}]}
-            data = json.dumps(reply).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
+def numbers_score_9(body: dict) -> str:
+    """Grades 9 an answer giving a number, else 2."""
+    answer = body["messages"][1]["content"].split("[The Start of Assistant's Answer]\n")[1]
+    grade = 9 if re.match(r"The answer is \d", answer) else 2
+    return f"Fine. Rating: [[{grade}]]"
 
 
-def test_a_judge_reward_labels_and_an_unreachable_judge_names_the_stage(kit, sums, tmp_path, monkeypatch):
+def test_a_judge_reward_labels_and_an_unreachable_judge_names_the_stage(kit, sums, tmp_path, monkeypatch, fake_judge):
     import socket
 
     from alignment_trainer.__main__ import classify
@@ -176,18 +157,14 @@ def test_a_judge_reward_labels_and_an_unreachable_judge_names_the_stage(kit, sum
     generations.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"What is {a} + {b}?"}],
                                                "completions": ["I am not sure.", f"The answer is {a + b}."]}) + "\n"
                                    for a, b in sums["pairs"][:3]))
-    server = _fake_judge()
-    judge = {"base_url": f"http://127.0.0.1:{server.server_port}/v1", "model": "fake-judge",
+    judge = {"base_url": fake_judge(numbers_score_9).url, "model": "fake-judge",
              "api_key_env": "LABEL_REWARD_0_JUDGE_API_KEY", "max_retries": 1, "timeout_seconds": 10}
-    try:
-        lab = label(kit, sums, "judge-label", str(generations), [{"kind": "judge", "judge": judge}])
-        from alignment_trainer.data import DataError
+    lab = label(kit, sums, "judge-label", str(generations), [{"kind": "judge", "judge": judge}])
+    from alignment_trainer.data import DataError
 
-        with pytest.raises(DataError, match=r"stage judge-margin: no prompt's best completion beats its worst by "
-                                            r"more than label.min_margin 0.8"):
-            label(kit, sums, "judge-margin", str(generations), [{"kind": "judge", "judge": judge}], min_margin=0.8)
-    finally:
-        server.shutdown()
+    with pytest.raises(DataError, match=r"stage judge-margin: no prompt's best completion beats its worst by "
+                                        r"more than label.min_margin 0.8"):
+        label(kit, sums, "judge-margin", str(generations), [{"kind": "judge", "judge": judge}], min_margin=0.8)
     pairs = rows(lab["dataset"])
     assert lab["pairs"] == 3 and lab["rewards/judge/mean"] == pytest.approx((0.9 + 0.2) / 2)
     assert all(p["chosen"][0]["content"].startswith("The answer is") and p["score_chosen"] == 0.9 for p in pairs)
