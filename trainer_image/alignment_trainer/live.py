@@ -31,6 +31,8 @@ from datetime import datetime, timezone
 
 from transformers import TrainerCallback
 
+from .pace import Pace
+
 log = logging.getLogger("alignment_trainer")
 URL_ENV, CA_ENV, TOKEN_ENV = "KUBEFLOW_TRAINER_SERVER_URL", "KUBEFLOW_TRAINER_SERVER_CA_CERT", "KUBEFLOW_TRAINER_SERVER_TOKEN"
 CHOICE_ENV = "ALIGNMENT_PROGRESS_CALLBACK"  # "alignment" (default) or "transformers"
@@ -211,7 +213,7 @@ class ProgressPush(TrainerCallback):
         self.metrics: dict[str, float] = {}
         self.started = self.start_step = None
         self.last_push = -math.inf
-        self.tokens_at: tuple[float, int] | None = None
+        self.pace: Pace | None = None  # from on_train_begin: eta, step_seconds, tokens_per_second
         self._pending: bytes | None = None
         self._wake = threading.Event()
         self._warned = False
@@ -225,7 +227,7 @@ class ProgressPush(TrainerCallback):
         if not state.is_world_process_zero:
             return
         self.started, self.start_step = time.monotonic(), state.global_step
-        self.tokens_at = (self.started, state.num_input_tokens_seen or 0)
+        self.pace = Pace(state.global_step, state.num_input_tokens_seen or 0, now=self.started)
         self._thread = threading.Thread(target=self._send_loop, name="progress-push", daemon=True)
         self._thread.start()
         self._queue(state, force=True)
@@ -237,10 +239,8 @@ class ProgressPush(TrainerCallback):
             value = logs.get(key)
             if isinstance(value, (int, float)) and math.isfinite(value):
                 self.metrics[key] = float(value)
-        seen, t = state.num_input_tokens_seen or 0, time.monotonic()
-        if self.tokens_at and seen > self.tokens_at[1] and t > self.tokens_at[0]:
-            self.metrics["tokens_per_second"] = round((seen - self.tokens_at[1]) / (t - self.tokens_at[0]), 2)
-            self.tokens_at = (t, seen)
+        if self.pace is not None:
+            self.metrics.update(self.pace.tokens(state.num_input_tokens_seen))
         if self.started is not None:
             self._queue(state)  # a logging step reports its own loss
 
@@ -272,12 +272,10 @@ class ProgressPush(TrainerCallback):
     def body(self, state, done: bool = False) -> dict:
         step, total = state.global_step, state.max_steps or 0
         percent = 100 if done else min(99, int(100 * step / total)) if total else 0
-        eta = 0 if done else None
-        ran = step - (self.start_step or 0)
-        if not done and ran > 0 and total:
-            eta = int((time.monotonic() - self.started) / ran * (total - step))
-        if ran > 0:  # the operator derives the default hang timeout from it
-            self.metrics["step_seconds"] = round((time.monotonic() - self.started) / ran, 3)
+        pace = self.pace.step(step, total) if self.pace is not None else {}
+        eta = 0 if done else pace.get("eta_seconds")
+        if "step_seconds" in pace:  # the operator derives the default hang timeout from it
+            self.metrics["step_seconds"] = pace["step_seconds"]
         metrics = {**self.metrics, **(self.clock.fields() if self.clock else {}), "current_step": step,
                    "total_steps": total}
         if state.epoch is not None:

@@ -7,7 +7,8 @@
       result.json        losses, reward metrics, runtime, tokens/s, global step, checkpoint path
 
 Progress for people and parent processes: one JSON line per event on stdout, e.g.
-    {"event": "progress", "step": 10, "total": 100, "epoch": 0.4, "loss": 1.93, ...}
+    {"event": "progress", "step": 10, "total": 100, "epoch": 0.4, "loss": 1.93, ..., "eta_seconds": 312,
+     "step_seconds": 3.467, "tokens_per_second": 2048.5}
 events: start, progress, done, skipped. Everything else goes to stderr (logging).
 """
 
@@ -25,6 +26,7 @@ from transformers import TrainerCallback
 
 from . import card, outcome, tracking
 from .checkpoints import checkpoints
+from .pace import Pace
 from .recipe import Recipe
 
 def emit(event: str, **fields) -> None:
@@ -75,11 +77,18 @@ def finished_result(output_dir: str | Path) -> dict | None:
 # ---------------------------------------------------------------------------- metrics
 
 class MetricsCallback(TrainerCallback):
-    """metrics.jsonl + a progress line per logging step, from the main process only."""
+    """metrics.jsonl + a progress line per logging step, from the main process only. The line also
+    carries the pace (pace.Pace: eta_seconds, step_seconds, tokens_per_second), which the local shell
+    shows as it is."""
 
     def __init__(self, output_dir: str | Path, clock=None):
         self.path = Path(output_dir) / "metrics.jsonl"
         self.clock = clock  # live.CheckpointClock: the newest checkpoint and the work at risk, in each row
+        self.pace: Pace | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.pace = Pace(state.global_step, state.num_input_tokens_seen or 0)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
@@ -88,7 +97,9 @@ class MetricsCallback(TrainerCallback):
                **{k: v for k, v in logs.items() if k != "total_flos"}, **(self.clock.fields() if self.clock else {})}
         with self.path.open("a") as f:
             f.write(json.dumps(row, default=_jsonable) + "\n")
-        emit("progress", **row)
+        pace = {} if self.pace is None else {**self.pace.step(state.global_step, state.max_steps),
+                                             **self.pace.tokens(state.num_input_tokens_seen)}
+        emit("progress", **{**row, **pace})
 
 
 # ---------------------------------------------------------------------------- final/

@@ -106,7 +106,6 @@ class LiveStatus:
 
     def __init__(self, run: AlignmentRun, index: int, run_dir: Path):
         self.run, self.index, self.run_dir = run, index, run_dir
-        self.t0 = self.s0 = self.tokens = None
         self.written = -float("inf")
         self.active: float | None = None  # when training last reported a step, a heartbeat or a checkpoint
 
@@ -124,22 +123,15 @@ class LiveStatus:
         step, total, now = ev.get("step"), ev.get("total"), time.monotonic()
         if not isinstance(step, int) or not isinstance(total, int) or total <= 0:
             return
-        if self.t0 is None:
-            self.t0, self.s0 = now, step
-        eta = int((now - self.t0) / (step - self.s0) * (total - step)) if step > self.s0 else None
+        # The trainer's own figures (alignment_trainer.pace): eta_seconds, and step_seconds and
+        # tokens_per_second among the metrics, as its push carries them on a cluster
         ev = dict(ev)
-        seen = ev.get("num_input_tokens_seen")
-        if isinstance(seen, (int, float)) and self.tokens and seen > self.tokens[1] and now > self.tokens[0]:
-            ev["tokens_per_second"] = round((seen - self.tokens[1]) / (now - self.tokens[0]), 2)
-        if isinstance(seen, (int, float)):
-            self.tokens = (now, seen)
+        eta = ev.pop("eta_seconds", None)
         with STATUS_LOCK:
-            self._record(ev, eta, step, total, now)
+            self._record(ev, eta if isinstance(eta, int) else None, step, total, now)
 
     def _record(self, ev: dict, eta, step: int, total: int, now: float) -> None:
         st = self.run.status.stages[self.index]
-        if step > self.s0:  # the default hang timeout is derived from it, as on a cluster
-            ev["step_seconds"] = round((now - self.t0) / (step - self.s0), 3)
         st.progress = progress.from_event(ev, eta, datetime.now(timezone.utc), st.progress)
         learning = health.warnings(st.progress, self.run.spec.stages[self.index].guards)
         for line in (w for w in learning if w not in st.warnings):  # learning nothing: said once, with the figure
