@@ -32,3 +32,16 @@ def test_the_local_status_shows_the_trainers_eta_and_tokens_per_second(tmp_path)
     live.event({"event": "progress", "step": 50, "total": 50, "loss": 1.4})  # a line without the pace
     progress = json.loads((tmp_path / "status.json").read_text())["stages"][0]["progress"]
     assert progress["step"] == 50 and "etaSeconds" not in progress, "the shell estimates nothing itself"
+
+
+def test_the_progress_bar_shows_the_trainers_pace_for_an_evaluation_task(capsys):
+    from alignment_operator.local.view import ProgressBar
+
+    bar = ProgressBar("eval", tty=False)
+    bar.event({"event": "progress", "step": 8, "total": 8, "task": "generations (model)", "eta_seconds": 0,
+               "step_seconds": 0.25})
+    bar.event({"event": "progress", "step": 3, "total": 3, "task": "judge"})  # a line without the pace
+    first, second = capsys.readouterr().out.splitlines()
+    assert first.startswith("  eval generations (model)") and "8/8" in first
+    assert "left 0s" in first and first.endswith("4.00 it/s")
+    assert "judge" in second and "3/3" in second and "left" not in second and "it/s" not in second

@@ -22,7 +22,7 @@ from pathlib import Path
 from .judge import Judge, JudgeError
 from .judge_prompts import MULTI, MULTI_MATH, SINGLE, SINGLE_MATH, parse_rating
 from .recipe import MtBenchArgs
-from .results import emit
+from .results import TaskProgress
 
 log = logging.getLogger("alignment_trainer")
 
@@ -81,6 +81,7 @@ def grade(judge: Judge, records: list[dict], folder: Path) -> dict[str, float]:
     path.unlink(missing_ok=True)
     scores: list[dict] = []
     total = 2 * len(records)
+    report = TaskProgress("mt_bench judge", total)
     for record in records:
         for turn in (1, 2):
             name, system, user = judge_prompt(record, turn)
@@ -101,7 +102,7 @@ def grade(judge: Judge, records: list[dict], folder: Path) -> dict[str, float]:
                     f"{turn} in {len(answers)} tries; its last answer began {answers[-1][:200]!r}. The answers are kept "
                     f"in {folder / 'answers.jsonl'} (reused when the stage runs again), the judgments so far in {path}")
             scores.append(row)
-            emit("progress", step=len(scores), total=total, task="mt_bench judge")
+            report(len(scores))
     return summarize(scores)
 
 

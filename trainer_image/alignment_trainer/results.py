@@ -102,6 +102,18 @@ class MetricsCallback(TrainerCallback):
         emit("progress", **{**row, **pace})
 
 
+class TaskProgress:
+    """The progress lines of an evaluation task (`step` of `total` items done) with their pace
+    (pace.Pace: eta_seconds, step_seconds), so the shells show the trainer's estimate for tasks too."""
+
+    def __init__(self, task: str, total: int):
+        self.task, self.total, self.pace = task, total, Pace()
+
+    def __call__(self, step: int, total: int | None = None) -> None:
+        total = self.total if total is None else total
+        emit("progress", step=step, total=total, task=self.task, **self.pace.step(step, total))
+
+
 # ---------------------------------------------------------------------------- final/
 
 def save_final(trainer, recipe: Recipe, tokenizer, merge=None) -> Path:

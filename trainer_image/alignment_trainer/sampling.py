@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .results import emit
+from .results import TaskProgress
 
 
 # What generate() decides itself (greedy or sampled, the stop and pad tokens, the length) or what does
@@ -50,6 +50,7 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, b
     device = next(model.parameters()).device
     tokenizer.padding_side = "left"
     answers = []
+    report = TaskProgress(task, len(prompts))
     model.generation_config = GenerationConfig(eos_token_id=list(stops), pad_token_id=tokenizer.pad_token_id,
                                                bos_token_id=own.bos_token_id)
     try:
@@ -63,7 +64,7 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, b
                 kept = row if end is None else row[:end]
                 answers.append({"text": tokenizer.decode(kept, skip_special_tokens=True).strip(),
                                 "tokens": len(kept), "stopped": end is not None})
-            emit("progress", step=min(start + batch_size, len(prompts)), total=len(prompts), task=task)
+            report(min(start + batch_size, len(prompts)))
     finally:
         model.generation_config = own
     return answers

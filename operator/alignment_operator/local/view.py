@@ -92,7 +92,7 @@ class ProgressBar:
         self.label, self.tty = label, sys.stdout.isatty() if tty is None else tty and sys.stdout.isatty()
         self.last: dict = {}
         self.live = None
-        self.task, self.t0, self.s0, self.shown_step, self.shown_at, self.drawn = None, 0.0, 0, -1, 0.0, False
+        self.task, self.t0, self.shown_step, self.shown_at, self.drawn = None, 0.0, -1, 0.0, False
 
     def event(self, ev: dict | None, live=None) -> None:
         """A trainer event; `live` the stage's status progress (api.StageProgress) it made, whose
@@ -112,12 +112,13 @@ class ProgressBar:
         step, total, task = ev["step"], ev["total"], ev.get("task")
         if task != self.task or not self.t0:
             self.close()
-            self.task, self.t0, self.s0, self.shown_step = task, time.time(), step, -1
+            self.task, self.t0, self.shown_step = task, time.time(), -1
             self.shown_at = self.t0 if task else 0.0  # evaluation tasks: one line when done
         self.last = ev
-        elapsed = time.time() - self.t0
-        rate = (step - self.s0) / elapsed if elapsed > 0 and step > self.s0 else None
-        eta = f"  left {duration((total - step) / rate)}" if rate else ""
+        # The trainer's pace (alignment_trainer.pace), training and evaluation tasks alike: shown, not estimated
+        seconds = ev.get("step_seconds")
+        rate = 1 / seconds if isinstance(seconds, (int, float)) and seconds > 0 else None
+        eta = f"  left {progress.eta_text(ev['eta_seconds'])}" if isinstance(ev.get("eta_seconds"), int) else ""
         live = self.live if not task else None
         if live is not None and live.eta_seconds is not None and step < total:
             eta = f"  {live.percent}% ETA {progress.eta_text(live.eta_seconds)}"

@@ -51,7 +51,7 @@ from ..model import load_model, load_tokenizer
 from ..prompts import load_prompt_set, load_prompts, question
 from ..recipe import EvalArgs, Recipe, TrainingArgs
 from ..refcache import model_identity, reference_scores
-from ..results import emit, push_to_hub, write_result
+from ..results import TaskProgress, emit, push_to_hub, write_result
 from ..rewards import build_rewards, reference_columns, total_reward
 from ..sampling import generate, ignored_generation_settings
 
@@ -299,8 +299,7 @@ def judge_win_rate(ev: EvalArgs, records: list[dict]) -> dict:
 
     items = [{"question": question(r["prompt"]), "model": r["model"], "reference": r["reference"]}
              for r in records[:ev.judge.max_prompts]]
-    judged, verdicts = win_rate(Judge(ev.judge), items, progress=lambda i, n: emit(
-        "progress", step=i, total=n, task="judge"))
+    judged, verdicts = win_rate(Judge(ev.judge), items, progress=TaskProgress("judge", len(items)))
     for r, v in zip(records, verdicts):
         r["judge"] = {k: v[k] for k in ("verdict_model_first", "verdict_model_second", "score")}
     return judged
@@ -366,6 +365,7 @@ def sequence_logps(model, seqs: list[tuple[list[int], list[int]]], batch_size: i
     """(sum of log-probs over completion tokens, completion token count) per (ids, mask) sequence."""
     out: list[tuple[float, int]] = []
     device = next(model.parameters()).device
+    report = TaskProgress(task, len(seqs))
     for start in range(0, len(seqs), batch_size):
         chunk = seqs[start:start + batch_size]
         width = max(len(ids) for ids, _ in chunk)
@@ -383,7 +383,7 @@ def sequence_logps(model, seqs: list[tuple[list[int], list[int]]], batch_size: i
         sums = (token_lp * scored).sum(-1).tolist()
         counts = scored.sum(-1).tolist()
         out += list(zip(sums, counts))
-        emit("progress", step=min(start + batch_size, len(seqs)), total=len(seqs), task=task)
+        report(min(start + batch_size, len(seqs)))
     return out
 
 
