@@ -1,5 +1,6 @@
 """The generated AlignmentRun CRD as the API server sees it: printer columns, `kubectl
-explain`, every example accepted, every bad manifest refused with the field named."""
+explain`, every example accepted, every bad manifest refused with the field named, by the API
+server and by `alignctl validate` in the same words (rule parity)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 import yaml
 
 from alignment_operator.api import AlignmentRun, parse_run
+from alignment_operator.cli import main as alignctl
 from alignment_operator.render.manifests import RenderContext, build_stage
 import engines
 from controlplane import REPO
@@ -28,9 +30,17 @@ def header(path: Path) -> dict[str, str]:
         if not line.startswith("#"):
             break
         key, sep, value = line.lstrip("# ").partition(":")
-        if sep and key.strip() in ("expect", "server-expect", "server", "child", "child-swap"):
+        if sep and key.strip() in ("expect", "server-expect", "rule", "server", "child", "child-swap"):
             fields[key.strip()] = value.strip()
     return fields
+
+
+def rule(path: Path) -> str:
+    """The words of the rule a bad manifest breaks, which the API server's refusal and `alignctl validate`'s
+    must both hold: `# rule:`, else the server's message (server-expect past "Invalid value: "), else expect.
+    tests/unit/test_api.py counts the rules and holds alignctl's half without a cluster."""
+    fields = header(path)
+    return fields.get("rule") or fields.get("server-expect", "").rpartition("Invalid value: ")[2] or fields["expect"]
 
 
 def flat(text: str) -> str:
@@ -78,12 +88,14 @@ def test_example_is_accepted_by_the_server(cluster, crds, namespace, path):
 
 
 @pytest.mark.parametrize("path", BAD, ids=lambda p: p.name)
-def test_bad_manifest_is_refused_naming_the_field(cluster, crds, namespace, path):
+def test_bad_manifest_is_refused_naming_the_field(cluster, crds, namespace, path, capsys):
     fields = header(path)
     expected = fields.get("server-expect") or fields.get("expect")
     assert expected, f"{path.name} has no `# expect:` header"
 
     result = cluster.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", str(path), check=False)
+    assert alignctl(["validate", str(path)]) == 1, f"alignctl validate accepted {path.name}"
+    validate = capsys.readouterr().err
     if fields.get("server", "").startswith("accepts"):  # only the operator can tell (it refuses the run when read)
         assert result.returncode == 0, result.stderr
         return
@@ -92,6 +104,11 @@ def test_bad_manifest_is_refused_naming_the_field(cluster, crds, namespace, path
     # `The AlignmentRun "x" is invalid: ...`; strict field decoding `Error from server (BadRequest)`.
     assert "is invalid:" in result.stderr or "Error from server" in result.stderr, result.stderr
     assert expected in result.stderr
+    # Rule parity: the server and `alignctl validate` refuse it in the rule's words.
+    words = rule(path)
+    assert words in flat(result.stderr) and words in flat(validate), (
+        f"{path.name}: the API server and alignctl validate disagree on {words!r}:\n"
+        f"server: {result.stderr}\nalignctl validate: {validate}")
 
 
 # ---------------------------------------------------------------- refused at admission, not at child creation

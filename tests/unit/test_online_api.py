@@ -69,15 +69,15 @@ def _edit(**changes):
 
 @pytest.mark.parametrize("doc, message", [
     (_edit(dpo_1={"datasets": [{"stage": "generate-1"}]}),
-     "spec.stages[3].datasets[0].stage: 'generate-1' is not an earlier stage whose output method dpo reads "
-     "(pairwise data); accepted: label-1"),
+     "spec.stages[3].datasets[0].stage: 'generate-1' must name an earlier stage whose output the method reads "
+     "(method dpo reads pairwise data); accepted: label-1"),
     (_edit(label_1={"datasets": [{"stage": "generate-2"}]}),
-     "spec.stages[2].datasets[0].stage: 'generate-2' is not an earlier stage whose output method label reads "
-     "(completions data); accepted: generate-1"),
+     "spec.stages[2].datasets[0].stage: 'generate-2' must name an earlier stage whose output the method reads "
+     "(method label reads completions data); accepted: generate-1"),
     (_edit(label_1={"datasets": [{"stage": "sft"}]}), "accepted: generate-1"),
     (_edit(label_1={"label": {"feedback": "binary", "rewards": [{"kind": "contains"}]}}),
-     "spec.stages[3].datasets[0].stage: 'label-1' is not an earlier stage whose output method dpo reads "
-     "(pairwise data); accepted: none"),
+     "spec.stages[3].datasets[0].stage: 'label-1' must name an earlier stage whose output the method reads "
+     "(method dpo reads pairwise data); accepted: none"),
     (_edit(generate_2={"datasets": [{"stage": "label-1"}]}),
      "spec.stages[4].datasets[0].stage: 'label-1' method generate reads no stage's output (give a source); "
      "accepted: none"),

@@ -46,8 +46,8 @@ def _dataset_stage_problems(at: str, stage: StageSpec, earlier_stages: list[Stag
         for k, d in enumerate(sources):
             if d.stage is not None and d.stage not in readable:
                 what = (f"method {stage.method} reads no stage's output (give a source)" if not wanted else
-                        f"is not an earlier stage whose output method {stage.method} reads "
-                        f"({' or '.join(wanted)} data)")
+                        f"must name an earlier stage whose output the method reads (method {stage.method} reads "
+                        f"{' or '.join(wanted)} data)")
                 out.append(f"{at}.{field}[{k}].stage: {d.stage!r} {what}; accepted: "
                            f"{', '.join(readable) or 'none'}")
     if stage.eval is not None:
@@ -75,7 +75,7 @@ def _stage_problems(i: int, stage: StageSpec, earlier: list[str], reward_stages:
                    f"{earlier.index(stage.name)}; stage names must be unique")
     if stage.from_ is not None and stage.from_ not in earlier:
         accepted = ", ".join(dict.fromkeys(earlier)) or "none (the first stage starts from spec.model)"
-        out.append(f"{at}.from: {stage.from_!r} is not an earlier stage; accepted: {accepted}")
+        out.append(f"{at}.from: {stage.from_!r}: stages[].from must name an earlier stage; accepted: {accepted}")
     if (METHODS[stage.method].trains or METHODS[stage.method].writes) and not stage.datasets:
         out.append(f"{at}.datasets: method {stage.method!r} needs at least one dataset")
     if stage.test_datasets and stage.test_split_size is not None:
@@ -121,7 +121,8 @@ def _stage_problems(i: int, stage: StageSpec, earlier: list[str], reward_stages:
             out.append(f"{at}.eval.judge: eval.{' and eval.'.join(graded)} need an LLM judge; set eval.judge")
         ref = stage.eval.reference
         if ref is not None and ref not in earlier:
-            out.append(f"{at}.eval.reference: {ref!r} is not an earlier stage; accepted: {', '.join(earlier) or 'none'}")
+            out.append(f"{at}.eval.reference: {ref!r}: stages[].eval.reference must name an earlier stage; accepted: "
+                       f"{', '.join(earlier) or 'none'}")
     return out
 
 

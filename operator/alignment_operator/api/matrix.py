@@ -74,22 +74,22 @@ def _matrix_problems(i: int, stage: StageSpec, taken: set[str]) -> list[str]:
         alias = TrainingSpec.model_fields[name].alias
         methods = MATRIX_METHOD_FIELDS.get(name)
         if values is not None and methods is not None and stage.method not in methods:
-            out.append(f"{at}.{alias}: method {stage.method!r} does not read training.{alias} (only "
-                       f"{', '.join(methods)} do); accepted fields for {stage.method}: "
+            out.append(f"{at}.{alias}: only methods {', '.join(methods)} read training.{alias}, not method "
+                       f"{stage.method!r}; accepted fields for {stage.method}: "
                        + ", ".join(TrainingSpec.model_fields[n].alias for n, v in stage.matrix
                                    if n not in MATRIX_METHOD_FIELDS or stage.method in MATRIX_METHOD_FIELDS[n]))
         if name == "loss_type" and values is not None:
             for v in values:
                 problem = loss_type_problem(stage.method, v)
                 if problem:
-                    out.append(f"{at}.{alias}: {v!r}: {problem}")
+                    out.append(f"{at}.{alias}: {v!r}: a loss that is not one of this method's: {problem}")
         if values is not None and len(set(map(repr, values))) < len(values):
             out.append(f"{at}.{alias}: {values} repeats a value (its variants would be the same stage)")
     combos = combinations(stage)
     if len(combos) > MATRIX_MAX_VARIANTS:
         sizes = " x ".join(str(len(v)) for _, v in stage.matrix if v is not None)
-        out.append(f"{at}: expands into {len(combos)} variants ({sizes}), more than {MATRIX_MAX_VARIANTS}; "
-                   "split the sweep into several runs or fewer values")
+        out.append(f"{at}: a matrix expands into at most {MATRIX_MAX_VARIANTS} variants; this one into {len(combos)} "
+                   f"({sizes}): split the sweep into several runs or fewer values")
         return out
     names = [variant_name(stage.name, c) for c in combos]
     for values, name in zip(combos, names):

@@ -167,7 +167,7 @@ class DatasetSpec(ApiModel):
     @model_validator(mode="after")
     def _source_or_stage(self) -> "DatasetSpec":
         if (self.source is None) == (self.stage is None):
-            raise ValueError("a dataset gives exactly one of source (a file, directory or Hub id) or stage "
+            raise ValueError("a dataset gives exactly one of source or stage: source a file, directory or Hub id, stage "
                              "(an earlier generate or label stage)")
         return self
 
@@ -899,7 +899,7 @@ class GateSpec(ApiModel):
     @model_validator(mode="after")
     def _one_rule(self) -> "GateSpec":
         if sum(x is not None for x in (self.min, self.max, self.at_least_as_good_as)) != 1:
-            raise ValueError(f"gate on {self.metric}: give exactly one of min, max or atLeastAsGoodAs")
+            raise ValueError(f"gate on {self.metric}: a gate gives exactly one of min, max or atLeastAsGoodAs")
         return self
 
 
@@ -986,7 +986,7 @@ def promote_problems(spec: "AlignmentRunSpec") -> list[str]:
         return ["spec.promote: promote decides on an eval stage's results: add a stage with method eval"]
     out = []
     if p.eval is not None and p.eval not in evals:
-        out.append(f"spec.promote.eval: {p.eval!r} is not an eval stage; accepted: {', '.join(evals)}")
+        out.append(f"spec.promote.eval: {p.eval!r}: promote.eval must name an eval stage; accepted: {', '.join(evals)}")
     for k, g in enumerate(p.gates):
         if g.at_least_as_good_as is not None and g.at_least_as_good_as not in evals:
             out.append(f"spec.promote.gates[{k}].atLeastAsGoodAs: {g.at_least_as_good_as!r} is not an eval stage; "
