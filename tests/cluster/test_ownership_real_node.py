@@ -5,8 +5,9 @@ and a Job deleted while nobody watched is recreated and resumes.
   run's succeeded Job or final/); a stray pod with the Job's labels never finishes a stage; runs
   `a-b` (stage `x-sft`) and `a-b-x` (stage `sft`), whose Jobs were both `a-b-x-sft`, both succeed
   with their own recipes.
-- must-show 5: a nonexistent image, a missing HF token Secret, an unschedulable GPU request, a
-  missing claim and a missing service account: each stage's message names the cause within 60 s;
+- must-show 5: a nonexistent image, a missing HF token Secret (named before any pod, issue 28), a
+  missing ConfigMap, an unschedulable GPU request, a missing claim and a missing service account:
+  each stage's message names the cause within 60 s;
   with startDeadlineSeconds the stage fails with it.
 - must-show 6: the operator down (no watch), a Running stage's Job deleted: the next operator
   recreates it (counted) and the new pod resumes from the checkpoint.
@@ -144,7 +145,7 @@ def test_pods_that_cannot_start_say_why_and_a_start_deadline_fails_the_stage(rea
     api = plane.api_client()
 
     def run(name: str, gpus: int = 0, **spec) -> dict:
-        """A run whose pods never start: a tenth of a core each (the six fit on the node beside each
+        """A run whose pods never start: a tenth of a core each (the seven fit on the node beside each
         other; the cause is the one named, never "Insufficient cpu")."""
         doc = sft_only(name)
         doc["spec"]["stages"][0]["resources"] = {"gpusPerNode": gpus, "processesPerNode": 1, "cpu": "100m",
@@ -157,8 +158,12 @@ def test_pods_that_cannot_start_say_why_and_a_start_deadline_fails_the_stage(rea
     nowhere = "127.0.0.1:1/nope/trainer:0"  # a registry that refuses at once (the node has no internet to wait on)
     cases = {  # run -> (its spec, the stage's reason, words of the cause)
         "image": (run("image", trainer={"image": nowhere}), ("ErrImagePull", "ImagePullBackOff"), nowhere),
+        # A missing Secret is named before any pod is made (issue 28: the operator reads its key names),
+        # so the run stays Pending; the kubelet's own refusal shows with a ConfigMap nothing checks first.
         "token": (run("token", trainer={"hfTokenSecretRef": {"name": "no-such-secret", "key": "token"}}),
-                  ("CreateContainerConfigError",), 'secret "no-such-secret" not found'),
+                  ("SecretMissing",), "no-such-secret"),
+        "config": (run("config", trainer={"envFrom": [{"configMapRef": {"name": "no-such-config"}}]}),
+                   ("CreateContainerConfigError",), 'configmap "no-such-config" not found'),
         "gpus": (run("gpus", gpus=8), ("Unschedulable",), "nvidia.com/gpu"),
         "claim": (run("claim", storage={"claimName": "no-such-claim"}),
                   ("Unschedulable",), 'persistentvolumeclaim "no-such-claim" not found'),
@@ -195,7 +200,8 @@ def test_pods_that_cannot_start_say_why_and_a_start_deadline_fails_the_stage(rea
             assert failed["reason"] == "StartDeadlineExceeded" and cases[name][2] in failed["message"], failed
         else:
             assert after <= 60, (name, after, stage)
-            assert (status["phase"], stage["phase"]) == ("Running", "Running"), (name, status)
+            phase = "Pending" if name == "token" else "Running"  # nothing started: no Job, no pod
+            assert (status["phase"], stage["phase"]) == (phase, phase), (name, status)
             reconciling = next(c for c in status["conditions"] if c["type"] == "Reconciling")
             assert reconciling["reason"] == stage["reason"] and cases[name][2] in reconciling["message"], reconciling
     times = ", ".join(f"{name} {after:.0f}s" for name, (after, _) in sorted(seen.items()))

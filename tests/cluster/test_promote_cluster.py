@@ -66,7 +66,9 @@ def test_a_promoted_run_gets_its_inference_service_checked_by_kserves_crd_owned_
     custom = client.CustomObjectsApi(api)
     isvc = wait_for("the InferenceService", lambda: next(iter(custom.list_namespaced_custom_object(
         "serving.kserve.io", "v1beta1", ns, "inferenceservices")["items"]), None), timeout=60)
-    run = get_run(api, ns, "tiny")
+    # The operator creates the InferenceService, then writes status: wait for that write, not only the object.
+    run = wait_for("status.promotion.serving", lambda: (r := get_run(api, ns, "tiny")) and
+                   (r.get("status") or {}).get("promotion", {}).get("serving") and r, timeout=30)
     assert [(o["uid"], o["controller"]) for o in isvc["metadata"]["ownerReferences"]] == [(run["metadata"]["uid"], True)]
     model = isvc["spec"]["predictor"]["model"]
     assert model["modelFormat"]["name"] == "huggingface" and "--backend=huggingface" in model["args"]
