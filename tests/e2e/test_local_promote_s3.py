@@ -1,7 +1,8 @@
 """`alignctl run --local` with its base model and datasets in a real S3-compatible server (versitygw,
 tests/s3server.py) and spec.promote: held by a gate the tiny model misses (phase Held, exit 1, the gate's
 value in the summary and status.json, nothing exported), then, with the gate lowered (--set, the stages
-not run again), promoted and exported: the bucket holds final/ byte for byte, marked complete."""
+not run again), promoted and exported: the bucket holds final/ byte for byte but its card, which is the
+eval's card listing the export, marked complete."""
 
 from __future__ import annotations
 
@@ -82,7 +83,12 @@ def test_a_run_reads_from_s3_is_held_by_a_gate_then_promoted_and_exported(tmp_pa
         files = sorted(q.relative_to(final).as_posix() for q in final.rglob("*") if q.is_file())
         for name in files:
             body = client.get_object(Bucket="exports", Key=f"tiny-sft/{name}")["Body"].read()
-            assert body == (final / name).read_bytes(), name
+            if name == "README.md":  # the eval's card of sft (its results), listing where the model went
+                card = body.decode()
+                assert "- `s3://exports/tiny-sft`" in card and "preference_accuracy" in card, card
+                assert s3.endpoint in card and s3.secret_key not in card and s3.access_key not in card
+            else:
+                assert body == (final / name).read_bytes(), name
         manifest = json.loads(client.get_object(Bucket="exports", Key="tiny-sft/_EXPORT_COMPLETE.json")["Body"].read())
         assert sorted(f["path"] for f in manifest["files"]) == files
         assert s3.secret_key not in out and s3.secret_key not in (run_dir / "status.json").read_text()

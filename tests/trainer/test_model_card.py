@@ -402,3 +402,46 @@ def test_the_card_carries_each_stages_gpu_hours_as_the_operator_counted_them(tmp
     assert "- accelerator time: 2 GPU-hours, every attempt" in sft_part
     assert "- accelerator time: CPU only" in dpo_part
     assert "GPU-hours of the stages listed: 2" in text
+
+
+def test_the_export_tool_pushes_a_promoted_model_to_the_hub_with_the_card_listing_its_exports(
+        workdir, monkeypatch, capsys):
+    """promote.exports' hf://org/name as the export Job runs it (python -m alignment_trainer.export, the spec
+    inline) against HubStandIn: a refused token exits 2 naming the repository, nothing committed; with the
+    token, final/ in one commit, README.md the eval's card (its results) listing both exports."""
+    from huggingface_hub import ModelCard, constants
+
+    from alignment_trainer import export
+
+    hub = HubStandIn()
+    try:
+        monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        root = workdir / "volume"
+        sft, dpo, ev = recipes(tiny_run(), str(root))
+        eval_card = write_cards(root, sft, dpo, ev)
+        final = Path(dpo.output_dir) / "final"
+        (final / "model.safetensors").write_bytes(b"weights")
+        log = workdir / "termination-log"
+        spec = {"model": str(final), "exports": [{"uri": "hf://my-org/tiny-promoted", "private": False}],
+                "card": {"from": str(eval_card), "uris": ["s3://exports/tiny", "hf://my-org/tiny-promoted"]},
+                "termination_message_path": str(log)}
+        monkeypatch.setenv("HF_TOKEN", "hf_wrong")
+        assert export.main([json.dumps(spec)]) == 2
+        failure = json.loads(log.read_text())
+        assert "my-org/tiny-promoted" in failure["error"] and "401" in failure["error"] and hub.files == {}
+        assert "hf_wrong" not in capsys.readouterr().out
+
+        monkeypatch.setenv("HF_TOKEN", "hf_stand_in")
+        assert export.main([json.dumps(spec)]) == 0
+        done = json.loads(log.read_text())["exports"][0]
+        assert done["uri"] == "hf://my-org/tiny-promoted" and done["digest"].startswith("sha256:")
+        assert done["files"] == 2 and hub.repos[-1] == ("my-org/tiny-promoted", "public")
+        assert sorted(hub.files) == ["README.md", "model.safetensors"] and hub.files["model.safetensors"] == b"weights"
+        pushed = ModelCard(hub.files["README.md"].decode())
+        listed = pushed.data.to_dict()["alignment_operator"]["exports"]
+        assert listed == ["s3://exports/tiny", "hf://my-org/tiny-promoted"]
+        assert {r.metric_type for r in pushed.data.eval_results} >= {"preference_accuracy"}
+        assert "- `hf://my-org/tiny-promoted`: the Hugging Face Hub" in pushed.text
+    finally:
+        hub.server.shutdown()

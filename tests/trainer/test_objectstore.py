@@ -197,3 +197,38 @@ def test_the_export_tool_the_operators_job_runs_exports_and_says_why_it_cannot(s
     failure = json.loads(log.read_text())
     assert failure["reason"] == "ObjectStoreError" and "s3://exports/refused" in failure["error"]
     assert "wrong" not in failure["error"] and s3.secret_key not in capsys.readouterr().out
+
+
+def test_the_exported_card_is_the_evals_card_listing_where_the_model_was_exported(s3, tmp_path, monkeypatch):
+    """The export tool as both shells run it for a promoted model: every file of final/ byte for byte but
+    README.md, which is the card the eval that chose it wrote (its results) plus the URIs it was exported to
+    and the store's endpoint, no credential in them; the manifest holds what was written."""
+    from huggingface_hub import ModelCard
+
+    from alignment_trainer import export
+    from test_model_card import recipes, tiny_run, write_cards
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "tiny-model").mkdir(parents=True)
+    eval_card = write_cards(tmp_path, *recipes(tiny_run(), str(tmp_path / "runs")))
+    final = eval_card.parent.parent / "dpo" / "final"
+    (final / "config.json").write_text('{"model_type": "llama"}')
+    uris = ["s3://exports/carded", "s3://exports/carded-copy/"]
+    spec = {"model": str(final), "exports": [{"uri": uris[0]}], "object_store": {"endpoint_url": s3.endpoint},
+            "card": {"from": str(eval_card), "uris": uris}}
+    for key, value in s3.env().items():
+        monkeypatch.setenv(key, value)
+    assert export.main([json.dumps(spec)]) == 0
+    client = s3.client()
+    get = lambda key: client.get_object(Bucket="exports", Key=key)["Body"].read()  # noqa: E731
+    assert get("carded/config.json") == (final / "config.json").read_bytes()
+    card = ModelCard(get("carded/README.md").decode())
+    meta = card.data.to_dict()["alignment_operator"]
+    assert meta["exports"] == ["s3://exports/carded", "s3://exports/carded-copy"]
+    assert meta["export_endpoint"] == s3.endpoint and [s["stage"] for s in meta["stages"]] == ["sft", "dpo"]
+    assert card.data.eval_results and "## Exports" in card.text and "- `s3://exports/carded-copy`" in card.text
+    assert "## Evaluation" in card.text  # the eval's card: the results that promoted it
+    assert s3.secret_key not in card.content and s3.access_key not in card.content
+    manifest = json.loads(get("carded/_EXPORT_COMPLETE.json"))
+    written = {f["path"]: f["bytes"] for f in manifest["files"]}
+    assert written == {"config.json": 23, "README.md": len(get("carded/README.md"))}

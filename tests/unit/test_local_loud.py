@@ -68,7 +68,13 @@ def test_spec_hub_locally_takes_hf_token_or_the_login_and_the_cluster_still_need
     with pytest.raises(RunInvalid, match=r"spec.hub: pushing to me/tiny-zephyr needs a Hugging Face token .* set "
                                          r"HF_TOKEN or run `hf auth login`"):
         runner.read_run(str(path))  # before any stage trains, not after the last one
+    (tmp_path / "exported").mkdir()
+    exported = tiny(tmp_path / "exported", promote={"exports": [{"uri": "hf://me/tiny-zephyr"}]})
+    with pytest.raises(RunInvalid, match=r"spec.promote.exports: exporting to hf://me/tiny-zephyr needs a Hugging "
+                                         r"Face token .* set HF_TOKEN"):
+        runner.read_run(str(exported))  # promote.exports' Hub push, the same
     monkeypatch.setenv("HF_TOKEN", "hf_from_the_environment")
+    assert runner.read_run(str(exported)).spec.promote.exports[0].uri == "hf://me/tiny-zephyr"
     assert runner.read_run(str(path)).spec.hub.repo_id == "me/tiny-zephyr"
     monkeypatch.delenv("HF_TOKEN")
     login.parent.mkdir()

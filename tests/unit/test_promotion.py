@@ -178,12 +178,47 @@ def test_exports_of_the_promoted_model_are_pending_then_complete_or_failed_in_th
     assert "Exported" not in {c.type for c in held.conditions} and pending_exports(parse_run(doc, local=True), held.promotion) == []
 
 
-def test_an_export_uri_is_an_s3_uri_without_credentials():
-    for uri, words in (("https://example.com/x", "not an s3://bucket/prefix URI"),
+def test_an_export_uri_is_an_s3_uri_without_credentials_or_a_hub_repository():
+    for uri, words in (("https://example.com/x", "neither s3://bucket/prefix .* nor hf://org/name"),
+                       ("hf://no-org", "neither s3://bucket/prefix .* nor hf://org/name"),
                        ("s3://key:secret@bucket/x", "an s3:// URI with credentials")):
         with pytest.raises(RunInvalid, match=words) as err:
             parse_run(tiny({"exports": [{"uri": uri}]}), local=True)
         assert "secret@" not in str(err.value)
+    assert parse_run(tiny({"exports": [{"uri": "hf://my-org/tiny-dpo"}]}), local=True).spec.promote.exports[0].private
+
+
+def test_the_hub_push_of_a_promoted_run_is_an_export_of_the_promoted_model_only():
+    """spec.hub pushes the last stage's model whatever the gates say: with promote it is refused, naming
+    promote.exports' hf:// URI; that export needs the token's Secret on a cluster and the Job gets it."""
+    from alignment_operator.render.exporting import export_job
+    from alignment_operator.render.manifests import RenderContext
+
+    doc = tiny({"gates": GATES[:1]})
+    doc["spec"]["hub"] = {"repoId": "my-org/tiny"}
+    doc["spec"]["trainer"] = {"hfTokenSecretRef": {"name": "hf", "key": "token"}}
+    with pytest.raises(RunInvalid, match=r"hub: .*promote.exports: \[\{uri: hf://<repoId>\}\]"):
+        parse_run(doc)
+    hub = {"gates": GATES[:1], "exports": [{"uri": "hf://my-org/tiny", "private": False}, {"uri": "s3://exports/t"}]}
+    with pytest.raises(RunInvalid, match="promote.exports: an hf:// export needs trainer.hfTokenSecretRef"):
+        parse_run(tiny(hub))
+    assert parse_run(tiny(hub), local=True).spec.promote.exports[0].uri == "hf://my-org/tiny"  # the login's token
+    doc = tiny(hub)
+    doc["spec"]["trainer"] = {"hfTokenSecretRef": {"name": "hf", "key": "token"}}
+    out = drive(doc, {"eval": {"preference_accuracy": 0.85}})
+    assert out.status.promotion.verdict == "Promoted"
+    assert {c.type: c.reason for c in out.status.conditions}["Exported"] == "ExportPending"
+    run = parse_run(doc)
+    p = out.status.promotion
+    job = export_job(run, p.model, ["hf://my-org/tiny"], RenderContext(), evaluated_by=p.evaluated_by)
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    spec = json.loads(container["command"][3])
+    assert spec["exports"] == [{"uri": "hf://my-org/tiny", "private": False}]
+    assert spec["card"]["uris"] == ["hf://my-org/tiny", "s3://exports/t"]
+    env = {e["name"]: e.get("valueFrom") for e in container["env"]}
+    assert env["HF_TOKEN"] == {"secretKeyRef": {"name": "hf", "key": "token"}}
+    s3_only = export_job(run, p.model, ["s3://exports/t"], RenderContext())["spec"]["template"]["spec"]
+    assert "HF_TOKEN" not in {e["name"] for e in s3_only["containers"][0]["env"]}  # only where it is used
 
 
 def test_the_export_job_runs_the_trainers_export_tool_on_the_volume_with_the_key_pair_from_the_secret():

@@ -11,7 +11,9 @@ A training stage's card starts from the card of the model it trained from (an ea
 final/README.md), so the last stage's card lists every stage of the run. A local path (a model
 directory, a data file) is named by its last component, never by where it lies on a machine.
 The eval stage writes the card of the model it evaluated, with its results, to its own directory
-(the evaluated stage's final/ is left as written); a push from the eval stage uploads that card.
+(the evaluated stage's final/ is left as written); a push from the eval stage uploads that card, and
+an export of the promoted model (export.py) uploads it as README.md with the URIs it was exported to
+(export_card), every other file as final/ holds it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import logging
 import math
 import re
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -185,34 +188,74 @@ def _card(title: str, meta: dict, results: list[EvalResult]) -> ModelCard:
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
 
 
+# ---------------------------------------------------------------------------- exports
+
+def public_uri(uri: str) -> str:
+    """An s3:// URI or an endpoint URL without what must never be published: user:password@, a query
+    (presigned signatures), a fragment."""
+    parts = urlsplit(uri)
+    host = parts.hostname or ""
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, "", "")) if parts.scheme else uri
+
+
+def export_card(text: str, uris: list[str], endpoint_url: str | None = None) -> str | None:
+    """`text` (a card of ours: the eval stage's card of the promoted model, or its final/README.md) with
+    where the model was exported: alignment_operator.exports in its metadata and an Exports section,
+    each URI and the store's endpoint without credentials. None when `text` is not a card of ours."""
+    try:
+        card = ModelCard(text, ignore_metadata_errors=True)
+    except Exception as e:  # noqa: BLE001 - a card that does not parse is exported as it is
+        log.warning("README.md: not read (%s); exported as it is", e)
+        return None
+    meta = getattr(card.data, KEY, None)
+    if not isinstance(meta, dict) or not isinstance(meta.get("stages"), list):
+        return None
+    where = [public_uri(u).rstrip("/") for u in uris]
+    endpoint = public_uri(endpoint_url) if endpoint_url else None
+    setattr(card.data, KEY, {**meta, "exports": where, **({"export_endpoint": endpoint} if endpoint else {})})
+    store = f"the S3-compatible store at {endpoint}" if endpoint else "S3"
+    section = ["## Exports", "", "This model, promoted by its run's own evaluation, was exported to:", ""]
+    section += [f"- `{u}`: " + (f"{store}; complete once `{u}/_EXPORT_COMPLETE.json` (each file's size and "
+                                "SHA-256, checked after writing) is there" if u.startswith("s3://") else
+                                "the Hugging Face Hub, in one commit") for u in where]
+    card.text = card.text.rstrip("\n") + "\n\n" + "\n".join(section) + "\n"
+    return str(card)
+
+
 # ---------------------------------------------------------------------------- the push
 
 def push(recipe: Recipe, folder: Path, card: ModelCard | None = None) -> str:
     """Upload folder (a final/) to recipe.hub_model_id in one commit, README.md replaced by card when
     given (the eval stage's card of the model it measured). The token is huggingface_hub's: HF_TOKEN (a pod
     gets it from spec.trainer.hfTokenSecretRef), else the one `hf auth login` stored; never printed."""
+    if not recipe.hub_model_id:
+        raise ValueError("hub_model_id: required with push_to_hub")
+    return push_folder(recipe.hub_model_id, recipe.hub_private, folder, str(card).encode() if card else None,
+                       f"alignment-operator: {recipe.run_name or ''} stage {recipe.stage_name or recipe.method}")
+
+
+def push_folder(repo_id: str, private: bool, folder: Path, readme: bytes | None, message: str) -> str:
+    """folder to the Hub repository repo_id (created if missing) in one commit, README.md from `readme`
+    when given; the repository's URL. Raises HubPushRefused (the token, its rights, the repository:
+    retrying will not help) or HubPushFailed (the Hub or the network: a retry pushes again)."""
     from huggingface_hub import CommitOperationAdd, HfApi, get_token
 
     token = get_token()
     if not token:
-        raise ValueError("push_to_hub: no Hugging Face token: HF_TOKEN is not set and no `hf auth login` token is "
-                         "stored (on a cluster: spec.trainer.hfTokenSecretRef); nothing was pushed")
-    if not recipe.hub_model_id:
-        raise ValueError("hub_model_id: required with push_to_hub")
-
+        raise HubPushRefused("push_to_hub: no Hugging Face token: HF_TOKEN is not set and no `hf auth login` token "
+                             "is stored (on a cluster: spec.trainer.hfTokenSecretRef); nothing was pushed")
     api = HfApi(token=token)
+    replaced = folder / "README.md" if readme is not None else None
     operations = [CommitOperationAdd(path_in_repo=str(f.relative_to(folder)), path_or_fileobj=str(f))
-                  for f in sorted(folder.rglob("*")) if f.is_file() and not (card and f.name == "README.md"
-                                                                             and f.parent == folder)]
-    if card is not None:
-        operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode()))
+                  for f in sorted(folder.rglob("*")) if f.is_file() and f != replaced]
+    if readme is not None:
+        operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=readme))
     try:
-        url = api.create_repo(recipe.hub_model_id, exist_ok=True, private=recipe.hub_private)
-        api.create_commit(repo_id=recipe.hub_model_id, operations=operations,
-                          commit_message=f"alignment-operator: {recipe.run_name or ''} stage "
-                                         f"{recipe.stage_name or recipe.method}")
-    except Exception as e:  # noqa: BLE001 - whatever the Hub or the network said, the stage fails saying it
-        raise _push_failed(recipe, folder, e) from e
+        url = api.create_repo(repo_id, exist_ok=True, private=private)
+        api.create_commit(repo_id=repo_id, operations=operations, commit_message=message)
+    except Exception as e:  # noqa: BLE001 - whatever the Hub or the network said, the push fails saying it
+        raise _push_failed(repo_id, folder, e) from e
     return str(url)
 
 
@@ -224,13 +267,13 @@ class HubPushFailed(RuntimeError):
     """The push did not get through (the Hub or the network failed): a retry pushes again."""
 
 
-def _push_failed(recipe: Recipe, folder: Path, e: Exception) -> Exception:
-    """The stage's error: the push (not the training) failed, why, and that what it trained is kept."""
+def _push_failed(repo_id: str, folder: Path, e: Exception) -> Exception:
+    """The error: the push (not the training) failed, why, and that what it trained is kept."""
     status = getattr(getattr(e, "response", None), "status_code", None)
     server = " ".join((getattr(e, "server_message", None) or "").split())[:300]  # the Hub's own words
     said = (f"HTTP {status}" + (f": {server}" if server else "") if status else
             f"{type(e).__name__}: " + " ".join((str(e) or "no message").split())[:300])
-    words = f"push to the Hub repository {recipe.hub_model_id} failed ({said}); the trained model is kept in {folder}"
+    words = f"push to the Hub repository {repo_id} failed ({said}); the trained model is kept in {folder}"
     if status in (401, 403, 404):
         return HubPushRefused(f"{words}; check that the token (HF_TOKEN: spec.trainer.hfTokenSecretRef's Secret, "
                               "or your Hugging Face login locally) may write to the repository, then retry")

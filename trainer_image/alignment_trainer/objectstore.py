@@ -280,22 +280,36 @@ def _files(folder: Path) -> Iterator[tuple[str, Path]]:
             yield path.relative_to(folder).as_posix(), path
 
 
+def export_files(folder: Path, replace: dict[str, bytes] | None = None) -> tuple[list[tuple], int, str]:
+    """What an export writes: [(path in the export, Path or bytes, size, sha256)], their bytes, and the
+    export's digest (sha256 of the sorted "<sha256>  <path>" lines; the same for any target)."""
+    replace = replace or {}
+    files = [(rel, path, path.stat().st_size, sha256(path)) if rel not in replace else
+             (rel, replace[rel], len(replace[rel]), hashlib.sha256(replace[rel]).hexdigest())
+             for rel, path in _files(Path(folder))]
+    if set(replace) - {f[0] for f in files}:  # a file the folder lacks (a model without a card): added
+        files = sorted([*files, *((rel, body, len(body), hashlib.sha256(body).hexdigest())
+                                  for rel, body in replace.items() if rel not in {f[0] for f in files})])
+    digest = hashlib.sha256("".join(f"{d}  {r}\n" for r, _, _, d in files).encode()).hexdigest()
+    return files, sum(f[2] for f in files), digest
+
+
 def export(folder: str | Path, uri: str, endpoint_url: str | None = None, region: str | None = None,
-           attempts: int = 3, log=None) -> dict:
+           attempts: int = 3, log=None, replace: dict[str, bytes] | None = None) -> dict:
     """Write `folder` under `uri`, verify every object, then write the completion manifest.
 
-    Returns {uri, digest (sha256 of the manifest's sorted file digests), bytes, files, seconds,
-    attempts}. A failure is tried again (`attempts` in all) from the objects not yet verified; the
-    last one raises with the URI named. The manifest is never written before every object is verified.
+    `replace`: files written from these bytes instead of the folder's (the model card with where it
+    was exported: README.md). Returns {uri, digest (sha256 of the manifest's sorted file digests),
+    bytes, files, seconds, attempts}. A failure is tried again (`attempts` in all) from the objects
+    not yet verified; the last one raises with the URI named. The manifest is never written before
+    every object is verified.
     """
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     folder = Path(folder)
     u = S3Uri.parse(uri.rstrip("/") + "/")
-    files = [(rel, path, path.stat().st_size, sha256(path)) for rel, path in _files(folder)]
+    files, total, digest = export_files(folder, replace)
     if not files:
         raise ObjectStoreError(f"exporting {folder} to {uri}: nothing to export (no files)")
-    total = sum(f[2] for f in files)
-    digest = hashlib.sha256("".join(f"{d}  {r}\n" for r, _, _, d in files).encode()).hexdigest()
     s3 = client(endpoint_url, region)
     started, verified, attempt = time.monotonic(), set(), 0
     try:
@@ -313,7 +327,10 @@ def export(folder: str | Path, uri: str, endpoint_url: str | None = None, region
                 if rel in verified:
                     continue
                 key = u.child(rel)
-                s3.upload_file(str(path), u.bucket, key.key, ExtraArgs={"Metadata": {DIGEST_KEY: file_digest}})
+                if isinstance(path, bytes):
+                    s3.put_object(Bucket=u.bucket, Key=key.key, Body=path, Metadata={DIGEST_KEY: file_digest})
+                else:
+                    s3.upload_file(str(path), u.bucket, key.key, ExtraArgs={"Metadata": {DIGEST_KEY: file_digest}})
                 head = s3.head_object(Bucket=u.bucket, Key=key.key)
                 if head["ContentLength"] != size or head.get("Metadata", {}).get(DIGEST_KEY) != file_digest:
                     raise ObjectStoreUnreachable(f"exporting {_where(key, s3)}: read back {head['ContentLength']} "

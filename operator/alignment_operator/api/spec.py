@@ -1006,8 +1006,9 @@ class AlignmentRunSpec(ApiModel):
          "hub: pushing needs trainer.hfTokenSecretRef (a Secret with a Hugging Face token with write access)",
          ".hub"),
         ("!has(self.hub) || !has(self.promote)", HUB_WITH_PROMOTE, ".hub"),
-        ("!has(self.promote) || !self.promote.exports.exists(e, e.uri.startsWith('hf://')) || "
-         "has(self.trainer.hfTokenSecretRef)", HF_EXPORT_TOKEN, ".promote.exports"),
+        ("!has(self.promote) || !has(self.promote.exports) || "
+         "!self.promote.exports.exists(e, e.uri.startsWith('hf://')) || has(self.trainer.hfTokenSecretRef)",
+         HF_EXPORT_TOKEN, ".promote.exports"),
         ("self.stages.exists(s, " + " && ".join(f"s.method != '{m}'" for m, info in METHODS.items() if not info.trains)
          + ")",
          f"at least one training stage ({', '.join(training_methods())}) is required", ".stages"),

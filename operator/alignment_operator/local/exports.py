@@ -4,7 +4,8 @@ objectstore.export writes, verifies, then marks complete, retrying a store that 
 The exported README.md is the card the eval that chose the model wrote, listing every promote.exports
 URI. Each result (URI, digest, bytes, time, attempts) or error goes to status.promotion.exports; the pure
 promotion.apply words the Exported condition from them. Credentials: this environment's AWS_* (as
-the pods get spec.objectStore.credentialsSecretName's); never printed."""
+the pods get spec.objectStore.credentialsSecretName's) and, for hf://, huggingface_hub's token
+(HF_TOKEN or your login); never printed."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pathlib import Path
 from ..api import AlignmentRun
 from ..api.status import ExportResult
 from ..promotion import pending_exports
+from ..render.exporting import export_spec
 
 
 def export_promoted(run: AlignmentRun, run_dir: Path, echo=print) -> bool:
@@ -25,11 +27,7 @@ def export_promoted(run: AlignmentRun, run_dir: Path, echo=print) -> bool:
     pending = pending_exports(run, p)
     if not pending or not p.model:
         return False
-    store = run.spec.object_store
-    spec = {"model": p.model, "exports": [{"uri": u} for u in pending],
-            "object_store": {"endpoint_url": store.endpoint_url, "region": store.region} if store else {},
-            "card": {"from": str(run_dir / p.evaluated_by / "README.md") if p.evaluated_by else None,
-                     "uris": [x.uri for x in run.spec.promote.exports]}}
+    spec = export_spec(run, p.model, pending, str(run_dir / p.evaluated_by) if p.evaluated_by else None)
     spec_path = run_dir / "export.json"
     spec_path.write_text(json.dumps(spec, indent=1))
     echo(f"exporting {p.stage} ({p.model}) to {', '.join(pending)} ...")

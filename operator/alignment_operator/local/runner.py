@@ -408,12 +408,16 @@ def read_run(file: str, overrides: list[str] = (), strict_paths: bool = True) ->
 
 
 def hub_token_problems(run: AlignmentRun) -> list[str]:
-    """spec.hub locally: the push at the end needs a token where huggingface_hub looks for one (HF_TOKEN, else
-    the token `hf auth login` stored), checked before any stage trains rather than after the last one."""
-    if run.spec.hub is None or hf_token_found():
+    """spec.hub and promote.exports' hf:// locally: the push at the end needs a token where huggingface_hub
+    looks for one (HF_TOKEN, else the token `hf auth login` stored), checked before any stage trains rather
+    than after the last one."""
+    exports = [x.uri for x in run.spec.promote.exports if x.uri.startswith("hf://")] if run.spec.promote else []
+    if (run.spec.hub is None and not exports) or hf_token_found():
         return []
-    return [f"spec.hub: pushing to {run.spec.hub.repo_id} needs a Hugging Face token with write access, and there "
-            "is none: set HF_TOKEN or run `hf auth login` (on a cluster it comes from spec.trainer.hfTokenSecretRef)"]
+    none = ("needs a Hugging Face token with write access, and there is none: set HF_TOKEN or run `hf auth login` "
+            "(on a cluster it comes from spec.trainer.hfTokenSecretRef)")
+    return ([f"spec.hub: pushing to {run.spec.hub.repo_id} {none}"] if run.spec.hub else []) + (
+        [f"spec.promote.exports: exporting to {', '.join(exports)} {none}"] if exports else [])
 
 
 def hf_token_found() -> bool:

@@ -2,8 +2,9 @@
 
 One Job per promoted model, owned by the run, running the trainer image's own export tool
 (`python -m alignment_trainer.export SPEC`: write, verify, then mark complete, retrying a store that
-stops answering) with the run's volume mounted and spec.objectStore's key pair through secretKeyRef
-(or the service account's identity). Its result (each URI, digest, bytes, time) comes back as its
+stops answering; an hf:// export pushes to the Hub in one commit) with the run's volume mounted,
+spec.objectStore's key pair through secretKeyRef (or the service account's identity) and, for the
+Hub, trainer.hfTokenSecretRef's token. Its result (each URI, digest, bytes, time) comes back as its
 pod's termination message; the cluster shell puts it in status.promotion.exports.
 Its stage label, promote.export, is no DNS label, so it is never a stage's name.
 """
@@ -26,21 +27,35 @@ def export_job_name(run: AlignmentRun) -> str:
     return child_name(run, "promote", "-export")
 
 
+def export_spec(run: AlignmentRun, model: str, uris: list[str], evaluated_dir: str | None) -> dict[str, Any]:
+    """What the export tool reads (both shells): the model, the `uris` to write (hf:// ones with their
+    `private`), the store, and the card: the one in `evaluated_dir` (the directory of the eval entry that
+    chose the model: its README.md has the results), listing every promote.exports URI."""
+    store = run.spec.object_store
+    exports = run.spec.promote.exports if run.spec.promote else []
+    private = {x.uri: x.private for x in exports}
+    card = posixpath.join(evaluated_dir, "README.md") if evaluated_dir else None
+    return {"model": model,
+            "exports": [{"uri": u, **({"private": private.get(u, True)} if u.startswith("hf://") else {})}
+                        for u in uris],
+            "object_store": {"endpoint_url": store.endpoint_url, "region": store.region} if store else {},
+            "card": {"from": card, "uris": [x.uri for x in exports] or uris}}
+
+
 def export_job(run: AlignmentRun, model: str, uris: list[str], ctx: RenderContext,
                evaluated_by: str | None = None) -> dict[str, Any]:
     """`evaluated_by`: the eval stage (entry) that chose the model; its card (README.md, with the results)
     is the one exported, listing every promote.exports URI."""
-    store = run.spec.object_store
-    card = (posixpath.join(stage_dir(run.spec.storage.mount_path, run, evaluated_by), "README.md")
-            if evaluated_by else None)
-    spec = {"model": model, "exports": [{"uri": u} for u in uris], "termination_message_path": TERMINATION_LOG,
-            "object_store": {"endpoint_url": store.endpoint_url, "region": store.region} if store else {},
-            "card": {"from": card, "uris": [x.uri for x in run.spec.promote.exports] if run.spec.promote else uris}}
+    evaluated_dir = stage_dir(run.spec.storage.mount_path, run, evaluated_by) if evaluated_by else None
+    spec = {**export_spec(run, model, uris, evaluated_dir), "termination_message_path": TERMINATION_LOG}
     t = run.spec.trainer
+    token = t.hf_token_secret_ref if any(u.startswith("hf://") for u in uris) else None
     container = {
         "name": "export", "image": t.image or ctx.trainer_image, "imagePullPolicy": t.image_pull_policy,
         "command": ["python", "-m", "alignment_trainer.export", json.dumps(spec)],
-        "env": [{"name": "HOME", "value": "/tmp"}, {"name": "PYTHONUNBUFFERED", "value": "1"}, *object_store_env(run)],
+        "env": [{"name": "HOME", "value": "/tmp"}, {"name": "PYTHONUNBUFFERED", "value": "1"}, *object_store_env(run),
+                *([{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": token.name, "key": token.key}}}]
+                  if token else [])],
         "volumeMounts": [{"name": "workspace", "mountPath": run.spec.storage.mount_path, "readOnly": True}],
         "terminationMessagePath": TERMINATION_LOG, "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
