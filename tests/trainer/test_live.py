@@ -20,7 +20,7 @@ pytestmark = pytest.mark.trainer
 
 def test_a_diverging_sft_stops_with_diverged_and_the_step(tmp_path, tiny_model, data_dir, kit):
     recipe = kit.write_recipe(tmp_path, "sft", tiny_model, [str(data_dir / "sft.jsonl")],
-                              training={"max_steps": 40, "learning_rate": 1e4, "per_device_train_batch_size": 16,
+                              training={"max_steps": 40, "learning_rate": 1e30, "per_device_train_batch_size": 16,
                                         "max_length": 64, "logging_steps": 1, "save_steps": 1,
                                         "warmup_ratio": 0.0},
                               termination_message_path=str(tmp_path / "termination-log"))
