@@ -6,7 +6,8 @@
 - What a disruption or a restart cost: the steps and seconds trained past that checkpoint (`lost_work`,
   `charge_lost_work`: status.stages[].lostSteps, lostSeconds, lastDisruption).
 - Hangs: no progress report and no heartbeat for the stage's hang timeout once its attempt reported
-  (`silent_for`, `hang_timeout`); reconcile restarts it as a group from its newest checkpoint.
+  (`silent_for`, `hang_timeout`); reconcile restarts it as a group from its newest checkpoint, naming the
+  rank(s) whose alive beats stopped (`stopped_ranks`: every process beats, inside a step too).
 - Learning nothing: the trainer's LearningGuard reports `degraded/<what>` figures with its progress;
   `warnings` words them (the stage's warnings, the run's Degraded condition, a Warning Event).
 """
@@ -103,10 +104,41 @@ def silent_for(st: StageStatus, now: datetime) -> float | None:
         return None
 
 
-def hang_words(st: StageStatus, waited: float, timeout: int, ranks: list[str]) -> str:
+RANK_STALE_S = 15  # a rank beats every 5 s and status gets a beat within 5 s more: this long without one, it stopped
+
+
+def stopped_ranks(st: StageStatus, now: datetime, timeout: int) -> tuple[list[str], list[str]]:
+    """(stopped, beating): the ranks of the current attempt whose alive beats (progress.ranks) stopped
+    RANK_STALE_S (or the hang timeout, when shorter) ago, each with how long, and those still beating.
+    A beat from before the attempt started is none of this attempt's."""
+    p = st.progress
+    if p is None or not p.ranks or not st.start_time:
+        return [], []
+    try:
+        started, beats = _ts(st.start_time), sorted((int(r), _ts(t)) for r, t in p.ranks.items())
+    except (ValueError, TypeError):
+        return [], []
+    stale, stopped, beating = min(RANK_STALE_S, timeout), [], []
+    for rank, last in beats:
+        age = (now - last).total_seconds()
+        if last < started:
+            stopped.append(f"rank {rank} (no beat this attempt)")
+        elif age >= stale:
+            stopped.append(f"rank {rank} (no beat for {age:.0f}s)")
+        else:
+            beating.append(str(rank))
+    return stopped, beating
+
+
+def hang_words(st: StageStatus, waited: float, timeout: int, ranks: list[str], beating: list[str] = ()) -> str:
     p = st.progress
     at = f"step {p.step}/{p.total_steps}" if p is not None and p.step is not None else "its last report"
-    who = f"; stopped: {', '.join(ranks)}" if ranks else "; which rank stopped is not known"
+    if ranks:
+        who = f"; stopped: {', '.join(ranks)}"
+    elif beating:  # every process lives: a step (a collective) that does not end
+        who = f"; every rank still beats ({', '.join(beating)}): stuck inside a step"
+    else:
+        who = "; which rank stopped is not known"
     return (f"Hang: no progress or heartbeat for {waited:.0f}s (hangTimeoutSeconds {timeout}) at {at}{who}")
 
 

@@ -14,6 +14,10 @@ set. {name} is the stage's Job name, `<run>-<stage>-<hash>` (identity.child_name
 audience per stage, so a token minted for one stage moves no other. Metric names are the
 callback's (current_step, total_steps, current_epoch, loss, grad_norm, learning_rate, ...)
 plus the trainer's own (rewards/margins, rewards/accuracies, tokens_per_second).
+
+Every process of a stage also beats, whatever it does (alignment_trainer.live.ProgressPush): a push whose
+only metric is `rank` (its global rank). A beat goes into status.stages[].progress.ranks (rank -> when) and
+moves neither the hang clock (lastUpdated) nor anything else, so a hang can name the rank(s) that stopped.
 """
 
 from __future__ import annotations
@@ -59,6 +63,8 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "degraded_preference_accuracy": ("degraded/preference_accuracy",),
 }
 INTEGER_FIELDS = {"step", "total_steps", "checkpoint_step"}
+RANK_METRIC = "rank"   # a beat: {"name": "rank", "value": "<the process's global rank>"}
+MAX_RANKS = 4096       # ranks of one stage remembered
 TIME_FIELDS = {"checkpoint_time"}  # unix seconds in a report, RFC 3339 in status
 
 
@@ -163,6 +169,28 @@ def parse_report(raw: bytes, now: datetime) -> Report:
         if number is not None:
             metrics[m["name"]] = number
     return Report(percent=percent, eta_seconds=eta, metrics=metrics, sent=sent)
+
+
+def beat_rank(report: Report) -> str | None:
+    """The rank a push beats for (its `rank` metric: a whole number below MAX_RANKS), else None."""
+    rank = report.metrics.get(RANK_METRIC)
+    return str(int(rank)) if rank is not None and rank == int(rank) and 0 <= rank < MAX_RANKS else None
+
+
+def only_a_beat(report: Report) -> bool:
+    """A rank's beat and nothing else: no step, so no progress to report."""
+    return beat_rank(report) is not None and not any(k in report.metrics for k in FIELDS["step"])
+
+
+def newest_beats(*beats: dict[str, str]) -> dict[str, str]:
+    """Per rank, the newest of the beat times given (RFC 3339); at most MAX_RANKS ranks."""
+    out: dict[str, str] = {}
+    for each in beats:
+        for rank, when in (each or {}).items():
+            if rank in out or len(out) < MAX_RANKS:
+                if rank not in out or _time(when, "beat") > _time(out[rank], "beat"):
+                    out[rank] = when
+    return out
 
 
 def stage_progress(report: Report, previous: StageProgress | None = None) -> StageProgress:
@@ -292,7 +320,9 @@ class Throttle:
 
     def take(self, key: tuple[str, str]) -> Any:
         slot = self.slots.get(key)
-        report, slot.pending = (slot.pending, None) if slot else (None, None)
+        if slot is None:
+            return None
+        report, slot.pending = slot.pending, None
         return report
 
     def forget(self, key: tuple[str, str]) -> None:

@@ -45,8 +45,8 @@ from . import kube, metrics
 from .api import AlignmentRunStatus, RunInvalid, StageProgress, parse_run
 from .bounded import Recent
 from .listener import Limits, Listener, Loop, Pool, RateLimiter, client_of, reply, shared_loop
-from .progress import (API_PATH, MAX_BODY_BYTES, Refused, Throttle, audience, parse_path, parse_report,
-                       stage_progress, summary)
+from .progress import (API_PATH, MAX_BODY_BYTES, Refused, Throttle, audience, beat_rank, newest_beats, only_a_beat,
+                       parse_path, parse_report, rfc3339_ms, stage_progress, summary)
 from .identity import LABEL_RUN, LABEL_STAGE, child_name
 
 log = logging.getLogger("alignment_operator.progress")
@@ -109,6 +109,7 @@ class Progress:
         self._names: Recent = Recent(STAGES)     # (ns, job name) -> (run, stage)
         self._seen: Recent = Recent(STAGES)      # (ns, job name) -> last push (monotonic)
         self._pending: set[tuple[str, str]] = set()  # stages with a flush scheduled
+        self._beats: Recent = Recent(STAGES)     # (ns, job name) -> {rank: its last beat (RFC 3339)}
         self._stripes = [threading.Lock() for _ in range(64)]  # per-stage locks, bounded by construction
         self._guard = threading.Lock()
 
@@ -124,8 +125,14 @@ class Progress:
             report = replace(report, sent=now)
         run, stage = self.resolve(ns, name)
         key = (ns, name)
+        rank = beat_rank(report)
         with self._guard:
             self._seen[key] = self.clock()
+            if rank is not None:  # a rank's alive beat: remembered, written with the stage's next progress write
+                beats = self._beats.setdefault(key, {})
+                self._beats[key] = newest_beats(beats, {rank: rfc3339_ms(report.sent)})
+        if only_a_beat(report):
+            return {"accepted": True, "written": self._beat(key, run, stage)}
         with self._lock(key):
             st = self._stage(ns, run, stage)
             if st.phase != "Running":
@@ -142,6 +149,19 @@ class Progress:
                 self._schedule(key, run, stage)
         self._sweep()
         return {"accepted": True, "written": written}
+
+    def _beat(self, key: tuple[str, str], run: str, stage: str) -> bool:
+        """A beat reaches status with the stage's progress as it stands (nothing else moves), throttled like a
+        report: now when a write is due, else with the next one. No GET per beat: every rank beats. Before this
+        replica took the stage's first report (loading, reference precompute) a beat is only remembered."""
+        with self._lock(key):
+            slot = self.throttle.slots.get(key)
+            if slot is None or slot.last_sent is None:
+                return False
+            if self.clock() < self.throttle.due(key):
+                self._schedule(key, run, stage)
+                return False
+            return self._write(key, run, stage, self.throttle.take(key))
 
     def _digest(self, authorization: str | None, aud: str) -> tuple[str, str]:
         if not authorization or not authorization.startswith("Bearer ") or len(authorization) > 8192:
@@ -256,6 +276,7 @@ class Progress:
             self.throttle.forget(key)
             self._names.pop(key, None)
             self._seen.pop(key, None)
+            self._beats.pop(key, None)
             self._pending.discard(key)
             for digest in [d for d, (_, k) in self._tokens.items() if k == key]:
                 del self._tokens[digest]
@@ -301,19 +322,27 @@ class Progress:
             raise Refused(409, f"stage {stage} of {ns}/{run} has not started")
         return st
 
-    def _write(self, key: tuple[str, str], run: str, stage: str, progress: StageProgress,
+    def _write(self, key: tuple[str, str], run: str, stage: str, progress: StageProgress | None,
                phases: tuple[str, ...] = ("Running",)) -> bool:
+        """The stage's progress (None: as status has it, for the ranks' beats), with every rank's newest beat:
+        this replica's and what status holds (another replica's)."""
         ns = key[0]
         body = self.get_run(ns, run)
+        self.throttle.wrote(key, self.clock())  # written or not, the next look is an interval away
         status = AlignmentRunStatus.model_validate((body or {}).get("status") or {})
         index = next((i for i, s in enumerate(status.stages) if s.name == stage), None)
         if index is None or status.stages[index].phase not in phases:
             return False
-        phase = status.stages[index].phase
+        phase, stored = status.stages[index].phase, status.stages[index].progress
+        progress = progress or stored
+        if progress is None:  # nothing reported yet (loading, reference precompute): beats wait for the first report
+            return False
+        with self._guard:
+            beats = self._beats.get(key) or {}
+        progress = progress.model_copy(update={"ranks": newest_beats(stored.ranks if stored else {}, beats) or None})
         status.stages[index].progress = progress
         done = sum(s.phase == "Succeeded" for s in status.stages)
         ok = self.write(ns, run, index, stage, progress.wire(), summary(status.stages, done), phase=phase)
-        self.throttle.wrote(key, self.clock())
         if ok:
             metrics.PROGRESS_WRITES.inc()
         return ok
@@ -336,6 +365,8 @@ class Progress:
                     # when the stage has succeeded meanwhile (a trainer's final 100% arrives a moment
                     # before its pod exits, and the reconciler marks the stage within a second).
                     self._write(key, run, stage, progress, phases=("Running", "Succeeded"))
+                else:  # only beats came since the last write
+                    self._write(key, run, stage, None)
         except Exception:  # noqa: BLE001 - a timer has nobody to raise to
             log.exception("writing the pending progress of %s/%s failed", *key)
 

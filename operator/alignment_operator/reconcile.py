@@ -42,7 +42,7 @@ from .api import RETRY_ANNOTATION, AlignmentRun, AlignmentRunStatus, Condition, 
 from .api.status import ComparisonRow, condition
 from .identity import attempt_spec, child_name, spec_hash, stage_hash
 from .render.recipe import stage_dir
-from .health import (charge_lost_work, hang_timeout, hang_words, note_checkpoint, silent_for,
+from .health import (charge_lost_work, hang_timeout, hang_words, note_checkpoint, silent_for, stopped_ranks,
                      warnings as learning_warnings)
 from .api.spec import ModelSpec, StageSpec
 from .graph import inputs
@@ -509,7 +509,9 @@ def _watch_hang(st: StageStatus, child: ObservedChild, run: AlignmentRun, now: s
     if waited < timeout:
         actions.append(RequeueAfter(timeout - waited + 1))
         return
-    _hung(st, child, run, now, actions, events, hang_words(st, waited, timeout, list(child.stopped)))
+    stopped, beating = stopped_ranks(st, _ts(now), timeout)  # the local shell reads process states instead
+    _hung(st, child, run, now, actions, events, hang_words(st, waited, timeout, list(child.stopped) or stopped,
+                                                            [] if child.stopped else beating))
 
 
 def _hung(st: StageStatus, child: ObservedChild, run: AlignmentRun, now: str,

@@ -217,3 +217,60 @@ def test_the_heartbeat_beats_between_steps_only(capfd):
     heart.on_train_end(None, state, None)
     assert beats[-1] == 5 and len(beats) > during
     assert '{"event": "heartbeat", "step": 5}' in capfd.readouterr().out
+
+
+RANK_PROCESS = """
+import datetime, os, signal, sys, time
+from types import SimpleNamespace
+import torch, torch.distributed as dist
+from alignment_trainer.live import ProgressPush
+
+rank, port = int(sys.argv[1]), sys.argv[2]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                        timeout=datetime.timedelta(seconds=4))
+push = ProgressPush(beat_interval=0.2)
+push.on_train_begin(SimpleNamespace(process_index=rank), SimpleNamespace(is_world_process_zero=False), None)
+time.sleep(1)
+if rank == 1:
+    print("stopping", time.time(), flush=True)
+    os.kill(os.getpid(), signal.SIGSTOP)  # frozen, as a SIGSTOP from the node freezes it
+print("collective", time.time(), flush=True)
+try:
+    dist.all_reduce(torch.zeros(1))  # rank 1 never joins: blocks until the group's timeout
+except Exception:
+    pass
+print("returned", time.time(), flush=True)
+push.on_train_end(None, SimpleNamespace(is_world_process_zero=False), None)
+"""
+
+
+def test_every_rank_beats_inside_a_collective_and_a_stopped_one_does_not(tmp_path, kit):
+    """Issue 31: each process beats {rank} from a thread of its own. Rank 0 blocked in a gloo all_reduce that
+    never completes still beats (the collective lets go of the GIL); rank 1, SIGSTOPped, beats nothing: the
+    operator names rank 1 and only rank 1."""
+    import socket
+    from datetime import datetime
+
+    sink = Sink(tmp_path / "tls")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = kit.trainer_env(sink.env(tmp_path / "token"))
+    procs = [subprocess.Popen([sys.executable, "-c", RANK_PROCESS, str(r), port], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    try:
+        out0, err0 = procs[0].communicate(timeout=300)  # two processes importing torch and transformers
+        assert procs[0].returncode == 0, err0[-2000:]
+        said = dict(line.split() for line in out0.splitlines() if line.split()[0] in ("collective", "returned"))
+        start, end = float(said["collective"]), float(said["returned"])
+    finally:
+        procs[1].kill()
+        procs[1].communicate()
+    beats = [(_metrics(b)["rank"], datetime.fromisoformat(b["trainerStatus"]["lastUpdatedTime"]).timestamp())
+             for _, _, _, b in sink.posts]
+    assert all(set(_metrics(b)) == {"rank"} for _, _, _, b in sink.posts)  # a beat carries nothing else
+    assert end - start >= 3, (start, end)  # it did block, until the group's timeout
+    inside = [t for r, t in beats if r == "0" and start + 0.5 < t < end - 0.5]
+    assert len(inside) >= 5, beats  # rank 0 beat all along inside the collective
+    ones = [t for r, t in beats if r == "1"]
+    assert ones and max(ones) < start + 0.5, beats  # rank 1 beat, then stopped with its process

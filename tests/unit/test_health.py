@@ -264,6 +264,28 @@ def test_a_hung_local_stage_names_the_stopped_rank_and_restarts():
     assert "rank 1 (pid 4321)" in said
 
 
+@pytest.mark.parametrize("beats, named", [
+    ({"0": 3, "1": 70}, "stopped: rank 1 (no beat for 70s)"),                          # rank 1 frozen
+    ({"0": 3, "1": 4}, "every rank still beats (0, 1): stuck inside a step"),           # a collective that never ends
+    ({"0": 3, "1": 4000}, "stopped: rank 1 (no beat this attempt)"),                     # its beat is an earlier attempt's
+    ({}, "which rank stopped is not known"),                                             # a trainer that does not beat
+], ids=["rank-1-stopped", "all-beating", "earlier-attempt", "no-beats"])
+def test_a_hang_on_a_cluster_names_the_rank_whose_beats_stopped(beats, named):
+    """Every rank beats (status.stages[].progress.ranks, from the progress endpoint) whatever it does; the one
+    SIGSTOPped beats nothing: the restart's message, lastRestart, the Event and the condition name it."""
+    from datetime import datetime, timedelta
+
+    at = datetime.fromisoformat(NOW.replace("Z", "+00:00"))
+    run = _silent(100, ranks={r: (at - timedelta(seconds=s)).isoformat() for r, s in beats.items()})
+    out = reconcile(run, 1, {"sft": child("sft", "Running", attempts=1, group=True, uid="j1")}, NOW)
+    sft = out.status.stages[0]
+    assert (sft.phase, sft.reason, sft.restarts) == ("Pending", "Hang", 1)
+    assert named in sft.message and named in sft.last_restart
+    (said,) = [a.message for a in out.actions if isinstance(a, Event) and a.reason == "Hang"]
+    assert named in said and named in next(c.message for c in out.status.conditions if c.type == "Restarted")
+    assert "rank 0 (" not in sft.message  # the rank that still beats is not named stopped
+
+
 def test_a_disrupted_pods_replacement_gets_a_fresh_hang_clock():
     """An evicted pod's replacement loads and resumes before it reports: the silence before is no hang."""
     out = reconcile(_silent(100), 1, {"sft": child("sft", "Running", attempts=2, disruptions=1,

@@ -156,6 +156,36 @@ def test_a_report_dated_ahead_of_the_servers_clock_is_read_as_now():
     assert said["written"] and c.writes[-1][1]["percent"] == 20
 
 
+def beat(sent: datetime, rank: int) -> bytes:
+    """A trainer process's alive beat (alignment_trainer.live.ProgressPush.beat_body)."""
+    return json.dumps({"trainerStatus": {"metrics": [{"name": "rank", "value": str(rank)}],
+                                         "lastUpdatedTime": sent.isoformat()}}).encode()
+
+
+def test_each_ranks_beat_reaches_status_without_moving_the_hang_clock():
+    """Every rank beats (issue 31): before the first report a beat is only remembered (no progress, no hang clock
+    yet), the next report carries it; later beats reach progress.ranks throttled, lastUpdated stays the report's."""
+    c = Cluster()
+    ep, token, path = c.progress(), f"Bearer {c.mint('stage-pod')}", status_path("ns", c.job)
+    t0 = datetime.now(timezone.utc) - timedelta(seconds=60)
+    assert ep.handle(path, token, beat(t0, 1)) == {"accepted": True, "written": False} and c.writes == []
+    ep.handle(path, token, report(t0 + timedelta(seconds=1)))
+    (_, first), = c.writes
+    assert first["ranks"] == {"1": t0.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"} and first["percent"] == 40
+    c.clock += 10
+    said = ep.handle(path, token, beat(t0 + timedelta(seconds=20), 0))
+    c.clock += 1
+    ep.handle(path, token, beat(t0 + timedelta(seconds=21), 1))  # within the interval: held for the next write
+    ep.handle(path, token, beat(t0 + timedelta(seconds=2), 1))   # older than the one held: changes nothing
+    c.clock += 10
+    ep._flush(("ns", c.job), "tiny", "dpo")
+    assert said == {"accepted": True, "written": True} and len(c.writes) == 3
+    last = c.writes[-1][1]
+    assert sorted(last["ranks"]) == ["0", "1"] and last["ranks"]["1"].startswith(
+        (t0 + timedelta(seconds=21)).strftime("%Y-%m-%dT%H:%M:%S"))
+    assert last["lastUpdated"] == first["lastUpdated"] and last["percent"] == 40  # the hang clock did not move
+
+
 def test_what_the_endpoint_remembers_is_bounded_and_goes_with_the_stage():
     c = Cluster()
     ep = c.progress()

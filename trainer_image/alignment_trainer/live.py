@@ -11,6 +11,9 @@ KUBEFLOW_TRAINER_SERVER_CA_CERT, at most every 5 s, from the main process, from 
 thread (a slow server never stalls a step; a failed push is logged once, training goes on).
 It reports more than the stock callback: the preference metrics of the last logging step and
 tokens/s. ALIGNMENT_PROGRESS_CALLBACK=transformers keeps transformers' own callback instead.
+Every process, whatever rank, also beats every HEARTBEAT_S from a thread of its own, inside a step too:
+{"metrics": [{"name": "rank", "value": "<its global rank>"}], "lastUpdatedTime"} and nothing else. A stopped
+process beats nothing, so when a stage hangs the operator names the rank(s) whose beats stopped.
 
 DivergenceGuard raises DivergedError (reason Diverged, exit 2) at the first logging step whose
 loss or gradient norm is NaN or inf, naming the step. transformers' logging_nan_inf_filter would
@@ -206,10 +209,11 @@ def use_own_callback() -> bool:
 class ProgressPush(TrainerCallback):
     """Pushes progress to the operator (see the module doc)."""
 
-    def __init__(self, url: str | None = None, interval: float = MIN_INTERVAL_S, clock: CheckpointClock | None = None):
+    def __init__(self, url: str | None = None, interval: float = MIN_INTERVAL_S, clock: CheckpointClock | None = None,
+                 beat_interval: float = HEARTBEAT_S):
         self.url = url or os.environ[URL_ENV]
         self.clock = clock
-        self.interval = interval
+        self.interval, self.beat_interval = interval, beat_interval
         self.metrics: dict[str, float] = {}
         self.started = self.start_step = None
         self.last_push = -math.inf
@@ -220,10 +224,14 @@ class ProgressPush(TrainerCallback):
         self._closing = False
         self._context = None
         self._thread: threading.Thread | None = None
+        self.rank: int | None = None
+        self._stop_beats = threading.Event()
 
     # ------------------------------------------------------------------ Trainer events
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self.rank = args.process_index  # every process beats
+        threading.Thread(target=self._beat_loop, name="rank-beat", daemon=True).start()
         if not state.is_world_process_zero:
             return
         self.started, self.start_step = time.monotonic(), state.global_step
@@ -259,6 +267,7 @@ class ProgressPush(TrainerCallback):
             self._queue(state)
 
     def on_train_end(self, args, state, control, **kwargs):
+        self._stop_beats.set()
         if not state.is_world_process_zero or self.started is None:
             return
         self._queue(state, force=True, done=True)
@@ -286,6 +295,18 @@ class ProgressPush(TrainerCallback):
         if eta is not None:
             status["estimatedRemainingSeconds"] = eta
         return {"trainerStatus": status}
+
+    def beat_body(self) -> dict:
+        """This process's alive beat: its rank, nothing else (it moves no progress)."""
+        return {"trainerStatus": {"metrics": [{"name": "rank", "value": str(self.rank)}],
+                                  "lastUpdatedTime": datetime.now(timezone.utc).isoformat()}}
+
+    def _beat_loop(self) -> None:
+        """Beats until training ends, whatever the process does meanwhile (a step, a collective, a save)."""
+        while True:
+            self._send(json.dumps(self.beat_body()).encode())
+            if self._stop_beats.wait(self.beat_interval):
+                return
 
     def _queue(self, state, force: bool = False, done: bool = False) -> None:
         now = time.monotonic()

@@ -66,6 +66,10 @@ class StageProgress(ApiModel):
     degraded_preference_accuracy: float | None = Field(None, description=(
         "Set once training-batch preference accuracy stayed at chance (at most guards.chanceAccuracy) for "
         "guards.steps logging steps after warmup: the accuracy."))
+    ranks: dict[str, str] | None = Field(None, description=(
+        "Each rank's last alive beat (RFC 3339), by rank: every process of the stage beats every few seconds "
+        "whatever it does (inside a step too), a stopped one beats nothing, so a hang names the rank(s) that "
+        "stopped. A beat moves no hang clock (lastUpdated)."))
     last_updated: str = Field(description="When the trainer sent this (RFC 3339).")
 
 
