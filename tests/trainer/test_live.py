@@ -274,3 +274,73 @@ def test_every_rank_beats_inside_a_collective_and_a_stopped_one_does_not(tmp_pat
     assert len(inside) >= 5, beats  # rank 0 beat all along inside the collective
     ones = [t for r, t in beats if r == "1"]
     assert ones and max(ones) < start + 0.5, beats  # rank 1 beat, then stopped with its process
+
+
+def test_a_slow_healthy_phase_is_no_hang_and_a_step_that_never_ends_is(tmp_path, monkeypatch, kit):
+    """Issue 31, with the trainer's own callbacks (Heartbeat and ProgressPush beating every 0.1 s, pushing over
+    HTTPS) and the operator's own reading of the pushes and reconcile, hangTimeoutSeconds 1: 1.5 s before the first
+    report (the reference log-prob precompute: TRL runs it in the trainer's constructor, before training begins)
+    and a 1.5 s checkpoint write between steps are not restarted; a step that does not end for 1.5 s is, and the
+    restart says every rank still beats (a collective that never returns, not a stopped process)."""
+    import time as clock
+    from datetime import datetime, timezone
+    from types import SimpleNamespace
+
+    import yaml
+
+    sys.path.insert(0, str(kit.repo / "operator"))
+    from alignment_operator.api import parse_run
+    from alignment_operator.progress import beat_rank, newest_beats, only_a_beat, parse_report, rfc3339_ms, stage_progress
+    from alignment_operator.reconcile import ObservedChild, reconcile
+    from alignment_trainer.live import Heartbeat, ProgressPush
+
+    sink = Sink(tmp_path / "tls")
+    for name, value in sink.env(tmp_path / "token").items():
+        monkeypatch.setenv(name, value)
+    doc = yaml.safe_load((kit.repo / "examples" / "tiny-run.yaml").read_text())
+    doc["metadata"].update(namespace="ns", uid="u1", generation=1)
+    doc["spec"]["stages"][0]["hangTimeoutSeconds"] = 1
+    now = lambda: datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")  # noqa: E731
+    started = reconcile(parse_run(doc), 1, {}, now()).status  # sft starts: its attempt's clock
+
+    def decide():
+        """What the operator decides now, from every push so far (the endpoint's reading, unthrottled)."""
+        progress, beats = None, {}
+        for *_, body in sink.posts:
+            report = parse_report(json.dumps(body).encode(), datetime.now(timezone.utc))
+            if beat_rank(report) is not None:
+                beats = newest_beats(beats, {beat_rank(report): rfc3339_ms(report.sent)})
+            if not only_a_beat(report):
+                progress = stage_progress(report, progress)
+        status = started.model_copy(deep=True)
+        if progress is not None:
+            status.stages[0].progress = progress.model_copy(update={"ranks": beats})
+        doc["status"] = status.wire()
+        sft = status.stages[0]
+        return reconcile(parse_run(doc), 1, {"sft": ObservedChild("sft", sft.job_name, "Running", 1, group=True)},
+                         now()).status.stages[0]
+
+    push = ProgressPush(interval=0.1, beat_interval=0.1)
+    heart = Heartbeat(push, interval=0.1)
+    args, control = SimpleNamespace(process_index=0), SimpleNamespace(should_log=False)
+    state = SimpleNamespace(is_world_process_zero=True, global_step=0, max_steps=10, num_input_tokens_seen=0, epoch=0.0)
+    clock.sleep(1.5)  # the reference precompute, before training begins: nothing reported yet
+    assert sink.posts == [] and decide().phase == "Running"
+    for callback in (push, heart):
+        callback.on_train_begin(args, state, control)
+    for callback in (push, heart):
+        callback.on_step_begin(args, state, control)
+    state.global_step = 1
+    for callback in (push, heart):
+        callback.on_step_end(args, state, control)
+    clock.sleep(1.5)  # a checkpoint write (evaluation, the next batch) between steps
+    writing = decide()
+    assert (writing.phase, writing.reason, writing.restarts) == ("Running", None, 0), writing.message
+    for callback in (push, heart):
+        callback.on_step_begin(args, state, control)
+    clock.sleep(1.5)  # a step that does not end
+    hung = decide()
+    for callback in (push, heart):
+        callback.on_train_end(args, state, control)
+    assert (hung.phase, hung.reason, hung.restarts) == ("Pending", "Hang", 1), hung.message
+    assert "at step 1/10; every rank still beats (0): stuck inside a step" in hung.message
