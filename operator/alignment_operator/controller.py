@@ -246,7 +246,8 @@ def _reconcile_once(namespace: str, name: str) -> float | None:
                                      for c in old_status.conditions):
             kube.emit_event(body, "Warning", "RetryRefused", refused_retry)
     metrics.observe_phase(namespace, name, status.phase)
-    return _next_look(namespace, name, status.phase, outcome.actions)
+    exporting = any(c.type == "Exported" and c.status == "Unknown" for c in status.conditions)
+    return _next_look(namespace, name, status.phase, outcome.actions, exporting)
 
 
 def _lacking_secrets(run: Any, outcome: Any) -> dict[str, list[str]]:
@@ -340,11 +341,12 @@ def _serve(run: Any, status: AlignmentRunStatus) -> None:
         kube.now(), (run.metadata.model_extra or {}).get("generation")))
 
 
-def _next_look(namespace: str, name: str, phase: str, actions: list[Any]) -> float | None:
+def _next_look(namespace: str, name: str, phase: str, actions: list[Any], exporting: bool = False) -> float | None:
     """The requeue reconcile asked for, or the resync of an active run, whichever comes first. A
-    finished run keeps no children in memory."""
+    finished run keeps no children in memory; one whose export Job runs (Exported Unknown) is not
+    finished yet: its Job's events and the resync bring its result into status."""
     after = [a.seconds for a in actions if isinstance(a, RequeueAfter)]
-    if phase in FINISHED:
+    if phase in FINISHED and not exporting:
         cache.finish(namespace, name)
         _listed.pop((namespace, name), None)
     else:

@@ -50,12 +50,12 @@ def write_run(directory: Path, model: Path, edit=None) -> Path:
     return path
 
 
-def start(run: Path, workdir: Path) -> tuple[subprocess.Popen, Path]:
-    """`alignctl run --local` in the background, its output to a file beside the workdir."""
+def start(run: Path, workdir: Path, env: dict | None = None) -> tuple[subprocess.Popen, Path]:
+    """`alignctl run --local` in the background, its output to a file beside the workdir (`env`: added to ENV)."""
     log = workdir.parent / f"alignctl-{time.time_ns()}.log"
     with log.open("w") as f:
         proc = subprocess.Popen([ALIGNCTL, "run", "--local", str(run), "--workdir", str(workdir)], stdout=f,
-                                stderr=subprocess.STDOUT, text=True, env=ENV, cwd=workdir.parent)
+                                stderr=subprocess.STDOUT, text=True, env={**ENV, **(env or {})}, cwd=workdir.parent)
     return proc, log
 
 

@@ -2,13 +2,17 @@
 over beta; two here, the example's three cost a stage process each) -> one eval comparing them. The variants run side by side (bounded by the cores), the
 reference log-probs are computed once and read back by the others, one branch killed mid-run fails alone
 (its siblings and the other variants' evals finish; the run ends Failed naming it), and running the same
-command again retries that branch only, ending with the comparison table and its plot."""
+command again retries that branch only, ending with the comparison table and its plot. With spec.promote
+(chooseBy reward_margin, an export to a real S3-compatible server when tests/s3server.py's versitygw is
+built): nothing ships from the failed run; the rerun promotes the variant with the best reward margin,
+marks it in the comparison and exports that variant's final/ (its card listing the URI)."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -17,11 +21,19 @@ import yaml
 
 from test_local_run import REPO, start, status_of, tiny_model, wait  # noqa: F401  (tiny_model: a fixture)
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import s3server  # noqa: E402
+
 VARIANTS = ["dpo-0-01", "dpo-0-1"]
 
 
-def sweep_file(directory: Path, model: Path) -> Path:
+def sweep_file(directory: Path, model: Path, endpoint: str | None = None) -> Path:
+    """The example with local paths, two betas, and spec.promote (an export when `endpoint`, the S3 server's)."""
     doc = yaml.safe_load((REPO / "examples" / "tiny-sweep.yaml").read_text())
+    doc["spec"]["promote"] = {"chooseBy": "reward_margin"}  # preference_accuracy ties at this scale
+    if endpoint:
+        doc["spec"]["objectStore"] = {"endpointUrl": endpoint}
+        doc["spec"]["promote"]["exports"] = [{"uri": "s3://exports/sweep"}]
     doc["spec"]["model"]["source"] = str(model)
     for stage in doc["spec"]["stages"]:
         for d in stage.get("datasets", []):
@@ -75,11 +87,23 @@ def spans(status: dict) -> dict[str, tuple[float, float]]:
 
 @pytest.mark.trainer
 def test_sweep_runs_variants_side_by_side_a_killed_branch_fails_alone_and_a_rerun_retries_it(tmp_path, tiny_model):
-    run_file = sweep_file(tmp_path, tiny_model)
+    s3 = s3server.S3Server(tmp_path / "s3").start() if s3server.binary() else None
+    if s3 is not None:
+        s3.make_bucket("exports")
+    run_file = sweep_file(tmp_path, tiny_model, s3.endpoint if s3 else None)
+    env = s3.env() if s3 else {}
+    try:
+        _sweep(tmp_path, run_file, env, s3)
+    finally:
+        if s3 is not None:
+            s3.stop()
+
+
+def _sweep(tmp_path: Path, run_file: Path, env: dict, s3) -> None:
     workdir = tmp_path / "runs"
     run_dir = workdir / "default" / "tiny-sweep"
     t0 = time.monotonic()
-    started = start(run_file, workdir)
+    started = start(run_file, workdir, env)
     victim = run_dir / "dpo-0-1"
     deadline = time.monotonic() + 600
     while not training(victim / "log.txt"):  # kill it once it trains: its reference pass is behind it
@@ -113,9 +137,12 @@ def test_sweep_runs_variants_side_by_side_a_killed_branch_fails_alone_and_a_reru
     assert set(rows) == set(VARIANTS) and rows["dpo-0-1"]["metrics"] == {}
     assert rows["dpo-0-01"]["matrix"] == {"beta": 0.01} and "preference_accuracy" in rows["dpo-0-01"]["metrics"]
     assert next(s for s in status["stages"] if s["name"] == "dpo-0-01")["gpus"] == 0  # CPU-only, said so
+    assert status.get("promotion") is None  # a failed run promotes nothing
+    if s3 is not None:
+        assert s3.client().list_objects_v2(Bucket="exports").get("KeyCount", 0) == 0
 
     t1 = time.monotonic()
-    code, out = wait(start(run_file, workdir))
+    code, out = wait(start(run_file, workdir, env))
     rerun_s = time.monotonic() - t1
     assert code == 0, out[-3000:]
     started_now = [line for line in out.splitlines() if line.startswith("- stage") and line.endswith("started")]
@@ -130,4 +157,21 @@ def test_sweep_runs_variants_side_by_side_a_killed_branch_fails_alone_and_a_reru
     events = reference_events(run_dir)
     assert sum(e.endswith(":computed") for e in events) == 1, events
     assert sum(e.endswith(":reused") for e in events) >= 2, events  # the sibling, and the rerun
-    print(f"first run (killed branch) {first_s:.0f} s, rerun {rerun_s:.0f} s; reference: {events}")
+    # The variant with the best reward margin is promoted, marked, and the one exported.
+    best = max(status["comparison"], key=lambda r: r["metrics"]["reward_margin"])
+    p = status["promotion"]
+    assert (p["verdict"], p["stage"], p["matrix"], p["chosenBy"]) == ("Promoted", best["stage"], best["matrix"],
+                                                                     "reward_margin"), p
+    assert [r["stage"] for r in status["comparison"] if r["promoted"]] == [best["stage"]]
+    assert status["model"] == str(run_dir / best["stage"] / "final") and f"PROMOTION: Promoted {best['stage']}" in out
+    if s3 is not None:
+        assert p["exports"][0]["uri"] == "s3://exports/sweep" and p["exports"][0]["digest"].startswith("sha256:")
+        client = s3.client()
+        weights = client.get_object(Bucket="exports", Key="sweep/model.safetensors")["Body"].read()
+        other = next(v for v in VARIANTS if v != best["stage"])
+        assert weights == (run_dir / best["stage"] / "final" / "model.safetensors").read_bytes()
+        assert weights != (run_dir / other / "final" / "model.safetensors").read_bytes()
+        card = client.get_object(Bucket="exports", Key="sweep/README.md")["Body"].read().decode()
+        assert "- `s3://exports/sweep`" in card and f"eval-{best['stage']}" in card
+    print(f"first run (killed branch) {first_s:.0f} s, rerun {rerun_s:.0f} s; reference: {events}; "
+          f"promoted {p['stage']}")
