@@ -42,11 +42,13 @@ def free_port() -> int:
 
 
 class S3Server:
-    def __init__(self, root: Path, port: int | None = None):
+    def __init__(self, root: Path, port: int | None = None, host: str = "127.0.0.1"):
+        """`host`: the address it listens on (the node's IP, for pods on the test node to reach it)."""
         self.root = Path(root)
         self.data = self.root / "data"
+        self.host = host
         self.port = port or free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.endpoint = f"http://{host}:{self.port}"
         self.access_key = "alignment-test-" + secrets.token_hex(4)
         self.secret_key = secrets.token_hex(20)
         self.proc: subprocess.Popen | None = None
@@ -69,7 +71,7 @@ class S3Server:
         sidecar = self.root / "meta"
         sidecar.mkdir(exist_ok=True)
         self.proc = subprocess.Popen(
-            [str(exe), "--access", self.access_key, "--secret", self.secret_key, "--port", f"127.0.0.1:{self.port}",
+            [str(exe), "--access", self.access_key, "--secret", self.secret_key, "--port", f"{self.host}:{self.port}",
              "--quiet", "--health", "/health", "posix", "--sidecar", str(sidecar), str(self.data)],
             stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 30
@@ -77,7 +79,7 @@ class S3Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"versitygw exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                with socket.create_connection((self.host, self.port), timeout=0.5):
                     self.started_seconds = time.monotonic() - t0
                     return self
             except OSError:

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import yaml
@@ -26,6 +27,9 @@ from kubelet import DPO, EVAL, SFT, apply_tiny, child, get_run, jobs, stage_outp
 from node import image_ref
 from realnode import (assert_resumed, events, prepare_volume, running_pod, start_operator, two_rank_run,
                       wait_phase)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import s3server  # noqa: E402
 
 pytestmark = [pytest.mark.cluster, pytest.mark.node, pytest.mark.timeout(1800)]
 
@@ -75,15 +79,26 @@ def test_node_runs_pods_that_resolve_each_other_and_the_api_server(real, restric
 
 def test_tiny_run_sft_dpo_eval_in_real_pods(real, restricted_ns, tmp_path):
     """Scenarios 1 and 5: examples/tiny-run.yaml to Succeeded in a `restricted` namespace; the
-    pods run as uid 1000 and get the HF token only through their secretKeyRef."""
+    pods run as uid 1000 and get the HF token only through their secretKeyRef. Issue 27 on the node:
+    promoted by its gate, the model is exported by the operator's export Job (a pod of the trainer
+    image, the key pair from a Secret) to a real S3-compatible server on the node's IP: the bucket
+    holds dpo's final/ byte for byte, its card listing the URI."""
     ns, plane, started = restricted_ns, real.plane, time.monotonic()
     volume = prepare_volume(real, ns, "tiny")
     token = f"hf_{uuid.uuid4().hex}"
     plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump({
         "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "hf"}, "stringData": {"token": token}}))
+    s3 = s3server.S3Server(tmp_path / "s3", host=real.node.ip).start()  # pods reach the node's IP (CoreDNS is there)
+    s3.make_bucket("exports")
+    plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3"},
+        "stringData": {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key}}))
     operator = start_operator(real, ns, tmp_path)
     try:
-        apply_tiny(plane, ns, trainer={"hfTokenSecretRef": {"name": "hf", "key": "token"}})
+        apply_tiny(plane, ns, trainer={"hfTokenSecretRef": {"name": "hf", "key": "token"}},
+                   objectStore={"endpointUrl": s3.endpoint, "credentialsSecretName": "s3"},
+                   promote={"gates": [{"metric": "preference_accuracy", "min": 0.0}],
+                            "exports": [{"uri": "s3://exports/tiny"}]})
         # Inside the running SFT container: the kubelet's uid, and the token from the Secret.
         pod = running_pod(real, ns, SFT)
         assert plane.kubectl("exec", "-n", ns, pod, "--", "id", "-u").stdout.strip() == "1000"
@@ -91,9 +106,20 @@ def test_tiny_run_sft_dpo_eval_in_real_pods(real, restricted_ns, tmp_path):
                              "import hashlib, os; print(hashlib.sha256(os.environ['HF_TOKEN'].encode()).hexdigest())")
         assert seen.stdout.strip() == hashlib.sha256(token.encode()).hexdigest()
         run = wait_phase(real, ns, "tiny", {"Succeeded", "Failed"}, timeout=1200)
+        wall = time.monotonic() - started
+        api = real.plane.api_client()
+        exported = lambda r: next((c for c in r.get("status", {}).get("conditions", [])  # noqa: E731
+                                   if c["type"] == "Exported" and c["status"] != "Unknown"), None)
+        if run["status"]["phase"] == "Succeeded":
+            wait_for("the export", timeout=180, interval=1, fn=lambda: exported(get_run(api, ns, "tiny")))
+            run = get_run(api, ns, "tiny")
+        export_s = time.monotonic() - started - wall
+        client = s3.client()  # what the bucket holds, read before the server stops
+        stored = {o["Key"]: client.get_object(Bucket="exports", Key=o["Key"])["Body"].read()
+                  for o in client.list_objects_v2(Bucket="exports").get("Contents", [])}
     finally:
         operator.stop()
-    wall = time.monotonic() - started
+        s3.stop()
     status = run["status"]
     assert status["phase"] == "Succeeded", json.dumps(status, indent=1)
     stages = {s["name"]: s for s in status["stages"]}
@@ -126,7 +152,26 @@ def test_tiny_run_sft_dpo_eval_in_real_pods(real, restricted_ns, tmp_path):
     env = json.loads(plane.kubectl("get", "job", DPO, "-n", ns, "-o", "json").stdout)[
         "spec"]["template"]["spec"]["containers"][0]["env"]
     assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}} in env
-    print(f"\nscenario 1+5 (tiny SFT -> DPO -> eval on the node): {wall:.0f}s; "
+    # Exported from the node by the operator's Job: the promoted dpo final/, verified, its card naming where.
+    p = status["promotion"]
+    assert (p["verdict"], p["stage"]) == ("Promoted", "dpo") and exported(run)["status"] == "True", json.dumps(p)
+    result = p["exports"][0]
+    assert result["uri"] == "s3://exports/tiny" and result["digest"].startswith("sha256:"), result
+    files = sorted(q.relative_to(final).as_posix() for q in final.rglob("*") if q.is_file())
+    assert sorted(stored) == sorted([*(f"tiny/{n}" for n in files), "tiny/_EXPORT_COMPLETE.json"]), sorted(stored)
+    for name in files:
+        body = stored[f"tiny/{name}"]
+        if name == "README.md":  # the eval's card of dpo, listing the URI and the store without credentials
+            assert "- `s3://exports/tiny`" in body.decode() and s3.secret_key not in body.decode()
+        else:
+            assert body == (final / name).read_bytes(), name
+    job = json.loads(plane.kubectl("get", "jobs", "-n", ns, "-l", "alignment.dev/stage=promote.export",
+                                   "-o", "json").stdout)["items"][0]
+    assert {"name": "AWS_SECRET_ACCESS_KEY", "valueFrom": {"secretKeyRef": {
+        "name": "s3", "key": "AWS_SECRET_ACCESS_KEY"}}} in job["spec"]["template"]["spec"]["containers"][0]["env"]
+    export_logs = plane.kubectl("logs", "-n", ns, f"job/{job['metadata']['name']}").stdout
+    assert '"event": "exported"' in export_logs and s3.secret_key not in export_logs + json.dumps(status)
+    print(f"\nscenario 1+5 (tiny SFT -> DPO -> eval on the node): {wall:.0f}s, then the export {export_s:.0f}s; "
           f"logp accuracy DPO {evaluation['logp_accuracy']:.2f} vs SFT {evaluation['reference_logp_accuracy']:.2f}")
 
 
