@@ -6,8 +6,9 @@ endpoint), one namespace, two runs side by side:
   WorldSizeMismatch naming both numbers, no step trained;
 - a two-pod ZeRO-3 stage (an Indexed Job + headless Service) whose rank 1 trainer process is frozen
   from the node (SIGSTOP) after checkpoint-5: no step and no heartbeat for hangTimeoutSeconds (30), so
-  the operator restarts both ranks from the newest checkpoint (restarts 1, reason Hang, an Event Hang)
-  and the stage succeeds; its latestCheckpoint and workAtRisk were in status while it ran.
+  the operator restarts both ranks from the newest checkpoint (restarts 1, reason Hang, an Event Hang,
+  both naming rank 1: the one whose beats stopped) and the stage succeeds; its latestCheckpoint and
+  workAtRisk were in status while it ran.
 
 Needs what tests/cluster/test_real_node.py needs (the node, the images); ALIGNMENT_SKIP_NODE=1 skips it.
 """
@@ -98,8 +99,12 @@ def test_a_wrong_world_fails_at_once_and_a_frozen_rank_restarts_both_from_the_ch
     assert restarted["latestCheckpoint"]["step"] == frozen_after and restarted["latestCheckpoint"]["complete"], restarted
     assert detected_s <= HANG_S + 30, detected_s
     assert stage["restarts"] == 1 and "no progress or heartbeat" in stage["lastRestart"], stage
+    # the frozen rank is named, from every rank's beats (rank 0, blocked in a collective, still beat)
+    assert "stopped: rank 1 (no beat for" in restarted["lastRestart"] and "rank 0 (" not in restarted["lastRestart"], \
+        restarted
     events = json.loads(plane.kubectl("get", "events", "-n", ns, "--field-selector", "reason=Hang", "-o", "json").stdout)
-    assert any("stage sft: Hang" in e["message"] for e in events["items"]), events["items"]
+    assert any("stage sft: Hang" in e["message"] and "stopped: rank 1" in e["message"] for e in events["items"]), \
+        events["items"]
     assert stage["latestCheckpoint"]["step"] > frozen_after, stage  # it moved on after the restart
     logs = plane.kubectl("logs", "-n", ns, "-l", "batch.kubernetes.io/job-completion-index=0,alignment.dev/run=hang",
                          "--tail=-1").stdout
