@@ -225,7 +225,7 @@ def keep_fp32_masters(model) -> list[str]:
     AdamW's updates fall below bfloat16's resolution (tiny model, LoRA SFT, 10 steps: 0.21% of
     lora_A's entries change at lr 5e-7, 2.7% at 5e-6; in float32 >99.9%). peft made them float32
     and they train under bf16 autocast like every other trainable weight here. Called on the
-    trainer's model before the optimizer exists (stages/common.train); DeepSpeed ZeRO and FSDP keep
+    trainer's model before the optimizer exists (training.train); DeepSpeed ZeRO and FSDP keep
     their own fp32 copy, so there nothing is cast (ZeRO-3 also needs one dtype across parameters).
     """
     if engine_keeps_fp32_masters():
