@@ -441,15 +441,18 @@ class GrpoArgs(_Strict):
 
 
 class GenerateArgs(_Strict):
-    """What a generate stage samples: num_generations completions per prompt from the stage's model."""
+    """What a generate stage samples: num_generations completions per prompt from the stage's model.
+
+    Declared once for the recipe and the AlignmentRun (api.spec.GenerateSpec: the same fields, camelCase)."""
 
     num_generations: int = Field(8, ge=1, description="Completions sampled per prompt (HALOs samples 8).")
     max_completion_length: int = Field(256, gt=0, description="Longest completion, in tokens.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (1.0: the policy's own distribution).")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: the smallest token set with this mass.")
-    max_prompts: int | None = Field(None, gt=0, description="First N prompts (after weights) only; None: all.")
-    batch_size: int = Field(8, gt=0, description="Prompts per generate call (transformers).")
-    use_vllm: bool = Field(False, description="Sample with vLLM (needs vllm installed and a GPU); refused otherwise.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: the smallest token set holding this mass.")
+    max_prompts: int | None = Field(None, gt=0, description="First N prompts only. Default: all.")
+    batch_size: int = Field(8, gt=0, description="Prompts per generate call.")
+    use_vllm: bool = Field(False, description=(
+        "Sample with vLLM (GPU stages on an image with vllm installed); refused by the trainer otherwise."))
 
 
 class LabelArgs(_Strict):

@@ -16,6 +16,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from alignment_trainer.recipe import (LABEL_SMOOTHING_LOSSES, LABEL_SMOOTHING_NEEDED, METHODS, GuardArgs,
                                       check_method, method_names, reads_outputs, training_methods)
+from alignment_trainer.recipe import GenerateArgs
 
 from . import corev1
 from .admission import ExtraArgs, ImageRef, MountPath, NodeSelector, trl_fields
@@ -561,15 +562,9 @@ class GrpoSpec(ApiModel):
         "Held-out prompts answered before and after training; result: their mean reward."))
 
 
-class GenerateSpec(ApiModel):
-    num_generations: int = Field(8, ge=1, description="Completions sampled per prompt (HALOs samples 8).")
-    max_completion_length: int = Field(256, gt=0, description="Longest completion, in tokens.")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature (1.0: the policy's own distribution).")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: the smallest token set holding this mass.")
-    max_prompts: int | None = Field(None, gt=0, description="First N prompts only. Default: all.")
-    batch_size: int = Field(8, gt=0, description="Prompts per generate call.")
-    use_vllm: bool = Field(False, description=(
-        "Sample with vLLM (GPU stages on an image with vllm installed); refused by the trainer otherwise."))
+class GenerateSpec(ApiModel, GenerateArgs):
+    # The trainer's contract, camelCase (no docstring: the stage's field describes it in the CRD).
+    pass
 
 
 class LabelSpec(ApiModel):

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import posixpath
+from typing import TypeVar
+
+from pydantic import BaseModel
 
 from alignment_trainer.recipe import (
     METHODS, AlpacaEvalArgs, DatasetArgs, EvalArgs, GenerateArgs, JudgeArgs, LabelArgs, LmEvalArgs, LoraArgs,
@@ -21,6 +24,7 @@ from ..api import AlignmentRun, DatasetSpec, StageSpec
 from ..api.spec import GenerateSpec
 
 JUDGE_API_KEY_ENV = "JUDGE_API_KEY"
+M = TypeVar("M", bound=BaseModel)
 
 
 def stage_dir(root: str, run: AlignmentRun, stage_name: str) -> str:
@@ -155,7 +159,7 @@ def build_recipe(run: AlignmentRun, index: int, root: str,
         ),
         eval=None if stage.method != "eval" else _eval_args(run, index, root),
         grpo=None if stage.grpo is None else _grpo_args(run, stage, root),
-        generate=_generate_args(stage) if stage.method == "generate" else None,
+        generate=section(GenerateArgs, stage.generate or GenerateSpec()) if stage.method == "generate" else None,
         label=None if stage.label is None else _label_args(run, stage, root),
         output_dir=stage_dir(root, run, stage.name),
         guards=GuardArgs.model_validate(stage.guards.model_dump()) if stage.guards else GuardArgs(),
@@ -217,11 +221,10 @@ def _rewards(run: AlignmentRun, rewards, root: str, section: str) -> list[Reward
             for k, r in enumerate(rewards)]
 
 
-def _generate_args(stage: StageSpec) -> GenerateArgs:
-    g = stage.generate or GenerateSpec()
-    return GenerateArgs(num_generations=g.num_generations, max_completion_length=g.max_completion_length,
-                        temperature=g.temperature, top_p=g.top_p, max_prompts=g.max_prompts,
-                        batch_size=g.batch_size, use_vllm=g.use_vllm)
+def section(args: type[M], spec: BaseModel, **resolved) -> M:
+    """A recipe section from the run's: the fields both declare (once, in the trainer's contract) by name, and
+    what render resolves from the run (a dataset's path, a reward stage's final/, a Secret's environment name)."""
+    return args.model_validate({**spec.model_dump(include=set(args.model_fields) - set(resolved)), **resolved})
 
 
 def _label_args(run: AlignmentRun, stage: StageSpec, root: str) -> LabelArgs:
