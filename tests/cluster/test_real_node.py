@@ -13,6 +13,7 @@ import datetime
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -80,22 +81,35 @@ def test_node_runs_pods_that_resolve_each_other_and_the_api_server(real, restric
 def test_tiny_run_sft_dpo_eval_in_real_pods(real, restricted_ns, tmp_path):
     """Scenarios 1 and 5: examples/tiny-run.yaml to Succeeded in a `restricted` namespace; the
     pods run as uid 1000 and get the HF token only through their secretKeyRef. Issue 27 on the node:
-    promoted by its gate, the model is exported by the operator's export Job (a pod of the trainer
-    image, the key pair from a Secret) to a real S3-compatible server on the node's IP: the bucket
-    holds dpo's final/ byte for byte, its card listing the URI."""
+    the base model and every dataset and prompt file come from a real S3-compatible server on the
+    node's IP (the volume holds no copy: the pods fetch them once into the run's sources/ with the key
+    pair from a Secret); promoted by its gate, the model is exported by the operator's export Job (a
+    pod of the trainer image) to the same server: the bucket holds dpo's final/ byte for byte, its card
+    listing the URI."""
     ns, plane, started = restricted_ns, real.plane, time.monotonic()
     volume = prepare_volume(real, ns, "tiny")
     token = f"hf_{uuid.uuid4().hex}"
     plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump({
         "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "hf"}, "stringData": {"token": token}}))
     s3 = s3server.S3Server(tmp_path / "s3", host=real.node.ip).start()  # pods reach the node's IP (CoreDNS is there)
-    s3.make_bucket("exports")
+    for bucket in ("models", "data", "exports"):
+        s3.make_bucket(bucket)
+    # The sources move to the bucket and leave the volume: only a fetch from the store can find them.
+    s3.upload_dir(volume / "runs/tiny-model", "s3://models/tiny")
+    s3.upload_dir(volume / "examples/data", "s3://data/tiny")
+    shutil.rmtree(volume / "runs/tiny-model")
+    shutil.rmtree(volume / "examples")
+    doc = yaml.safe_load((REPO / "examples/tiny-run.yaml").read_text())
+    text = json.dumps(doc["spec"]["stages"]).replace('"examples/data/', '"s3://data/tiny/')
+    assert text.count('"s3://data/tiny/') == 6, text  # sft 2, dpo 2, eval's data and prompts
+    model = {**doc["spec"]["model"], "source": "s3://models/tiny"}
     plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump({
         "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3"},
         "stringData": {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key}}))
     operator = start_operator(real, ns, tmp_path)
     try:
-        apply_tiny(plane, ns, trainer={"hfTokenSecretRef": {"name": "hf", "key": "token"}},
+        apply_tiny(plane, ns, model=model, stages=json.loads(text),
+                   trainer={"hfTokenSecretRef": {"name": "hf", "key": "token"}},
                    objectStore={"endpointUrl": s3.endpoint, "credentialsSecretName": "s3"},
                    promote={"gates": [{"metric": "preference_accuracy", "min": 0.0}],
                             "exports": [{"uri": "s3://exports/tiny"}]})
@@ -135,6 +149,21 @@ def test_tiny_run_sft_dpo_eval_in_real_pods(real, restricted_ns, tmp_path):
     assert (final / "config.json").is_file() and any(final.glob("*.safetensors")), sorted(final.iterdir())
     assert final.stat().st_uid == 1000 and (final / "config.json").stat().st_uid == 1000
     assert (stage_output(plane, volume, ns, "tiny", "eval") / "generations.jsonl").stat().st_size > 0
+    # The sources the pods fetched from the bucket, once, into the run's sources/ on the volume: the
+    # same bytes as uploaded (the volume had no other copy), and no second fetch by a later stage.
+    sources = final.parents[1] / "sources"
+    fetched = sorted(q.relative_to(sources).as_posix() for q in sources.rglob("*") if q.is_file()
+                     and not q.name.startswith("."))
+    data = sorted((REPO / "examples/data").glob("*.jsonl"))
+    used = {"sft.jsonl", "sft_test.jsonl", "prefs.jsonl", "prefs_test.jsonl", "prompts.jsonl"}
+    assert {f"data/tiny/{n}" for n in used} <= set(fetched) and "models/tiny/config.json" in fetched, fetched
+    for path in data:
+        if path.name in used:
+            assert (sources / "data/tiny" / path.name).read_bytes() == path.read_bytes(), path.name
+    logs = {j: plane.kubectl("logs", "-n", ns, f"job/{j}").stdout for j in (SFT, DPO, EVAL)}
+    assert "fetching s3://models/tiny: " in logs[SFT] and "fetching s3://data/tiny/prefs.jsonl: " in logs[DPO], logs[SFT][-3000:]
+    assert "s3://data/tiny/prefs_test.jsonl: using the copy fetched earlier" in logs[EVAL], logs[EVAL][-3000:]
+    assert "fetching s3://data/tiny/prefs_test.jsonl" not in logs[EVAL]
 
     # The trainer's own progress in `kubectl logs`.
     logs = plane.kubectl("logs", "-n", ns, f"job/{DPO}").stdout
