@@ -294,20 +294,23 @@ class JudgeArgs(_Strict):
 
 
 class LmEvalArgs(_Strict):
-    """lm-evaluation-harness tasks, run through lm_eval.simple_evaluate on the evaluated model."""
+    """lm-evaluation-harness tasks, run through lm_eval.simple_evaluate on the evaluated model.
 
-    tasks: list[str] = Field(min_length=1, description=(
-        "lm-eval task or group names (ifeval, gsm8k, mmlu, ...) or paths of task YAML files (custom tasks, "
-        "e.g. on local JSON data via dataset_path: json)."))
-    data_files: dict[str, str] = Field(default_factory=dict, description=(
-        "Task name -> a local JSON/JSONL file that replaces the task's Hub dataset (e.g. ifeval -> an offline "
-        "copy of google/IFEval); the task's prompts, checkers and metrics stay lm-eval's."))
-    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples per prompt; None: each task's own.")
-    limit: float | None = Field(None, gt=0, description="Documents per task: a count, or a fraction below 1; None: all.")
+    Declared once for the recipe and the AlignmentRun (api.spec.LmEvalSpec: the same fields, camelCase)."""
+
+    tasks: list[str] = Field(min_length=1, max_length=64, description=(
+        "lm-evaluation-harness task or group names (ifeval, gsm8k, mmlu, ...) or paths of task YAML files "
+        "on the run's volume (custom tasks, e.g. on local JSON data with dataset_path: json)."))
+    data_files: dict[str, str] = Field({}, description=(
+        "Task name -> a JSON/JSONL file on the volume that replaces that task's Hub dataset (e.g. ifeval -> an "
+        "offline copy of google/IFEval); prompts, checkers and metrics stay lm-eval's."))
+    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples per prompt. Default: each task's own.")
+    limit: float | None = Field(None, gt=0, description="Documents per task: a count, or a fraction below 1. Default: all.")
     apply_chat_template: bool = Field(True, description="Format prompts with the model's own chat template.")
-    batch_size: int = Field(8, gt=0, description="Requests per forward pass / generate call.")
-    max_gen_toks: int | None = Field(None, gt=0, description="Cap on tokens generated per request; None: each task's own.")
-    reference: bool = Field(False, description="Also run the tasks on the reference model (keys prefixed reference_).")
+    batch_size: int = Field(8, gt=0, description="Requests per forward pass or generate call.")
+    max_gen_toks: int | None = Field(None, gt=0, description="Cap on tokens generated per request. Default: each task's own.")
+    reference: bool = Field(False, description=(
+        "Also run the tasks on the reference model, side by side (keys prefixed reference_)."))
 
 
 class AlpacaEvalArgs(_Strict):

@@ -16,7 +16,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from alignment_trainer.recipe import (LABEL_SMOOTHING_LOSSES, LABEL_SMOOTHING_NEEDED, METHODS, GuardArgs,
                                       check_method, method_names, reads_outputs, training_methods)
-from alignment_trainer.recipe import GenerateArgs
+from alignment_trainer.recipe import GenerateArgs, LmEvalArgs
 
 from . import corev1
 from .admission import ExtraArgs, ImageRef, MountPath, NodeSelector, trl_fields
@@ -448,20 +448,13 @@ class JudgeSpec(ApiModel):
         return data
 
 
-class LmEvalSpec(ApiModel):
-    tasks: list[str] = Field(min_length=1, max_length=64, description=(
-        "lm-evaluation-harness task or group names (ifeval, gsm8k, mmlu, ...) or paths of task YAML files "
-        "on the run's volume (custom tasks, e.g. on local JSON data with dataset_path: json)."))
-    data_files: dict[str, str] = Field({}, description=(
-        "Task name -> a JSON/JSONL file on the volume that replaces that task's Hub dataset (e.g. ifeval -> an "
-        "offline copy of google/IFEval); prompts, checkers and metrics stay lm-eval's."))
-    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples per prompt. Default: each task's own.")
-    limit: float | None = Field(None, gt=0, description="Documents per task: a count, or a fraction below 1. Default: all.")
-    apply_chat_template: bool = Field(True, description="Format prompts with the model's own chat template.")
-    batch_size: int = Field(8, gt=0, description="Requests per forward pass or generate call.")
-    max_gen_toks: int | None = Field(None, gt=0, description="Cap on tokens generated per request. Default: each task's own.")
-    reference: bool = Field(False, description=(
-        "Also run the tasks on the reference model, side by side (keys prefixed reference_)."))
+# A section a run and a recipe share inherits the trainer's contract (alignment_trainer.recipe.*Args): each field
+# is declared there once and is camelCase here (ApiModel's alias). The Spec adds only what a run names (datasets
+# that may name a stage, stage names, Secrets) and CEL rules; render.recipe.section() resolves those. No docstring
+# on them: a model's docstring would become a description in the CRD beside the stage field's own.
+
+class LmEvalSpec(ApiModel, LmEvalArgs):
+    pass
 
 
 class AlpacaEvalSpec(ApiModel):
@@ -563,7 +556,6 @@ class GrpoSpec(ApiModel):
 
 
 class GenerateSpec(ApiModel, GenerateArgs):
-    # The trainer's contract, camelCase (no docstring: the stage's field describes it in the CRD).
     pass
 
 

@@ -277,10 +277,7 @@ def _eval_args(run: AlignmentRun, index: int, root: str) -> EvalArgs:
             base_url=e.judge.base_url, model=e.judge.model, api_key_env=JUDGE_API_KEY_ENV,
             max_prompts=e.judge.max_prompts, timeout_seconds=e.judge.timeout_seconds,
             max_retries=e.judge.max_retries),
-        lm_eval=None if e.lm_eval is None else LmEvalArgs(
-            tasks=list(e.lm_eval.tasks), data_files=dict(e.lm_eval.data_files), num_fewshot=e.lm_eval.num_fewshot,
-            limit=e.lm_eval.limit, apply_chat_template=e.lm_eval.apply_chat_template,
-            batch_size=e.lm_eval.batch_size, max_gen_toks=e.lm_eval.max_gen_toks, reference=e.lm_eval.reference),
+        lm_eval=None if e.lm_eval is None else section(LmEvalArgs, e.lm_eval),
         alpaca_eval=None if e.alpaca_eval is None else AlpacaEvalArgs(
             reference_outputs=_dataset(e.alpaca_eval.reference_outputs, run, root),
             prompts=_dataset(e.alpaca_eval.prompts, run, root) if e.alpaca_eval.prompts else None,
