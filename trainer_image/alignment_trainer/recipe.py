@@ -280,17 +280,26 @@ class TrainingArgs(_Strict):
         default_factory=dict, description="Passed as-is to the TRL config; unknown keys are an error.")
 
 
-class JudgeArgs(_Strict):
-    """An OpenAI-compatible chat endpoint used as a pairwise judge."""
+class Judge(_Strict):
+    """An OpenAI-compatible chat endpoint used as a judge: the fields a recipe (JudgeArgs) and a run
+    (api.spec.JudgeSpec, camelCase) share, declared once; each adds where the API key comes from."""
 
-    base_url: str = Field(description="e.g. https://api.openai.com/v1")
-    model: str = Field(description="Judge model name.")
-    api_key_env: str = Field("JUDGE_API_KEY", description="Environment variable holding the API key.")
+    base_url: str = Field(min_length=1, max_length=1024, description=(
+        "OpenAI-compatible API base URL, e.g. https://api.openai.com/v1. No credentials in it: the key comes "
+        "from apiKeySecretRef."))
+    model: str = Field(min_length=1, max_length=256, description="Judge model name.")
     max_prompts: int = Field(50, gt=0, description="Prompts judged, each once per order (position-swapped).")
-    timeout_seconds: float = Field(120.0, gt=0, description="Longest wait for one judge answer.")
-    max_retries: int = Field(3, ge=1, description=(
-        "Tries per judge request (timeouts, 5xx, unparseable answers), with backoff; then the stage fails, "
-        "keeping the answers already generated."))
+    timeout_seconds: float = Field(120.0, gt=0, description="Longest wait for one judge answer, in seconds.")
+    max_retries: int = Field(3, ge=1, le=20, description=(
+        "Tries per judge request (timeouts, 5xx, unparseable answers), with backoff; then the stage fails "
+        "(retryable), keeping the answers already generated for the next attempt."))
+
+
+class JudgeArgs(Judge):
+    """A judge in a recipe: its API key from the environment."""
+
+    api_key_env: str = Field("JUDGE_API_KEY", description=(
+        "Environment variable holding the API key (a run's apiKeySecretRef, through a secretKeyRef)."))
 
 
 class LmEvalArgs(_Strict):

@@ -16,7 +16,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from alignment_trainer.recipe import (LABEL_SMOOTHING_LOSSES, LABEL_SMOOTHING_NEEDED, METHODS, GuardArgs,
                                       check_method, method_names, reads_outputs, training_methods)
-from alignment_trainer.recipe import GenerateArgs, LmEvalArgs
+from alignment_trainer.recipe import GenerateArgs, Judge, LmEvalArgs
 
 from . import corev1
 from .admission import ExtraArgs, ImageRef, MountPath, NodeSelector, trl_fields
@@ -422,21 +422,17 @@ def regex_problem(pattern: str) -> str | None:
     return f"{REGEX_MESSAGE} (RE2 has no {found!r})" if found else None
 
 
-class JudgeSpec(ApiModel):
+# A section a run and a recipe share inherits its model in the trainer's contract (alignment_trainer.recipe):
+# each field is declared there once and is camelCase here (ApiModel's alias). The Spec adds only what a run names
+# (datasets that may name a stage, stage names, Secrets) and CEL rules; render.recipe.from_spec() resolves those.
+# No docstring on them: a model's docstring would become a description in the CRD beside the stage field's own.
+
+class JudgeSpec(ApiModel, Judge):
     model_config = {**ApiModel.model_config, "json_schema_extra": x_validations(
         (f"!self.baseUrl.matches('{URI_CREDENTIALS}')", JUDGE_URL_MESSAGE, ".baseUrl"),
     )}
 
-    base_url: str = Field(min_length=1, max_length=1024, description=(
-        "OpenAI-compatible API base URL, e.g. https://api.openai.com/v1. No credentials in it: the key comes "
-        "from apiKeySecretRef."))
-    model: str = Field(min_length=1, max_length=256, description="Judge model name.")
     api_key_secret_ref: SecretKeyRef = Field(description="Secret holding the judge's API key.")
-    max_prompts: int = Field(50, gt=0, description="Prompts judged, each once per order (position-swapped).")
-    timeout_seconds: float = Field(120.0, gt=0, description="Longest wait for one judge answer, in seconds.")
-    max_retries: int = Field(3, ge=1, le=20, description=(
-        "Tries per judge request (timeouts, 5xx, unparseable answers), with backoff; then the stage fails "
-        "(retryable), keeping the answers already generated for the next attempt."))
 
     @model_validator(mode="before")
     @classmethod
@@ -447,11 +443,6 @@ class JudgeSpec(ApiModel):
             raise ValueError(JUDGE_URL_MESSAGE)
         return data
 
-
-# A section a run and a recipe share inherits the trainer's contract (alignment_trainer.recipe.*Args): each field
-# is declared there once and is camelCase here (ApiModel's alias). The Spec adds only what a run names (datasets
-# that may name a stage, stage names, Secrets) and CEL rules; render.recipe.section() resolves those. No docstring
-# on them: a model's docstring would become a description in the CRD beside the stage field's own.
 
 class LmEvalSpec(ApiModel, LmEvalArgs):
     pass

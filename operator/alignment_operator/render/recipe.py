@@ -159,7 +159,7 @@ def build_recipe(run: AlignmentRun, index: int, root: str,
         ),
         eval=None if stage.method != "eval" else _eval_args(run, index, root),
         grpo=None if stage.grpo is None else _grpo_args(run, stage, root),
-        generate=section(GenerateArgs, stage.generate or GenerateSpec()) if stage.method == "generate" else None,
+        generate=from_spec(GenerateArgs, stage.generate or GenerateSpec()) if stage.method == "generate" else None,
         label=None if stage.label is None else _label_args(run, stage, root),
         output_dir=stage_dir(root, run, stage.name),
         guards=GuardArgs.model_validate(stage.guards.model_dump()) if stage.guards else GuardArgs(),
@@ -210,18 +210,17 @@ def reward_judges(stage: StageSpec) -> list[tuple[str, object]]:
             for k, r in enumerate(section.rewards) if r.judge is not None]
 
 
-def _rewards(run: AlignmentRun, rewards, root: str, section: str) -> list[RewardArgs]:
+def _rewards(run: AlignmentRun, rewards, root: str, name: str) -> list[RewardArgs]:
     """A reward_model reward names an earlier reward stage (its final/ scores); a judge reward reads
-    its key from reward_judge_env(section, k)."""
+    its key from reward_judge_env(name, k)."""
     return [RewardArgs(kind=r.kind, column=r.column, pattern=r.pattern, weight=r.weight,
                        model=final_dir(root, run, r.reward_model) if r.reward_model else None,
-                       judge=None if r.judge is None else JudgeArgs(
-                           base_url=r.judge.base_url, model=r.judge.model, api_key_env=reward_judge_env(section, k),
-                           timeout_seconds=r.judge.timeout_seconds, max_retries=r.judge.max_retries))
+                       judge=None if r.judge is None else from_spec(JudgeArgs, r.judge,
+                                                                   api_key_env=reward_judge_env(name, k)))
             for k, r in enumerate(rewards)]
 
 
-def section(args: type[M], spec: BaseModel, **resolved) -> M:
+def from_spec(args: type[M], spec: BaseModel, **resolved) -> M:
     """A recipe section from the run's: the fields both declare (once, in the trainer's contract) by name, and
     what render resolves from the run (a dataset's path, a reward stage's final/, a Secret's environment name)."""
     return args.model_validate({**spec.model_dump(include=set(args.model_fields) - set(resolved)), **resolved})
@@ -273,11 +272,8 @@ def _eval_args(run: AlignmentRun, index: int, root: str) -> EvalArgs:
         prompts=_dataset(e.prompts, run, root) if e.prompts else None,
         max_new_tokens=e.max_new_tokens,
         num_generations=e.num_generations,
-        judge=None if e.judge is None else JudgeArgs(
-            base_url=e.judge.base_url, model=e.judge.model, api_key_env=JUDGE_API_KEY_ENV,
-            max_prompts=e.judge.max_prompts, timeout_seconds=e.judge.timeout_seconds,
-            max_retries=e.judge.max_retries),
-        lm_eval=None if e.lm_eval is None else section(LmEvalArgs, e.lm_eval),
+        judge=None if e.judge is None else from_spec(JudgeArgs, e.judge, api_key_env=JUDGE_API_KEY_ENV),
+        lm_eval=None if e.lm_eval is None else from_spec(LmEvalArgs, e.lm_eval),
         alpaca_eval=None if e.alpaca_eval is None else AlpacaEvalArgs(
             reference_outputs=_dataset(e.alpaca_eval.reference_outputs, run, root),
             prompts=_dataset(e.alpaca_eval.prompts, run, root) if e.alpaca_eval.prompts else None,
