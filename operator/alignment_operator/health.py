@@ -22,7 +22,8 @@ from alignment_trainer.recipe import GuardArgs
 from .api.status import CheckpointRef, StageProgress, StageStatus
 
 DEGRADED = {"degraded_reward_ties": "degraded/reward_ties", "degraded_reward_failures": "degraded/reward_failures",
-            "degraded_preference_accuracy": "degraded/preference_accuracy"}  # StageProgress field -> trainer's key
+            "degraded_preference_accuracy": "degraded/preference_accuracy",
+            "degraded_grad_norm": "degraded/grad_norm"}  # StageProgress field -> trainer's key
 
 
 def note_checkpoint(st: StageStatus, stage_dir: str) -> None:

@@ -61,6 +61,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "degraded_reward_ties": ("degraded/reward_ties",),
     "degraded_reward_failures": ("degraded/reward_failures",),
     "degraded_preference_accuracy": ("degraded/preference_accuracy",),
+    "degraded_grad_norm": ("degraded/grad_norm",),
 }
 INTEGER_FIELDS = {"step", "total_steps", "checkpoint_step"}
 RANK_METRIC = "rank"   # a beat: {"name": "rank", "value": "<the process's global rank>"}

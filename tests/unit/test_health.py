@@ -158,6 +158,32 @@ def test_a_stage_learning_nothing_makes_the_run_degraded_with_the_figure_once():
     assert "Degraded" not in [a.reason for a in again.actions if isinstance(a, Event)], "said once"
 
 
+def test_zero_gradients_reach_status_as_degraded_with_the_figure_and_their_threshold_the_recipe():
+    """The trainer's `degraded/grad_norm` (a gradient norm of 0 for guards.steps logging steps) is read from a
+    push into status, worded in the stage's warnings and the run's Degraded condition; guards.zeroGradNorm
+    reaches the stage's recipe."""
+    from datetime import datetime, timezone
+
+    from alignment_operator.api.spec import GuardsSpec
+    from alignment_operator.progress import Report, stage_progress
+    from alignment_operator.render.recipe import build_recipe
+
+    sent = datetime(2026, 11, 21, 12, tzinfo=timezone.utc)
+    p = stage_progress(Report(42, None, {"current_step": 42, "total_steps": 100, "grad_norm": 0.0,
+                                         "degraded/grad_norm": 0.0}, sent), None)
+    assert p.degraded_grad_norm == 0.0
+    out = reconcile(_running_with_progress(grad_norm=0.0, degraded_grad_norm=0.0), 1,
+                    {"sft": child("sft", "Running", attempts=1)}, NOW)
+    figure = "gradient norm 0 (at most 0) for 5 logging steps: no weight moves"
+    assert any(figure in w for w in out.status.stages[0].warnings), out.status.stages[0].warnings
+    degraded = next(c for c in out.status.conditions if c.type == "Degraded")
+    assert (degraded.status, degraded.reason) == ("True", "LearningNothing") and figure in degraded.message
+    run = make_run()
+    run.spec.stages[1].guards = GuardsSpec(zero_grad_norm=1e-9)
+    assert build_recipe(run, 1, "/workspace").guards.zero_grad_norm == 1e-9
+    assert build_recipe(run, 0, "/workspace").guards.zero_grad_norm == 0.0, "exactly zero by default"
+
+
 def test_a_healthy_run_has_no_degraded_condition():
     out = reconcile(_running_with_progress(), 1, {"sft": child("sft", "Running", attempts=1)}, NOW)
     assert "Degraded" not in [c.type for c in out.status.conditions] and out.status.stages[0].warnings == []

@@ -43,7 +43,7 @@ MIN_INTERVAL_S = 5.0
 # Logged metrics worth pushing (the rest of a log row stays in metrics.jsonl).
 PUSHED = ("loss", "grad_norm", "learning_rate", "rewards/margins", "rewards/accuracies", "rewards/chosen",
           "rewards/rejected", "kl", "eval_loss", "eval_rewards/accuracies", "eval_rewards/margins",
-          "degraded/reward_ties", "degraded/reward_failures", "degraded/preference_accuracy")
+          "degraded/reward_ties", "degraded/reward_failures", "degraded/preference_accuracy", "degraded/grad_norm")
 
 
 class DivergedError(Exception):
@@ -126,16 +126,19 @@ class LearningGuard(TrainerCallback):
       guards.steps logging steps in a row: no advantage, no gradient;
     - a reward or judge failing on more than guards.reward_failure_fraction of the interval's samples;
     - preference accuracy on the training batches (rewards/accuracies) at or below guards.chance_accuracy
-      for guards.steps logging steps in a row after warmup.
+      for guards.steps logging steps in a row after warmup;
+    - a gradient norm at or below guards.zero_grad_norm (default: exactly 0) for guards.steps logging steps in a
+      row: no weight moves (a model saturated into a constant output logs loss and grad_norm 0 and would
+      otherwise end Succeeded, having learned nothing).
     Each adds `degraded/<what>` with its figure to that step's logs (metrics.jsonl, progress lines, the
     push: the operator's Degraded condition), and, with guards.fatal, raises NotLearningError."""
 
     def __init__(self, guards):
         self.guards = guards
-        self.ties = self.chance = 0
+        self.ties = self.chance = self.flat = 0
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not logs or not any(k in logs for k in ("loss", "frac_reward_zero_std", "rewards/accuracies")):
+        if not logs or not any(k in logs for k in ("loss", "grad_norm", "frac_reward_zero_std", "rewards/accuracies")):
             return
         g, said = self.guards, {}
         ties = logs.get("frac_reward_zero_std")
@@ -153,6 +156,11 @@ class LearningGuard(TrainerCallback):
             self.chance = self.chance + 1 if accuracy <= g.chance_accuracy else 0
             if self.chance >= g.steps:
                 said["degraded/preference_accuracy"] = float(accuracy)
+        grad = logs.get("grad_norm")
+        if isinstance(grad, (int, float)):
+            self.flat = self.flat + 1 if grad <= g.zero_grad_norm else 0  # NaN/inf: the DivergenceGuard's
+            if self.flat >= g.steps:
+                said["degraded/grad_norm"] = float(grad)
         logs.update(said)
         if said and g.fatal:
             raise NotLearningError(f"training learns nothing at step {state.global_step}: " + "; ".join(

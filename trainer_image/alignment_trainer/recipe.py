@@ -280,26 +280,17 @@ class TrainingArgs(_Strict):
         default_factory=dict, description="Passed as-is to the TRL config; unknown keys are an error.")
 
 
-class Judge(_Strict):
-    """An OpenAI-compatible chat endpoint used as a judge: the fields a recipe (JudgeArgs) and a run
-    (api.spec.JudgeSpec, camelCase) share, declared once; each adds where the API key comes from."""
+class JudgeArgs(_Strict):
+    """An OpenAI-compatible chat endpoint used as a pairwise judge."""
 
-    base_url: str = Field(min_length=1, max_length=1024, description=(
-        "OpenAI-compatible API base URL, e.g. https://api.openai.com/v1. No credentials in it: the key comes "
-        "from apiKeySecretRef."))
-    model: str = Field(min_length=1, max_length=256, description="Judge model name.")
+    base_url: str = Field(description="e.g. https://api.openai.com/v1")
+    model: str = Field(description="Judge model name.")
+    api_key_env: str = Field("JUDGE_API_KEY", description="Environment variable holding the API key.")
     max_prompts: int = Field(50, gt=0, description="Prompts judged, each once per order (position-swapped).")
-    timeout_seconds: float = Field(120.0, gt=0, description="Longest wait for one judge answer, in seconds.")
-    max_retries: int = Field(3, ge=1, le=20, description=(
-        "Tries per judge request (timeouts, 5xx, unparseable answers), with backoff; then the stage fails "
-        "(retryable), keeping the answers already generated for the next attempt."))
-
-
-class JudgeArgs(Judge):
-    """A judge in a recipe: its API key from the environment."""
-
-    api_key_env: str = Field("JUDGE_API_KEY", description=(
-        "Environment variable holding the API key (a run's apiKeySecretRef, through a secretKeyRef)."))
+    timeout_seconds: float = Field(120.0, gt=0, description="Longest wait for one judge answer.")
+    max_retries: int = Field(3, ge=1, description=(
+        "Tries per judge request (timeouts, 5xx, unparseable answers), with backoff; then the stage fails, "
+        "keeping the answers already generated."))
 
 
 class LmEvalArgs(_Strict):
@@ -510,6 +501,13 @@ class GuardArgs(_Strict):
         "interval's samples: Degraded at once."))
     chance_accuracy: float = Field(0.55, ge=0, le=1, description=(
         "Preference stages: training-batch rewards/accuracies at or below this after warmup counts as chance."))
+    zero_grad_norm: float = Field(0.0, ge=0, description=(
+        "Any stage that trains: a logged gradient norm (grad_norm) at or below this counts as a step whose "
+        "gradients are all zero: no weight receives any signal (a saturated or frozen model, nothing left to "
+        "learn from). 0, the default, means exactly zero: healthy training never logs that (a real gradient, "
+        "however small, is not 0 in float32), while healthy norms span orders of magnitude (DPO's shrinks with "
+        "sigmoid(-beta * margin), 2e-9 at a margin of 20 nats), so any positive default would flag some healthy "
+        "stage."))
     steps: int = Field(5, ge=1, description="Logging steps in a row that must count as learning nothing.")
     fatal: bool = Field(False, description=(
         "Fail the stage (reason NotLearning, exit 2) instead of only warning (status condition Degraded)."))
@@ -523,6 +521,9 @@ class GuardArgs(_Strict):
                     "apart")
         if what == "reward_failures":
             return f"the reward failed on {value:.0%} of samples (more than {self.reward_failure_fraction:.0%})"
+        if what == "grad_norm":
+            return (f"gradient norm {value:g} (at most {self.zero_grad_norm:g}) for {self.steps} logging steps: "
+                    "no weight moves (a saturated or frozen model, or nothing to learn from)")
         return (f"preference accuracy on training batches {value:.2f}, at chance (at most {self.chance_accuracy}) "
                 f"for {self.steps} logging steps after warmup")
 

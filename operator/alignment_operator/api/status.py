@@ -66,6 +66,9 @@ class StageProgress(ApiModel):
     degraded_preference_accuracy: float | None = Field(None, description=(
         "Set once training-batch preference accuracy stayed at chance (at most guards.chanceAccuracy) for "
         "guards.steps logging steps after warmup: the accuracy."))
+    degraded_grad_norm: float | None = Field(None, description=(
+        "Set once the gradient norm stayed at or below guards.zeroGradNorm (default: exactly 0) for guards.steps "
+        "logging steps: no weight moves. The figure: the last gradient norm."))
     ranks: dict[str, str] | None = Field(None, description=(
         "Each rank's last alive beat (RFC 3339), by rank: every process of the stage beats every few seconds "
         "whatever it does (inside a step too), a stopped one beats nothing, so a hang names the rank(s) that "
@@ -138,7 +141,7 @@ class StageStatus(ApiModel):
         "stopped when known."))
     warnings: list[str] = Field([], description=(
         "What the stage fails to learn, each with its figure (the run's Degraded condition): rewards that all tie, "
-        "a reward failing on many samples, preference accuracy at chance."))
+        "a reward failing on many samples, preference accuracy at chance, gradients that are all zero."))
     variant_of: str | None = Field(None, description=(
         "The stage of the spec this one was expanded from: a matrix stage (one entry per variant) or an eval "
         "stage that evaluates several stages (one entry per evaluated stage)."))
