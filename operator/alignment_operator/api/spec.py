@@ -16,7 +16,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from alignment_trainer.recipe import (LABEL_SMOOTHING_LOSSES, LABEL_SMOOTHING_NEEDED, METHODS, GuardArgs,
                                       check_method, method_names, reads_outputs, training_methods)
-from alignment_trainer.recipe import GenerateArgs, Judge, LmEvalArgs
+from alignment_trainer.recipe import AlpacaEvalArgs, GenerateArgs, Judge, LmEvalArgs, MtBenchArgs
 
 from . import corev1
 from .admission import ExtraArgs, ImageRef, MountPath, NodeSelector, trl_fields
@@ -448,29 +448,18 @@ class LmEvalSpec(ApiModel, LmEvalArgs):
     pass
 
 
-class AlpacaEvalSpec(ApiModel):
+class AlpacaEvalSpec(ApiModel, AlpacaEvalArgs):
     reference_outputs: DatasetSpec = Field(description=(
         "Reference answers (instruction, output, generator), e.g. tatsu-lab/alpaca_eval config "
         "alpaca_eval_gpt4_baseline split eval for AlpacaEval 2."))
     prompts: DatasetSpec | None = Field(None, description=(
         "Instructions the model answers (column instruction). Default: those of referenceOutputs."))
-    annotator_config: str | None = Field(None, max_length=1024, description=(
-        "An alpaca-eval annotator config directory on the volume. Default: AlpacaEval 2's "
-        "weighted_alpaca_eval_gpt4_turbo, pointed at eval.judge."))
-    max_instances: int | None = Field(None, gt=0, description="First N instructions only. Default: all.")
-    max_new_tokens: int = Field(2048, gt=0, description="Longest answer.")
-    lc_glm: Literal["length_controlled_v1", "length_controlled_minimal"] = Field(
-        "length_controlled_v1", description=(
-            "alpaca-eval's length-control GLM: length_controlled_v1 (the leaderboard's; only for AlpacaEval's 805 "
-            "instructions in order) or length_controlled_minimal (length alone, for other instruction sets)."))
 
 
-class MtBenchSpec(ApiModel):
+class MtBenchSpec(ApiModel, MtBenchArgs):
     questions: DatasetSpec = Field(description=(
         "MT-Bench questions: prompt (two user turns), category, reference (answers for math/reasoning/coding, "
         "optional), prompt_id; e.g. HuggingFaceH4/mt_bench_prompts."))
-    max_questions: int | None = Field(None, gt=0, description="First N questions only. Default: all.")
-    max_new_tokens: int = Field(1024, gt=0, description="Longest answer per turn.")
 
 
 class EvalSpec(ApiModel):

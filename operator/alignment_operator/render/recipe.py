@@ -274,13 +274,10 @@ def _eval_args(run: AlignmentRun, index: int, root: str) -> EvalArgs:
         num_generations=e.num_generations,
         judge=None if e.judge is None else from_spec(JudgeArgs, e.judge, api_key_env=JUDGE_API_KEY_ENV),
         lm_eval=None if e.lm_eval is None else from_spec(LmEvalArgs, e.lm_eval),
-        alpaca_eval=None if e.alpaca_eval is None else AlpacaEvalArgs(
-            reference_outputs=_dataset(e.alpaca_eval.reference_outputs, run, root),
-            prompts=_dataset(e.alpaca_eval.prompts, run, root) if e.alpaca_eval.prompts else None,
-            annotator_config=e.alpaca_eval.annotator_config, max_instances=e.alpaca_eval.max_instances,
-            max_new_tokens=e.alpaca_eval.max_new_tokens, lc_glm=e.alpaca_eval.lc_glm),
+        alpaca_eval=None if e.alpaca_eval is None else from_spec(
+            AlpacaEvalArgs, e.alpaca_eval, reference_outputs=_dataset(e.alpaca_eval.reference_outputs, run, root),
+            prompts=_dataset(e.alpaca_eval.prompts, run, root) if e.alpaca_eval.prompts else None),
         rewards=_rewards(run, e.rewards, root, "eval"),
-        mt_bench=None if e.mt_bench is None else MtBenchArgs(
-            questions=_dataset(e.mt_bench.questions, run, root), max_questions=e.mt_bench.max_questions,
-            max_new_tokens=e.mt_bench.max_new_tokens),
+        mt_bench=None if e.mt_bench is None else from_spec(
+            MtBenchArgs, e.mt_bench, questions=_dataset(e.mt_bench.questions, run, root)),
     )
