@@ -323,32 +323,37 @@ class LmEvalArgs(_Strict):
 
 
 class AlpacaEvalArgs(_Strict):
-    """AlpacaEval 2: the model's answers against reference outputs, annotated by alpaca-eval with eval.judge."""
+    """AlpacaEval 2: the model's answers against reference outputs, annotated by alpaca-eval with eval.judge.
+
+    Declared once for the recipe and the AlignmentRun (api.spec.AlpacaEvalSpec, camelCase, whose datasets may
+    name a stage)."""
 
     reference_outputs: DatasetArgs = Field(description=(
         "Reference answers: columns instruction, output (and generator), e.g. tatsu-lab/alpaca_eval "
         "alpaca_eval_gpt4_baseline split eval."))
     prompts: DatasetArgs | None = Field(None, description=(
         "Instructions the model answers (column instruction); None: those of reference_outputs."))
-    annotator_config: str | None = Field(None, description=(
-        "An alpaca-eval annotator config directory (configs.yaml + prompt); None: AlpacaEval 2's "
-        "weighted_alpaca_eval_gpt4_turbo with eval.judge's model and endpoint."))
-    max_instances: int | None = Field(None, gt=0, description="First N instructions only; None: all.")
+    annotator_config: str | None = Field(None, max_length=1024, description=(
+        "An alpaca-eval annotator config directory on the volume. Default: AlpacaEval 2's "
+        "weighted_alpaca_eval_gpt4_turbo, pointed at eval.judge."))
+    max_instances: int | None = Field(None, gt=0, description="First N instructions only. Default: all.")
     max_new_tokens: int = Field(2048, gt=0, description="Longest answer.")
     lc_glm: Literal["length_controlled_v1", "length_controlled_minimal"] = Field(
         "length_controlled_v1", description=(
-            "alpaca-eval's length-control GLM: length_controlled_v1 (the leaderboard's; instruction difficulty "
-            "by AlpacaEval instruction index, so only for AlpacaEval's 805 instructions in order) or "
-            "length_controlled_minimal (length alone, for other instruction sets)."))
+            "alpaca-eval's length-control GLM: length_controlled_v1 (the leaderboard's; only for AlpacaEval's 805 "
+            "instructions in order) or length_controlled_minimal (length alone, for other instruction sets)."))
 
 
 class MtBenchArgs(_Strict):
-    """MT-Bench: two-turn answers graded 1-10 per turn by eval.judge (single-answer grading)."""
+    """MT-Bench: two-turn answers graded 1-10 per turn by eval.judge (single-answer grading).
+
+    Declared once for the recipe and the AlignmentRun (api.spec.MtBenchSpec, camelCase, whose questions may
+    name a stage)."""
 
     questions: DatasetArgs = Field(description=(
         "Questions: prompt (the two user turns), category, reference (answers for math/reasoning/coding, "
         "optional), prompt_id; e.g. HuggingFaceH4/mt_bench_prompts."))
-    max_questions: int | None = Field(None, gt=0, description="First N questions only; None: all.")
+    max_questions: int | None = Field(None, gt=0, description="First N questions only. Default: all.")
     max_new_tokens: int = Field(1024, gt=0, description="Longest answer per turn.")
 
 
