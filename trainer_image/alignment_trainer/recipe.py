@@ -410,19 +410,29 @@ class TrackingArgs(_Strict):
         return self
 
 
-class RewardArgs(_Strict):
-    """One reward of a GRPO stage: a rule on the completion's text, or a reward model."""
+class Reward(_Strict):
+    """One reward: the fields a recipe (RewardArgs) and a run (api.spec.RewardSpec, camelCase) share, declared
+    once; each adds what scores a reward_model or judge reward (a path and a key variable; a stage and a Secret)."""
 
     kind: Literal["exact_match", "contains", "regex", "format", "reward_model", "judge"] = Field(description=(
-        "exact_match: the completion (stripped) equals the row's `column` value -> 1 else 0; contains: the "
-        "completion contains it; regex: `pattern`'s first group (or whole match) equals it; format: the "
-        "completion matches `pattern` at all (no column needed); reward_model: the score of `model`; judge: "
-        "`judge` grades the answer 1-10 (MT-Bench's single-answer prompt), the reward is the grade / 10."))
-    column: str = Field("answer", description="The prompts' reference-answer column (rules but format).")
-    pattern: str | None = Field(None, description="A Python regex: required for regex and format.")
-    model: str | None = Field(None, description="A reward stage's final/ (a sequence-classification model).")
+        "exact_match: the completion equals the prompt row's `column` value (1, else 0); contains: the completion "
+        "contains it; regex: `pattern`'s first group (or whole match) equals it; format: the completion matches "
+        "`pattern` (no column); reward_model: the score of rewardModel's final/; judge: an LLM judge's 1-10 grade "
+        "of the answer (MT-Bench's single-answer prompt) / 10."))
+    column: str = Field("answer", min_length=1, max_length=128, description=(
+        "The prompts' reference-answer column the rules compare with."))
+    pattern: str | None = Field(None, max_length=1024, description=(
+        "A regular expression (Python's re, in the syntax RE2 shares: no lookaround or backreferences); required "
+        "for regex and format."))
+    weight: float = Field(1.0, description="This reward's weight in the sum.")
+
+
+class RewardArgs(Reward):
+    """One reward of a recipe: a rule on the completion's text, a reward model, or a judge."""
+
+    model: str | None = Field(None, description=(
+        "A reward stage's final/ (a sequence-classification model); required for reward_model (a run's rewardModel)."))
     judge: JudgeArgs | None = Field(None, description="The OpenAI-compatible endpoint of a judge reward.")
-    weight: float = Field(1.0, description="This reward's weight in the sum (TRL reward_weights).")
 
     @model_validator(mode="after")
     def _check(self) -> "RewardArgs":

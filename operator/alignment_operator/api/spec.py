@@ -16,7 +16,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from alignment_trainer.recipe import (LABEL_SMOOTHING_LOSSES, LABEL_SMOOTHING_NEEDED, METHODS, GuardArgs,
                                       check_method, method_names, reads_outputs, training_methods)
-from alignment_trainer.recipe import AlpacaEvalArgs, GenerateArgs, Judge, LmEvalArgs, MtBenchArgs
+from alignment_trainer.recipe import AlpacaEvalArgs, GenerateArgs, Judge, LmEvalArgs, MtBenchArgs, Reward
 
 from . import corev1
 from .admission import ExtraArgs, ImageRef, MountPath, NodeSelector, trl_fields
@@ -498,7 +498,7 @@ class EvalSpec(ApiModel):
         "and reference_mean_reward (e.g. the held-out reward of an online run's final model)."))
 
 
-class RewardSpec(ApiModel):
+class RewardSpec(ApiModel, Reward):
     """One reward of a grpo stage: a rule on the completion's text, or an earlier reward stage's model."""
 
     # RE2 compiles the pattern when the rule runs: a pattern it cannot read fails the rule with its reason.
@@ -506,21 +506,10 @@ class RewardSpec(ApiModel):
         ("!has(self.pattern) || (''.matches(self.pattern) ? true : true)", f"pattern {REGEX_MESSAGE}", ".pattern"),
     )}
 
-    kind: Literal["exact_match", "contains", "regex", "format", "reward_model", "judge"] = Field(description=(
-        "exact_match: the completion equals the prompt row's `column` value (1, else 0); contains: the completion "
-        "contains it; regex: `pattern`'s first group (or whole match) equals it; format: the completion matches "
-        "`pattern` (no column); reward_model: the score of rewardModel's final/; judge: an LLM judge's 1-10 grade "
-        "of the answer (MT-Bench's single-answer prompt) / 10."))
-    column: str = Field("answer", min_length=1, max_length=128, description=(
-        "The prompts' reference-answer column the rules compare with."))
-    pattern: str | None = Field(None, max_length=1024, description=(
-        "A regular expression (Python's re, in the syntax RE2 shares: no lookaround or backreferences); required "
-        "for regex and format."))
     reward_model: str | None = Field(None, max_length=40, description=(
         "An earlier stage with method reward whose model scores prompt + completion; required for reward_model."))
     judge: JudgeSpec | None = Field(None, description=(
         "For a judge reward: the OpenAI-compatible endpoint (its key only through apiKeySecretRef); required for judge."))
-    weight: float = Field(1.0, description="This reward's weight in the sum.")
 
 
 class GrpoSpec(ApiModel):

@@ -213,10 +213,9 @@ def reward_judges(stage: StageSpec) -> list[tuple[str, object]]:
 def _rewards(run: AlignmentRun, rewards, root: str, name: str) -> list[RewardArgs]:
     """A reward_model reward names an earlier reward stage (its final/ scores); a judge reward reads
     its key from reward_judge_env(name, k)."""
-    return [RewardArgs(kind=r.kind, column=r.column, pattern=r.pattern, weight=r.weight,
-                       model=final_dir(root, run, r.reward_model) if r.reward_model else None,
-                       judge=None if r.judge is None else from_spec(JudgeArgs, r.judge,
-                                                                   api_key_env=reward_judge_env(name, k)))
+    return [from_spec(RewardArgs, r, model=final_dir(root, run, r.reward_model) if r.reward_model else None,
+                      judge=None if r.judge is None else from_spec(JudgeArgs, r.judge,
+                                                                  api_key_env=reward_judge_env(name, k)))
             for k, r in enumerate(rewards)]
 
 
