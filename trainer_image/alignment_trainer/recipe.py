@@ -455,16 +455,20 @@ EvalArgs.model_rebuild()
 
 
 class GrpoArgs(_Strict):
-    """What a grpo stage generates and how it is rewarded (TRL GRPOConfig names)."""
+    """What a grpo stage generates and how it is rewarded (TRL GRPOConfig names).
+
+    Declared once for the recipe and the AlignmentRun (api.spec.GrpoSpec, camelCase, whose rewards name stages
+    and Secrets)."""
 
     rewards: list[RewardArgs] = Field(min_length=1, description="Summed (weighted) into each completion's reward.")
-    num_generations: int = Field(8, ge=2, description="Completions sampled per prompt (the group).")
+    num_generations: int = Field(8, ge=2, description=(
+        "Completions sampled per prompt (the group); must divide training.perDeviceBatchSize x "
+        "gradientAccumulationSteps (each batch holds whole groups)."))
     max_completion_length: int = Field(256, gt=0, description="Longest completion, in tokens.")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the generations.")
-    use_vllm: bool = Field(False, description="Generate with vLLM (colocated; needs vllm installed, GPU nodes).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    use_vllm: bool = Field(False, description="Generate with vLLM colocated (GPU images with vllm installed).")
     eval_prompts: int = Field(64, gt=0, description=(
-        "Held-out prompts (test split) answered num_generations times at temperature before and after "
-        "training; result.json: their mean reward (eval_mean_reward_start, eval_mean_reward)."))
+        "Held-out prompts answered before and after training; result: their mean reward."))
 
 
 class GenerateArgs(_Strict):
@@ -483,16 +487,19 @@ class GenerateArgs(_Strict):
 
 
 class LabelArgs(_Strict):
-    """How a label stage turns a generate stage's completions into feedback."""
+    """How a label stage turns a generate stage's completions into feedback.
+
+    Declared once for the recipe and the AlignmentRun (api.spec.LabelSpec, camelCase, whose rewards name stages
+    and Secrets)."""
 
     rewards: list[RewardArgs] = Field(min_length=1, description=(
         "Summed (weighted) into each completion's score; the kinds grpo has (rules against a reference "
         "column the prompts carry, a format rule, a reward stage's final/)."))
     feedback: Literal["pairwise", "binary"] = Field("pairwise", description=(
-        "pairwise: per prompt the best against the worst completion (prompt/chosen/rejected; prompts whose "
-        "completions all score the same are skipped); binary: every completion labelled desirable above "
-        "threshold, undesirable below it (prompt/completion/label, KTO's; a score equal to it is skipped)."))
-    threshold: float = Field(0.5, description="binary feedback: the score that separates desirable from undesirable.")
+        "pairwise: per prompt the best against the worst completion (prompt/chosen/rejected, for dpo and the "
+        "other pairwise methods; prompts whose completions tie are skipped); binary: each completion desirable "
+        "when its score is above threshold, undesirable below (prompt/completion/label, for kto)."))
+    threshold: float = Field(0.5, description="binary feedback: the score separating desirable from undesirable.")
     min_margin: float = Field(0.0, ge=0, description=(
         "pairwise feedback: a prompt gives a pair only when its best score exceeds its worst by more than this "
         "(0: all but ties; HALOs' online DPO labels with 0.01)."))

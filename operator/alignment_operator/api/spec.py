@@ -16,7 +16,8 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from alignment_trainer.recipe import (LABEL_SMOOTHING_LOSSES, LABEL_SMOOTHING_NEEDED, METHODS, GuardArgs,
                                       check_method, method_names, reads_outputs, training_methods)
-from alignment_trainer.recipe import AlpacaEvalArgs, GenerateArgs, Judge, LmEvalArgs, MtBenchArgs, Reward
+from alignment_trainer.recipe import (AlpacaEvalArgs, GenerateArgs, GrpoArgs, Judge, LabelArgs, LmEvalArgs, MtBenchArgs,
+                                      Reward)
 
 from . import corev1
 from .admission import ExtraArgs, ImageRef, MountPath, NodeSelector, trl_fields
@@ -512,34 +513,19 @@ class RewardSpec(ApiModel, Reward):
         "For a judge reward: the OpenAI-compatible endpoint (its key only through apiKeySecretRef); required for judge."))
 
 
-class GrpoSpec(ApiModel):
+class GrpoSpec(ApiModel, GrpoArgs):
     rewards: list[RewardSpec] = Field(min_length=1, max_length=16, description=(
         "Rewards summed (weighted) into each completion's reward."))
-    num_generations: int = Field(8, ge=2, description=(
-        "Completions sampled per prompt (the group); must divide perDeviceTrainBatchSize x gradientAccumulationSteps."))
-    max_completion_length: int = Field(256, gt=0, description="Longest completion, in tokens.")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
-    use_vllm: bool = Field(False, description="Generate with vLLM colocated (GPU images with vllm installed).")
-    eval_prompts: int = Field(64, gt=0, description=(
-        "Held-out prompts answered before and after training; result: their mean reward."))
 
 
 class GenerateSpec(ApiModel, GenerateArgs):
     pass
 
 
-class LabelSpec(ApiModel):
+class LabelSpec(ApiModel, LabelArgs):
     rewards: list[RewardSpec] = Field(min_length=1, max_length=16, description=(
         "Rewards summed (weighted) into each completion's score: grpo's rules against a reference column the "
         "prompts carry (exact_match, contains, regex), a format rule, or an earlier reward stage's model."))
-    feedback: Literal["pairwise", "binary"] = Field("pairwise", description=(
-        "pairwise: per prompt the best against the worst completion (prompt/chosen/rejected, for dpo and the "
-        "other pairwise methods; prompts whose completions tie are skipped); binary: each completion desirable "
-        "when its score is above threshold, undesirable below (prompt/completion/label, for kto)."))
-    threshold: float = Field(0.5, description="binary feedback: the score separating desirable from undesirable.")
-    min_margin: float = Field(0.0, ge=0, description=(
-        "pairwise feedback: a prompt gives a pair only when its best score exceeds its worst by more than this "
-        "(0: all but ties; HALOs' online DPO labels with 0.01)."))
 
 
 EvalSpec.model_rebuild()

@@ -15,8 +15,8 @@ from typing import TypeVar
 from pydantic import BaseModel
 
 from alignment_trainer.recipe import (
-    METHODS, AlpacaEvalArgs, DatasetArgs, EvalArgs, GenerateArgs, JudgeArgs, LabelArgs, LmEvalArgs, LoraArgs,
-    ModelArgs, MtBenchArgs, Recipe, RewardArgs, TrainingArgs,
+    METHODS, AlpacaEvalArgs, DatasetArgs, EvalArgs, GenerateArgs, GrpoArgs, JudgeArgs, LabelArgs, LmEvalArgs,
+    LoraArgs, ModelArgs, MtBenchArgs, Recipe, RewardArgs, TrainingArgs,
 )
 from alignment_trainer.recipe import GuardArgs, TrackingArgs
 
@@ -158,9 +158,11 @@ def build_recipe(run: AlignmentRun, index: int, root: str,
             quantization=lora.quantization, merge=lora.merge,
         ),
         eval=None if stage.method != "eval" else _eval_args(run, index, root),
-        grpo=None if stage.grpo is None else _grpo_args(run, stage, root),
+        grpo=None if stage.grpo is None else from_spec(
+            GrpoArgs, stage.grpo, rewards=_rewards(run, stage.grpo.rewards, root, "grpo")),
         generate=from_spec(GenerateArgs, stage.generate or GenerateSpec()) if stage.method == "generate" else None,
-        label=None if stage.label is None else _label_args(run, stage, root),
+        label=None if stage.label is None else from_spec(
+            LabelArgs, stage.label, rewards=_rewards(run, stage.label.rewards, root, "label")),
         output_dir=stage_dir(root, run, stage.name),
         guards=GuardArgs.model_validate(stage.guards.model_dump()) if stage.guards else GuardArgs(),
         # Reference log-probs are kept once per volume, keyed by what determines them: a later stage,
@@ -223,23 +225,6 @@ def from_spec(args: type[M], spec: BaseModel, **resolved) -> M:
     """A recipe section from the run's: the fields both declare (once, in the trainer's contract) by name, and
     what render resolves from the run (a dataset's path, a reward stage's final/, a Secret's environment name)."""
     return args.model_validate({**spec.model_dump(include=set(args.model_fields) - set(resolved)), **resolved})
-
-
-def _label_args(run: AlignmentRun, stage: StageSpec, root: str) -> LabelArgs:
-    lab = stage.label
-    return LabelArgs(rewards=_rewards(run, lab.rewards, root, "label"), feedback=lab.feedback, threshold=lab.threshold,
-                     min_margin=lab.min_margin)
-
-
-def _grpo_args(run: AlignmentRun, stage: StageSpec, root: str):
-    """recipe.grpo: a reward_model reward names an earlier reward stage; its final/ scores."""
-    from alignment_trainer.recipe import GrpoArgs
-
-    g = stage.grpo
-    return GrpoArgs(
-        rewards=_rewards(run, g.rewards, root, "grpo"),
-        num_generations=g.num_generations, max_completion_length=g.max_completion_length,
-        temperature=g.temperature, use_vllm=g.use_vllm, eval_prompts=g.eval_prompts)
 
 
 def render_tracking(run: AlignmentRun, stage: StageSpec) -> TrackingArgs:
