@@ -227,14 +227,21 @@ class DatasetArgs(_Strict):
 
 
 class LoraArgs(_Strict):
-    """LoRA / QLoRA adapter training (peft)."""
+    """LoRA / QLoRA adapter training (peft).
+
+    Declared once for the recipe and the AlignmentRun (api.spec.LoraSpec: camelCase, lora_alpha and lora_dropout
+    shortened to alpha and dropout by api.base.API_NAMES, and target_modules a list there)."""
 
     r: int = Field(16, gt=0, description="Adapter rank.")
-    lora_alpha: int = Field(32, gt=0, description="Adapter scaling alpha.")
+    lora_alpha: int = Field(32, gt=0, description="Adapter scaling, lora_alpha.")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
-    target_modules: list[str] | str = Field("all-linear", description="Modules to adapt.")
-    quantization: Literal["none", "4bit", "8bit"] = Field("none", description="QLoRA base quantization (GPU only).")
-    merge: bool = Field(True, description="Merge the adapter into a standalone model in final/.")
+    target_modules: list[str] | str = Field("all-linear", description=(
+        "Module names to adapt, or all-linear: every linear layer but the output head (peft's shorthand)."))
+    quantization: Literal["none", "4bit", "8bit"] = Field("none", description=(
+        "QLoRA: load the base model quantized with bitsandbytes (GPU stages only). The adapters keep float32 "
+        "master weights either way, and a stage with lora defaults to an adapter's learning rate "
+        "(training.learningRate)."))
+    merge: bool = Field(True, description="Merge the adapter into a standalone model in the stage's final/.")
 
 
 class TrainingArgs(_Strict):

@@ -9,12 +9,21 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, WithJsonSchema
 from pydantic.alias_generators import to_camel
 
 
+# A field of a section the run shares with the recipe (alignment_trainer.recipe) is named in the run by its recipe
+# name (TRL's, PEFT's) in camelCase, but where the run says it shorter: recipe name -> the run's.
+API_NAMES = {"lora_alpha": "alpha", "lora_dropout": "dropout"}
+
+
+def api_alias(name: str) -> str:
+    return to_camel(API_NAMES.get(name, name))
+
+
 class ApiModel(BaseModel):
-    """Every API object: camelCase on the wire, unknown fields refused."""
+    """Every API object: camelCase on the wire (API_NAMES where it differs), unknown fields refused."""
 
     model_config = ConfigDict(
         extra="forbid",
-        alias_generator=to_camel,
+        alias_generator=api_alias,
         populate_by_name=True,
         use_attribute_docstrings=False,
     )

@@ -16,8 +16,8 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from alignment_trainer.recipe import (LABEL_SMOOTHING_LOSSES, LABEL_SMOOTHING_NEEDED, METHODS, GuardArgs,
                                       check_method, method_names, reads_outputs, training_methods)
-from alignment_trainer.recipe import (AlpacaEvalArgs, GenerateArgs, GrpoArgs, Judge, LabelArgs, LmEvalArgs, MtBenchArgs,
-                                      Reward)
+from alignment_trainer.recipe import (AlpacaEvalArgs, GenerateArgs, GrpoArgs, Judge, LabelArgs, LmEvalArgs, LoraArgs,
+                                      MtBenchArgs, Reward)
 
 from . import corev1
 from .admission import ExtraArgs, ImageRef, MountPath, NodeSelector, trl_fields
@@ -281,17 +281,10 @@ def _matrix_model() -> type:
     return create_model("MatrixSpec", __base__=ApiModel, __config__=None, **fields), rules
 
 
-class LoraSpec(ApiModel):
-    r: int = Field(16, gt=0, description="Adapter rank.")
-    alpha: int = Field(32, gt=0, description="Adapter scaling, lora_alpha.")
-    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+class LoraSpec(ApiModel, LoraArgs):
+    # A list here (a structural schema has no list-or-string); render passes [all-linear] on as peft's shorthand.
     target_modules: list[str] = Field(["all-linear"], min_length=1, max_length=64, description=(
         "Module names to adapt; all-linear adapts every linear layer but the output head."))
-    quantization: Literal["none", "4bit", "8bit"] = Field("none", description=(
-        "QLoRA: load the base model quantized with bitsandbytes (GPU stages only). The adapters keep float32 "
-        "master weights either way, and a stage with lora defaults to an adapter's learning rate "
-        "(training.learningRate)."))
-    merge: bool = Field(True, description="Merge the adapter into a standalone model in the stage's final/.")
 
 
 class ResourcesSpec(ApiModel):

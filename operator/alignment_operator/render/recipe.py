@@ -152,11 +152,8 @@ def build_recipe(run: AlignmentRun, index: int, root: str,
         test_datasets=[_dataset(d, run, root) for d in stage.test_datasets],
         test_split_size=stage.test_split_size,
         training=_training(stage) if stage.method != "eval" else _eval_training(run, index),
-        lora=None if lora is None else LoraArgs(
-            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-            target_modules="all-linear" if lora.target_modules == ["all-linear"] else lora.target_modules,
-            quantization=lora.quantization, merge=lora.merge,
-        ),
+        lora=None if lora is None else from_spec(
+            LoraArgs, lora, target_modules="all-linear" if lora.target_modules == ["all-linear"] else lora.target_modules),
         eval=None if stage.method != "eval" else _eval_args(run, index, root),
         grpo=None if stage.grpo is None else from_spec(
             GrpoArgs, stage.grpo, rewards=_rewards(run, stage.grpo.rewards, root, "grpo")),
