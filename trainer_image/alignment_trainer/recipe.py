@@ -512,12 +512,20 @@ class LabelArgs(_Strict):
         "(0: all but ties; HALOs' online DPO labels with 0.01)."))
 
 
-class ObjectStoreArgs(_Strict):
+class ObjectStore(_Strict):
+    """An S3-compatible store: the fields a recipe (ObjectStoreArgs) and a run (api.spec.ObjectStoreSpec, camelCase)
+    share, declared once; credentials come from the environment only (a run's credentialsSecretName)."""
+
+    endpoint_url: str | None = Field(None, max_length=1024, pattern=r"^https?://[^\s/@]+(/\S*)?$", description=(
+        "An S3-compatible store (MinIO, Ceph RGW, versitygw, R2, GCS's XML API ...), e.g. "
+        "http://minio.storage.svc:9000. Default: AWS S3 (or the pods' AWS_ENDPOINT_URL)."))
+    region: str | None = Field(None, max_length=64, pattern=r"^[a-z0-9-]+$", description=(
+        "The buckets' region. Default: the pods' AWS_REGION, else us-east-1."))
+
+
+class ObjectStoreArgs(ObjectStore):
     """Where s3:// sources are read from and exports written to (credentials: the environment only)."""
 
-    endpoint_url: str | None = Field(None, description=(
-        "An S3-compatible store's URL (https://minio.example:9000); default: AWS_ENDPOINT_URL, else AWS S3."))
-    region: str | None = Field(None, description="The bucket's region; default: AWS_REGION, else us-east-1.")
     sources_dir: str | None = Field(None, description=(
         "Where s3:// sources are fetched to (once; later stages reuse them); default: <output_dir>/../sources."))
 

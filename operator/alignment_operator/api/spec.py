@@ -17,7 +17,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from alignment_trainer.recipe import (LABEL_SMOOTHING_LOSSES, LABEL_SMOOTHING_NEEDED, METHODS, GuardArgs,
                                       check_method, method_names, reads_outputs, training_methods)
 from alignment_trainer.recipe import (AlpacaEvalArgs, GenerateArgs, GrpoArgs, Judge, LabelArgs, LmEvalArgs, LoraArgs,
-                                      MtBenchArgs, Reward)
+                                      MtBenchArgs, ObjectStore, Reward)
 
 from . import corev1
 from .admission import ExtraArgs, ImageRef, MountPath, NodeSelector, trl_fields
@@ -804,12 +804,7 @@ class HubSpec(ApiModel):
     private: bool = Field(True, description="Create the repository private (an existing one keeps its setting).")
 
 
-class ObjectStoreSpec(ApiModel):
-    endpoint_url: str | None = Field(None, max_length=1024, pattern=r"^https?://[^\s/@]+(/\S*)?$", description=(
-        "An S3-compatible store (MinIO, Ceph RGW, versitygw, R2, GCS's XML API ...), e.g. "
-        "http://minio.storage.svc:9000. Default: AWS S3 (or the pods' AWS_ENDPOINT_URL)."))
-    region: str | None = Field(None, max_length=64, pattern=r"^[a-z0-9-]+$", description=(
-        "The buckets' region. Default: the pods' AWS_REGION, else us-east-1."))
+class ObjectStoreSpec(ApiModel, ObjectStore):
     credentials_secret_name: str | None = Field(None, max_length=253, pattern=corev1.DNS_SUBDOMAIN, description=(
         "A Secret in the run's namespace with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, exposed to the stages "
         "through secretKeyRef (never copied). Unset: the stages' service account's identity (IRSA / EKS Pod "

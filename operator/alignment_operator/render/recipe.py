@@ -21,7 +21,7 @@ from alignment_trainer.recipe import (
 from alignment_trainer.recipe import GuardArgs, TrackingArgs
 
 from ..api import AlignmentRun, DatasetSpec, StageSpec
-from ..api.spec import GenerateSpec
+from ..api.spec import GenerateSpec, ObjectStoreSpec
 
 JUDGE_API_KEY_ENV = "JUDGE_API_KEY"
 M = TypeVar("M", bound=BaseModel)
@@ -188,8 +188,8 @@ def object_store_args(run: AlignmentRun, root: str):
     store = run.spec.object_store
     if store is None and '"s3://' not in json.dumps(run.spec.wire()):
         return None
-    return ObjectStoreArgs(endpoint_url=store.endpoint_url if store else None, region=store.region if store else None,
-                           sources_dir=posixpath.join(posixpath.dirname(stage_dir(root, run, "_")), "sources"))
+    return from_spec(ObjectStoreArgs, store or ObjectStoreSpec(),
+                     sources_dir=posixpath.join(posixpath.dirname(stage_dir(root, run, "_")), "sources"))
 
 
 def pushing_stage(run: AlignmentRun) -> int:
