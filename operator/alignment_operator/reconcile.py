@@ -402,6 +402,15 @@ def _end_attempt(st: StageStatus, run: AlignmentRun, child: ObservedChild | None
     st.gpu_seconds = round(st.gpu_seconds + wall * gpus, 3)
 
 
+def _note_learning(st: StageStatus, run: AlignmentRun, events: list[Action]) -> None:
+    """The stage's warnings from its last progress report: what it fails to learn; a Warning Event when new."""
+    guards = next((s.guards for s in run.spec.stages if s.name == st.name), None)
+    learning = learning_warnings(st.progress, guards)
+    if [w for w in learning if w not in st.warnings]:
+        events.append(Event("Warning", "Degraded", f"stage {st.name}: {'; '.join(learning)}"))
+    st.warnings = learning
+
+
 def _fold_child(st: StageStatus, child: ObservedChild, run: AlignmentRun, now: str,
                 actions: list[Action], events: list[Action]) -> None:
     """Fold what a running stage's child says into the stage's status."""
@@ -425,6 +434,7 @@ def _fold_child(st: StageStatus, child: ObservedChild, run: AlignmentRun, now: s
                           "the stage's metrics and checkpoint are not recorded")
             events.append(Event("Warning", "StageResultMissing", st.message))
         events.append(Event("Normal", "StageSucceeded", f"stage {st.name} succeeded: {_brief(st.metrics)}"))
+        _note_learning(st, run, events)  # a short stage may end before a running look saw its last report
         return
     if child.disruptions > st.disruptions:  # a pod disrupted and replaced by its Job: counted here, traced
         st.disruptions = child.disruptions
@@ -484,11 +494,7 @@ def _fold_child(st: StageStatus, child: ObservedChild, run: AlignmentRun, now: s
     waiting_for_queue = child.suspended and queued and not suspend
     st.phase = "Suspended" if suspend or waiting_for_queue else "Running"
     note_checkpoint(st, stage_dir(run.spec.storage.mount_path, run, st.name))
-    guards = next((s.guards for s in run.spec.stages if s.name == st.name), None)
-    learning = learning_warnings(st.progress, guards)
-    if [w for w in learning if w not in st.warnings]:
-        events.append(Event("Warning", "Degraded", f"stage {st.name}: {'; '.join(learning)}"))
-    st.warnings = learning
+    _note_learning(st, run, events)
     st.message = f"waiting for Kueue to admit it (queue {run.spec.queue_name})" if waiting_for_queue else None
     said, st.reason = st.reason, None
     if st.phase == "Running" and not child.suspended and (not child.started or child.waiting):

@@ -184,6 +184,17 @@ def test_zero_gradients_reach_status_as_degraded_with_the_figure_and_their_thres
     assert build_recipe(run, 0, "/workspace").guards.zero_grad_norm == 0.0, "exactly zero by default"
 
 
+def test_a_stage_that_ends_before_a_running_look_still_says_what_it_failed_to_learn():
+    """A short stage: its last report (with the figure) reaches status, and the next look already finds its Job
+    done. The success keeps the figure: warnings, Degraded, one Warning Event (before: Succeeded, silent)."""
+    run = _running_with_progress(grad_norm=0.0, degraded_grad_norm=0.0)
+    out = reconcile(run, 1, {"sft": child("sft", "Succeeded", attempts=1, result={"checkpoint": "/w/final"})}, NOW)
+    sft = out.status.stages[0]
+    assert sft.phase == "Succeeded" and len(sft.warnings) == 1 and "gradient norm 0" in sft.warnings[0], sft
+    assert next(c for c in out.status.conditions if c.type == "Degraded").status == "True"
+    assert [a.reason for a in out.actions if isinstance(a, Event)].count("Degraded") == 1
+
+
 def test_a_healthy_run_has_no_degraded_condition():
     out = reconcile(_running_with_progress(), 1, {"sft": child("sft", "Running", attempts=1)}, NOW)
     assert "Degraded" not in [c.type for c in out.status.conditions] and out.status.stages[0].warnings == []
