@@ -9,7 +9,8 @@ kube-scheduler, kube-proxy (iptables) and CoreDNS on the host network, so pods r
 Binaries: kubelet, kube-scheduler, kube-proxy, coredns from tools/k8s/build.sh; containerd,
 runc, CNI plugins, iptables from Debian (scripts/node-packages); images from
 scripts/build-images, imported into containerd once (its image store persists under
-~/.cache/alignment-operator/node/containerd, so a later session imports nothing).
+~/.cache/alignment-operator/node/containerd, so a later session imports nothing; a rebuilt
+image brings only the layers the store lacks: after a trainer code change, its last few).
 
 The kubelet writes outside its root dir; stop() (and start(), for a crashed earlier session)
 removes all of it: the device-plugin socket, the bind mount of --root-dir, the /kubepods
@@ -20,11 +21,15 @@ containerd's containers. See ../shared/notes/real-node.md for why each is there.
 from __future__ import annotations
 
 import datetime
+import io
+import json
 import os
 import shlex
 import shutil
 import socket
 import subprocess
+import tarfile
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -211,30 +216,95 @@ state = "{self.workdir / 'containerd-state'}"
                    check=check, input=input, timeout=timeout)
 
     def _import_images(self) -> None:
-        """podman's images into containerd, each only once per store (a tag names one build)."""
+        """podman's images into containerd, each only once per store (a tag names one build). A
+        rebuilt image brings only the layers containerd lacks (a trainer code change: its last few,
+        kilobytes, instead of all 7 GB); earlier builds are removed after, so the layers they share
+        with the new one stay."""
         present = set(self._ctr("images", "ls", "-q").stdout.decode().split())
-        stale = [r for r in present if r.startswith("localhost/alignment-") and r not in self.images.values()]
-        if stale:  # earlier builds: their layers are garbage-collected with them
-            self._ctr("images", "rm", "--sync", *stale, check=False)
         for name, ref in self.images.items():
             if ref in present:
                 continue
             started = time.monotonic()
-            # Streamed: no archive on disk (the trainer's is 7 GB).
-            save = subprocess.Popen(["podman", "save", "--format=docker-archive", ref], stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE)
             try:
-                imported = subprocess.run(["ctr", f"--address={self.sock}", "--namespace=k8s.io", "images", "import",
-                                           "--snapshotter=overlayfs", "-"], stdin=save.stdout, capture_output=True,
-                                          timeout=1800)
-            finally:
-                save.stdout.close()
-                saved = save.wait()
-            if saved != 0 or imported.returncode != 0:
-                raise RuntimeError(f"importing {ref} into containerd failed: podman save {saved}: "
-                                   f"{save.stderr.read().decode()[-1000:]}; ctr import {imported.returncode}: "
-                                   f"{imported.stderr.decode()[-1000:]}")
-            print(f"imported {ref} into containerd in {time.monotonic() - started:.0f}s")
+                how = self._import_new_layers(ref)
+            except Exception as exc:  # noqa: BLE001 - the whole image then, as podman saves it
+                print(f"importing only the new layers of {ref} failed ({exc}); importing all of it")
+                self._import_whole(ref)
+                how = "all layers"
+            print(f"imported {ref} into containerd in {time.monotonic() - started:.0f}s ({how})")
+        stale = [r for r in present if r.startswith("localhost/alignment-") and r not in self.images.values()]
+        if stale:  # earlier builds: the layers only they use are garbage-collected with them
+            self._ctr("images", "rm", "--sync", *stale, check=False)
+
+    def _import_whole(self, ref: str) -> None:
+        # Streamed: no archive on disk (the trainer's is 7 GB).
+        save = subprocess.Popen(["podman", "save", "--format=docker-archive", ref], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        try:
+            imported = subprocess.run(["ctr", f"--address={self.sock}", "--namespace=k8s.io", "images", "import",
+                                       "--snapshotter=overlayfs", "-"], stdin=save.stdout, capture_output=True,
+                                      timeout=1800)
+        finally:
+            save.stdout.close()
+            saved = save.wait()
+        if saved != 0 or imported.returncode != 0:
+            raise RuntimeError(f"importing {ref} into containerd failed: podman save {saved}: "
+                               f"{save.stderr.read().decode()[-1000:]}; ctr import {imported.returncode}: "
+                               f"{imported.stderr.decode()[-1000:]}")
+
+    def _import_new_layers(self, ref: str) -> str:
+        """Imports `ref` as an OCI layout holding its manifest, its config and only the layers
+        containerd's content store lacks (layers are uncompressed in both stores, so a layer's
+        digest is the same in each); the layers it has are already unpacked into snapshots.
+        skopeo copies from podman's storage only the layers not in the layout: those containerd
+        has are stood in for by sparse files of their size, which never reach containerd."""
+        manifest = json.loads(run("skopeo", "inspect", "--raw", f"containers-storage:{ref}").stdout)
+        have = set(self._ctr("content", "ls", "-q").stdout.decode().split())
+        layers = manifest["layers"]
+        if not any(layer["digest"] in have for layer in layers):
+            raise RuntimeError("containerd has none of its layers")
+        with tempfile.TemporaryDirectory(dir=STORE, prefix="import-") as tmp:
+            layout = Path(tmp)
+            blobs = layout / "blobs" / "sha256"
+            blobs.mkdir(parents=True)
+            stand_ins = set()
+            for layer in layers:
+                if layer["digest"] in have:
+                    with open(blobs / layer["digest"].split(":", 1)[1], "wb") as f:
+                        f.truncate(layer["size"])  # sparse: no data written
+                    stand_ins.add(layer["digest"])
+            run("skopeo", "copy", "--quiet", "--dest-oci-accept-uncompressed-layers",
+                f"containers-storage:{ref}", f"oci:{layout}:{ref}", timeout=1800)
+            index = json.loads((layout / "index.json").read_text())
+            (entry,) = [m for m in index["manifests"]
+                        if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == ref]
+            blob = lambda digest: blobs / digest.split(":", 1)[1]  # noqa: E731
+            copied = json.loads(blob(entry["digest"]).read_text())
+            if [layer["digest"] for layer in copied["layers"]] != [layer["digest"] for layer in layers]:
+                raise RuntimeError("skopeo wrote other layer digests than podman's manifest names")
+            entry = {**entry, "annotations": {"io.containerd.image.name": ref}}  # the name ctr gives the image
+            new = [d["digest"] for d in [entry, copied["config"], *copied["layers"]] if d["digest"] not in stand_ins]
+            with tempfile.TemporaryFile() as err:
+                ctr = subprocess.Popen(["ctr", f"--address={self.sock}", "--namespace=k8s.io", "images", "import",
+                                        "--snapshotter=overlayfs", "-"], stdin=subprocess.PIPE,
+                                       stdout=subprocess.DEVNULL, stderr=err)
+                try:
+                    with tarfile.open(fileobj=ctr.stdin, mode="w|") as tar:
+                        for name, data in (("oci-layout", json.dumps({"imageLayoutVersion": "1.0.0"}).encode()),
+                                           ("index.json", json.dumps({"schemaVersion": 2, "manifests": [entry]}).encode())):
+                            info = tarfile.TarInfo(name)
+                            info.size = len(data)
+                            tar.addfile(info, io.BytesIO(data))
+                        for digest in new:
+                            tar.add(blob(digest), arcname=f"blobs/sha256/{digest.split(':', 1)[1]}")
+                finally:
+                    ctr.stdin.close()
+                    code = ctr.wait(timeout=600)
+                if code != 0:
+                    err.seek(0)
+                    raise RuntimeError(f"ctr import exited {code}: {err.read().decode(errors='replace')[-1000:]}")
+            size = sum(blob(d).stat().st_size for d in new)
+        return f"{len(new) - 2} of its {len(layers)} layers, {size / 1e6:.1f} MB; containerd had the rest"
 
     def _start_kubelet(self, certs: dict[str, Path]) -> None:
         kubeconfig = write_kubeconfig(self.workdir / "kubelet.kubeconfig", self.plane.server, certs["ca.crt"],
