@@ -102,7 +102,8 @@ def test_defaults_are_alignment_handbooks():
             {"name": "sft", "method": "sft", "datasets": [{"source": "d"}]}]},
     })
     t = run.spec.stages[0].training
-    assert (t.scheduler, t.warmup_ratio, t.seed, t.epochs, t.gradient_checkpointing) == ("cosine", 0.1, 42, 1.0, True)
+    assert (t.lr_scheduler_type, t.warmup_ratio, t.seed, t.num_train_epochs, t.gradient_checkpointing) == (
+        "cosine", 0.1, 42, 1.0, True)
     assert run.spec.stages[0].distributed == "deepspeed-zero3"
     assert run.spec.stages[0].datasets[0].weight == 1.0 and run.spec.stages[0].datasets[0].split == "train"
     assert run.spec.storage.volume_claim_template is not None, "a run without storage gets a claim template"

@@ -60,8 +60,8 @@ def test_every_training_value_lands_where_the_run_keeps_it(tmp_path, capsys):
         ("org/chats", None, "train_sft", ["messages"], 1.0), ("org/chats", None, "test_sft", ["messages"], 0.5)]
     assert sft.test_split_size == 500
     t = sft.training
-    assert (t.learning_rate, t.epochs, t.max_steps, t.per_device_batch_size, t.gradient_accumulation_steps,
-            t.max_length, t.scheduler, t.warmup_ratio, t.seed, t.save_steps, t.save_total_limit) == (
+    assert (t.learning_rate, t.num_train_epochs, t.max_steps, t.per_device_train_batch_size,
+            t.gradient_accumulation_steps, t.max_length, t.lr_scheduler_type, t.warmup_ratio, t.seed, t.save_steps, t.save_total_limit) == (
         2.0e-5, 1, None, 16, 2, 2048, "cosine", 0.1, 42, 100, 1)
     assert t.completion_only_loss is False  # the handbook's SFT loss covers the whole chat
     assert t.extra_args == {"dataset_num_proc": 4, "do_eval": True, "eval_strategy": "epoch",

@@ -72,7 +72,7 @@ def stage_entry(recipe: Recipe, global_step: int) -> dict:
     entry.update({
         "datasets": [_dataset(d) for d in recipe.datasets],
         "learning_rate": t.learning_rate, "lr_scheduler": t.lr_scheduler_type, "epochs": t.num_train_epochs,
-        "max_steps": t.max_steps if t.max_steps > 0 else None, "optimizer_steps": global_step,
+        "max_steps": t.max_steps, "optimizer_steps": global_step,
         "per_device_batch_size": t.per_device_train_batch_size,
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
         "max_length": t.max_length, "seed": t.seed,

@@ -155,6 +155,48 @@ def _method_enum(schema: dict) -> None:
     schema["enum"] = method_names()
 
 
+def grouped(pairs) -> str:
+    """'a, b: X; c: Y' from (method, text) pairs, methods with the same text joined."""
+    groups: dict[str, list[str]] = {}
+    for method, text in pairs:
+        groups.setdefault(text, []).append(method)
+    return "; ".join(f"{', '.join(ms)}: {text}" for text, ms in groups.items())
+
+
+def all_loss_types() -> list[str]:
+    """Every loss_type of the method table (the schema's enum; which method takes which is a CEL rule)."""
+    return sorted({lt for info in METHODS.values() for lt in info.loss_types})
+
+
+# What beta means per method (the defaults come from the table; a test keeps the keys the table's).
+BETA_MEANINGS = {"dpo": "the KL penalty; zephyr uses 0.01", "ipo": "the KL penalty", "kto": "the KL penalty",
+                 "orpo": "the odds-ratio weight lambda", "simpo": "the reward scale", "slic": "the hinge margin",
+                 "grpo": "the KL coefficient", "eval": "scores a model trained without one"}
+
+
+def beta_description() -> str:
+    return ("Preference strength; per method, its default and meaning: " + "; ".join(
+        f"{m} {info.beta:g} ({BETA_MEANINGS[m]})" for m, info in METHODS.items() if info.beta is not None)
+        + ". An eval stage scores with the evaluated stage's beta.")
+
+
+def loss_type_description() -> str:
+    return ("TRL loss_type, per method (the first its default): "
+            + grouped((m, ", ".join(info.loss_types)) for m, info in METHODS.items() if info.loss_types)
+            + ". Beyond TRL: cdpo (the original DPO code's conservative DPO, with labelSmoothing) and ipo_sum (that "
+            "code's IPO on summed log-probs; TRL's ipo averages each reply's log-ratio over its tokens). "
+            + ", ".join(m for m, info in METHODS.items() if info.trains and not info.loss_types) + " take none.")
+
+
+def learning_rate_description() -> str:
+    return ("Peak learning rate. Default per method, full fine-tuning: "
+            + ", ".join(f"{m} {info.learning_rate:g}" for m, info in METHODS.items() if info.trains)
+            + "; with lora (LoRA and QLoRA), an adapter's: "
+            + ", ".join(f"{m} {info.lora_learning_rate:.0e}" for m, info in METHODS.items()
+                        if info.trains and info.lora_learning_rate is not None)
+            + " (10x: alignment-handbook's QLoRA recipes train sft at 2e-4 and dpo at 5e-6).")
+
+
 # The losses that read training.label_smoothing (epsilon, the assumed fraction of flipped labels):
 # TRL 1.16's DPOTrainer reads it in robust, exo_pair, aot and aot_unpaired only (trl/trainer/
 # dpo_trainer.py, _compute_loss), ours in cdpo (losses.py). Every other loss and method
@@ -244,47 +286,70 @@ class LoraArgs(_Strict):
     merge: bool = Field(True, description="Merge the adapter into a standalone model in the stage's final/.")
 
 
-class TrainingArgs(_Strict):
-    """Hyperparameters, named as in TRL's SFTConfig / DPOConfig / KTOConfig."""
+Scheduler = Literal[
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+    "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay",
+]
 
-    num_train_epochs: float = Field(1.0, gt=0, description="Passes over the training data.")
-    max_steps: int = Field(-1, description="Stop after this many optimizer steps; -1: run the epochs.")
-    learning_rate: float | None = Field(
-        None, gt=0, description="Peak learning rate; default: the method's (METHODS[method].learning_rate; with "
-                                "lora, its lora_learning_rate: 10x, an adapter's).")
-    lr_scheduler_type: str = Field("cosine", description="transformers' scheduler name.")
-    warmup_ratio: float = Field(0.1, ge=0, le=1, description="Fraction of the steps spent warming up.")
+
+class Training(_Strict):
+    """Hyperparameters, named as in TRL's SFTConfig / DPOConfig / KTOConfig: the fields a recipe (TrainingArgs) and
+    a run (api.spec.TrainingSpec: camelCase, a few shortened by api.base.API_NAMES) share, declared once."""
+
+    num_train_epochs: float = Field(1.0, gt=0, description="Passes over the training data (num_train_epochs).")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps, overriding epochs.")
+    learning_rate: float | None = Field(None, gt=0, description=learning_rate_description())
+    lr_scheduler_type: Scheduler = Field("cosine", description="Learning-rate schedule (lr_scheduler_type).")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Fraction of steps spent warming up.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     per_device_train_batch_size: int = Field(8, gt=0, description="Sequences per device per micro-step.")
-    per_device_eval_batch_size: int = Field(8, gt=0, description="Sequences per device per evaluation step.")
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-steps per optimizer step.")
-    max_length: int = Field(1024, gt=0, description="Longest tokenized sequence (prompt + completion).")
-    max_prompt_length: int | None = Field(
-        None, gt=0, description="Prompts are cut to this many tokens, keeping their end (preference methods, "
-                                "generate); default for preference methods: half of max_length.")
-    beta: float | None = Field(
-        None, gt=0, description="Preference methods: KL strength (DPO) or reward scale (SimPO); default: the "
-                                "method's (METHODS[method].beta).")
-    loss_type: str | None = Field(None, description="TRL loss_type; default: the method's first (METHODS).")
+    max_length: int = Field(1024, gt=0, description="Longest tokenized sequence, prompt and completion together.")
+    max_prompt_length: int | None = Field(None, gt=0, description=(
+        "Preference methods and generate: prompts are cut to this many tokens, keeping their end. Default: "
+        "half of maxLength (generate: no cut). Must be below maxLength."))
+    beta: float | None = Field(None, gt=0, description=beta_description())
+    loss_type: str | None = Field(None, json_schema_extra=lambda schema: schema.update(enum=all_loss_types()),
+                                  description=loss_type_description())
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description=(
-        "Epsilon, the assumed fraction of flipped preference labels, read by the losses cdpo, robust, exo_pair, "
-        "aot and aot_unpaired only (any other loss or method refuses a value above 0); cdpo and exo_pair need "
-        "0 < epsilon < 0.5."))
+        "Epsilon, the assumed fraction of flipped preference labels, 0 <= epsilon < 0.5, read only by the "
+        f"lossTypes {', '.join(LABEL_SMOOTHING_LOSSES)} (cdpo: the original DPO code's label_smoothing, HALOs "
+        "uses 0.2; the others TRL's). A value above 0 with any other loss or method is refused (it would be "
+        f"ignored); {' and '.join(LABEL_SMOOTHING_NEEDED)} need one above 0."))
     slic_lambda: float = Field(0.1, ge=0, description=(
-        "slic: weight of the cross-entropy regulariser on the chosen reply (HALOs' lambda_coef)."))
-    packing: bool = Field(False, description="SFT: pack sequences into max_length blocks.")
+        "slic: weight of the cross-entropy regulariser on the chosen reply (HALOs' lambda_coef, 0.1); "
+        "beta is SLiC's hinge margin (default 1.0)."))
+    packing: bool = Field(False, description="SFT: pack several examples into each maxLength sequence.")
     completion_only_loss: bool = Field(True, description=(
-        "SFT: loss on what the model answers only: a chat's assistant replies (through their end-of-turn "
-        "token), a prompt/completion row's completion; false: the whole sequence (alignment-handbook)."))
+        "SFT: the loss covers only what the model answers: every assistant reply of a chat "
+        "(through its end-of-turn token, any chat template) or the completion of prompt/completion "
+        "data. false trains on the whole sequence, prompts included, as alignment-handbook's SFT "
+        "recipes do."))
     gradient_checkpointing: bool = Field(True, description="Recompute activations in the backward pass to save memory.")
     seed: int = Field(42, description="Seed for data order, splits and initialisation.")
-    precompute_ref_log_probs: bool = Field(False, description="DPO: compute reference log-probs once, before training.")
+    precompute_ref_log_probs: bool = Field(False, description=(
+        "DPO/IPO/KTO: compute the reference model's log-probs once before training, so no "
+        "reference stays in memory (they are cached in the stage's directory on the volume)."))
     save_steps: int = Field(100, gt=0, description="Write a resumable checkpoint every N optimizer steps.")
-    save_total_limit: int | None = Field(2, description="Checkpoints kept (oldest deleted first); None keeps all.")
-    logging_steps: int = Field(10, gt=0, description="Log loss and metrics every N steps (metrics.jsonl).")
-    eval_steps: int | None = Field(None, description="Evaluate every N steps; None: at the end only.")
+    save_total_limit: int = Field(2, gt=0, description="Checkpoints kept on the volume (oldest deleted first).")
+    logging_steps: int = Field(10, gt=0, description="Log loss and metrics every N steps (metrics.jsonl, status).")
+    eval_steps: int | None = Field(None, gt=0, description="Evaluate on the test split every N steps; default: at the end.")
     extra_args: dict[str, Any] = Field(
         default_factory=dict, description="Passed as-is to the TRL config; unknown keys are an error.")
+
+    @field_validator("loss_type")
+    @classmethod
+    def _known_loss_type(cls, value: str | None) -> str | None:
+        if value is not None and value not in all_loss_types():
+            raise ValueError(f"{value!r} is not a loss type; accepted: {', '.join(all_loss_types())}")
+        return value
+
+
+class TrainingArgs(Training):
+    """A recipe's hyperparameters: the run's, and what render derives from them."""
+
+    per_device_eval_batch_size: int = Field(8, gt=0, description=(
+        "Sequences per device per evaluation step (a run's: per_device_train_batch_size)."))
 
 
 class Judge(_Strict):
@@ -645,8 +710,8 @@ class Recipe(_Strict):
         # Method-dependent defaults, from the one table (an adapter's own learning rate under LoRA/QLoRA).
         if t.learning_rate is None:
             t.learning_rate = info.default_learning_rate(self.lora is not None)
-        if t.beta is None:
-            t.beta = info.beta if info.beta is not None else 0.1
+        if t.beta is None:  # a method without a beta (sft, reward, generate, label) reads none and gets none
+            t.beta = info.beta
         if t.max_prompt_length is None and info.data == "pairwise":
             t.max_prompt_length = t.max_length // 2
         if t.max_prompt_length is not None and t.max_prompt_length >= t.max_length:

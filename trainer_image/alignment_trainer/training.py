@@ -78,7 +78,7 @@ def build_config(config_cls, recipe: Recipe, **method_fields):
     os.environ["ACCELERATE_MIXED_PRECISION"] = precision
     kwargs = dict(
         output_dir=recipe.output_dir,
-        num_train_epochs=t.num_train_epochs, max_steps=t.max_steps, learning_rate=t.learning_rate,
+        num_train_epochs=t.num_train_epochs, max_steps=t.max_steps or -1, learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler_type, weight_decay=t.weight_decay,
         # transformers 5 folded warmup_ratio into warmup_steps: a float below 1 is a ratio.
         warmup_steps=min(t.warmup_ratio, 0.999),

@@ -22,6 +22,7 @@ from pydantic import WithJsonSchema
 from alignment_trainer.recipe import TrainingArgs
 
 from . import corev1
+from .base import api_alias
 
 # The pod's own mounts besides the run's volume (render.manifests mounts exactly these, the progress token
 # when the operator serves progress), and the trainer image's accelerate configs (RenderContext's default
@@ -100,23 +101,17 @@ def extra_args_schema() -> dict[str, Any]:
         key: {"x-kubernetes-preserve-unknown-fields": True, "description": help_[key]} for key in accepted_extra_args()}}
 
 
-def _camel(name: str) -> str:
-    head, *rest = name.split("_")
-    return head + "".join(p.title() for p in rest)
-
-
 def extra_args_problems(at: str, method: str, extra: dict[str, Any]) -> list[str]:
     data = trl_fields()
     accepted = config_fields(method)
     out = []
-    typed = {"num_train_epochs": "epochs", "lr_scheduler_type": "scheduler",
-             "per_device_train_batch_size": "perDeviceBatchSize", "per_device_eval_batch_size": "perDeviceBatchSize"}
+    typed = {"per_device_eval_batch_size": "per_device_train_batch_size"}  # the run sets both from one
     for key in extra:
         path = f"{at}.training.extraArgs.{key}"
         if key in data["owned"]:
             out.append(f"{path}: set by the trainer itself, not configurable")
         elif key in typed_fields():
-            out.append(f"{path}: set training.{typed.get(key, _camel(key))} instead")
+            out.append(f"{path}: set training.{api_alias(typed.get(key, key))} instead")
         elif accepted is None:
             out.append(f"{path}: method {method!r} builds no TRL config; leave training.extraArgs empty")
         elif key not in accepted:

@@ -17,60 +17,26 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from alignment_trainer.recipe import (LABEL_SMOOTHING_LOSSES, LABEL_SMOOTHING_NEEDED, METHODS, GuardArgs,
                                       check_method, method_names, reads_outputs, training_methods)
 from alignment_trainer.recipe import (AlpacaEvalArgs, GenerateArgs, GrpoArgs, Judge, LabelArgs, LmEvalArgs, LoraArgs,
-                                      MtBenchArgs, ObjectStore, Reward)
+                                      MtBenchArgs, ObjectStore, Reward, Training, all_loss_types, grouped)
+from alignment_trainer.recipe import BETA_MEANINGS  # noqa: F401 (the CRD test reads it here)
 
 from . import corev1
 from .admission import ExtraArgs, ImageRef, MountPath, NodeSelector, trl_fields
 from .base import ApiModel, Quantity, x_validations
 
 Strategy = Literal["ddp", "deepspeed-zero2", "deepspeed-zero3", "fsdp"]
-Scheduler = Literal[
-    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-    "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay",
-]
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
 
-def _grouped(pairs) -> str:
-    """'a, b: X; c: Y' from (method, text) pairs, methods with the same text joined."""
-    groups: dict[str, list[str]] = {}
-    for method, text in pairs:
-        groups.setdefault(text, []).append(method)
-    return "; ".join(f"{', '.join(ms)}: {text}" for text, ms in groups.items())
-
-
-# What beta means per method (the defaults come from the table; a test keeps the keys the table's).
-BETA_MEANINGS = {"dpo": "the KL penalty; zephyr uses 0.01", "ipo": "the KL penalty", "kto": "the KL penalty",
-                 "orpo": "the odds-ratio weight lambda", "simpo": "the reward scale", "slic": "the hinge margin",
-                 "grpo": "the KL coefficient", "eval": "scores a model trained without one"}
 # Where a multi-node stage runs, in the order render chooses (render.manifests.build_stage).
 MULTI_NODE_ENGINES = ("a JobSet when that CRD is installed, else a Kubeflow PyTorchJob when that one is, else an "
                       "Indexed Job with a headless Service")
 
 
-def beta_description() -> str:
-    return ("Preference strength; per method, its default and meaning: " + "; ".join(
-        f"{m} {info.beta:g} ({BETA_MEANINGS[m]})" for m, info in METHODS.items() if info.beta is not None)
-        + ". An eval stage scores with the evaluated stage's beta.")
-
-
-def loss_type_description() -> str:
-    return ("TRL loss_type, per method (the first its default): "
-            + _grouped((m, ", ".join(info.loss_types)) for m, info in METHODS.items() if info.loss_types)
-            + ". Beyond TRL: cdpo (the original DPO code's conservative DPO, with labelSmoothing) and ipo_sum (that "
-            "code's IPO on summed log-probs; TRL's ipo averages each reply's log-ratio over its tokens). "
-            + ", ".join(m for m, info in METHODS.items() if info.trains and not info.loss_types) + " take none.")
-
-
 def extra_args_description() -> str:
-    return ("Further fields of the method's TRL config by their TRL names (" + _grouped(trl_fields()["methods"].items())
+    return ("Further fields of the method's TRL config by their TRL names (" + grouped(trl_fields()["methods"].items())
             + "). Keys that are no such field, that the trainer sets itself (output_dir, deepspeed ...) or that have a "
             "typed field here are refused.")
-
-
-def all_loss_types() -> list[str]:
-    """Every loss_type of the method table (the schema's enum; which method takes which is a CEL rule)."""
-    return sorted({lt for info in METHODS.values() for lt in info.loss_types})
 
 
 # An s3:// source or export: s3://bucket[/prefix], the bucket an S3 bucket name (3-63 lowercase letters,
@@ -174,64 +140,15 @@ class DatasetSpec(ApiModel):
         return self
 
 
-class TrainingSpec(ApiModel):
+class TrainingSpec(ApiModel, Training):
     model_config = {**ApiModel.model_config, "json_schema_extra": x_validations(
         ("!has(self.maxPromptLength) || self.maxPromptLength < self.maxLength",
          "maxPromptLength must be below maxLength", ".maxPromptLength"),
     )}
 
-    epochs: float = Field(1.0, gt=0, description="Passes over the training data (num_train_epochs).")
-    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps, overriding epochs.")
-    learning_rate: float | None = Field(None, gt=0, description=(
-        "Peak learning rate. Default per method, full fine-tuning: "
-        + ", ".join(f"{m} {info.learning_rate:g}" for m, info in METHODS.items() if info.trains)
-        + "; with lora (LoRA and QLoRA), an adapter's: "
-        + ", ".join(f"{m} {info.lora_learning_rate:.0e}" for m, info in METHODS.items()
-                    if info.trains and info.lora_learning_rate is not None)
-        + " (10x: alignment-handbook's QLoRA recipes train sft at 2e-4 and dpo at 5e-6)."))
-    scheduler: Scheduler = Field("cosine", description="Learning-rate schedule (lr_scheduler_type).")
-    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Fraction of steps spent warming up.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    per_device_batch_size: int = Field(8, gt=0, description="Sequences per device per micro-step.")
-    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-steps per optimizer step.")
-    max_length: int = Field(1024, gt=0, description="Longest tokenized sequence, prompt and completion together.")
-    max_prompt_length: int | None = Field(None, gt=0, description=(
-        "Preference methods and generate: prompts are cut to this many tokens, keeping their end. Default: "
-        "half of maxLength (generate: no cut). Must be below maxLength."))
-    beta: float | None = Field(None, gt=0, description=beta_description())
-    loss_type: str | None = Field(None, json_schema_extra=lambda schema: schema.update(enum=all_loss_types()),
-                                  description=loss_type_description())
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description=(
-        "Epsilon, the assumed fraction of flipped preference labels, 0 <= epsilon < 0.5, read only by the "
-        f"lossTypes {', '.join(LABEL_SMOOTHING_LOSSES)} (cdpo: the original DPO code's label_smoothing, HALOs "
-        "uses 0.2; the others TRL's). A value above 0 with any other loss or method is refused (it would be "
-        f"ignored); {' and '.join(LABEL_SMOOTHING_NEEDED)} need one above 0."))
-    slic_lambda: float = Field(0.1, ge=0, description=(
-        "slic: weight of the cross-entropy regulariser on the chosen reply (HALOs' lambda_coef, 0.1); "
-        "beta is SLiC's hinge margin (default 1.0)."))
-    packing: bool = Field(False, description="SFT: pack several examples into each maxLength sequence.")
-    completion_only_loss: bool = Field(True, description=(
-        "SFT: the loss covers only what the model answers: every assistant reply of a chat "
-        "(through its end-of-turn token, any chat template) or the completion of prompt/completion "
-        "data. false trains on the whole sequence, prompts included, as alignment-handbook's SFT "
-        "recipes do."))
-    gradient_checkpointing: bool = Field(True, description="Recompute activations in the backward pass to save memory.")
-    seed: int = Field(42, description="Seed for data order, splits and initialisation.")
-    precompute_ref_log_probs: bool = Field(False, description=(
-        "DPO/IPO/KTO: compute the reference model's log-probs once before training, so no "
-        "reference stays in memory (they are cached in the stage's directory on the volume)."))
-    save_steps: int = Field(100, gt=0, description="Write a resumable checkpoint every N optimizer steps.")
-    save_total_limit: int = Field(2, gt=0, description="Checkpoints kept on the volume (oldest deleted first).")
-    logging_steps: int = Field(10, gt=0, description="Log loss and metrics every N steps (metrics.jsonl, status).")
-    eval_steps: int | None = Field(None, gt=0, description="Evaluate on the test split every N steps; default: at the end.")
+    # Checked against the TRL configs the operator ships (api.admission): keys the typed fields or the trainer set
+    # are refused.
     extra_args: ExtraArgs = Field(default_factory=dict, description=extra_args_description())
-
-    @field_validator("loss_type")
-    @classmethod
-    def _known_loss_type(cls, value: str | None) -> str | None:
-        if value is not None and value not in all_loss_types():
-            raise ValueError(f"{value!r} is not a loss type; accepted: {', '.join(all_loss_types())}")
-        return value
 
 
 MATRIX_MAX_VARIANTS = 16  # a matrix's variants (the product of its value lists' sizes), at most

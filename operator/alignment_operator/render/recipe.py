@@ -81,33 +81,7 @@ def _eval_reference(run: AlignmentRun, index: int, root: str) -> str:
 
 def _training(stage: StageSpec) -> TrainingArgs:
     t = stage.training
-    return TrainingArgs(
-        num_train_epochs=t.epochs,
-        max_steps=t.max_steps or -1,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.scheduler,
-        warmup_ratio=t.warmup_ratio,
-        weight_decay=t.weight_decay,
-        per_device_train_batch_size=t.per_device_batch_size,
-        per_device_eval_batch_size=t.per_device_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        max_length=t.max_length,
-        max_prompt_length=t.max_prompt_length,
-        beta=t.beta,
-        loss_type=t.loss_type,
-        label_smoothing=t.label_smoothing,
-        slic_lambda=t.slic_lambda,
-        packing=t.packing,
-        completion_only_loss=t.completion_only_loss,
-        gradient_checkpointing=t.gradient_checkpointing,
-        seed=t.seed,
-        precompute_ref_log_probs=t.precompute_ref_log_probs,
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        logging_steps=t.logging_steps,
-        eval_steps=t.eval_steps,
-        extra_args=dict(t.extra_args),
-    )
+    return from_spec(TrainingArgs, t, per_device_eval_batch_size=t.per_device_train_batch_size)
 
 
 def _eval_training(run: AlignmentRun, index: int) -> TrainingArgs:
