@@ -51,7 +51,8 @@ def imported(tmp_path: Path, capsys) -> tuple[dict, str, str]:
 def test_every_training_value_lands_where_the_run_keeps_it(tmp_path, capsys):
     doc, _, _ = imported(tmp_path, capsys)
     run = parse_run(doc)
-    assert (run.spec.model.source, run.spec.model.revision, run.spec.model.dtype, run.spec.model.attention) == (
+    assert (run.spec.model.source, run.spec.model.revision, run.spec.model.torch_dtype,
+            run.spec.model.attn_implementation) == (
         "org/base-7b", "v2", "bfloat16", "flash_attention_2")
     assert run.spec.model.chat_template == TEMPLATE
     sft, dpo = run.spec.stages

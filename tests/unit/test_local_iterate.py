@@ -65,7 +65,7 @@ def test_set_changes_a_stage_by_name_or_index_and_the_run_validates_with_it():
     assert shown[0] == "spec.stages[1].training.beta=0.05"
     run = parse_run(doc)
     assert run.spec.stages[1].training.beta == 0.05 and run.spec.stages[0].datasets[0].weight == 0.5
-    assert run.spec.stages[2].eval.metrics == ["preference", "loss"] and run.spec.model.dtype == "bfloat16"
+    assert run.spec.stages[2].eval.metrics == ["preference", "loss"] and run.spec.model.torch_dtype == "bfloat16"
 
 
 @pytest.mark.parametrize("override, expected", [

@@ -239,18 +239,34 @@ class _Strict(BaseModel):
 # Defaults here equal the AlignmentRun API's (tests/unit/test_recipe_contract.py renders a default
 # stage of every method and compares), so a hand-written recipe trains like the same stage in a run.
 
-class ModelArgs(_Strict):
+class ModelLoading(_Strict):
+    """How a model is loaded: the fields a recipe (ModelArgs) and a run (api.spec.ModelSpec: camelCase, torch_dtype
+    and attn_implementation shortened to dtype and attention by api.base.API_NAMES) share, declared once."""
+
+    torch_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("bfloat16", description=(
+        "Compute dtype and the dtype final/ is saved in. bfloat16 on Ampere or newer GPUs; float16 "
+        "trains with dynamic loss scaling; auto keeps the checkpoint's own. Trainable weights always "
+        "keep a float32 master copy: DeepSpeed ZeRO and FSDP hold it (sharded), under ddp or one "
+        "process the model loads in float32 and runs under autocast, about 16 bytes per trained "
+        "parameter with AdamW (weights, gradients, two moments) plus a float32 reference for "
+        "full-fine-tuning DPO/KTO; use ZeRO, LoRA or precomputeRefLogProbs for large models. Frozen "
+        "models (a LoRA base, the eval stage's) load in this dtype. CPU stages compute in float32."))
+    attn_implementation: Literal["flash_attention_2", "sdpa", "eager"] = Field("sdpa", description=(
+        "Attention kernel. sdpa works everywhere (on a GPU, bf16/fp16: torch's own FlashAttention-2 "
+        "kernel); flash_attention_2 (varlen attention, for packing) needs a GPU and loads transformers' hub "
+        "kernel kernels-community/flash-attn2 in the GPU trainer image (the [gpu] extra's kernels package; "
+        "fetched from the Hub at the first load), or flash-attn where installed."))
+    chat_template: str | None = Field(None, max_length=65536, description=(
+        "Jinja chat template. Default: the tokenizer's own; ChatML when it has none."))
+    trust_remote_code: bool = Field(False, description="Allow modelling code from the model's Hub repository to run.")
+
+
+
+class ModelArgs(ModelLoading):
     """Which model to start from and how to load it (alignment-handbook's ModelArguments)."""
 
     model_name_or_path: str = Field(description="Hub id, local directory, or path on the run's volume.")
     model_revision: str = Field("main", description="Hub revision (branch, tag or commit).")
-    torch_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "bfloat16", description="Weights dtype; bfloat16 on Ampere+ GPUs, float32 on CPU; auto keeps the checkpoint's.")
-    attn_implementation: Literal["flash_attention_2", "sdpa", "eager"] | None = Field(
-        "sdpa", description="Attention kernel; None lets transformers choose.")
-    trust_remote_code: bool = Field(False, description="Run modelling code from the Hub repo.")
-    chat_template: str | None = Field(
-        None, description="Jinja chat template; default: the tokenizer's own, else ChatML.")
     tokenizer_name_or_path: str | None = Field(None, description="Tokenizer, if not the model's.")
 
 

@@ -12,7 +12,8 @@ from pydantic.alias_generators import to_camel
 # A field of a section the run shares with the recipe (alignment_trainer.recipe) is named in the run by its recipe
 # name (TRL's, PEFT's) in camelCase, but where the run says it shorter: recipe name -> the run's.
 API_NAMES = {"lora_alpha": "alpha", "lora_dropout": "dropout", "num_train_epochs": "epochs",
-             "lr_scheduler_type": "scheduler", "per_device_train_batch_size": "per_device_batch_size"}
+             "lr_scheduler_type": "scheduler", "per_device_train_batch_size": "per_device_batch_size",
+             "torch_dtype": "dtype", "attn_implementation": "attention"}
 
 
 def api_alias(name: str) -> str:

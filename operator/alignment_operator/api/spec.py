@@ -17,7 +17,8 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from alignment_trainer.recipe import (LABEL_SMOOTHING_LOSSES, LABEL_SMOOTHING_NEEDED, METHODS, GuardArgs,
                                       check_method, method_names, reads_outputs, training_methods)
 from alignment_trainer.recipe import (AlpacaEvalArgs, GenerateArgs, GrpoArgs, Judge, LabelArgs, LmEvalArgs, LoraArgs,
-                                      MtBenchArgs, ObjectStore, Reward, Training, all_loss_types, grouped)
+                                      ModelLoading, MtBenchArgs, ObjectStore, Reward, Training,
+                                      all_loss_types, grouped)
 from alignment_trainer.recipe import BETA_MEANINGS  # noqa: F401 (the CRD test reads it here)
 
 from . import corev1
@@ -63,29 +64,13 @@ def check_s3(data, field: str = "source"):
     return data
 
 
-class ModelSpec(ApiModel):
+class ModelSpec(ApiModel, ModelLoading):
     model_config = {**ApiModel.model_config, "json_schema_extra": x_validations(s3_rule("source"))}
 
     source: str = Field(min_length=1, max_length=512, description=(
         "Base model: a Hugging Face Hub id (mistralai/Mistral-7B-v0.1), a local directory, or a "
         "path on the run's volume."))
     revision: str = Field("main", max_length=256, description="Hub revision: branch, tag or commit sha.")
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("bfloat16", description=(
-        "Compute dtype and the dtype final/ is saved in. bfloat16 on Ampere or newer GPUs; float16 "
-        "trains with dynamic loss scaling; auto keeps the checkpoint's own. Trainable weights always "
-        "keep a float32 master copy: DeepSpeed ZeRO and FSDP hold it (sharded), under ddp or one "
-        "process the model loads in float32 and runs under autocast, about 16 bytes per trained "
-        "parameter with AdamW (weights, gradients, two moments) plus a float32 reference for "
-        "full-fine-tuning DPO/KTO; use ZeRO, LoRA or precomputeRefLogProbs for large models. Frozen "
-        "models (a LoRA base, the eval stage's) load in this dtype. CPU stages compute in float32."))
-    attention: Literal["flash_attention_2", "sdpa", "eager"] = Field("sdpa", description=(
-        "Attention kernel. sdpa works everywhere (on a GPU, bf16/fp16: torch's own FlashAttention-2 "
-        "kernel); flash_attention_2 (varlen attention, for packing) needs a GPU and loads transformers' hub "
-        "kernel kernels-community/flash-attn2 in the GPU trainer image (the [gpu] extra's kernels package; "
-        "fetched from the Hub at the first load), or flash-attn where installed."))
-    chat_template: str | None = Field(None, max_length=65536, description=(
-        "Jinja chat template. Default: the tokenizer's own; ChatML when it has none."))
-    trust_remote_code: bool = Field(False, description="Allow modelling code from the model's Hub repository to run.")
 
     _s3_source = model_validator(mode="before")(classmethod(lambda cls, data: check_s3(data)))
 

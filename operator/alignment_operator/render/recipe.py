@@ -112,14 +112,7 @@ def build_recipe(run: AlignmentRun, index: int, root: str,
     lora = stage.lora
     return Recipe(
         method=stage.method,
-        model=ModelArgs(
-            model_name_or_path=start,
-            model_revision=m.revision if first else "main",
-            torch_dtype=m.dtype,
-            attn_implementation=m.attention,
-            trust_remote_code=m.trust_remote_code,
-            chat_template=m.chat_template,
-        ),
+        model=from_spec(ModelArgs, m, model_name_or_path=start, model_revision=m.revision if first else "main"),
         # Preference methods use the model they start from as the frozen reference.
         ref_model=start if METHODS[stage.method].reference and METHODS[stage.method].trains else None,
         datasets=[_dataset(d, run, root) for d in stage.datasets],
