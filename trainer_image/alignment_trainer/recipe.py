@@ -270,18 +270,30 @@ class ModelArgs(ModelLoading):
     tokenizer_name_or_path: str | None = Field(None, description="Tokenizer, if not the model's.")
 
 
-class DatasetArgs(_Strict):
+class DatasetRows(_Strict):
+    """Which rows of a dataset are read: the fields a recipe (DatasetArgs) and a run (api.spec.DatasetSpec,
+    camelCase) share, declared once."""
+
+    split: str = Field("train", max_length=256, description="Split to read, e.g. train_sft or train_prefs.")
+    columns: list[str] | None = Field(None, max_length=64, description=(
+        "Columns to keep. Default: the ones the method needs (messages; prompt/chosen/rejected; "
+        "prompt/completion/label)."))
+    weight: float = Field(1.0, gt=0, le=1, description=(
+        "Fraction of the split's rows kept, 0 < weight <= 1 (alignment-handbook's dataset_mixer)."))
+    max_invalid_fraction: float = Field(0.0, ge=0, lt=1, description=(
+        "Fraction of rows that may be malformed (missing column, roles out of order, empty "
+        "reply) and are skipped with a warning; above it the stage fails naming the first bad "
+        "row. Default 0: every row must be valid. Scraped Hub sets such as HH-RLHF may need 0.01."))
+
+
+
+class DatasetArgs(DatasetRows):
     """One dataset of a mixture."""
 
     path: str = Field(description=(
         "Hub id, local JSON/JSONL/CSV file (also .gz/.bz2/.xz/.zst; CSV values as text), Parquet file, or a "
-        "`datasets` save_to_disk directory."))
-    name: str | None = Field(None, description="Dataset configuration (the `name` of load_dataset).")
-    split: str = Field("train", description="Split to read.")
-    columns: list[str] | None = Field(None, description="Columns to keep; default: all the method needs.")
-    weight: float = Field(1.0, gt=0, le=1, description="Fraction of rows kept (0 < w <= 1).")
-    max_invalid_fraction: float = Field(
-        0.0, ge=0, lt=1, description="Malformed rows skipped with a warning up to this fraction; above it, an error.")
+        "`datasets` save_to_disk directory (a run's source, or the file its stage wrote)."))
+    name: str | None = Field(None, description="Dataset configuration (the `name` of load_dataset; a run's config).")
 
 
 class LoraArgs(_Strict):

@@ -16,8 +16,8 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from alignment_trainer.recipe import (LABEL_SMOOTHING_LOSSES, LABEL_SMOOTHING_NEEDED, METHODS, GuardArgs,
                                       check_method, method_names, reads_outputs, training_methods)
-from alignment_trainer.recipe import (AlpacaEvalArgs, GenerateArgs, GrpoArgs, Judge, LabelArgs, LmEvalArgs, LoraArgs,
-                                      ModelLoading, MtBenchArgs, ObjectStore, Reward, Training,
+from alignment_trainer.recipe import (AlpacaEvalArgs, DatasetRows, GenerateArgs, GrpoArgs, Judge, LabelArgs,
+                                      LmEvalArgs, LoraArgs, ModelLoading, MtBenchArgs, ObjectStore, Reward, Training,
                                       all_loss_types, grouped)
 from alignment_trainer.recipe import BETA_MEANINGS  # noqa: F401 (the CRD test reads it here)
 
@@ -90,7 +90,7 @@ def _readers_description() -> str:
     return "; ".join(f"{', '.join(ms)} read {read(kinds)}" for kinds, ms in groups.items())
 
 
-class DatasetSpec(ApiModel):
+class DatasetSpec(ApiModel, DatasetRows):
     model_config = {**ApiModel.model_config, "json_schema_extra": x_validations(
         ("has(self.source) != has(self.stage)", "a dataset gives exactly one of source or stage"),
         s3_rule("source"),
@@ -104,16 +104,6 @@ class DatasetSpec(ApiModel):
         "Instead of a source: an earlier data stage whose dataset (its final/ on the run's volume) this reads. "
         + _readers_description() + "."))
     config: str | None = Field(None, max_length=256, description="Dataset configuration name, if it has several.")
-    split: str = Field("train", max_length=256, description="Split to read, e.g. train_sft or train_prefs.")
-    columns: list[str] | None = Field(None, max_length=64, description=(
-        "Columns to keep. Default: the ones the method needs (messages; prompt/chosen/rejected; "
-        "prompt/completion/label)."))
-    weight: float = Field(1.0, gt=0, le=1, description=(
-        "Fraction of the split's rows kept, 0 < weight <= 1 (alignment-handbook's dataset_mixer)."))
-    max_invalid_fraction: float = Field(0.0, ge=0, lt=1, description=(
-        "Fraction of rows that may be malformed (missing column, roles out of order, empty "
-        "reply) and are skipped with a warning; above it the stage fails naming the first bad "
-        "row. Default 0: every row must be valid. Scraped Hub sets such as HH-RLHF may need 0.01."))
 
     _s3_source = model_validator(mode="before")(classmethod(lambda cls, data: check_s3(data)))
 

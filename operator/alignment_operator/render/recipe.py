@@ -64,8 +64,7 @@ def stage_dataset(root: str, run: AlignmentRun, stage_name: str) -> str:
 
 def _dataset(d: DatasetSpec, run: AlignmentRun, root: str) -> DatasetArgs:
     path = d.source if d.stage is None else stage_dataset(root, run, d.stage)
-    return DatasetArgs(path=path, name=d.config, split=d.split, columns=d.columns, weight=d.weight,
-                       max_invalid_fraction=d.max_invalid_fraction)
+    return from_spec(DatasetArgs, d, path=path, name=d.config)
 
 
 def _eval_reference(run: AlignmentRun, index: int, root: str) -> str:
