@@ -457,11 +457,22 @@ class MtBenchArgs(_Strict):
     max_new_tokens: int = Field(1024, gt=0, description="Longest answer per turn.")
 
 
-class EvalArgs(_Strict):
-    """What the eval method measures."""
+class Eval(_Strict):
+    """What an eval stage generates: the fields a recipe (EvalArgs) and a run (api.spec.EvalSpec, camelCase) share,
+    declared once; the rest of each names models, datasets, a judge's key and rewards the other's way."""
 
     metrics: list[Literal["preference", "loss", "generations", "judge"]] = Field(
-        default_factory=lambda: ["preference", "loss", "generations"], description="What to measure.")
+        ["preference", "loss", "generations"], max_length=4, description=(
+            "What to measure: held-out preference accuracy and reward margins against the "
+            "reference; held-out loss and perplexity; generations for a prompt set; an LLM-judge "
+            "win rate (needs judge)."))
+    max_new_tokens: int = Field(256, gt=0, description="Longest generation.")
+    num_generations: int = Field(16, gt=0, description="Prompts generated for.")
+
+
+class EvalArgs(Eval):
+    """What the eval method measures."""
+
     reference_model: str | None = Field(None, description="Model to compare against (preference accuracy, judge).")
     reference_revision: str = Field("main", description=(
         "Hub revision of reference_model (the run's model.revision when the reference is the base model); "
@@ -470,8 +481,6 @@ class EvalArgs(_Strict):
         "A reward model (a reward stage's final/): scores the held-out pairs (reward_model_accuracy) and the "
         "model's and the reference's generations (reward_model_win_rate)."))
     prompts: DatasetArgs | None = Field(None, description="Prompts to generate for; default: test-split prompts.")
-    max_new_tokens: int = Field(256, gt=0, description="Longest generation.")
-    num_generations: int = Field(16, gt=0, description="How many prompts to generate for.")
     judge: JudgeArgs | None = Field(None, description=(
         "LLM judge; required when metrics include judge, and for alpaca_eval and mt_bench."))
     lm_eval: LmEvalArgs | None = Field(None, description="lm-evaluation-harness tasks (IFEval, GSM8K, custom, ...).")

@@ -16,7 +16,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from alignment_trainer.recipe import (LABEL_SMOOTHING_LOSSES, LABEL_SMOOTHING_NEEDED, METHODS, GuardArgs,
                                       check_method, method_names, reads_outputs, training_methods)
-from alignment_trainer.recipe import (AlpacaEvalArgs, DatasetRows, GenerateArgs, GrpoArgs, Judge, LabelArgs,
+from alignment_trainer.recipe import (AlpacaEvalArgs, DatasetRows, Eval, GenerateArgs, GrpoArgs, Judge, LabelArgs,
                                       LmEvalArgs, LoraArgs, ModelLoading, MtBenchArgs, ObjectStore, Reward, Training,
                                       all_loss_types, grouped)
 from alignment_trainer.recipe import BETA_MEANINGS  # noqa: F401 (the CRD test reads it here)
@@ -348,20 +348,13 @@ class MtBenchSpec(ApiModel, MtBenchArgs):
         "optional), prompt_id; e.g. HuggingFaceH4/mt_bench_prompts."))
 
 
-class EvalSpec(ApiModel):
-    metrics: list[Literal["preference", "loss", "generations", "judge"]] = Field(
-        ["preference", "loss", "generations"], max_length=4, description=(
-            "What to measure: held-out preference accuracy and reward margins against the "
-            "reference; held-out loss and perplexity; generations for a prompt set; an LLM-judge "
-            "win rate (needs judge)."))
+class EvalSpec(ApiModel, Eval):
     reference: str | None = Field(None, max_length=63, description=(
         "Stage whose model is the reference. Default: the stage the evaluated stage started from."))
     reward_model: str | None = Field(None, max_length=63, description=(
         "An earlier reward stage whose model scores the held-out pairs (rewardModelAccuracy) and both "
         "models' generations (rewardModelWinRate)."))
     prompts: DatasetSpec | None = Field(None, description="Prompts to generate for. Default: prompts of the test split.")
-    max_new_tokens: int = Field(256, gt=0, description="Longest generation.")
-    num_generations: int = Field(16, gt=0, description="Prompts generated for.")
     judge: JudgeSpec | None = Field(None, description=(
         "LLM judge (OpenAI-compatible); required when metrics include judge, and for alpacaEval and mtBench."))
     lm_eval: LmEvalSpec | None = Field(None, description=(

@@ -211,14 +211,12 @@ def _eval_args(run: AlignmentRun, index: int, root: str) -> EvalArgs:
     revision = run.spec.model.revision if reference == run.spec.model.source else "main"
     if e is None:
         return EvalArgs(reference_model=reference, reference_revision=revision)
-    return EvalArgs(
-        metrics=list(e.metrics),
+    return from_spec(
+        EvalArgs, e,
         reference_model=reference,
         reference_revision=revision,
         reward_model=final_dir(root, run, e.reward_model) if e.reward_model else None,
         prompts=_dataset(e.prompts, run, root) if e.prompts else None,
-        max_new_tokens=e.max_new_tokens,
-        num_generations=e.num_generations,
         judge=None if e.judge is None else from_spec(JudgeArgs, e.judge, api_key_env=JUDGE_API_KEY_ENV),
         lm_eval=None if e.lm_eval is None else from_spec(LmEvalArgs, e.lm_eval),
         alpaca_eval=None if e.alpaca_eval is None else from_spec(
