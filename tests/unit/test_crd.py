@@ -116,10 +116,9 @@ def test_text_that_lists_methods_losses_or_engines_names_every_one_the_tables_ho
     """The CEL message and the descriptions `kubectl explain` shows are built from the method table
     (they named 6 of the 9 training methods, left out SLiC's, GRPO's and the reward model's losses,
     betas and TRL configs, and JobSet where a stage's child is named)."""
-    from alignment_trainer.recipe import METHODS, training_methods
+    from alignment_trainer.recipe import BETA_MEANINGS, METHODS, training_methods
 
     from alignment_operator.api.admission import trl_fields
-    from alignment_operator.api.spec import BETA_MEANINGS
 
     spec = schema()["properties"]["spec"]
     messages = [r["message"] for r in spec["x-kubernetes-validations"]]

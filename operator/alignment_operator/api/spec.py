@@ -5,6 +5,13 @@ the CRD, so `kubectl explain alignmentrun.spec.stages` shows them. Defaults foll
 alignment-handbook's recipes where it has one (zephyr-7b-beta), TRL's otherwise. Defaults that
 depend on the method (learning rate, beta, lengths) are left unset here and filled in when the
 stage's recipe is rendered; their descriptions say what they become.
+
+A section a run shares with the recipe (model, datasets, training, lora, judge, rewards, eval and its
+benchmarks, grpo, generate, label, guards, objectStore) is declared once, in the trainer's contract
+(alignment_trainer.recipe): the class here inherits it, camelCase by ApiModel's alias (api.base.API_NAMES
+where the run's name is shorter), and adds only what a run names (a dataset that may name a stage, a stage,
+a Secret) and its CEL rules; render.recipe.from_spec() resolves those. No docstring on such a class: it
+would become a second description in the CRD beside the stage field's own.
 """
 
 from __future__ import annotations
@@ -19,7 +26,6 @@ from alignment_trainer.recipe import (LABEL_SMOOTHING_LOSSES, LABEL_SMOOTHING_NE
 from alignment_trainer.recipe import (AlpacaEvalArgs, DatasetRows, Eval, GenerateArgs, GrpoArgs, Judge, LabelArgs,
                                       LmEvalArgs, LoraArgs, ModelLoading, MtBenchArgs, ObjectStore, Reward, Training,
                                       all_loss_types, grouped)
-from alignment_trainer.recipe import BETA_MEANINGS  # noqa: F401 (the CRD test reads it here)
 
 from . import corev1
 from .admission import ExtraArgs, ImageRef, MountPath, NodeSelector, trl_fields
@@ -307,11 +313,6 @@ def regex_problem(pattern: str) -> str | None:
     found = _python_only(pattern)
     return f"{REGEX_MESSAGE} (RE2 has no {found!r})" if found else None
 
-
-# A section a run and a recipe share inherits its model in the trainer's contract (alignment_trainer.recipe):
-# each field is declared there once and is camelCase here (ApiModel's alias). The Spec adds only what a run names
-# (datasets that may name a stage, stage names, Secrets) and CEL rules; render.recipe.from_spec() resolves those.
-# No docstring on them: a model's docstring would become a description in the CRD beside the stage field's own.
 
 class JudgeSpec(ApiModel, Judge):
     model_config = {**ApiModel.model_config, "json_schema_extra": x_validations(
