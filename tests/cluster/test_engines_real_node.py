@@ -45,7 +45,8 @@ def kill_a_rank_after_a_checkpoint(real, ns: str, tmp_path, run: str, owner: str
     volume = prepare_volume(real, ns, run)
     operator = start_operator(real, ns, tmp_path)
     try:
-        plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(two_rank_run(run, epochs=3, save_steps=5)))
+        # 26 steps, a checkpoint every 5: the kill comes right after checkpoint-5, 20 steps before the end
+        plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(two_rank_run(run, epochs=2, save_steps=5)))
         out = stage_output(plane, volume, ns, run, "sft")
         complete = lambda: sorted((int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")
                                    if (p / "trainer_state.json").is_file()), reverse=True)
