@@ -30,8 +30,9 @@ def test_tiny_sweep_variants_run_side_by_side_share_the_reference_and_are_compar
     ns, plane, started = restricted_ns, real.plane, time.monotonic()
     prepare_volume(real, ns, "tiny-sweep")
     doc = yaml.safe_load((REPO / "examples" / "tiny-sweep.yaml").read_text())
-    for stage in doc["spec"]["stages"]:  # three DPO pods fit the 2-core node side by side
-        stage["resources"].update(cpu="500m", memory="2Gi")
+    for stage in doc["spec"]["stages"]:  # three DPO (then eval) pods fit the 2-core node side by side;
+        # sft runs alone: both cores (a pod's CPU limit is its request: at 500m its start-up crawled)
+        stage["resources"].update(cpu="2" if stage["name"] == "sft" else "650m", memory="2Gi")
     operator = start_operator(real, ns, tmp_path)
     try:
         plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(doc))
