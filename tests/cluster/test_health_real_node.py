@@ -8,7 +8,11 @@ endpoint), one namespace, two runs side by side:
   from the node (SIGSTOP) after checkpoint-5: no step and no heartbeat for hangTimeoutSeconds (30), so
   the operator restarts both ranks from the newest checkpoint (restarts 1, reason Hang, an Event Hang,
   both naming rank 1: the one whose beats stopped) and the stage succeeds; its latestCheckpoint and
-  workAtRisk were in status while it ran.
+  workAtRisk were in status while it ran, and it was never Degraded;
+- applied once rank 1 is frozen (the node idles through the hang timeout), two more runs (tests/cluster/
+  health_runs.py): a GRPO stage whose one reward returns the same value for every completion is Degraded
+  with the figure after guards.steps (2) logging steps while it runs on; a DPO stage whose reference pass
+  (precomputed log-probs over 10000 pairs) lasts longer than its hangTimeoutSeconds (15) is not restarted.
 
 Needs what tests/cluster/test_real_node.py needs (the node, the images); ALIGNMENT_SKIP_NODE=1 skips it.
 """
@@ -28,6 +32,7 @@ from controlplane import REPO, free_port, wait_for
 from kubelet import get_run, stage_output
 from node import host_ip, image_ref
 from operator_process import Operator
+from health_runs import FirstDegraded, check_slow, check_ties, constant_reward_run, slow_precompute_run, volume_like
 from realnode import assert_resumed, prepare_volume, two_rank_run, wait_phase
 
 pytestmark = [pytest.mark.cluster, pytest.mark.node, pytest.mark.timeout(1200)]
@@ -65,6 +70,9 @@ def test_a_wrong_world_fails_at_once_and_a_frozen_rank_restarts_both_from_the_ch
         hung = two_rank_run("hang", epochs=2, save_steps=5)
         hung["spec"]["stages"][0]["hangTimeoutSeconds"] = HANG_S
         volume = prepare_volume(real, ns, "hang")
+        # applied once rank 1 is frozen (the node idles through the hang timeout): a constant reward, a slow phase
+        volume_t, volume_s = volume_like(real, ns, "ties", volume), volume_like(real, ns, "slow", volume)
+        ties, slow = constant_reward_run("ties"), slow_precompute_run(volume_s, "slow")
         applied = time.monotonic()
         plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump_all([wrong, hung]))
 
@@ -86,10 +94,17 @@ def test_a_wrong_world_fails_at_once_and_a_frozen_rank_restarts_both_from_the_ch
                            if (p / "trainer_state.json").is_file())
         os.kill(pid, signal.SIGSTOP)
         frozen = time.monotonic()
+        plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump_all([ties, slow]))
+        watch = FirstDegraded(plane, ns, "ties")
+        watch.start()
         restarted = wait_for("the Hang restart", timeout=HANG_S + 120, interval=1, fn=lambda: (
             lambda s: s if s.get("restarts") else None)(get_run(api, ns, "hang")["status"]["stages"][0]))
         detected_s = time.monotonic() - frozen
         done = wait_phase(real, ns, "hang", {"Succeeded", "Failed"}, timeout=600)
+        hang_done_s = time.monotonic() - t0
+        ties_done = wait_phase(real, ns, "ties", {"Succeeded", "Failed"}, timeout=600)
+        slow_done = wait_phase(real, ns, "slow", {"Succeeded", "Failed"}, timeout=600)
+        watch.join(timeout=5)
     finally:
         op.stop()
     stage = done["status"]["stages"][0]
@@ -109,7 +124,18 @@ def test_a_wrong_world_fails_at_once_and_a_frozen_rank_restarts_both_from_the_ch
     logs = plane.kubectl("logs", "-n", ns, "-l", "batch.kubernetes.io/job-completion-index=0,alignment.dev/run=hang",
                          "--tail=-1").stdout
     resumed = assert_resumed(logs, killed_after=frozen_after, stage=stage)
+    # a constant reward: Degraded with the figure while the stage ran, after guards.steps logging steps
+    assert watch.seen is not None, f"ties never showed Degraded; at the end: {ties_done['status']}"
+    degraded = json.loads(plane.kubectl("get", "events", "-n", ns, "--field-selector", "reason=Degraded",
+                                        "-o", "json").stdout)["items"]
+    ties_said = check_ties(watch.seen, ties_done, stage_output(plane, volume_t, ns, "ties", "grpo"), degraded)
+    # the healthy ZeRO-3 stage learned: none of that (the same guards ran in its pods)
+    assert not stage.get("warnings") and "Degraded" not in [c["type"] for c in done["status"]["conditions"]], done
+    # a reference pass longer than hangTimeoutSeconds is no hang
+    slow_s = check_slow(slow_done, stage_output(plane, volume_s, ns, "slow", "dpo"))
     print(f"\nissue 31: WorldSizeMismatch {world_s:.0f}s after apply; rank 1 frozen after checkpoint-{frozen_after}, "
           f"both ranks resumed from checkpoint-{resumed}; Hang "
           f"restart {detected_s:.0f}s later (hangTimeoutSeconds {HANG_S}), run Succeeded; lastRestart: "
-          f"{stage['lastRestart']}; test {time.monotonic() - t0:.0f}s")
+          f"{stage['lastRestart']}; hang run done at {hang_done_s:.0f}s; ties: {ties_said}, "
+          f"{watch.after:.0f}s after its apply; slow: reference pass {slow_s:.0f}s (hangTimeoutSeconds "
+          f"{slow_done['spec']['stages'][0]['hangTimeoutSeconds']}), not restarted; test {time.monotonic() - t0:.0f}s")
