@@ -23,7 +23,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from controlplane import REPO, ControlPlane, StartupError, binaries_dir, missing_binaries, wait_for
+from controlplane import REPO, ControlPlane, StartupError, binaries_dir, free_port, missing_binaries, wait_for
 import kubelet
 from kubelet import get_run
 from node import Node, host_ip, image_ref, missing_requirements
@@ -108,9 +108,15 @@ def prepare_volume(real, ns: str, run: str) -> Path:
     return volume
 
 
-def start_operator(real, ns: str, tmp_path: Path) -> Operator:
-    return Operator(real.plane.kubeconfig, ns, tmp_path / "operator.log",
-                    extra_env={"ALIGNMENT_TRAINER_IMAGE": image_ref("trainer")}).start()
+def start_operator(real, ns: str, tmp_path: Path, progress: bool = False) -> Operator:
+    """The operator as a process beside the node; with progress, its progress endpoint too, on the
+    host's address, so the pods push their live progress to it (status.stages[].progress)."""
+    env = {"ALIGNMENT_TRAINER_IMAGE": image_ref("trainer")}
+    if progress:
+        port, ip = free_port(), host_ip()
+        env |= {"ALIGNMENT_PROGRESS_PORT": str(port), "ALIGNMENT_PROGRESS_URL": f"https://{ip}:{port}",
+                "ALIGNMENT_PROGRESS_HOSTNAMES": ip}
+    return Operator(real.plane.kubeconfig, ns, tmp_path / "operator.log", extra_env=env).start()
 
 
 def wait_phase(real, ns: str, run: str, phases: set[str], timeout: float) -> dict:

@@ -13,6 +13,7 @@ import datetime
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -245,20 +246,24 @@ def test_evicted_dpo_pod_resumes_without_counting_against_backoff_limit(real, re
     """Issue 13: the DPO pod is evicted through the Eviction API mid-training (what a node drain or
     the scheduler's preemption does). The pod gets the DisruptionTarget condition, the Job's
     podFailurePolicy ignores it (status.failed stays 0, backoffLimit 0 would otherwise have failed
-    the Job), the replacement resumes from the newest checkpoint, and the run never shows Failed."""
+    the Job), the replacement resumes from the newest checkpoint, and the run never shows Failed.
+    Issue 31: status showed the work at risk before the eviction, and counts the eviction as a
+    disruption with what it cost (steps and seconds back to a checkpoint the new pod resumed from)."""
     from kubernetes import client
 
     ns, plane, started = restricted_ns, real.plane, time.monotonic()
     volume = prepare_volume(real, ns, "evict")
     doc = yaml.safe_load((REPO / "examples/tiny-run.yaml").read_text())
     dpo = next(s for s in doc["spec"]["stages"] if s["name"] == "dpo")
-    dpo["training"]["epochs"] = 4  # 100 steps, a checkpoint every 10
+    # 300 steps, a checkpoint every 10: the pod pushes progress every 5 s, so the run must outlast a
+    # push or two after its first checkpoint for the operator to know the work at risk (quiet: ~15 s)
+    dpo["training"]["epochs"] = 12
     dpo["backoffLimit"] = 0        # a counted failure would fail the stage at once
     doc["metadata"]["name"] = "evict"
     doc["spec"]["stages"] = [dpo]
     api = plane.api_client()
     core = client.CoreV1Api(api)
-    operator = start_operator(real, ns, tmp_path)
+    operator = start_operator(real, ns, tmp_path, progress=True)  # the cost is read from live progress
     phases: list[str] = []
     try:
         plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(doc))
@@ -267,6 +272,13 @@ def test_evicted_dpo_pod_resumes_without_counting_against_backoff_limit(real, re
         complete = lambda: sorted((int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")
                                    if (p / "trainer_state.json").is_file()), reverse=True)
         wait_for("the DPO pod's first complete checkpoint", timeout=600, interval=0.2, fn=complete)
+        # Evicted once status shows a checkpoint: the newest complete checkpoint and the work at risk
+        # since it (status.stages[].progress: step, checkpointStep, workAtRiskSeconds, from the pod's
+        # pushes; the trainer pushes after each save, so the risk is often 0 when read).
+        seen = lambda: (lambda p: p if p.get("checkpointStep") and p.get("workAtRiskSeconds") is not None  # noqa: E731
+                        else None)(
+            (((get_run(api, ns, "evict").get("status") or {}).get("stages") or [{}])[0]).get("progress") or {})
+        at_risk = wait_for("a checkpoint and the work at risk in status", timeout=300, interval=0.2, fn=seen)
         core.create_namespaced_pod_eviction(first, ns, client.V1Eviction(
             metadata=client.V1ObjectMeta(name=first, namespace=ns)))
         evicted = json.loads(plane.kubectl("get", "pod", first, "-n", ns, "-o", "json").stdout)
@@ -279,7 +291,7 @@ def test_evicted_dpo_pod_resumes_without_counting_against_backoff_limit(real, re
             if phase in ("Succeeded", "Failed"):
                 break
             time.sleep(0.5)
-        newest_before = max(n for n in complete() if n < 100)
+        newest_before = max(n for n in complete() if n < 300)
         run = get_run(api, ns, "evict")
         # The run goes on as soon as the pod succeeded; the Job controller marks the Job a little later.
         plane.kubectl("wait", "-n", ns, "--for=condition=Complete", "--timeout=120s", f"job/{child('evict', 'dpo')}", check=False)
@@ -300,10 +312,25 @@ def test_evicted_dpo_pod_resumes_without_counting_against_backoff_limit(real, re
     start = next(e for e in events(log) if e["event"] == "start")
     resumed = int(start["resume_from"].rsplit("-", 1)[1]) if start.get("resume_from") else None
     assert resumed is not None and resumed <= newest_before, (start, newest_before)
+    # The eviction is counted as a disruption (not a restart), with what it cost (issue 31): the steps
+    # trained past the newest complete checkpoint the operator had seen, and their seconds, in status.
+    # The evicted pod's trainer saves a checkpoint on SIGTERM and pushes it, so the charge is often 0
+    # steps: what a graceful eviction really costs. Either way it goes back to a checkpoint the new pod had.
+    cost = re.search(r"cost (\d+) step\(s\)(?:, (\d+)s of training)?: step (\d+) back to (checkpoint-\d+|the start)",
+                     stage.get("lastDisruption") or "")
+    assert stage.get("disruptions") == 1 and cost and first in stage["lastDisruption"], stage.get("lastDisruption")
+    assert "EvictionByEvictionAPI" in stage["lastDisruption"], stage["lastDisruption"]
+    assert int(cost[1]) == stage.get("lostSteps", 0) and int(cost[3]) >= at_risk["step"], (stage["lastDisruption"], at_risk)
+    assert cost[4] == f"checkpoint-{int(cost[3]) - int(cost[1])}" and int(cost[3]) - int(cost[1]) <= resumed, (
+        stage["lastDisruption"], resumed)  # charged back to a checkpoint the new pod had (or a newer one)
+    assert cost[2] is not None and stage.get("lostSeconds", 0) >= 0, stage
     steps = [e["step"] for e in events(log) if e["event"] == "progress"]
-    assert steps and steps[0] > resumed and steps[-1] == 100, steps
-    print(f"\nissue 13 (DPO pod evicted; resumed from checkpoint-{resumed}, Job failed=0, phases {phases}): "
-          f"{time.monotonic() - started:.0f}s")
+    assert steps and steps[0] > resumed and steps[-1] == 300, steps
+    print(f"\nissue 13 (DPO pod evicted; resumed from checkpoint-{resumed}, Job failed=0, phases {phases}; "
+          f"work at risk before it: step {at_risk['step']} past checkpoint-{at_risk['checkpointStep']} "
+          f"({at_risk['workAtRiskSeconds']}s); "
+          f"status: {stage['lastDisruption']!r}, lostSteps {stage.get('lostSteps', 0)}, lostSeconds "
+          f"{stage.get('lostSeconds', 0)}): {time.monotonic() - started:.0f}s")
 
 
 def test_bad_dataset_fails_the_stage_with_the_trainers_message(real, restricted_ns, tmp_path):
