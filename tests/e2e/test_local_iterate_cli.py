@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_local_run import ALIGNCTL, DATA, ENV, REPO, events, start, status_of, wait, write_run
+from test_local_run import ALIGNCTL, ENV, REPO, events, start, status_of, wait, write_run
 
 
 def shorten(stages):
@@ -31,14 +31,13 @@ def mtimes(run_dir: Path) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    """The tiny model, built as the README builds it: without DeepSpeed's GPU warning on a CPU machine."""
-    out = tmp_path_factory.mktemp("tiny") / "model"
-    built = alignctl("tiny-model", str(out), *map(str, sorted(DATA.glob("*.jsonl"))), cwd=out.parent)
-    assert built.returncode == 0 and (out / "config.json").is_file(), built.stderr
+def model(tiny_model_build) -> Path:
+    """The tiny model, built as the README builds it (conftest.py, once per session): without
+    DeepSpeed's GPU warning on a CPU machine."""
+    built = tiny_model_build
     assert "written to" in built.stdout  # it ran, and said nothing about accelerators:
     assert "DeepSpeed" not in built.stderr + built.stdout and "unable to detect" not in built.stderr + built.stdout
-    return out
+    return built.path
 
 
 @pytest.mark.trainer

@@ -27,10 +27,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS
 pytestmark = pytest.mark.skipif(s3server.binary() is None, reason=s3server.skip_reason())
 
 
-def test_a_run_reads_from_s3_is_held_by_a_gate_then_promoted_and_exported(tmp_path):
-    model = tmp_path / "tiny-model"
-    subprocess.run([ALIGNCTL, "tiny-model", str(model), *map(str, sorted(DATA.glob("*.jsonl")))],
-                   check=True, env=ENV, capture_output=True, timeout=300)
+def test_a_run_reads_from_s3_is_held_by_a_gate_then_promoted_and_exported(tmp_path, tiny_model):
+    model = tiny_model
     with s3server.S3Server(tmp_path / "s3") as s3:
         for bucket in ("models", "data", "exports"):
             s3.make_bucket(bucket)

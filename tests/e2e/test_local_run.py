@@ -27,14 +27,6 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS
        "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tiny") / "model"
-    subprocess.run([ALIGNCTL, "tiny-model", str(out), *map(str, sorted(DATA.glob("*.jsonl")))],
-                   check=True, env=ENV, capture_output=True, timeout=300)
-    return out
-
-
 def write_run(directory: Path, model: Path, edit=None) -> Path:
     """examples/tiny-run.yaml with absolute paths, optionally edited, written to directory/run.yaml."""
     doc = yaml.safe_load((REPO / "examples" / "tiny-run.yaml").read_text())

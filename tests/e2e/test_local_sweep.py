@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_local_run import REPO, start, status_of, tiny_model, wait  # noqa: F401  (tiny_model: a fixture)
+from test_local_run import REPO, start, status_of, wait
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import s3server  # noqa: E402

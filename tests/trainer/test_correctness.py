@@ -191,11 +191,15 @@ def test_precomputed_reference_two_processes_matches_the_live_reference(tmp_path
     """DPO on two CPU processes (ddp, gloo) with precompute_ref_log_probs runs to the end, and its
     first loss equals the same run's with the reference live. The reference is another model than
     the policy, so the step-0 loss is not log 2 by construction: wrong or misaligned log-probs
-    would show."""
+    would show. Both runs are also the DDP launch's test (test_distributed checks ZeRO-3's): the
+    main process alone prints the start, with world size 2; 6 steps of 2 processes x 4 rows cover
+    48 rows (accelerate counted both processes); final/ loads whole with plain transformers and
+    holds the trained weights."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from alignment_trainer.launch import build_launch_command, launch_env
+    from test_distributed import loads_complete
 
     reference = tmp_path / "reference"
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
@@ -211,12 +215,17 @@ def test_precomputed_reference_two_processes_matches_the_live_reference(tmp_path
         d = tmp_path / ("precomputed" if precompute else "live")
         path = kit.write_recipe(d, "dpo", tiny_model, [str(data_dir / "prefs.jsonl")],
                                 [str(data_dir / "prefs_test.jsonl")], ref_model=str(reference),
-                                training={"max_steps": 2, "learning_rate": 1e-4, "per_device_train_batch_size": 4,
-                                          "max_length": 64, "logging_steps": 1, "save_steps": 100,
+                                training={"max_steps": 6, "learning_rate": 1e-4, "per_device_train_batch_size": 4,
+                                          "max_length": 64, "logging_steps": 1, "save_steps": 3,
                                           "gradient_checkpointing": False, "precompute_ref_log_probs": precompute})
-        kit.run_subprocess(build_launch_command(path, "ddp", 2, cpu=True), env=launch_env(cpu=True), timeout=420)
+        proc = kit.run_subprocess(build_launch_command(path, "ddp", 2, cpu=True), env=launch_env(cpu=True),
+                                  timeout=420)
+        starts = [e for e in kit.events(proc.stdout) if e["event"] == "start"]
+        assert len(starts) == 1 and starts[0]["world_size"] == 2, starts
         result = json.loads((d / "out" / "result.json").read_text())
-        assert result["global_step"] == 2
+        assert result["global_step"] == 6
+        assert kit.metrics(d / "out")[-1]["epoch"] == pytest.approx(48 / 256, abs=0.01)
+        loads_complete(d / "out" / "final", tiny_model)
         first[precompute] = kit.losses(d / "out")[0]
         if precompute:
             assert list((d / "out" / "cache").glob("train-*.arrow")), "the shared dataset file all processes read"

@@ -175,14 +175,19 @@ def test_reference_cache_key_holds_the_truncation_mode_and_the_whole_tokenizer(t
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # three two-process ZeRO-3 stages: 654 s on a busy 2-core machine
+@pytest.mark.timeout(1200)  # two two-process ZeRO-3 stages and two one-process stages
 def test_zero3_reference_replaced_at_the_same_path_is_recomputed(tmp_path, tiny_model, data_dir, kit):
-    """DPO with precomputed reference log-probs on 2 processes under DeepSpeed ZeRO-3, one shared cache:
-    the same stage rerun reads its log-probs back (issue 18's speed-up); after the reference's weights
-    are replaced at the same path, the log-probs are computed anew and the step-0 loss is ln 2 (policy =
-    reference). At 73214b4: 'reused' and 0.7318 (TRL's hash over ZeRO-3's empty placeholders)."""
+    """DPO with precomputed reference log-probs, one shared cache, the reference's weights replaced at
+    the same path after a stage computed log-probs with the old ones: a two-process DeepSpeed ZeRO-3
+    stage computes them anew (step-0 loss ln 2: policy = reference), keyed by the new weights' hash,
+    the same stage rerun reads them back (issue 18's speed-up), and so does a one-process stage (the
+    key is the weights' own hash, not the hash of ZeRO-3's partitions). At 73214b4 the ZeRO-3 key was
+    TRL's hash over ZeRO-3's empty placeholders, the same for every model of the architecture: a ZeRO-3
+    stage rerun after the replacement read the old log-probs ('reused', step-0 loss 0.7318)."""
     import torch
     from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import hash_module
 
     from alignment_trainer.launch import build_launch_command, launch_env
 
@@ -192,33 +197,46 @@ def test_zero3_reference_replaced_at_the_same_path_is_recomputed(tmp_path, tiny_
     test = _head(data_dir / "prefs_test.jsonl", 16, tmp_path / "test.jsonl")
     cache = tmp_path / "cache"
 
-    def stage() -> tuple[str, float]:
-        directory = tmp_path / "stage"
-        shutil.rmtree(directory, ignore_errors=True)  # a rerun after the outputs were deleted
-        path = kit.write_recipe(directory, "dpo", str(reference), [train], [test], cache_dir=str(cache),
+    def recipe(name: str) -> tuple[str, Path]:
+        directory = tmp_path / name
+        return kit.write_recipe(directory, "dpo", str(reference), [train], [test], cache_dir=str(cache),
                                 training={"max_steps": 1, "learning_rate": 1e-4, "per_device_train_batch_size": 4,
                                           "max_length": 64, "logging_steps": 1, "save_steps": 100,
-                                          "gradient_checkpointing": False, "precompute_ref_log_probs": True})
-        kit.run_subprocess(build_launch_command(path, "deepspeed-zero3", 2, cpu=True), env=launch_env(cpu=True),
-                           timeout=900)
-        result = json.loads((directory / "out" / "result.json").read_text())
-        return result["reference_logps"], kit.losses(directory / "out")[0]
+                                          "gradient_checkpointing": False, "precompute_ref_log_probs": True},
+                                ), directory / "out"
 
-    logps, loss = stage()
-    assert logps == "computed" and loss == pytest.approx(math.log(2), abs=1e-4)
-    files = sorted(p.name for p in cache.glob("*.logps.arrow"))
-    assert len(files) == 2  # train and test
-    assert stage()[0] == "reused"
-    assert sorted(p.name for p in cache.glob("*.logps.arrow")) == files, "nothing new was written"
+    def zero3(name: str) -> tuple[str, Path]:
+        path, out = recipe(name)
+        proc = kit.run_subprocess(build_launch_command(path, "deepspeed-zero3", 2, cpu=True),
+                                  env=launch_env(cpu=True), timeout=600)
+        assert [e["world_size"] for e in kit.events(proc.stdout) if e["event"] == "start"] == [2]
+        return json.loads((out / "result.json").read_text())["reference_logps"], out
+
+    def entries() -> dict[str, str]:
+        """The cache's log-probs files, each with the weights' hash it was keyed by (the .json beside it)."""
+        return {p.name: json.loads(p.with_name(p.name.replace(".arrow", ".json")).read_text())["weights"]
+                for p in cache.glob("*.logps.arrow")}
+
+    # The old weights: a one-process stage computes the train and test splits' log-probs.
+    assert kit.run_in_process(recipe("old")[0])["reference_logps"] == "computed"
+    old = entries()
+    assert len(old) == 2 and set(old.values()) == {hash_module(AutoModelForCausalLM.from_pretrained(reference))}
 
     # Other weights written over the reference's file (its path, config and tokenizer unchanged)
     weights = reference / "model.safetensors"
     noise = torch.Generator().manual_seed(1)
     save_file({name: t + 0.05 * torch.randn(t.shape, generator=noise) for name, t in load_file(weights).items()},
               weights, metadata={"format": "pt"})
-    logps, loss = stage()
-    assert (logps, round(loss, 4)) == ("computed", round(math.log(2), 4)), "a policy scored against itself"
-    assert len(list(cache.glob("*.logps.arrow"))) == 4
+    logps, out = zero3("zero3")
+    assert (logps, round(kit.losses(out)[0], 4)) == ("computed", round(math.log(2), 4)), "a policy scored against itself"
+    new = {name: weights for name, weights in entries().items() if name not in old}
+    assert len(new) == 2 and set(new.values()) == {hash_module(AutoModelForCausalLM.from_pretrained(reference))}
+
+    assert zero3("zero3-rerun")[0] == "reused"
+    path, out = recipe("one-process")
+    assert kit.run_in_process(path)["reference_logps"] == "reused"
+    assert kit.losses(out)[0] == pytest.approx(math.log(2), abs=1e-4)
+    assert len(entries()) == 4, "nothing new was written"
 
 
 def test_eval_reference_scores_are_keyed_by_the_hub_snapshot_a_revision_resolved_to(tmp_path, monkeypatch):
