@@ -102,7 +102,9 @@ def check_ties(degraded: dict, done: dict, out: Path, events: list[dict]) -> str
     """`ties` said Degraded, with the figure, after TIE_STEPS logging steps, and ran on to Succeeded."""
     st = degraded["status"]["stages"][0]
     figure = f"100% of GRPO groups' rewards tie (frac_reward_zero_std 1.00 above 0.9 for {TIE_STEPS} logging steps)"
-    assert st["phase"] == "Running" and any(figure in w for w in st["warnings"]), st
+    # the tiny stage trains in seconds and pushes at most every 5 s: the first look that shows the figure
+    # is often its last push, while Running, and sometimes the end of the stage
+    assert st["phase"] in ("Running", "Succeeded") and any(figure in w for w in st["warnings"]), st.get("warnings")
     assert st["progress"]["degradedRewardTies"] == 1.0, st["progress"]
     # nothing to learn from, so no gradient either (beta's KL term is 0 while the policy is the reference)
     assert any(f"gradient norm 0 (at most 0) for {TIE_STEPS} logging steps" in w for w in st["warnings"]), st

@@ -74,10 +74,13 @@ def test_a_wrong_world_fails_at_once_and_a_frozen_rank_restarts_both_from_the_ch
         volume_t, volume_s = volume_like(real, ns, "ties", volume), volume_like(real, ns, "slow", volume)
         ties, slow = constant_reward_run("ties"), slow_precompute_run(volume_s, "slow")
         applied = time.monotonic()
-        plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump_all([wrong, hung]))
-
+        # world first, hang once it has failed: the world's pod asks for the node's two cores and the
+        # hang's two pods one each, so applied together the order the scheduler took them in varied (in
+        # one CI run the hang's pods ran first and ended within 21 s, and checkpoint-5 never came)
+        plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(wrong))
         failed = wait_phase(real, ns, "world", {"Succeeded", "Failed"}, timeout=300)
         world_s = time.monotonic() - applied
+        plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(hung))
         st = failed["status"]["stages"][0]
         assert failed["status"]["phase"] == "Failed" and st["reason"] == "WorldSizeMismatch", st
         assert "rendered for 2 processes" in st["message"] and "formed a world of 1" in st["message"], st
