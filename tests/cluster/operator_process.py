@@ -25,10 +25,19 @@ class Operator:
 
     def start(self, live: bool = True) -> "Operator":
         """The process started; with `live`, once its /healthz answers (one that kills itself early,
-        ALIGNMENT_FAULT, may never get there)."""
+        ALIGNMENT_FAULT, may never get there). Its two ports are picked here and bound there, so
+        another process may take one in between: the start is tried again, with new ports, when
+        the operator says its address was in use."""
+        for _ in range(3):
+            if self._start(live):
+                return self
+        raise AssertionError(f"operator could not bind its ports 3 times:\n{self.log.read_text()[-3000:]}")
+
+    def _start(self, live: bool) -> bool:
         port, self.metrics_port = free_port(), free_port()
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "ALIGNMENT_TRAINER_IMAGE": "trainer:test",
                "ALIGNMENT_METRICS_PORT": str(self.metrics_port), **self.extra_env}
+        logged = self.log.stat().st_size if self.log.exists() else 0
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "alignment_operator.cli", "operator", "--namespaces", self.namespace,
              "--liveness", f"http://127.0.0.1:{port}/healthz"],
@@ -36,15 +45,24 @@ class Operator:
             preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile)))
             if self.nofile else None)
         if not live:
-            return self
-        deadline = time.monotonic() + 60
+            return True
+        # Generous: a quiet start takes ~2 s, but on a 2-core machine running both test halves and
+        # the node's pods a CI run once found no answer within 60 s.
+        start, deadline = time.monotonic(), time.monotonic() + 180
         while True:
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1)
-                return self
+                return True
             except OSError:
+                if self.proc.poll() is not None:
+                    with self.log.open() as f:
+                        f.seek(logged)
+                        if "address already in use" in f.read().lower():
+                            return False
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"operator did not become live:\n{self.log.read_text()[-3000:]}")
+                    state = (f"exited with {self.proc.returncode}" if self.proc.poll() is not None
+                             else f"no answer from /healthz in {time.monotonic() - start:.0f} s")
+                    raise AssertionError(f"operator did not become live ({state}):\n{self.log.read_text()[-3000:]}")
                 time.sleep(0.2)
 
     def stop(self) -> None:
