@@ -60,15 +60,15 @@ def test_accelerate_configs_parse():
                      "zero_stage": 3}
 
 
-def _two_processes(tmp_path, kit, strategy, method, model, datasets, **training):
+def _two_processes(tmp_path, kit, strategy, method, model, datasets, env=None, **training):
     """Run a stage through build_launch_command on 2 CPU processes; check both were counted."""
     from alignment_trainer.launch import build_launch_command, launch_env
 
     path = kit.write_recipe(tmp_path, method, model, datasets,
                             training={"max_steps": 6, "learning_rate": 1e-3, "per_device_train_batch_size": 4,
                                       "max_length": 64, "logging_steps": 1, "save_steps": 3, **training})
-    proc = kit.run_subprocess(build_launch_command(path, strategy, 2, cpu=True), env=launch_env(cpu=True),
-                              timeout=420)
+    proc = kit.run_subprocess(build_launch_command(path, strategy, 2, cpu=True),
+                              env={**launch_env(cpu=True), **(env or {})}, timeout=420)
     starts = [e for e in kit.events(proc.stdout) if e["event"] == "start"]
     assert len(starts) == 1 and starts[0]["world_size"] == 2, starts  # printed by the main process only
     out = tmp_path / "out"
@@ -97,8 +97,12 @@ def test_zero3_two_cpu_processes_dpo(tmp_path, tiny_model, data_dir, kit):
     same launch and save path (training.train, finish_stage); it runs in the real-node tests
     (tests/cluster/test_real_node.py::test_two_node_cpu_stage_rendezvous_through_dns and the killed-rank
     tests: world size 2, final/ loads whole)."""
+    extensions = tmp_path / "torch_extensions"
     out = _two_processes(tmp_path, kit, "deepspeed-zero3", "dpo", tiny_model, [str(data_dir / "prefs.jsonl")],
-                         beta=0.1)
+                         env={"TORCH_EXTENSIONS_DIR": str(extensions)}, beta=0.1)
     loads_complete(out / "final", tiny_model)
     assert json.loads((out / "result.json").read_text())["rewards/accuracies"] is not None
+    # DeepSpeed's CPU shared-memory comm op (inference only) was not compiled for the two ranks'
+    # process group (launch.skip_cpu_inference_comm_op): no g++ run, nothing in torch's JIT cache.
+    assert not (extensions / "deepspeed_shm_comm").exists(), sorted(p.name for p in extensions.iterdir())
 

@@ -218,8 +218,31 @@ def needs_configured_state() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
+def skip_cpu_inference_comm_op() -> bool:
+    """Without a GPU, tell DeepSpeed its shared-memory comm op is unavailable; True when it did.
+
+    DeepSpeed's CPU accelerator compiles that op (C++, torch's JIT loader) whenever its process group
+    starts, for `inference_all_reduce` alone: DeepSpeed inference's tensor-parallel layers, which no
+    stage uses (ZeRO's collectives go through torch.distributed). The compile needs g++ and Python's
+    headers, takes 24 s on an idle 2-core machine and up to 110 s on a busy one, is redone for every new
+    virtual environment (the sources' path is part of the cache key) and was OOM-killed in a 3Gi pod.
+    DeepSpeed decides from `deepspeed.ops.__compatible_ops__`, probed once per process and kept in the
+    module for edits like this one; `inference_all_reduce` then uses torch.distributed.all_reduce."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return False
+    import torch
+
+    if torch.cuda.is_available():
+        return False
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return True
+
+
 def init_distributed() -> bool:
     """Set up accelerate's process state for CPU multi-process runs; True when it did."""
+    skip_cpu_inference_comm_op()
     if not needs_configured_state():
         return False
     from accelerate import PartialState
