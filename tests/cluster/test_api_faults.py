@@ -25,7 +25,9 @@ from alignment_operator.progress_server import self_signed
 from kubelet import DPO, EVAL, ROOT, SFT, child, get_run, play_kubelet, result_message, wait_for
 from operator_process import Operator
 
-pytestmark = pytest.mark.cluster
+# Most of this module's minute and a half is a webhook failing for 60 s and an API server stopped
+# for 30 s: scripts/test runs it beside the real node's tests, whose pods leave a core idle as often.
+pytestmark = [pytest.mark.cluster, pytest.mark.waits]
 WEBHOOK = "jobs.faults.alignment.dev"
 DOWN = "the policy service is restarting"
 
