@@ -55,6 +55,32 @@ def test_the_rules_the_api_server_and_alignctl_share_are_counted():
     assert (len(SERVER_REFUSED), len(BAD) - len(SERVER_REFUSED)) == (87, 1)
 
 
+def test_every_cel_rule_of_the_crd_is_a_rule_of_a_table_with_its_python_test():
+    """One table per object (api.rules, api.corev1.RULES, api.admission, the run's name): each CEL rule of the
+    CRD is a Rule holding the same test in Python, which `alignctl validate` evaluates; only field bounds
+    pydantic checks itself (a quantity, a fractional exclusive maximum) are CEL alone."""
+    from alignment_operator.api import admission, corev1, rules, run
+    from alignment_operator.api.spec import MatrixSpec
+    from alignment_operator.crd import build_crd
+
+    def cel(node):
+        if isinstance(node, dict):
+            yield from (r["rule"] for r in node.get("x-kubernetes-validations", []))
+            node = list(node.values())
+        for sub in node if isinstance(node, list) else []:
+            yield from cel(sub)
+
+    tables = [table() for name, table in vars(rules).items()
+              if name.endswith("_rules") and not name.startswith("_") and name != "matrix_size_rules"]
+    tables += [rules.matrix_size_rules([f.alias for f in MatrixSpec.model_fields.values()]), *corev1.RULES.values(),
+               admission.MOUNT_RULES, admission.IMAGE_RULES, admission.NODE_SELECTOR_RULES, [run.RUN_NAME_RULE]]
+    table = {r.cel for t in tables for r in t}
+    in_crd = set(cel(build_crd()))
+    bounds = {r for r in in_crd if r.startswith("self < ") or "isQuantity(self)" in r}
+    assert bounds and in_crd - table == bounds and table <= in_crd
+    assert (len(table), len(bounds)) == (88, 2), "a rule added or dropped: update the count"
+
+
 @pytest.mark.parametrize("path", BAD, ids=lambda p: p.stem)
 def test_bad_manifest_is_refused_naming_the_field(path):
     with pytest.raises(RunInvalid) as err:

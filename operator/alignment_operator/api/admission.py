@@ -1,6 +1,6 @@
 """What the API server or the kubelet would refuse only when a stage's pods are created,
-refused at admission instead: each check once as a CEL rule (in the CRD) and once in Python
-(`alignctl validate`, via checks.py), side by side, with the same message.
+refused at admission instead: each check one Rule (api.base), the CEL rule in the CRD and the same
+test in Python (`alignctl validate`, via checks.py), with the same message.
 
 - storage.mountPath: absolute, clean, not over the recipe mount, /dev/shm or the termination log;
 - trainer.image: a well-formed image reference (distribution/reference's grammar);
@@ -22,7 +22,7 @@ from pydantic import WithJsonSchema
 from alignment_trainer.recipe import TrainingArgs
 
 from . import corev1
-from .base import api_alias
+from .base import Rule, api_alias, rule_problems
 
 # The pod's own mounts besides the run's volume (render.manifests mounts exactly these, the progress token
 # when the operator serves progress), and the trainer image's accelerate configs (RenderContext's default
@@ -43,28 +43,51 @@ IMAGE_REF = (rf"^(?:{_DOMAIN}/)?{_COMPONENT}(?:/{_COMPONENT})*(?::[A-Za-z0-9_][A
 IMAGE_MESSAGE = ("must be an image reference like registry.example.com/team/trainer:1.2 or "
                  "trainer@sha256:<hex>: lowercase path, optional :tag and @digest, no spaces")
 
+
+def _collides(path: str) -> list[str]:
+    return [f"{path!r} collides with {reserved} ({why}); choose another path, e.g. /workspace"
+            for reserved, why in RESERVED_MOUNTS.items()
+            if path == reserved or path.startswith(reserved + "/") or reserved.startswith(path + "/")][:1]
+
+
+_CLEAN_MOUNT = "must be an absolute path without '.' or '..' segments or a trailing '/', e.g. /workspace"
+# self = the value itself (a string, a map): the rules' Python sides say what is wrong with it.
 MOUNT_RULES = [
-    (f"self.matches(r'{MOUNT_PATH}') && !self.matches(r'{DOT_SEGMENT}')",
-     "mountPath must be an absolute path without '.' or '..' segments or a trailing '/', e.g. /workspace"),
-    ("!" + repr(list(RESERVED_MOUNTS)) + ".exists(r, self == r || self.startsWith(r + '/') || r.startsWith(self + '/'))",
-     "mountPath must not be, contain or lie inside " + ", ".join(f"{p} ({why})" for p, why in RESERVED_MOUNTS.items())),
+    Rule(f"self.matches(r'{MOUNT_PATH}') && !self.matches(r'{DOT_SEGMENT}')", f"mountPath {_CLEAN_MOUNT}", "",
+         lambda p: bool(re.search(MOUNT_PATH, p)) and not re.search(DOT_SEGMENT, p) or [("", f"{p!r} {_CLEAN_MOUNT}")]),
+    Rule("!" + repr(list(RESERVED_MOUNTS)) + ".exists(r, self == r || self.startsWith(r + '/') || r.startsWith(self + '/'))",
+         "mountPath must not be, contain or lie inside " + ", ".join(f"{p} ({why})" for p, why in RESERVED_MOUNTS.items()),
+         "", lambda p: [("", words) for words in _collides(p)]),
+]
+IMAGE_RULES = [Rule(f"self.matches(r'{IMAGE_REF}')", f"image {IMAGE_MESSAGE}", "",
+                    lambda i: bool(re.search(IMAGE_REF, i)) or [("", f"{i!r} {IMAGE_MESSAGE}")])]
+
+
+def _node_selector_misses(selector: dict[str, str]) -> list[tuple[str, str]]:
+    out = []
+    for key, value in selector.items():
+        if not corev1._label_name(key):
+            out.append(("", f"key {key!r} is not a label key ([prefix/]name, name of at most 63 alphanumerics, '-', "
+                            "'_' or '.')"))
+        elif not re.search(corev1.LABEL_VALUE, value):
+            out.append((f"[{key!r}]", f"{value!r} is not a label value (at most 63 alphanumerics, '-', '_' or '.')"))
+    return out
+
+
+NODE_SELECTOR_RULES = [
+    Rule(f"self.all(k, k.matches(r'{corev1.LABEL_NAME}') && self[k].matches(r'{corev1.LABEL_VALUE}'))",
+         "nodeSelector keys must be label keys ([prefix/]name) and values label values (at most 63 "
+         "alphanumerics, '-', '_' or '.')", "", _node_selector_misses),
 ]
 
 
-def _rules(*rules: tuple[str, str]) -> list[dict[str, str]]:
-    return [{"rule": r, "message": m} for r, m in rules]
-
-
 MountPath = Annotated[str, WithJsonSchema({"type": "string", "maxLength": 1024,
-                                           "x-kubernetes-validations": _rules(*MOUNT_RULES)})]
-ImageRef = Annotated[str, WithJsonSchema({"type": "string", "maxLength": 1024, "x-kubernetes-validations": _rules(
-    (f"self.matches(r'{IMAGE_REF}')", f"image {IMAGE_MESSAGE}"))})]
+                                           "x-kubernetes-validations": [r.item() for r in MOUNT_RULES]})]
+ImageRef = Annotated[str, WithJsonSchema({"type": "string", "maxLength": 1024,
+                                          "x-kubernetes-validations": [r.item() for r in IMAGE_RULES]})]
 NodeSelector = Annotated[dict[str, str], WithJsonSchema({
     "type": "object", "maxProperties": 64, "additionalProperties": {"type": "string", "maxLength": 63},
-    "x-kubernetes-validations": _rules(
-        (f"self.all(k, k.matches(r'{corev1.LABEL_NAME}') && self[k].matches(r'{corev1.LABEL_VALUE}'))",
-         "nodeSelector keys must be label keys ([prefix/]name) and values label values (at most 63 "
-         "alphanumerics, '-', '_' or '.')"))})]
+    "x-kubernetes-validations": [r.item() for r in NODE_SELECTOR_RULES]})]
 # ---------------------------------------------------------------------------- training.extraArgs
 
 @cache
@@ -125,29 +148,13 @@ def extra_args_problems(at: str, method: str, extra: dict[str, Any]) -> list[str
 
 # ---------------------------------------------------------------------------- the spec, in Python
 
-def _mount_problems(path: str) -> list[str]:
-    at = "spec.storage.mountPath"
-    if not re.search(MOUNT_PATH, path) or re.search(DOT_SEGMENT, path):
-        return [f"{at}: {path!r} {MOUNT_RULES[0][1].removeprefix('mountPath ')}"]
-    for reserved, why in RESERVED_MOUNTS.items():
-        if path == reserved or path.startswith(reserved + "/") or reserved.startswith(path + "/"):
-            return [f"{at}: {path!r} collides with {reserved} ({why}); choose another path, e.g. /workspace"]
-    return []
-
-
 def problems(spec: Any) -> list[str]:
     """Everything above for one AlignmentRunSpec, one 'field.path: what is wrong' line each."""
-    out = _mount_problems(spec.storage.mount_path)
+    out = rule_problems(MOUNT_RULES, spec.storage.mount_path, "spec.storage.mountPath")[:1]  # the first says enough
     t = spec.trainer
-    if t.image is not None and not re.search(IMAGE_REF, t.image):
-        out.append(f"spec.trainer.image: {t.image!r} {IMAGE_MESSAGE}")
-    for key, value in t.node_selector.items():
-        if not corev1._label_name(key):
-            out.append(f"spec.trainer.nodeSelector: key {key!r} is not a label key ([prefix/]name, name of at most 63 "
-                       "alphanumerics, '-', '_' or '.')")
-        elif not re.search(corev1.LABEL_VALUE, value):
-            out.append(f"spec.trainer.nodeSelector[{key!r}]: {value!r} is not a label value (at most 63 "
-                       "alphanumerics, '-', '_' or '.')")
+    if t.image is not None:
+        out += rule_problems(IMAGE_RULES, t.image, "spec.trainer.image")
+    out += rule_problems(NODE_SELECTOR_RULES, t.node_selector, "spec.trainer.nodeSelector")
     for field, name in (("env", "EnvVar"), ("envFrom", "EnvFromSource"), ("tolerations", "Toleration")):
         for i, item in enumerate(getattr(t, {"envFrom": "env_from"}.get(field, field))):
             out += corev1.problems(name, item, f"spec.trainer.{field}[{i}]")

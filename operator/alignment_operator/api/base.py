@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any
+from dataclasses import dataclass
+from typing import Annotated, Any, Callable
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, WithJsonSchema
+from pydantic import BaseModel, BeforeValidator, ConfigDict, WithJsonSchema, model_validator
 from pydantic.alias_generators import to_camel
 
 
@@ -35,21 +36,91 @@ class ApiModel(BaseModel):
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
-def x_validations(*rules: tuple[str, str] | tuple[str, str, str]) -> dict[str, Any]:
-    """`x-kubernetes-validations` CEL rules: (rule, message[, fieldPath]).
+# Where a rule's Python test finds it broken, when it can say more than its message: (the path relative to
+# the rule's object, what is wrong there in words: the value, what would be accepted).
+Miss = tuple[str, str]
 
-    The API server evaluates these at admission; `api.checks` holds the same rules in Python
-    for `alignctl validate`, and tests/manifests/bad/ holds manifests both must refuse.
-    Messages are static: a messageExpression's estimated cost (string building) counts
-    against the CRD's CEL budget like a rule's does.
-    """
+
+@dataclass(frozen=True)
+class Rule:
+    """One admission rule, stated once: the CEL `cel` with its `message` (the CRD's
+    x-kubernetes-validations on the object it is attached to), `field` the path the message is about
+    (relative, as CEL's fieldPath; "" the object itself), and `ok` the same test in Python on the same
+    object as CEL sees it (camelCase keys, defaults filled in, `self` that object), which
+    `alignctl validate` and the operator evaluate. `ok` returns whether the object passes, or, where
+    Python can name more (the list item, the value, what is accepted), the places it fails (Miss).
+    Messages are static: a messageExpression's estimated cost (string building) counts against the
+    CRD's CEL budget like a rule's does."""
+
+    cel: str
+    message: str
+    field: str
+    ok: Callable[[Any], bool | list[Miss]]
+    show: bool = True    # False: never echo the value (it may be a credential)
+    local: bool = True   # False: `alignctl run --local` does not hold it (spec.hub's token comes from the login)
+
+    def item(self) -> dict[str, str]:
+        return {"rule": self.cel, "message": self.message, **({"fieldPath": self.field} if self.field else {})}
+
+    def misses(self, obj: Any) -> list[Miss]:
+        """Where `obj` breaks the rule: (relative path, words), none when it passes."""
+        found = self.ok(obj)
+        if isinstance(found, list):
+            return found
+        if found:
+            return []
+        shown: Any = obj
+        for key in self.field.lstrip(".").split(".") if self.field else []:
+            shown = shown[key] if isinstance(shown, dict) and key in shown else dict
+        got = f" (got {shown!r})" if self.show and self.field and not isinstance(shown, (type, dict, list)) else ""
+        return [(self.field, f"{self.message}{got}")]
+
+    def problems(self, obj: Any, at: str) -> list[str]:
+        """'path: what is wrong' lines for `obj` (at `at`), none when it passes."""
+        return [f"{at}{path}: {words}" for path, words in self.misses(obj)]
+
+
+def _first(rules: list[Rule], obj: dict) -> None:
+    for rule in rules:
+        for _, words in rule.misses(obj):
+            raise ValueError(words)
+
+
+def holds(*rules: Rule) -> tuple[Any, Any]:
+    """A model's two validators holding it to `rules` (of that one object) as it is read: pydantic names the
+    model's path, the refusal is the first broken rule's words. Rules that never show their value (a URL that
+    may hold credentials) are held before the fields are checked, on the mapping as given, so that no field's
+    own refusal echoes the value first; the rest on the model as the API server sees it (wire)."""
+    early, late = [r for r in rules if not r.show], [r for r in rules if r.show]
+
+    def before(cls: type, data: Any) -> Any:
+        if isinstance(data, dict):
+            fields = cls.model_fields
+            _first(early, {(fields[k].alias or k) if k in fields else k: v for k, v in data.items()})
+        return data
+
+    def after(self: "ApiModel") -> "ApiModel":
+        _first(late, self.wire())
+        return self
+    return model_validator(mode="before")(classmethod(before)), model_validator(mode="after")(after)
+
+
+def x_validations(*rules: Rule | tuple[str, str] | tuple[str, str, str]) -> dict[str, Any]:
+    """`x-kubernetes-validations` CEL rules: Rules, or (rule, message[, fieldPath]) whose Python twin is
+    elsewhere (a pydantic validator beside the model)."""
     out = []
-    for rule, message, *path in rules:
-        item = {"rule": rule, "message": message}
-        if path:
-            item["fieldPath"] = path[0]
-        out.append(item)
+    for rule in rules:
+        if isinstance(rule, Rule):
+            out.append(rule.item())
+            continue
+        cel, message, *path = rule
+        out.append({"rule": cel, "message": message, **({"fieldPath": path[0]} if path else {})})
     return {"x-kubernetes-validations": out}
+
+
+def rule_problems(rules: list[Rule], obj: Any, at: str, local: bool = False) -> list[str]:
+    """Every rule of a table on one object."""
+    return [p for r in rules if r.local or not local for p in r.problems(obj, at)]
 
 
 # A Kubernetes resource quantity ("8", "64Gi", "500m"), as int or string on the wire: the grammar

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any
 
 from pydantic import WithJsonSchema
+
+from .base import Rule, rule_problems
 
 SCHEMAS: dict[str, Any] = json.loads((Path(__file__).with_name("corev1.json")).read_text())["schemas"]
 
@@ -69,18 +70,6 @@ def _count(obj: dict, *keys: str) -> int:
 
 def _cel_count(*keys: str) -> str:
     return " + ".join(f"(has(self.{k}) ? 1 : 0)" for k in keys)
-
-
-@dataclass(frozen=True)
-class Rule:
-    """One API server check: the CEL `rule` with its `message` on the shape, `field` the path
-    the message is about (relative, as CEL's fieldPath), and `ok` the same test in Python."""
-
-    cel: str
-    message: str
-    field: str
-    ok: Callable[[dict], bool]
-    show: bool = True  # False: never echo the value (it may be a credential)
 
 
 def _requirement_rules(operators: list[str], arity: dict[str, str]) -> list[Rule]:
@@ -246,8 +235,7 @@ def _inline(node: dict[str, Any], name: str | None = None) -> dict[str, Any]:
     if out.get("type") == "string":
         out.setdefault("maxLength", MAX_LENGTH)
     if name in RULES:
-        out["x-kubernetes-validations"] = [
-            {"rule": r.cel, "message": r.message, **({"fieldPath": r.field} if r.field else {})} for r in RULES[name]]
+        out["x-kubernetes-validations"] = [r.item() for r in RULES[name]]
     return out
 
 
@@ -317,13 +305,7 @@ def _walk(node: dict[str, Any], name: str | None, value: Any, path: str) -> list
             for key, sub in value.items():
                 out += _walk(node["additionalProperties"], None, sub, f"{path}[{key!r}]")
         if not out:  # the rules read fields the structure guarantees (CEL checks them after the schema too)
-            for rule in RULES.get(name or "", []):
-                if not rule.ok(value):
-                    field = rule.field.lstrip(".")
-                    shown = value.get(field) if field else None
-                    got = (f" (got {shown!r})" if rule.show and field in value and not isinstance(shown, (dict, list))
-                           else "")
-                    out.append(f"{path}{rule.field}: {rule.message}{got}")
+            out += rule_problems(RULES.get(name or "", []), value, path)
     return out
 
 

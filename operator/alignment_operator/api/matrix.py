@@ -4,8 +4,8 @@ evaluated stage. Done once, when the run is read (parse_run), so the operator, `
 and `run --local` all see the same expanded stages; the names are a pure function of the values,
 so a run read again (or a value added to the matrix) keeps its variants' names.
 
-The API server refuses what it can check (CEL on spec.stages[].matrix: the variant limit, a field
-the method does not read, a loss the method lacks); what it cannot (the names the values make, a
+The API server refuses what it can check (the rule table's CEL on spec.stages[].matrix, evaluated here
+too: the variant limit, a field the method does not read, a loss the method lacks); what it cannot (the names the values make, a
 collision with another stage, the stages that read a matrix stage) is refused here, naming the field.
 """
 
@@ -17,9 +17,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from alignment_trainer.recipe import METHODS, loss_type_problem
+from alignment_trainer.recipe import METHODS
 
-from .spec import MATRIX_MAX_VARIANTS, MATRIX_METHOD_FIELDS, AlignmentRunSpec, StageSpec, TrainingSpec
+from .base import rule_problems
+from .rules import matrix_rules, matrix_size_rules
+from .spec import AlignmentRunSpec, StageSpec, TrainingSpec
 
 MAX_STAGES = 64      # stages after expansion, at most
 NAME_LIMIT = 40      # a stage name's length (StageSpec.name)
@@ -66,31 +68,19 @@ def _matrix_problems(i: int, stage: StageSpec, taken: set[str]) -> list[str]:
     at = f"spec.stages[{i}].matrix"
     if stage.matrix is None:
         return []
-    out = []
+    # The API server's rules (rules.matrix_rules) first, on the stage as written.
+    wire = stage.wire()
+    out = rule_problems(matrix_rules(), wire, f"spec.stages[{i}]")
     if not METHODS[stage.method].trains:
-        out.append(f"{at}: method {stage.method!r} trains nothing; only a training stage sweeps its training fields")
         return out
     for name, values in stage.matrix:
-        alias = TrainingSpec.model_fields[name].alias
-        methods = MATRIX_METHOD_FIELDS.get(name)
-        if values is not None and methods is not None and stage.method not in methods:
-            out.append(f"{at}.{alias}: only methods {', '.join(methods)} read training.{alias}, not method "
-                       f"{stage.method!r}; accepted fields for {stage.method}: "
-                       + ", ".join(TrainingSpec.model_fields[n].alias for n, v in stage.matrix
-                                   if n not in MATRIX_METHOD_FIELDS or stage.method in MATRIX_METHOD_FIELDS[n]))
-        if name == "loss_type" and values is not None:
-            for v in values:
-                problem = loss_type_problem(stage.method, v)
-                if problem:
-                    out.append(f"{at}.{alias}: {v!r}: a loss that is not one of this method's: {problem}")
         if values is not None and len(set(map(repr, values))) < len(values):
-            out.append(f"{at}.{alias}: {values} repeats a value (its variants would be the same stage)")
+            out.append(f"{at}.{TrainingSpec.model_fields[name].alias}: {values} repeats a value (its variants would "
+                       "be the same stage)")
+    too_many = rule_problems(matrix_size_rules(list(wire["matrix"])), wire["matrix"], at)
+    if too_many:
+        return out + too_many
     combos = combinations(stage)
-    if len(combos) > MATRIX_MAX_VARIANTS:
-        sizes = " x ".join(str(len(v)) for _, v in stage.matrix if v is not None)
-        out.append(f"{at}: a matrix expands into at most {MATRIX_MAX_VARIANTS} variants; this one into {len(combos)} "
-                   f"({sizes}): split the sweep into several runs or fewer values")
-        return out
     names = [variant_name(stage.name, c) for c in combos]
     for values, name in zip(combos, names):
         if name in taken:

@@ -7,7 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
-from .checks import cross_field_problems
+from .base import Rule
+from .checks import run_problems, stage_problems
 from .matrix import expand
 from .corev1 import FORMATS
 from .spec import DNS_LABEL, AlignmentRunSpec
@@ -30,8 +31,16 @@ RETRY_ANNOTATION = f"{GROUP}/retry"
 # server's own check of a custom resource's name (a DNS subdomain: dots, 253 characters) is not.
 RUN_NAME_MESSAGE = ("must be a DNS label: at most 63 lowercase letters, digits or '-', starting and ending with a "
                     "letter or digit (it names the run's Jobs and labels)")
-RUN_NAME_RULE = (f"!has(self.metadata.name) || (size(self.metadata.name) <= 63 && "
-                 f"self.metadata.name.matches('{DNS_LABEL}'))", f"metadata.name {RUN_NAME_MESSAGE}", ".metadata.name")
+
+
+def _run_name_ok(run: dict) -> bool:
+    name = (run.get("metadata") or {}).get("name")
+    return name is None or len(name) <= 63 and re.match(DNS_LABEL, name) is not None
+
+
+RUN_NAME_RULE = Rule(f"!has(self.metadata.name) || (size(self.metadata.name) <= 63 && "
+                     f"self.metadata.name.matches('{DNS_LABEL}'))", f"metadata.name {RUN_NAME_MESSAGE}", ".metadata.name",
+                     _run_name_ok)
 
 
 class ObjectMeta(BaseModel):
@@ -45,7 +54,7 @@ class ObjectMeta(BaseModel):
     @field_validator("name")
     @classmethod
     def _dns_label(cls, value: str) -> str:
-        if len(value) > 63 or not re.match(DNS_LABEL, value):
+        if not RUN_NAME_RULE.ok({"metadata": {"name": value}}):
             raise ValueError(RUN_NAME_MESSAGE)
         return value
 
@@ -113,9 +122,11 @@ def parse_run(data: Any, source: str = "", local: bool = False) -> AlignmentRun:
     expanded, variants, problems, where = expand(run.spec)
     if problems:
         raise RunInvalid(problems, source)
-    problems = cross_field_problems(expanded)
-    if problems:  # a stage's index in the file, and which of its variants (entries) it is about
-        raise RunInvalid([_original_index(p, expanded, where, variants) for p in problems], source)
+    # A stage's index in the file, and which of its variants (entries) it is about.
+    problems = [_original_index(p, expanded, where, variants) for p in stage_problems(expanded)]
+    problems += run_problems(run.spec, local)
+    if problems:
+        raise RunInvalid(problems, source)
     if variants:
         run.spec = expanded
         run._expansion = variants

@@ -10,26 +10,31 @@ A section a run shares with the recipe (model, datasets, training, lora, judge, 
 benchmarks, grpo, generate, label, guards, objectStore) is declared once, in the trainer's contract
 (alignment_trainer.recipe): the class here inherits it, camelCase by ApiModel's alias (api.base.API_NAMES
 where the run's name is shorter), and adds only what a run names (a dataset that may name a stage, a stage,
-a Secret) and its CEL rules; render.recipe.from_spec() resolves those. No docstring on such a class: it
-would become a second description in the CRD beside the stage field's own.
+a Secret); render.recipe.from_spec() resolves those. No docstring on such a class: it would become a second
+description in the CRD beside the stage field's own.
+
+The rules between fields are the rule table's (api.rules): each model puts its table's CEL into the CRD;
+those of one object that need nothing outside it are also held as the model is read (api.base.holds), the
+rest by api.checks.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Literal
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, field_validator
 
-from alignment_trainer.recipe import (LABEL_SMOOTHING_LOSSES, LABEL_SMOOTHING_NEEDED, METHODS, GuardArgs,
-                                      check_method, method_names, reads_outputs, training_methods)
+from alignment_trainer.recipe import METHODS, GuardArgs, check_method, method_names
 from alignment_trainer.recipe import (AlpacaEvalArgs, DatasetRows, Eval, GenerateArgs, GrpoArgs, Judge, LabelArgs,
                                       LmEvalArgs, LoraArgs, ModelLoading, MtBenchArgs, ObjectStore, Reward, Training,
                                       all_loss_types, grouped)
 
 from . import corev1
 from .admission import ExtraArgs, ImageRef, MountPath, NodeSelector, trl_fields
-from .base import ApiModel, Quantity, x_validations
+from .base import ApiModel, Quantity, holds, x_validations
+from .rules import (MATRIX_MAX_VARIANTS, dataset_rules, export_rules, gate_rules, grouped_readers, judge_rules,
+                    matrix_size_rules, mlflow_rules, model_rules, reward_rules, spec_rules, stage_rules, storage_rules,
+                    training_rules, wandb_rules)
 
 Strategy = Literal["ddp", "deepspeed-zero2", "deepspeed-zero3", "fsdp"]
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
@@ -46,48 +51,21 @@ def extra_args_description() -> str:
             "typed field here are refused.")
 
 
-# An s3:// source or export: s3://bucket[/prefix], the bucket an S3 bucket name (3-63 lowercase letters,
-# digits, '.', '-'); never credentials in it (they come from objectStore.credentialsSecretName).
-# No \s in it: CEL string literals refuse that escape (the CRD would not compile); \t \n \r are CEL's too.
-S3_URI = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^@ \t\n\r]*)?$"
-S3_URI_MESSAGE = ("an s3:// URI is s3://bucket/prefix: a bucket of 3-63 lowercase letters, digits, '.' and '-', "
-                  "no credentials (objectStore.credentialsSecretName holds them)")
-
-
-def s3_rule(field: str) -> tuple[str, str, str]:
-    """The CEL twin of check_s3: an s3:// value of `field` must be s3://bucket/prefix."""
-    return (f"!has(self.{field}) || !self.{field}.startsWith('s3://') || self.{field}.matches('{S3_URI}')",
-            S3_URI_MESSAGE, f".{field}")
-
-
-def check_s3(data, field: str = "source"):
-    """A model_validator(mode="before"): on the whole mapping, so a refused URI that holds credentials is
-    never echoed (errors show a mapping's type only); a bad bucket name is."""
-    value = data.get(field) if isinstance(data, dict) else None
-    if isinstance(value, str) and value.startswith("s3://") and not re.match(S3_URI, value):
-        shown = "an s3:// URI with credentials (user:key@)" if "@" in value else repr(value)
-        raise ValueError(f"{field}: {shown}: {S3_URI_MESSAGE}")
-    return data
-
-
 class ModelSpec(ApiModel, ModelLoading):
-    model_config = {**ApiModel.model_config, "json_schema_extra": x_validations(s3_rule("source"))}
+    model_config = {**ApiModel.model_config, "json_schema_extra": x_validations(*model_rules())}
 
     source: str = Field(min_length=1, max_length=512, description=(
         "Base model: a Hugging Face Hub id (mistralai/Mistral-7B-v0.1), a local directory, or a "
         "path on the run's volume."))
     revision: str = Field("main", max_length=256, description="Hub revision: branch, tag or commit sha.")
 
-    _s3_source = model_validator(mode="before")(classmethod(lambda cls, data: check_s3(data)))
+    _early, _late = holds(*model_rules())
 
 
 def _readers_description() -> str:
     """Which methods read which data stage's output (recipe.reads_outputs), for datasets[].stage."""
     what = {"completions": "a generate stage's completions", "pairwise": "pairwise", "unpaired": "binary"}
-    groups: dict[tuple[str, ...], list[str]] = {}
-    for m in METHODS:
-        if reads_outputs(m):
-            groups.setdefault(reads_outputs(m), []).append(m)
+    groups = grouped_readers()
 
     def read(kinds: tuple[str, ...]) -> str:
         label = [what[k] for k in kinds if k != "completions"]
@@ -97,10 +75,7 @@ def _readers_description() -> str:
 
 
 class DatasetSpec(ApiModel, DatasetRows):
-    model_config = {**ApiModel.model_config, "json_schema_extra": x_validations(
-        ("has(self.source) != has(self.stage)", "a dataset gives exactly one of source or stage"),
-        s3_rule("source"),
-    )}
+    model_config = {**ApiModel.model_config, "json_schema_extra": x_validations(*dataset_rules())}
 
     source: str | None = Field(None, min_length=1, max_length=512, description=(
         "A Hub dataset id, a JSON/JSONL/CSV file (UTF-8, a byte-order mark and CRLF are fine; also "
@@ -111,41 +86,18 @@ class DatasetSpec(ApiModel, DatasetRows):
         + _readers_description() + "."))
     config: str | None = Field(None, max_length=256, description="Dataset configuration name, if it has several.")
 
-    _s3_source = model_validator(mode="before")(classmethod(lambda cls, data: check_s3(data)))
-
-    @model_validator(mode="after")
-    def _source_or_stage(self) -> "DatasetSpec":
-        if (self.source is None) == (self.stage is None):
-            raise ValueError("a dataset gives exactly one of source or stage: source a file, directory or Hub id, stage "
-                             "(an earlier generate or label stage)")
-        return self
+    _early, _late = holds(*dataset_rules())
 
 
 class TrainingSpec(ApiModel, Training):
-    model_config = {**ApiModel.model_config, "json_schema_extra": x_validations(
-        ("!has(self.maxPromptLength) || self.maxPromptLength < self.maxLength",
-         "maxPromptLength must be below maxLength", ".maxPromptLength"),
-    )}
+    model_config = {**ApiModel.model_config, "json_schema_extra": x_validations(*training_rules())}
 
     # Checked against the TRL configs the operator ships (api.admission): keys the typed fields or the trainer set
     # are refused.
     extra_args: ExtraArgs = Field(default_factory=dict, description=extra_args_description())
 
 
-MATRIX_MAX_VARIANTS = 16  # a matrix's variants (the product of its value lists' sizes), at most
 MATRIX_MAX_VALUES = 8     # values of one field, at most
-# Training fields only some methods read (the rest every training method reads): a matrix over one of
-# these on another method is refused, as it would train the same thing N times.
-MATRIX_METHOD_FIELDS: dict[str, list[str]] = {
-    "beta": [m for m, i in METHODS.items() if i.trains and i.beta is not None],
-    "loss_type": [m for m, i in METHODS.items() if i.trains and len(i.loss_types) > 1],
-    "label_smoothing": ["dpo"],
-    "slic_lambda": ["slic"],
-    "packing": ["sft"],
-    "completion_only_loss": ["sft"],
-    "precompute_ref_log_probs": [m for m, i in METHODS.items() if i.trains and i.reference],
-    "max_prompt_length": [m for m, i in METHODS.items() if i.trains and m != "sft"],
-}
 
 
 def _loss_type_items(schema: dict) -> None:
@@ -172,10 +124,7 @@ def _matrix_model() -> type:
         extra = _loss_type_items if name == "loss_type" else None
         fields[name] = (list[item] | None, Field(None, min_length=1, max_length=MATRIX_MAX_VALUES,
                                                  json_schema_extra=extra, description=f"Values of training.{f.alias}."))
-    rules = [(" * ".join(f"(has(self.{TrainingSpec.model_fields[n].alias}) ? "
-                         f"size(self.{TrainingSpec.model_fields[n].alias}) : 1)" for n in fields)
-              + f" <= {MATRIX_MAX_VARIANTS}",
-              f"a matrix expands into at most {MATRIX_MAX_VARIANTS} variants (the product of its lists' sizes)")]
+    rules = matrix_size_rules([TrainingSpec.model_fields[n].alias for n in fields])
     return create_model("MatrixSpec", __base__=ApiModel, __config__=None, **fields), rules
 
 
@@ -204,9 +153,6 @@ class SecretKeyRef(ApiModel):
 
 
 TRACKING_URI = r"^(https?://\S+|databricks(://\S+)?)$"
-# A tracking URI never carries credentials (user:password@host): a CEL rule (whose message never
-# shows the value, as a pattern's would) and its Python twin refuse them; they come from a Secret.
-URI_CREDENTIALS = "^[a-z]+://[^/]*@"
 
 
 class TensorBoardSpec(ApiModel):
@@ -216,10 +162,7 @@ class TensorBoardSpec(ApiModel):
 
 
 class WandbSpec(ApiModel):
-    model_config = {**ApiModel.model_config, "json_schema_extra": x_validations(
-        ("self.mode == 'offline' || has(self.apiKeySecretRef)",
-         "wandb.apiKeySecretRef is required unless mode is offline", ".apiKeySecretRef"),
-    )}
+    model_config = {**ApiModel.model_config, "json_schema_extra": x_validations(*wandb_rules())}
 
     project: str = Field(min_length=1, max_length=128, description="W&B project; runs are named <run>/<stage>.")
     entity: str | None = Field(None, max_length=128, description="W&B entity (team or user); default: the API key's.")
@@ -231,18 +174,11 @@ class WandbSpec(ApiModel):
     base_url: str | None = Field(None, max_length=1024, pattern=r"^https?://[^\s/@]+(/\S*)?$", description=(
         "A self-hosted W&B server (WANDB_BASE_URL); default: W&B's cloud."))
 
-    @model_validator(mode="after")
-    def _key_when_online(self) -> "WandbSpec":
-        if self.mode == "online" and self.api_key_secret_ref is None:
-            raise ValueError("wandb.apiKeySecretRef is required unless mode is offline")
-        return self
+    _early, _late = holds(*wandb_rules())
 
 
 class MlflowSpec(ApiModel):
-    model_config = {**ApiModel.model_config, "json_schema_extra": x_validations(
-        (f"!self.trackingUri.matches('{URI_CREDENTIALS}')",
-         "mlflow.trackingUri must not hold credentials (user:password@); give credentialsSecretName", ".trackingUri"),
-    )}
+    model_config = {**ApiModel.model_config, "json_schema_extra": x_validations(*mlflow_rules())}
 
     tracking_uri: str = Field(min_length=1, max_length=1024, pattern=TRACKING_URI, description=(
         "MLflow tracking server, e.g. http://mlflow.mlflow.svc:5000 (or databricks). No credentials in "
@@ -253,14 +189,7 @@ class MlflowSpec(ApiModel):
         "A Secret in the run's namespace with keys username and password (basic auth) or token (bearer); "
         "each present key becomes MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN through a secretKeyRef."))
 
-    @model_validator(mode="before")
-    @classmethod
-    def _no_credentials(cls, data):
-        """On the whole mapping, so the refusal never echoes the URI (errors show a mapping's type only)."""
-        uri = data.get("trackingUri", data.get("tracking_uri")) if isinstance(data, dict) else None
-        if isinstance(uri, str) and re.match(URI_CREDENTIALS, uri):
-            raise ValueError("trackingUri must not hold credentials (user:password@); give credentialsSecretName")
-        return data
+    _early, _late = holds(*mlflow_rules())
 
 
 class TrackingSpec(ApiModel):
@@ -270,65 +199,12 @@ class TrackingSpec(ApiModel):
     mlflow: MlflowSpec | None = Field(None, description="Log to an MLflow tracking server.")
 
 
-# Admission rules stated once: the CEL rule's message and the Python check's words (`alignctl validate`).
-JUDGE_URL_MESSAGE = "judge.baseUrl must not hold credentials (user:password@); the key comes from apiKeySecretRef"
-REGEX_MESSAGE = ("must be a regular expression that both Python's re (the trainer's) and RE2 (the API server's) "
-                 "read: no lookaround, backreferences or possessive quantifiers")
-REWARD_STAGE_MESSAGE = "must name an earlier reward stage"
-
-
-def _python_only(pattern: str) -> str | None:
-    """The first construct of `pattern` that Python's re reads and RE2 refuses (lookaround, backreferences,
-    atomic groups, conditionals, possessive quantifiers, \\Z); escapes and character classes skipped."""
-    i, in_class = 0, False
-    while i < len(pattern):
-        c = pattern[i]
-        if c == "\\":
-            if pattern[i + 1:i + 2] in set("123456789Z"):
-                return pattern[i:i + 2]
-            i += 2
-            continue
-        if in_class:
-            in_class = c != "]"
-        elif c == "[":
-            in_class = True
-            i += 2 if pattern[i + 1:i + 2] == "]" else 1  # a leading ] is a member
-            continue
-        elif c == "(":
-            for head in ("(?=", "(?!", "(?<=", "(?<!", "(?P=", "(?>", "(?("):
-                if pattern.startswith(head, i):
-                    return head
-        elif c in "*+?}" and pattern[i + 1:i + 2] == "+" and not (c == "?" and pattern[i - 1:i] == "("):
-            return pattern[i:i + 2]
-        i += 1
-    return None
-
-
-def regex_problem(pattern: str) -> str | None:
-    """Why a reward's pattern is refused (REGEX_MESSAGE and the reason), None when both engines read it."""
-    try:
-        re.compile(pattern)
-    except re.error as e:
-        return f"{REGEX_MESSAGE} ({e})"
-    found = _python_only(pattern)
-    return f"{REGEX_MESSAGE} (RE2 has no {found!r})" if found else None
-
-
 class JudgeSpec(ApiModel, Judge):
-    model_config = {**ApiModel.model_config, "json_schema_extra": x_validations(
-        (f"!self.baseUrl.matches('{URI_CREDENTIALS}')", JUDGE_URL_MESSAGE, ".baseUrl"),
-    )}
+    model_config = {**ApiModel.model_config, "json_schema_extra": x_validations(*judge_rules())}
 
     api_key_secret_ref: SecretKeyRef = Field(description="Secret holding the judge's API key.")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _no_credentials(cls, data):
-        """On the whole mapping, so the refusal never echoes the URL (errors show a mapping's type only)."""
-        url = data.get("baseUrl", data.get("base_url")) if isinstance(data, dict) else None
-        if isinstance(url, str) and re.match(URI_CREDENTIALS, url):
-            raise ValueError(JUDGE_URL_MESSAGE)
-        return data
+    _early, _late = holds(*judge_rules())
 
 
 class LmEvalSpec(ApiModel, LmEvalArgs):
@@ -381,10 +257,7 @@ class EvalSpec(ApiModel, Eval):
 class RewardSpec(ApiModel, Reward):
     """One reward of a grpo stage: a rule on the completion's text, or an earlier reward stage's model."""
 
-    # RE2 compiles the pattern when the rule runs: a pattern it cannot read fails the rule with its reason.
-    model_config = {**ApiModel.model_config, "json_schema_extra": x_validations(
-        ("!has(self.pattern) || (''.matches(self.pattern) ? true : true)", f"pattern {REGEX_MESSAGE}", ".pattern"),
-    )}
+    model_config = {**ApiModel.model_config, "json_schema_extra": x_validations(*reward_rules())}
 
     reward_model: str | None = Field(None, max_length=40, description=(
         "An earlier stage with method reward whose model scores prompt + completion; required for reward_model."))
@@ -410,149 +283,9 @@ class LabelSpec(ApiModel, LabelArgs):
 EvalSpec.model_rebuild()
 
 
-def _reward_rules(section: str) -> list[tuple[str, str, str]]:
-    return [
-        (f"!has(self.{section}) || self.{section}.rewards.all(r, !(r.kind in ['regex', 'format']) || has(r.pattern))",
-         f"{section}.rewards: a regex or format reward needs a pattern", f".{section}.rewards"),
-        (f"!has(self.{section}) || self.{section}.rewards.all(r, r.kind != 'reward_model' || has(r.rewardModel))",
-         f"{section}.rewards: a reward_model reward needs rewardModel (an earlier reward stage)", f".{section}.rewards"),
-        (f"!has(self.{section}) || self.{section}.rewards.all(r, r.kind != 'judge' || has(r.judge))",
-         f"{section}.rewards: a judge reward needs judge (baseUrl, model, apiKeySecretRef)", f".{section}.rewards"),
-    ]
-
-
-# How a stage's CEL expression tells what kind of dataset an earlier stage `t` writes
-# (alignment_trainer.recipe.output_kind).
-_OUTPUT_KIND_CEL = {
-    "completions": "t.method == 'generate'",
-    "pairwise": "(t.method == 'label' && has(t.label) && t.label.feedback == 'pairwise')",
-    "unpaired": "(t.method == 'label' && has(t.label) && t.label.feedback == 'binary')",
-}
-
-
-def _stage_dataset_rule() -> tuple[str, str, str]:
-    """datasets[].stage names an earlier stage whose output the method reads (recipe.reads_outputs)."""
-    accepts = " || ".join(f"(s.method in {ms} && ({' || '.join(_OUTPUT_KIND_CEL[k] for k in kinds)}))"
-                          for kinds, ms in _grouped_readers().items())
-    # datasets and testDatasets one after the other: CEL types them apart, so `+` does not join them.
-    names = ("self.stages.exists(j, t, j < i && t.name == d.stage && ({accepts}))").format(accepts=accepts)
-    return (f"self.stages.all(i, s, s.datasets.all(d, !has(d.stage) || {names}) && "
-            f"s.testDatasets.all(d, !has(d.stage) || {names}))",
-            "stages[].datasets[].stage must name an earlier stage whose output the method reads: " + "; ".join(
-                f"{', '.join(ms)}: {' or '.join(OUTPUT_KIND_NAMES[k] for k in kinds)}"
-                for kinds, ms in _grouped_readers().items()), ".stages")
-
-
-def _rewards_model_rule() -> tuple[str, str, str]:
-    """grpo's, label's and eval's rewards[].rewardModel name an earlier reward stage (checks._reward_problems)."""
-    names = ("r.rewardModel", "self.stages.exists(j, t, j < i && t.name == r.rewardModel && t.method == 'reward')")
-    each = " && ".join(f"(!has(s.{x}) || s.{x}.rewards.all(r, !has({names[0]}) || {names[1]}))" for x in REWARD_SECTIONS)
-    return (f"self.stages.all(i, s, {each})",
-            f"stages[].{{{','.join(REWARD_SECTIONS)}}}.rewards[].rewardModel {REWARD_STAGE_MESSAGE}", ".stages")
-
-
-REWARD_SECTIONS = ("grpo", "label", "eval")
-
-
-def data_stage_message() -> str:
-    """eval's prompt sets read a data stage's dataset: any method of the table that writes one."""
-    return "must name an earlier " + " or ".join(m for m, info in METHODS.items() if info.writes) + " stage"
-
-
-# eval's datasets that may name a data stage instead of a source (checks._dataset_stage_problems).
-EVAL_DATA_FIELDS = ("prompts", "alpacaEval.referenceOutputs", "alpacaEval.prompts", "mtBench.questions")
-
-
-def _eval_data_stage_rule() -> tuple[str, str, str]:
-    writers = [m for m, info in METHODS.items() if info.writes]
-    checks = []
-    for field in EVAL_DATA_FIELDS:
-        d = f"s.eval.{field}"
-        names = f"(!has({d}.stage) || self.stages.exists(j, t, j < i && t.name == {d}.stage && t.method in {writers}))"
-        guard = " && ".join(f"has(s.eval.{'.'.join(field.split('.')[:k + 1])})" for k in range(field.count(".") + 1))
-        checks.append(f"(!({guard}) || {names})")
-    return (f"self.stages.all(i, s, !has(s.eval) || ({' && '.join(checks)}))",
-            f"stages[].eval.{{{','.join(EVAL_DATA_FIELDS)}}}.stage {data_stage_message()}", ".stages")
-
-
-OUTPUT_KIND_NAMES = {"completions": "a generate stage", "pairwise": "a label stage with feedback pairwise",
-                     "unpaired": "a label stage with feedback binary"}
-
-
-def _grouped_readers() -> dict[tuple[str, ...], list[str]]:
-    groups: dict[tuple[str, ...], list[str]] = {}
-    for m in METHODS:
-        if reads_outputs(m):
-            groups.setdefault(reads_outputs(m), []).append(m)
-    return groups
-
-
-def _label_smoothing_rules() -> list[tuple[str, str, str]]:
-    """training.labelSmoothing only where the loss reads it (recipe.label_smoothing_problem)."""
-    reads = list(LABEL_SMOOTHING_LOSSES)
-    default_reads = [m for m, info in METHODS.items() if info.default_loss_type in reads]
-    by_default = f"self.method in {default_reads}" if default_reads else "false"
-    return [
-        ("!has(self.training.labelSmoothing) || self.training.labelSmoothing == 0.0 || "
-         f"(has(self.training.lossType) ? self.training.lossType in {reads} : {by_default})",
-         f"training.labelSmoothing above 0 is read only by the lossTypes {', '.join(reads)} (method dpo); with "
-         "this stage's method and lossType it would be ignored: set one of them or leave labelSmoothing 0",
-         ".training.labelSmoothing"),
-        (f"!has(self.training.lossType) || !(self.training.lossType in {list(LABEL_SMOOTHING_NEEDED)}) || "
-         "(has(self.training.labelSmoothing) && self.training.labelSmoothing > 0.0)",
-         f"lossType {' and '.join(LABEL_SMOOTHING_NEEDED)} need training.labelSmoothing, the fraction of flipped "
-         "labels, with 0 < epsilon < 0.5", ".training.labelSmoothing"),
-    ]
-
-
-def _matrix_rules() -> list[tuple[str, str, str]]:
-    """A matrix only on a training stage, over fields its method reads, with losses its method has."""
-    trains = [m for m, i in METHODS.items() if i.trains]
-    out = [(f"!has(self.matrix) || self.method in {trains}",
-            f"matrix: only a training stage ({', '.join(trains)}) sweeps its training fields", ".matrix")]
-    for name, methods in MATRIX_METHOD_FIELDS.items():
-        alias = TrainingSpec.model_fields[name].alias
-        out.append((f"!has(self.matrix) || !has(self.matrix.{alias}) || self.method in {methods}",
-                    f"matrix.{alias}: only methods {', '.join(methods)} read training.{alias}", f".matrix.{alias}"))
-    with_losses = {m: info.loss_types for m, info in METHODS.items() if len(info.loss_types) > 1}
-    out.append(("!has(self.matrix) || !has(self.matrix.lossType) || self.matrix.lossType.all(x, "
-                + " || ".join(f"(self.method == '{m}' && x in {list(t)})" for m, t in with_losses.items()) + ")",
-                "matrix.lossType holds a loss that is not one of this method's: " + "; ".join(
-                    f"{m}: {', '.join(t)}" for m, t in with_losses.items()), ".matrix.lossType"))
-    return out
-
-
 def _stage_rules(schema: dict, cls: type) -> None:
-    """The stage's CEL rules, built when the schema is (so they follow the method table)."""
-    with_losses = {m: info.loss_types for m, info in METHODS.items() if info.loss_types}
-    schema.update(x_validations(
-        (" || ".join(f"self.method == '{m}'" for m, info in METHODS.items() if not (info.trains or info.writes))
-         + " || size(self.datasets) > 0",
-         "a training, generate or label stage needs at least one dataset", ".datasets"),
-        ("!(size(self.testDatasets) > 0 && has(self.testSplitSize))",
-         "give testDatasets or testSplitSize, not both", ".testSplitSize"),
-        ("!has(self.testSplitSize) || self.testSplitSize < 1.0 || self.testSplitSize == double(int(self.testSplitSize))",
-         "testSplitSize must be a fraction below 1 or a whole number of rows", ".testSplitSize"),
-        ("!has(self.training.lossType) || "
-         + " || ".join(f"(self.method == '{m}' && self.training.lossType in {list(t)})" for m, t in with_losses.items()),
-         "lossType is not one of this method's losses: " + "; ".join(
-             f"{m}: {', '.join(t)}" for m, t in with_losses.items()), ".training.lossType"),
-        *_label_smoothing_rules(),
-        *_matrix_rules(),
-        ("!has(self.lora) || self.lora.quantization == 'none' || self.resources.gpusPerNode > 0",
-         "lora.quantization 4bit/8bit needs GPUs (resources.gpusPerNode > 0)", ".lora.quantization"),
-        ("self.method != 'grpo' || has(self.grpo)", "method grpo needs a grpo section with rewards", ".grpo"),
-        *_reward_rules("grpo"),
-        ("self.method != 'label' || has(self.label)", "method label needs a label section with rewards", ".label"),
-        *_reward_rules("label"),
-        *_reward_rules("eval"),
-        ("!has(self.eval) || size(self.eval.rewards) == 0 || has(self.eval.prompts)",
-         "eval.rewards score the answers to eval.prompts: set eval.prompts", ".eval.prompts"),
-        ("!has(self.eval) || !('judge' in self.eval.metrics) || has(self.eval.judge)",
-         "eval.metrics includes judge but eval.judge is not set", ".eval.judge"),
-        ("!has(self.eval) || !(has(self.eval.alpacaEval) || has(self.eval.mtBench)) || has(self.eval.judge)",
-         "eval.alpacaEval and eval.mtBench are graded by an LLM judge: set eval.judge", ".eval.judge"),
-    ))
+    """The stage's CEL rules (rules.stage_rules), built when the schema is (so they follow the method table)."""
+    schema.update(x_validations(*stage_rules()))
 
 
 MatrixSpec, _MATRIX_RULES = _matrix_model()
@@ -647,10 +380,7 @@ class VolumeClaimTemplate(ApiModel):
 
 
 class StorageSpec(ApiModel):
-    model_config = {**ApiModel.model_config, "json_schema_extra": x_validations(
-        ("has(self.claimName) != has(self.volumeClaimTemplate)",
-         "storage: set exactly one of claimName or volumeClaimTemplate"),
-    )}
+    model_config = {**ApiModel.model_config, "json_schema_extra": x_validations(*storage_rules())}
 
     claim_name: str | None = Field(None, max_length=253, pattern=corev1.DNS_SUBDOMAIN, description=(
         "An existing PersistentVolumeClaim in the run's namespace."))
@@ -698,10 +428,7 @@ class ObjectStoreSpec(ApiModel, ObjectStore):
 
 
 class GateSpec(ApiModel):
-    model_config = {**ApiModel.model_config, "json_schema_extra": x_validations(
-        ("(has(self.min) ? 1 : 0) + (has(self.max) ? 1 : 0) + (has(self.atLeastAsGoodAs) ? 1 : 0) == 1",
-         "a gate gives exactly one of min, max or atLeastAsGoodAs"),
-    )}
+    model_config = {**ApiModel.model_config, "json_schema_extra": x_validations(*gate_rules())}
 
     metric: str = Field(min_length=1, max_length=128, description=(
         "A metric of the eval stage's results (status.stages[].metrics), e.g. preference_accuracy, "
@@ -712,23 +439,11 @@ class GateSpec(ApiModel):
         "Another eval stage (e.g. one that evaluates the SFT model): passes when the candidate's metric is at "
         "least as good as that stage's (higher, or lower for a loss, perplexity or seconds)."))
 
-    @model_validator(mode="after")
-    def _one_rule(self) -> "GateSpec":
-        if sum(x is not None for x in (self.min, self.max, self.at_least_as_good_as)) != 1:
-            raise ValueError(f"gate on {self.metric}: a gate gives exactly one of min, max or atLeastAsGoodAs")
-        return self
-
-
-# A Hub export: hf://org/name (a model repository, HubSpec.repo_id's form).
-HF_URI = r"^hf://[A-Za-z0-9][-_.A-Za-z0-9]*/[-_.A-Za-z0-9]+$"
+    _early, _late = holds(*gate_rules())
 
 
 class ExportSpec(ApiModel):
-    model_config = {**ApiModel.model_config, "json_schema_extra": x_validations(
-        ("!self.uri.startsWith('s3://') || self.uri.matches('" + S3_URI + "')", S3_URI_MESSAGE, ".uri"),
-        ("self.uri.startsWith('s3://') || self.uri.matches('" + HF_URI + "')",
-         "uri is s3://bucket/prefix (an object store) or hf://org/name (a Hugging Face Hub model repository)", ".uri"),
-    )}
+    model_config = {**ApiModel.model_config, "json_schema_extra": x_validations(*export_rules())}
 
     uri: str = Field(min_length=6, max_length=1024, description=(
         "Where the promoted model goes. s3://bucket/prefix (spec.objectStore's store): each object is read back and "
@@ -740,15 +455,7 @@ class ExportSpec(ApiModel):
     private: bool = Field(True, description="hf:// only: create the repository private (an existing one keeps its "
                                             "setting).")
 
-    _s3_uri = model_validator(mode="before")(classmethod(lambda cls, data: check_s3(data, "uri")))
-
-    @field_validator("uri")
-    @classmethod
-    def _is_s3_or_hub(cls, value: str) -> str:
-        if not value.startswith("s3://") and not re.match(HF_URI, value):
-            raise ValueError(f"uri: {value!r} is neither s3://bucket/prefix (an object store) nor hf://org/name "
-                             "(a Hugging Face Hub model repository)")
-        return value
+    _early, _late = holds(*export_rules())
 
 
 class ServeSpec(ApiModel):
@@ -779,69 +486,9 @@ class PromoteSpec(ApiModel):
         "Hugging Face Hub (hf://) URIs."))
 
 
-def _promote_rules() -> list[tuple[str, str, str]]:
-    """promote names eval stages (CEL; promote_problems is the Python twin)."""
-    return [
-        ("!has(self.promote) || self.stages.exists(s, s.method == 'eval')",
-         "promote decides on an eval stage's results: add a stage with method eval", ".promote"),
-        ("!has(self.promote) || !has(self.promote.eval) || "
-         "self.stages.exists(s, s.name == self.promote.eval && s.method == 'eval')",
-         "promote.eval must name an eval stage", ".promote.eval"),
-        ("!has(self.promote) || self.promote.gates.all(g, !has(g.atLeastAsGoodAs) || "
-         "self.stages.exists(s, s.name == g.atLeastAsGoodAs && s.method == 'eval'))",
-         "promote.gates[].atLeastAsGoodAs must name an eval stage", ".promote.gates"),
-    ]
-
-
-def promote_problems(spec: "AlignmentRunSpec") -> list[str]:
-    p = spec.promote
-    if p is None:
-        return []
-    evals = [s.name for s in spec.stages if s.method == "eval"]
-    if not evals:
-        return ["spec.promote: promote decides on an eval stage's results: add a stage with method eval"]
-    out = []
-    if p.eval is not None and p.eval not in evals:
-        out.append(f"spec.promote.eval: {p.eval!r}: promote.eval must name an eval stage; accepted: {', '.join(evals)}")
-    for k, g in enumerate(p.gates):
-        if g.at_least_as_good_as is not None and g.at_least_as_good_as not in evals:
-            out.append(f"spec.promote.gates[{k}].atLeastAsGoodAs: {g.at_least_as_good_as!r} is not an eval stage; "
-                       f"accepted: {', '.join(evals)}")
-    return out
-
-
-HUB_WITH_PROMOTE = ("hub pushes the last stage's model whatever promote decides; with promote, push the promoted "
-                    "model only: promote.exports: [{uri: hf://<repoId>}]")
-HF_EXPORT_TOKEN = ("an hf:// export needs trainer.hfTokenSecretRef (a Secret with a Hugging Face token with write "
-                   "access)")
-
-
 class AlignmentRunSpec(ApiModel):
-    model_config = {**ApiModel.model_config, "json_schema_extra": x_validations(
-        ("!has(self.hub) || has(self.trainer.hfTokenSecretRef)",
-         "hub: pushing needs trainer.hfTokenSecretRef (a Secret with a Hugging Face token with write access)",
-         ".hub"),
-        ("!has(self.hub) || !has(self.promote)", HUB_WITH_PROMOTE, ".hub"),
-        ("!has(self.promote) || !has(self.promote.exports) || "
-         "!self.promote.exports.exists(e, e.uri.startsWith('hf://')) || has(self.trainer.hfTokenSecretRef)",
-         HF_EXPORT_TOKEN, ".promote.exports"),
-        ("self.stages.exists(s, " + " && ".join(f"s.method != '{m}'" for m, info in METHODS.items() if not info.trains)
-         + ")",
-         f"at least one training stage ({', '.join(training_methods())}) is required", ".stages"),
-        # Two-variable comprehensions (index, value) keep the cost bounded; map() would not.
-        ("self.stages.all(i, s, !has(s.from) || self.stages.exists(j, t, j < i && t.name == s.from))",
-         "stages[].from must name an earlier stage", ".stages"),
-        ("self.stages.all(i, s, !has(s.eval) || !has(s.eval.reference) || "
-         "self.stages.exists(j, t, j < i && t.name == s.eval.reference))",
-         "stages[].eval.reference must name an earlier stage", ".stages"),
-        ("self.stages.all(i, s, !has(s.eval) || !has(s.eval.rewardModel) || "
-         "self.stages.exists(j, t, j < i && t.name == s.eval.rewardModel && t.method == 'reward'))",
-         f"stages[].eval.rewardModel {REWARD_STAGE_MESSAGE}", ".stages"),
-        _rewards_model_rule(),
-        _eval_data_stage_rule(),
-        _stage_dataset_rule(),
-        *_promote_rules(),
-    )}
+    model_config = {**ApiModel.model_config,
+                    "json_schema_extra": lambda schema, cls: schema.update(x_validations(*spec_rules()))}
 
     model: ModelSpec = Field(description="The base model the first stage starts from.")
     stages: list[StageSpec] = Field(min_length=1, max_length=16, json_schema_extra={
@@ -893,23 +540,3 @@ class AlignmentRunSpec(ApiModel):
         if stage.from_ is not None:
             return next(s for s in earlier if s.name == stage.from_)
         return next((s for s in reversed(earlier) if METHODS[s.method].trains and METHODS[s.method].policy), None)
-
-    @model_validator(mode="after")
-    def _hub_token(self, info: ValidationInfo) -> "AlignmentRunSpec":
-        # A pod has only the Secret's token; `alignctl run --local` (context local) has HF_TOKEN or the HF login.
-        if self.hub is not None and self.trainer.hf_token_secret_ref is None and not (info.context or {}).get("local"):
-            raise ValueError("hub: pushing needs trainer.hfTokenSecretRef (a Secret with a Hugging Face token "
-                             "with write access)")
-        if self.hub is not None and self.promote is not None:
-            raise ValueError(f"hub: {HUB_WITH_PROMOTE}")
-        hub_exports = self.promote is not None and any(x.uri.startswith("hf://") for x in self.promote.exports)
-        if hub_exports and self.trainer.hf_token_secret_ref is None and not (info.context or {}).get("local"):
-            raise ValueError(f"promote.exports: {HF_EXPORT_TOKEN}")
-        return self
-
-    @model_validator(mode="after")
-    def _promote_names_eval_stages(self) -> "AlignmentRunSpec":
-        problems = promote_problems(self)
-        if problems:
-            raise ValueError("; ".join(p.removeprefix("spec.") for p in problems))
-        return self
