@@ -17,13 +17,11 @@ from __future__ import annotations
 import posixpath
 from datetime import datetime
 
-from alignment_trainer.recipe import GuardArgs
+from alignment_trainer.recipe import GUARD_FIGURES, GuardArgs
 
 from .api.status import CheckpointRef, StageProgress, StageStatus
 
-DEGRADED = {"degraded_reward_ties": "degraded/reward_ties", "degraded_reward_failures": "degraded/reward_failures",
-            "degraded_preference_accuracy": "degraded/preference_accuracy",
-            "degraded_grad_norm": "degraded/grad_norm"}  # StageProgress field -> trainer's key
+DEGRADED = {key.replace("/", "_"): key for key in GUARD_FIGURES}  # StageProgress field -> the trainer's key
 
 
 def note_checkpoint(st: StageStatus, stage_dir: str) -> None:

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from alignment_trainer.recipe import GUARD_FIGURES
+
 from .api import StageProgress, StageStatus
 from .bounded import Recent
 
@@ -58,10 +60,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "checkpoint_step": ("checkpoint_step",),
     "checkpoint_time": ("checkpoint_time",),
     "work_at_risk_seconds": ("work_at_risk_seconds",),
-    "degraded_reward_ties": ("degraded/reward_ties",),
-    "degraded_reward_failures": ("degraded/reward_failures",),
-    "degraded_preference_accuracy": ("degraded/preference_accuracy",),
-    "degraded_grad_norm": ("degraded/grad_norm",),
+    **{key.replace("/", "_"): (key,) for key in GUARD_FIGURES},  # the guard's (StageProgress.degraded_*)
 }
 INTEGER_FIELDS = {"step", "total_steps", "checkpoint_step"}
 RANK_METRIC = "rank"   # a beat: {"name": "rank", "value": "<the process's global rank>"}

@@ -53,7 +53,7 @@ def classify(exc: BaseException) -> dict:
     if type(exc).__name__ == "WorldSizeMismatch":
         return outcome.failure(text, "WorldSizeMismatch")
     if type(exc).__name__ == "NotLearningError":
-        return outcome.failure(text, "NotLearning")
+        return outcome.failure(text, outcome.NOT_LEARNING)
     if isinstance(exc, ValueError):  # the recipe asks for something that cannot work
         return outcome.failure(text, "RecipeError")
     return outcome.failure(f"{type(exc).__name__}: {text}", "Error")

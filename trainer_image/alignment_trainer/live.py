@@ -35,6 +35,7 @@ from datetime import datetime, timezone
 from transformers import TrainerCallback
 
 from .pace import Pace
+from .recipe import CHANCE_ACCURACY, GUARD_FIGURES, REWARD_FAILURES, REWARD_TIES, ZERO_GRAD_NORM
 
 log = logging.getLogger("alignment_trainer")
 URL_ENV, CA_ENV, TOKEN_ENV = "KUBEFLOW_TRAINER_SERVER_URL", "KUBEFLOW_TRAINER_SERVER_CA_CERT", "KUBEFLOW_TRAINER_SERVER_TOKEN"
@@ -43,7 +44,7 @@ MIN_INTERVAL_S = 5.0
 # Logged metrics worth pushing (the rest of a log row stays in metrics.jsonl).
 PUSHED = ("loss", "grad_norm", "learning_rate", "rewards/margins", "rewards/accuracies", "rewards/chosen",
           "rewards/rejected", "kl", "eval_loss", "eval_rewards/accuracies", "eval_rewards/margins",
-          "degraded/reward_ties", "degraded/reward_failures", "degraded/preference_accuracy", "degraded/grad_norm")
+          *GUARD_FIGURES)
 
 
 class DivergedError(Exception):
@@ -145,22 +146,22 @@ class LearningGuard(TrainerCallback):
         if isinstance(ties, (int, float)):
             self.ties = self.ties + 1 if ties > g.reward_ties_fraction else 0
             if self.ties >= g.steps:
-                said["degraded/reward_ties"] = float(ties)
+                said[REWARD_TIES] = float(ties)
         failed, total = REWARD_SAMPLES
         REWARD_SAMPLES[:] = [0, 0]
         if total and failed / total > g.reward_failure_fraction:
-            said["degraded/reward_failures"] = round(failed / total, 4)
+            said[REWARD_FAILURES] = round(failed / total, 4)
         accuracy = logs.get("rewards/accuracies")
         warmup = args.get_warmup_steps(state.max_steps) if state.max_steps else 0
         if isinstance(accuracy, (int, float)) and state.global_step > max(warmup, 1):
             self.chance = self.chance + 1 if accuracy <= g.chance_accuracy else 0
             if self.chance >= g.steps:
-                said["degraded/preference_accuracy"] = float(accuracy)
+                said[CHANCE_ACCURACY] = float(accuracy)
         grad = logs.get("grad_norm")
         if isinstance(grad, (int, float)):
             self.flat = self.flat + 1 if grad <= g.zero_grad_norm else 0  # NaN/inf: the DivergenceGuard's
             if self.flat >= g.steps:
-                said["degraded/grad_norm"] = float(grad)
+                said[ZERO_GRAD_NORM] = float(grad)
         logs.update(said)
         if said and g.fatal:
             raise NotLearningError(f"training learns nothing at step {state.global_step}: " + "; ".join(

@@ -25,6 +25,8 @@ FIX_INPUT = 2        # exit code: fix the recipe, the data or the environment fi
 RETRYABLE = 1        # exit code: something went wrong that a retry may not meet again
 INTERRUPTED = 143    # exit code after SIGTERM/SIGINT (128 + 15): a retry resumes
 
+NOT_LEARNING = "NotLearning"  # a stage whose guards (recipe.GuardArgs) make learning nothing fatal
+
 # reason -> (exit code, what to do). The reason names the kind of failure in status and events.
 REASONS: dict[str, tuple[int, str]] = {
     "RecipeError": (FIX_INPUT, "fix the stage's settings; retrying will not help"),
@@ -41,7 +43,7 @@ REASONS: dict[str, tuple[int, str]] = {
                                     "credentialsSecretName, or the service account's access); retrying will not help"),
     "ObjectStoreUnreachable": (RETRYABLE, "the object store did not answer: check objectStore.endpointUrl and that "
                                           "the store is up; a retry fetches or exports again"),
-    "NotLearning": (FIX_INPUT, "training learns nothing (the stage's guards make that fatal): check the reward, "
+    NOT_LEARNING: (FIX_INPUT, "training learns nothing (the stage's guards make that fatal): check the reward, "
                                "the data and the learning rate"),
     "Interrupted": (INTERRUPTED, "the stage was stopped; a retry resumes from the newest checkpoint"),
     "Error": (RETRYABLE, "see the stage's log; a retry resumes from the newest checkpoint"),

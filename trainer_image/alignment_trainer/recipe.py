@@ -21,6 +21,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .outcome import NOT_LEARNING
+
 # ---------------------------------------------------------------------------- the method table
 
 DataKind = Literal["chat", "pairwise", "unpaired", "prompts", "completions"]
@@ -638,6 +640,16 @@ class ExportArgs(_Strict):
     uri: str = Field(description="s3://bucket/prefix the model's files go under.")
 
 
+# What a guard reports (live.LearningGuard), each in a logging step's metrics with its figure, which the operator
+# reads (api.status.StageProgress.degraded_<what>: the key with '_' for '/'), and the reason a fatal guard fails
+# the stage with (outcome.NOT_LEARNING).
+REWARD_TIES = "degraded/reward_ties"
+REWARD_FAILURES = "degraded/reward_failures"
+CHANCE_ACCURACY = "degraded/preference_accuracy"
+ZERO_GRAD_NORM = "degraded/grad_norm"
+GUARD_FIGURES = (REWARD_TIES, REWARD_FAILURES, CHANCE_ACCURACY, ZERO_GRAD_NORM)
+
+
 class GuardArgs(_Strict):
     """When a stage learns nothing (live.LearningGuard): what counts, and whether it fails the stage."""
 
@@ -658,18 +670,17 @@ class GuardArgs(_Strict):
         "stage."))
     steps: int = Field(5, ge=1, description="Logging steps in a row that must count as learning nothing.")
     fatal: bool = Field(False, description=(
-        "Fail the stage (reason NotLearning, exit 2) instead of only warning (status condition Degraded)."))
+        f"Fail the stage (reason {NOT_LEARNING}, exit 2) instead of only warning (status condition Degraded)."))
 
     def describe(self, key: str, value: float) -> str:
-        """One line for a `degraded/<what>` figure the guard reported (the trainer's error, the operator's warning)."""
-        what = key.removeprefix("degraded/")
-        if what == "reward_ties":
+        """One line for a figure the guard reported (GUARD_FIGURES; the trainer's error, the operator's warning)."""
+        if key == REWARD_TIES:
             return (f"{value:.0%} of GRPO groups' rewards tie (frac_reward_zero_std {value:.2f} above "
                     f"{self.reward_ties_fraction} for {self.steps} logging steps): the reward cannot tell completions "
                     "apart")
-        if what == "reward_failures":
+        if key == REWARD_FAILURES:
             return f"the reward failed on {value:.0%} of samples (more than {self.reward_failure_fraction:.0%})"
-        if what == "grad_norm":
+        if key == ZERO_GRAD_NORM:
             return (f"gradient norm {value:g} (at most {self.zero_grad_norm:g}) for {self.steps} logging steps: "
                     "no weight moves (a saturated or frozen model, or nothing to learn from)")
         return (f"preference accuracy on training batches {value:.2f}, at chance (at most {self.chance_accuracy}) "
