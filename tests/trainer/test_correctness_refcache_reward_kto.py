@@ -180,10 +180,13 @@ def test_zero3_reference_replaced_at_the_same_path_is_recomputed(tmp_path, tiny_
     """DPO with precomputed reference log-probs, one shared cache, the reference's weights replaced at
     the same path after a stage computed log-probs with the old ones: a two-process DeepSpeed ZeRO-3
     stage computes them anew (step-0 loss ln 2: policy = reference), keyed by the new weights' hash,
-    the same stage rerun reads them back (issue 18's speed-up), and so does a one-process stage (the
-    key is the weights' own hash, not the hash of ZeRO-3's partitions). At 73214b4 the ZeRO-3 key was
-    TRL's hash over ZeRO-3's empty placeholders, the same for every model of the architecture: a ZeRO-3
-    stage rerun after the replacement read the old log-probs ('reused', step-0 loss 0.7318)."""
+    a ZeRO-3 stage on the same training split and other held-out rows reads the training split's back
+    (issue 18's speed-up) and computes the held-out split's, and a one-process stage reads them back
+    too (the key is the weights' own hash, not the hash of ZeRO-3's partitions). At 73214b4 the ZeRO-3
+    key was TRL's hash over ZeRO-3's empty placeholders, the same for every model of the architecture: a
+    ZeRO-3 stage rerun after the replacement read the old log-probs ('reused', step-0 loss 0.7318).
+    At b32d1b9 the stage that read one split and computed the other (one batch per rank) failed at its
+    first step (IndexError: pop from an empty deque, refcache.release_precompute_engine)."""
     import torch
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
@@ -197,7 +200,7 @@ def test_zero3_reference_replaced_at_the_same_path_is_recomputed(tmp_path, tiny_
     test = _head(data_dir / "prefs_test.jsonl", 16, tmp_path / "test.jsonl")
     cache = tmp_path / "cache"
 
-    def recipe(name: str) -> tuple[str, Path]:
+    def recipe(name: str, test: str = test) -> tuple[str, Path]:
         directory = tmp_path / name
         return kit.write_recipe(directory, "dpo", str(reference), [train], [test], cache_dir=str(cache),
                                 training={"max_steps": 1, "learning_rate": 1e-4, "per_device_train_batch_size": 4,
@@ -205,12 +208,15 @@ def test_zero3_reference_replaced_at_the_same_path_is_recomputed(tmp_path, tiny_
                                           "gradient_checkpointing": False, "precompute_ref_log_probs": True},
                                 ), directory / "out"
 
-    def zero3(name: str) -> tuple[str, Path]:
-        path, out = recipe(name)
+    def zero3(name: str, **test) -> tuple[dict, Path]:
+        """A two-process ZeRO-3 stage: which splits read their log-probs from the cache, its output dir."""
+        path, out = recipe(name, **test)
         proc = kit.run_subprocess(build_launch_command(path, "deepspeed-zero3", 2, cpu=True),
                                   env=launch_env(cpu=True), timeout=600)
-        assert [e["world_size"] for e in kit.events(proc.stdout) if e["event"] == "start"] == [2]
-        return json.loads((out / "result.json").read_text())["reference_logps"], out
+        events = kit.events(proc.stdout)
+        assert [e["world_size"] for e in events if e["event"] == "start"] == [2]
+        [splits] = [e["splits"] for e in events if e["event"] == "reference_logps" and "splits" in e]
+        return splits, out
 
     def entries() -> dict[str, str]:
         """The cache's log-probs files, each with the weights' hash it was keyed by (the .json beside it)."""
@@ -227,16 +233,29 @@ def test_zero3_reference_replaced_at_the_same_path_is_recomputed(tmp_path, tiny_
     noise = torch.Generator().manual_seed(1)
     save_file({name: t + 0.05 * torch.randn(t.shape, generator=noise) for name, t in load_file(weights).items()},
               weights, metadata={"format": "pt"})
-    logps, out = zero3("zero3")
-    assert (logps, round(kit.losses(out)[0], 4)) == ("computed", round(math.log(2), 4)), "a policy scored against itself"
+    reused, out = zero3("zero3")
+    assert (reused, round(kit.losses(out)[0], 4)) == ({"train": False, "eval": False}, round(math.log(2), 4)), \
+        "a policy scored against itself"
     new = {name: weights for name, weights in entries().items() if name not in old}
-    assert len(new) == 2 and set(new.values()) == {hash_module(AutoModelForCausalLM.from_pretrained(reference))}
+    new_hash = hash_module(AutoModelForCausalLM.from_pretrained(reference))
+    assert len(new) == 2 and set(new.values()) == {new_hash}
 
-    assert zero3("zero3-rerun")[0] == "reused"
+    # The same training split, 16 other held-out rows (one batch per rank): the training split's log-probs
+    # are read back, the held-out split's computed. The first step's learning rate is 0 (warmup), so the
+    # policy is still the reference: both losses are ln 2 only if each split's log-probs are its own.
+    other = tmp_path / "test-other.jsonl"
+    other.write_text("".join((data_dir / "prefs_test.jsonl").read_text().splitlines(keepends=True)[16:32]))
+    reused, out = zero3("zero3-rerun", test=str(other))
+    assert reused == {"train": True, "eval": False}
+    result = json.loads((out / "result.json").read_text())
+    assert (round(kit.losses(out)[0], 4), round(result["eval_loss"], 4)) == (round(math.log(2), 4),) * 2
+    added = {name: weights for name, weights in entries().items() if name not in old and name not in new}
+    assert [name.split("-")[0] for name in added] == ["test"] and set(added.values()) == {new_hash}
+
     path, out = recipe("one-process")
     assert kit.run_in_process(path)["reference_logps"] == "reused"
     assert kit.losses(out)[0] == pytest.approx(math.log(2), abs=1e-4)
-    assert len(entries()) == 4, "nothing new was written"
+    assert len(entries()) == 5, "nothing new was written"
 
 
 def test_eval_reference_scores_are_keyed_by_the_hub_snapshot_a_revision_resolved_to(tmp_path, monkeypatch):

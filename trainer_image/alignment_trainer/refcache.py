@@ -114,7 +114,8 @@ class CachedReference:
     def __init__(self, *args, reference_keys: dict[str, str] | None = None, **kwargs):
         self.reference_keys = reference_keys or {}
         self.reference_reuse: dict[str, bool] = {}
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, **kwargs)  # TRL precomputes the reference log-probs here
+        release_precompute_engine(self)
 
     def reference_fingerprint(self) -> dict:
         """The reference's weights, the truncation mode and the tokenizer, one value on every rank.
@@ -179,6 +180,23 @@ class CachedReference:
             os.replace(tmp, path)
         self.accelerator.wait_for_everyone()
         return out
+
+
+def release_precompute_engine(trainer) -> None:
+    """Remove the hooks of the DeepSpeed engine TRL's precompute wrapped the policy in (no ref_model:
+    trl.models.prepare_deepspeed) once the log-probs are there; under ZeRO-3 they would stay on the
+    model beside the training engine's, each fetching and releasing the modules' parameters by the
+    trace its own coordinator records.
+
+    Where the precompute ran a single batch per rank in all (a split of up to batch size x world rows
+    computed, the other read from the cache or absent), that coordinator is left half way through
+    recording its trace; the training engine renumbers the modules' ds_id, and at the first training
+    step the old coordinator looks its recorded modules up by the new ids and the stage fails
+    (IndexError: pop from an empty deque). TRL builds the engine again if a later precompute needs it."""
+    engine = getattr(trainer, "_precompute_engine", None)
+    if engine is not None and engine.zero_optimization_stage() == 3:  # ZeRO-1/2: a plain engine, no hooks
+        engine.destroy()  # its hooks (DeepSpeedZeRoOffload.destroy); the weights stay partitioned
+        trainer._precompute_engine = None
 
 
 class KeyLock:
