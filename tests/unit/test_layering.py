@@ -13,8 +13,8 @@ OPERATOR, TRAINER = "alignment_operator", "alignment_trainer"
 PACKAGES = {OPERATOR: ROOT / "operator" / OPERATOR, TRAINER: ROOT / "trainer_image" / TRAINER}
 
 # The trainer's torch-free contract: the only trainer modules the operator may import.
-CONTRACT = {"alignment_trainer.recipe", "alignment_trainer.launch", "alignment_trainer.checkpoints",
-            "alignment_trainer.outcome"}
+CONTRACT = {"alignment_trainer.recipe", "alignment_trainer.methods", "alignment_trainer.rules",
+            "alignment_trainer.launch", "alignment_trainer.checkpoints", "alignment_trainer.outcome"}
 # Who may import what: anything else importing these is a layering bug.
 ALLOWED = {
     "kubernetes": {"alignment_operator/kube.py"},

@@ -14,6 +14,7 @@ from alignment_operator.api import RunInvalid, parse_run
 from alignment_operator.crd import build_crd
 from alignment_operator.render.recipe import build_recipe
 from alignment_trainer.recipe import METHODS, EvalArgs, ModelArgs, Recipe, TrainingArgs
+from alignment_trainer.rules import recipe_rules, training_rules
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -97,3 +98,60 @@ def test_a_new_row_in_the_method_table_reaches_the_crd_and_validation(monkeypatc
     doc["spec"]["stages"][1]["training"]["lossType"] = "sigmoid"  # a dpo loss, not one of toy's
     with pytest.raises(RunInvalid, match=r"lossType: 'sigmoid' is not a toy loss; accepted: toy_hinge"):
         parse_run(doc)
+
+
+# A stage broken in a run and the same stage broken in a recipe: (the run's stage fields, the recipe's, the run's
+# refusal, the recipe's). Each pair is one rule of alignment_trainer.rules, worded in each document's names.
+SAME_RULE = [
+    (1, {"datasets": []}, {"datasets": []},
+     "spec.stages[1].datasets: method 'dpo' needs at least one dataset",
+     "datasets: method 'dpo' needs at least one dataset"),
+    (1, {"testSplitSize": 0.1}, {"test_datasets": [{"path": "t.jsonl"}], "test_split_size": 0.1},
+     "spec.stages[1].testSplitSize: give testDatasets or testSplitSize, not both",
+     "test_split_size: give test_datasets or test_split_size, not both"),
+    (1, {"testDatasets": [], "testSplitSize": 1.5}, {"test_split_size": 1.5},
+     "spec.stages[1].testSplitSize: testSplitSize must be a fraction below 1 or a whole number of rows (got 1.5)",
+     "test_split_size: test_split_size must be a fraction below 1 or a whole number of rows (got 1.5)"),
+    (1, {"training": {"lossType": "cdpo"}}, {"training": {"loss_type": "cdpo"}},
+     "spec.stages[1].training.labelSmoothing: 0.0 with lossType cdpo; cdpo needs an epsilon",
+     "training.label_smoothing: 0.0 with loss_type cdpo; cdpo needs an epsilon"),
+    (1, {"training": {"maxPromptLength": 600, "maxLength": 512}},
+     {"training": {"max_prompt_length": 600, "max_length": 512}},
+     "spec.stages[1].training.maxPromptLength: maxPromptLength must be below maxLength (600 is not below 512)",
+     "training.max_prompt_length: max_prompt_length must be below max_length (600 is not below 512)"),
+    (1, {"method": "grpo", "training": {}, "grpo": {"rewards": [{"kind": "regex"}]}},
+     {"method": "grpo", "grpo": {"rewards": [{"kind": "regex"}]}},
+     "spec.stages[1].grpo.rewards[0].pattern: a regex reward needs a pattern (a Python regex)",
+     "grpo.rewards[0].pattern: a regex reward needs a pattern (a Python regex)"),
+    (2, {"eval": {"mtBench": {"questions": {"source": "q.jsonl"}}}},
+     {"method": "eval", "eval": {"mt_bench": {"questions": {"path": "q.jsonl"}}}},
+     "spec.stages[2].eval.judge: eval.mtBench need an LLM judge; set eval.judge",
+     "eval.judge: eval.mt_bench need an LLM judge; set eval.judge"),
+]
+
+
+@pytest.mark.parametrize("index, run_fields, recipe_fields, run_words, recipe_words", SAME_RULE)
+def test_a_run_and_a_recipe_refuse_a_stage_by_the_same_rule(index, run_fields, recipe_fields, run_words,
+                                                            recipe_words):
+    doc = tiny_doc()
+    stage = doc["spec"]["stages"][index]
+    for key, value in run_fields.items():
+        stage[key] = {**stage.get(key, {}), **value} if key == "training" and value else value
+    with pytest.raises(RunInvalid) as refused:
+        parse_run(doc)
+    assert run_words in str(refused.value)
+    recipe = {"method": "dpo", "model": {"model_name_or_path": "m"}, "datasets": [{"path": "d.jsonl"}],
+              "output_dir": "/o", **recipe_fields}
+    with pytest.raises(ValueError) as refused:
+        Recipe.model_validate(recipe)
+    assert recipe_words in str(refused.value)
+
+
+def test_every_rule_a_recipe_holds_is_a_rule_of_the_crd():
+    """The recipe's rules are the run's: each one's CEL sits on the CRD's stage (or its training)."""
+    schema = stage_schema(build_crd())
+    on_stage = {r["rule"] for r in schema["x-kubernetes-validations"]}
+    on_training = {r["rule"] for r in schema["properties"]["training"]["x-kubernetes-validations"]}
+    assert len(recipe_rules()) == 14 and len(training_rules()) == 1
+    assert [r.cel for r in recipe_rules() if r.cel not in on_stage] == []
+    assert [r.cel for r in training_rules() if r.cel not in on_training] == []

@@ -1,24 +1,14 @@
-"""Shared pieces of the API models: camelCase, strictness, CRD-only schema hints."""
+"""Shared pieces of the API models: camelCase, strictness, CRD-only schema hints. A `Rule` (the CEL rule, its
+message and field, and the same test in Python) and the run's names of the recipe's fields (API_NAMES) are the
+trainer's contract's (alignment_trainer.rules), where a recipe holds the same rules of a stage."""
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any
 
+from alignment_trainer.rules import API_NAMES, Miss, Rule, api_alias  # noqa: F401  (the stage's rules' own; re-exported)
 from pydantic import BaseModel, BeforeValidator, ConfigDict, WithJsonSchema, model_validator
-from pydantic.alias_generators import to_camel
-
-
-# A field of a section the run shares with the recipe (alignment_trainer.recipe) is named in the run by its recipe
-# name (TRL's, PEFT's) in camelCase, but where the run says it shorter: recipe name -> the run's.
-API_NAMES = {"lora_alpha": "alpha", "lora_dropout": "dropout", "num_train_epochs": "epochs",
-             "lr_scheduler_type": "scheduler", "per_device_train_batch_size": "per_device_batch_size",
-             "torch_dtype": "dtype", "attn_implementation": "attention"}
-
-
-def api_alias(name: str) -> str:
-    return to_camel(API_NAMES.get(name, name))
 
 
 class ApiModel(BaseModel):
@@ -34,50 +24,6 @@ class ApiModel(BaseModel):
     def wire(self) -> dict[str, Any]:
         """The object as Kubernetes stores it: camelCase, unset optionals left out."""
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
-
-
-# Where a rule's Python test finds it broken, when it can say more than its message: (the path relative to
-# the rule's object, what is wrong there in words: the value, what would be accepted).
-Miss = tuple[str, str]
-
-
-@dataclass(frozen=True)
-class Rule:
-    """One admission rule, stated once: the CEL `cel` with its `message` (the CRD's
-    x-kubernetes-validations on the object it is attached to), `field` the path the message is about
-    (relative, as CEL's fieldPath; "" the object itself), and `ok` the same test in Python on the same
-    object as CEL sees it (camelCase keys, defaults filled in, `self` that object), which
-    `alignctl validate` and the operator evaluate. `ok` returns whether the object passes, or, where
-    Python can name more (the list item, the value, what is accepted), the places it fails (Miss).
-    Messages are static: a messageExpression's estimated cost (string building) counts against the
-    CRD's CEL budget like a rule's does."""
-
-    cel: str
-    message: str
-    field: str
-    ok: Callable[[Any], bool | list[Miss]]
-    show: bool = True    # False: never echo the value (it may be a credential)
-    local: bool = True   # False: `alignctl run --local` does not hold it (spec.hub's token comes from the login)
-
-    def item(self) -> dict[str, str]:
-        return {"rule": self.cel, "message": self.message, **({"fieldPath": self.field} if self.field else {})}
-
-    def misses(self, obj: Any) -> list[Miss]:
-        """Where `obj` breaks the rule: (relative path, words), none when it passes."""
-        found = self.ok(obj)
-        if isinstance(found, list):
-            return found
-        if found:
-            return []
-        shown: Any = obj
-        for key in self.field.lstrip(".").split(".") if self.field else []:
-            shown = shown[key] if isinstance(shown, dict) and key in shown else dict
-        got = f" (got {shown!r})" if self.show and self.field and not isinstance(shown, (type, dict, list)) else ""
-        return [(self.field, f"{self.message}{got}")]
-
-    def problems(self, obj: Any, at: str) -> list[str]:
-        """'path: what is wrong' lines for `obj` (at `at`), none when it passes."""
-        return [f"{at}{path}: {words}" for path, words in self.misses(obj)]
 
 
 def _first(rules: list[Rule], obj: dict) -> None:

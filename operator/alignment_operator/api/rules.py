@@ -6,7 +6,9 @@ CRD (x-kubernetes-validations), and `ok`, the same test in Python on the same ob
 and the operator evaluate (api.checks). Where Python can say more than a static CEL message (the list item,
 the value, the names that would be accepted), `ok` returns those places. The tables read the trainer's
 method table (METHODS, its losses, what each method reads and writes) when they are asked for, so a new row
-reaches the CRD and validation alike.
+reaches the CRD and validation alike. The rules a stage holds in a recipe too (datasets, test split, loss, label
+smoothing, grpo/label sections, rewards' patterns, eval's judge and prompts, training's maxPromptLength) are the
+trainer's contract's (alignment_trainer.rules), where Recipe evaluates them; this table adds what only a run names.
 
 Adding a rule is one entry in the list of the object it is about (stage_rules: a stage, run_rules: the
 spec, ...), then `alignctl crd -o crds/alignmentrun.yaml` (and the chart's copy), and a manifest in
@@ -18,15 +20,16 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from alignment_trainer.recipe import (LABEL_SMOOTHING_LOSSES, LABEL_SMOOTHING_NEEDED, METHODS, label_smoothing_problem,
-                                      loss_type_problem, output_kind, reads_outputs, training_methods)
+from alignment_trainer.recipe import METHODS, loss_type_problem, output_kind, reads_outputs, training_methods
+from alignment_trainer.rules import (REWARD_SECTIONS, data_rules, eval_rules, get as _get, loss_rules, reward_misses,
+                                     reward_pattern_rule, said as _said, section_rule,
+                                     training_rules)  # noqa: F401  (a stage's training: the recipe's rules alone)
 
 from .base import Miss, Rule, api_alias
 
 REGEX_MESSAGE = ("must be a regular expression that both Python's re (the trainer's) and RE2 (the API server's) "
                  "read: no lookaround, backreferences or possessive quantifiers")
 REWARD_STAGE_MESSAGE = "must name an earlier reward stage"
-REWARD_SECTIONS = ("grpo", "label", "eval")
 # eval's datasets that may name a data stage instead of a source.
 EVAL_DATA_FIELDS = ("prompts", "alpacaEval.referenceOutputs", "alpacaEval.prompts", "mtBench.questions")
 HUB_WITH_PROMOTE = ("hub pushes the last stage's model whatever promote decides; with promote, push the promoted "
@@ -46,16 +49,6 @@ MATRIX_METHOD_FIELDS: dict[str, list[str]] = {
     "precompute_ref_log_probs": [m for m, i in METHODS.items() if i.trains and i.reference],
     "max_prompt_length": [m for m, i in METHODS.items() if i.trains and m != "sft"],
 }
-
-
-def _get(obj: Any, dotted: str) -> Any:
-    for key in dotted.split("."):
-        obj = obj.get(key) if isinstance(obj, dict) else None
-    return obj
-
-
-def _said(path: str, words: str | None) -> list[Miss]:
-    return [(path, words)] if words else []
 
 
 def _names(stages: list[dict], keep=lambda t: True) -> list[str]:
@@ -209,63 +202,22 @@ def reward_rules() -> list[Rule]:
                  ".pattern", _pattern_misses)]
 
 
-# ---------------------------------------------------------------------------- training
-
-def training_rules() -> list[Rule]:
-    """self = a stage's training."""
-    return [
-        Rule("!has(self.maxPromptLength) || self.maxPromptLength < self.maxLength",
-             "maxPromptLength must be below maxLength", ".maxPromptLength",
-             lambda t: "maxPromptLength" not in t or t["maxPromptLength"] < t["maxLength"]),
-    ]
-
-
 # ---------------------------------------------------------------------------- a stage
 
 def _reward_rules(section: str) -> list[Rule]:
-    def each(s: dict, test, field: str, words) -> list[Miss]:
-        return [(f".{section}.rewards[{k}].{field}", words(r))
-                for k, r in enumerate(_get(s, f"{section}.rewards") or []) if not test(r)]
+    """A section's rewards: the recipe's pattern rule, and what a run's reward names (a stage, a judge's Secret)."""
+    def each(test, field: str, words: str):
+        return lambda s: reward_misses(s, section, test, field, lambda r: words)
     return [
-        Rule(f"!has(self.{section}) || self.{section}.rewards.all(r, !(r.kind in ['regex', 'format']) || has(r.pattern))",
-             f"{section}.rewards: a regex or format reward needs a pattern", f".{section}.rewards",
-             lambda s: each(s, lambda r: r["kind"] not in ("regex", "format") or r.get("pattern"), "pattern",
-                            lambda r: f"a {r['kind']} reward needs a pattern (a Python regex)")),
+        reward_pattern_rule(section),
         Rule(f"!has(self.{section}) || self.{section}.rewards.all(r, r.kind != 'reward_model' || has(r.rewardModel))",
              f"{section}.rewards: a reward_model reward needs rewardModel (an earlier reward stage)",
-             f".{section}.rewards",
-             lambda s: each(s, lambda r: r["kind"] != "reward_model" or "rewardModel" in r, "rewardModel",
-                            lambda r: "a reward_model reward needs rewardModel (an earlier reward stage)")),
+             f".{section}.rewards", each(lambda r: r["kind"] != "reward_model" or "rewardModel" in r, "rewardModel",
+                                         "a reward_model reward needs rewardModel (an earlier reward stage)")),
         Rule(f"!has(self.{section}) || self.{section}.rewards.all(r, r.kind != 'judge' || has(r.judge))",
              f"{section}.rewards: a judge reward needs judge (baseUrl, model, apiKeySecretRef)", f".{section}.rewards",
-             lambda s: each(s, lambda r: r["kind"] != "judge" or "judge" in r, "judge",
-                            lambda r: "a judge reward needs judge (baseUrl, model, apiKeySecretRef)")),
-    ]
-
-
-def _label_smoothing_rules() -> list[Rule]:
-    """training.labelSmoothing only where the loss reads it (recipe.label_smoothing_problem)."""
-    reads = list(LABEL_SMOOTHING_LOSSES)
-    default_reads = [m for m, info in METHODS.items() if info.default_loss_type in reads]
-    by_default = f"self.method in {default_reads}" if default_reads else "false"
-
-    def problem(s: dict, above_zero: bool) -> list[Miss]:
-        t = s["training"]
-        smoothing = t.get("labelSmoothing", 0.0)
-        if bool(smoothing) != above_zero or loss_type_problem(s["method"], t.get("lossType")):
-            return []  # the other rule's case, or a loss the lossType rule refuses
-        return _said(".training.labelSmoothing",
-                     label_smoothing_problem(s["method"], t.get("lossType"), smoothing, "lossType"))
-    return [
-        Rule("!has(self.training.labelSmoothing) || self.training.labelSmoothing == 0.0 || "
-             f"(has(self.training.lossType) ? self.training.lossType in {reads} : {by_default})",
-             f"training.labelSmoothing above 0 is read only by the lossTypes {', '.join(reads)} (method dpo); with "
-             "this stage's method and lossType it would be ignored: set one of them or leave labelSmoothing 0",
-             ".training.labelSmoothing", lambda s: problem(s, True)),
-        Rule(f"!has(self.training.lossType) || !(self.training.lossType in {list(LABEL_SMOOTHING_NEEDED)}) || "
-             "(has(self.training.labelSmoothing) && self.training.labelSmoothing > 0.0)",
-             f"lossType {' and '.join(LABEL_SMOOTHING_NEEDED)} need training.labelSmoothing, the fraction of flipped "
-             "labels, with 0 < epsilon < 0.5", ".training.labelSmoothing", lambda s: problem(s, False)),
+             each(lambda r: r["kind"] != "judge" or "judge" in r, "judge",
+                  "a judge reward needs judge (baseUrl, model, apiKeySecretRef)")),
     ]
 
 
@@ -320,57 +272,23 @@ def matrix_size_rules(fields: list[str]) -> list[Rule]:
 
 
 def stage_rules() -> list[Rule]:
-    """self = one stage."""
-    with_losses = {m: info.loss_types for m, info in METHODS.items() if info.loss_types}
-    without_data = [m for m, info in METHODS.items() if not (info.trains or info.writes)]
-
-    def graded_need_judge(s: dict) -> bool | list[Miss]:
-        graded = [name for name in ("alpacaEval", "mtBench") if _get(s, f"eval.{name}") is not None]
-        return not graded or "judge" in s["eval"] or [
-            (".eval.judge", f"eval.{' and eval.'.join(graded)} need an LLM judge; set eval.judge")]
+    """self = one stage: the rules a recipe holds too (alignment_trainer.rules) and those of what only a run
+    names (a matrix, resources, rewards that name stages and Secrets), in the CRD's order."""
     return [
-        Rule(" || ".join(f"self.method == '{m}'" for m in without_data) + " || size(self.datasets) > 0",
-             "a training, generate or label stage needs at least one dataset", ".datasets",
-             lambda s: s["method"] in without_data or bool(s["datasets"]) or [
-                 (".datasets", f"method {s['method']!r} needs at least one dataset")]),
-        Rule("!(size(self.testDatasets) > 0 && has(self.testSplitSize))",
-             "give testDatasets or testSplitSize, not both", ".testSplitSize",
-             lambda s: not (s["testDatasets"] and "testSplitSize" in s)),
-        Rule("!has(self.testSplitSize) || self.testSplitSize < 1.0 || "
-             "self.testSplitSize == double(int(self.testSplitSize))",
-             "testSplitSize must be a fraction below 1 or a whole number of rows", ".testSplitSize",
-             lambda s: s.get("testSplitSize", 0) < 1 or s["testSplitSize"] == int(s["testSplitSize"])),
-        Rule("!has(self.training.lossType) || " + " || ".join(
-                f"(self.method == '{m}' && self.training.lossType in {list(t)})" for m, t in with_losses.items()),
-             "lossType is not one of this method's losses: " + "; ".join(
-                 f"{m}: {', '.join(t)}" for m, t in with_losses.items()), ".training.lossType",
-             lambda s: _said(".training.lossType", loss_type_problem(s["method"], s["training"].get("lossType")))),
-        *_label_smoothing_rules(),
+        *data_rules(),
+        *loss_rules(),
         *matrix_rules(),
         Rule("!has(self.lora) || self.lora.quantization == 'none' || self.resources.gpusPerNode > 0",
              "lora.quantization 4bit/8bit needs GPUs (resources.gpusPerNode > 0)", ".lora.quantization",
              lambda s: _get(s, "lora.quantization") in (None, "none") or s["resources"]["gpusPerNode"] > 0 or [
                  (".lora.quantization", f"{s['lora']['quantization']!r} needs GPUs (resources.gpusPerNode > 0); "
                                         "use 'none' on CPU")]),
-        Rule("self.method != 'grpo' || has(self.grpo)", "method grpo needs a grpo section with rewards", ".grpo",
-             lambda s: s["method"] != "grpo" or "grpo" in s),
+        section_rule("grpo"),
         *_reward_rules("grpo"),
-        Rule("self.method != 'label' || has(self.label)", "method label needs a label section with rewards", ".label",
-             lambda s: s["method"] != "label" or "label" in s),
+        section_rule("label"),
         *_reward_rules("label"),
         *_reward_rules("eval"),
-        Rule("!has(self.eval) || size(self.eval.rewards) == 0 || has(self.eval.prompts)",
-             "eval.rewards score the answers to eval.prompts: set eval.prompts", ".eval.prompts",
-             lambda s: not _get(s, "eval.rewards") or "prompts" in s["eval"] or [
-                 (".eval.prompts", "eval.rewards score the answers to a prompt set; set eval.prompts (prompts with "
-                                   "the reference columns the rewards read)")]),
-        Rule("!has(self.eval) || !('judge' in self.eval.metrics) || has(self.eval.judge)",
-             "eval.metrics includes judge but eval.judge is not set", ".eval.judge",
-             lambda s: "judge" not in (_get(s, "eval.metrics") or []) or "judge" in s["eval"] or [
-                 (".eval.judge", "eval.metrics includes judge but no judge is configured")]),
-        Rule("!has(self.eval) || !(has(self.eval.alpacaEval) || has(self.eval.mtBench)) || has(self.eval.judge)",
-             "eval.alpacaEval and eval.mtBench are graded by an LLM judge: set eval.judge", ".eval.judge",
-             graded_need_judge),
+        *eval_rules(),
     ]
 
 
