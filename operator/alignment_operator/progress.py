@@ -214,6 +214,16 @@ def stage_progress(report: Report, previous: StageProgress | None = None) -> Sta
                          **values)
 
 
+def completed(progress: StageProgress | None, steps: float | None = None) -> StageProgress | None:
+    """A succeeded stage's progress: every step done, whatever its last report said (the trainer's final
+    100% may reach no replica before the stage is marked Succeeded: a push then is refused, and a
+    held-back one may be older). `steps`: the optimizer steps its result says it took."""
+    if progress is None:
+        return None
+    step = int(steps) if steps is not None and steps >= 0 else progress.total_steps or progress.step
+    return progress.model_copy(update={"percent": 100, "eta_seconds": 0, "step": step, "work_at_risk_seconds": 0.0})
+
+
 def from_event(event: dict[str, Any], eta_seconds: int | None, sent: datetime,
                previous: StageProgress | None = None) -> StageProgress | None:
     """The same fields from a trainer progress line on stdout (the local shell reads these)."""

@@ -45,8 +45,8 @@ from . import kube, metrics
 from .api import AlignmentRunStatus, RunInvalid, StageProgress, parse_run
 from .bounded import Recent
 from .listener import Limits, Listener, Loop, Pool, RateLimiter, client_of, reply, shared_loop
-from .progress import (API_PATH, MAX_BODY_BYTES, Refused, Throttle, audience, beat_rank, newest_beats, only_a_beat,
-                       parse_path, parse_report, rfc3339_ms, stage_progress, summary)
+from .progress import (API_PATH, MAX_BODY_BYTES, Refused, Throttle, audience, beat_rank, completed, newest_beats,
+                       only_a_beat, parse_path, parse_report, rfc3339_ms, stage_progress, summary)
 from .identity import LABEL_RUN, LABEL_STAGE, child_name
 
 log = logging.getLogger("alignment_operator.progress")
@@ -337,6 +337,8 @@ class Progress:
         progress = progress or stored
         if progress is None:  # nothing reported yet (loading, reference precompute): beats wait for the first report
             return False
+        if phase == "Succeeded":  # a held-back report, flushed after the end: the stage did every step
+            progress = completed(progress, stored.step if stored and stored.percent == 100 else None)
         with self._guard:
             beats = self._beats.get(key) or {}
         progress = progress.model_copy(update={"ranks": newest_beats(stored.ranks if stored else {}, beats) or None})

@@ -47,6 +47,7 @@ from .health import (charge_lost_work, hang_timeout, hang_words, note_checkpoint
 from .api.spec import ModelSpec, StageSpec
 from .graph import inputs
 from . import promotion
+from .progress import completed
 from .progress import summary as progress_summary
 
 # Interrupted: the child was stopped by a signal and is gone (the local shell's Ctrl-C).
@@ -426,6 +427,7 @@ def _fold_child(st: StageStatus, child: ObservedChild, run: AlignmentRun, now: s
         st.completion_time = child.finished or now
         st.checkpoint = (child.result or {}).get("checkpoint", st.checkpoint)
         st.metrics = _metrics(child.result)
+        st.progress = completed(st.progress, st.metrics.get("global_step"))
         st.tracking = {k: str(v) for k, v in ((child.result or {}).get("tracking") or {}).items()
                        if k in ("tensorboard", "wandb", "mlflow")}
         st.message, st.reason = None, None

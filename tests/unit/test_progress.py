@@ -241,6 +241,16 @@ def test_the_last_report_held_back_by_the_throttle_lands_after_the_stage_succeed
     fake.clock += 5
     ep._flush(("ns", DPO), "tiny", "dpo")
     assert [w[3]["percent"] for w in fake.writes] == [96, 100]
+    # A held-back report older than the end (96%, the final 100% refused after it): it lands as done.
+    fake = Fake()
+    ep = endpoint(fake)
+    ep.handle(PATH, TOKEN, body(NOW, percent=90))
+    fake.clock += 1
+    ep.handle(PATH, TOKEN, body(NOW + timedelta(seconds=1), percent=96, eta=30))
+    fake.run["status"]["stages"][1]["phase"] = "Succeeded"
+    fake.clock += 5
+    ep._flush(("ns", DPO), "tiny", "dpo")
+    assert [(w[3]["percent"], w[3].get("etaSeconds")) for w in fake.writes] == [(90, 7800), (100, 0)]
     # ... but a push arriving after the stage ended is still refused.
     with pytest.raises(Refused) as e:
         ep.handle(PATH, TOKEN, body(NOW + timedelta(seconds=9), percent=100))
@@ -284,9 +294,14 @@ def test_reconcile_keeps_a_stages_progress_and_shows_it_in_the_column():
         StageStatus(name="eval")])
     out = reconcile(run, 1, {"dpo": ObservedChild("dpo", DPO, "Running", 1)}, "2026-12-01T11:00:00Z")
     assert out.status.stages[1].progress == p and out.status.progress_summary == "dpo 43% ETA 2h10m"
-    done = reconcile(run, 1, {"dpo": ObservedChild("dpo", DPO, "Succeeded", 1, result={"checkpoint": "/x"})},
+    done = reconcile(run, 1, {"dpo": ObservedChild("dpo", DPO, "Succeeded", 1, result={"checkpoint": "/x",
+                                                                                         "global_step": 100})},
                      "2026-12-01T11:00:00Z")
-    assert done.status.progress_summary == "2/3" and done.status.stages[1].progress == p
+    # Succeeded: every step done, whatever the last report that landed said (found on the real node in
+    # a CI run: sft Succeeded at 90%, its final push refused as it came after the stage's end).
+    assert done.status.progress_summary == "2/3"
+    assert done.status.stages[1].progress == p.model_copy(update={
+        "percent": 100, "step": 100, "eta_seconds": 0, "work_at_risk_seconds": 0.0})
 
 
 def test_the_self_signed_certificate_serves_a_services_long_name(tmp_path):
