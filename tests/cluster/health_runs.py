@@ -21,10 +21,9 @@ import threading
 import time
 from pathlib import Path
 
-import yaml
-
 from controlplane import REPO
 from kubelet import get_run
+from realnode import one_stage_run
 
 TIE_STEPS = 2        # stages[].guards.steps of `ties`: Degraded after this many logging steps
 SLOW_HANG_S = 15     # `slow`'s hangTimeoutSeconds; its reference pass must last longer
@@ -32,15 +31,8 @@ SLOW_COPIES = 25     # examples/data/prefs.jsonl (400 pairs) this many times: a 
 NO_CPU = {"gpusPerNode": 0, "processesPerNode": 1, "memory": "3Gi", "sharedMemory": "256Mi"}
 
 
-def _one_stage(name: str, stage: dict) -> dict:
-    doc = yaml.safe_load((REPO / "examples/tiny-run.yaml").read_text())
-    doc["metadata"]["name"] = name
-    doc["spec"]["stages"] = [stage]
-    return doc
-
-
 def constant_reward_run(name: str = "ties") -> dict:
-    return _one_stage(name, {
+    return one_stage_run(name, {
         "name": "grpo", "method": "grpo", "datasets": [{"source": "examples/data/prompts.jsonl"}],
         "grpo": {"rewards": [{"kind": "format", "pattern": "^"}],  # every completion matches: 1.0, always
                  "numGenerations": 4, "maxCompletionLength": 8, "temperature": 1.0},
@@ -57,7 +49,7 @@ def slow_precompute_run(volume: Path, name: str = "slow") -> dict:
     many = volume / "examples/data/many_prefs.jsonl"
     many.write_text("\n".join(rows * SLOW_COPIES) + "\n")
     os.chown(many, 1000, 1000)
-    return _one_stage(name, {
+    return one_stage_run(name, {
         "name": "dpo", "method": "dpo", "datasets": [{"source": "examples/data/many_prefs.jsonl"}],
         "hangTimeoutSeconds": SLOW_HANG_S,
         "training": {"precomputeRefLogProbs": True, "maxSteps": 6, "beta": 0.1, "learningRate": 5.0e-4,

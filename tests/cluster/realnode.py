@@ -23,6 +23,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
+from alignment_operator.identity import LABEL_RUN
 from controlplane import REPO, ControlPlane, StartupError, binaries_dir, free_port, missing_binaries, wait_for
 import kubelet
 from kubelet import get_run
@@ -143,11 +144,53 @@ def running_pod(real, ns: str, job: str, timeout: float = 300) -> str:
     return wait_for(f"a running pod of {job}", fn=find, timeout=timeout, interval=0.5)
 
 
+def complete_checkpoints(out: Path) -> list[int]:
+    """The steps of the stage output `out`'s complete checkpoints (trainer_state.json is written
+    last), newest first."""
+    return sorted((int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")
+                   if (p / "trainer_state.json").is_file()), reverse=True)
+
+
+def wait_checkpoint(real, ns: str, run: str, out: Path, step: int | None = None, timeout: float = 600) -> list[int]:
+    """Waits for a complete checkpoint in `out` (checkpoint-`step`, or any); returns the complete
+    ones, newest first. A run that ends first fails the wait at once, with its status, its pods and
+    the tail of their logs (a wait for a checkpoint that cannot come would hide that for `timeout`)."""
+    api, checked = real.plane.api_client(), [0.0]
+
+    def ready():
+        have = complete_checkpoints(out)
+        if have and (step is None or step in have):
+            return have
+        if time.monotonic() - checked[0] > 2:
+            checked[0] = time.monotonic()
+            status = get_run(api, ns, run).get("status") or {}
+            if status.get("phase") in ("Failed", "Succeeded"):
+                kubectl = lambda *a: real.plane.kubectl(*a, "-n", ns, check=False).stdout
+                raise AssertionError(
+                    f"run {run} ended {status['phase']} before {what}; status: {json.dumps(status, indent=1)}\n"
+                    f"pods:\n{kubectl('get', 'pods', '-o', 'wide')}\nlogs:\n"
+                    f"{kubectl('logs', '-l', f'{LABEL_RUN}={run}', '--prefix', '--tail=40', '--all-containers')}")
+        return None
+
+    what = f"checkpoint-{step}" if step is not None else "its first complete checkpoint"
+    return wait_for(f"{run}'s {what} in {out}", timeout=timeout, interval=0.2, fn=ready)
+
+
+def one_stage_run(name: str, stage: str | dict) -> dict:
+    """examples/tiny-run.yaml named `name` with one stage: its stage called `stage` (its sft, dpo or
+    eval, as the example has it: data paths relative to /workspace, the tiny model as the model), or
+    the stage given."""
+    doc = yaml.safe_load((REPO / "examples/tiny-run.yaml").read_text())
+    doc["metadata"]["name"] = name
+    doc["spec"]["stages"] = [stage if isinstance(stage, dict) else
+                             next(s for s in doc["spec"]["stages"] if s["name"] == stage)]
+    return doc
+
+
 def two_rank_run(name: str, epochs: int, save_steps: int | None = None) -> dict:
     """examples/tiny-run.yaml's SFT alone, as two pods (a core each of this 2-core node) of ZeRO-3
     over gloo: `nodes: 2, gpusPerNode: 0`."""
-    doc = yaml.safe_load((REPO / "examples/tiny-run.yaml").read_text())
-    doc["metadata"]["name"] = name
+    doc = one_stage_run(name, "sft")
     sft = doc["spec"]["stages"][0]
     sft["training"]["epochs"] = epochs
     if save_steps:
@@ -155,7 +198,6 @@ def two_rank_run(name: str, epochs: int, save_steps: int | None = None) -> dict:
     sft["resources"] = {"nodes": 2, "gpusPerNode": 0, "processesPerNode": 1, "cpu": 1, "memory": "3Gi",
                         "sharedMemory": "256Mi"}
     sft["distributed"] = "deepspeed-zero3"
-    doc["spec"]["stages"] = [sft]
     return doc
 
 

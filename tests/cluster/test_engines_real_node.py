@@ -22,7 +22,8 @@ import yaml
 import engines
 from controlplane import REPO, wait_for
 from kubelet import child, get_run, stage_output
-from realnode import assert_resumed, prepare_volume, start_operator, two_rank_run, wait_phase
+from realnode import (assert_resumed, complete_checkpoints, prepare_volume, start_operator, two_rank_run,
+                      wait_checkpoint, wait_phase)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.node, pytest.mark.timeout(1800)]
 
@@ -48,9 +49,8 @@ def kill_a_rank_after_a_checkpoint(real, ns: str, tmp_path, run: str, owner: str
         # 26 steps, a checkpoint every 5: the kill comes right after checkpoint-5, 20 steps before the end
         plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(two_rank_run(run, epochs=2, save_steps=5)))
         out = stage_output(plane, volume, ns, run, "sft")
-        complete = lambda: sorted((int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")
-                                   if (p / "trainer_state.json").is_file()), reverse=True)
-        wait_for("the stage's first complete checkpoint", timeout=600, interval=0.2, fn=complete)
+        complete = lambda: complete_checkpoints(out)
+        wait_checkpoint(real, ns, run, out)
         wait_for(f"two running ranks of {owner}", timeout=60, fn=lambda: len(
             [p for p in pods(plane, ns, owner) if p["status"].get("phase") == "Running"]) == 2)
         first = child_uid()

@@ -28,12 +28,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from controlplane import REPO, free_port, wait_for
+from controlplane import free_port, wait_for
 from kubelet import get_run, stage_output
 from node import host_ip, image_ref
 from operator_process import Operator
 from health_runs import FirstDegraded, check_slow, check_ties, constant_reward_run, slow_precompute_run, volume_like
-from realnode import assert_resumed, prepare_volume, two_rank_run, wait_phase
+from realnode import assert_resumed, one_stage_run, prepare_volume, two_rank_run, wait_checkpoint, wait_phase
 
 pytestmark = [pytest.mark.cluster, pytest.mark.node, pytest.mark.timeout(1200)]
 HANG_S = 30
@@ -61,9 +61,7 @@ def test_a_wrong_world_fails_at_once_and_a_frozen_rank_restarts_both_from_the_ch
         "ALIGNMENT_PROGRESS_URL": f"https://{ip}:{port}", "ALIGNMENT_PROGRESS_HOSTNAMES": ip}).start()
     try:
         # the world: one pod, told 2
-        wrong = yaml.safe_load((REPO / "examples/tiny-run.yaml").read_text())
-        wrong["metadata"]["name"] = "world"
-        wrong["spec"]["stages"] = wrong["spec"]["stages"][:1]
+        wrong = one_stage_run("world", "sft")
         wrong["spec"]["trainer"] = {"env": [{"name": "ALIGNMENT_WORLD_SIZE", "value": "2"}]}
         volume_w = prepare_volume(real, ns, "world")
         # the hang: two pods, ZeRO-3, a checkpoint every 5 steps
@@ -88,8 +86,7 @@ def test_a_wrong_world_fails_at_once_and_a_frozen_rank_restarts_both_from_the_ch
         assert not list(out_w.glob("checkpoint-*")) and not (out_w / "metrics.jsonl").exists(), "no step trained"
 
         out = stage_output(plane, volume, ns, "hang", "sft")
-        wait_for("hang's checkpoint-5", timeout=600, interval=0.2,
-                 fn=lambda: (out / "checkpoint-5" / "trainer_state.json").is_file())
+        wait_checkpoint(real, ns, "hang", out, step=5)
         pid = wait_for("rank 1's trainer process on the node", timeout=30, interval=0.5,
                        fn=lambda: frozen_rank("hang-", "1"))
         api = plane.api_client()

@@ -21,23 +21,22 @@ import time
 import pytest
 import yaml
 
-from controlplane import REPO, wait_for
+from controlplane import wait_for
 from kubelet import child, get_run, jobs, stage_output
 from node import image_ref
-from realnode import events, prepare_volume, running_pod, start_operator, wait_phase
+from realnode import (complete_checkpoints, events, one_stage_run, prepare_volume, running_pod, start_operator,
+                      wait_checkpoint, wait_phase)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.node, pytest.mark.timeout(1200)]
 
 
 def sft_only(name: str, epochs: int = 1, stage: str = "sft", cpu: int = 2, **training) -> dict:
     """examples/tiny-run.yaml's SFT alone, one epoch (a few seconds of training on the tiny model)."""
-    doc = yaml.safe_load((REPO / "examples/tiny-run.yaml").read_text())
-    doc["metadata"]["name"] = name
+    doc = one_stage_run(name, "sft")
     sft = doc["spec"]["stages"][0]
     sft["name"] = stage
     sft["training"].update(epochs=epochs, **training)
     sft["resources"]["cpu"] = cpu
-    doc["spec"]["stages"] = [sft]
     return doc
 
 
@@ -220,9 +219,8 @@ def test_a_job_deleted_while_no_operator_watched_is_recreated_and_resumes(real, 
         apply(plane, ns, doc)
         running_pod(real, ns, job)
         out = stage_output(plane, volume, ns, "gone", "sft")
-        complete = lambda: sorted((int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")
-                                   if (p / "trainer_state.json").is_file()), reverse=True)
-        wait_for("the SFT pod's first complete checkpoint", timeout=600, interval=0.2, fn=complete)
+        complete = lambda: complete_checkpoints(out)
+        wait_checkpoint(real, ns, "gone", out)
         first = jobs(api, ns)[job]
         operator.proc.kill()  # no watch, no goodbye: the deletion below reaches no event handler
         operator.proc.wait()
