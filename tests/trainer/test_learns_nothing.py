@@ -17,9 +17,10 @@ SATURATING = {"max_steps": 6, "learning_rate": 1e4, "per_device_train_batch_size
               "logging_steps": 1, "save_steps": 1000, "warmup_ratio": 0.0}
 
 
-def test_a_model_saturated_into_zero_gradients_is_degraded_and_fails_when_fatal(tmp_path, tiny_model, data_dir, kit):
+def test_a_model_saturated_into_zero_gradients_is_degraded_and_fails_when_fatal(tmp_path, tiny_model, data_dir, kit,
+                                                                                 monkeypatch):
     from alignment_trainer.__main__ import classify
-    from alignment_trainer.live import NotLearningError
+    from alignment_trainer.live import Heartbeat, NotLearningError
 
     data = [str(data_dir / "sft.jsonl")]
     warn = kit.write_recipe(tmp_path / "warn", "sft", tiny_model, data, training=SATURATING, guards={"steps": 3},
@@ -37,8 +38,20 @@ def test_a_model_saturated_into_zero_gradients_is_degraded_and_fails_when_fatal(
 
     fatal = kit.write_recipe(tmp_path / "fatal", "sft", tiny_model, data, training=SATURATING,
                              guards={"steps": 3, "fatal": True}, tracking={"report_to": []})
+    beats = []  # the fatal stage's heartbeat thread, as on_train_begin started it
+    begin = Heartbeat.on_train_begin
+
+    def recorded(self, *args, **kwargs):
+        control = begin(self, *args, **kwargs)
+        beats.append(self._thread)
+        return control
+
+    monkeypatch.setattr(Heartbeat, "on_train_begin", recorded)
     with pytest.raises(NotLearningError) as info:
         kit.run_in_process(fatal)
+    # The stage raised before on_train_end: its heartbeat stopped anyway (a beating thread left behind
+    # printed heartbeat lines into whatever ran next in the process; a CI run's `alignctl validate` output).
+    assert beats and beats[0] is not None and not beats[0].is_alive(), beats
     failure = classify(info.value)
     assert (failure["reason"], failure["exit_code"]) == ("NotLearning", 2), failure
     assert f"training learns nothing at step {flat[0] + 2}: gradient norm 0 (at most 0) for 3 logging steps: " \

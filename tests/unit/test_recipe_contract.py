@@ -127,6 +127,10 @@ SAME_RULE = [
      {"method": "eval", "eval": {"mt_bench": {"questions": {"path": "q.jsonl"}}}},
      "spec.stages[2].eval.judge: eval.mtBench need an LLM judge; set eval.judge",
      "eval.judge: eval.mt_bench need an LLM judge; set eval.judge"),
+    # Held by the recipe when it is read: stages/eval.check no longer repeats it.
+    (2, {"eval": {"metrics": ["judge"]}}, {"method": "eval", "eval": {"metrics": ["judge"]}},
+     "spec.stages[2].eval.judge: eval.metrics includes judge but no judge is configured",
+     "eval.judge: eval.metrics includes judge but no judge is configured"),
 ]
 
 

@@ -198,7 +198,13 @@ class Heartbeat(TrainerCallback):
         self.between = True
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.stop()
+
+    def stop(self) -> None:
+        """No more beats (training.train calls it too: a stage that raises never reaches on_train_end)."""
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
 
     def _beat(self) -> None:
         from .results import emit
@@ -275,8 +281,13 @@ class ProgressPush(TrainerCallback):
         if self.started is not None and not self._closing:
             self._queue(state)
 
-    def on_train_end(self, args, state, control, **kwargs):
+    def stop_beats(self) -> None:
+        """This rank's alive beats end (training.train calls it too: a stage that raises never reaches
+        on_train_end)."""
         self._stop_beats.set()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.stop_beats()
         if not state.is_world_process_zero or self.started is None:
             return
         self._queue(state, force=True, done=True)

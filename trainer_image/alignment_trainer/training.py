@@ -283,7 +283,8 @@ def train(trainer, recipe: Recipe):
         trainer.remove_callback(KubeflowCallback)
         push = ProgressPush(clock=clock)
         trainer.add_callback(push)
-    trainer.add_callback(Heartbeat(push))
+    heartbeat = Heartbeat(push)
+    trainer.add_callback(heartbeat)
     keep_fp32_masters(trainer.model)  # QLoRA: TRL cast the adapters to bf16 (model.keep_fp32_masters)
     # TRL writes <output_dir>/README.md at each checkpoint from the loaded model's config ("a fine-tuned
     # version of [None]" for a local directory): the stage's own card (card.stage_card) instead.
@@ -293,7 +294,12 @@ def train(trainer, recipe: Recipe):
     if trainer.is_world_process_zero():
         emit("start", method=recipe.method, stage=recipe.stage_name, resume_from=resume,
              world_size=trainer.args.world_size, device=str(trainer.args.device))
-    return trainer.train(resume_from_checkpoint=resume)
+    try:
+        return trainer.train(resume_from_checkpoint=resume)
+    finally:  # a stage that raises (diverged, not learning, bad data) skips on_train_end: no beat outlives it
+        heartbeat.stop()
+        if push is not None:
+            push.stop_beats()
 
 
 def _stage_card(trainer, recipe: Recipe) -> None:

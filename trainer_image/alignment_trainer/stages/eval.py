@@ -123,17 +123,11 @@ def run(recipe: Recipe) -> dict:
 
 
 def check(ev: EvalArgs | None) -> None:
-    """What the eval section needs before anything is read."""
+    """What the eval section needs before anything is read. What its measurements need (a judge for judge,
+    alpacaEval and mtBench; prompts for rewards) the recipe refused when it was read (alignment_trainer.rules,
+    the same rules the AlignmentRun's admission holds)."""
     if ev is None:
         raise ValueError("eval: the eval method needs an eval section (metrics, reference_model, ...)")
-    if "judge" in ev.metrics and ev.judge is None:
-        raise ValueError("eval.judge: metrics include judge but no judge endpoint is configured")
-    for section in ("alpaca_eval", "mt_bench"):
-        if getattr(ev, section) is not None and ev.judge is None:
-            raise ValueError(f"eval.judge: eval.{section} is graded by an LLM judge but eval.judge is not set")
-    if ev.rewards and ev.prompts is None:
-        raise ValueError("eval.prompts: eval.rewards score the answers to a prompt set; give eval.prompts (prompts "
-                         "with the reference columns the rewards read, e.g. held-out prompts with an answer)")
 
 
 def _versions() -> dict[str, str]:
