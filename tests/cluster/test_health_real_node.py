@@ -52,6 +52,39 @@ def frozen_rank(run_dir_marker: str, rank: str) -> int | None:
     return None
 
 
+def process_state(pid: int) -> str:
+    """The State line of /proc/PID/status ("T (stopped)"), or why there is none."""
+    try:
+        return next((line.split(":", 1)[1].strip() for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                     if line.startswith("State:")), "no State line")
+    except OSError as e:
+        return f"gone ({e.strerror})"
+
+
+def wait_restart(plane, api, ns: str, pid: int, operator_log: Path, timeout: float) -> dict:
+    """The hang run's stage once it counts a restart. Its run ending first fails at once; either failure
+    says what the operator saw (the stage's status and progress, the pods, the frozen process, its log)."""
+    def restarted():
+        status = get_run(api, ns, "hang")["status"]
+        if status.get("phase") in ("Succeeded", "Failed"):
+            raise AssertionError(f"run hang ended {status['phase']} with no Hang restart{said(status)}")
+        stage = status["stages"][0]
+        return stage if stage.get("restarts") else None
+
+    def said(status: dict) -> str:
+        pods = plane.kubectl("get", "pods", "-n", ns, "-o", "wide", check=False).stdout
+        log = operator_log.read_text(errors="replace")[-4000:] if operator_log.exists() else "(no log)"
+        return (f"; stage: {json.dumps(status.get('stages'), indent=1)}\nfrozen pid {pid}: {process_state(pid)}\n"
+                f"pods:\n{pods}\noperator log (tail):\n{log}")
+
+    try:
+        return wait_for("the Hang restart", timeout=timeout, interval=1, fn=restarted)
+    except AssertionError as e:
+        if "timed out" not in str(e):
+            raise
+        raise AssertionError(f"{e}{said(get_run(api, ns, 'hang')['status'])}") from None
+
+
 def test_a_wrong_world_fails_at_once_and_a_frozen_rank_restarts_both_from_the_checkpoint(real, restricted_ns, tmp_path):
     plane, ns = real.plane, restricted_ns
     t0 = time.monotonic()
@@ -92,13 +125,17 @@ def test_a_wrong_world_fails_at_once_and_a_frozen_rank_restarts_both_from_the_ch
         api = plane.api_client()
         frozen_after = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")
                            if (p / "trainer_state.json").is_file())
+        at = get_run(api, ns, "hang")["status"]["stages"][0].get("progress") or {}
         os.kill(pid, signal.SIGSTOP)
         frozen = time.monotonic()
+        # frozen mid-stage (a rank stopped in its last step's wake is no hang: health.finishing), and frozen indeed
+        assert not at.get("totalSteps") or (at.get("step") or 0) < at["totalSteps"], at
+        assert wait_for(f"pid {pid} stopped", timeout=10, fn=lambda: process_state(pid).startswith("T")), \
+            process_state(pid)
         plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump_all([ties, slow]))
         watch = FirstDegraded(plane, ns, "ties")
         watch.start()
-        restarted = wait_for("the Hang restart", timeout=HANG_S + 120, interval=1, fn=lambda: (
-            lambda s: s if s.get("restarts") else None)(get_run(api, ns, "hang")["status"]["stages"][0]))
+        restarted = wait_restart(plane, api, ns, pid, op.log, timeout=HANG_S + 120)
         detected_s = time.monotonic() - frozen
         done = wait_phase(real, ns, "hang", {"Succeeded", "Failed"}, timeout=600)
         hang_done_s = time.monotonic() - t0
