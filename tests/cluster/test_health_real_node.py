@@ -61,7 +61,7 @@ def process_state(pid: int) -> str:
         return f"gone ({e.strerror})"
 
 
-def wait_restart(plane, api, ns: str, pid: int, operator_log: Path, timeout: float) -> dict:
+def wait_restart(plane, api, ns: str, pid: int, op: Operator, timeout: float) -> dict:
     """The hang run's stage once it counts a restart. Its run ending first fails at once; either failure
     says what the operator saw (the stage's status and progress, the pods, the frozen process, its log)."""
     def restarted():
@@ -73,9 +73,10 @@ def wait_restart(plane, api, ns: str, pid: int, operator_log: Path, timeout: flo
 
     def said(status: dict) -> str:
         pods = plane.kubectl("get", "pods", "-n", ns, "-o", "wide", check=False).stdout
-        log = operator_log.read_text(errors="replace")[-4000:] if operator_log.exists() else "(no log)"
+        log = op.log.read_text(errors="replace")[-4000:] if op.log.exists() else "(no log)"
+        alive = "running" if op.proc.poll() is None else f"exited with {op.proc.returncode}"
         return (f"; stage: {json.dumps(status.get('stages'), indent=1)}\nfrozen pid {pid}: {process_state(pid)}\n"
-                f"pods:\n{pods}\noperator log (tail):\n{log}")
+                f"pods:\n{pods}\noperator ({alive}) log (tail):\n{log}")
 
     try:
         return wait_for("the Hang restart", timeout=timeout, interval=1, fn=restarted)
@@ -135,7 +136,7 @@ def test_a_wrong_world_fails_at_once_and_a_frozen_rank_restarts_both_from_the_ch
         plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump_all([ties, slow]))
         watch = FirstDegraded(plane, ns, "ties")
         watch.start()
-        restarted = wait_restart(plane, api, ns, pid, op.log, timeout=HANG_S + 120)
+        restarted = wait_restart(plane, api, ns, pid, op, timeout=HANG_S + 120)
         detected_s = time.monotonic() - frozen
         done = wait_phase(real, ns, "hang", {"Succeeded", "Failed"}, timeout=600)
         hang_done_s = time.monotonic() - t0

@@ -374,43 +374,13 @@ def test_bad_dataset_fails_the_stage_with_the_trainers_message(real, restricted_
     print(f"  the run was Failed {lag:.0f}s after the container exited")
 
 
-def test_two_node_cpu_stage_rendezvous_through_dns(real, restricted_ns, tmp_path):
-    """Scenario 4: `nodes: 2, gpusPerNode: 0, deepspeed-zero3` runs as an Indexed Job with a
-    headless Service; rank 1 finds rank 0 by its DNS name, both train (gloo), final/ loads."""
-    ns, plane, started = restricted_ns, real.plane, time.monotonic()
-    volume = prepare_volume(real, ns, "two")
-    doc = two_rank_run("two", epochs=1)
-    operator = start_operator(real, ns, tmp_path)
-    try:
-        plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(doc))
-        run = wait_phase(real, ns, "two", {"Succeeded", "Failed"}, timeout=900)
-    finally:
-        operator.stop()
-    assert run["status"]["phase"] == "Succeeded", json.dumps(run["status"], indent=1)
-    service = json.loads(plane.kubectl("get", "service", "-n", ns, child("two", "sft", "-rdzv"), "-o", "json").stdout)
-    assert service["spec"]["clusterIP"] == "None"
-    pods = json.loads(plane.kubectl("get", "pods", "-n", ns, "-l", f"batch.kubernetes.io/job-name={child('two', 'sft')}",
-                                    "-o", "json").stdout)["items"]
-    assert sorted(p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] for p in pods) == ["0", "1"]
-    for p in pods:
-        log = plane.kubectl("logs", "-n", ns, p["metadata"]["name"]).stdout
-        assert f"{child('two', 'sft')}-0.{child('two', 'sft', '-rdzv')}" in p["spec"]["containers"][0]["command"]
-        if p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == "0":
-            start = next(e for e in events(log) if e["event"] == "start")  # the main process logs events
-            assert start["world_size"] == 2, start
-    final = stage_output(plane, volume, ns, "two", "sft") / "final"
-    loaded = subprocess.run([sys.executable, "-c", (
-        "import sys, transformers; m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1]); "
-        "print(sum(p.numel() for p in m.parameters()))"), str(final)], capture_output=True, text=True)
-    assert loaded.returncode == 0 and int(loaded.stdout.split()[-1]) > 0, loaded.stderr[-2000:]
-    print(f"\nscenario 4 (two-pod ZeRO-3 stage over gloo, rendezvous by DNS): {time.monotonic() - started:.0f}s")
-
-
 def test_a_killed_rank_restarts_both_ranks_from_the_checkpoint(real, restricted_ns, tmp_path):
-    """Issue 13, the Indexed-Job backend (no JobSet or training operator installed): rank 1's pod of
-    a two-pod ZeRO-3 stage is deleted after a checkpoint. The Job fails at once (backoffLimit 0: no
-    rank waits in a collective for a peer that is gone), the operator counts one restart and makes
-    a new Job whose two ranks both resume from that checkpoint, and the stage finishes."""
+    """Scenario 4 and issue 13, the Indexed-Job backend (no JobSet or training operator installed):
+    `nodes: 2, gpusPerNode: 0, deepspeed-zero3` runs as an Indexed Job with a headless Service; rank 1
+    finds rank 0 by its DNS name and both train (gloo). Rank 1's pod is deleted after a checkpoint. The
+    Job fails at once (backoffLimit 0: no rank waits in a collective for a peer that is gone), the
+    operator counts one restart and makes a new Job whose two ranks both meet again through the same
+    Service and resume from that checkpoint, and the stage finishes; its final/ loads."""
     ns, plane, started = restricted_ns, real.plane, time.monotonic()
     volume = prepare_volume(real, ns, "kill")
     doc = two_rank_run("kill", epochs=3, save_steps=5)
@@ -435,13 +405,24 @@ def test_a_killed_rank_restarts_both_ranks_from_the_checkpoint(real, restricted_
                 if p["metadata"]["ownerReferences"][0]["uid"] == second_uid]
         logs = {p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]:
                 plane.kubectl("logs", "-n", ns, p["metadata"]["name"]).stdout for p in pods}
+        service = json.loads(plane.kubectl("get", "service", "-n", ns, child("kill", "sft", "-rdzv"), "-o", "json").stdout)
     finally:
         operator.stop()
     assert run["status"]["phase"] == "Succeeded", json.dumps(run["status"], indent=1)
     stage = run["status"]["stages"][0]
     assert stage["restarts"] == 1, stage  # the kill counted once against backoffLimit 2
     assert sorted(logs) == ["0", "1"], sorted(logs)  # the new Job ran both ranks again
-    resumed = assert_resumed(logs["0"], killed_after, stage)
+    # the ranks met by rank 0's DNS name under the headless Service
+    assert service["spec"]["clusterIP"] == "None", service["spec"]
+    for p in pods:
+        assert f"{child('kill', 'sft')}-0.{child('kill', 'sft', '-rdzv')}" in p["spec"]["containers"][0]["command"], \
+            p["spec"]["containers"][0]["command"]
+    resumed = assert_resumed(logs["0"], killed_after, stage)  # a world of 2 (rank 0's start event)
+    final = stage_output(plane, volume, ns, "kill", "sft") / "final"
+    loaded = subprocess.run([sys.executable, "-c", (
+        "import sys, transformers; m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1]); "
+        "print(sum(p.numel() for p in m.parameters()))"), str(final)], capture_output=True, text=True)
+    assert loaded.returncode == 0 and int(loaded.stdout.split()[-1]) > 0, loaded.stderr[-2000:]
     print(f"\nissue 13 (rank 1 of a two-pod ZeRO-3 stage killed after checkpoint-{killed_after}: one counted "
           f"restart, both ranks resumed from checkpoint-{resumed}): {time.monotonic() - started:.0f}s")
 

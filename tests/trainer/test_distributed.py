@@ -95,8 +95,8 @@ def loads_complete(final: Path, reference: str) -> None:
 def test_zero3_two_cpu_processes_dpo(tmp_path, tiny_model, data_dir, kit):
     """ZeRO-3 DPO with a live reference (itself a ZeRO-3 engine). SFT under ZeRO-3 on two ranks goes the
     same launch and save path (training.train, finish_stage); it runs in the real-node tests
-    (tests/cluster/test_real_node.py::test_two_node_cpu_stage_rendezvous_through_dns and the killed-rank
-    tests: world size 2, final/ loads whole)."""
+    (tests/cluster/test_real_node.py::test_a_killed_rank_restarts_both_ranks_from_the_checkpoint and the
+    other killed-rank tests: world size 2, final/ loads whole)."""
     extensions = tmp_path / "torch_extensions"
     out = _two_processes(tmp_path, kit, "deepspeed-zero3", "dpo", tiny_model, [str(data_dir / "prefs.jsonl")],
                          env={"TORCH_EXTENSIONS_DIR": str(extensions)}, beta=0.1)
