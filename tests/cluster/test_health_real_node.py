@@ -99,7 +99,10 @@ def test_a_wrong_world_fails_at_once_and_a_frozen_rank_restarts_both_from_the_ch
         wrong["spec"]["trainer"] = {"env": [{"name": "ALIGNMENT_WORLD_SIZE", "value": "2"}]}
         volume_w = prepare_volume(real, ns, "world")
         # the hang: two pods, ZeRO-3, a checkpoint every 5 steps
-        hung = two_rank_run("hang", epochs=2, save_steps=5)
+        # 52 steps: frozen soon after checkpoint-5, far from the end even when this process lags the pods (a
+        # rank frozen after the last step is no hang: health.finishing; with 26 steps a CI run under load
+        # may have frozen it there, and never saw a restart)
+        hung = two_rank_run("hang", epochs=4, save_steps=5)
         hung["spec"]["stages"][0]["hangTimeoutSeconds"] = HANG_S
         volume = prepare_volume(real, ns, "hang")
         # applied once rank 1 is frozen (the node idles through the hang timeout): a constant reward, a slow phase
