@@ -13,6 +13,8 @@ NaN gradient at step 2 instead, and the divergence guard stopped the stage first
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 pytestmark = pytest.mark.trainer
@@ -35,14 +37,12 @@ def dead_model(tiny_model: str, where) -> str:
     return str(where)
 
 
-def test_a_model_saturated_into_zero_gradients_is_degraded_and_fails_when_fatal(tmp_path, tiny_model, data_dir, kit,
-                                                                                 monkeypatch):
+def test_a_model_with_zero_gradients_is_degraded_and_fails_when_fatal(tmp_path, tiny_model, data_dir, kit,
+                                                                         monkeypatch):
+    from transformers import AutoTokenizer
+
     from alignment_trainer.__main__ import classify
     from alignment_trainer.live import Heartbeat, NotLearningError
-
-    import math
-
-    from transformers import AutoTokenizer
 
     data, model = [str(data_dir / "sft.jsonl")], dead_model(tiny_model, tmp_path / "dead")
     warn = kit.write_recipe(tmp_path / "warn", "sft", model, data, training=DEAD, guards={"steps": 3},
