@@ -66,8 +66,30 @@ def cluster(tmp_path_factory):
     if failure:
         pytest.fail(failure, pytrace=False)
     print(f"\ncontrol plane ready at {plane.server} in {time.monotonic() - started:.1f}s (logs: {workdir})")
+    _planes.append(plane)
     yield plane
     plane.stop()
+
+
+# The `cluster` control plane stops once the last test that uses it is done, not at the session's end:
+# idle, its etcd, kube-apiserver and kube-controller-manager still take CPU (leader election, the
+# controllers' resyncs), and on 2 cores the e2e, trainer and unit tests that follow it in the same
+# process, or the node's tests beside it, ran that much slower for nothing.
+_planes: list[ControlPlane] = []
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own teardown of this test's fixtures (the operator, the namespace)
+def pytest_runtest_teardown(item, nextitem):
+    if _planes and item is _last_user(item.session):
+        _planes.pop().stop()  # stop() is idempotent: the fixture's own finalizer calls it again
+
+
+def _last_user(session):
+    """The session's last test whose fixtures include `cluster` (directly or through another)."""
+    if not hasattr(session, "_cluster_last_user"):
+        users = [item for item in session.items if "cluster" in item.fixturenames]
+        session._cluster_last_user = users[-1] if users else None
+    return session._cluster_last_user
 
 
 @pytest.fixture(scope="session")

@@ -101,12 +101,21 @@ def prepare_volume(real, ns: str, run: str) -> Path:
     """The run's volume with the tiny model and examples/data at the paths tiny-run.yaml names
     (relative to the trainer's working directory, /workspace)."""
     volume = real.node.workspace(ns, run)
-    subprocess.run([sys.executable, "-m", "alignment_operator.cli", "tiny-model", str(volume / "runs/tiny-model")],
-                   check=True, capture_output=True)
+    shutil.copytree(tiny_model(real), volume / "runs/tiny-model")
     shutil.copytree(REPO / "examples/data", volume / "examples/data")
     for path in [volume, *volume.rglob("*")]:
         os.chown(path, 1000, 1000)
     return volume
+
+
+def tiny_model(real) -> Path:
+    """The tiny model as `alignctl tiny-model` builds it, built once per session (a process that imports
+    transformers and trains a tokenizer: 10-20 s of CPU, which each node test paid before) and copied."""
+    built = real.workdir / "tiny-model"
+    if not (built / "config.json").is_file():
+        subprocess.run([sys.executable, "-m", "alignment_operator.cli", "tiny-model", str(built)],
+                       check=True, capture_output=True)
+    return built
 
 
 def start_operator(real, ns: str, tmp_path: Path, progress: bool = False) -> Operator:
@@ -134,12 +143,16 @@ def wait_phase(real, ns: str, run: str, phases: set[str], timeout: float) -> dic
 
 
 def running_pod(real, ns: str, job: str, timeout: float = 300) -> str:
-    """The name of job's pod once its trainer container runs."""
+    """The name of job's pod once its trainer container runs (polled through the API client: a kubectl
+    process every half second cost more CPU than the wait, beside pods that train on the same 2 cores)."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(real.plane.api_client())
+
     def find():
-        out = real.plane.kubectl("get", "pods", "-n", ns, "-l", f"batch.kubernetes.io/job-name={job}", "-o", "json").stdout
-        for pod in json.loads(out)["items"]:
-            if pod["status"].get("phase") == "Running" and not pod["metadata"].get("deletionTimestamp"):
-                return pod["metadata"]["name"]
+        for pod in core.list_namespaced_pod(ns, label_selector=f"batch.kubernetes.io/job-name={job}").items:
+            if pod.status.phase == "Running" and not pod.metadata.deletion_timestamp:
+                return pod.metadata.name
         return None
     return wait_for(f"a running pod of {job}", fn=find, timeout=timeout, interval=0.5)
 
