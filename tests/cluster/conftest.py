@@ -22,15 +22,17 @@ import pytest
 import engines
 from controlplane import BUILD_COMMAND, REPO, ControlPlane, StartupError, binaries_dir, missing_binaries, wait_for
 from operator_process import Operator
-from realnode import real, restricted_ns  # noqa: F401 - the one real node every `node` test shares
+from realnode import STOP_AFTER_LAST_USER, real, restricted_ns  # noqa: F401 - the one real node every `node` test shares
 
 CRD_FILE = REPO / "crds/alignmentrun.yaml"
 
 
 def pytest_collection_modifyitems(items):
-    """The engines' tests last: they install JobSet, the training operator and Kueue (webhooks on
-    every Job) on the shared real node, and the other node tests must not run beside them."""
-    items.sort(key=lambda item: item.path.name == "test_engines_real_node.py")  # stable: order kept
+    """The engines' tests after the other node tests: they install JobSet, the training operator and
+    Kueue (webhooks on every Job) on the shared real node, and the other node tests must not run
+    beside them. The tests marked beside_node last, once the node has stopped."""
+    items.sort(key=lambda item: (item.get_closest_marker("beside_node") is not None,
+                                 item.path.name == "test_engines_real_node.py"))  # stable: order kept
 
 
 def pytest_configure(config):
@@ -66,30 +68,29 @@ def cluster(tmp_path_factory):
     if failure:
         pytest.fail(failure, pytrace=False)
     print(f"\ncontrol plane ready at {plane.server} in {time.monotonic() - started:.1f}s (logs: {workdir})")
-    _planes.append(plane)
+    STOP_AFTER_LAST_USER["cluster"] = plane.stop  # idempotent
     yield plane
     plane.stop()
 
 
-# The `cluster` control plane stops once the last test that uses it is done, not at the session's end:
-# idle, its etcd, kube-apiserver and kube-controller-manager still take CPU (leader election, the
-# controllers' resyncs), and on 2 cores the e2e, trainer and unit tests that follow it in the same
-# process, or the node's tests beside it, ran that much slower for nothing.
-_planes: list[ControlPlane] = []
-
-
+# A shared control plane (`cluster`) or real node (`real`) stops once the last test that uses it is
+# done, not at the session's end: idle, their etcd, kube-apiserver, controllers, kubelet and containerd
+# still take CPU, and on 2 cores the tests that follow in the same process (scripts/test runs e2e tests
+# after the node's), or the other process's beside them, ran that much slower for nothing.
 @pytest.hookimpl(trylast=True)  # after pytest's own teardown of this test's fixtures (the operator, the namespace)
 def pytest_runtest_teardown(item, nextitem):
-    if _planes and item is _last_user(item.session):
-        _planes.pop().stop()  # stop() is idempotent: the fixture's own finalizer calls it again
+    for name in list(STOP_AFTER_LAST_USER):
+        if item is _last_user(item.session, name):
+            STOP_AFTER_LAST_USER.pop(name)()
 
 
-def _last_user(session):
-    """The session's last test whose fixtures include `cluster` (directly or through another)."""
-    if not hasattr(session, "_cluster_last_user"):
-        users = [item for item in session.items if "cluster" in item.fixturenames]
-        session._cluster_last_user = users[-1] if users else None
-    return session._cluster_last_user
+def _last_user(session, fixture: str):
+    """The session's last test whose fixtures include `fixture` (directly or through another)."""
+    cache = session.__dict__.setdefault("_last_users", {})
+    if fixture not in cache:
+        users = [item for item in session.items if fixture in item.fixturenames]
+        cache[fixture] = users[-1] if users else None
+    return cache[fixture]
 
 
 @pytest.fixture(scope="session")

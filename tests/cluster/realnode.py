@@ -31,6 +31,9 @@ from node import Node, host_ip, image_ref, missing_requirements
 from operator_process import Operator
 
 CRDS = [REPO / "crds/alignmentrun.yaml"]
+# Session fixtures that stop after the last test that uses them, not at the session's end (conftest.py's
+# pytest_runtest_teardown): fixture name -> its stop, idempotent (the fixture's own teardown calls it too).
+STOP_AFTER_LAST_USER: dict = {}
 NODE_LOCK = Path(os.environ.get("TMPDIR", "/tmp")) / "alignment-real-node.lock"
 
 
@@ -68,12 +71,20 @@ def real(tmp_path_factory):
         lock.close()
         pytest.fail(failure, pytrace=False)
     print(f"\nreal node ready in {time.monotonic() - started:.1f}s (logs: {workdir})")
+    done = []
+
+    def stop():
+        if not done:
+            done.append(True)
+            node.stop()
+            plane.stop()
+            lock.close()  # releases the flock
+
+    STOP_AFTER_LAST_USER["real"] = stop  # conftest.py: once the last node test is done
     try:
         yield SimpleNamespace(plane=plane, node=node, workdir=workdir)
     finally:
-        node.stop()
-        plane.stop()
-        lock.close()  # releases the flock
+        stop()
 
 
 def _try_lock(f) -> bool:

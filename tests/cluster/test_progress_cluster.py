@@ -47,10 +47,11 @@ def operator(cluster, crds, namespace, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    out = tmp_path_factory.mktemp("model") / "tiny-model"
-    subprocess.run([sys.executable, "-m", "alignment_operator.cli", "tiny-model", str(out)], check=True,
-                   capture_output=True)
-    return out
+    """`alignctl tiny-model`'s model, made in this process (its trainer tests import transformers anyway: a
+    process of its own cost 10-20 s of CPU more)."""
+    from alignment_trainer.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("model") / "tiny-model")
 
 
 def stage_wiring(api, ns: str, job: str, tmp_path: Path) -> tuple[str, Path]:
