@@ -359,6 +359,10 @@ class Progress:
     def _flush(self, key: tuple[str, str], run: str, stage: str) -> None:
         try:
             with self._lock(key):
+                wait = self.throttle.due(key) - self.clock()
+                if wait > 0:  # a report written meanwhile (its offer came due first): the next look is after it
+                    self.later(wait, self._flush, key, run, stage)
+                    return
                 with self._guard:
                     self._pending.discard(key)
                 progress = self.throttle.take(key)

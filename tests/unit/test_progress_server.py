@@ -25,7 +25,7 @@ from aiohttp import web
 from alignment_operator import metrics
 from alignment_operator.api import parse_run
 from alignment_operator.listener import Limits, Listener, Loop, RateLimiter
-from alignment_operator.progress import Refused, audience, status_path
+from alignment_operator.progress import Refused, audience, rfc3339_ms, status_path
 from alignment_operator.progress_server import (POD_NAME, POD_UID, CertWatcher, Progress, installation_tls,
                                                 needs_renewal, self_signed, serve, sign)
 from alignment_operator.identity import LABEL_RUN, LABEL_STAGE, child_name
@@ -184,6 +184,34 @@ def test_each_ranks_beat_reaches_status_without_moving_the_hang_clock():
     assert sorted(last["ranks"]) == ["0", "1"] and last["ranks"]["1"].startswith(
         (t0 + timedelta(seconds=21)).strftime("%Y-%m-%dT%H:%M:%S"))
     assert last["lastUpdated"] == first["lastUpdated"] and last["percent"] == 40  # the hang clock did not move
+
+
+def test_a_flush_that_comes_due_after_a_report_was_written_waits_its_own_interval():
+    """Found in CI: a beat held back scheduled a flush for the end of the interval; the trainer's report came
+    at that moment and was written; the flush ran 50 ms later with a newer beat and wrote again (two writes
+    0.05 s apart). A flush looks at the throttle again: it waits a whole interval after the last write."""
+    c = Cluster()
+    timers = []
+    ep = Progress(review=c.review, get_run=c.get_run, write=c.write, get_pod=c.get_pod, clock=lambda: c.clock,
+                  later=lambda delay, fn, *args: timers.append((c.clock + delay, fn, args)))
+    token, path = f"Bearer {c.mint('stage-pod')}", status_path("ns", c.job)
+    t0 = datetime.now(timezone.utc) - timedelta(seconds=60)
+    ep.handle(path, token, report(t0, percent=10))
+    c.clock += 4.9
+    ep.handle(path, token, beat(t0 + timedelta(seconds=4.9), 0))   # held: a flush at the interval's end
+    (due, fn, args), = timers
+    assert due == pytest.approx(105.0) and len(c.writes) == 1
+    c.clock += 0.1
+    ep.handle(path, token, report(t0 + timedelta(seconds=5), percent=20))  # due: written at once
+    c.clock += 0.05
+    ep.handle(path, token, beat(t0 + timedelta(seconds=5.05), 0))
+    timers.pop()[1](*args)  # the first flush's timer fires now
+    assert [w[1]["percent"] for w in c.writes] == [10, 20]  # no second write 0.05 s after the report's
+    (due, fn, args), = timers
+    assert due == pytest.approx(110.0)
+    c.clock = due
+    timers.pop()[1](*args)
+    assert len(c.writes) == 3 and c.writes[-1][1]["ranks"]["0"] == rfc3339_ms(t0 + timedelta(seconds=5.05))
 
 
 def test_what_the_endpoint_remembers_is_bounded_and_goes_with_the_stage():
