@@ -30,19 +30,14 @@ CRD_FILE = REPO / "crds/alignmentrun.yaml"
 def pytest_collection_modifyitems(items):
     """The engines' tests after the other node tests: they install JobSet, the training operator and
     Kueue (webhooks on every Job) on the shared real node, and the other node tests must not run
-    beside them. The tests marked beside_node last, once the node has stopped."""
-    items.sort(key=lambda item: (item.get_closest_marker("beside_node") is not None,
-                                 item.path.name == "test_engines_real_node.py"))  # stable: order kept
+    beside them."""
+    items.sort(key=lambda item: item.path.name == "test_engines_real_node.py")  # stable: order kept
 
 
 def pytest_configure(config):
     # pyproject.toml registers the marker; this keeps --strict-markers happy without it.
     if not any(line.startswith("cluster:") for line in config.getini("markers")):
         config.addinivalue_line("markers", "cluster: needs the control plane built by tools/k8s/build.sh")
-    # Registered here, not in pyproject.toml: the trainer image reads pyproject.toml (its trainer extra),
-    # so any edit there rebuilds the image's 3 GB dependency layer.
-    config.addinivalue_line("markers", "waits: spends most of its wall time waiting (a fault window held open), "
-                                       "not computing: scripts/test runs it in the node tests' process")
 
 
 @pytest.fixture(scope="session")
@@ -75,8 +70,8 @@ def cluster(tmp_path_factory):
 
 # A shared control plane (`cluster`) or real node (`real`) stops once the last test that uses it is
 # done, not at the session's end: idle, their etcd, kube-apiserver, controllers, kubelet and containerd
-# still take CPU, and on 2 cores the tests that follow in the same process (scripts/test runs e2e tests
-# after the node's), or the other process's beside them, ran that much slower for nothing.
+# still take CPU, and on 2 cores the tests that follow in the same process, or the other process's
+# beside them, ran that much slower for nothing.
 @pytest.hookimpl(trylast=True)  # after pytest's own teardown of this test's fixtures (the operator, the namespace)
 def pytest_runtest_teardown(item, nextitem):
     for name in list(STOP_AFTER_LAST_USER):

@@ -123,10 +123,6 @@ def webhook(cluster, namespace, tmp_path):
     hook.stop()
 
 
-# A minute of this test is the webhook failing, with nothing to compute: scripts/test runs it in the
-# node tests' process (marker waits). The whole module there made that half the longer by ~350 s in a
-# fresh-clone CI (node half 2637 s, the other 2282 s); this test alone about evens them.
-@pytest.mark.waits
 def test_a_webhook_answering_500_for_a_minute_delays_the_job_and_the_run_says_why(
         cluster, operator, namespace, webhook):
     ns, api = namespace, cluster.api_client()
@@ -172,10 +168,6 @@ def resyncing_operator(cluster, crds, namespace, tmp_path):
     op.stop()
 
 
-# Half a minute of this one is the API server down: it runs beside the node's tests too (marker waits), which
-# with scenario 4 folded into the killed-rank test are the shorter half (fresh-clone CI at 328c39d: node half
-# 2320 s, the other 2444 s, of which this test 66 s).
-@pytest.mark.waits
 def test_the_api_server_down_for_30s_mid_stage_creates_nothing_twice(cluster, resyncing_operator, namespace):
     ns, api = namespace, cluster.api_client()
     apply_run(cluster, ns)

@@ -14,12 +14,6 @@ import pytest
 DATA = Path(__file__).resolve().parents[2] / "examples" / "data"
 
 
-def pytest_configure(config):
-    # Registered here, not in pyproject.toml (the trainer image reads it: an edit rebuilds a 3 GB layer).
-    config.addinivalue_line("markers", "beside_node: scripts/test runs it in the real node's tests' process, after "
-                                       "them, so that the two processes end together (a core idles otherwise)")
-
-
 @pytest.fixture(scope="session")
 def tiny_model_build(tmp_path_factory) -> SimpleNamespace:
     """The model's directory and what `alignctl tiny-model` printed (test_local_iterate_cli reads it)."""

@@ -16,9 +16,6 @@ import yaml
 from test_local_run import ALIGNCTL, ENV, REPO, events, start, status_of, wait, write_run
 
 
-pytestmark = pytest.mark.beside_node  # scripts/test runs it beside the other process's tests (conftest.py)
-
-
 def shorten(stages):
     stages[0]["training"].update(maxSteps=4, loggingSteps=2)
     stages[1]["training"].update(maxSteps=3, loggingSteps=1)

@@ -24,9 +24,7 @@ ALIGNCTL = str(Path(sys.executable).with_name("alignctl"))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
        "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 
-# beside_node: scripts/test runs it beside the other process's tests (conftest.py)
-pytestmark = [pytest.mark.skipif(s3server.binary() is None, reason=s3server.skip_reason()),
-              pytest.mark.beside_node]
+pytestmark = pytest.mark.skipif(s3server.binary() is None, reason=s3server.skip_reason())
 
 
 def test_a_run_reads_from_s3_is_held_by_a_gate_then_promoted_and_exported(tmp_path, tiny_model):
