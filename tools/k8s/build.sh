@@ -22,11 +22,14 @@
 # change how binaries are built (flags), to rebuild them all.
 # To move to another Kubernetes release: tools/k8s/gen-gomod.sh vX.Y.Z, then rerun this.
 set -euo pipefail
-export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-mod=readonly
+# No DWARF from the compiler: every binary is linked with -s -w (no symbol table, no DWARF), so the
+# compiler's debug info only cost time. CoreDNS from an empty build cache, the two built side by side:
+# 286 s of CPU with it, 253 s without.
+export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS="-mod=readonly -gcflags=all=-dwarf=false"
 HELM_VERSION=v4.3.1
 # KServe's InferenceService CRD (promote.serve renders one), taken from its own module's config/crd/full/.
 KSERVE_VERSION=v0.15.2
-RECIPE=2
+RECIPE=3
 cd "$(dirname "$0")"
 
 k8s_version=$(awk '$1 == "k8s.io/kubernetes" { print $2; exit }' go.mod)
@@ -42,7 +45,8 @@ stamp_of() {  # what a binary is built from
     case $1 in
         helm) echo "$common $HELM_VERSION" ;;
         kserve-crd) echo "$common $KSERVE_VERSION" ;;
-        coredns|versitygw) cat "$1/go.mod" "$1/go.sum" <(echo "$common") | sha256sum | cut -d' ' -f1 ;;
+        coredns) cat coredns/go.mod coredns/go.sum coredns/*.go <(echo "$common") | sha256sum | cut -d' ' -f1 ;;
+        versitygw) cat "$1/go.mod" "$1/go.sum" <(echo "$common") | sha256sum | cut -d' ' -f1 ;;
         jobset|training-operator|kueue)  # (and how its manifests are rendered)
             cat "$1/go.mod" "$1/go.sum" <(echo "$common") <(declare -f engine_manifests) | sha256sum | cut -d' ' -f1 ;;
         *) cat go.mod go.sum gen-gomod.sh <(echo "$common $1") | sha256sum | cut -d' ' -f1 ;;
@@ -131,11 +135,12 @@ if [[ $need_k8s == 1 ]]; then
     done
 fi
 
-# CoreDNS from its own module (its k8s.io/* client versions differ from the control plane's).
+# CoreDNS from its own module (its k8s.io/* client versions differ from the control plane's), with
+# the plugins the real node's Corefile uses (coredns/main.go).
 if wanted coredns; then
     echo "building CoreDNS $coredns_version ..."
     timed "module download" go -C coredns mod download
-    build coredns github.com/coredns/coredns "-s -w -X github.com/coredns/coredns/coremain.GitCommit=$coredns_version" coredns
+    build coredns . "-s -w -X github.com/coredns/coredns/coremain.GitCommit=$coredns_version" coredns
 fi
 
 # The tests' S3 server from its own module (its AWS SDK and other versions are its own).
