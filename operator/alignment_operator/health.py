@@ -6,8 +6,9 @@
 - What a disruption or a restart cost: the steps and seconds trained past that checkpoint (`lost_work`,
   `charge_lost_work`: status.stages[].lostSteps, lostSeconds, lastDisruption).
 - Hangs: no progress report and no heartbeat for the stage's hang timeout once its attempt reported
-  (`silent_for`, `hang_timeout`); reconcile restarts it as a group from its newest checkpoint, naming the
-  rank(s) whose alive beats stopped (`stopped_ranks`: every process beats, inside a step too).
+  (`silent_for`, `hang_timeout`), or one rank's alive beats stopped that long while the others go on
+  (`rank_silent_for`); reconcile restarts it as a group from its newest checkpoint, naming the rank(s)
+  whose alive beats stopped (`stopped_ranks`: every process beats, inside a step too).
 - Learning nothing: the trainer's LearningGuard reports `degraded/<what>` figures with its progress;
   `warnings` words them (the stage's warnings, the run's Degraded condition, a Warning Event).
 """
@@ -106,6 +107,25 @@ def silent_for(st: StageStatus, now: datetime) -> float | None:
 RANK_STALE_S = 15  # a rank beats every 5 s and status gets a beat within 5 s more: this long without one, it stopped
 
 
+def rank_silent_for(st: StageStatus, now: datetime) -> float | None:
+    """Seconds since the quietest rank of the current attempt last beat; None before any rank of it beat (a
+    rank loading its model beats nothing yet) or once the stage reported its last step (ranks stop beating at
+    the end of training, while rank 0 may still write final/). A rank's beats come from a thread of their own,
+    inside a step, a collective or a save too: only a process that stopped (SIGSTOP, a lost node) or died
+    goes quiet. The stage's own clock (`silent_for`) can keep moving meanwhile: rank 0, blocked between steps
+    in a collective with the stopped rank (transformers gathers the next batch's token count before
+    on_step_begin), still sends its between-steps heartbeat reports."""
+    p = st.progress
+    if p is None or not p.ranks or not st.start_time or finishing(st):
+        return None
+    try:
+        started, beats = _ts(st.start_time), [_ts(t) for t in p.ranks.values()]
+    except (ValueError, TypeError):
+        return None
+    this_attempt = [t for t in beats if t >= started]
+    return (now - min(this_attempt)).total_seconds() if this_attempt else None
+
+
 def stopped_ranks(st: StageStatus, now: datetime, timeout: int) -> tuple[list[str], list[str]]:
     """(stopped, beating): the ranks of the current attempt whose alive beats (progress.ranks) stopped
     RANK_STALE_S (or the hang timeout, when shorter) ago, each with how long, and those still beating.
@@ -129,9 +149,16 @@ def stopped_ranks(st: StageStatus, now: datetime, timeout: int) -> tuple[list[st
     return stopped, beating
 
 
-def hang_words(st: StageStatus, waited: float, timeout: int, ranks: list[str], beating: list[str] = ()) -> str:
+def hang_words(st: StageStatus, waited: float, timeout: int, ranks: list[str], beating: list[str] = (),
+               from_ranks: bool = False) -> str:
+    """`from_ranks`: the stage kept reporting (its other ranks, `beating`) while `ranks` went quiet."""
     p = st.progress
     at = f"step {p.step}/{p.total_steps}" if p is not None and p.step is not None else "its last report"
+    if from_ranks:
+        quiet = ", ".join(r.split(" (", 1)[0] for r in ranks)
+        return (f"Hang: no progress or heartbeat from {quiet} for {waited:.0f}s (hangTimeoutSeconds {timeout}) at "
+                f"{at}, while {', '.join(f'rank {r}' for r in beating) or 'the stage'} still reported; "
+                f"stopped: {', '.join(ranks)}")
     if ranks:
         who = f"; stopped: {', '.join(ranks)}"
     elif beating:  # every process lives: a step (a collective) that does not end

@@ -31,6 +31,7 @@ Reconciling condition; with startDeadlineSeconds it fails with that cause when t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -42,8 +43,8 @@ from .api import RETRY_ANNOTATION, AlignmentRun, AlignmentRunStatus, Condition, 
 from .api.status import ComparisonRow, condition
 from .identity import attempt_spec, child_name, spec_hash, stage_hash
 from .render.recipe import stage_dir
-from .health import (charge_lost_work, hang_timeout, hang_words, note_checkpoint, silent_for, stopped_ranks,
-                     warnings as learning_warnings)
+from .health import (RANK_STALE_S, charge_lost_work, hang_timeout, hang_words, note_checkpoint, rank_silent_for,
+                     silent_for, stopped_ranks, warnings as learning_warnings)
 from .api.spec import ModelSpec, StageSpec
 from .graph import inputs
 from . import promotion
@@ -508,18 +509,25 @@ def _fold_child(st: StageStatus, child: ObservedChild, run: AlignmentRun, now: s
 def _watch_hang(st: StageStatus, child: ObservedChild, run: AlignmentRun, now: str,
                 actions: list[Action], events: list[Action]) -> None:
     """A running stage whose attempt reported before but no step and no heartbeat since its hang timeout
-    is hung (health.silent_for): restarted as a group; otherwise looked at again when the timeout is due."""
+    (health.silent_for), or one of whose ranks sent no alive beat that long while the others went on
+    (health.rank_silent_for), is hung: restarted as a group; otherwise looked at again when either is due."""
     waited = silent_for(st, _ts(now))
     if waited is None:
         return  # nothing reported yet: loading, reference precompute (startDeadlineSeconds covers not starting)
     own = next((s.hang_timeout_seconds for s in run.spec.stages if s.name == st.name), None)
     timeout = hang_timeout(st, own)
-    if waited < timeout:
-        actions.append(RequeueAfter(timeout - waited + 1))
+    quiet = rank_silent_for(st, _ts(now))
+    rank_timeout = max(timeout, RANK_STALE_S)  # a beat reaches status within ~10 s: never sooner than that
+    due = min(timeout - waited, rank_timeout - quiet if quiet is not None else math.inf)
+    if due > 0:
+        actions.append(RequeueAfter(due + 1))
         return
     stopped, beating = stopped_ranks(st, _ts(now), timeout)  # the local shell reads process states instead
-    _hung(st, child, run, now, actions, events, hang_words(st, waited, timeout, list(child.stopped) or stopped,
-                                                            [] if child.stopped else beating))
+    if child.stopped or waited >= timeout:
+        words = hang_words(st, waited, timeout, list(child.stopped) or stopped, [] if child.stopped else beating)
+    else:  # the stage reports (rank 0 between steps, waiting on the quiet rank in a collective): a rank stopped
+        words = hang_words(st, quiet, rank_timeout, stopped, beating, from_ranks=True)
+    _hung(st, child, run, now, actions, events, words)
 
 
 def _hung(st: StageStatus, child: ObservedChild, run: AlignmentRun, now: str,

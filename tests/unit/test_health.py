@@ -323,6 +323,41 @@ def test_a_hang_on_a_cluster_names_the_rank_whose_beats_stopped(beats, named):
     assert "rank 0 (" not in sft.message  # the rank that still beats is not named stopped
 
 
+def test_a_rank_quiet_past_the_hang_timeout_is_a_hang_while_rank_0_still_reports():
+    """Found in CI (the node's health test): rank 1 was stopped right after its share of step 6; rank 0 finished
+    step 6 and blocked between steps, in transformers' gather of the next batch's token count, where its
+    heartbeat reports went on: the stage's clock kept moving and no hang was seen for 150 s. A rank whose own
+    beats stop for the hang timeout is a hang, however fresh the stage's last report."""
+    from datetime import datetime, timedelta
+
+    from alignment_operator.reconcile import DeleteChild, RequeueAfter
+
+    at = datetime.fromisoformat(NOW.replace("Z", "+00:00"))
+    beats = lambda quiet: {"0": (at - timedelta(seconds=2)).isoformat(),  # noqa: E731
+                           "1": (at - timedelta(seconds=quiet)).isoformat()}
+    out = reconcile(_silent(3, ranks=beats(61)), 1, {"sft": child("sft", "Running", attempts=1, group=True, uid="j1")},
+                    NOW)
+    sft = out.status.stages[0]
+    assert (sft.phase, sft.reason, sft.restarts, sft.restart_reasons) == ("Pending", "Hang", 1, {"Hang": 1})
+    assert DeleteChild("sft", "tiny-sft", "Job", "j1") in out.actions
+    assert sft.last_restart.startswith("Hang: no progress or heartbeat from rank 1 for 61s (hangTimeoutSeconds 60) "
+                                       "at step 42/100, while rank 0 still reported; stopped: rank 1 (no beat for 61s)")
+    assert "rank 0 (" not in sft.last_restart and _reasons(out) == ["Hang"]
+    # quiet for less than the timeout: looked at again when the rank's silence comes due (before the stage's)
+    out = reconcile(_silent(3, ranks=beats(40)), 1, {"sft": child("sft", "Running", attempts=1)}, NOW)
+    assert out.status.stages[0].phase == "Running" and RequeueAfter(21) in out.actions and "Hang" not in _reasons(out)
+    # a rank that has not beaten yet this attempt (loading) is not quiet; nor is one after the last step
+    run = _silent(3, ranks={"0": (at - timedelta(seconds=2)).isoformat(), "1": "2026-11-21T10:00:00+00:00"})
+    assert reconcile(run, 1, {"sft": child("sft", "Running")}, NOW).status.stages[0].phase == "Running"
+    run = _silent(3, ranks=beats(1000))
+    run.status.stages[0].progress.step = 100  # of 100: rank 1 ended its training, rank 0 writes final/
+    assert reconcile(run, 1, {"sft": child("sft", "Running")}, NOW).status.stages[0].phase == "Running"
+    # a rank quiet 10 s is no hang, however short the stage's own timeout (a beat takes up to ~10 s to reach
+    # status); the stage's own clock comes due first
+    out = reconcile(_silent(3, hang=5, ranks=beats(10)), 1, {"sft": child("sft", "Running")}, NOW)
+    assert out.status.stages[0].phase == "Running" and out.actions == [RequeueAfter(3)]
+
+
 def test_a_disrupted_pods_replacement_gets_a_fresh_hang_clock():
     """An evicted pod's replacement loads and resumes before it reports: the silence before is no hang."""
     out = reconcile(_silent(100), 1, {"sft": child("sft", "Running", attempts=2, disruptions=1,
