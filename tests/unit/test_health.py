@@ -358,6 +358,62 @@ def test_a_rank_quiet_past_the_hang_timeout_is_a_hang_while_rank_0_still_reports
     assert out.status.stages[0].phase == "Running" and out.actions == [RequeueAfter(3)]
 
 
+def test_a_local_stage_with_a_stopped_rank_is_hung_while_rank_0_still_prints_heartbeats():
+    """The local twin of the case above: the local clock moves with rank 0's heartbeat lines, and a process of
+    the stage stopped for the hang timeout is a hang all the same: named with its RANK, every process killed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from alignment_operator.api import StageProgress, StageStatus
+    from alignment_operator.local.runner import HangWatch
+
+    launcher = ("import os, subprocess, sys, time\n"
+                "rank1 = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], "
+                "env={**os.environ, 'RANK': '1'})\n"
+                "print(rank1.pid, flush=True)\n"
+                "time.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "-c", launcher], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "RANK": "0"}, start_new_session=True)
+    try:
+        rank1 = int(proc.stdout.readline())
+        st = StageStatus(name="sft", phase="Running", progress=StageProgress(percent=10, step=5, total_steps=50,
+                                                                          last_updated=NOW))
+        run = SimpleNamespace(status=SimpleNamespace(stages=[st]), spec=SimpleNamespace(
+            stages=[SimpleNamespace(hang_timeout_seconds=2)]))
+        live = SimpleNamespace(active=time.monotonic())
+        watch = HangWatch(run, 0, live, proc)
+        watch.look_every = 0.5
+        beating = threading.Event()
+
+        def heartbeats():  # rank 0's lines: the stage's own clock never runs out
+            while not beating.wait(0.2):
+                live.active = time.monotonic()
+
+        threading.Thread(target=heartbeats, daemon=True).start()
+        t0 = time.monotonic()
+        os.kill(rank1, signal.SIGSTOP)
+        watching = threading.Thread(target=watch.watch, daemon=True)  # returns once it calls the stage hung
+        watching.start()
+        watching.join(timeout=20)
+        beating.set()
+        watch.done.set()
+        took = time.monotonic() - t0
+        assert not watching.is_alive(), "no hang seen in 20 s with rank 1 stopped (hangTimeoutSeconds 2)"
+        assert watch.words is not None and watch.words.startswith(
+            "Hang: no progress or heartbeat from rank 1 for "), watch.words
+        assert f"while rank 0 still reported; stopped: rank 1 (pid {rank1})" in watch.words, watch.words
+        assert watch.stopped == [f"rank 1 (pid {rank1})"] and 2 <= took < 10, took
+        assert proc.wait(timeout=10) == -signal.SIGKILL  # every process of the stage killed
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def test_a_disrupted_pods_replacement_gets_a_fresh_hang_clock():
     """An evicted pod's replacement loads and resumes before it reports: the silence before is no hang."""
     out = reconcile(_silent(100), 1, {"sft": child("sft", "Running", attempts=2, disruptions=1,

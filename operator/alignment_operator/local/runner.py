@@ -268,9 +268,13 @@ def run_stage(run: AlignmentRun, index: int, root: str, started: str, stop: Stop
 
 class HangWatch:
     """The local hang clock: once a stage's training reported, no step, heartbeat or checkpoint line for its
-    hang timeout (stages[].hangTimeoutSeconds, else health.hang_timeout) means hung. Then it names the stage's
-    processes that are stopped (state T: SIGSTOP, a debugger) with their RANK, kills them all (SIGKILL), and
-    the stage's child reports Failed, failure 'hang'."""
+    hang timeout (stages[].hangTimeoutSeconds, else health.hang_timeout) means hung; so does one of its
+    processes stopped (state T: SIGSTOP, a debugger) that long while the others go on (rank 0, waiting between
+    steps in a collective with the stopped rank, still prints heartbeats: health.rank_silent_for is the
+    cluster's twin). Then it names the stage's stopped processes with their RANK, kills them all (SIGKILL),
+    and the stage's child reports Failed, failure 'hang'."""
+
+    look_every = 5.0  # seconds between looks at the processes' states (/proc)
 
     def __init__(self, run: AlignmentRun, index: int, live: LiveStatus, proc: subprocess.Popen):
         self.run, self.index, self.live, self.proc = run, index, live, proc
@@ -280,22 +284,39 @@ class HangWatch:
 
     def watch(self) -> None:
         st = lambda: self.run.status.stages[self.index] if self.run.status else None  # noqa: E731
+        stopped_since: dict[int, float] = {}  # pid -> when it was first seen stopped
+        next_look = 0.0
         while not self.done.wait(1.0) and self.proc.poll() is None:
             if self.live.active is None or st() is None or health.finishing(st()):
                 continue
-            waited = time.monotonic() - self.live.active
+            now = time.monotonic()
+            if now >= next_look:
+                next_look = now + self.look_every
+                stopped_now = {pid for pid, state, _ in _descendants(self.proc.pid) if state in "Tt"}
+                stopped_since = {pid: stopped_since.get(pid, now) for pid in stopped_now}
+            waited = now - self.live.active
+            quiet = now - min(stopped_since.values()) if stopped_since else 0.0
             timeout = health.hang_timeout(st(), self.run.spec.stages[self.index].hang_timeout_seconds)
+            if waited < timeout and quiet < timeout:
+                continue
+            tree = _descendants(self.proc.pid)
+            stopped = [f"rank {rank} (pid {pid})" for pid, state, rank in tree if state in "Tt"]
             if waited >= timeout:
-                tree = _descendants(self.proc.pid)
-                self.stopped = [f"rank {rank} (pid {pid})" for pid, state, rank in tree if state in "Tt"]
-                self.words = health.hang_words(st(), waited, timeout, self.stopped)
-                print(f"\n! stage {st().name}: {self.words}; stopping it", flush=True)
-                for pid, _, _ in tree:
-                    try:
-                        os.kill(pid, signal.SIGKILL)  # a stopped process dies of SIGKILL too
-                    except ProcessLookupError:
-                        pass
-                return
+                words = health.hang_words(st(), waited, timeout, stopped)
+            elif stopped:  # the stage still reports: a rank stopped
+                still = sorted({rank for _, state, rank in tree if state not in "Tt"} - {r.split()[1] for r in stopped})
+                words = health.hang_words(st(), quiet, timeout, stopped, still, from_ranks=True)
+            else:  # it went on meanwhile (SIGCONT)
+                stopped_since = {}
+                continue
+            self.stopped, self.words = stopped, words
+            print(f"\n! stage {st().name}: {words}; stopping it", flush=True)
+            for pid, _, _ in tree:
+                try:
+                    os.kill(pid, signal.SIGKILL)  # a stopped process dies of SIGKILL too
+                except ProcessLookupError:
+                    pass
+            return
 
 
 def _descendants(root: int) -> list[tuple[int, str, str]]:
