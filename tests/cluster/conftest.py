@@ -38,6 +38,10 @@ def pytest_configure(config):
     # pyproject.toml registers the marker; this keeps --strict-markers happy without it.
     if not any(line.startswith("cluster:") for line in config.getini("markers")):
         config.addinivalue_line("markers", "cluster: needs the control plane built by tools/k8s/build.sh")
+    # Registered here, not in pyproject.toml: the trainer image reads pyproject.toml (its trainer extra),
+    # so any edit there rebuilds the image's 3 GB dependency layer.
+    config.addinivalue_line("markers", "waits: spends most of its wall time waiting (a fault window held open), "
+                                       "not computing: scripts/test runs it in the node tests' process")
 
 
 @pytest.fixture(scope="session")
