@@ -138,6 +138,12 @@ class Progress:
             if st.phase != "Running":
                 self._forget_unless_pending(key)
                 raise Refused(409, f"stage {stage} of {ns}/{run} is {st.phase}, not Running: nothing to report")
+            begun = _begun(st.start_time)
+            if begun is not None and report.sent < begun:
+                # A pod of an earlier attempt (the same child name: a Job recreated after a hang or a
+                # deletion) whose report arrives late: none of this attempt's progress.
+                raise Refused(409, f"report of {rfc3339_ms(report.sent)} is older than stage {stage}'s current "
+                                   f"attempt (started {st.start_time}): an earlier attempt's pod")
             self.throttle.check_fresh(key, report.sent, st.progress.last_updated if st.progress else None)
             slot = self.throttle.slots.get(key)
             previous = slot.pending if slot and slot.pending is not None else st.progress
@@ -378,6 +384,15 @@ class Progress:
 
     def _lock(self, key: tuple[str, str]) -> threading.Lock:
         return self._stripes[hash(key) % len(self._stripes)]
+
+
+def _begun(start_time: str | None) -> datetime | None:
+    """The current attempt's start (status.stages[].startTime, whole seconds), None when not known."""
+    try:
+        t = datetime.fromisoformat(start_time.replace("Z", "+00:00")) if start_time else None
+    except ValueError:
+        return None
+    return t if t is None or t.tzinfo else t.replace(tzinfo=timezone.utc)
 
 
 def _timer(delay: float, fn: Callable, *args: Any) -> None:

@@ -9,7 +9,11 @@ blocked in a collective), so they cost no node start and little wall time:
   (tokenizing and the reference pass) takes longer than its hangTimeoutSeconds: a slow but healthy phase,
   not restarted.
 
-Neither asks for CPU (the node's two cores are the frozen-rank run's requests): they run beside it.
+Neither asks for CPU (the node's two cores are the frozen-rank run's requests): they run beside it, starved
+while the restarted hang run's two Guaranteed pods compute (a pod that requests no CPU gets cgroup weight 1
+against their 39 each: ~1/79 of the node). A starved stage is a slow one: in one CI run `slow`'s few training
+steps, starved so, reported nothing for 16 s, and with hangTimeoutSeconds 15 that was a Hang by its own
+recipe. So `slow` trains 2 steps after its reference pass, with a hang timeout twice the longest gap seen.
 """
 
 from __future__ import annotations
@@ -26,8 +30,8 @@ from kubelet import get_run
 from realnode import one_stage_run
 
 TIE_STEPS = 2        # stages[].guards.steps of `ties`: Degraded after this many logging steps
-SLOW_HANG_S = 15     # `slow`'s hangTimeoutSeconds; its reference pass must last longer
-SLOW_COPIES = 25     # examples/data/prefs.jsonl (400 pairs) this many times: a ~27 s reference pass on the node (10.7 s for 10)
+SLOW_HANG_S = 30     # `slow`'s hangTimeoutSeconds; its reference pass must last longer
+SLOW_COPIES = 35     # examples/data/prefs.jsonl (400 pairs) this many times: a ~38 s reference pass on the idle node (27 s for 25)
 NO_CPU = {"gpusPerNode": 0, "processesPerNode": 1, "memory": "3Gi", "sharedMemory": "256Mi"}
 
 
@@ -52,9 +56,9 @@ def slow_precompute_run(volume: Path, name: str = "slow") -> dict:
     return one_stage_run(name, {
         "name": "dpo", "method": "dpo", "datasets": [{"source": "examples/data/many_prefs.jsonl"}],
         "hangTimeoutSeconds": SLOW_HANG_S,
-        "training": {"precomputeRefLogProbs": True, "maxSteps": 6, "beta": 0.1, "learningRate": 5.0e-4,
+        "training": {"precomputeRefLogProbs": True, "maxSteps": 2, "beta": 0.1, "learningRate": 5.0e-4,
                      "perDeviceBatchSize": 16, "maxLength": 128, "maxPromptLength": 64, "gradientCheckpointing": False,
-                     "saveSteps": 3, "loggingSteps": 1, "warmupRatio": 0.0},
+                     "saveSteps": 1, "loggingSteps": 1, "warmupRatio": 0.0},
         "resources": NO_CPU, "distributed": "ddp"})
 
 

@@ -12,7 +12,7 @@ endpoint), one namespace, two runs side by side:
 - applied once rank 1 is frozen (the node idles through the hang timeout), two more runs (tests/cluster/
   health_runs.py): a GRPO stage whose one reward returns the same value for every completion is Degraded
   with the figure after guards.steps (2) logging steps while it runs on; a DPO stage whose reference pass
-  (precomputed log-probs over 10000 pairs) lasts longer than its hangTimeoutSeconds (15) is not restarted.
+  (precomputed log-probs over 14000 pairs) lasts longer than its hangTimeoutSeconds (30) is not restarted.
 
 Needs what tests/cluster/test_real_node.py needs (the node, the images); ALIGNMENT_SKIP_NODE=1 skips it.
 """

@@ -82,11 +82,20 @@ def test_eos_stops_generation(sft_run, kit):
 
 
 def test_rerun_of_finished_stage_exits_immediately(sft_run, kit, capsys):
+    """Run again (a Job recreated after its trainer finished), the stage trains nothing and still says what it
+    made in its termination message: the operator reads the stage's result from there, attempt by attempt."""
+    from alignment_trainer import outcome
+
     before = (Path(sft_run["output_dir"]) / "metrics.jsonl").read_text()
+    message = Path(sft_run["output_dir"]).parent / "termination-log"
+    assert outcome.decode(message.read_text())["global_step"] == 60  # the first attempt's
+    message.unlink()  # a new pod's is empty
     result = kit.run_in_process(sft_run["recipe"])
     assert result == sft_run["result"]
     assert any(e["event"] == "skipped" for e in kit.events(capsys.readouterr().out))
     assert (Path(sft_run["output_dir"]) / "metrics.jsonl").read_text() == before
+    said = outcome.decode(message.read_text())
+    assert said["global_step"] == 60 and said["checkpoint"] == sft_run["result"]["checkpoint"], said
 
 
 def test_unknown_extra_arg_is_refused(tmp_path, tiny_model, data_dir, kit, capsys):

@@ -186,6 +186,23 @@ def test_each_ranks_beat_reaches_status_without_moving_the_hang_clock():
     assert last["lastUpdated"] == first["lastUpdated"] and last["percent"] == 40  # the hang clock did not move
 
 
+def test_a_late_report_of_an_earlier_attempts_pod_is_refused():
+    """Found in CI: a stage restarted (a Job of the same name again); the first attempt's pod, starved of CPU, sent
+    its last report (step 6 of 6, 100 %) after the second attempt had started, and it was written as the second
+    attempt's progress. A report dated before the current attempt's start is an earlier attempt's: 409, status
+    untouched; the attempt's own report goes on being written."""
+    c = Cluster()
+    ep, token, path = c.progress(), f"Bearer {c.mint('stage-pod')}", status_path("ns", c.job)
+    started = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(seconds=30)
+    c.run["status"]["stages"][1]["startTime"] = started.strftime("%Y-%m-%dT%H:%M:%SZ")
+    with pytest.raises(Refused) as e:
+        ep.handle(path, token, report(started - timedelta(seconds=18), percent=100))
+    assert e.value.code == 409 and "older than stage dpo's current attempt" in str(e.value), e.value
+    assert c.writes == [] and "progress" not in c.run["status"]["stages"][1]
+    said = ep.handle(path, token, report(started + timedelta(seconds=20), percent=10))
+    assert said == {"accepted": True, "written": True} and c.writes[-1][1]["percent"] == 10
+
+
 def test_a_flush_that_comes_due_after_a_report_was_written_waits_its_own_interval():
     """Found in CI: a beat held back scheduled a flush for the end of the interval; the trainer's report came
     at that moment and was written; the flush ran 50 ms later with a newer beat and wrote again (two writes

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from . import tracking
+from . import outcome, tracking
 from .checkpoints import newest_checkpoint
 from .launch import check_world, configured_state_args, formed_world, init_distributed
 from .live import (CheckpointClock, DivergedError, DivergenceGuard, Heartbeat, LearningGuard, ProgressPush,
@@ -42,6 +42,9 @@ def setup_stage(recipe: Recipe) -> dict | None:
         if main:
             emit("skipped", reason=f"{recipe.output_dir}/final and result.json exist: stage already complete",
                  checkpoint=done.get("checkpoint"))
+            # the shell reads the outcome from the termination message, this attempt's as any other's (a Job
+            # run again after its trainer finished: a hang restart, a Job deleted before its end was seen)
+            outcome.write(recipe.termination_message_path, done)
         return done
     init_distributed()
     check_world(formed_world())  # before any data, model or step: a wrong world fails at once
