@@ -192,6 +192,7 @@ def reconcile_run(namespace: str, name: str) -> float | None:
 
 def _reconcile_once(namespace: str, name: str) -> float | None:
     body = cache.run(namespace, name)
+    cached = body is not None
     if body is None:
         with _step("reading the run"):
             body = kube.get_run(namespace, name)
@@ -213,6 +214,8 @@ def _reconcile_once(namespace: str, name: str) -> float | None:
     lacking = _lacking_secrets(run, outcome)
     if lacking:  # no stage starts: the run waits, naming them
         outcome = reconcile(run, generation, children, now, lacking=lacking)
+    if cached and any(isinstance(a, (DeleteChild, DeleteChildren)) for a in outcome.actions):
+        _confirm_fresh(namespace, name, body)
     try:
         for action in outcome.actions:
             _apply(action, run, body, outcome.status)
@@ -248,6 +251,17 @@ def _reconcile_once(namespace: str, name: str) -> float | None:
     metrics.observe_phase(namespace, name, status.phase)
     exporting = any(c.type == "Exported" and c.status == "Unknown" for c in status.conditions)
     return _next_look(namespace, name, status.phase, outcome.actions, exporting)
+
+
+def _confirm_fresh(namespace: str, name: str, body: dict[str, Any]) -> None:
+    """A delete decided on the cache's copy of the run is made only if the API server has no newer one: the
+    status write after it would fail on a stale copy (409), but the delete would stand. The progress endpoint
+    patches status out of band, and a hang is decided on its clock: a watch event late under load made a
+    healthy stage look silent. Conflict (read afresh, decide again) when the run changed."""
+    with _step("reading the run before deleting a child"):
+        fresh = kube.get_run(namespace, name)
+    if fresh is None or fresh["metadata"].get("resourceVersion") != body["metadata"].get("resourceVersion"):
+        raise kube.Conflict(f"{namespace}/{name} changed since the cache's copy: deciding again on the new one")
 
 
 def _lacking_secrets(run: Any, outcome: Any) -> dict[str, list[str]]:

@@ -80,7 +80,7 @@ def cluster(monkeypatch):
         c.lists += 1
         return list(c.objects), []
     monkeypatch.setattr(kube, "list_children", list_children)
-    monkeypatch.setattr(kube, "delete_child", lambda ns, name, kind: c.deleted.append(name))
+    monkeypatch.setattr(kube, "delete_child", lambda ns, name, kind, uid=None: c.deleted.append(name))
     monkeypatch.setattr(kube, "failed_create_events", lambda ns, uids: [])
     controller.cache.put_run(body)
     return c
@@ -496,3 +496,57 @@ def test_a_replica_kopf_peering_paused_reconciles_nothing_until_resumed(monkeypa
     controller.queue.shut_down()
     worker.join(5)
     assert done == [KEY]
+
+
+# ---------------------------------------------------------------------------------- stale copies
+
+def _hang_run_bodies(cluster, monkeypatch, reported_s_ago: float) -> tuple[dict, list[str]]:
+    """The cache's copy of the run: sft Running, its last report 100 s old (hangTimeoutSeconds 60: hung). The API
+    server's copy (rv one newer) has the report the progress endpoint patched in since, `reported_s_ago` old.
+    Returns the server's body and the names of the runs GET read."""
+    from datetime import datetime, timedelta
+
+    from alignment_operator.reconcile import ObservedChild
+
+    def progress(ago: float) -> dict:
+        t = datetime.fromisoformat(NOW.replace("Z", "+00:00")) - timedelta(seconds=ago)
+        return {"step": 5, "totalSteps": 100, "percent": 5, "lastUpdated": t.strftime("%Y-%m-%dT%H:%M:%S.000Z")}
+
+    spec = {**cluster.body["spec"]}
+    spec["stages"] = [{**spec["stages"][0], "hangTimeoutSeconds": 60}, *spec["stages"][1:]]
+    stages = [{"name": "sft", "phase": "Running", "jobName": "tiny-sft-1", "attempts": 1,
+               "startTime": "2026-11-21T11:50:00Z", "progress": progress(100)},
+              {"name": "dpo", "phase": "Pending"}, {"name": "eval", "phase": "Pending"}]
+    cached = {**cluster.body, "spec": spec, "status": {"phase": "Running", "stages": stages},
+              "metadata": {**cluster.body["metadata"], "resourceVersion": "20"}}
+    controller.cache.put_run(cached)
+    server = {**cached, "status": {"phase": "Running", "stages": [{**stages[0], "progress": progress(reported_s_ago)},
+                                                                  *stages[1:]]},
+              "metadata": {**cached["metadata"], "resourceVersion": "21"}}
+    cluster.body, cluster.rv, reads = server, 21, []
+    monkeypatch.setattr(kube, "get_run", lambda ns, name: reads.append(name) or cluster.body)
+    monkeypatch.setattr(controller, "_children", lambda body, status: {"sft": ObservedChild(
+        "sft", "tiny-sft-1", "Running", attempts=1, uid="job-uid", created="2026-11-21T11:50:00Z")})
+    return server, reads
+
+
+def test_a_hang_seen_on_a_stale_copy_of_the_run_deletes_nothing(cluster, monkeypatch):
+    """The cache's copy says no report for 100 s (hangTimeoutSeconds 60); the API server has the report the
+    progress endpoint wrote 2 s ago (its watch event not in yet). The delete is decided on the server's copy:
+    no Job deleted, no restart counted."""
+    _, reads = _hang_run_bodies(cluster, monkeypatch, reported_s_ago=2)
+    controller.process(KEY)
+    assert reads == ["tiny", "tiny"], "read afresh before the delete, and decided again on that copy"
+    assert cluster.deleted == [], cluster.deleted
+    assert all(not s["stages"][0].get("restarts") for s in cluster.writes), cluster.writes
+    assert controller.queue.sizes()["delayed"] == 1, "looked at again when the hang timeout would end"
+
+
+def test_a_hang_the_api_servers_copy_confirms_is_restarted(cluster, monkeypatch):
+    """The same, the server's copy as silent (its report 100 s old too, a newer rv for another field): the
+    restart goes ahead (the check above is no check that cannot fail)."""
+    _, reads = _hang_run_bodies(cluster, monkeypatch, reported_s_ago=100)
+    controller.process(KEY)
+    assert reads == ["tiny", "tiny"] and cluster.deleted == ["tiny-sft-1"], (reads, cluster.deleted)
+    sft = cluster.writes[-1]["stages"][0]
+    assert sft["restarts"] == 1 and sft["lastRestart"].startswith("Hang: no progress or heartbeat for 100s"), sft
