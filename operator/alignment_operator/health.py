@@ -107,6 +107,18 @@ def silent_for(st: StageStatus, now: datetime) -> float | None:
 RANK_STALE_S = 15  # a rank beats every 5 s and status gets a beat within 5 s more: this long without one, it stopped
 
 
+def _beats(st: StageStatus) -> tuple[datetime, list[tuple[int, datetime]]] | None:
+    """(the current attempt's start, every rank's last alive beat, by rank), None when there is nothing to read
+    (no beat yet, no start) or what status holds is no time."""
+    p = st.progress
+    if p is None or not p.ranks or not st.start_time:
+        return None
+    try:
+        return _ts(st.start_time), sorted((int(r), _ts(t)) for r, t in p.ranks.items())
+    except (ValueError, TypeError):
+        return None
+
+
 def rank_silent_for(st: StageStatus, now: datetime) -> float | None:
     """Seconds since the quietest rank of the current attempt last beat; None before any rank of it beat (a
     rank loading its model beats nothing yet) or once the stage reported its last step (ranks stop beating at
@@ -115,14 +127,11 @@ def rank_silent_for(st: StageStatus, now: datetime) -> float | None:
     goes quiet. The stage's own clock (`silent_for`) can keep moving meanwhile: rank 0, blocked between steps
     in a collective with the stopped rank (transformers gathers the next batch's token count before
     on_step_begin), still sends its between-steps heartbeat reports."""
-    p = st.progress
-    if p is None or not p.ranks or not st.start_time or finishing(st):
+    read = None if finishing(st) else _beats(st)
+    if read is None:
         return None
-    try:
-        started, beats = _ts(st.start_time), [_ts(t) for t in p.ranks.values()]
-    except (ValueError, TypeError):
-        return None
-    this_attempt = [t for t in beats if t >= started]
+    started, beats = read
+    this_attempt = [t for _, t in beats if t >= started]
     return (now - min(this_attempt)).total_seconds() if this_attempt else None
 
 
@@ -130,14 +139,10 @@ def stopped_ranks(st: StageStatus, now: datetime, timeout: int) -> tuple[list[st
     """(stopped, beating): the ranks of the current attempt whose alive beats (progress.ranks) stopped
     RANK_STALE_S (or the hang timeout, when shorter) ago, each with how long, and those still beating.
     A beat from before the attempt started is none of this attempt's."""
-    p = st.progress
-    if p is None or not p.ranks or not st.start_time:
+    read = _beats(st)
+    if read is None:
         return [], []
-    try:
-        started, beats = _ts(st.start_time), sorted((int(r), _ts(t)) for r, t in p.ranks.items())
-    except (ValueError, TypeError):
-        return [], []
-    stale, stopped, beating = min(RANK_STALE_S, timeout), [], []
+    (started, beats), stale, stopped, beating = read, min(RANK_STALE_S, timeout), [], []
     for rank, last in beats:
         age = (now - last).total_seconds()
         if last < started:

@@ -205,66 +205,37 @@ def test_tiny_run_sft_dpo_eval_in_real_pods(real, restricted_ns, tmp_path):
           f"logp accuracy DPO {evaluation['logp_accuracy']:.2f} vs SFT {evaluation['reference_logp_accuracy']:.2f}")
 
 
-def test_deleted_dpo_pod_resumes_from_newest_checkpoint(real, restricted_ns, tmp_path):
-    """Scenario 3: the DPO pod is deleted mid-training; the Job's replacement pod resumes from
-    the newest checkpoint the first one wrote, and the step counter carries on from there."""
-    ns, plane, started = restricted_ns, real.plane, time.monotonic()
-    volume = prepare_volume(real, ns, "resume")
-    doc = one_stage_run("resume", "dpo")  # DPO straight from the tiny model: this test is about DPO's pod
-    # 100 steps, a checkpoint every 10: time to delete the pod mid-way
-    doc["spec"]["stages"][0]["training"]["epochs"] = 4
-    operator = start_operator(real, ns, tmp_path)
-    try:
-        plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(doc))
-        first = running_pod(real, ns, child("resume", "dpo"))
-        out = stage_output(plane, volume, ns, "resume", "dpo")
-        complete = lambda: complete_checkpoints(out)
-        wait_checkpoint(real, ns, "resume", out)
-        plane.kubectl("delete", "pod", "-n", ns, first, "--wait=true", "--timeout=120s")
-        newest = complete()[0]  # what the first pod left (it may have saved one more while stopping)
-        run = wait_phase(real, ns, "resume", {"Succeeded", "Failed"}, timeout=900)
-    finally:
-        operator.stop()
-    assert run["status"]["phase"] == "Succeeded", json.dumps(run["status"], indent=1)
-    pods = json.loads(plane.kubectl("get", "pods", "-n", ns, "-l", f"batch.kubernetes.io/job-name={child('resume', 'dpo')}",
-                                    "-o", "json").stdout)["items"]
-    assert [p["metadata"]["name"] for p in pods] != [first] and pods, "no replacement pod"
-    log = plane.kubectl("logs", "-n", ns, pods[-1]["metadata"]["name"]).stdout
-    start = next(e for e in events(log) if e["event"] == "start")
-    assert start["resume_from"] and start["resume_from"].endswith(f"checkpoint-{newest}"), start
-    steps = [e["step"] for e in events(log) if e["event"] == "progress"]
-    assert steps and steps[0] > newest and steps[-1] == 100, steps
-    assert run["status"]["stages"][0]["metrics"]["global_step"] == 100
-    print(f"\nscenario 3 (DPO pod deleted after checkpoint-{newest}; replacement resumed there, "
-          f"first step it logged {steps[0]}): {time.monotonic() - started:.0f}s")
-
-
-def test_evicted_dpo_pod_resumes_without_counting_against_backoff_limit(real, restricted_ns, tmp_path):
+def test_an_evicted_then_a_deleted_dpo_pod_each_resume_and_only_the_deletion_counts(real, restricted_ns, tmp_path):
     """Issue 13: the DPO pod is evicted through the Eviction API mid-training (what a node drain or
     the scheduler's preemption does). The pod gets the DisruptionTarget condition, the Job's
-    podFailurePolicy ignores it (status.failed stays 0, backoffLimit 0 would otherwise have failed
-    the Job), the replacement resumes from the newest checkpoint, and the run never shows Failed.
-    Issue 31: status showed the work at risk before the eviction, and counts the eviction as a
-    disruption with what it cost (steps and seconds back to a checkpoint the new pod resumed from)."""
+    podFailurePolicy ignores it (not counted in status.failed), the replacement resumes from the
+    newest checkpoint, and the run never shows Failed. Issue 31: status showed the work at risk
+    before the eviction, and counts the eviction as a disruption with what it cost (steps and seconds
+    back to a checkpoint the new pod resumed from).
+    Scenario 3, on the same Job: the replacement is then deleted (kubectl delete pod: no
+    DisruptionTarget, so a counted failure, within backoffLimit 1) after a checkpoint of its own; the
+    Job's third pod resumes from the newest checkpoint the second left, and the step counter carries
+    on from there. Had the eviction been counted too, the Job would have failed (2 > backoffLimit 1)."""
     from kubernetes import client
 
     ns, plane, started = restricted_ns, real.plane, time.monotonic()
     volume = prepare_volume(real, ns, "evict")
-    doc = one_stage_run("evict", "dpo")
+    doc = one_stage_run("evict", "dpo")  # DPO straight from the tiny model: this test is about DPO's pod
     dpo = doc["spec"]["stages"][0]
     # 150 steps, a checkpoint every 10: the pod pushes progress every 5 s, so the run must outlast a
     # push or two after its first checkpoint for the operator to know the work at risk (quiet: seen
-    # at step ~50, ~10 s; it was 300 steps, 150 more trained after the resume for nothing)
+    # at step ~50, ~10 s), then the second pod a checkpoint of its own
     dpo["training"]["epochs"] = 6
     last = 150
-    dpo["backoffLimit"] = 0        # a counted failure would fail the stage at once
+    dpo["backoffLimit"] = 1        # one counted failure (the deletion) is allowed; a second fails the Job
     api = plane.api_client()
     core = client.CoreV1Api(api)
+    job_name = child("evict", "dpo")
     operator = start_operator(real, ns, tmp_path, progress=True)  # the cost is read from live progress
     phases: list[str] = []
     try:
         plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(doc))
-        first = running_pod(real, ns, child("evict", "dpo"))
+        first = running_pod(real, ns, job_name)
         out = stage_output(plane, volume, ns, "evict", "dpo")
         complete = lambda: complete_checkpoints(out)
         wait_checkpoint(real, ns, "evict", out)
@@ -282,6 +253,16 @@ def test_evicted_dpo_pod_resumes_without_counting_against_backoff_limit(real, re
             metadata=client.V1ObjectMeta(name=first, namespace=ns)))
         evicted = json.loads(plane.kubectl("get", "pod", first, "-n", ns, "-o", "json").stdout)
         disruption = [c for c in evicted["status"].get("conditions", []) if c["type"] == "DisruptionTarget"]
+        second = running_pod(real, ns, job_name)
+        assert second != first, second
+        newest_at_eviction = wait_for("the evicted pod gone", timeout=120, interval=0.5, fn=lambda: (
+            not core.list_namespaced_pod(ns, field_selector=f"metadata.name={first}").items and complete()[0]))
+        # the second pod's own checkpoint, then it is deleted
+        wait_for("a checkpoint of the second pod", timeout=300, interval=0.5,
+                 fn=lambda: complete()[0] > newest_at_eviction)
+        said = events(plane.kubectl("logs", "-n", ns, second).stdout)  # (a deleted pod's log goes with it)
+        plane.kubectl("delete", "pod", "-n", ns, second, "--wait=true", "--timeout=120s")
+        newest_at_deletion = complete()[0]  # what the second pod left (it may have saved one more while stopping)
         deadline = time.monotonic() + 900
         while time.monotonic() < deadline:
             phase = (get_run(api, ns, "evict").get("status") or {}).get("phase")
@@ -290,27 +271,35 @@ def test_evicted_dpo_pod_resumes_without_counting_against_backoff_limit(real, re
             if phase in ("Succeeded", "Failed"):
                 break
             time.sleep(0.5)
-        newest_before = max(n for n in complete() if n < last)
         run = get_run(api, ns, "evict")
         # The run goes on as soon as the pod succeeded; the Job controller marks the Job a little later.
-        plane.kubectl("wait", "-n", ns, "--for=condition=Complete", "--timeout=120s", f"job/{child('evict', 'dpo')}", check=False)
-        job = json.loads(plane.kubectl("get", "job", child("evict", "dpo"), "-n", ns, "-o", "json").stdout)
+        plane.kubectl("wait", "-n", ns, "--for=condition=Complete", "--timeout=120s", f"job/{job_name}", check=False)
+        job = json.loads(plane.kubectl("get", "job", job_name, "-n", ns, "-o", "json").stdout)
     finally:
         operator.stop()
     assert disruption and disruption[0]["status"] == "True" and disruption[0]["reason"] == "EvictionByEvictionAPI", evicted["status"]
     assert run["status"]["phase"] == "Succeeded", json.dumps(run["status"], indent=1)
     assert "Failed" not in phases, phases
-    assert (job["status"].get("failed") or 0) == 0 and job["status"].get("succeeded") == 1, (job["status"], phases)
+    # the deletion counted, the eviction not
+    assert job["status"].get("failed") == 1 and job["status"].get("succeeded") == 1, (job["status"], phases)
     stage = run["status"]["stages"][0]
-    assert stage["attempts"] == 1 and stage.get("restarts", 0) == 0, stage  # the eviction was not counted
-    pods = json.loads(plane.kubectl("get", "pods", "-n", ns, "-l", f"batch.kubernetes.io/job-name={child('evict', 'dpo')}",
-                                    "-o", "json").stdout)["items"]
-    replacement = [p for p in pods if p["metadata"]["name"] != first]
-    assert replacement, [p["metadata"]["name"] for p in pods]
-    log = plane.kubectl("logs", "-n", ns, replacement[-1]["metadata"]["name"]).stdout
+    assert stage["attempts"] == 2 and stage.get("restarts", 0) == 0, stage
+    pods = {p["metadata"]["name"]: p for p in json.loads(plane.kubectl(
+        "get", "pods", "-n", ns, "-l", f"batch.kubernetes.io/job-name={job_name}", "-o", "json").stdout)["items"]}
+    third = [n for n in pods if n not in (first, second)]
+    assert len(third) == 1, sorted(pods)
+    log = plane.kubectl("logs", "-n", ns, third[0]).stdout
     start = next(e for e in events(log) if e["event"] == "start")
     resumed = int(start["resume_from"].rsplit("-", 1)[1]) if start.get("resume_from") else None
-    assert resumed is not None and resumed <= newest_before, (start, newest_before)
+    # the third pod resumed from the newest checkpoint the second left
+    assert resumed == newest_at_deletion, (start, newest_at_deletion)
+    steps = [e["step"] for e in events(log) if e["event"] == "progress"]
+    assert steps and steps[0] > resumed and steps[-1] == last, steps
+    assert stage["metrics"]["global_step"] == last
+    # the second pod resumed from a checkpoint the first left
+    start2 = next(e for e in said if e["event"] == "start")
+    assert start2.get("resume_from") and int(start2["resume_from"].rsplit("-", 1)[1]) <= newest_at_eviction, (
+        start2, newest_at_eviction)
     # The eviction is counted as a disruption (not a restart), with what it cost (issue 31): the steps
     # trained past the newest complete checkpoint the operator had seen, and their seconds, in status.
     # The evicted pod's trainer saves a checkpoint on SIGTERM and pushes it, so the charge is often 0
@@ -320,14 +309,13 @@ def test_evicted_dpo_pod_resumes_without_counting_against_backoff_limit(real, re
     assert stage.get("disruptions") == 1 and cost and first in stage["lastDisruption"], stage.get("lastDisruption")
     assert "EvictionByEvictionAPI" in stage["lastDisruption"], stage["lastDisruption"]
     assert int(cost[1]) == stage.get("lostSteps", 0) and int(cost[3]) >= at_risk["step"], (stage["lastDisruption"], at_risk)
-    assert cost[4] == f"checkpoint-{int(cost[3]) - int(cost[1])}" and int(cost[3]) - int(cost[1]) <= resumed, (
-        stage["lastDisruption"], resumed)  # charged back to a checkpoint the new pod had (or a newer one)
+    assert cost[4] == f"checkpoint-{int(cost[3]) - int(cost[1])}" and int(cost[3]) - int(cost[1]) <= newest_at_eviction, (
+        stage["lastDisruption"], newest_at_eviction)  # charged back to a checkpoint the new pod had (or a newer one)
     assert cost[2] is not None and stage.get("lostSeconds", 0) >= 0, stage
-    steps = [e["step"] for e in events(log) if e["event"] == "progress"]
-    assert steps and steps[0] > resumed and steps[-1] == last, steps
-    print(f"\nissue 13 (DPO pod evicted; resumed from checkpoint-{resumed}, Job failed=0, phases {phases}; "
-          f"work at risk before it: step {at_risk['step']} past checkpoint-{at_risk['checkpointStep']} "
-          f"({at_risk['workAtRiskSeconds']}s); "
+    print(f"\nissue 13 (DPO pod evicted at checkpoint-{newest_at_eviction}, not counted; its replacement deleted "
+          f"after checkpoint-{newest_at_deletion}, counted (Job failed=1, backoffLimit 1); the third pod resumed from "
+          f"checkpoint-{resumed}; phases {phases}; work at risk before the eviction: step {at_risk['step']} past "
+          f"checkpoint-{at_risk['checkpointStep']} ({at_risk['workAtRiskSeconds']}s); "
           f"status: {stage['lastDisruption']!r}, lostSteps {stage.get('lostSteps', 0)}, lostSeconds "
           f"{stage.get('lostSeconds', 0)}): {time.monotonic() - started:.0f}s")
 
