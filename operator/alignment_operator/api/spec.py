@@ -345,7 +345,10 @@ class StageSpec(ApiModel):
         "against backoffLimit, then it fails with reason Hang) when it has reported no step and no heartbeat "
         "for this long once training started. The trainer beats between steps (logging, evaluation, checkpoint "
         "writes, the next batch); loading and reference precompute come before its first report. Default: 10 "
-        "of the stage's measured steps, at least 300."))
+        "of the stage's measured steps, at least 300. On a cluster a report reaches status up to ~10 s after "
+        "the trainer made it (it pushes at most every 5 s, the operator writes at most every 5 s), and a pod "
+        "without a CPU request is starved while its neighbours compute: under ~30 s a healthy stage can be "
+        "restarted."))
     guards: GuardsSpec | None = Field(None, description=(
         "When training learns nothing (GRPO rewards that all tie, a reward or judge failing on many samples, "
         "preference accuracy at chance after warmup): thresholds, and fatal to fail the stage instead of only "
