@@ -301,10 +301,11 @@ class HangWatch:
                 continue
             tree = _descendants(self.proc.pid)
             stopped = [f"rank {rank} (pid {pid})" for pid, state, rank in tree if state in "Tt"]
+            halted = {rank for _, state, rank in tree if state in "Tt"}
             if waited >= timeout:
                 words = health.hang_words(st(), waited, timeout, stopped)
             elif stopped:  # the stage still reports: a rank stopped
-                still = sorted({rank for _, state, rank in tree if state not in "Tt"} - {r.split()[1] for r in stopped})
+                still = sorted({rank for _, state, rank in tree if state not in "Tt"} - halted)
                 words = health.hang_words(st(), quiet, timeout, stopped, still, from_ranks=True)
             else:  # it went on meanwhile (SIGCONT)
                 stopped_since = {}
