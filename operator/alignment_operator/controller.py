@@ -112,6 +112,10 @@ def process(key: Key) -> None:
     try:
         after = reconcile_run(*key)
     except Exception as e:  # noqa: BLE001 - whatever it was, the run gets a next step and says why
+        if _deleted_under_it(key, e):
+            log.info("%s/%s: deleted while it was reconciled; nothing left to do", *key)
+            forget(*key)
+            return
         _wait(key, e)
         return
     queue.forget(key)
@@ -125,6 +129,18 @@ def forget(namespace: str, name: str) -> None:
     queue.drop((namespace, name))
     _listed.pop((namespace, name), None)
     metrics.observe_phase(namespace, name, None)
+
+
+def _deleted_under_it(key: Key, exc: Exception) -> bool:
+    """A reconcile that failed on a 404 because the run itself is gone (deleted, or its namespace, while
+    it ran: the status write answers 404): not an error and nothing to wait for. A 404 on anything
+    else (a child, a ConfigMap it reads) leaves the run there, and is waited on as any other error."""
+    if not isinstance(exc, kube.ApiException) or exc.status != 404:
+        return False
+    try:
+        return kube.get_run(*key) is None
+    except Exception:  # noqa: BLE001 - not known to be gone: waited on
+        return False
 
 
 def _wait(key: Key, exc: Exception) -> None:

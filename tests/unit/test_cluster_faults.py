@@ -550,3 +550,23 @@ def test_a_hang_the_api_servers_copy_confirms_is_restarted(cluster, monkeypatch)
     assert reads == ["tiny", "tiny"] and cluster.deleted == ["tiny-sft-1"], (reads, cluster.deleted)
     sft = cluster.writes[-1]["stages"][0]
     assert sft["restarts"] == 1 and sft["lastRestart"].startswith("Hang: no progress or heartbeat for 100s"), sft
+
+
+def test_a_run_deleted_while_it_is_reconciled_is_forgotten_not_an_error(cluster, monkeypatch):
+    """Its status write answers 404 (the run, or its namespace, was deleted mid-reconcile): no error is
+    counted, nothing is requeued, nothing of it stays in memory. A 404 while the run is still there
+    (a child gone) is an error, waited on as any other."""
+    from alignment_operator import metrics
+
+    errors = lambda: metrics.RECONCILE_ERRORS._value.get()  # noqa: E731
+    cluster.fail_status = api_error(404, 'alignmentruns.alignment.dev "tiny" not found')
+    before = errors()
+    controller.process(KEY)  # the run is still there: waited on
+    assert errors() == before + 1 and controller.queue.sizes()["delayed"] == 1
+    assert cluster.created, "the reconcile ran up to its status write"
+
+    monkeypatch.setattr(kube, "get_run", lambda ns, name: None)  # now deleted
+    controller.process(KEY)
+    assert errors() == before + 1, "a run deleted under its reconcile is no reconcile error"
+    assert controller.queue.sizes()["delayed"] == 0 and controller.queue.failures(KEY) == 0
+    assert controller.cache.sizes() == {"runs": 0, "children": 0, "pods": 0, "finished": 0}
