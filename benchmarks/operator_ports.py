@@ -253,7 +253,7 @@ async def flood(info: dict, pid: int, idle: int, seconds: float, sources: int) -
     held = await hold(port, idle // 2) + await hold(metrics_port, idle - idle // 2)
     tasks = [asyncio.create_task(bad_worker(i)) for i in range(24)] + [
         asyncio.create_task(scrape_worker(i)) for i in range(4)] + [asyncio.create_task(prometheus())]
-    if info.get("token"):  # else a real stage pod pushes (tests/cluster/test_progress_real_node.py)
+    if info.get("token"):  # else a real stage pod pushes (tests/cluster/test_real_node.py::test_tiny_run_sft_dpo_eval_in_real_pods)
         tasks.append(asyncio.create_task(stage_pod()))
     await asyncio.sleep(seconds)
     stop.set()

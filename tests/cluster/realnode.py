@@ -9,12 +9,16 @@ The fixtures are re-exported by conftest.py; import the helpers from here.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
+import importlib.util
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -26,7 +30,7 @@ import yaml
 from alignment_operator.identity import LABEL_RUN
 from controlplane import REPO, ControlPlane, StartupError, binaries_dir, free_port, missing_binaries, wait_for
 import kubelet
-from kubelet import get_run
+from kubelet import DPO, get_run
 from node import Node, host_ip, image_ref, missing_requirements
 from operator_process import Operator
 
@@ -249,3 +253,79 @@ def events(text: str) -> list[dict]:
             except json.JSONDecodeError:
                 pass
     return out
+
+
+# ---- live progress: the operator as a pod runs it, and a flood of its two ports
+
+PROBE = """
+import os, ssl, urllib.request, urllib.error
+url = os.environ["KUBEFLOW_TRAINER_SERVER_URL"]
+token = open(os.environ["KUBEFLOW_TRAINER_SERVER_TOKEN"]).read().strip()
+ctx = ssl.create_default_context(cafile=os.environ["KUBEFLOW_TRAINER_SERVER_CA_CERT"])
+req = urllib.request.Request(url, data=b'{"trainerStatus": {"lastUpdatedTime": "2000-01-01T00:00:00Z"}}',
+                             method="POST", headers={"Authorization": "Bearer " + token})
+try:
+    print(urllib.request.urlopen(req, timeout=10, context=ctx).status)
+except urllib.error.HTTPError as e:
+    print(e.code, e.read().decode()[:300])
+except Exception as e:
+    print(type(e).__name__, e)
+"""
+
+
+def progress_operator(real, ns: str, tmp_path) -> Operator:
+    """The operator with its progress endpoint on the node's IP (all addresses: loopback too), and
+    the open-file limit of a pod's container (1024)."""
+    port, ip = free_port(), host_ip()
+    op = Operator(real.plane.kubeconfig, ns, tmp_path / "operator.log", nofile=1024, extra_env={
+        "ALIGNMENT_TRAINER_IMAGE": image_ref("trainer"), "ALIGNMENT_PROGRESS_PORT": str(port),
+        "ALIGNMENT_PROGRESS_URL": f"https://{ip}:{port}", "ALIGNMENT_PROGRESS_HOSTNAMES": ip}).start()
+    op.progress_port = port
+    return op
+
+
+IDLE, FLOOD_SECONDS = 2000, 30
+
+
+class Flood(threading.Thread):
+    """benchmarks/operator_ports.py's flood against the operator's two ports, on loopback only
+    (127.0.0.1 and 127.0.0.2): IDLE idle connections held, 24 workers posting bad tokens (garbage
+    and forged JWTs of the stage's audience), 4 scraping /metrics, a scrape every 2 s from
+    127.0.0.2, for FLOOD_SECONDS; the stage's real pod makes the good pushes."""
+
+    def __init__(self, operator: Operator, ca: str, path: str, aud: str):
+        super().__init__(daemon=True)
+        spec = importlib.util.spec_from_file_location("operator_ports", REPO / "benchmarks/operator_ports.py")
+        self.bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(self.bench)
+        self.info = {"port": operator.progress_port, "metrics_port": operator.metrics_port, "path": path,
+                     "ca": ca, "aud": aud}
+        self.pid, self.result, self.error, self.started = operator.proc.pid, None, None, time.monotonic()
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # this process holds the idle connections
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, IDLE + 1000)), hard))
+
+    def run(self):
+        try:
+            self.result = asyncio.run(self.bench.flood(self.info, self.pid, IDLE, FLOOD_SECONDS, sources=1))
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            self.error = e
+
+
+def start_flood(plane, ns: str, operator: Operator) -> Flood:
+    """The flood, aimed at the running dpo stage's progress URL with its CA, started."""
+    from urllib.parse import urlparse
+
+    from kubernetes import client
+    api = plane.api_client()
+    pod = client.BatchV1Api(api).read_namespaced_job(DPO, ns).spec.template.spec
+    url = next(e.value for e in pod.containers[0].env if e.name == "KUBEFLOW_TRAINER_SERVER_URL")
+    ca = client.CoreV1Api(api).read_namespaced_config_map(f"{DPO}-recipe", ns).data["progress-ca.crt"]
+    flood = Flood(operator, ca, urlparse(url).path, f"progress.alignment.dev/{ns}/{DPO}")
+    flood.start()
+    return flood
+
+
+def second_run() -> dict:
+    doc = yaml.safe_load((REPO / "examples/tiny-run.yaml").read_text())
+    doc["metadata"]["name"] = "second"
+    return doc

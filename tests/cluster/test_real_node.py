@@ -25,10 +25,11 @@ import pytest
 import yaml
 
 from controlplane import REPO, wait_for
-from kubelet import DPO, EVAL, SFT, apply_tiny, child, get_run, jobs, stage_output
+from kubelet import DPO, EVAL, SFT, apply_tiny, child, column_of, get_run, jobs, stage, stage_output
 from node import image_ref
-from realnode import (assert_resumed, complete_checkpoints, events, one_stage_run, prepare_volume, running_pod,
-                      start_operator, two_rank_run, wait_checkpoint, wait_phase)
+from realnode import (FLOOD_SECONDS, PROBE, assert_resumed, complete_checkpoints, events, one_stage_run,
+                      prepare_volume, progress_operator, running_pod, second_run, start_flood, start_operator,
+                      two_rank_run, wait_checkpoint, wait_phase)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import s3server  # noqa: E402
@@ -86,7 +87,14 @@ def test_tiny_run_sft_dpo_eval_in_real_pods(real, restricted_ns, tmp_path):
     node's IP (the volume holds no copy: the pods fetch them once into the run's sources/ with the key
     pair from a Secret); promoted by its gate, the model is exported by the operator's export Job (a
     pod of the trainer image) to the same server: the bucket holds dpo's final/ byte for byte, its card
-    listing the URI."""
+    listing the URI.
+    Live progress on the same run (issue 25): the stage pods push to the operator's progress endpoint
+    with the projected token the kubelet mints for them, through transformers' own KubeflowCallback,
+    unchanged (ALIGNMENT_PROGRESS_CALLBACK=transformers in spec.trainer.env; ours is shown on the
+    evicted-pod test here and from the host in tests/cluster/test_progress_cluster.py); `kubectl get ar`
+    shows dpo's percent rise, the numbers match the pods' metrics.jsonl; while dpo trains, a flood of
+    the operator's two ports (run with a container's open-file limit) neither stops its reconciles (a
+    run applied during it gets its first Job) nor the pod's pushes."""
     ns, plane, started = restricted_ns, real.plane, time.monotonic()
     volume = prepare_volume(real, ns, "tiny")
     token = f"hf_{uuid.uuid4().hex}"
@@ -107,10 +115,14 @@ def test_tiny_run_sft_dpo_eval_in_real_pods(real, restricted_ns, tmp_path):
     plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump({
         "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3"},
         "stringData": {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key}}))
-    operator = start_operator(real, ns, tmp_path)
+    operator = progress_operator(real, ns, tmp_path)
+    api = real.plane.api_client()
+    column: list[str] = []
+    flood, landed, second_job, second_gone, dpo_at_flood_end = None, {}, None, False, None
     try:
         apply_tiny(plane, ns, model=model, stages=json.loads(text),
-                   trainer={"hfTokenSecretRef": {"name": "hf", "key": "token"}},
+                   trainer={"hfTokenSecretRef": {"name": "hf", "key": "token"},
+                            "env": [{"name": "ALIGNMENT_PROGRESS_CALLBACK", "value": "transformers"}]},
                    objectStore={"endpointUrl": s3.endpoint, "credentialsSecretName": "s3"},
                    promote={"gates": [{"metric": "preference_accuracy", "min": 0.0}],
                             "exports": [{"uri": "s3://exports/tiny"}]})
@@ -120,9 +132,35 @@ def test_tiny_run_sft_dpo_eval_in_real_pods(real, restricted_ns, tmp_path):
         seen = plane.kubectl("exec", "-n", ns, pod, "--", "python", "-c",
                              "import hashlib, os; print(hashlib.sha256(os.environ['HF_TOKEN'].encode()).hexdigest())")
         assert seen.stdout.strip() == hashlib.sha256(token.encode()).hexdigest()
-        run = wait_phase(real, ns, "tiny", {"Succeeded", "Failed"}, timeout=1200)
+        # From inside the sft pod: what a push gets (the stock callback swallows its errors).
+        probe = plane.kubectl("exec", "-n", ns, pod, "--", "python", "-c", PROBE, check=False)
+        print(f"\nin-pod probe of the progress endpoint: {probe.stdout.strip()} {probe.stderr.strip()[-500:]}")
+        while time.monotonic() - started < 1200:
+            run = get_run(api, ns, "tiny")
+            if (run.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+                break
+            shown = column_of(plane.kubectl("get", "ar", "tiny", "-n", ns).stdout, "PROGRESS")
+            if not column or column[-1] != shown:
+                column.append(shown)
+            dpo = stage(run, "dpo") if run.get("status", {}).get("stages") else {}
+            if flood is None and dpo.get("phase") == "Running" and dpo.get("progress"):
+                # dpo pushes: flood both ports, and apply a second run (its pods cannot fit beside
+                # dpo's on this node's two cores: it only has to get its first Job)
+                flood = start_flood(plane, ns, operator)
+                plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(second_run()))
+            if flood is not None and flood.is_alive():
+                if dpo.get("progress"):
+                    landed.setdefault(dpo["progress"].get("lastUpdated"), time.monotonic() - flood.started)
+                if second_job is None and child("second", "sft") in jobs(api, ns):
+                    second_job = time.monotonic() - flood.started
+            elif flood is not None and not second_gone:  # over: the second run leaves the cores to eval
+                dpo_at_flood_end = (dpo.get("phase"), (dpo.get("progress") or {}).get("step"))
+                second_gone = bool(plane.kubectl("delete", "ar", "second", "-n", ns, "--wait=false"))
+            time.sleep(1)
+        run = wait_phase(real, ns, "tiny", {"Succeeded", "Failed"}, timeout=60)
         wall = time.monotonic() - started
-        api = real.plane.api_client()
+        if flood is not None:
+            flood.join(60)
         exported = lambda r: next((c for c in r.get("status", {}).get("conditions", [])  # noqa: E731
                                    if c["type"] == "Exported" and c["status"] != "Unknown"), None)
         if run["status"]["phase"] == "Succeeded":
@@ -203,6 +241,41 @@ def test_tiny_run_sft_dpo_eval_in_real_pods(real, restricted_ns, tmp_path):
     assert '"event": "exported"' in export_logs and s3.secret_key not in export_logs + json.dumps(status)
     print(f"\nscenario 1+5 (tiny SFT -> DPO -> eval on the node): {wall:.0f}s, then the export {export_s:.0f}s; "
           f"logp accuracy DPO {evaluation['logp_accuracy']:.2f} vs SFT {evaluation['reference_logp_accuracy']:.2f}")
+
+    # Live progress: every stage's last push is its trainer's own last numbers; the column rose.
+    said = [line for line in (tmp_path / "operator.log").read_text().splitlines() if "progress" in line.lower()]
+    assert all("progress" in s for s in status["stages"][:2]), (probe.stdout, said[-20:], column)
+    for name in ("sft", "dpo"):
+        p = stage(run, name)["progress"]
+        rows = [json.loads(line) for line in (stage_output(plane, volume, ns, "tiny", name) / "metrics.jsonl").read_text().splitlines()]
+        logged = [r for r in rows if "loss" in r]
+        assert p["percent"] == 100 and p["step"] == p["totalSteps"] == rows[-1]["step"], (name, p)
+        assert p["loss"] == pytest.approx(logged[-1]["loss"], rel=1e-5), (name, p, logged[-1])
+        if name == "dpo":  # the stock callback passes every logged number on, TRL's reward metrics too
+            assert p["rewardMargin"] == pytest.approx(logged[-1]["rewards/margins"], rel=1e-5)
+        # its last report carries the trainer's summary row: the run's average tokens/s
+        summary_row = next((r for r in reversed(rows) if "train_tokens_per_second" in r), rows[-1])
+        assert p["tokensPerSecond"] == pytest.approx(summary_row.get("train_tokens_per_second"), rel=1e-5), (p, rows[-3:])
+    percents = [int(t.split()[1].rstrip("%")) for t in column if t.startswith("dpo ") and "%" in t]
+    assert sum(b > a for a, b in zip(percents, percents[1:])) >= 3, column
+    print(f"\nPROGRESS column on the real node: {column}")
+
+    # The flood while dpo trained (issue 25): the operator kept reconciling and taking the pod's pushes.
+    assert flood is not None and flood.error is None and flood.result, (flood and flood.error, column)
+    f = flood.result
+    print(f"\nflood of {FLOOD_SECONDS}s on loopback while dpo trained: {json.dumps(f)}; dpo pushes that landed "
+          f"during it at {sorted(landed.values())} s; the second run's Job at {second_job} s; dpo (phase, step) "
+          f"when it ended: {dpo_at_flood_end} of {stage(run, 'dpo')['progress']['totalSteps']}")
+    assert sum(f["bad"].values()) > 100 and not f["bad"].get(200), f["bad"]  # it ran; no bad token accepted
+    assert second_job is not None, "a run applied during the flood got no Job while it lasted"
+    pushes = [t for t in landed.values() if t > 2]  # distinct pushes first seen in status after it began
+    assert len(pushes) >= 2, (landed, column)
+    assert f["scrapes_200"] >= f["scrapes"] // 2 > 0, f
+    before, peak = f["before"], f["peak"]
+    assert peak["threads"] <= before["threads"] + 16, (before, peak)
+    assert peak["rss_mib"] <= before["rss_mib"] + 128, (before, peak)
+    assert peak["fds"] < 1024 - 64, (before, peak)   # room left for its own API calls under a pod's limit
+    assert "Too many open files" not in (tmp_path / "operator.log").read_text()
 
 
 def test_an_evicted_then_a_deleted_dpo_pod_each_resume_and_only_the_deletion_counts(real, restricted_ns, tmp_path):
@@ -437,8 +510,8 @@ def test_helm_installed_operator_in_a_pod_runs_the_tiny_run_and_survives_its_pod
     try:
         one_core = {"gpusPerNode": 0, "processesPerNode": 1, "cpu": 1, "memory": "4Gi", "sharedMemory": "256Mi"}
         doc = yaml.safe_load((REPO / "examples/tiny-run.yaml").read_text())
-        for stage in doc["spec"]["stages"]:
-            stage["resources"] = one_core  # the operator's pod takes 100m of the node's 2 cores
+        for spec in doc["spec"]["stages"]:
+            spec["resources"] = one_core  # the operator's pod takes 100m of the node's 2 cores
         doc["spec"]["stages"][0]["training"]["epochs"] = 10  # 250 steps: sft outlives the rolling update (over at 4% of 30 epochs)
         plane.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(doc))
         running_pod(real, ns, SFT)
