@@ -88,7 +88,7 @@ def test_release_publishes_the_images_the_charts_defaults_name():
     dockerfile = (REPO / "trainer_image/Dockerfile").read_text()
     for arg in cpu:
         assert re.search(rf"^ARG {arg}(=|$)", dockerfile, re.M), f"{arg} is no ARG of trainer_image/Dockerfile"
-    assert cpu["GPU_EXTRA"] == "" and cpu["PREBUILD_CPU_OPS"] == "1" and "python3-pip" in cpu["APT_PACKAGES"]
+    assert cpu["GPU_EXTRA"] == "" and "python3-pip" in cpu["APT_PACKAGES"]
 
 
 # ---------------------------------------------------------------------------- the GPU image's packages
