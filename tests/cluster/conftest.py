@@ -41,7 +41,7 @@ def pytest_configure(config):
     # Registered here, not in pyproject.toml: the trainer image reads pyproject.toml (its trainer extra),
     # so any edit there rebuilds the image's 3 GB dependency layer.
     config.addinivalue_line("markers", "waits: spends most of its wall time waiting (a fault window held open), "
-                                       "not computing: scripts/test runs it in the node tests' process")
+                                       "not computing: scripts/test runs these in a pytest process of their own")
 
 
 @pytest.fixture(scope="session")
