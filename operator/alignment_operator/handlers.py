@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlparse
 
 import kopf
@@ -30,21 +30,45 @@ def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     # burst of a thousand runs (with their Jobs and pods) would hold them all at once. A bounded
     # number of such tasks that exit soon after their last event bounds the memory instead
     # (the watch streams wait meanwhile).
-    settings.batching.worker_limit = int(os.environ.get("ALIGNMENT_OBJECT_WORKERS", "100"))
-    settings.batching.idle_timeout = 0.3
+    settings.queueing.worker_limit = int(os.environ.get("ALIGNMENT_OBJECT_WORKERS", "100"))
+    settings.queueing.idle_timeout = 0.3
     # No cluster scans (namespaces, CRDs): least-privilege RBAC refuses them, and we watch fixed resources.
     settings.scanning.disabled = True
-    endpoint = _serve_progress()
+    # kopf runs a startup that raised again 60 s later (a transient API error in configure's reads):
+    # what an earlier try started, a bound port or the workers, is kept rather than started twice
+    # (a second bind of our own port would fail every retry, and the operator never come up).
+    endpoint = _once("progress", _serve_progress)
+    port = int(os.environ.get("ALIGNMENT_METRICS_PORT", "9090"))
+    if port:
+        _once("metrics", lambda: _listen("ALIGNMENT_METRICS_PORT", port, lambda: metrics.serve(port)))
     context = controller.configure(progress_url=endpoint.url if endpoint else "",
                                    progress_ca=endpoint.ca_pem if endpoint else "")
     # Reconciles run in this many threads: enough to keep the API server busy, few enough not to
     # queue on it (a reconcile is mostly waiting on its writes).
-    controller.start(int(os.environ.get("ALIGNMENT_WORKERS", "8")))
-    port = int(os.environ.get("ALIGNMENT_METRICS_PORT", "9090"))
-    if port:
-        metrics.serve(port)
+    _once("workers", lambda: controller.start(int(os.environ.get("ALIGNMENT_WORKERS", "8"))))
     log.info("trainer image %s; PyTorchJob CRD %s", context.trainer_image,
              "installed" if context.pytorchjob_available else "absent")
+
+
+_started: dict[str, Any] = {}
+
+
+def _once(what: str, start: Callable[[], Any]) -> Any:
+    """start() the first time only; its result after that."""
+    if what not in _started:
+        _started[what] = start()
+    return _started[what]
+
+
+def _listen(variable: str, port: int, serve: Callable[[], Any]) -> Any:
+    """serve(); a port this process cannot listen on (another process holds it, or it needs
+    privileges) stops the operator with the setting named, rather than retrying every minute
+    while the liveness probe fails without a word."""
+    try:
+        return serve()
+    except OSError as e:
+        raise kopf.PermanentError(f"{variable}={port}: cannot listen on it ({e.strerror or e}); "
+                                  f"choose a free port, or 0 for none") from e
 
 
 def _serve_progress() -> progress_server.Endpoint | None:
@@ -55,8 +79,9 @@ def _serve_progress() -> progress_server.Endpoint | None:
         log.info("no live progress: ALIGNMENT_PROGRESS_PORT=%s, ALIGNMENT_PROGRESS_URL=%r", port, url)
         return None
     hostnames = [h for h in os.environ.get("ALIGNMENT_PROGRESS_HOSTNAMES", "").split(",") if h]
-    endpoint, _ = progress_server.serve(port, url, os.environ.get("ALIGNMENT_PROGRESS_TLS_DIR") or None,
-                                        hostnames or [urlparse(url).hostname or "localhost"])
+    endpoint, _ = _listen("ALIGNMENT_PROGRESS_PORT", port, lambda: progress_server.serve(
+        port, url, os.environ.get("ALIGNMENT_PROGRESS_TLS_DIR") or None,
+        hostnames or [urlparse(url).hostname or "localhost"]))
     return endpoint
 
 

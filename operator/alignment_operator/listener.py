@@ -156,8 +156,12 @@ class Listener:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, self.port))
-        sock.listen(128)
+        try:
+            sock.bind((self.host, self.port))
+            sock.listen(128)
+        except OSError:
+            sock.close()
+            raise
         sock.setblocking(False)
         self._sock, self.port = sock, sock.getsockname()[1]
         self._task = asyncio.get_running_loop().create_task(self._accept(), name=f"{self.name}-accept")

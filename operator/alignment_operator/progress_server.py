@@ -680,8 +680,8 @@ def serve(port: int, url: str, tls_dir: str | None = None, hostnames: list[str] 
                                              RateLimiter(rate=50.0, burst=100.0)),
                         port, host, ssl_context=context, limits=limits)
     listener.progress = progress
-    _serving.append(progress)
     loop.call(listener.start())
+    _serving.append(progress)
     if tls_dir or refresh:
         watcher = CertWatcher(context, cert, key, refresh=refresh)
         loop.loop.call_soon_threadsafe(lambda: loop.loop.create_task(watcher.run()))
