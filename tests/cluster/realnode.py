@@ -204,12 +204,35 @@ def wait_checkpoint(real, ns: str, run: str, out: Path, step: int | None = None,
     return wait_for(f"{run}'s {what} in {out}", timeout=timeout, interval=0.2, fn=ready)
 
 
+# The node's stage pods train with one intra-op thread each: ONE_THREAD in spec.trainer.env comes
+# after the operator's own OMP_NUM_THREADS (their CPU limit over their processes) and the kubelet
+# keeps the last value of a name. On this 2-core machine the pods share the cores with the other two
+# pytest processes, and on a slow hour with other work: two OpenMP threads then meet at a barrier on
+# every op of the tiny model while one of them waits descheduled, and the pod's CFS quota is spent
+# spinning. One tiny SFT on the host took 15.7 s with two threads and 17.9 s with one when quiet,
+# 54 s against 28 s beside two busy loops (a stage pod: 12-15x its quiet time with two).
+ONE_THREAD = [{"name": "OMP_NUM_THREADS", "value": "1"}, {"name": "MKL_NUM_THREADS", "value": "1"}]
+
+
+def one_thread(doc: dict) -> dict:
+    """The run `doc` with ONE_THREAD after its trainer's own env."""
+    trainer = doc["spec"].setdefault("trainer", {})
+    trainer["env"] = [*trainer.get("env", []), *ONE_THREAD]
+    return doc
+
+
+def tiny_run(name: str = "tiny") -> dict:
+    """examples/tiny-run.yaml named `name`, its pods on one thread each (ONE_THREAD)."""
+    doc = one_thread(yaml.safe_load((REPO / "examples/tiny-run.yaml").read_text()))
+    doc["metadata"]["name"] = name
+    return doc
+
+
 def one_stage_run(name: str, stage: str | dict) -> dict:
     """examples/tiny-run.yaml named `name` with one stage: its stage called `stage` (its sft, dpo or
     eval, as the example has it: data paths relative to /workspace, the tiny model as the model), or
-    the stage given."""
-    doc = yaml.safe_load((REPO / "examples/tiny-run.yaml").read_text())
-    doc["metadata"]["name"] = name
+    the stage given; one thread a pod (ONE_THREAD)."""
+    doc = tiny_run(name)
     doc["spec"]["stages"] = [stage if isinstance(stage, dict) else
                              next(s for s in doc["spec"]["stages"] if s["name"] == stage)]
     return doc
@@ -326,6 +349,4 @@ def start_flood(plane, ns: str, operator: Operator) -> Flood:
 
 
 def second_run() -> dict:
-    doc = yaml.safe_load((REPO / "examples/tiny-run.yaml").read_text())
-    doc["metadata"]["name"] = "second"
-    return doc
+    return tiny_run("second")

@@ -20,9 +20,9 @@ import pytest
 import yaml
 
 import engines
-from controlplane import REPO, wait_for
+from controlplane import wait_for
 from kubelet import child, get_run, stage_output
-from realnode import (assert_resumed, complete_checkpoints, prepare_volume, start_operator, two_rank_run,
+from realnode import (assert_resumed, complete_checkpoints, prepare_volume, start_operator, tiny_run, two_rank_run,
                       wait_checkpoint, wait_phase)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.node, pytest.mark.timeout(1800)]
@@ -134,8 +134,7 @@ def test_a_queued_run_waits_suspended_until_kueue_admits_it(real, restricted_ns,
     local = {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "LocalQueue",
              "metadata": {"name": "team", "namespace": ns}, "spec": {"clusterQueue": "alignment"}}
     plane.kubectl("apply", "-f", "-", input=yaml.safe_dump_all([flavor, cluster_queue("0", "0"), local]))
-    doc = yaml.safe_load((REPO / "examples/tiny-run.yaml").read_text())
-    doc["metadata"]["name"] = "queued"
+    doc = tiny_run("queued")
     doc["spec"]["queueName"] = "team"
     sft = doc["spec"]["stages"][0]
     sft["training"]["epochs"] = 1

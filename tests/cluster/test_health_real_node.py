@@ -96,7 +96,7 @@ def test_a_wrong_world_fails_at_once_and_a_frozen_rank_restarts_both_from_the_ch
     try:
         # the world: one pod, told 2
         wrong = one_stage_run("world", "sft")
-        wrong["spec"]["trainer"] = {"env": [{"name": "ALIGNMENT_WORLD_SIZE", "value": "2"}]}
+        wrong["spec"]["trainer"]["env"].append({"name": "ALIGNMENT_WORLD_SIZE", "value": "2"})
         volume_w = prepare_volume(real, ns, "world")
         # the hang: two pods, ZeRO-3, a checkpoint every 5 steps
         # 52 steps: frozen soon after checkpoint-5, far from the end even when this process lags the pods (a

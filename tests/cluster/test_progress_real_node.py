@@ -17,7 +17,7 @@ import yaml
 
 from controlplane import REPO
 from kubelet import apply_tiny, stage
-from realnode import prepare_volume, progress_operator, wait_phase
+from realnode import ONE_THREAD, prepare_volume, progress_operator, wait_phase
 
 pytestmark = [pytest.mark.cluster, pytest.mark.node, pytest.mark.timeout(1800)]
 
@@ -30,7 +30,7 @@ def test_a_nan_loss_fails_the_stage_with_diverged_and_the_step(real, restricted_
         stages = yaml.safe_load((REPO / "examples/tiny-run.yaml").read_text())["spec"]["stages"]
         stages[0]["training"].update(learningRate=1e4, loggingSteps=1)
         started = time.monotonic()
-        apply_tiny(plane, ns, stages=stages)
+        apply_tiny(plane, ns, stages=stages, trainer={"env": ONE_THREAD})
         run = wait_phase(real, ns, "tiny", {"Failed", "Succeeded"}, timeout=600)
     finally:
         operator.stop()

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from controlplane import REPO
-from realnode import events, prepare_volume, start_operator, wait_phase
+from realnode import events, one_thread, prepare_volume, start_operator, wait_phase
 
 pytestmark = [pytest.mark.cluster, pytest.mark.node, pytest.mark.timeout(1800)]
 VARIANTS = ["dpo-0-01", "dpo-0-1", "dpo-0-5"]
@@ -29,7 +29,7 @@ def _t(s: str) -> float:
 def test_tiny_sweep_variants_run_side_by_side_share_the_reference_and_are_compared(real, restricted_ns, tmp_path):
     ns, plane, started = restricted_ns, real.plane, time.monotonic()
     prepare_volume(real, ns, "tiny-sweep")
-    doc = yaml.safe_load((REPO / "examples" / "tiny-sweep.yaml").read_text())
+    doc = one_thread(yaml.safe_load((REPO / "examples" / "tiny-sweep.yaml").read_text()))
     for stage in doc["spec"]["stages"]:  # three DPO (then eval) pods fit the 2-core node side by side;
         # sft runs alone: both cores (a pod's CPU limit is its request: at 500m its start-up crawled)
         stage["resources"].update(cpu="2" if stage["name"] == "sft" else "650m", memory="2Gi")
