@@ -204,12 +204,11 @@ def wait_checkpoint(real, ns: str, run: str, out: Path, step: int | None = None,
     return wait_for(f"{run}'s {what} in {out}", timeout=timeout, interval=0.2, fn=ready)
 
 
-# The node's stage pods train with one intra-op thread each: ONE_THREAD in spec.trainer.env comes
-# after the operator's own OMP_NUM_THREADS (their CPU limit over their processes) and the kubelet
-# keeps the last value of a name. On this 2-core machine the pods share the cores with the other two
-# pytest processes, and on a slow hour with other work: two OpenMP threads then meet at a barrier on
-# every op of the tiny model while one of them waits descheduled, and the pod's CFS quota is spent
-# spinning. One tiny SFT on the host took 15.7 s with two threads and 17.9 s with one when quiet,
+# The node's stage pods train with one intra-op thread each: ONE_THREAD in spec.trainer.env replaces
+# the operator's own OMP_NUM_THREADS (their CPU limit over their processes). On this 2-core machine
+# the pods share the cores with the other two pytest processes, and on a slow hour with other work:
+# two OpenMP threads then meet at a barrier on every op of the tiny model while one of them waits
+# descheduled, and the pod's CFS quota is spent spinning. One tiny SFT on the host took 15.7 s with two threads and 17.9 s with one when quiet,
 # 54 s against 28 s beside two busy loops (a stage pod: 12-15x its quiet time with two).
 ONE_THREAD = [{"name": "OMP_NUM_THREADS", "value": "1"}, {"name": "MKL_NUM_THREADS", "value": "1"}]
 

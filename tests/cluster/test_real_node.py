@@ -134,7 +134,7 @@ def test_tiny_run_sft_dpo_eval_in_real_pods(real, restricted_ns, tmp_path):
                              "os.environ['OMP_NUM_THREADS'])")
         digest, threads = seen.stdout.split()
         assert digest == hashlib.sha256(token.encode()).hexdigest()
-        assert threads == "1", seen.stdout  # ONE_THREAD, after the operator's 2 (cpu: 2)
+        assert threads == "1", seen.stdout  # ONE_THREAD, in place of the operator's 2 (cpu: 2)
         # From inside the sft pod: what a push gets (the stock callback swallows its errors).
         probe = plane.kubectl("exec", "-n", ns, pod, "--", "python", "-c", PROBE, check=False)
         print(f"\nin-pod probe of the progress endpoint: {probe.stdout.strip()} {probe.stderr.strip()[-500:]}")

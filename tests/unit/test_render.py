@@ -233,3 +233,38 @@ def test_jobset_names_leave_room_for_jobsets_pod_names():
 def test_pytorchjob_is_used_without_jobset():
     _, objs = multi_node(2, pytorchjob_available=True)
     assert [o["kind"] for o in objs] == ["ConfigMap", "PyTorchJob"]
+
+
+def test_a_variable_the_run_sets_replaces_the_operators_own_once_in_every_kind_of_child():
+    """trainer.env OMP_NUM_THREADS, HF_HOME: the run's value, one entry. JobSet's webhook refuses a pod
+    template naming a variable twice (a live node's JobSet run failed ChildRefused on it)."""
+    own = [{"name": "OMP_NUM_THREADS", "value": "1"}, {"name": "HF_HOME", "value": "/cache/hf"},
+           {"name": "MY_FLAG", "value": "on"}]
+
+    def containers(run, nodes, **ctx):
+        run.spec.stages[0].resources.nodes = nodes
+        run.spec.stages[0].resources.cpu = 16
+        objs = build_stage(run, 0, RenderContext(**ctx), "h")
+        child = next(o for o in objs if o["kind"] != "ConfigMap")
+        pods = [child["spec"]["template"]] if child["kind"] == "Job" else (
+            [r["template"]["spec"]["template"] for r in child["spec"]["replicatedJobs"]] if child["kind"] == "JobSet"
+            else [r["template"] for r in child["spec"]["pytorchReplicaSpecs"].values()])
+        return child["kind"], [c for p in pods for c in p["spec"]["containers"]]
+
+    kinds = set()
+    for nodes, ctx in ((1, {}), (2, {"jobset_available": True}), (2, {"pytorchjob_available": True})):
+        _, plain = containers(zephyr(), nodes, **ctx)
+        before = {e["name"]: e.get("value") for e in plain[0]["env"]}
+        assert before["OMP_NUM_THREADS"] not in (None, "1") and before["HF_HOME"] != "/cache/hf", before
+        run = zephyr()
+        run.spec.trainer.env = own
+        kind, rendered = containers(run, nodes, **ctx)
+        kinds.add(kind)
+        for container in rendered:
+            names = [e["name"] for e in container["env"]]
+            assert len(names) == len(set(names)), (kind, sorted(n for n in names if names.count(n) > 1))
+            env = {e["name"]: e for e in container["env"]}
+            assert (env["OMP_NUM_THREADS"]["value"], env["HF_HOME"]["value"], env["MY_FLAG"]["value"]) == (
+                "1", "/cache/hf", "on"), kind
+            assert "HF_TOKEN" in env and (kind != "JobSet" or "MASTER_ADDR" in env), kind  # the rest kept
+    assert kinds == {"Job", "JobSet", "PyTorchJob"}

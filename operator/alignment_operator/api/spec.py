@@ -398,7 +398,8 @@ class TrainerSpec(ApiModel):
     image: ImageRef | None = Field(None, description="Trainer image. Default: the operator's (Helm value trainer.image).")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field("IfNotPresent", description="Image pull policy.")
     env: list[corev1.shape("EnvVar", "core/v1 EnvVar.")] = Field([], max_length=128, description=(
-        "Extra environment variables (core/v1 EnvVar). Credentials come from a Secret through "
+        "Extra environment variables (core/v1 EnvVar). A name the operator sets too (OMP_NUM_THREADS, "
+        "HF_HOME, ...) takes the value given here. Credentials come from a Secret through "
         "valueFrom.secretKeyRef; a plain value under a secret-looking name (*_TOKEN, *_API_KEY, "
         "*_SECRET, *_PASSWORD) is refused."))
     env_from: list[corev1.shape("EnvFromSource", "core/v1 EnvFromSource.")] = Field(

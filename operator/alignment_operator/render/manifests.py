@@ -134,7 +134,7 @@ def _env(run: AlignmentRun, stage: StageSpec) -> list[dict[str, Any]]:
         env.append({"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
     env += _tracking_env(stage.tracking or run.spec.tracking)
     env += object_store_env(run)
-    return env + [dict(e) for e in run.spec.trainer.env]
+    return env
 
 
 def object_store_env(run: AlignmentRun) -> list[dict[str, Any]]:
@@ -172,6 +172,14 @@ def _resources(stage: StageSpec) -> dict[str, Any]:
     return {"limits": limits, "requests": dict(limits)} if limits else {}
 
 
+def _with_own_env(env: list[dict[str, Any]], own: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The operator's variables, then the run's own (trainer.env); a name both set gets the run's
+    value, once: the kubelet would keep the last of two, but JobSet's webhook refuses a template that
+    names a variable twice (and the API server warns on a Job's)."""
+    names = {e["name"] for e in own}
+    return [e for e in env if e["name"] not in names] + [dict(e) for e in own]
+
+
 def build_pod_template(run: AlignmentRun, index: int, ctx: RenderContext, command: list[str],
                        extra_env: list[dict[str, Any]] = (), container_name: str = "trainer") -> dict[str, Any]:
     stage = run.spec.stages[index]
@@ -182,7 +190,7 @@ def build_pod_template(run: AlignmentRun, index: int, ctx: RenderContext, comman
         "image": t.image or ctx.trainer_image,
         "imagePullPolicy": t.image_pull_policy,
         "command": command,
-        "env": [*extra_env, *progress_env, *_env(run, stage)],
+        "env": _with_own_env([*extra_env, *progress_env, *_env(run, stage)], t.env),
         "resources": _resources(stage),
         "volumeMounts": [
             {"name": "workspace", "mountPath": run.spec.storage.mount_path},
