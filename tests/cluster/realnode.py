@@ -208,8 +208,9 @@ def wait_checkpoint(real, ns: str, run: str, out: Path, step: int | None = None,
 # the operator's own OMP_NUM_THREADS (their CPU limit over their processes). On this 2-core machine
 # the pods share the cores with the other two pytest processes, and on a slow hour with other work:
 # two OpenMP threads then meet at a barrier on every op of the tiny model while one of them waits
-# descheduled, and the pod's CFS quota is spent spinning. One tiny SFT on the host took 15.7 s with two threads and 17.9 s with one when quiet,
-# 54 s against 28 s beside two busy loops (a stage pod: 12-15x its quiet time with two).
+# descheduled, and the pod's CFS quota is spent spinning. One tiny SFT on the host took 15.7 s with
+# two threads and 17.9 s with one when quiet, 54 s against 28 s beside two busy loops (a stage pod:
+# 12-15x its quiet time with two).
 ONE_THREAD = [{"name": "OMP_NUM_THREADS", "value": "1"}, {"name": "MKL_NUM_THREADS", "value": "1"}]
 
 
